@@ -1,0 +1,30 @@
+"""Compression methods: one lifecycle, a registry and a pipeline.
+
+Importing this package registers every method below; adding a method is one new file plus one
+import line here.
+"""
+
+from methods._base import Method, MethodContext, Phase, Range, Step, hyperparameter, hyperparameters
+from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, train_phase
+from methods._registry import create_method, get_method, list_methods, register_method
+
+# Each import registers one method.
+from methods import kd, l1_filter, minmax_quant  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Method",
+    "MethodContext",
+    "Phase",
+    "Range",
+    "Step",
+    "hyperparameter",
+    "hyperparameters",
+    "Pipeline",
+    "TrainingState",
+    "NonFiniteLossError",
+    "train_phase",
+    "create_method",
+    "get_method",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,51 @@
+"""Knowledge distillation from the uncompressed baseline (Hinton et al., 2015).
+
+Adds ``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (batch mean) to the
+task loss of every training phase in the pipeline, so "prune then kd" fine-tunes the pruned model
+with distillation. The task's cross-entropy stays at weight 1: the KD term is added, not mixed
+with ``(1 - weight)``, so one ``weight`` means the same thing in every pipeline. Alone in a
+pipeline it fine-tunes the baseline itself with the distillation loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from methods._base import Method, Range, Step, hyperparameter
+from methods._registry import register_method
+
+__all__ = ["KD", "KDConfig", "distillation_loss"]
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    temperature: float = hyperparameter(4.0, "softmax temperature T", Range(1.0, 8.0))
+    weight: float = hyperparameter(1.0, "weight of the distillation term next to the task loss", Range(0.1, 2.0, log=True))
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature > 0` must hold, but got temperature={self.temperature}.")
+        if self.weight < 0:
+            raise ValueError(f"`weight >= 0` must hold, but got weight={self.weight}.")
+
+
+@register_method
+class KD(Method):
+    name = "kd"
+    Config = KDConfig
+    kind = "distillation"
+    needs_teacher = True
+    loss_only = True
+
+    def loss(self, step: Step) -> torch.Tensor:
+        return self.config.weight * distillation_loss(step.outputs, step.teacher_outputs, self.config.temperature)

@@ -1,0 +1,65 @@
+"""L1-norm filter pruning (Li et al., "Pruning Filters for Efficient ConvNets", 2017).
+
+Deciding: a filter's importance is the L1 norm of its own weights (torch-pruning's
+``MagnitudeImportance(p=1, group_reduction="first")``). Doing: the lowest-scoring ``ratio`` of the
+output channels of every prunable layer are physically removed with torch-pruning, together with
+every channel coupled to them (the next layer's inputs, BatchNorm, residual additions). The
+classifier keeps its outputs. One-shot, then a fine-tune (shaped by any distillation method in
+the pipeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch_pruning as tp
+from torch import nn
+
+from methods._base import Method, MethodContext, Range, hyperparameter
+from methods._registry import register_method
+from methods._surgery import output_layers
+
+__all__ = ["L1Filter", "L1FilterConfig"]
+
+
+@dataclass(frozen=True)
+class L1FilterConfig:
+    ratio: float = hyperparameter(0.5, "fraction of output channels removed from every prunable layer", Range(0.1, 0.8))
+    round_to: int = hyperparameter(1, "keep channel counts a multiple of this (hardware-friendly sizes)", Range(choices=(1, 4, 8)))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"`0 <= ratio < 1` must hold, but got ratio={self.ratio}.")
+        if self.round_to < 1:
+            raise ValueError(f"`round_to >= 1` must hold, but got round_to={self.round_to}.")
+
+
+@register_method
+class L1Filter(Method):
+    name = "l1_filter"
+    Config = L1FilterConfig
+    kind = "pruning"
+    changes_architecture = True
+    aggressive = {"ratio": "high", "round_to": "low"}
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        example = ctx.example_input
+        before = sum(p.numel() for p in model.parameters())
+        keep = set(output_layers(model, example))
+        ignored = [m for name, m in model.named_modules() if name in keep]
+        pruner = tp.pruner.MagnitudePruner(
+            model,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None),
+            pruning_ratio=self.config.ratio,
+            ignored_layers=ignored,
+            round_to=self.config.round_to if self.config.round_to > 1 else None,
+        )
+        pruner.step()
+        after = sum(p.numel() for p in model.parameters())
+        self._removed_fraction = 1.0 - after / before
+        ctx.log(f"[l1_filter] removed {before - after} of {before} parameters")
+        return model
+
+    def metrics(self) -> dict[str, float]:
+        return {"params_removed_fraction": getattr(self, "_removed_fraction", 0.0)}

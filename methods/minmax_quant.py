@@ -1,0 +1,64 @@
+"""Symmetric uniform k-bit quantization-aware training (min-max ranges) of weights and activations.
+
+Every ``nn.Conv2d`` and ``nn.Linear`` (except the first and the last layer, which stay in floating
+point unless ``quantize_first_last``) quantizes its weight per tensor with scale ``max|W|`` and its
+input with a bound tracked as a running average of the batch ``max|x|``. Rounding uses a
+straight-through estimator. Finalize packs each weight into int8 codes and one scale (so the
+exported file shrinks); ``size_bytes`` counts the weights at ``bits`` bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from methods._base import Method, MethodContext, Range, hyperparameter
+from methods._quant import MaxAbsWeightQuantizer, RunningMaxActivationQuantizer, quantized_layers, swap_to_quantized
+from methods._registry import register_method
+from methods._surgery import first_layers, output_layers
+
+__all__ = ["MinMaxQuant", "MinMaxQuantConfig"]
+
+
+@dataclass(frozen=True)
+class MinMaxQuantConfig:
+    bits: int = hyperparameter(8, "bit width of weights and activations", Range(choices=(2, 3, 4, 8)))
+    quantize_activations: bool = hyperparameter(True, "also quantize the input of every quantized layer")
+    quantize_first_last: bool = hyperparameter(False, "also quantize the first and the last layer")
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"`2 <= bits <= 8` must hold, but got bits={self.bits}.")
+
+
+@register_method
+class MinMaxQuant(Method):
+    name = "minmax_quant"
+    Config = MinMaxQuantConfig
+    kind = "quantization"
+    changes_architecture = True
+    must_be_last = True
+    aggressive = {"bits": "low"}
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        skip = set()
+        if not self.config.quantize_first_last:
+            skip = set(first_layers(model, ctx.example_input)) | set(output_layers(model, ctx.example_input))
+        bits = self.config.bits
+
+        def make_quantizers(name, layer):
+            act = RunningMaxActivationQuantizer(bits) if self.config.quantize_activations else None
+            return MaxAbsWeightQuantizer(bits), act
+
+        self._swapped = swap_to_quantized(model, make_quantizers, skip)
+        ctx.log(f"[minmax_quant] {len(self._swapped)} layers quantized to {bits} bits")
+        return model
+
+    def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        for layer in quantized_layers(model):
+            layer.pack()
+        return model
+
+    def metrics(self) -> dict[str, float]:
+        return {"bits": float(self.config.bits), "quantized_layers": float(len(getattr(self, "_swapped", [])))}

@@ -1,0 +1,25 @@
+"""Model zoo: registered CIFAR/digits models plus every torchvision classification model.
+
+Importing this package registers the built-in models.
+"""
+
+from __future__ import annotations
+
+from search.models import cifar_resnet, digits, vgg  # noqa: F401  (imported to register their models)
+from search.models._registry import create_model, list_models, register_model
+from search.models.cifar_resnet import BasicBlock, CifarResNet, ZeroPadShortcut
+from search.models.digits import DigitsCNN
+from search.models.torchvision_models import torchvision_model_names
+from search.models.vgg import VGG
+
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "torchvision_model_names",
+    "BasicBlock",
+    "CifarResNet",
+    "ZeroPadShortcut",
+    "DigitsCNN",
+    "VGG",
+]

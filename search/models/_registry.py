@@ -1,0 +1,93 @@
+"""The model registry: a model module registers its factories when imported.
+
+Names not registered here fall through to torchvision's classification models, so
+``create_model("resnet50", ...)`` works without a wrapper; a ``torchvision:`` prefix
+forces torchvision even where a registered model has the same name (``torchvision:vgg16``
+is the ImageNet VGG-16, ``vgg16`` the CIFAR one).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from search.errors import UserError, did_you_mean, unknown_name
+from search.models.torchvision_models import create_torchvision_model, torchvision_model_names
+
+__all__ = ["register_model", "create_model", "list_models"]
+
+TORCHVISION_PREFIX = "torchvision:"
+
+ModelFactory = Callable[..., nn.Module]
+
+_FACTORIES: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator: make a factory ``f(num_classes, in_channels, **options)`` available as ``name``.
+
+    Args:
+        name: Registry name; must not start with the torchvision prefix.
+
+    Returns:
+        A decorator that registers the factory and returns it unchanged.
+    """
+    if name.startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"model name '{name}' must not start with '{TORCHVISION_PREFIX}'.")
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        if name in _FACTORIES and _FACTORIES[name] is not factory:
+            raise ValueError(f"model name '{name}' is registered twice ({_FACTORIES[name]} and {factory}).")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names of the registered models, sorted (torchvision's are accepted too but not listed)."""
+    return sorted(_FACTORIES)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> nn.Module:
+    """Build a freshly initialised model.
+
+    Args:
+        name: A registered name, a torchvision classification model name, or
+            ``torchvision:<name>``.
+        num_classes: Number of output logits.
+        in_channels: Channels of the input images.
+        **options: Passed on to the factory (or to ``torchvision.models.get_model``).
+
+    Returns:
+        The model, in training mode, with random weights.
+
+    Raises:
+        UserError: ``name`` is neither registered nor a torchvision classification model, or a
+            registered factory has no option of that name.
+    """
+    if not name.startswith(TORCHVISION_PREFIX) and name in _FACTORIES:
+        factory = _FACTORIES[name]
+        _check_options(name, factory, options)
+        return factory(num_classes=num_classes, in_channels=in_channels, **options)
+    tv_name = name.removeprefix(TORCHVISION_PREFIX)
+    if tv_name in torchvision_model_names():
+        return create_torchvision_model(tv_name, num_classes=num_classes, in_channels=in_channels, **options)
+    raise unknown_name("model", name, list_models() + torchvision_model_names())
+
+
+def _check_options(name: str, factory: ModelFactory, options: dict[str, Any]) -> None:
+    # Options usually come from a user's config, so a typo should read as a UserError, not a TypeError.
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = [key for key in parameters if key not in ("num_classes", "in_channels")]
+    for key in options:
+        if key not in known:
+            raise UserError(
+                f"model '{name}' has no option '{key}'.{did_you_mean(key, known)} "
+                f"Its options: {', '.join(known) or 'none'}."
+            )

@@ -1,0 +1,138 @@
+"""``slimtune check``: a seconds-long CPU pre-flight of each enabled method on the space's model.
+
+For every method, alone and then as the whole pipeline in the space's order: compress a
+randomly initialised model at the most aggressive setting the space allows, train one step,
+finalize, run a forward pass and export. What fails here would fail in every trial, so it is
+reported before any trial starts (lesson 1 of the field: physical removal fails on real
+architectures).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from methods import Pipeline, create_method, get_method
+from search.export import check_round_trip, export_model
+from search.space import MethodSpace, SearchSpace
+
+__all__ = ["preflight", "PreflightResult", "aggressive_params"]
+
+
+@dataclass
+class PreflightResult:
+    label: str
+    ok: bool
+    reason: str = ""
+    params_before: int = 0
+    params_after: int = 0
+
+
+def aggressive_params(method: MethodSpace) -> dict[str, Any]:
+    """The space's most aggressive value of every searched parameter, plus its fixed ones.
+
+    A method's ``preflight`` class attribute names, per parameter, whether its high or low end
+    compresses more (``{"ratio": "high", "bits": "low"}``); other searched parameters take their
+    low end.
+    """
+    cls = get_method(method.name)
+    ends = getattr(cls, "aggressive", {})
+    params = dict(method.fixed)
+    for name, rng in method.searched.items():
+        if rng.choices is not None:
+            values = list(rng.choices)
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if numeric:
+                params[name] = max(values) if ends.get(name) == "high" else min(values)
+            else:
+                params[name] = values[0]
+        else:
+            params[name] = rng.high if ends.get(name) == "high" else rng.low
+    return params
+
+
+class _OneBatch:
+    """A loader of a single batch: one step per epoch is all a pre-flight trains."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __iter__(self):
+        return iter([self.batch])
+
+    def __len__(self) -> int:
+        return 1
+
+
+def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[PreflightResult]:
+    """Run the pre-flight checks; each result says what failed and why."""
+    from search.trial import build_model, load_task
+
+    task = load_task(space)
+    torch.manual_seed(0)
+    baseline = build_model(space, task).eval()
+    loader = torch.utils.data.DataLoader(task.train_set, batch_size=min(8, space.batch_size), shuffle=False)
+    batch = next(iter(loader))
+    recipes: list[tuple[str, list[dict[str, Any]]]] = [
+        (m.name, [{"name": m.name, "params": aggressive_params(m)}]) for m in space.methods
+    ]
+    if len(space.methods) > 1:
+        recipes.append(("pipeline " + " > ".join(m.name for m in space.methods), [r[1][0] for r in recipes]))
+    results = []
+    for label, recipe in recipes:
+        result = _check_one(label, recipe, space, task, baseline, batch)
+        status = "ok  " if result.ok else "FAIL"
+        detail = f"params {result.params_before:,} -> {result.params_after:,}" if result.ok else result.reason
+        log(f"  [{status}] {label} {json_params(recipe) if len(recipe) == 1 else ''}: {detail}")
+        results.append(result)
+    return results
+
+
+def json_params(recipe: list[dict[str, Any]]) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in recipe[0]["params"].items()) + ")"
+
+
+def _check_one(label, recipe, space, task, baseline, batch) -> PreflightResult:
+    import copy
+
+    from search.trial import build_context
+
+    model = copy.deepcopy(baseline)
+    before = sum(p.numel() for p in model.parameters())
+    try:
+        pipeline = Pipeline([create_method(step["name"], _short_training(step)) for step in recipe])
+        ctx = build_context(space, task, teacher=baseline, device=torch.device("cpu"), seed=0, log=lambda m: None)
+        ctx.train_loader = _OneBatch(batch)
+        ctx.val_loader = _OneBatch(batch)
+        ctx.evaluate = lambda m: task.evaluate(m, [batch], "cpu")
+        ctx.epochs = 1
+        model = pipeline.run(model, ctx)
+        model.eval()
+        with torch.no_grad():
+            out = model(task.example_input(2))
+        if out.shape != (2, task.num_classes):
+            raise RuntimeError(f"the compressed model outputs shape {tuple(out.shape)}, expected (2, {task.num_classes}).")
+        with tempfile.TemporaryDirectory() as tmp:
+            export_model(model, task.example_input(1), Path(tmp), {"recipe": recipe})
+            check_round_trip(Path(tmp), task.example_input(2))
+    except Exception as exc:  # noqa: BLE001  every failure is reported, none stops the others
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return PreflightResult(label, False, f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})", before)
+    after = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_codes"))
+    return PreflightResult(label, True, "", before, after)
+
+
+def _short_training(step: dict[str, Any]) -> dict[str, Any]:
+    """Shrink every epoch count of a method to 1 so the pre-flight takes seconds."""
+    params = dict(step["params"])
+    cls = get_method(step["name"])
+    for field in cls.Config.__dataclass_fields__:
+        if field.endswith("epochs") and isinstance(params.get(field, getattr(cls.Config, field, None)), int):
+            params[field] = min(1, params.get(field, getattr(cls.Config, field)))
+    return params

@@ -1,0 +1,672 @@
+"""Run a search: baseline once, trials through Ray Tune + Optuna, MLflow from the driver, Pareto.
+
+Layout of a search's results folder (``<results_dir>/<name>/``):
+
+- ``search.json``: the manifest (space text, tracking URI, Optuna storage, parent run, baseline);
+- ``baseline.pt``: the uncompressed model's weights, trained once, shared by every trial;
+- ``runs.json``: Tune trial id -> MLflow run id, status and final checkpoint;
+- ``tune/``: Tune's experiment (trial checkpoints; the final one holds the exported model).
+
+The Optuna study (SQLite beside the MLflow store by default) is the source of truth for which
+configurations ran and what they scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from search import pareto
+from search.errors import UserError
+from search.space import SearchSpace, load_space, parse_space
+from search.tracking import SearchTracker
+from search.trial import TrialSpec, run_trial, train_baseline
+
+__all__ = [
+    "run_search",
+    "resume_search",
+    "SearchRecord",
+    "load_search",
+    "TrialRecord",
+    "pareto_table",
+    "format_table",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Where things are.
+# ----------------------------------------------------------------------------------------------
+
+
+def default_optuna_storage(tracking_uri: str, results_dir: Path) -> str:
+    """A SQLite file beside the MLflow store (or in the results folder for a remote MLflow)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return f"sqlite:///{db.parent / 'optuna.db'}"
+    return f"sqlite:///{results_dir / 'optuna.db'}"
+
+
+@dataclass
+class SearchRecord:
+    """A search as stored in its manifest."""
+
+    name: str
+    folder: Path
+    space: SearchSpace
+    tracking_uri: str
+    optuna_storage: str
+    parent_run_id: str | None
+    baseline_metrics: dict[str, Any]
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / "search.json"
+
+    def save(self) -> None:
+        data = {
+            "name": self.name,
+            "space_path": self.space.path,
+            "space_yaml": self.space.source,
+            "trials": self.space.budget.trials,
+            "tracking_uri": self.tracking_uri,
+            "optuna_storage": self.optuna_storage,
+            "parent_run_id": self.parent_run_id,
+            "baseline_metrics": self.baseline_metrics,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.manifest.write_text(json.dumps(data, indent=1, default=str))
+
+    def tracker(self) -> SearchTracker:
+        return SearchTracker(self.tracking_uri, self.name, self.folder)
+
+
+def load_search(name: str, results_dir: str | Path = "slimtune_results") -> SearchRecord:
+    """Read a search's manifest; UserError naming the folders searched when it is missing."""
+    folder = Path(results_dir) / name
+    manifest = folder / "search.json"
+    if not manifest.is_file():
+        existing = sorted(p.parent.name for p in Path(results_dir).glob("*/search.json")) if Path(results_dir).is_dir() else []
+        from search.errors import did_you_mean
+
+        known = f" Searches in {results_dir}: {', '.join(existing)}." if existing else f" There are no searches in {results_dir!s}."
+        raise UserError(f"no search named '{name}' ({manifest} does not exist).{did_you_mean(name, existing)}{known} Use --results-dir to look elsewhere.")
+    data = json.loads(manifest.read_text())
+    import yaml
+
+    space = parse_space(yaml.safe_load(data["space_yaml"]), data.get("space_path") or "<stored space>", data["space_yaml"])
+    space = space.with_overrides(budget=_budget_with_trials(space, data.get("trials", space.budget.trials)))
+    return SearchRecord(
+        name=data["name"],
+        folder=folder,
+        space=space,
+        tracking_uri=data["tracking_uri"],
+        optuna_storage=data["optuna_storage"],
+        parent_run_id=data.get("parent_run_id"),
+        baseline_metrics=data.get("baseline_metrics", {}),
+    )
+
+
+def _budget_with_trials(space: SearchSpace, trials: int):
+    import dataclasses
+
+    return dataclasses.replace(space.budget, trials=trials)
+
+
+def _free_name(base: str, results_dir: Path) -> str:
+    if not (results_dir / base / "search.json").exists():
+        return base
+    n = 2
+    while (results_dir / f"{base}-{n}" / "search.json").exists():
+        n += 1
+    return f"{base}-{n}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Optuna side.
+# ----------------------------------------------------------------------------------------------
+
+
+def constraint_values(space: SearchSpace, metrics: dict[str, float]) -> list[float]:
+    """Optuna's convention: one value per constraint, <= 0 when it holds."""
+    values = []
+    for c in space.constraints:
+        value = metrics[c.metric]
+        values.append(value - c.bound if c.op == "<=" else c.bound - value)
+    return values
+
+
+def make_sampler(space: SearchSpace):
+    """NSGA-II (default), TPE or random, seeded, with the space's constraints."""
+    import optuna
+
+    def constraints(trial) -> list[float]:
+        return trial.user_attrs.get("constraints", [0.0] * len(space.constraints))
+
+    constraints_func = constraints if space.constraints else None
+    if space.sampler == "nsga2":
+        # A small population lets a laptop-sized budget run several generations.
+        population = max(4, min(50, space.budget.trials // 3))
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=space.seed, constraints_func=constraints_func)
+    if space.sampler == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=space.seed, constraints_func=constraints_func, n_startup_trials=max(2, min(10, space.budget.trials // 3))
+        )
+    return optuna.samplers.RandomSampler(seed=space.seed)
+
+
+def define_space(space: SearchSpace):
+    """Optuna define-by-run space: a method's parameters are sampled only when it is on."""
+    from methods import get_method, hyperparameters
+
+    def define(trial) -> None:
+        for method in space.methods:
+            if method.optional and not trial.suggest_categorical(f"{method.name}/use", [True, False]):
+                continue
+            types = {h.name: h.type for h in hyperparameters(get_method(method.name).Config)}
+            for pname, rng in method.searched.items():
+                key = f"{method.name}/{pname}"
+                if rng.choices is not None:
+                    trial.suggest_categorical(key, list(rng.choices))
+                elif types[pname] is int:
+                    trial.suggest_int(key, int(rng.low), int(rng.high), step=int(rng.step or 1), log=rng.log)
+                else:
+                    trial.suggest_float(key, float(rng.low), float(rng.high), step=rng.step, log=rng.log)
+
+    return define
+
+
+def make_searcher(space: SearchSpace, study_name: str, storage_url: str):
+    """Ray's OptunaSearch over a persistent study, recording each trial's metrics in the study."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class SlimtuneOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and trial_id not in self._completed_trials:
+                ot_trial.set_user_attr("tune_trial_id", trial_id)
+                if result and not error and result.get("final"):
+                    metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                    ot_trial.set_user_attr("metrics", metrics)
+                    ot_trial.set_user_attr("recipe", result.get("recipe", "[]"))
+                    if space.constraints:
+                        ot_trial.set_user_attr("constraints", constraint_values(space, metrics))
+                elif result and not result.get("final"):
+                    result = None  # an unfinished trial has no objective values: Optuna marks it failed
+                    error = True
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    storage = optuna.storages.RDBStorage(storage_url)
+    return SlimtuneOptunaSearch(
+        space=define_space(space),
+        metric=space.metric_names,
+        mode=space.modes,
+        sampler=make_sampler(space),
+        study_name=study_name,
+        storage=storage,
+        seed=space.seed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Records, Pareto front, table.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    trial_id: str
+    run_id: str | None
+    recipe: list[dict[str, Any]]
+    metrics: dict[str, float]
+    checkpoint: str | None
+    rank: int = -1
+    feasible: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"trial_{self.number:03d}"
+
+    @property
+    def pipeline(self) -> str:
+        if not self.recipe:
+            return "(baseline)"
+        parts = []
+        for step in self.recipe:
+            params = ",".join(f"{k}={_short(v)}" for k, v in step["params"].items())
+            parts.append(f"{step['name']}({params})")
+        return " > ".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def completed_records(record: SearchRecord) -> list[TrialRecord]:
+    """Every completed trial of the search, from the Optuna study joined with the run map."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
+    except KeyError:
+        return []
+    runs = record.tracker().runs()
+    out = []
+    for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+        trial_id = t.user_attrs.get("tune_trial_id", "")
+        run = runs.get(trial_id, {})
+        out.append(
+            TrialRecord(
+                number=t.number,
+                trial_id=trial_id,
+                run_id=run.get("run_id"),
+                recipe=json.loads(t.user_attrs.get("recipe", "[]")),
+                metrics=dict(t.user_attrs.get("metrics", {})),
+                checkpoint=run.get("checkpoint"),
+            )
+        )
+    return out
+
+
+def rank_records(space: SearchSpace, records: list[TrialRecord]) -> None:
+    """Set ``rank`` and ``feasible`` on every record (rank 0 = Pareto-optimal and feasible)."""
+    if not records:
+        return
+    points = [[r.metrics[m] for m in space.metric_names] for r in records]
+    violations = [sum(c.violation(r.metrics) for c in space.constraints) for r in records]
+    ranks = pareto.pareto_ranks(points, space.modes, violations if space.constraints else None)
+    for r, rank, v in zip(records, ranks, violations):
+        r.rank = rank
+        r.feasible = v == 0
+        if not r.feasible:
+            r.rank = max(rank, 1)
+
+
+def search_hypervolume(space: SearchSpace, records: list[TrialRecord], baseline: dict[str, float]) -> float:
+    """Hypervolume of the feasible front with every objective divided by the baseline's value.
+
+    Reference point: 0 for maximised metrics, 1.1 x the baseline for minimised ones (a model
+    must cost less than 110% of the baseline to count); for a minimised metric whose baseline is
+    0 (``accuracy_drop``) the reference is 1 in its own units.
+    """
+    front = [r for r in records if r.rank == 0 and r.feasible]
+    if not front:
+        return 0.0
+    scales, reference = [], []
+    for objective in space.objectives:
+        base = float(baseline.get(objective.metric, 0.0))
+        scale = base if base > 0 else 1.0
+        scales.append(scale)
+        reference.append(0.0 if objective.direction == "max" else (1.1 if base > 0 else 1.0))
+    points = [[r.metrics[m] / s for m, s in zip(space.metric_names, scales)] for r in front]
+    return pareto.hypervolume(points, space.modes, reference)
+
+
+def pick_record(space: SearchSpace, records: list[TrialRecord], pick: str) -> TrialRecord:
+    """Choose a Pareto trial: ``knee``, ``max-accuracy`` or ``min-<objective>``."""
+    front = [r for r in records if r.rank == 0 and r.feasible]
+    if not front:
+        raise UserError("the search has no feasible Pareto-optimal trial yet; nothing to pick.")
+    if pick == "knee":
+        index = pareto.knee_index([[r.metrics[m] for m in space.metric_names] for r in front], space.modes)
+        return front[index]
+    match = re.fullmatch(r"(min|max)-([a-z_]+)", pick)
+    if not match:
+        raise UserError(f"--pick must be knee, max-accuracy or min-<objective> (e.g. min-macs), but got '{pick}'.")
+    direction, metric = match.groups()
+    if metric not in front[0].metrics:
+        from search.errors import did_you_mean
+
+        raise UserError(f"--pick {pick}: no metric '{metric}'.{did_you_mean(metric, front[0].metrics)}")
+    key = (lambda r: r.metrics[metric]) if direction == "min" else (lambda r: -r.metrics[metric])
+    return min(front, key=key)
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric in ("accuracy", "accuracy_drop"):
+        return f"{value:.4f}"
+    if metric == "latency_ms":
+        return f"{value:.3f}"
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.3f}M"
+    if abs(value) >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:g}"
+
+
+def pareto_table(space: SearchSpace, records: list[TrialRecord], only_front: bool = True) -> list[dict[str, Any]]:
+    rows = []
+    for r in sorted(records, key=lambda r: (r.rank, r.number)):
+        if only_front and not (r.rank == 0 and r.feasible):
+            continue
+        row = {"trial": r.name, "run_id": r.run_id, "rank": r.rank, "feasible": r.feasible, "pipeline": r.pipeline}
+        for metric in ("accuracy", "accuracy_drop", "macs", "flops", "params", "size_bytes", "artifact_bytes", "latency_ms"):
+            if metric in r.metrics:
+                row[metric] = r.metrics[metric]
+        rows.append(row)
+    return rows
+
+
+def format_table(space: SearchSpace, rows: list[dict[str, Any]], baseline: dict[str, float] | None = None) -> str:
+    metrics = list(dict.fromkeys(space.metric_names + ["accuracy", "macs", "params", "size_bytes"]))
+    header = ["trial", "rank"] + metrics + ["run_id", "pipeline"]
+    lines = []
+    if baseline:
+        lines.append(["baseline", "-"] + [_fmt(m, baseline[m]) if m in baseline else "-" for m in metrics] + ["-", "(uncompressed)"])
+    for row in rows:
+        lines.append(
+            [row["trial"], str(row["rank"]) + ("" if row["feasible"] else "*")]
+            + [_fmt(m, row[m]) if m in row else "-" for m in metrics]
+            + [(row["run_id"] or "-")[:12], row["pipeline"]]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tune callback: MLflow child runs and a progress line per finished trial.
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_callback(record: SearchRecord):
+    from ray import tune
+
+    class TrialTracker(tune.Callback):
+        """Writes every trial to MLflow from the driver and prints one line per finished trial."""
+
+        def __init__(self) -> None:
+            self.finished = 0
+
+        def _run_id(self, trial) -> str:
+            recipe = _recipe(record.space, trial.config)
+            return record.tracker().child_run(record.parent_run_id, trial.trial_id, recipe, trial_name=f"trial {trial.trial_id}")
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self._run_id(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("final"):
+                return
+            record.tracker().log_epoch(self._run_id(trial), result, step=int(result.get("epoch", result.get("training_iteration", 0))))
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            result = trial.last_result or {}
+            run_id = self._run_id(trial)
+            if not result.get("final"):
+                record.tracker().fail_trial(trial.trial_id, run_id, "the trial ended without a final result")
+                return
+            checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
+            record.tracker().finish_trial(trial.trial_id, run_id, result, checkpoint)
+            self.finished += 1
+            _print_progress(record, trial, result, self.finished)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            reason = _error_reason(trial)
+            record.tracker().fail_trial(trial.trial_id, self._run_id(trial), reason)
+            self.finished += 1
+            print(f"[slimtune] trial {trial.trial_id} FAILED: {reason.splitlines()[-1] if reason else 'unknown error'}", flush=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+            print(f"[slimtune] trial {trial.trial_id} failed and is retried from its last checkpoint", flush=True)
+
+    return TrialTracker()
+
+
+def _recipe(space: SearchSpace, config: dict[str, Any]) -> list[dict[str, Any]]:
+    from search.trial import recipe_from_config
+
+    return recipe_from_config(space, config)
+
+
+def _error_reason(trial) -> str:
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001  a missing error file must not break the search
+        error = None
+    text = str(error) if error is not None else "unknown error"
+    # Tune wraps the worker's traceback; the last non-empty line is the exception itself.
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def _print_progress(record: SearchRecord, trial, result: dict[str, Any], finished: int) -> None:
+    space = record.space
+    records = completed_records(record)
+    rank_records(space, records)
+    front = [r for r in records if r.rank == 0 and r.feasible]
+    hv = search_hypervolume(space, records, record.baseline_metrics)
+    recipe = json.loads(result.get("recipe", "[]"))
+    pipeline = TrialRecord(0, "", None, recipe, {}, None).pipeline
+    shown = "  ".join(f"{m} {_fmt(m, result[m])}" for m in space.metric_names if m in result)
+    print(
+        f"[slimtune] trial {finished:>3}/{space.budget.trials} done  {pipeline}  |  {shown}  |  front {len(front)}, hypervolume {hv:.4f}",
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The search.
+# ----------------------------------------------------------------------------------------------
+
+
+def _init_ray(address: str | None, space: SearchSpace) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+        configure_logging=True,
+    )
+    # The trial code (this repository's packages) travels to every worker of a cluster.
+    root = Path(__file__).resolve().parent.parent
+    if address:
+        kwargs["runtime_env"] = {"py_modules": [str(root / "search"), str(root / "methods")]}
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+
+
+def _quiet_ray() -> None:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100000")
+    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_search(
+    space_path: str | Path,
+    name: str | None = None,
+    trials: int | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    results_dir: str | Path | None = None,
+    log=print,
+) -> SearchRecord:
+    """Train the baseline, run every trial, write MLflow, print and return the search's record."""
+    space = load_space(space_path)
+    if trials is not None:
+        space = space.with_overrides(budget=_budget_with_trials(space, trials))
+    if tracking_uri is not None:
+        space = space.with_overrides(tracking_uri=tracking_uri)
+    root = Path(results_dir or space.results_dir).resolve()
+    if name is None:
+        name = _free_name(space.name, root)
+    elif (root / name / "search.json").exists():
+        raise UserError(f"a search named '{name}' already exists in {root}. Continue it with `slimtune resume {name}` or choose another --name.")
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    tracking = _absolute_sqlite(space.tracking_uri)
+    record = SearchRecord(
+        name=name,
+        folder=folder,
+        space=space,
+        tracking_uri=tracking,
+        optuna_storage=space.optuna_storage or default_optuna_storage(tracking, folder),
+        parent_run_id=None,
+        baseline_metrics={},
+    )
+    log(f"[slimtune] search '{name}': {space.task} / {space.model}, {space.budget.trials} trials, objectives {', '.join(f'{o.metric} ({o.direction})' for o in space.objectives)}")
+    log(f"[slimtune] results in {folder}; MLflow at {tracking}")
+    baseline_model, baseline_metrics = train_baseline(space, _driver_device(space), log=lambda m: log(f"[slimtune] {m}"))
+    torch.save({k: v.detach().cpu() for k, v in baseline_model.state_dict().items()}, folder / "baseline.pt")
+    record.baseline_metrics = baseline_metrics
+    log("[slimtune] baseline: " + "  ".join(f"{m} {_fmt(m, baseline_metrics[m])}" for m in ("accuracy", "macs", "params", "size_bytes", "latency_ms")))
+    tracker = record.tracker()
+    record.parent_run_id = tracker.start_parent(space.source, space.name, baseline_metrics, {"space": space.path, "task": space.task, "model": space.model, "trials": str(space.budget.trials), "sampler": space.sampler})
+    record.save()
+    _tune(record, address, restore=False)
+    return finish_search(record, log)
+
+
+def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print) -> SearchRecord:
+    """Continue a search from Tune's experiment state and the persistent Optuna study."""
+    record = load_search(name, results_dir)
+    if not (record.folder / "baseline.pt").is_file() or record.parent_run_id is None:
+        raise UserError(f"search '{name}' stopped before its baseline was saved; start it again with `slimtune search`.")
+    log(f"[slimtune] resuming search '{name}' from {record.folder}")
+    _tune(record, address, restore=(record.folder / "tune").is_dir())
+    return finish_search(record, log)
+
+
+def _absolute_sqlite(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def _driver_device(space: SearchSpace) -> str:
+    return "cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _tune(record: SearchRecord, address: str | None, restore: bool) -> None:
+    _quiet_ray()
+    import ray
+    from ray import tune
+
+    space = record.space
+    _init_ray(address, space)
+    baseline_state = torch.load(record.folder / "baseline.pt", weights_only=True)
+    spec = TrialSpec(space=space, baseline_state=baseline_state, baseline_metrics=record.baseline_metrics)
+    resources = {"cpu": space.budget.cpus_per_trial, "gpu": space.budget.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
+    storage = str(record.folder)
+    try:
+        if restore and tune.Tuner.can_restore(str(record.folder / "tune")):
+            tuner = tune.Tuner.restore(str(record.folder / "tune"), trainable=trainable, resume_errored=True)
+        else:
+            searcher = make_searcher(space, record.name, record.optuna_storage)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=space.budget.trials,
+                    max_concurrent_trials=space.budget.concurrent,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=storage,
+                    verbose=0,
+                    log_to_file=True,
+                    callbacks=[_make_callback(record)],
+                    failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                ),
+            )
+        tuner.fit()
+    finally:
+        if address is None:
+            ray.shutdown()
+
+
+def finish_search(record: SearchRecord, log=print) -> SearchRecord:
+    """Rank the trials, tag MLflow, log the Pareto table, plot, hypervolume and Pareto models."""
+    space = record.space
+    tracker = record.tracker()
+    records = completed_records(record)
+    rank_records(space, records)
+    hv = search_hypervolume(space, records, record.baseline_metrics)
+    for r in records:
+        if r.run_id:
+            tracker.client.set_tag(r.run_id, "pareto_rank", str(r.rank))
+            tracker.client.set_tag(r.run_id, "is_pareto", str(r.rank == 0 and r.feasible).lower())
+    front = [r for r in records if r.rank == 0 and r.feasible]
+    for r in front:
+        model_dir = Path(r.checkpoint) / "model" if r.checkpoint else None
+        if r.run_id and model_dir is not None and model_dir.is_dir():
+            tracker.client.log_artifacts(r.run_id, str(model_dir), "model")
+    rows = pareto_table(space, records, only_front=False)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / "pareto.csv"
+        _write_csv(rows, csv_path)
+        png_path = Path(tmp) / "pareto.png"
+        plot_front(space, records, record.baseline_metrics, png_path)
+        tracker.client.log_artifact(record.parent_run_id, str(csv_path))
+        tracker.client.log_artifact(record.parent_run_id, str(png_path))
+    tracker.log_epoch(record.parent_run_id, {"hypervolume": hv, "front_size": len(front), "completed_trials": len(records)}, step=0)
+    tracker.client.set_terminated(record.parent_run_id, status="FINISHED")
+    log(f"\n[slimtune] search '{record.name}' finished: {len(records)} completed trials, {len(front)} on the Pareto front, hypervolume {hv:.4f}")
+    log(format_table(space, pareto_table(space, records), record.baseline_metrics))
+    log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1   (experiment '{record.name}')")
+    log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}")
+    return record
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import csv
+
+    keys = list(dict.fromkeys(k for row in rows for k in row)) or ["trial"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_front(space: SearchSpace, records: list[TrialRecord], baseline: dict[str, float], path: Path) -> None:
+    """Scatter of the first objective against each other one; the front is joined and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first, others = space.objectives[0], space.objectives[1:]
+    fig, axes = plt.subplots(1, len(others), figsize=(5.5 * len(others), 4.5), squeeze=False)
+    for ax, other in zip(axes[0], others):
+        xs = [r.metrics[other.metric] for r in records]
+        ys = [r.metrics[first.metric] for r in records]
+        ax.scatter(xs, ys, c="lightgray", edgecolors="gray", label="trials")
+        front = sorted((r for r in records if r.rank == 0 and r.feasible), key=lambda r: r.metrics[other.metric])
+        ax.plot([r.metrics[other.metric] for r in front], [r.metrics[first.metric] for r in front], "o-", c="tab:red", label="Pareto front")
+        for r in front:
+            ax.annotate(r.name.replace("trial_", "#"), (r.metrics[other.metric], r.metrics[first.metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if other.metric in baseline and first.metric in baseline:
+            ax.scatter([baseline[other.metric]], [baseline[first.metric]], marker="*", s=200, c="tab:blue", label="baseline")
+        ax.set_xlabel(f"{other.metric} ({other.direction})")
+        ax.set_ylabel(f"{first.metric} ({first.direction})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{space.name}: {len(records)} trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,160 @@
+"""The :class:`Task` record and the dataset helpers shared by the task factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from search.errors import UserError
+
+
+@dataclass
+class Task:
+    """A data set split three ways plus the metric used to judge a model on it.
+
+    Attributes:
+        name: Registry name of the task, e.g. ``"cifar10"``.
+        num_classes: Number of target classes.
+        input_shape: ``(C, H, W)`` of one example; used to build example inputs for FLOPs and latency.
+        train_set: Examples the model is trained on.
+        val_set: Held-out examples used for model selection inside trials.
+        test_set: Examples whose accuracy is reported.
+        metric: Name of the headline metric returned by :meth:`evaluate`.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+    metric: str = "accuracy"
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return the mean cross-entropy of ``outputs`` (logits) against integer ``targets``."""
+        return F.cross_entropy(outputs, targets)
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device | str
+    ) -> dict[str, float]:
+        """Measure top-1 accuracy and mean cross-entropy of ``model`` over ``loader``.
+
+        The model runs in eval mode without gradients; its previous train/eval mode is restored
+        afterwards so that evaluating in the middle of training does not change how it trains.
+
+        Args:
+            model: Classifier already placed on ``device``.
+            loader: Batches of ``(inputs, targets)``.
+            device: Device the batches are moved to.
+
+        Returns:
+            ``{"accuracy": fraction correct in [0, 1], "loss": mean cross-entropy per example}``.
+
+        Raises:
+            ValueError: If ``loader`` yields no examples, since no accuracy can be defined.
+        """
+        was_training = model.training
+        model.eval()
+        correct = 0
+        total = 0
+        loss_sum = 0.0
+        try:
+            with torch.no_grad():
+                for inputs, targets in loader:
+                    inputs = inputs.to(device)
+                    targets = targets.to(device)
+                    outputs = model(inputs)
+                    # Summing per batch and dividing once keeps the mean exact when the last batch is short.
+                    loss_sum += F.cross_entropy(outputs, targets, reduction="sum").item()
+                    correct += (outputs.argmax(dim=1) == targets).sum().item()
+                    total += targets.numel()
+        finally:
+            model.train(was_training)
+        if total == 0:
+            raise ValueError(f"cannot evaluate task '{self.name}': the loader yielded no examples.")
+        return {"accuracy": correct / total, "loss": loss_sum / total}
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """Return zeros of shape ``(batch_size, *input_shape)`` to trace or time a model with."""
+        return torch.zeros(batch_size, *self.input_shape)
+
+
+class TransformedSubset(Dataset):
+    """A view of some examples of a dataset, with its own transform applied to each input.
+
+    Lets the train and val splits carved out of one training set share the loaded data while
+    using different transforms (augmentation on train only).
+
+    Args:
+        dataset: Dataset returning ``(input, target)`` pairs with no transform of its own.
+        indices: Positions in ``dataset`` that make up this view.
+        transform: Applied to each input; ``None`` leaves it unchanged.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: Sequence[int],
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        inputs, target = self.dataset[self.indices[index]]
+        if self.transform is not None:
+            inputs = self.transform(inputs)
+        return inputs, target
+
+
+def check_fraction(name: str, value: float) -> float:
+    """Return ``value`` as a float if it lies strictly between 0 and 1, else raise a UserError.
+
+    Args:
+        name: Option name shown in the message, e.g. ``"val_fraction"``.
+        value: The value the user gave.
+    """
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0.0 < fraction < 1.0:
+        raise UserError(
+            f"task option {name} must be a number between 0 and 1 (exclusive), got {value!r}. "
+            f"Set task.options.{name} to e.g. 0.1."
+        )
+    return fraction
+
+
+def holdout_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(n)`` at random into kept and held-out positions, the same way for the same seed.
+
+    Args:
+        n: Number of examples to split.
+        fraction: Share of examples held out; at least one example goes to each side.
+        seed: Seed of the shuffle, so that the split is fixed across runs and trials.
+
+    Returns:
+        ``(kept, held_out)`` lists of positions, each sorted.
+
+    Raises:
+        UserError: If ``n`` is too small to keep and hold out at least one example each.
+    """
+    if n < 2:
+        raise UserError(
+            f"cannot hold out a validation split from {n} training example(s); at least 2 are needed."
+        )
+    n_held = min(max(1, round(n * fraction)), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_held:].tolist()), sorted(order[:n_held].tolist())

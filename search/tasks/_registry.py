@@ -1,0 +1,81 @@
+"""Registry of task factories, looked up by name from the search configuration."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from search.errors import UserError, did_you_mean, unknown_name
+from search.tasks._base import Task
+
+TaskFactory = Callable[..., Task]
+
+_FACTORIES: dict[str, TaskFactory] = {}
+
+
+def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
+    """Register the decorated factory ``f(**options) -> Task`` under ``name``.
+
+    Args:
+        name: Name users write as ``task.name`` in a configuration.
+
+    Raises:
+        ValueError: If another factory already uses ``name``; two modules claiming one name is a bug.
+    """
+
+    def decorate(factory: TaskFactory) -> TaskFactory:
+        if name in _FACTORIES and _FACTORIES[name] is not factory:
+            raise ValueError(f"task '{name}' is already registered by {_FACTORIES[name]!r}")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_tasks() -> list[str]:
+    """Return the registered task names, sorted."""
+    return sorted(_FACTORIES)
+
+
+def create_task(name: str, **options: Any) -> Task:
+    """Build the task registered as ``name`` with the given options.
+
+    Args:
+        name: Registered task name.
+        **options: Keyword arguments of the task's factory.
+
+    Raises:
+        UserError: If the name is unknown, an option is not accepted by the factory, or a required
+            option is missing.
+    """
+    if name not in _FACTORIES:
+        raise unknown_name("task", name, _FACTORIES)
+    factory = _FACTORIES[name]
+    _check_options(name, factory, options)
+    return factory(**options)
+
+
+def _check_options(name: str, factory: TaskFactory, options: dict[str, Any]) -> None:
+    """Raise a UserError naming the fix when ``options`` do not fit the factory's signature."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    accepted_text = ", ".join(accepted) if accepted else "(none)"
+    for option in options:
+        if option not in accepted:
+            raise UserError(
+                f"task '{name}' has no option '{option}'.{did_you_mean(option, accepted)} "
+                f"Accepted options: {accepted_text}."
+            )
+    for p in params:
+        if p.name in accepted and p.default is inspect.Parameter.empty and p.name not in options:
+            raise UserError(
+                f"task '{name}' needs option '{p.name}'. Set task.options.{p.name}. "
+                f"Accepted options: {accepted_text}."
+            )

@@ -1,0 +1,165 @@
+"""MLflow records of a search, written from the driver only.
+
+One parent run per search (the space, the baseline's metrics, the Pareto table and plot, the
+hypervolume) and one child run per trial, created with an explicit parent id, holding the
+trial's flattened parameters, per-epoch metrics, final metrics, its status (FAILED with the
+reason) and the tags ``pareto_rank`` / ``is_pareto``. A map from Tune trial id to MLflow run id is
+kept in the search's results folder so a resumed search (or a retried trial) writes to the same
+child run: one child run per trial, never two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SearchTracker", "EXPERIMENT_KIND_TAG", "flatten"]
+
+# MLflow 3 opens an experiment on its GenAI overview unless it is marked as model training.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def flatten(recipe: list[dict[str, Any]]) -> dict[str, str]:
+    """``[{"name": "kd", "params": {"temperature": 4}}]`` -> ``{"kd.temperature": "4", "pipeline": "kd"}``."""
+    out = {"pipeline": " -> ".join(step["name"] for step in recipe) or "(baseline)"}
+    for step in recipe:
+        for key, value in step.get("params", {}).items():
+            out[f"{step['name']}.{key}"] = str(value)
+    return out
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class SearchTracker:
+    """The MLflow side of one search.
+
+    Args:
+        tracking_uri: Where MLflow writes (``sqlite:///mlflow.db`` by default).
+        experiment_name: The search's name; one MLflow experiment per search.
+        results_dir: The search's folder, where the trial -> run map is kept.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, results_dir: Path) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.runs_file = Path(results_dir) / "runs.json"
+        self._client = None
+        self._experiment_id: str | None = None
+
+    # The MLflow client is made on first use so the tracker pickles with Tune's experiment state.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment_name, tags={EXPERIMENT_KIND_TAG[0]: EXPERIMENT_KIND_TAG[1]}
+                )
+            else:
+                self._experiment_id = experiment.experiment_id
+                self.client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND_TAG)
+        return self._experiment_id
+
+    # -- trial map ------------------------------------------------------------------------------
+
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """Tune trial id -> {"run_id", "status", "checkpoint", ...} for every trial seen so far."""
+        if self.runs_file.is_file():
+            return json.loads(self.runs_file.read_text())
+        return {}
+
+    def _update_run_record(self, trial_id: str, **fields: Any) -> None:
+        runs = self.runs()
+        runs.setdefault(trial_id, {}).update(fields)
+        tmp = self.runs_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runs, indent=1))
+        tmp.replace(self.runs_file)
+
+    # -- parent run -----------------------------------------------------------------------------
+
+    def start_parent(self, space_yaml: str, space_name: str, baseline_metrics: dict[str, Any], params: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.experiment_name} (search)", tags={"slimtune.role": "search"})
+        run_id = run.info.run_id
+        self.client.log_text(run_id, space_yaml, f"space/{space_name}.yaml")
+        self.log_params(run_id, params)
+        self.client.log_batch(
+            run_id, metrics=self._metric_entities({f"baseline.{k}": v for k, v in _numeric(baseline_metrics).items()}, step=0)
+        )
+        if "uncounted_ops" in baseline_metrics:
+            self.client.set_tag(run_id, "baseline.uncounted_ops", baseline_metrics["uncounted_ops"] or "(none)")
+        return run_id
+
+    # -- child runs -----------------------------------------------------------------------------
+
+    def child_run(self, parent_run_id: str, trial_id: str, recipe: list[dict[str, Any]], trial_name: str) -> str:
+        """The child run of ``trial_id``: created once, found again on resume or retry."""
+        record = self.runs().get(trial_id)
+        if record and record.get("run_id"):
+            return record["run_id"]
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=trial_name,
+            tags={"mlflow.parentRunId": parent_run_id, "slimtune.trial_id": trial_id, "slimtune.role": "trial"},
+        )
+        self.log_params(run.info.run_id, flatten(recipe))
+        self.client.log_text(run.info.run_id, json.dumps(recipe, indent=2), "recipe.json")
+        self._update_run_record(trial_id, run_id=run.info.run_id, status="RUNNING", recipe=recipe, name=trial_name)
+        return run.info.run_id
+
+    def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        self.client.log_batch(run_id, metrics=self._metric_entities(_numeric(metrics), step=step))
+
+    def finish_trial(self, trial_id: str, run_id: str, metrics: dict[str, Any], checkpoint: str | None) -> None:
+        final = {k: v for k, v in _numeric(metrics).items() if k not in ("epoch", "stage", "training_iteration", "final")}
+        final = {k: v for k, v in final.items() if not k.startswith(("time_", "timestamp", "pid", "iterations_since"))}
+        self.client.log_batch(run_id, metrics=self._metric_entities(final, step=0))
+        if metrics.get("uncounted_ops") is not None:
+            self.client.set_tag(run_id, "uncounted_ops", metrics["uncounted_ops"] or "(none)")
+        self.client.set_terminated(run_id, status="FINISHED")
+        self._update_run_record(trial_id, status="FINISHED", checkpoint=checkpoint, metrics=final)
+
+    def fail_trial(self, trial_id: str, run_id: str, reason: str) -> None:
+        self.client.set_tag(run_id, "failure_reason", reason[:4000])
+        self.client.set_terminated(run_id, status="FAILED")
+        self._update_run_record(trial_id, status="FAILED", reason=reason)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        entities = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        if entities:
+            self.client.log_batch(run_id, params=entities)
+
+    @staticmethod
+    def _metric_entities(metrics: dict[str, float], step: int):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        return [Metric(key, value, now, step) for key, value in metrics.items()]

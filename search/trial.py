@@ -1,0 +1,244 @@
+"""The body of one trial: baseline copy -> pipeline of methods -> measured, exported model.
+
+The same code runs in a Ray worker (``run_trial``, called by Tune) and in a plain loop
+(``bench/overhead.py``, the tests): Tune only adds reporting and checkpoints through
+``on_epoch_end`` and ``report``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
+from search.export import export_model
+from search.measure import count_flops, count_params, latency_ms, size_bytes
+from search.models import create_model
+from search.space import SearchSpace
+from search.tasks import Task, create_task
+
+__all__ = [
+    "TrialSpec",
+    "TrialTimeLimitError",
+    "recipe_from_config",
+    "build_context",
+    "measure",
+    "train_baseline",
+    "run_pipeline",
+    "run_trial",
+    "load_task",
+]
+
+
+class TrialTimeLimitError(RuntimeError):
+    """The trial ran past ``budget.time_limit_s``."""
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of a search needs; shipped once to the workers through Ray's object store."""
+
+    space: SearchSpace
+    baseline_state: dict[str, torch.Tensor]
+    baseline_metrics: dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_task(name: str, options_json: str) -> Task:
+    return create_task(name, **json.loads(options_json))
+
+
+def load_task(space: SearchSpace) -> Task:
+    """The space's task, built once per process (reused Ray actors skip reloading the data)."""
+    return _cached_task(space.task, json.dumps(space.task_options, sort_keys=True))
+
+
+def build_model(space: SearchSpace, task: Task) -> nn.Module:
+    return create_model(space.model, num_classes=task.num_classes, in_channels=task.input_shape[0], **space.model_options)
+
+
+def recipe_from_config(space: SearchSpace, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turn Optuna's choice (``{"l1_filter": {"use": True, "ratio": 0.3}, ...}``) into a recipe.
+
+    The recipe is the ordered list of used methods with every hyperparameter the space fixes or
+    samples; it is what MLflow stores and what ``Pipeline.from_recipe`` replays.
+    """
+    recipe = []
+    for method in space.methods:
+        chosen = dict(config.get(method.name, {}))
+        used = chosen.pop("use", True) if method.optional else True
+        if not used:
+            continue
+        recipe.append({"name": method.name, "params": {**method.fixed, **chosen}})
+    return recipe
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+
+
+def build_context(
+    space: SearchSpace, task: Task, teacher: nn.Module, device: torch.device, seed: int, log: Callable[[str], None]
+) -> MethodContext:
+    val_loader = _loader(task.val_set, 256, False, seed)
+    return MethodContext(
+        teacher=teacher,
+        train_loader=_loader(task.train_set, space.batch_size, True, seed),
+        val_loader=val_loader,
+        task_loss=task.loss,
+        evaluate=lambda model: task.evaluate(model, val_loader, device),
+        example_input=task.example_input(1).to(device),
+        device=device,
+        epochs=space.budget.epochs,
+        lr=space.lr,
+        optimizer=space.optimizer,
+        weight_decay=space.weight_decay,
+        seed=seed,
+        log=log,
+    )
+
+
+def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.device, baseline_accuracy: float | None) -> dict[str, Any]:
+    """Accuracy on the test split and the cost figures, all measured on ``model`` itself."""
+    model.eval()
+    test = task.evaluate(model, _loader(task.test_set, 256, False, 0), device)
+    example = task.example_input(1).to(device)
+    flops = count_flops(model, example)
+    metrics: dict[str, Any] = {
+        "accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "macs": float(flops.macs),
+        "flops": float(flops.flops),
+        "params": float(count_params(model)),
+        "size_bytes": float(size_bytes(model)),
+        "latency_ms": latency_ms(model, task.example_input(space.latency_batch_size).to(device), repeats=space.latency_repeats),
+        "uncounted_ops": ",".join(flops.uncounted_ops),
+    }
+    if baseline_accuracy is not None:
+        metrics["accuracy_drop"] = baseline_accuracy - test["accuracy"]
+    return metrics
+
+
+def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
+    """Train (or load from ``baseline.checkpoint``) the uncompressed model and measure it."""
+    device = torch.device(device)
+    seed_everything(space.seed)
+    task = load_task(space)
+    model = build_model(space, task).to(device)
+    if space.baseline_checkpoint:
+        path = Path(space.baseline_checkpoint)
+        if not path.is_absolute() and space.path:
+            candidate = Path(space.path).parent / path
+            path = candidate if candidate.is_file() else path
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        log(f"baseline loaded from {path}")
+    elif space.baseline_epochs > 0:
+        ctx = build_context(space, task, teacher=model, device=device, seed=space.seed, log=log)
+        log(f"training the baseline {space.model} on {space.task} for {space.baseline_epochs} epochs")
+        train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
+    metrics = measure(model, space, task, device, baseline_accuracy=None)
+    metrics["accuracy_drop"] = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp), {})["model.pt2"])
+    return model, metrics
+
+
+def run_pipeline(
+    spec: TrialSpec,
+    recipe: list[dict[str, Any]],
+    out_dir: Path,
+    device: torch.device,
+    seed: int,
+    on_epoch_end: Callable[[TrainingState, dict[str, float]], None] | None = None,
+    resume: TrainingState | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Compress a copy of the baseline with ``recipe``, measure it and export it into ``out_dir``.
+
+    Returns:
+        The final metrics (objectives, cost figures and each method's own figures).
+    """
+    space = spec.space
+    seed_everything(seed)
+    task = load_task(space)
+    baseline = build_model(space, task)
+    baseline.load_state_dict(spec.baseline_state)
+    baseline.to(device).eval()
+    for p in baseline.parameters():
+        p.requires_grad_(False)
+    model = copy.deepcopy(baseline)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ctx = build_context(space, task, teacher=baseline, device=device, seed=seed, log=log)
+    pipeline = Pipeline.from_recipe(recipe)
+    started = time.monotonic()
+
+    def epoch_end(state: TrainingState, metrics: dict[str, float]) -> None:
+        if space.budget.time_limit_s is not None and time.monotonic() - started > space.budget.time_limit_s:
+            raise TrialTimeLimitError(
+                f"the trial ran {time.monotonic() - started:.0f} s, past budget.time_limit_s={space.budget.time_limit_s:g}."
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(state, metrics)
+
+    model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
+    model.eval()
+    metrics = measure(model, space, task, device, baseline_accuracy=spec.baseline_metrics["accuracy"])
+    metrics.update(pipeline.metrics())
+    files = export_model(model, task.example_input(1).to(device), out_dir, {"recipe": recipe, "space": space.name, "task": space.task, "model": space.model})
+    metrics["artifact_bytes"] = float(files["model.pt2"])
+    return metrics
+
+
+def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """Tune's function trainable: one trial, with a checkpoint every epoch.
+
+    A retried trial continues from its last checkpoint (the model, every method's state and the
+    optimizer's) instead of starting over.
+    """
+    from ray import tune
+
+    space = spec.space
+    recipe = recipe_from_config(space, config)
+    device = torch.device("cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, int(space.budget.cpus_per_trial)))
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state_file = Path(directory) / "state.pt"
+            if state_file.is_file():
+                resume = torch.load(state_file, map_location=device, weights_only=False)
+
+    def report_epoch(state: TrainingState, metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / "state.pt")
+            tune.report({**metrics, "recipe": json.dumps(recipe)}, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp) / "model"
+        metrics = run_pipeline(spec, recipe, out_dir, device, seed=space.seed, on_epoch_end=report_epoch, resume=resume)
+        metrics["recipe"] = json.dumps(recipe)
+        metrics["final"] = True
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
