@@ -150,9 +150,27 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of parameter elements, each shared parameter counted once."""
-    # parameters() already yields a parameter shared between modules only once.
-    return sum(p.numel() for p in model.parameters())
+    """Number of weights the model stores, each shared tensor counted once.
+
+    Parameters, plus buffers that a module declares as stored weights through
+    ``storage_bits()`` (a packed quantized layer keeps its weights as integer codes in a buffer;
+    they are still the model's parameters).
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        seen.add(id(p))
+        total += p.numel()
+    for module in model.modules():
+        declared = getattr(module, "storage_bits", None)
+        if declared is None:
+            continue
+        for name in declared():
+            tensor = getattr(module, name)
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel()
+    return total
 
 
 def size_bytes(model: nn.Module) -> int:

@@ -17,8 +17,6 @@ import json
 import logging
 import os
 import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,93 +130,6 @@ def _free_name(base: str, results_dir: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Optuna side.
-# ----------------------------------------------------------------------------------------------
-
-
-def constraint_values(space: SearchSpace, metrics: dict[str, float]) -> list[float]:
-    """Optuna's convention: one value per constraint, <= 0 when it holds."""
-    values = []
-    for c in space.constraints:
-        value = metrics[c.metric]
-        values.append(value - c.bound if c.op == "<=" else c.bound - value)
-    return values
-
-
-def make_sampler(space: SearchSpace):
-    """NSGA-II (default), TPE or random, seeded, with the space's constraints."""
-    import optuna
-
-    def constraints(trial) -> list[float]:
-        return trial.user_attrs.get("constraints", [0.0] * len(space.constraints))
-
-    constraints_func = constraints if space.constraints else None
-    if space.sampler == "nsga2":
-        # A small population lets a laptop-sized budget run several generations.
-        population = max(4, min(50, space.budget.trials // 3))
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=space.seed, constraints_func=constraints_func)
-    if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=space.seed, constraints_func=constraints_func, n_startup_trials=max(2, min(10, space.budget.trials // 3))
-        )
-    return optuna.samplers.RandomSampler(seed=space.seed)
-
-
-def define_space(space: SearchSpace):
-    """Optuna define-by-run space: a method's parameters are sampled only when it is on."""
-    from methods import get_method, hyperparameters
-
-    def define(trial) -> None:
-        for method in space.methods:
-            if method.optional and not trial.suggest_categorical(f"{method.name}/use", [True, False]):
-                continue
-            types = {h.name: h.type for h in hyperparameters(get_method(method.name).Config)}
-            for pname, rng in method.searched.items():
-                key = f"{method.name}/{pname}"
-                if rng.choices is not None:
-                    trial.suggest_categorical(key, list(rng.choices))
-                elif types[pname] is int:
-                    trial.suggest_int(key, int(rng.low), int(rng.high), step=int(rng.step or 1), log=rng.log)
-                else:
-                    trial.suggest_float(key, float(rng.low), float(rng.high), step=rng.step, log=rng.log)
-
-    return define
-
-
-def make_searcher(space: SearchSpace, study_name: str, storage_url: str):
-    """Ray's OptunaSearch over a persistent study, recording each trial's metrics in the study."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class SlimtuneOptunaSearch(OptunaSearch):
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is not None and trial_id not in self._completed_trials:
-                ot_trial.set_user_attr("tune_trial_id", trial_id)
-                if result and not error and result.get("final"):
-                    metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                    ot_trial.set_user_attr("metrics", metrics)
-                    ot_trial.set_user_attr("recipe", result.get("recipe", "[]"))
-                    if space.constraints:
-                        ot_trial.set_user_attr("constraints", constraint_values(space, metrics))
-                elif result and not result.get("final"):
-                    result = None  # an unfinished trial has no objective values: Optuna marks it failed
-                    error = True
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    storage = optuna.storages.RDBStorage(storage_url)
-    return SlimtuneOptunaSearch(
-        space=define_space(space),
-        metric=space.metric_names,
-        mode=space.modes,
-        sampler=make_sampler(space),
-        study_name=study_name,
-        storage=storage,
-        seed=space.seed,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Records, Pareto front, table.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -377,73 +288,8 @@ def format_table(space: SearchSpace, rows: list[dict[str, Any]], baseline: dict[
     return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------------------------
-# Tune callback: MLflow child runs and a progress line per finished trial.
-# ----------------------------------------------------------------------------------------------
-
-
-def _make_callback(record: SearchRecord):
-    from ray import tune
-
-    class TrialTracker(tune.Callback):
-        """Writes every trial to MLflow from the driver and prints one line per finished trial."""
-
-        def __init__(self) -> None:
-            self.finished = 0
-
-        def _run_id(self, trial) -> str:
-            recipe = _recipe(record.space, trial.config)
-            return record.tracker().child_run(record.parent_run_id, trial.trial_id, recipe, trial_name=f"trial {trial.trial_id}")
-
-        def on_trial_start(self, iteration, trials, trial, **info) -> None:
-            self._run_id(trial)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            if result.get("final"):
-                return
-            record.tracker().log_epoch(self._run_id(trial), result, step=int(result.get("epoch", result.get("training_iteration", 0))))
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            result = trial.last_result or {}
-            run_id = self._run_id(trial)
-            if not result.get("final"):
-                record.tracker().fail_trial(trial.trial_id, run_id, "the trial ended without a final result")
-                return
-            checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
-            record.tracker().finish_trial(trial.trial_id, run_id, result, checkpoint)
-            self.finished += 1
-            _print_progress(record, trial, result, self.finished)
-
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            reason = _error_reason(trial)
-            record.tracker().fail_trial(trial.trial_id, self._run_id(trial), reason)
-            self.finished += 1
-            print(f"[slimtune] trial {trial.trial_id} FAILED: {reason.splitlines()[-1] if reason else 'unknown error'}", flush=True)
-
-        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-            print(f"[slimtune] trial {trial.trial_id} failed and is retried from its last checkpoint", flush=True)
-
-    return TrialTracker()
-
-
-def _recipe(space: SearchSpace, config: dict[str, Any]) -> list[dict[str, Any]]:
-    from search.trial import recipe_from_config
-
-    return recipe_from_config(space, config)
-
-
-def _error_reason(trial) -> str:
-    try:
-        error = trial.get_pickled_error() or trial.get_error()
-    except Exception:  # noqa: BLE001  a missing error file must not break the search
-        error = None
-    text = str(error) if error is not None else "unknown error"
-    # Tune wraps the worker's traceback; the last non-empty line is the exception itself.
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
-
-
-def _print_progress(record: SearchRecord, trial, result: dict[str, Any], finished: int) -> None:
+def print_progress(record: SearchRecord, result: dict[str, Any], finished: int) -> None:
+    """One line per finished trial: its pipeline, objectives, and the front so far."""
     space = record.space
     records = completed_records(record)
     rank_records(space, records)
@@ -485,11 +331,16 @@ def _init_ray(address: str | None, space: SearchSpace) -> None:
 
 def _quiet_ray() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Objectives arrive only with a trial's final result; per-epoch results carry val_* metrics.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100000")
-    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+    for name in ("ray", "ray.tune", "ray.train", "ray.air", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def run_search(
@@ -562,6 +413,8 @@ def _tune(record: SearchRecord, address: str | None, restore: bool) -> None:
     import ray
     from ray import tune
 
+    from search._tune import TrialTracker, make_searcher
+
     space = record.space
     _init_ray(address, space)
     baseline_state = torch.load(record.folder / "baseline.pt", weights_only=True)
@@ -587,7 +440,7 @@ def _tune(record: SearchRecord, address: str | None, restore: bool) -> None:
                     storage_path=storage,
                     verbose=0,
                     log_to_file=True,
-                    callbacks=[_make_callback(record)],
+                    callbacks=[TrialTracker(record)],
                     failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),

@@ -1,0 +1,168 @@
+"""The Ray Tune and Optuna pieces of a search (imported only when a search runs).
+
+Everything here is a module-level class so Tune can pickle it into its experiment state,
+which is what lets ``slimtune resume`` continue after the driver dies.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from methods import get_method, hyperparameters
+from search.space import SearchSpace
+from search.trial import recipe_from_config
+
+__all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "TrialTracker", "constraint_values"]
+
+
+def constraint_values(space: SearchSpace, metrics: dict[str, float]) -> list[float]:
+    """Optuna's convention: one value per constraint, <= 0 when it holds."""
+    values = []
+    for c in space.constraints:
+        value = metrics[c.metric]
+        values.append(value - c.bound if c.op == "<=" else c.bound - value)
+    return values
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """NSGA-II (default), TPE or random, seeded.
+
+    Constraints reach the samplers through ``Trial.set_constraint`` (see
+    :class:`SlimtuneOptunaSearch`), which Optuna 5's samplers and ``best_trials`` read.
+    """
+    if space.sampler == "nsga2":
+        # A small population lets a laptop-sized budget run several generations.
+        population = max(4, min(50, space.budget.trials // 3))
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=space.seed)
+    if space.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=max(2, min(10, space.budget.trials // 3)))
+    return optuna.samplers.RandomSampler(seed=space.seed)
+
+
+class SpaceDefinition:
+    """Optuna define-by-run space: a method's parameters are sampled only when the method is on.
+
+    Parameter names are ``method/param`` (``method/use`` for the on/off choice); Ray unflattens
+    them into ``{"method": {"param": value}}`` for the trial.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        for method in self.space.methods:
+            if method.optional and not trial.suggest_categorical(f"{method.name}/use", [True, False]):
+                continue
+            types = {h.name: h.type for h in hyperparameters(get_method(method.name).Config)}
+            for pname, rng in method.searched.items():
+                key = f"{method.name}/{pname}"
+                if rng.choices is not None:
+                    trial.suggest_categorical(key, list(rng.choices))
+                elif types[pname] is int:
+                    trial.suggest_int(key, int(rng.low), int(rng.high), step=int(rng.step or 1), log=rng.log)
+                else:
+                    trial.suggest_float(key, float(rng.low), float(rng.high), step=rng.step, log=rng.log)
+
+
+class SlimtuneOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch that also stores each trial's metrics, recipe and constraints in the study.
+
+    The study then holds everything ``slimtune pareto`` and ``slimtune export`` need. A trial
+    that ends without its final result counts as failed, never as a completed point.
+    """
+
+    def __init__(self, *args: Any, search_space: SearchSpace, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slimtune_space = search_space
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            if result and not error and result.get("final"):
+                metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                ot_trial.set_user_attr("metrics", metrics)
+                ot_trial.set_user_attr("recipe", result.get("recipe", "[]"))
+                for constraint, value in zip(self._slimtune_space.constraints, constraint_values(self._slimtune_space, metrics)):
+                    ot_trial.set_constraint(str(constraint), value)
+            elif result:
+                result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> SlimtuneOptunaSearch:
+    """The searcher over a persistent Optuna study named after the search."""
+    return SlimtuneOptunaSearch(
+        space=SpaceDefinition(space),
+        metric=space.metric_names,
+        mode=space.modes,
+        sampler=make_sampler(space),
+        study_name=study_name,
+        storage=optuna.storages.RDBStorage(storage_url),
+        seed=space.seed,
+        search_space=space,
+    )
+
+
+class TrialTracker(tune.Callback):
+    """Writes every trial to MLflow from the driver and prints one line per finished trial."""
+
+    def __init__(self, record) -> None:
+        self.record = record
+        self.finished = 0
+
+    def _run_id(self, trial) -> str:
+        recipe = recipe_from_config(self.record.space, trial.config)
+        return self.record.tracker().child_run(self.record.parent_run_id, trial.trial_id, recipe, trial_name=f"trial {trial.trial_id}")
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("final"):
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.record.tracker().log_epoch(self._run_id(trial), result, step=step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        from search.runner import print_progress
+
+        result = trial.last_result or {}
+        run_id = self._run_id(trial)
+        if not result.get("final"):
+            self.record.tracker().fail_trial(trial.trial_id, run_id, "the trial ended without a final result")
+            return
+        checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
+        self.record.tracker().finish_trial(trial.trial_id, run_id, result, checkpoint)
+        self.finished += 1
+        print_progress(self.record, result, self.finished)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        reason = error_reason(trial)
+        self.record.tracker().fail_trial(trial.trial_id, self._run_id(trial), reason)
+        self.finished += 1
+        print(f"[slimtune] trial {trial.trial_id} FAILED: {reason}", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        print(f"[slimtune] trial {trial.trial_id} failed ({error_reason(trial)}); retrying from its last checkpoint", flush=True)
+
+
+def error_reason(trial) -> str:
+    """The exception that ended a trial, as one line."""
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001  a missing error file must not break the search
+        error = None
+    if error is None:
+        return "unknown error"
+    cause = error
+    while getattr(cause, "cause", None) is not None:  # Ray wraps the worker's exception
+        cause = cause.cause
+    text = f"{type(cause).__name__}: {cause}"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
