@@ -121,18 +121,27 @@ def check_config_types(config: Any) -> None:
     """
     for info in hyperparameters(type(config)):
         value = getattr(config, info.name)
-        if info.type is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(config, info.name, float(value))
-            continue
-        if info.type is int and isinstance(value, float) and value.is_integer():
-            object.__setattr__(config, info.name, int(value))
-            continue
-        if not isinstance(value, info.type) or (info.type is not bool and isinstance(value, bool)):
-            raise ValueError(
-                f"`{info.name}` must be a {info.type.__name__}, but got {value!r}."
-            )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"`{info.name}` must be finite, but got {value!r}.")
+        checked = check_value_type(info.name, info.type, value)
+        if checked is not value:
+            object.__setattr__(config, info.name, checked)
+
+
+def check_value_type(name: str, typ: type, value: Any) -> Any:
+    """Return ``value`` as a ``typ`` (an int is a float, a whole float an int); ValueError naming ``name`` otherwise.
+
+    :func:`methods.create_method` calls this on each given value before building the config, so
+    a value of the wrong type gets this message rather than a TypeError from the config's own
+    range checks (``0 <= 'high'``).
+    """
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise ValueError(f"`{name}` must be of type {typ.__name__}, but got {value!r}.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, but got {value!r}.")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ class TrainingState:
         optimizer_state: The phase optimizer's state dict.
         scheduler_state: The phase scheduler's state dict.
         history: Per-epoch metrics so far, one dict per epoch.
+        rng_state: Torch's global random state and the train loader's shuffling generator state,
+            so a resumed run draws the same batches as an uninterrupted one.
     """
 
     stage: int
@@ -51,6 +53,23 @@ class TrainingState:
     optimizer_state: dict[str, Any] | None = None
     scheduler_state: dict[str, Any] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    rng_state: dict[str, torch.Tensor] | None = None
+
+
+def _rng_state(ctx: MethodContext) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    generator = getattr(ctx.train_loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        state["train_loader"] = generator.get_state()
+    return state
+
+
+def _restore_rng_state(state: dict[str, torch.Tensor], ctx: MethodContext) -> None:
+    # .cpu(): a state loaded with map_location="cuda" holds its byte tensors on the GPU.
+    torch.set_rng_state(state["torch"].cpu())
+    generator = getattr(ctx.train_loader, "generator", None)
+    if "train_loader" in state and isinstance(generator, torch.Generator):
+        generator.set_state(state["train_loader"].cpu())
 
 
 EpochCallback = Callable[[TrainingState, dict[str, float]], None]
@@ -115,6 +134,8 @@ class Pipeline:
             self.methods = resume.methods
             model = resume.model
             history = list(resume.history)
+            if resume.rng_state is not None:
+                _restore_rng_state(resume.rng_state, ctx)
         loss_terms = [m.loss for m in self.methods]
         for stage, method in enumerate(self.methods):
             if resume is not None and stage < resume.stage:
@@ -147,6 +168,7 @@ class Pipeline:
                             optimizer_state=optimizer.state_dict(),
                             scheduler_state=scheduler.state_dict(),
                             history=list(history),
+                            rng_state=_rng_state(ctx),
                         )
                         on_epoch_end(state, metrics)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from methods._base import Method, check_config_types, hyperparameters
+from methods._base import Method, check_config_types, check_value_type, hyperparameters
 
 __all__ = ["register_method", "get_method", "list_methods", "create_method"]
 
@@ -42,13 +42,16 @@ def create_method(name: str, params: dict[str, Any] | None = None) -> Method:
     """Build method ``name`` with ``params`` over its defaults; ValueError names a bad key or value."""
     cls = get_method(name)
     params = dict(params or {})
-    known = [h.name for h in hyperparameters(cls.Config)]
+    types = {h.name: h.type for h in hyperparameters(cls.Config)}
+    known = list(types)
     for key in params:
         if key not in known:
             raise ValueError(
                 f"method '{name}' has no hyperparameter '{key}'.{_suggest(key, known)} "
                 f"Its hyperparameters: {', '.join(known)}."
             )
+    # Types first: the config's own range checks would fail on a string with a bare TypeError.
+    params = {key: check_value_type(key, types[key], value) for key, value in params.items()}
     config = cls.Config(**params)
     check_config_types(config)
     return cls(config)

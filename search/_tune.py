@@ -54,10 +54,16 @@ class SpaceDefinition:
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
 
-    def __call__(self, trial: optuna.Trial) -> None:
+    def __call__(self, trial: optuna.Trial) -> dict[str, int]:
+        optional = [m.name for m in self.space.methods if m.optional]
+        any_used = any(not m.optional for m in self.space.methods)
         for method in self.space.methods:
-            if method.optional and not trial.suggest_categorical(f"{method.name}/use", [True, False]):
+            # A trial with every method off would only re-measure the baseline: the last
+            # optional method is forced on when nothing was chosen before it.
+            forced_on = method.optional and not any_used and method.name == optional[-1]
+            if method.optional and not forced_on and not trial.suggest_categorical(f"{method.name}/use", [True, False]):
                 continue
+            any_used = True
             types = {h.name: h.type for h in hyperparameters(get_method(method.name).Config)}
             for pname, rng in method.searched.items():
                 key = f"{method.name}/{pname}"
@@ -67,6 +73,8 @@ class SpaceDefinition:
                     trial.suggest_int(key, int(rng.low), int(rng.high), step=int(rng.step or 1), log=rng.log)
                 else:
                     trial.suggest_float(key, float(rng.low), float(rng.high), step=rng.step, log=rng.log)
+        # One name per trial everywhere (progress line, MLflow run, Pareto table): Optuna's number.
+        return {"trial_number": trial.number}
 
 
 class SlimtuneOptunaSearch(OptunaSearch):
@@ -114,11 +122,14 @@ class TrialTracker(tune.Callback):
 
     def __init__(self, record) -> None:
         self.record = record
-        self.finished = 0
+
+    def _finished_count(self) -> int:
+        # Counted from the run map, so a resumed search goes on counting where it stopped.
+        return sum(1 for run in self.record.tracker().runs().values() if run.get("status") in ("FINISHED", "FAILED"))
 
     def _run_id(self, trial) -> str:
         recipe = recipe_from_config(self.record.space, trial.config)
-        return self.record.tracker().child_run(self.record.parent_run_id, trial.trial_id, recipe, trial_name=f"trial {trial.trial_id}")
+        return self.record.tracker().child_run(self.record.parent_run_id, trial.trial_id, recipe, trial_name=trial_name(trial))
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._run_id(trial)
@@ -139,17 +150,20 @@ class TrialTracker(tune.Callback):
             return
         checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
         self.record.tracker().finish_trial(trial.trial_id, run_id, result, checkpoint)
-        self.finished += 1
-        print_progress(self.record, result, self.finished)
+        print_progress(self.record, trial_name(trial), result, self._finished_count())
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         reason = error_reason(trial)
         self.record.tracker().fail_trial(trial.trial_id, self._run_id(trial), reason)
-        self.finished += 1
-        print(f"[slimtune] trial {trial.trial_id} FAILED: {reason}", flush=True)
+        print(f"[slimtune] {trial_name(trial)} FAILED ({self._finished_count()}/{self.record.space.budget.trials} done): {reason}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        print(f"[slimtune] trial {trial.trial_id} failed ({error_reason(trial)}); retrying from its last checkpoint", flush=True)
+        print(f"[slimtune] {trial_name(trial)} failed ({error_reason(trial)}); retrying from its last checkpoint", flush=True)
+
+
+def trial_name(trial) -> str:
+    """``trial_007``: the Optuna trial number, the name a trial has everywhere in slimtune."""
+    return f"trial_{trial.config.get('trial_number', 0):03d}"
 
 
 def error_reason(trial) -> str:

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="slimtune_results")
 
     p = sub.add_parser("profile", help="params, MACs, FLOPs and latency of a model")
-    p.add_argument("model", help="a registered model (see `slimtune profile --list`) or any torchvision classification model")
+    p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, ...) or any torchvision classification model")
     p.add_argument("--task", default=None, choices=sorted(PROFILE_SHAPES), help="input shape and classes to measure at")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for latency")
     p.add_argument("--json", action="store_true")
@@ -159,7 +159,15 @@ def _profile(args: argparse.Namespace) -> int:
     from search.measure import count_flops, count_params, latency_ms, size_bytes
     from search.models import create_model
 
-    task = args.task or ("digits" if args.model.startswith("digits") else "cifar10" if args.model in ("resnet20", "resnet56", "vgg16") else "imagenet")
+    from search.models import list_models
+
+    if args.task is not None:
+        task = args.task
+    elif args.model.startswith("digits"):
+        task = "digits"
+    else:
+        # Our other registered models are the CIFAR ones; torchvision models are ImageNet's.
+        task = "cifar10" if args.model in list_models() else "imagenet"
     shape, classes = PROFILE_SHAPES[task]
     model = create_model(args.model, num_classes=classes, in_channels=shape[0]).eval()
     flops = count_flops(model, torch.zeros(1, *shape))

@@ -37,7 +37,7 @@ class PreflightResult:
 def aggressive_params(method: MethodSpace) -> dict[str, Any]:
     """The space's most aggressive value of every searched parameter, plus its fixed ones.
 
-    A method's ``preflight`` class attribute names, per parameter, whether its high or low end
+    A method's ``aggressive`` class attribute names, per parameter, whether its high or low end
     compresses more (``{"ratio": "high", "bits": "low"}``); other searched parameters take their
     low end.
     """

@@ -89,7 +89,7 @@ class SearchRecord:
 
 def load_search(name: str, results_dir: str | Path = "slimtune_results") -> SearchRecord:
     """Read a search's manifest; UserError naming the folders searched when it is missing."""
-    folder = Path(results_dir) / name
+    folder = Path(results_dir).resolve() / name
     manifest = folder / "search.json"
     if not manifest.is_file():
         existing = sorted(p.parent.name for p in Path(results_dir).glob("*/search.json")) if Path(results_dir).is_dir() else []
@@ -288,7 +288,7 @@ def format_table(space: SearchSpace, rows: list[dict[str, Any]], baseline: dict[
     return "\n".join(out)
 
 
-def print_progress(record: SearchRecord, result: dict[str, Any], finished: int) -> None:
+def print_progress(record: SearchRecord, name: str, result: dict[str, Any], finished: int) -> None:
     """One line per finished trial: its pipeline, objectives, and the front so far."""
     space = record.space
     records = completed_records(record)
@@ -299,7 +299,7 @@ def print_progress(record: SearchRecord, result: dict[str, Any], finished: int) 
     pipeline = TrialRecord(0, "", None, recipe, {}, None).pipeline
     shown = "  ".join(f"{m} {_fmt(m, result[m])}" for m in space.metric_names if m in result)
     print(
-        f"[slimtune] trial {finished:>3}/{space.budget.trials} done  {pipeline}  |  {shown}  |  front {len(front)}, hypervolume {hv:.4f}",
+        f"[slimtune] {name} done ({finished}/{space.budget.trials})  {pipeline}  |  {shown}  |  front {len(front)}, hypervolume {hv:.4f}",
         flush=True,
     )
 
@@ -309,7 +309,7 @@ def print_progress(record: SearchRecord, result: dict[str, Any], finished: int) 
 # ----------------------------------------------------------------------------------------------
 
 
-def _init_ray(address: str | None, space: SearchSpace) -> None:
+def _init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -326,10 +326,20 @@ def _init_ray(address: str | None, space: SearchSpace) -> None:
         kwargs["runtime_env"] = {"py_modules": [str(root / "search"), str(root / "methods")]}
         ray.init(address=address, **kwargs)
     else:
+        # An embedded Ray stays on loopback. `_node_ip_address="127.0.0.1"` alone is not enough:
+        # Ray swaps a loopback address for the machine's network address unless cluster mode is
+        # off, which the environment variable does for the workers and agents it starts and the
+        # constant does for this already-imported driver.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
 
 
-def _quiet_ray() -> None:
+def _quiet_logging() -> None:
+    """Ray, Tune, MLflow and Optuna speak only on errors; slimtune prints its own progress."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Objectives arrive only with a trial's final result; per-epoch results carry val_* metrics.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -353,6 +363,7 @@ def run_search(
     log=print,
 ) -> SearchRecord:
     """Train the baseline, run every trial, write MLflow, print and return the search's record."""
+    _quiet_logging()
     space = load_space(space_path)
     if trials is not None:
         space = space.with_overrides(budget=_budget_with_trials(space, trials))
@@ -390,6 +401,7 @@ def run_search(
 
 def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print) -> SearchRecord:
     """Continue a search from Tune's experiment state and the persistent Optuna study."""
+    _quiet_logging()
     record = load_search(name, results_dir)
     if not (record.folder / "baseline.pt").is_file() or record.parent_run_id is None:
         raise UserError(f"search '{name}' stopped before its baseline was saved; start it again with `slimtune search`.")
@@ -409,14 +421,16 @@ def _driver_device(space: SearchSpace) -> str:
 
 
 def _tune(record: SearchRecord, address: str | None, restore: bool) -> None:
-    _quiet_ray()
     import ray
     from ray import tune
 
-    from search._tune import TrialTracker, make_searcher
+    from search._tune import TrialTracker, make_searcher, trial_name
 
     space = record.space
-    _init_ray(address, space)
+    _init_ray(address)
+    # Tune logs each failed trial's traceback; slimtune prints one line with the reason and the
+    # full traceback stays in the trial's error.txt and in MLflow.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     baseline_state = torch.load(record.folder / "baseline.pt", weights_only=True)
     spec = TrialSpec(space=space, baseline_state=baseline_state, baseline_metrics=record.baseline_metrics)
     resources = {"cpu": space.budget.cpus_per_trial, "gpu": space.budget.gpus_per_trial}
@@ -434,6 +448,8 @@ def _tune(record: SearchRecord, address: str | None, restore: bool) -> None:
                     num_samples=space.budget.trials,
                     max_concurrent_trials=space.budget.concurrent,
                     reuse_actors=True,
+                    trial_name_creator=trial_name,
+                    trial_dirname_creator=trial_name,
                 ),
                 run_config=tune.RunConfig(
                     name="tune",
@@ -481,7 +497,10 @@ def finish_search(record: SearchRecord, log=print) -> SearchRecord:
     tracker.client.set_terminated(record.parent_run_id, status="FINISHED")
     log(f"\n[slimtune] search '{record.name}' finished: {len(records)} completed trials, {len(front)} on the Pareto front, hypervolume {hv:.4f}")
     log(format_table(space, pareto_table(space, records), record.baseline_metrics))
-    log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1   (experiment '{record.name}')")
+    log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
+    # MLflow 3.x decides GenAI vs model-training pages by a UI-wide switch, not by the
+    # experiment's tag; this URL opens the runs table of this search directly.
+    log(f"        then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning")
     log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}")
     return record
 

@@ -8,16 +8,15 @@ for a commented example of every key.
 from __future__ import annotations
 
 import dataclasses
-import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from methods import get_method, hyperparameters, list_methods
-from methods._base import Range, check_config_types
+from methods import create_method, get_method, hyperparameters, list_methods
+from methods._base import Range
 from search.errors import UserError, did_you_mean
 
 __all__ = [
@@ -218,6 +217,11 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         raise r.error("name", f"may hold letters, digits, '_', '.' and '-' only, but got {name!r}.")
 
     task, task_options = _named(r, top["task"], "task")
+    # Trials run in their own working folders (and on other machines): data folders are made
+    # absolute here, relative to where the search was started.
+    for key, value in list(task_options.items()):
+        if (key == "root" or key.endswith("_root")) and isinstance(value, str):
+            task_options[key] = str(Path(value).expanduser().resolve())
     model, model_options = _named(r, top["model"], "model")
 
     baseline = r.mapping(top.get("baseline"), "baseline", {"epochs", "checkpoint"})
@@ -333,10 +337,10 @@ def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
                 except (ValueError, TypeError) as exc:
                     raise r.error(pkey, str(exc)) from None
                 for probe in _range_probes(rng):
-                    _check_value(r, pkey, cls, pname, probe, info.type)
+                    _check_value(r, pkey, cls, pname, probe)
                 searched[pname] = rng
             else:
-                _check_value(r, pkey, cls, pname, spec, info.type)
+                _check_value(r, pkey, cls, pname, spec)
                 fixed[pname] = spec
         out.append(MethodSpace(name=name, optional=optional, fixed=fixed, searched=searched))
     must_be_last = [m.name for m in out if get_method(m.name).must_be_last]
@@ -356,11 +360,10 @@ def _range_probes(rng: Range) -> list[Any]:
     return [rng.low, rng.high]
 
 
-def _check_value(r: _Reader, key: str, cls: type, pname: str, value: Any, typ: type) -> None:
-    """Build the method's config with this one value so its own validation speaks."""
+def _check_value(r: _Reader, key: str, cls: type, pname: str, value: Any) -> None:
+    """Build the method with this one value so its own validation speaks."""
     try:
-        config = cls.Config(**{pname: value})
-        check_config_types(config)
+        create_method(cls.name, {pname: value})
     except (ValueError, TypeError) as exc:
         raise r.error(key, str(exc)) from None
 
@@ -404,5 +407,3 @@ def _constraints(r: _Reader, value: Any) -> tuple[Constraint, ...]:
             raise r.error(key, f"the bound {bound!r} is not a number.") from None
     return tuple(out)
 
-
-_OPS = {"<=": operator.le, ">=": operator.ge}

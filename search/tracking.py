@@ -41,6 +41,14 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# Bookkeeping fields Tune adds to every result; they are not the trial's metrics.
+_TUNE_FIELDS = ("time_", "timestamp", "pid", "iterations_since", "training_iteration", "done", "trial_number", "final")
+
+
+def _own_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in _numeric(metrics).items() if not k.startswith(_TUNE_FIELDS)}
+
+
 class SearchTracker:
     """The MLflow side of one search.
 
@@ -77,12 +85,20 @@ class SearchTracker:
             experiment = self.client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
                 self._experiment_id = self.client.create_experiment(
-                    self.experiment_name, tags={EXPERIMENT_KIND_TAG[0]: EXPERIMENT_KIND_TAG[1]}
+                    self.experiment_name,
+                    artifact_location=self._artifact_location(),
+                    tags={EXPERIMENT_KIND_TAG[0]: EXPERIMENT_KIND_TAG[1]},
                 )
             else:
                 self._experiment_id = experiment.experiment_id
                 self.client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND_TAG)
         return self._experiment_id
+
+    def _artifact_location(self) -> str | None:
+        """Beside a SQLite store (``mlruns/`` next to ``mlflow.db``); a server decides its own."""
+        if self.tracking_uri.startswith("sqlite:///"):
+            return str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlruns")
+        return None
 
     # -- trial map ------------------------------------------------------------------------------
 
@@ -131,11 +147,10 @@ class SearchTracker:
         return run.info.run_id
 
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
-        self.client.log_batch(run_id, metrics=self._metric_entities(_numeric(metrics), step=step))
+        self.client.log_batch(run_id, metrics=self._metric_entities(_own_metrics(metrics), step=step))
 
     def finish_trial(self, trial_id: str, run_id: str, metrics: dict[str, Any], checkpoint: str | None) -> None:
-        final = {k: v for k, v in _numeric(metrics).items() if k not in ("epoch", "stage", "training_iteration", "final")}
-        final = {k: v for k, v in final.items() if not k.startswith(("time_", "timestamp", "pid", "iterations_since"))}
+        final = {k: v for k, v in _own_metrics(metrics).items() if k not in ("epoch", "stage")}
         self.client.log_batch(run_id, metrics=self._metric_entities(final, step=0))
         if metrics.get("uncounted_ops") is not None:
             self.client.set_tag(run_id, "uncounted_ops", metrics["uncounted_ops"] or "(none)")

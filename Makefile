@@ -1,0 +1,56 @@
+# slimtune: `make run` from a fresh clone creates .venv, installs, runs the quickstart search.
+#
+#   make venv    create .venv and install slimtune (once; again only when pyproject.toml changes)
+#   make test    run the test suite (the slow end-to-end tests included)
+#   make run     search spaces/quickstart.yaml and print its Pareto front
+#   make check   validate the quickstart space and pre-flight its methods (seconds)
+#   make ui      MLflow UI on http://127.0.0.1:5000
+#   make bench   per-trial overhead of `slimtune search` against a plain loop
+#   make clean   remove search results and tracking stores (keeps .venv)
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+SPACE ?= spaces/quickstart.yaml
+BENCH_ARGS ?= --trials 6
+
+# pipefail: a failing pip is not masked by the grep that filters its output.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+# pip warns "Location ... is ignored: it is neither a file nor a directory" for every configured
+# find-links folder that a machine lacks; drop those lines and keep everything else. The braces
+# keep grep's "no line left" status (1) from failing the recipe while pip's status still counts.
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: venv test run check ui bench clean
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q --upgrade pip $(QUIET_PIP)
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 $(QUIET_PIP)
+	$(VENV)/bin/pip install -q -e '.[test]' $(QUIET_PIP)
+	touch $@
+
+test: venv
+	$(VENV)/bin/python -m pytest -q
+
+run: venv
+	$(VENV)/bin/slimtune search $(SPACE)
+
+check: venv
+	$(VENV)/bin/slimtune check $(SPACE)
+
+ui: venv
+	@echo "Open http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (the search prints its experiment's URL)"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+bench: venv
+	$(VENV)/bin/python bench/overhead.py $(BENCH_ARGS)
+
+clean:
+	rm -rf mlflow.db optuna.db slimtune_results exports mlruns mlartifacts

@@ -1,0 +1,136 @@
+"""Min-max quantization: levels, straight-through gradient, packing, storage size, float first/last layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from methods import create_method
+from methods._quant import (
+    MaxAbsWeightQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    RunningMaxActivationQuantizer,
+    symmetric_quantize,
+)
+from search.measure import count_params, size_bytes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_k_bit_quantize_uses_at_most_2_to_the_k_minus_1_levels(bits: int) -> None:
+    x = torch.linspace(-3.0, 3.0, 10_001)
+    bound = torch.tensor(2.0)
+    q = symmetric_quantize(x, bound, bits)
+    levels = torch.unique(q)
+    # Dense inputs past both ends of the bound reach every level, and no more than 2^k - 1.
+    assert len(levels) == 2**bits - 1
+    assert levels.min().item() == pytest.approx(-2.0) and levels.max().item() == pytest.approx(2.0)
+    step = 2.0 / (2 ** (bits - 1) - 1)
+    torch.testing.assert_close(levels[1:] - levels[:-1], torch.full((len(levels) - 1,), step), atol=1e-6, rtol=0)
+    random = symmetric_quantize(torch.randn(1000, generator=torch.Generator().manual_seed(bits)), bound, bits)
+    assert len(torch.unique(random)) <= 2**bits - 1
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_straight_through_gradient_is_one_inside_the_bound_and_zero_outside(bits: int) -> None:
+    x = torch.tensor([-1.9, -0.7, -0.01, 0.0, 0.3, 1.2, 1.99, -2.5, 2.5, 10.0], requires_grad=True)
+    symmetric_quantize(x, torch.tensor(2.0), bits).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1.0] * 7 + [0.0] * 3))
+
+
+def _observed(layer, x: torch.Tensor):
+    layer.train()
+    layer(x)  # the activation quantizer records its bound
+    return layer.eval()
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(16, 4), (8, 16)),
+    "conv": (lambda: nn.Conv2d(3, 5, 3, padding=1), (2, 3, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("bits", [3, 8])
+def test_packed_layer_outputs_equal_fake_quantized_outputs(kind: str, bits: int) -> None:
+    torch.manual_seed(0)
+    make, shape = LAYERS[kind]
+    float_layer = make()
+    cls = QuantLinear if kind == "linear" else QuantConv2d
+    layer = cls.from_float(float_layer, MaxAbsWeightQuantizer(bits), RunningMaxActivationQuantizer(bits))
+    x = torch.randn(*shape)
+    layer = _observed(layer, x)
+    with torch.no_grad():
+        fake = layer(x)
+        fake_weight = layer.quantized_weight().clone()
+    layer.pack()
+    assert "weight" not in dict(layer.named_parameters())
+    assert layer.weight_codes.dtype == torch.int8
+    qmax = 2 ** (bits - 1) - 1
+    assert layer.weight_codes.abs().max().item() == qmax  # max|W| maps to the top code
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), fake, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.quantized_weight(), fake_weight, atol=1e-6, rtol=0)
+    # The fake-quantized weight differs from the float one: quantization did something.
+    assert (fake_weight - float_layer.weight).abs().max().item() > 1e-4
+
+
+def test_size_bytes_counts_the_packed_weight_at_its_bit_width() -> None:
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(5, 3), MaxAbsWeightQuantizer(3), RunningMaxActivationQuantizer(3))
+    _observed(layer, torch.randn(4, 5))
+    float_bytes = 15 * 4 + 3 * 4
+    assert size_bytes(nn.Linear(5, 3)) == float_bytes
+    params_before = count_params(layer)
+    layer.pack()
+    # 15 weights at 3 bits = 45 bits -> 6 bytes; bias 3 float32 = 12; one float32 scale = 4;
+    # the activation quantizer's float32 running bound = 4.
+    assert size_bytes(layer) == 6 + 12 + 4 + 4
+    assert count_params(layer) == params_before == 15 + 3
+
+
+def test_size_bytes_of_an_8_bit_linear() -> None:
+    layer = QuantLinear.from_float(nn.Linear(16, 4), MaxAbsWeightQuantizer(8), None)
+    layer.pack()
+    assert size_bytes(layer) == 64 * 1 + 4 * 4 + 4
+    assert count_params(layer) == 64 + 4
+
+
+def test_first_and_last_layers_stay_float_by_default(digits_context) -> None:
+    model, ctx = digits_context()
+    method = create_method("minmax_quant", {"bits": 4})
+    model = method.prepare(model, ctx)
+    assert type(model.features[0]) is nn.Conv2d
+    assert type(model.classifier) is nn.Linear
+    assert isinstance(model.features[3], QuantConv2d) and isinstance(model.features[7], QuantConv2d)
+    assert method.metrics() == {"bits": 4.0, "quantized_layers": 2.0}
+
+
+def test_quantize_first_last_quantizes_every_layer(digits_context) -> None:
+    model, ctx = digits_context()
+    method = create_method("minmax_quant", {"bits": 4, "quantize_first_last": True})
+    model = method.prepare(model, ctx)
+    assert isinstance(model.features[0], QuantConv2d) and isinstance(model.classifier, QuantLinear)
+    assert method.metrics()["quantized_layers"] == 4.0
+
+
+def test_finalize_packs_every_quantized_layer_and_keeps_outputs(digits_context) -> None:
+    model, ctx = digits_context()
+    method = create_method("minmax_quant", {"bits": 4})
+    model = method.prepare(model, ctx)
+    _observed(model, ctx.train_loader[0][0])
+    x = ctx.val_loader[0][0]
+    params = count_params(model)
+    with torch.no_grad():
+        before = model(x)
+    model = method.finalize(model, ctx)
+    assert all(m.packed for m in (model.features[3], model.features[7]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert count_params(model) == params
+    # conv2 (16*32*9) and conv3 (32*64*9) weights stored at 4 bits instead of 32.
+    float_model, _ = digits_context()
+    saved = (16 * 32 * 9 + 32 * 64 * 9) * (4 - 0.5)
+    added = 2 * 4 + 2 * 4  # two float32 scales, two float32 running bounds
+    assert size_bytes(float_model) - size_bytes(model) == saved - added

@@ -1,0 +1,131 @@
+"""Exporting a compressed model: both artifacts reload to the same function, the recipe survives,
+and packing shrinks the deployable file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from methods import Phase, Pipeline, train_phase
+from search.export import EXPORT_FILES, check_round_trip, export_model, load_module, load_program
+from search.measure import size_bytes
+from search.space import load_space
+from search.trial import build_context, build_model, load_task
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = [{"name": "l1_filter", "params": {"ratio": 0.5}}, {"name": "minmax_quant", "params": {"bits": 8}}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine more threads only wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """The quickstart's task and model, a baseline trained 2 epochs, and a trial context of 2 batches."""
+    space = load_space(ROOT / "spaces" / "quickstart.yaml")
+    space = space.with_overrides(budget=type(space.budget)(epochs=1))
+    task = load_task(space)
+    torch.manual_seed(0)
+    baseline = build_model(space, task)
+    ctx = build_context(space, task, teacher=baseline, device=torch.device("cpu"), seed=0, log=lambda m: None)
+    train_phase(baseline, Phase("baseline", 2), ctx, loss_terms=[])
+    baseline.eval()
+    for p in baseline.parameters():
+        p.requires_grad_(False)
+    batches = [batch for batch, _ in zip(ctx.train_loader, range(2))]
+    ctx.train_loader = batches
+    ctx.evaluate = lambda model: task.evaluate(model, batches[:1], "cpu")
+    return space, task, baseline, ctx
+
+
+def _compress(setting, recipe) -> nn.Module:
+    _, _, baseline, ctx = setting
+    model = copy.deepcopy(baseline).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(0)
+    return Pipeline.from_recipe(recipe).run(model, ctx).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(setting, tmp_path_factory):
+    space, task, _, _ = setting
+    model = _compress(setting, RECIPE)
+    out = tmp_path_factory.mktemp("export")
+    recipe = {"recipe": RECIPE, "space": space.name, "task": space.task, "model": space.model}
+    files = export_model(model, task.example_input(1), out, recipe)
+    return model, out, recipe, files
+
+
+def test_export_writes_every_file(exported) -> None:
+    _, out, _, files = exported
+    assert sorted(files) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)
+    assert all(files[name] == (out / name).stat().st_size > 0 for name in EXPORT_FILES)
+
+
+def test_both_artifacts_reproduce_the_model_on_a_batch_of_5(exported, setting) -> None:
+    model, out, _, _ = exported
+    _, _, _, ctx = setting
+    batch = ctx.train_loader[0][0][:5]
+    assert batch.shape == (5, 1, 8, 8)  # traced with a batch of 2: the batch dimension is dynamic
+    with torch.no_grad():
+        expected = model(batch)
+        from_program = load_program(out)(batch)
+        from_module = load_module(out).eval()(batch)
+    assert expected.shape == (5, 10)
+    torch.testing.assert_close(from_program, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_module, expected, atol=1e-5, rtol=0)
+    assert check_round_trip(out, batch) <= 1e-5
+
+
+def test_exported_model_is_pruned_and_packed(exported) -> None:
+    _, out, _, _ = exported
+    module = load_module(out)
+    assert module.features[3].packed and module.features[3].weight_codes.dtype == torch.int8
+    assert (module.features[0].out_channels, module.classifier.out_features) == (8, 10)
+    state = torch.load(out / "state_dict.pt", weights_only=True)
+    assert state["features.3.weight_codes"].shape == (16, 8, 3, 3)
+    assert "features.3.weight" not in state
+
+
+def test_recipe_json_is_preserved(exported) -> None:
+    _, out, recipe, _ = exported
+    assert json.loads((out / "recipe.json").read_text()) == recipe
+
+
+def _tensor_bytes(pt2: Path) -> int:
+    """Bytes of the tensors stored in a ``.pt2`` archive (its graph and configs left out)."""
+    with zipfile.ZipFile(pt2) as archive:
+        return sum(
+            entry.file_size
+            for entry in archive.infolist()
+            if re.fullmatch(r".*/data/(weights|constants)/[^/]+", entry.filename) and not entry.filename.endswith(".json")
+        )
+
+
+def test_packed_8_bit_program_is_smaller_than_the_float_one(setting, tmp_path: Path) -> None:
+    _, task, baseline, _ = setting
+    quantized = _compress(setting, [{"name": "minmax_quant", "params": {"bits": 8}}])
+    float_size = export_model(baseline, task.example_input(1), tmp_path / "float", {})["model.pt2"]
+    packed_size = export_model(quantized, task.example_input(1), tmp_path / "int8", {})["model.pt2"]
+    assert packed_size < float_size
+    # conv2 and conv3 (4,608 + 18,432 weights) are stored as int8 codes: 3 bytes less per weight,
+    # less the two scales and two activation bounds (4 bytes each) that packing adds. The
+    # program's tensors shrink by exactly what size_bytes says (the graph itself grows).
+    saved = 3 * (4_608 + 18_432) - 4 * 4
+    assert size_bytes(baseline) - size_bytes(quantized) == saved
+    assert _tensor_bytes(tmp_path / "float" / "model.pt2") - _tensor_bytes(tmp_path / "int8" / "model.pt2") == saved
