@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--run", help="MLflow run id of the trial (a unique prefix is enough)")
-    group.add_argument("--pick", help="knee, max-accuracy or min-<objective> (e.g. min-macs)")
+    group.add_argument("--pick", help="knee, max-<metric> (e.g. max-accuracy) or min-<metric> (e.g. min-macs)")
     p.add_argument("--out", required=True, help="folder to write the export to")
     p.add_argument("--results-dir", default="slimtune_results")
 

@@ -25,7 +25,7 @@ import torch
 
 from search import pareto
 from search.errors import UserError
-from search.space import SearchSpace, load_space, parse_space
+from search.space import COST_METRICS, SearchSpace, load_space, parse_space, metrics_of_task
 from search.tracking import SearchTracker
 from search.trial import TrialSpec, run_trial, train_baseline
 
@@ -226,7 +226,7 @@ def search_hypervolume(space: SearchSpace, records: list[TrialRecord], baseline:
 
 
 def pick_record(space: SearchSpace, records: list[TrialRecord], pick: str) -> TrialRecord:
-    """Choose a Pareto trial: ``knee``, ``max-accuracy`` or ``min-<objective>``."""
+    """Choose a Pareto trial: ``knee``, ``max-<metric>`` (``max-accuracy``) or ``min-<metric>``."""
     front = [r for r in records if r.rank == 0 and r.feasible]
     if not front:
         raise UserError("the search has no feasible Pareto-optimal trial yet; nothing to pick.")
@@ -246,15 +246,15 @@ def pick_record(space: SearchSpace, records: list[TrialRecord], pick: str) -> Tr
 
 
 def _fmt(metric: str, value: float) -> str:
-    if metric in ("accuracy", "accuracy_drop"):
+    if metric in COST_METRICS and metric != "latency_ms":
+        if abs(value) >= 1e6:
+            return f"{value / 1e6:.3f}M"
+        if abs(value) >= 1e3:
+            return f"{value / 1e3:.1f}k"
+        return f"{value:g}"
+    if abs(value) <= 1.0:
         return f"{value:.4f}"
-    if metric == "latency_ms":
-        return f"{value:.3f}"
-    if abs(value) >= 1e6:
-        return f"{value / 1e6:.3f}M"
-    if abs(value) >= 1e3:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:g}"
+    return f"{value:.3f}"
 
 
 def pareto_table(space: SearchSpace, records: list[TrialRecord], only_front: bool = True) -> list[dict[str, Any]]:
@@ -263,7 +263,7 @@ def pareto_table(space: SearchSpace, records: list[TrialRecord], only_front: boo
         if only_front and not (r.rank == 0 and r.feasible):
             continue
         row = {"trial": r.name, "run_id": r.run_id, "rank": r.rank, "feasible": r.feasible, "pipeline": r.pipeline}
-        for metric in ("accuracy", "accuracy_drop", "macs", "flops", "params", "size_bytes", "artifact_bytes", "latency_ms"):
+        for metric in metrics_of_task(space.task):
             if metric in r.metrics:
                 row[metric] = r.metrics[metric]
         rows.append(row)
@@ -271,7 +271,8 @@ def pareto_table(space: SearchSpace, records: list[TrialRecord], only_front: boo
 
 
 def format_table(space: SearchSpace, rows: list[dict[str, Any]], baseline: dict[str, float] | None = None) -> str:
-    metrics = list(dict.fromkeys(space.metric_names + ["accuracy", "macs", "params", "size_bytes"]))
+    headline = next(iter(metrics_of_task(space.task)))
+    metrics = list(dict.fromkeys(space.metric_names + [headline, "macs", "params", "size_bytes"]))
     header = ["trial", "rank"] + metrics + ["run_id", "pipeline"]
     lines = []
     if baseline:
@@ -391,7 +392,8 @@ def run_search(
     baseline_model, baseline_metrics = train_baseline(space, _driver_device(space), log=lambda m: log(f"[slimtune] {m}"))
     torch.save({k: v.detach().cpu() for k, v in baseline_model.state_dict().items()}, folder / "baseline.pt")
     record.baseline_metrics = baseline_metrics
-    log("[slimtune] baseline: " + "  ".join(f"{m} {_fmt(m, baseline_metrics[m])}" for m in ("accuracy", "macs", "params", "size_bytes", "latency_ms")))
+    shown = [m for m in metrics_of_task(space.task) if not m.endswith("_drop")] + ["size_bytes", "latency_ms"]
+    log("[slimtune] baseline: " + "  ".join(f"{m} {_fmt(m, baseline_metrics[m])}" for m in shown if m in baseline_metrics))
     tracker = record.tracker()
     record.parent_run_id = tracker.start_parent(space.source, space.name, baseline_metrics, {"space": space.path, "task": space.task, "model": space.model, "trials": str(space.budget.trials), "sampler": space.sampler})
     record.save()

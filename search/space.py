@@ -27,13 +27,12 @@ __all__ = [
     "Budget",
     "load_space",
     "parse_space",
-    "METRICS",
+    "COST_METRICS",
+    "metrics_of_task",
 ]
 
-#: Metrics a trial reports that may be objectives or constraints, with their natural direction.
-METRICS: dict[str, str] = {
-    "accuracy": "max",
-    "accuracy_drop": "min",
+#: Cost metrics every trial reports (all lower-is-better), measured on the compressed model.
+COST_METRICS: dict[str, str] = {
     "macs": "min",
     "flops": "min",
     "params": "min",
@@ -43,6 +42,22 @@ METRICS: dict[str, str] = {
 }
 
 SAMPLERS = ("nsga2", "tpe", "random")
+
+
+def metrics_of_task(task: str) -> dict[str, str]:
+    """Every metric a trial of ``task`` reports, with its natural direction.
+
+    The task's quality metrics (``accuracy``; ``psnr``, ``ssim`` for super-resolution), their
+    drops from the baseline (``accuracy_drop``) and the cost metrics.
+    """
+    from search.tasks import task_metrics
+
+    out: dict[str, str] = {}
+    for metric in task_metrics(task):
+        out[metric] = "max"
+        out[f"{metric}_drop"] = "min"
+    out.update(COST_METRICS)
+    return out
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -217,6 +232,11 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         raise r.error("name", f"may hold letters, digits, '_', '.' and '-' only, but got {name!r}.")
 
     task, task_options = _named(r, top["task"], "task")
+    from search.tasks import list_tasks
+
+    if task not in list_tasks():
+        raise r.error("task", f"unknown task '{task}'.{did_you_mean(task, list_tasks())} Known tasks: {', '.join(list_tasks())}.")
+    known_metrics = metrics_of_task(task)
     # Trials run in their own working folders (and on other machines): data folders are made
     # absolute here, relative to where the search was started.
     for key, value in list(task_options.items()):
@@ -235,8 +255,8 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
 
     training = r.mapping(top.get("training"), "training", {"batch_size", "lr", "optimizer", "weight_decay"})
     methods = _methods(r, top["methods"])
-    objectives = _objectives(r, top["objectives"])
-    constraints = _constraints(r, top.get("constraints"))
+    objectives = _objectives(r, top["objectives"], known_metrics)
+    constraints = _constraints(r, top.get("constraints"), known_metrics)
 
     budget_map = r.mapping(
         top.get("budget"), "budget",
@@ -368,7 +388,7 @@ def _check_value(r: _Reader, key: str, cls: type, pname: str, value: Any) -> Non
         raise r.error(key, str(exc)) from None
 
 
-def _objectives(r: _Reader, value: Any) -> tuple[Objective, ...]:
+def _objectives(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Objective, ...]:
     """``objectives: {accuracy: max, macs: min}``."""
     if not isinstance(value, dict):
         raise r.error("objectives", "must map metric names to min or max, e.g. `{accuracy: max, macs: min}`.")
@@ -377,8 +397,8 @@ def _objectives(r: _Reader, value: Any) -> tuple[Objective, ...]:
     out = []
     for metric, direction in value.items():
         key = f"objectives.{metric}"
-        if metric not in METRICS:
-            raise r.error(key, f"unknown metric '{metric}'.{did_you_mean(str(metric), METRICS)} Known metrics: {', '.join(METRICS)}.")
+        if metric not in known:
+            raise r.error(key, f"unknown metric '{metric}'.{did_you_mean(str(metric), known)} Known metrics: {', '.join(known)}.")
         out.append(Objective(metric, r.choice(direction, key, ("min", "max"))))
     return tuple(out)
 
@@ -386,7 +406,7 @@ def _objectives(r: _Reader, value: Any) -> tuple[Objective, ...]:
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
-def _constraints(r: _Reader, value: Any) -> tuple[Constraint, ...]:
+def _constraints(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Constraint, ...]:
     """``constraints: ["accuracy_drop <= 0.02", "latency_ms <= 5"]``."""
     if value is None:
         return ()
@@ -399,8 +419,8 @@ def _constraints(r: _Reader, value: Any) -> tuple[Constraint, ...]:
         if not match:
             raise r.error(key, f"must read 'METRIC <= NUMBER' or 'METRIC >= NUMBER', but got {text!r}.")
         metric, op, bound = match.groups()
-        if metric not in METRICS:
-            raise r.error(key, f"unknown metric '{metric}'.{did_you_mean(metric, METRICS)} Known metrics: {', '.join(METRICS)}.")
+        if metric not in known:
+            raise r.error(key, f"unknown metric '{metric}'.{did_you_mean(metric, known)} Known metrics: {', '.join(known)}.")
         try:
             out.append(Constraint(metric, op, float(bound)))
         except ValueError:

@@ -73,7 +73,7 @@ def load_task(space: SearchSpace) -> Task:
 
 
 def build_model(space: SearchSpace, task: Task) -> nn.Module:
-    return create_model(space.model, num_classes=task.num_classes, in_channels=task.input_shape[0], **space.model_options)
+    return create_model(space.model, **task.model_kwargs(), **space.model_options)
 
 
 def recipe_from_config(space: SearchSpace, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -109,6 +109,7 @@ def build_context(
         evaluate=lambda model: task.evaluate(model, val_loader, device),
         example_input=task.example_input(1).to(device),
         device=device,
+        metric=task.metric,
         epochs=space.budget.epochs,
         lr=space.lr,
         optimizer=space.optimizer,
@@ -118,14 +119,18 @@ def build_context(
     )
 
 
-def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.device, baseline_accuracy: float | None) -> dict[str, Any]:
-    """Accuracy on the test split and the cost figures, all measured on ``model`` itself."""
+def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.device, baseline: dict[str, float] | None) -> dict[str, Any]:
+    """Quality on the test split and the cost figures, all measured on ``model`` itself.
+
+    With the ``baseline``'s metrics, also each quality metric's drop from the baseline
+    (``accuracy_drop = baseline accuracy - accuracy``).
+    """
     model.eval()
     test = task.evaluate(model, _loader(task.test_set, 256, False, 0), device)
     example = task.example_input(1).to(device)
     flops = count_flops(model, example)
-    metrics: dict[str, Any] = {
-        "accuracy": test["accuracy"],
+    metrics: dict[str, Any] = {m: test[m] for m in task.metrics}
+    metrics.update({
         "test_loss": test["loss"],
         "macs": float(flops.macs),
         "flops": float(flops.flops),
@@ -133,9 +138,9 @@ def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.devi
         "size_bytes": float(size_bytes(model)),
         "latency_ms": latency_ms(model, task.example_input(space.latency_batch_size).to(device), repeats=space.latency_repeats),
         "uncounted_ops": ",".join(flops.uncounted_ops),
-    }
-    if baseline_accuracy is not None:
-        metrics["accuracy_drop"] = baseline_accuracy - test["accuracy"]
+    })
+    for m in task.metrics:
+        metrics[f"{m}_drop"] = (baseline[m] - metrics[m]) if baseline is not None else 0.0
     return metrics
 
 
@@ -156,8 +161,7 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         ctx = build_context(space, task, teacher=model, device=device, seed=space.seed, log=log)
         log(f"training the baseline {space.model} on {space.task} for {space.baseline_epochs} epochs")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
-    metrics = measure(model, space, task, device, baseline_accuracy=None)
-    metrics["accuracy_drop"] = 0.0
+    metrics = measure(model, space, task, device, baseline=None)
     with tempfile.TemporaryDirectory() as tmp:
         metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp), {})["model.pt2"])
     return model, metrics
@@ -203,7 +207,7 @@ def run_pipeline(
 
     model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
-    metrics = measure(model, space, task, device, baseline_accuracy=spec.baseline_metrics["accuracy"])
+    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics)
     metrics.update(pipeline.metrics())
     files = export_model(model, task.example_input(1).to(device), out_dir, {"recipe": recipe, "space": space.name, "task": space.task, "model": space.model})
     metrics["artifact_bytes"] = float(files["model.pt2"])

@@ -9,6 +9,6 @@ from __future__ import annotations
 # Imported for their registrations.
 from search.tasks import cifar, digits, imagefolder  # noqa: F401
 from search.tasks._base import Task, TransformedSubset
-from search.tasks._registry import create_task, list_tasks, register_task
+from search.tasks._registry import create_task, list_tasks, register_task, task_metrics
 
-__all__ = ["Task", "TransformedSubset", "create_task", "list_tasks", "register_task"]
+__all__ = ["Task", "TransformedSubset", "create_task", "list_tasks", "register_task", "task_metrics"]

@@ -26,7 +26,8 @@ class Task:
         train_set: Examples the model is trained on.
         val_set: Held-out examples used for model selection inside trials.
         test_set: Examples whose accuracy is reported.
-        metric: Name of the headline metric returned by :meth:`evaluate`.
+        metrics: Quality metrics :meth:`evaluate` returns, all higher-is-better; the first is the
+            headline one (model selection, ``<metric>_drop``).
     """
 
     name: str
@@ -35,7 +36,16 @@ class Task:
     train_set: Dataset
     val_set: Dataset
     test_set: Dataset
-    metric: str = "accuracy"
+    metrics: tuple[str, ...] = ("accuracy",)
+
+    @property
+    def metric(self) -> str:
+        """The headline quality metric."""
+        return self.metrics[0]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """What a model factory needs to fit this task's data (``create_model(name, **kwargs)``)."""
+        return {"num_classes": self.num_classes, "in_channels": self.input_shape[0]}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Return the mean cross-entropy of ``outputs`` (logits) against integer ``targets``."""

@@ -12,9 +12,10 @@ from search.tasks._base import Task
 TaskFactory = Callable[..., Task]
 
 _FACTORIES: dict[str, TaskFactory] = {}
+_METRICS: dict[str, tuple[str, ...]] = {}
 
 
-def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
+def register_task(name: str, metrics: tuple[str, ...] = ("accuracy",)) -> Callable[[TaskFactory], TaskFactory]:
     """Register the decorated factory ``f(**options) -> Task`` under ``name``.
 
     Args:
@@ -28,9 +29,17 @@ def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
         if name in _FACTORIES and _FACTORIES[name] is not factory:
             raise ValueError(f"task '{name}' is already registered by {_FACTORIES[name]!r}")
         _FACTORIES[name] = factory
+        _METRICS[name] = tuple(metrics)
         return factory
 
     return decorate
+
+
+def task_metrics(name: str) -> tuple[str, ...]:
+    """The quality metrics (higher is better) a task reports, known without loading its data."""
+    if name not in _FACTORIES:
+        raise unknown_name("task", name, _FACTORIES)
+    return _METRICS[name]
 
 
 def list_tasks() -> list[str]:
