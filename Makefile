@@ -36,8 +36,11 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -e '.[test]' $(QUIET_PIP)
 	touch $@
 
+# The two-node cluster tests run in a pytest process of their own: a process that has already
+# started and stopped local Ray instances does not get trials placed on every node of a new cluster.
 test: venv
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --ignore=tests/clusters/test_multinode.py
+	$(VENV)/bin/python -m pytest -q tests/clusters/test_multinode.py
 
 run: venv
 	$(VENV)/bin/slimtune search $(SPACE)

@@ -221,6 +221,12 @@ class Step:
             self._outputs = self.model(self.inputs)
         return self._outputs
 
+    @outputs.setter
+    def outputs(self, value: torch.Tensor) -> None:
+        # A phase loss that runs the model itself (several heads at once, as od does) hands over
+        # the outputs it got, so the loss terms reading them do not run the model a second time.
+        self._outputs = value
+
     @property
     def teacher_outputs(self) -> torch.Tensor:
         """The frozen baseline's outputs on this batch (computed once, no gradient)."""
@@ -280,6 +286,9 @@ class Method:
             (``{"ratio": "high"}``); ``slimtune check`` pre-flights the space at those ends.
         loss_only: The method only adds a loss term (:meth:`loss`); its own phases run only when
             no other method in the pipeline trains, so "prune + kd" is one distilled fine-tune.
+        task_kinds: The kinds of task it applies to (``"classification"``,
+            ``"super_resolution"``); None for any. A space pairing it with another kind of task
+            is rejected when loaded.
     """
 
     name: ClassVar[str]
@@ -291,6 +300,7 @@ class Method:
     must_be_last: ClassVar[bool] = False
     loss_only: ClassVar[bool] = False
     aggressive: ClassVar[dict[str, str]] = {}
+    task_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()

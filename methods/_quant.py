@@ -4,10 +4,21 @@ A :class:`QuantConv2d` / :class:`QuantLinear` is still an ``nn.Conv2d`` / ``nn.L
 counting, torch-pruning and export see an ordinary layer) whose forward quantizes its input and
 its weight with pluggable quantizer modules. :meth:`QuantMixin.pack` replaces the float weight by
 integer codes plus a scale once training is over; the packed layer dequantizes on the fly and
-reports its weight at its real bit width through ``storage_bits``.
+reports its weight at its real storage size through ``storage_bits``.
+
+Packed layout (:func:`pack_codes`): at 8 bits the codes are stored as they are, one ``int8`` per
+weight. Below 8 bits each code ``c`` in ``-qmax..qmax`` is stored as the unsigned ``k``-bit field
+``c + qmax`` in a little-endian bit stream of ``uint8`` bytes: code ``i`` occupies bits
+``i*k .. i*k+k-1`` of the stream, bit ``j`` of the stream is bit ``j % 8`` of byte ``j // 8``.
+For 4 and 2 bits that is two (four) codes per byte, low bits first; 3-bit codes straddle bytes.
+A tensor of ``n`` weights then takes ``ceil(n*k/8)`` bytes, so the exported program
+(``model.pt2``) shrinks with the bit width. Unpacking uses shifts and masks only, so
+``torch.export`` traces it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +26,11 @@ from torch import nn
 
 __all__ = [
     "round_ste",
+    "qmax",
     "symmetric_quantize",
+    "pack_codes",
+    "unpack_codes",
+    "dequantize_packed",
     "MaxAbsWeightQuantizer",
     "RunningMaxActivationQuantizer",
     "QuantConv2d",
@@ -35,12 +50,73 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def symmetric_quantize(x: torch.Tensor, bound: torch.Tensor, bits: int) -> torch.Tensor:
-    """Clamp ``x`` to [-bound, bound] and round to ``2^bits - 1`` uniform levels (STE rounding)."""
+def symmetric_quantize(x: torch.Tensor, bound: torch.Tensor, bits: int, ste: bool = True) -> torch.Tensor:
+    """Clamp ``x`` to [-bound, bound] and round to ``2^bits - 1`` uniform levels.
+
+    With ``ste`` the rounding passes gradients straight through; without it (inference, export)
+    the same values come from fewer ops.
+    """
     levels = qmax(bits)
     bound = bound.clamp_min(1e-8)
+    if not ste:
+        return torch.round(torch.clamp(x, -bound, bound) * (levels / bound)) * (bound / levels)
     clipped = torch.maximum(torch.minimum(x, bound), -bound)
     return round_ste(clipped * (levels / bound)) * (bound / levels)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Store signed integer codes in ``-qmax..qmax`` at ``bits`` bits each (layout: module docstring).
+
+    Returns:
+        ``int8`` codes (8 bits) or a flat ``uint8`` bit stream of ``ceil(numel * bits / 8)`` bytes.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"`2 <= bits <= 8` must hold, but got bits={bits}.")
+    flat = codes.detach().reshape(-1).to(torch.int64)
+    levels = qmax(bits)
+    if flat.numel() and int(flat.abs().max()) > levels:
+        raise ValueError(f"codes must lie in -{levels}..{levels} for {bits} bits, but got {int(flat.abs().max())}.")
+    if bits == 8:
+        return flat.to(torch.int8)
+    fields = flat + levels  # 0 .. 2^bits - 2: fits in `bits` unsigned bits
+    stream = (fields.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1
+    stream = stream.reshape(-1)
+    pad = (-stream.numel()) % 8
+    stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
+    return (stream << torch.arange(8, device=flat.device)).sum(1).to(torch.uint8)
+
+
+def _unsigned_fields(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The first ``numel`` unsigned ``bits``-bit fields of a packed stream (``bits`` < 8), integer dtype."""
+    if 8 % bits == 0:
+        # Codes never straddle bytes: one shift per field of each byte, in the bytes' own dtype.
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        fields = ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)
+    else:
+        data = packed.to(torch.int32)
+        stream = (data.unsqueeze(1) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
+        stream = stream.reshape(-1)[: numel * bits].reshape(numel, bits)
+        fields = (stream << torch.arange(bits, device=packed.device, dtype=torch.int32)).sum(1)
+    return fields if fields.numel() == numel else fields[:numel]
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` signed codes, as ``int32``."""
+    if bits == 8:
+        return packed.to(torch.int32)
+    return _unsigned_fields(packed, bits, numel).to(torch.int32) - qmax(bits)
+
+
+def dequantize_packed(packed: torch.Tensor, bits: int, shape: tuple[int, ...], scale: torch.Tensor) -> torch.Tensor:
+    """The float tensor of ``shape`` that packed codes and their scale stand for.
+
+    Only shifts, masks, reshapes and arithmetic, so it runs inside an exported program; few of
+    them, since every op is a node of the exported graph (and bytes of ``model.pt2``).
+    """
+    numel = math.prod(shape)
+    if bits == 8:
+        return packed.to(scale.dtype).reshape(shape) * scale
+    return (_unsigned_fields(packed, bits, numel).to(scale.dtype) - qmax(bits)).reshape(shape) * scale
 
 
 class MaxAbsWeightQuantizer(nn.Module):
@@ -102,29 +178,63 @@ class QuantMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         if self.packed:
-            return self.weight_codes.to(self.weight_scale.dtype) * self.weight_scale
+            return dequantize_packed(self._buffers[self._packed_name], self.bits, self.weight_shape, self.weight_scale)
         return self.weight_quantizer(self.weight)
+
+    @property
+    def _packed_name(self) -> str:
+        # 8 bits keep the int8 codes in the weight's shape under their historical name.
+        return "weight_codes" if self.bits == 8 else "weight_packed"
+
+    @property
+    def weight_codes(self) -> torch.Tensor:
+        """The packed weight's signed integer codes (``int8``, the weight's shape).
+
+        At 8 bits this is the stored buffer itself; below 8 bits the codes unpacked from
+        ``weight_packed``.
+        """
+        if not self.packed:
+            raise AttributeError("weight_codes exists only after pack()")
+        if self.bits == 8:
+            return self._buffers["weight_codes"]
+        return unpack_codes(self.weight_packed, self.bits, math.prod(self.weight_shape)).reshape(self.weight_shape).to(torch.int8)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     @torch.no_grad()
     def pack(self) -> None:
-        """Replace the float weight by int8 codes and one scale; the outputs stay the same."""
+        """Replace the float weight by packed codes and one scale; the outputs stay the same.
+
+        8 bits: buffer ``weight_codes``, int8 in the weight's shape. Fewer bits: buffer
+        ``weight_packed``, the flat bit stream of the module docstring. The scale
+        ``max|W| / qmax`` goes into ``weight_scale``.
+        """
         if self.packed:
             return
         bound = self.weight_quantizer.bound(self.weight).clamp_min(1e-8)
         scale = bound / qmax(self.bits)
-        codes = torch.round(torch.clamp(self.weight, -bound, bound) / scale).to(torch.int8)
+        codes = torch.round(torch.clamp(self.weight, -bound, bound) / scale)
+        self.weight_shape = tuple(self.weight.shape)
         del self.weight
-        self.register_buffer("weight_codes", codes)
+        packed = pack_codes(codes, self.bits)
+        self.register_buffer(self._packed_name, packed.reshape(self.weight_shape) if self.bits == 8 else packed)
         self.register_buffer("weight_scale", scale.reshape(()).to(torch.float32))
         self.packed = True
 
     def storage_bits(self) -> dict[str, int]:
-        """Bit width of each tensor of this layer when stored for deployment."""
-        name = "weight_codes" if self.packed else "weight"
-        return {name: self.bits}
+        """Bits per element of this layer's low-precision tensors when stored for deployment.
+
+        Packed: every byte of the codes' buffer is stored as it is (8 bits each). Before packing:
+        the float weight at the bit width it will be packed to.
+        """
+        return {self._packed_name: 8} if self.packed else {"weight": self.bits}
+
+    def stored_weight_counts(self) -> dict[str, int]:
+        """How many weights each tensor named by :meth:`storage_bits` holds (read by ``count_params``)."""
+        if self.packed:
+            return {self._packed_name: math.prod(self.weight_shape)}
+        return {"weight": self.weight.numel()}
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):

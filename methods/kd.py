@@ -46,6 +46,12 @@ class KD(Method):
     kind = "distillation"
     needs_teacher = True
     loss_only = True
+    task_kinds = ("classification",)
 
     def loss(self, step: Step) -> torch.Tensor:
+        if step.outputs.dim() != 2:
+            raise ValueError(
+                f"kd distils class logits of shape (batch, classes), but the model outputs {tuple(step.outputs.shape)}; "
+                "it applies to classification tasks only."
+            )
         return self.config.weight * distillation_loss(step.outputs, step.teacher_outputs, self.config.temperature)

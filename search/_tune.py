@@ -7,6 +7,8 @@ which is what lets ``slimtune resume`` continue after the driver dies.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -90,6 +92,11 @@ class SlimtuneOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and self._already_told(ot_trial):
+            # A resumed search may replay the end of a trial the study has already recorded
+            # (Tune's experiment state lags the study): the study keeps its one record.
+            self._completed_trials.add(trial_id)
+            return
         if ot_trial is not None and trial_id not in self._completed_trials:
             ot_trial.set_user_attr("tune_trial_id", trial_id)
             if result and not error and result.get("final"):
@@ -101,6 +108,11 @@ class SlimtuneOptunaSearch(OptunaSearch):
             elif result:
                 result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+    def _already_told(self, ot_trial) -> bool:
+        stored = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+        return stored.state.is_finished()
 
 
 def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> SlimtuneOptunaSearch:
@@ -135,10 +147,13 @@ class TrialTracker(tune.Callback):
         self._run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id = self._run_id(trial)
+        if result.get("node_id"):
+            self.record.tracker().note_node(trial.trial_id, run_id, result["node_id"], result.get("pid"))
         if result.get("final"):
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.record.tracker().log_epoch(self._run_id(trial), result, step=step)
+        self.record.tracker().log_epoch(trial.trial_id, run_id, result, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         from search.runner import print_progress
@@ -148,7 +163,7 @@ class TrialTracker(tune.Callback):
         if not result.get("final"):
             self.record.tracker().fail_trial(trial.trial_id, run_id, "the trial ended without a final result")
             return
-        checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
+        checkpoint = checkpoint_uri(trial.checkpoint) if trial.checkpoint is not None else None
         self.record.tracker().finish_trial(trial.trial_id, run_id, result, checkpoint)
         print_progress(self.record, trial_name(trial), result, self._finished_count())
 
@@ -161,22 +176,37 @@ class TrialTracker(tune.Callback):
         print(f"[slimtune] {trial_name(trial)} failed ({error_reason(trial)}); retrying from its last checkpoint", flush=True)
 
 
+def checkpoint_uri(checkpoint) -> str:
+    """A local path, or ``s3://...`` / ``gs://...`` when Tune's storage is remote."""
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
 def trial_name(trial) -> str:
     """``trial_007``: the Optuna trial number, the name a trial has everywhere in slimtune."""
     return f"trial_{trial.config.get('trial_number', 0):03d}"
 
 
 def error_reason(trial) -> str:
-    """The exception that ended a trial, as one line."""
-    try:
-        error = trial.get_pickled_error() or trial.get_error()
-    except Exception:  # noqa: BLE001  a missing error file must not break the search
-        error = None
-    if error is None:
-        return "unknown error"
-    cause = error
-    while getattr(cause, "cause", None) is not None:  # Ray wraps the worker's exception
-        cause = cause.cause
-    text = f"{type(cause).__name__}: {cause}"
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
+    """The exception that ended a trial, as one line.
+
+    Read from the files Tune has just written beside the trial (its copy in the experiment's
+    storage is synced later, so ``trial.get_error()`` can still be empty here).
+    """
+    text = ""
+    for path in (trial.error_file, getattr(trial, "pickled_error_file", None)):
+        if path and Path(path).is_file() and path.endswith(".txt"):
+            text = Path(path).read_text()
+            break
+    if not text:
+        try:
+            error = trial.get_pickled_error() or trial.get_error()
+        except Exception:  # noqa: BLE001  a missing error file must not break the search
+            error = None
+        text = str(error) if error is not None else ""
+    # The traceback ends with "module.ErrorType: message"; keep that line, without the module.
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error (see the trial's error.txt)"
+    match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", lines[-1])
+    return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}" if match else lines[-1]

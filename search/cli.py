@@ -120,7 +120,7 @@ def _export(args: argparse.Namespace) -> int:
     import shutil
 
     from search.export import check_round_trip
-    from search.runner import completed_records, load_search, pick_record, rank_records
+    from search.runner import completed_records, exported_model_dir, load_search, pick_record, rank_records
     from search.trial import load_task
 
     record = load_search(args.name, args.results_dir)
@@ -134,13 +134,13 @@ def _export(args: argparse.Namespace) -> int:
         chosen = matches[0]
     else:
         chosen = pick_record(record.space, records, args.pick)
-    source = Path(chosen.checkpoint or "") / "model"
-    if not source.is_dir():
-        raise UserError(f"the exported model of {chosen.name} is missing ({source}); its checkpoint was deleted or is on another machine.")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
-    shutil.copytree(source, out, dirs_exist_ok=True)
+    with exported_model_dir(chosen.checkpoint) as source:
+        if source is None:
+            raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
+        shutil.copytree(source, out, dirs_exist_ok=True)
     recipe = json.loads((out / "recipe.json").read_text())
     recipe.update({"search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id, "metrics": chosen.metrics})
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))

@@ -154,7 +154,8 @@ def count_params(model: nn.Module) -> int:
 
     Parameters, plus buffers that a module declares as stored weights through
     ``storage_bits()`` (a packed quantized layer keeps its weights as integer codes in a buffer;
-    they are still the model's parameters).
+    they are still the model's parameters). A module whose buffer packs several weights into one
+    element (bit-packed codes) says how many through ``stored_weight_counts() -> {name: count}``.
     """
     seen: set[int] = set()
     total = 0
@@ -165,11 +166,12 @@ def count_params(model: nn.Module) -> int:
         declared = getattr(module, "storage_bits", None)
         if declared is None:
             continue
+        counts = module.stored_weight_counts() if callable(getattr(module, "stored_weight_counts", None)) else {}
         for name in declared():
             tensor = getattr(module, name)
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                total += tensor.numel()
+                total += counts.get(name, tensor.numel())
     return total
 
 

@@ -20,6 +20,7 @@ import torch
 
 from methods import Pipeline, create_method, get_method
 from search.export import check_round_trip, export_model
+from search.measure import count_params
 from search.space import MethodSpace, SearchSpace
 
 __all__ = ["preflight", "PreflightResult", "aggressive_params"]
@@ -77,6 +78,8 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
     task = load_task(space)
     torch.manual_seed(0)
     baseline = build_model(space, task).eval()
+    with torch.no_grad():
+        expected_shape = tuple(baseline(task.example_input(2)).shape)
     loader = torch.utils.data.DataLoader(task.train_set, batch_size=min(8, space.batch_size), shuffle=False)
     batch = next(iter(loader))
     recipes: list[tuple[str, list[dict[str, Any]]]] = [
@@ -86,7 +89,7 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
         recipes.append(("pipeline " + " > ".join(m.name for m in space.methods), [r[1][0] for r in recipes]))
     results = []
     for label, recipe in recipes:
-        result = _check_one(label, recipe, space, task, baseline, batch)
+        result = _check_one(label, recipe, space, task, baseline, batch, expected_shape)
         status = "ok  " if result.ok else "FAIL"
         detail = f"params {result.params_before:,} -> {result.params_after:,}" if result.ok else result.reason
         log(f"  [{status}] {label} {json_params(recipe) if len(recipe) == 1 else ''}: {detail}")
@@ -98,13 +101,13 @@ def json_params(recipe: list[dict[str, Any]]) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in recipe[0]["params"].items()) + ")"
 
 
-def _check_one(label, recipe, space, task, baseline, batch) -> PreflightResult:
+def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> PreflightResult:
     import copy
 
     from search.trial import build_context
 
     model = copy.deepcopy(baseline)
-    before = sum(p.numel() for p in model.parameters())
+    before = count_params(model)
     try:
         pipeline = Pipeline([create_method(step["name"], _short_training(step)) for step in recipe])
         ctx = build_context(space, task, teacher=baseline, device=torch.device("cpu"), seed=0, log=lambda m: None)
@@ -116,15 +119,17 @@ def _check_one(label, recipe, space, task, baseline, batch) -> PreflightResult:
         model.eval()
         with torch.no_grad():
             out = model(task.example_input(2))
-        if out.shape != (2, task.num_classes):
-            raise RuntimeError(f"the compressed model outputs shape {tuple(out.shape)}, expected (2, {task.num_classes}).")
+        if tuple(out.shape) != expected_shape:
+            raise RuntimeError(f"the compressed model outputs shape {tuple(out.shape)}, expected {expected_shape} as the baseline.")
+        if not torch.isfinite(out).all():
+            raise RuntimeError("the compressed model outputs NaN or inf; the method diverged at this setting.")
         with tempfile.TemporaryDirectory() as tmp:
             export_model(model, task.example_input(1), Path(tmp), {"recipe": recipe})
             check_round_trip(Path(tmp), task.example_input(2))
     except Exception as exc:  # noqa: BLE001  every failure is reported, none stops the others
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return PreflightResult(label, False, f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})", before)
-    after = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_codes"))
+    after = count_params(model)
     return PreflightResult(label, True, "", before, after)
 
 

@@ -13,6 +13,7 @@ configurations ran and what they scored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import torch
 from search import pareto
 from search.errors import UserError
 from search.space import COST_METRICS, SearchSpace, load_space, parse_space, metrics_of_task
+from search.tasks import task_metrics
 from search.tracking import SearchTracker
 from search.trial import TrialSpec, run_trial, train_baseline
 
@@ -85,6 +87,13 @@ class SearchRecord:
 
     def tracker(self) -> SearchTracker:
         return SearchTracker(self.tracking_uri, self.name, self.folder)
+
+    @property
+    def checkpoint_storage(self) -> str:
+        """Tune's storage: ``<output.checkpoint_storage>/<name>`` (shared path or URI) or the results folder."""
+        if self.space.checkpoint_storage:
+            return f"{self.space.checkpoint_storage.rstrip('/')}/{self.name}"
+        return str(self.folder)
 
 
 def load_search(name: str, results_dir: str | Path = "slimtune_results") -> SearchRecord:
@@ -311,6 +320,7 @@ def print_progress(record: SearchRecord, name: str, result: dict[str, Any], fini
 
 
 def _init_ray(address: str | None) -> None:
+    """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``."""
     import ray
 
     if ray.is_initialized():
@@ -323,17 +333,19 @@ def _init_ray(address: str | None) -> None:
     )
     # The trial code (this repository's packages) travels to every worker of a cluster.
     root = Path(__file__).resolve().parent.parent
+    # Ray swaps a loopback address for the machine's network address unless its cluster mode is
+    # off (the constant, for this already-imported driver). A local Ray and a cluster reached at a
+    # loopback address (a multi-node cluster on one machine) must stay on 127.0.0.1.
+    import ray._private.ray_constants as ray_constants
+
     if address:
+        if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+            ray_constants.ENABLE_RAY_CLUSTER = False
         kwargs["runtime_env"] = {"py_modules": [str(root / "search"), str(root / "methods")]}
         ray.init(address=address, **kwargs)
     else:
-        # An embedded Ray stays on loopback. `_node_ip_address="127.0.0.1"` alone is not enough:
-        # Ray swaps a loopback address for the machine's network address unless cluster mode is
-        # off, which the environment variable does for the workers and agents it starts and the
-        # constant does for this already-imported driver.
+        # The environment variable does the same for the workers and agents Ray starts.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        import ray._private.ray_constants as ray_constants
-
         ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
 
@@ -389,16 +401,44 @@ def run_search(
     )
     log(f"[slimtune] search '{name}': {space.task} / {space.model}, {space.budget.trials} trials, objectives {', '.join(f'{o.metric} ({o.direction})' for o in space.objectives)}")
     log(f"[slimtune] results in {folder}; MLflow at {tracking}")
-    baseline_model, baseline_metrics = train_baseline(space, _driver_device(space), log=lambda m: log(f"[slimtune] {m}"))
-    torch.save({k: v.detach().cpu() for k, v in baseline_model.state_dict().items()}, folder / "baseline.pt")
-    record.baseline_metrics = baseline_metrics
-    shown = [m for m in metrics_of_task(space.task) if not m.endswith("_drop")] + ["size_bytes", "latency_ms"]
-    log("[slimtune] baseline: " + "  ".join(f"{m} {_fmt(m, baseline_metrics[m])}" for m in shown if m in baseline_metrics))
-    tracker = record.tracker()
-    record.parent_run_id = tracker.start_parent(space.source, space.name, baseline_metrics, {"space": space.path, "task": space.task, "model": space.model, "trials": str(space.budget.trials), "sampler": space.sampler})
-    record.save()
-    _tune(record, address, restore=False)
+    _init_ray(address)
+    try:
+        baseline_state, baseline_metrics = _baseline(space, address, log)
+        torch.save(baseline_state, folder / "baseline.pt")
+        record.baseline_metrics = baseline_metrics
+        shown = [*task_metrics(space.task), "macs", "params", "size_bytes", "latency_ms"]
+        log("[slimtune] baseline: " + "  ".join(f"{m} {_fmt(m, baseline_metrics[m])}" for m in shown if m in baseline_metrics))
+        tracker = record.tracker()
+        record.parent_run_id = tracker.start_parent(space.source, space.name, baseline_metrics, {"space": space.path, "task": space.task, "model": space.model, "trials": str(space.budget.trials), "sampler": space.sampler})
+        record.save()
+        _tune(record, restore=False)
+    finally:
+        _shutdown_ray()
     return finish_search(record, log)
+
+
+def _baseline(space: SearchSpace, address: str | None, log) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train the baseline here (local Ray) or as one Ray task with a trial's resources (cluster)."""
+    if address is None:
+        model, metrics = train_baseline(space, _driver_device(space), log=lambda m: log(f"[slimtune] {m}"))
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
+    import ray
+
+    from search.trial import train_baseline_task
+
+    log(f"[slimtune] training the baseline on the cluster ({space.baseline_epochs} epochs, {space.budget.gpus_per_trial:g} GPU)")
+    task = ray.remote(num_cpus=space.budget.cpus_per_trial, num_gpus=space.budget.gpus_per_trial)(train_baseline_task)
+    state, metrics, lines = ray.get(task.remote(space))
+    for line in lines:
+        log(f"[slimtune] {line}")
+    return state, metrics
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray, or disconnect from the cluster (which keeps running)."""
+    import ray
+
+    ray.shutdown()
 
 
 def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print) -> SearchRecord:
@@ -408,7 +448,11 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
     if not (record.folder / "baseline.pt").is_file() or record.parent_run_id is None:
         raise UserError(f"search '{name}' stopped before its baseline was saved; start it again with `slimtune search`.")
     log(f"[slimtune] resuming search '{name}' from {record.folder}")
-    _tune(record, address, restore=(record.folder / "tune").is_dir())
+    _init_ray(address)
+    try:
+        _tune(record, restore=True)
+    finally:
+        _shutdown_ray()
     return finish_search(record, log)
 
 
@@ -422,14 +466,13 @@ def _driver_device(space: SearchSpace) -> str:
     return "cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _tune(record: SearchRecord, address: str | None, restore: bool) -> None:
-    import ray
+def _tune(record: SearchRecord, restore: bool) -> None:
+    """Run (or, with ``restore``, continue) the trials on the Ray that ``_init_ray`` reached."""
     from ray import tune
 
     from search._tune import TrialTracker, make_searcher, trial_name
 
     space = record.space
-    _init_ray(address)
     # Tune logs each failed trial's traceback; slimtune prints one line with the reason and the
     # full traceback stays in the trial's error.txt and in MLflow.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
@@ -437,36 +480,79 @@ def _tune(record: SearchRecord, address: str | None, restore: bool) -> None:
     spec = TrialSpec(space=space, baseline_state=baseline_state, baseline_metrics=record.baseline_metrics)
     resources = {"cpu": space.budget.cpus_per_trial, "gpu": space.budget.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
-    storage = str(record.folder)
-    try:
-        if restore and tune.Tuner.can_restore(str(record.folder / "tune")):
-            tuner = tune.Tuner.restore(str(record.folder / "tune"), trainable=trainable, resume_errored=True)
-        else:
-            searcher = make_searcher(space, record.name, record.optuna_storage)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    num_samples=space.budget.trials,
-                    max_concurrent_trials=space.budget.concurrent,
-                    reuse_actors=True,
-                    trial_name_creator=trial_name,
-                    trial_dirname_creator=trial_name,
-                ),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=storage,
-                    verbose=0,
-                    log_to_file=True,
-                    callbacks=[TrialTracker(record)],
-                    failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                ),
-            )
-        tuner.fit()
-    finally:
-        if address is None:
-            ray.shutdown()
+    storage = record.checkpoint_storage
+    experiment = f"{storage.rstrip('/')}/tune"
+    if restore and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(space, record.name, record.optuna_storage),
+                num_samples=space.budget.trials,
+                max_concurrent_trials=space.budget.concurrent,
+                reuse_actors=True,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=storage,
+                verbose=0,
+                log_to_file=True,
+                callbacks=[TrialTracker(record)],
+                failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    tuner.fit()
+    close_interrupted(record)
+
+
+INTERRUPTED = "interrupted: the driver stopped while the trial ran and Tune's saved state did not include it; its slot was given to a new trial"
+
+
+def close_interrupted(record: SearchRecord) -> None:
+    """After Tune is done, nothing may stay RUNNING: trials a dead driver left behind end FAILED.
+
+    Tune saves its experiment state every few seconds; a trial started after the last save and
+    cut off by the driver's death is unknown to the resumed Tune, which fills its slot with a new
+    trial. The study and MLflow record the lost one as failed, with the reason.
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
+    for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", INTERRUPTED)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    tracker = record.tracker()
+    for trial_id, run in tracker.runs().items():
+        if run.get("status") == "RUNNING" and run.get("run_id"):
+            tracker.fail_trial(trial_id, run["run_id"], INTERRUPTED)
+
+
+@contextlib.contextmanager
+def exported_model_dir(checkpoint: str | None):
+    """The folder of a trial's exported model, fetched first when the checkpoint is remote."""
+    if not checkpoint:
+        yield None
+        return
+    if "://" not in checkpoint:
+        folder = Path(checkpoint) / "model"
+        yield folder if folder.is_dir() else None
+        return
+    import tempfile
+
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            pyarrow.fs.copy_files(f"{path}/model", tmp, source_filesystem=filesystem)
+        except (OSError, FileNotFoundError):
+            yield None
+            return
+        yield Path(tmp)
 
 
 def finish_search(record: SearchRecord, log=print) -> SearchRecord:
@@ -482,9 +568,10 @@ def finish_search(record: SearchRecord, log=print) -> SearchRecord:
             tracker.client.set_tag(r.run_id, "is_pareto", str(r.rank == 0 and r.feasible).lower())
     front = [r for r in records if r.rank == 0 and r.feasible]
     for r in front:
-        model_dir = Path(r.checkpoint) / "model" if r.checkpoint else None
-        if r.run_id and model_dir is not None and model_dir.is_dir():
-            tracker.client.log_artifacts(r.run_id, str(model_dir), "model")
+        # The driver fetches each Pareto model from wherever the trial stored it.
+        with exported_model_dir(r.checkpoint) as model_dir:
+            if r.run_id and model_dir is not None:
+                tracker.client.log_artifacts(r.run_id, str(model_dir), "model")
     rows = pareto_table(space, records, only_front=False)
     import tempfile
 
@@ -495,7 +582,7 @@ def finish_search(record: SearchRecord, log=print) -> SearchRecord:
         plot_front(space, records, record.baseline_metrics, png_path)
         tracker.client.log_artifact(record.parent_run_id, str(csv_path))
         tracker.client.log_artifact(record.parent_run_id, str(png_path))
-    tracker.log_epoch(record.parent_run_id, {"hypervolume": hv, "front_size": len(front), "completed_trials": len(records)}, step=0)
+    tracker.client.log_batch(record.parent_run_id, metrics=tracker._metric_entities({"hypervolume": hv, "front_size": float(len(front)), "completed_trials": float(len(records))}, step=0))
     tracker.client.set_terminated(record.parent_run_id, status="FINISHED")
     log(f"\n[slimtune] search '{record.name}' finished: {len(records)} completed trials, {len(front)} on the Pareto front, hypervolume {hv:.4f}")
     log(format_table(space, pareto_table(space, records), record.baseline_metrics))

@@ -138,6 +138,7 @@ class SearchSpace:
     results_dir: str = "slimtune_results"
     tracking_uri: str = "sqlite:///mlflow.db"
     optuna_storage: str | None = None
+    checkpoint_storage: str | None = None  # Tune's storage: shared path or s3:// / gs:// URI
     source: str = ""  # the YAML text, stored with the search
     path: str = ""
 
@@ -248,13 +249,16 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     baseline_epochs = r.number(baseline.get("epochs", 10), "baseline.epochs", int, 0)
     checkpoint = baseline.get("checkpoint")
     if checkpoint is not None:
-        checkpoint = str(checkpoint)
-        resolved = Path(checkpoint) if Path(checkpoint).is_absolute() else Path(path).parent / checkpoint
-        if not resolved.is_file() and not Path(checkpoint).is_file():
-            raise r.error("baseline.checkpoint", f"file {checkpoint!r} does not exist; train one with `baseline.epochs` or fix the path.")
+        # Absolute from here on: on a cluster the baseline is loaded by a worker.
+        candidates = [Path(str(checkpoint)).expanduser(), Path(path).parent / str(checkpoint)]
+        found = next((c.resolve() for c in candidates if c.is_file()), None)
+        if found is None:
+            raise r.error("baseline.checkpoint", f"file {checkpoint!r} does not exist (looked in the working folder and beside the space); train one with `baseline.epochs` or fix the path.")
+        checkpoint = str(found)
 
     training = r.mapping(top.get("training"), "training", {"batch_size", "lr", "optimizer", "weight_decay"})
     methods = _methods(r, top["methods"])
+    _check_task_kinds(r, methods, task)
     objectives = _objectives(r, top["objectives"], known_metrics)
     constraints = _constraints(r, top.get("constraints"), known_metrics)
 
@@ -281,7 +285,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         sampler_map = {"name": sampler_map}
     sampler_map = r.mapping(sampler_map, "sampler", {"name", "seed"})
     measure = r.mapping(top.get("measure"), "measure", {"latency_batch_size", "latency_repeats"})
-    output = r.mapping(top.get("output"), "output", {"results_dir", "tracking_uri", "optuna_storage"})
+    output = r.mapping(top.get("output"), "output", {"results_dir", "tracking_uri", "optuna_storage", "checkpoint_storage"})
 
     return SearchSpace(
         name=name,
@@ -306,6 +310,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         results_dir=str(output.get("results_dir", "slimtune_results")),
         tracking_uri=str(output.get("tracking_uri", "sqlite:///mlflow.db")),
         optuna_storage=output.get("optuna_storage"),
+        checkpoint_storage=output.get("checkpoint_storage"),
         source=source,
         path=path,
     )
@@ -372,6 +377,19 @@ def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
             "must be the last method: nothing can follow a method whose weights are final. Move it to the end.",
         )
     return tuple(out)
+
+
+def _check_task_kinds(r: _Reader, methods: tuple[MethodSpace, ...], task: str) -> None:
+    from search.tasks import task_kind
+
+    kind = task_kind(task)
+    for m in methods:
+        kinds = get_method(m.name).task_kinds
+        if kinds is not None and kind not in kinds:
+            raise r.error(
+                f"methods.{m.name}",
+                f"applies to {' and '.join(kinds)} tasks only, but task '{task}' is a {kind} task. Remove it from methods.",
+            )
 
 
 def _range_probes(rng: Range) -> list[Any]:

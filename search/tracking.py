@@ -146,16 +146,34 @@ class SearchTracker:
         self._update_run_record(trial_id, run_id=run.info.run_id, status="RUNNING", recipe=recipe, name=trial_name)
         return run.info.run_id
 
-    def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    def log_epoch(self, trial_id: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        """Log one epoch of a trial; an epoch replayed after a restore is not logged twice."""
+        if step <= self.runs().get(trial_id, {}).get("last_epoch", 0):
+            return
         self.client.log_batch(run_id, metrics=self._metric_entities(_own_metrics(metrics), step=step))
+        self._update_run_record(trial_id, last_epoch=step)
 
     def finish_trial(self, trial_id: str, run_id: str, metrics: dict[str, Any], checkpoint: str | None) -> None:
+        if self.runs().get(trial_id, {}).get("status") == "FINISHED":
+            return  # a resumed search replayed the end of a trial that was already recorded
         final = {k: v for k, v in _own_metrics(metrics).items() if k not in ("epoch", "stage")}
         self.client.log_batch(run_id, metrics=self._metric_entities(final, step=0))
         if metrics.get("uncounted_ops") is not None:
             self.client.set_tag(run_id, "uncounted_ops", metrics["uncounted_ops"] or "(none)")
         self.client.set_terminated(run_id, status="FINISHED")
         self._update_run_record(trial_id, status="FINISHED", checkpoint=checkpoint, metrics=final)
+
+    def note_node(self, trial_id: str, run_id: str, node_id: str, pid: int | None = None) -> None:
+        """Remember each Ray node the trial ran on (tag ``nodes``; a retried trial may show two)
+        and the worker process running it now."""
+        record = self.runs().get(trial_id, {})
+        nodes = record.get("nodes", [])
+        if node_id in nodes and record.get("pid") == pid:
+            return
+        if node_id not in nodes:
+            nodes = [*nodes, node_id]
+            self.client.set_tag(run_id, "nodes", ",".join(nodes))
+        self._update_run_record(trial_id, nodes=nodes, pid=pid)
 
     def fail_trial(self, trial_id: str, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, "failure_reason", reason[:4000])

@@ -33,6 +33,7 @@ from search.tasks import Task, create_task
 __all__ = [
     "TrialSpec",
     "TrialTimeLimitError",
+    "TrialOutOfMemoryError",
     "recipe_from_config",
     "build_context",
     "measure",
@@ -45,6 +46,24 @@ __all__ = [
 
 class TrialTimeLimitError(RuntimeError):
     """The trial ran past ``budget.time_limit_s``."""
+
+
+class TrialOutOfMemoryError(RuntimeError):
+    """The trial needed more memory than its device has.
+
+    A process that the kernel's OOM killer (or Ray's memory monitor) ends never gets to raise
+    this; Tune then reports the dead worker, which fails the trial the same way.
+    """
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation (CUDA or host memory) rather than a bug."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,7 @@ def _loader(dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
 def build_context(
     space: SearchSpace, task: Task, teacher: nn.Module, device: torch.device, seed: int, log: Callable[[str], None]
 ) -> MethodContext:
-    val_loader = _loader(task.val_set, 256, False, seed)
+    val_loader = _loader(task.val_set, task.eval_batch_size, False, seed)
     return MethodContext(
         teacher=teacher,
         train_loader=_loader(task.train_set, space.batch_size, True, seed),
@@ -126,7 +145,7 @@ def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.devi
     (``accuracy_drop = baseline accuracy - accuracy``).
     """
     model.eval()
-    test = task.evaluate(model, _loader(task.test_set, 256, False, 0), device)
+    test = task.evaluate(model, _loader(task.test_set, task.eval_batch_size, False, 0), device)
     example = task.example_input(1).to(device)
     flops = count_flops(model, example)
     metrics: dict[str, Any] = {m: test[m] for m in task.metrics}
@@ -151,12 +170,8 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
     task = load_task(space)
     model = build_model(space, task).to(device)
     if space.baseline_checkpoint:
-        path = Path(space.baseline_checkpoint)
-        if not path.is_absolute() and space.path:
-            candidate = Path(space.path).parent / path
-            path = candidate if candidate.is_file() else path
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        log(f"baseline loaded from {path}")
+        model.load_state_dict(torch.load(space.baseline_checkpoint, map_location=device, weights_only=True))
+        log(f"baseline loaded from {space.baseline_checkpoint}")
     elif space.baseline_epochs > 0:
         ctx = build_context(space, task, teacher=model, device=device, seed=space.seed, log=log)
         log(f"training the baseline {space.model} on {space.task} for {space.baseline_epochs} epochs")
@@ -165,6 +180,14 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
     with tempfile.TemporaryDirectory() as tmp:
         metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp), {})["model.pt2"])
     return model, metrics
+
+
+def train_baseline_task(space: SearchSpace) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """The baseline as a Ray task on a cluster: weights (on CPU), metrics and the log lines."""
+    lines: list[str] = []
+    device = "cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    model, metrics = train_baseline(space, device, log=lines.append)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics, lines
 
 
 def run_pipeline(
@@ -200,7 +223,7 @@ def run_pipeline(
     def epoch_end(state: TrainingState, metrics: dict[str, float]) -> None:
         if space.budget.time_limit_s is not None and time.monotonic() - started > space.budget.time_limit_s:
             raise TrialTimeLimitError(
-                f"the trial ran {time.monotonic() - started:.0f} s, past budget.time_limit_s={space.budget.time_limit_s:g}."
+                f"the trial ran {time.monotonic() - started:.1f} s, past budget.time_limit_s={space.budget.time_limit_s:g}."
             )
         if on_epoch_end is not None:
             on_epoch_end(state, metrics)
@@ -231,18 +254,38 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            final_file = Path(directory) / "final.json"
+            if final_file.is_file():
+                # The trial had finished when the driver died: report its result again, no rerun.
+                tune.report(json.loads(final_file.read_text()), checkpoint=checkpoint)
+                return
             state_file = Path(directory) / "state.pt"
             if state_file.is_file():
                 resume = torch.load(state_file, map_location=device, weights_only=False)
 
+    import ray
+
+    # Which node ran each epoch: a trial retried after a node failure shows both.
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report_epoch(state: TrainingState, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "state.pt")
-            tune.report({**metrics, "recipe": json.dumps(recipe)}, checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report({**metrics, "recipe": json.dumps(recipe), "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "model"
-        metrics = run_pipeline(spec, recipe, out_dir, device, seed=space.seed, on_epoch_end=report_epoch, resume=resume)
+        try:
+            metrics = run_pipeline(spec, recipe, out_dir, device, seed=space.seed, on_epoch_end=report_epoch, resume=resume)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise TrialOutOfMemoryError(
+                    f"the trial ran out of memory on {device}: {str(exc).splitlines()[0][:200]}. "
+                    "Lower training.batch_size, or run fewer trials per GPU (budget.gpus_per_trial)."
+                ) from exc
+            raise
         metrics["recipe"] = json.dumps(recipe)
+        metrics["node_id"] = node_id
         metrics["final"] = True
+        (Path(tmp) / "final.json").write_text(json.dumps(metrics))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -1,14 +1,17 @@
-"""Model zoo: registered CIFAR/digits models plus every torchvision classification model.
+"""Model zoo: registered CIFAR/digits models, super-resolution models (EDSR, RDN) plus every
+torchvision classification model.
 
 Importing this package registers the built-in models.
 """
 
 from __future__ import annotations
 
-from search.models import cifar_resnet, digits, vgg  # noqa: F401  (imported to register their models)
+from search.models import cifar_resnet, digits, edsr, rdn, vgg  # noqa: F401  (imported to register their models)
 from search.models._registry import create_model, list_models, register_model
 from search.models.cifar_resnet import BasicBlock, CifarResNet, ZeroPadShortcut
 from search.models.digits import DigitsCNN
+from search.models.edsr import EDSR, ResBlock
+from search.models.rdn import RDB, RDN
 from search.models.torchvision_models import torchvision_model_names
 from search.models.vgg import VGG
 
@@ -21,5 +24,9 @@ __all__ = [
     "CifarResNet",
     "ZeroPadShortcut",
     "DigitsCNN",
+    "EDSR",
+    "ResBlock",
+    "RDN",
+    "RDB",
     "VGG",
 ]

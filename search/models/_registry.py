@@ -29,6 +29,9 @@ _FACTORIES: dict[str, ModelFactory] = {}
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator: make a factory ``f(num_classes, in_channels, **options)`` available as ``name``.
 
+    A model that is not a classifier (a super-resolution network) takes no ``num_classes``;
+    its factory reads what its task's ``model_kwargs()`` gives instead (``scale``).
+
     Args:
         name: Registry name; must not start with the torchvision prefix.
 
@@ -52,13 +55,14 @@ def list_models() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> nn.Module:
+def create_model(name: str, num_classes: int | None = None, in_channels: int = 3, **options: Any) -> nn.Module:
     """Build a freshly initialised model.
 
     Args:
         name: A registered name, a torchvision classification model name, or
             ``torchvision:<name>``.
-        num_classes: Number of output logits.
+        num_classes: Number of output logits; None for a model that is not a classifier
+            (e.g. ``edsr``, built with ``scale=`` instead).
         in_channels: Channels of the input images.
         **options: Passed on to the factory (or to ``torchvision.models.get_model``).
 
@@ -66,17 +70,38 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **options: A
         The model, in training mode, with random weights.
 
     Raises:
-        UserError: ``name`` is neither registered nor a torchvision classification model, or a
-            registered factory has no option of that name.
+        UserError: ``name`` is neither registered nor a torchvision classification model, a
+            registered factory has no option of that name, or the model and the task disagree
+            on whether there are classes.
     """
     if not name.startswith(TORCHVISION_PREFIX) and name in _FACTORIES:
         factory = _FACTORIES[name]
+        _check_classes(name, factory, num_classes)
         _check_options(name, factory, options)
-        return factory(num_classes=num_classes, in_channels=in_channels, **options)
+        kwargs: dict[str, Any] = {"in_channels": in_channels, **options}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        return factory(**kwargs)
     tv_name = name.removeprefix(TORCHVISION_PREFIX)
     if tv_name in torchvision_model_names():
+        if num_classes is None:
+            raise UserError(f"model '{name}' is a classifier and needs num_classes; its task has no classes. Choose a model for that task.")
         return create_torchvision_model(tv_name, num_classes=num_classes, in_channels=in_channels, **options)
     raise unknown_name("model", name, list_models() + torchvision_model_names())
+
+
+def _check_classes(name: str, factory: ModelFactory, num_classes: int | None) -> None:
+    takes_classes = "num_classes" in inspect.signature(factory).parameters
+    if num_classes is None and takes_classes:
+        raise UserError(
+            f"model '{name}' is a classifier and needs num_classes, but its task has no classes "
+            f"(e.g. super-resolution). Choose a model for that task, such as edsr_small."
+        )
+    if num_classes is not None and not takes_classes:
+        raise UserError(
+            f"model '{name}' is not a classifier (it takes no num_classes), but its task has "
+            f"{num_classes} classes. Use it with its own task (edsr, rdn: task sr)."
+        )
 
 
 def _check_options(name: str, factory: ModelFactory, options: dict[str, Any]) -> None:

@@ -1,14 +1,23 @@
 """Tasks: a data set split into train, val and test plus the metric a model is judged by.
 
-Importing this package registers the built-in tasks ``digits``, ``cifar10``, ``cifar100`` and
-``imagefolder``; build one with :func:`create_task`.
+Importing this package registers the built-in tasks ``digits``, ``cifar10``, ``cifar100``,
+``imagefolder`` (classification) and ``sr`` (super-resolution); build one with :func:`create_task`.
 """
 
 from __future__ import annotations
 
 # Imported for their registrations.
-from search.tasks import cifar, digits, imagefolder  # noqa: F401
+from search.tasks import cifar, digits, imagefolder, sr  # noqa: F401
 from search.tasks._base import Task, TransformedSubset
-from search.tasks._registry import create_task, list_tasks, register_task, task_metrics
+from search.tasks._registry import TASK_KINDS, create_task, list_tasks, register_task, task_kind, task_metrics
 
-__all__ = ["Task", "TransformedSubset", "create_task", "list_tasks", "register_task", "task_metrics"]
+__all__ = [
+    "Task",
+    "TransformedSubset",
+    "TASK_KINDS",
+    "create_task",
+    "list_tasks",
+    "register_task",
+    "task_kind",
+    "task_metrics",
+]

@@ -28,6 +28,8 @@ class Task:
         test_set: Examples whose accuracy is reported.
         metrics: Quality metrics :meth:`evaluate` returns, all higher-is-better; the first is the
             headline one (model selection, ``<metric>_drop``).
+        eval_batch_size: Batch size of the val and test loaders (1 where examples differ in
+            size, as the full images of super-resolution do).
     """
 
     name: str
@@ -37,6 +39,7 @@ class Task:
     val_set: Dataset
     test_set: Dataset
     metrics: tuple[str, ...] = ("accuracy",)
+    eval_batch_size: int = 256
 
     @property
     def metric(self) -> str:

@@ -13,23 +13,35 @@ TaskFactory = Callable[..., Task]
 
 _FACTORIES: dict[str, TaskFactory] = {}
 _METRICS: dict[str, tuple[str, ...]] = {}
+_KINDS: dict[str, str] = {}
+
+#: What a task asks of a model; methods that only make sense for some declare ``task_kinds``.
+TASK_KINDS = ("classification", "super_resolution")
 
 
-def register_task(name: str, metrics: tuple[str, ...] = ("accuracy",)) -> Callable[[TaskFactory], TaskFactory]:
+def register_task(
+    name: str, metrics: tuple[str, ...] = ("accuracy",), kind: str = "classification"
+) -> Callable[[TaskFactory], TaskFactory]:
     """Register the decorated factory ``f(**options) -> Task`` under ``name``.
 
     Args:
         name: Name users write as ``task.name`` in a configuration.
+        metrics: The quality metrics its tasks report, higher is better, headline first.
+        kind: One of :data:`TASK_KINDS`, known without loading the data.
 
     Raises:
         ValueError: If another factory already uses ``name``; two modules claiming one name is a bug.
     """
+
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task kind must be one of {TASK_KINDS}, but got {kind!r}.")
 
     def decorate(factory: TaskFactory) -> TaskFactory:
         if name in _FACTORIES and _FACTORIES[name] is not factory:
             raise ValueError(f"task '{name}' is already registered by {_FACTORIES[name]!r}")
         _FACTORIES[name] = factory
         _METRICS[name] = tuple(metrics)
+        _KINDS[name] = kind
         return factory
 
     return decorate
@@ -40,6 +52,13 @@ def task_metrics(name: str) -> tuple[str, ...]:
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
     return _METRICS[name]
+
+
+def task_kind(name: str) -> str:
+    """The kind of task ``name`` (``"classification"``, ``"super_resolution"``), known without loading its data."""
+    if name not in _FACTORIES:
+        raise unknown_name("task", name, _FACTORIES)
+    return _KINDS[name]
 
 
 def list_tasks() -> list[str]:

@@ -1,0 +1,103 @@
+"""Searches on a real two-node Ray cluster (127.0.0.1), and what happens when a node dies."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+name: {name}
+task: digits
+model: digits_cnn
+baseline: {{epochs: 2}}
+training: {{batch_size: {batch_size}, lr: 0.05}}
+methods:
+  l1_filter:
+    optional: false
+    params: {{ratio: {{low: 0.2, high: 0.6}}}}
+objectives: {{accuracy: max, macs: min}}
+budget: {{trials: {trials}, concurrent: 2, epochs: {epochs}, cpus_per_trial: 1, max_failures: 2}}
+sampler: {{name: random, seed: 1}}
+measure: {{latency_repeats: 2}}
+"""
+
+
+def _children(tracking_uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    return client, [r for r in runs if r.data.tags.get("slimtune.role") == "trial"]
+
+
+def _search(tmp: Path, name: str, address: str, **fmt):
+    from search.runner import run_search
+
+    space = tmp / f"{name}.yaml"
+    space.write_text(SPACE.format(name=name, **fmt))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        record = run_search(space, results_dir=tmp / "results", tracking_uri=f"sqlite:///{tmp}/mlflow.db", address=address, log=print)
+    return record, out.getvalue()
+
+
+def test_trials_run_on_both_nodes(two_node_cluster, tmp_path):
+    nodes = two_node_cluster.node_ids()
+    record, printed = _search(tmp_path, "spread", two_node_cluster.address, batch_size=16, trials=6, epochs=3)
+    _, children = _children(f"sqlite:///{tmp_path}/mlflow.db", "spread")
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children), printed
+    used = {node for c in children for node in c.data.tags["nodes"].split(",")}
+    assert used == set(nodes), (used, nodes)  # both the head and the worker ran trials
+    assert "training the baseline on the cluster" in printed
+
+
+def test_worker_node_dies_and_its_trials_continue_on_the_other(two_node_cluster, tmp_path):
+    cluster = two_node_cluster
+    worker_id = next(node for node, name in cluster.node_ids().items() if name == "worker1")
+    runs_file = tmp_path / "results" / "failover" / "runs.json"
+    killed: dict[str, str] = {}
+
+    def kill_worker_mid_trial() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                runs = json.loads(runs_file.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                runs = {}
+            for trial_id, run in runs.items():
+                # Mid-trial: it has checkpointed epoch 1 and has epochs left (6 in all).
+                if worker_id in run.get("nodes", []) and run.get("status") == "RUNNING" and 1 <= run.get("last_epoch", 0) <= 3:
+                    killed["trial_id"] = trial_id
+                    cluster.nodes[1].kill()
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_worker_mid_trial, daemon=True)
+    killer.start()
+    record, printed = _search(tmp_path, "failover", cluster.address, batch_size=8, trials=3, epochs=6)
+    killer.join(timeout=5)
+    assert killed, "no trial ran on the worker node before the search ended"
+
+    client, children = _children(f"sqlite:///{tmp_path}/mlflow.db", "failover")
+    assert len(children) == 3, [c.data.tags for c in children]  # one child run per trial, no duplicate
+    assert all(c.info.status == "FINISHED" for c in children), printed
+    assert "retrying from its last checkpoint" in printed
+    retried = next(c for c in children if c.data.tags["slimtune.trial_id"] == killed["trial_id"])
+    assert len(retried.data.tags["nodes"].split(",")) == 2  # started on the worker, finished on the head
+    # The retried trial's history is continuous: every epoch once, none missing.
+    steps = sorted(m.step for m in client.get_metric_history(retried.info.run_id, "val_accuracy"))
+    assert steps == list(range(1, 7)), steps
+
+    import optuna
+
+    study = optuna.load_study(study_name="failover", storage=record.optuna_storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
