@@ -50,12 +50,40 @@ class LocalNode:
     manager_port: int
     alive: bool = True
 
+    def processes(self) -> list[int]:
+        """Pids of this node's processes: its process group and every descendant of it.
+
+        Ray starts some worker processes in sessions of their own (and renames them
+        ``ray::...``), so the process group alone misses them; their parent is the node's raylet.
+        """
+        parents: dict[int, int] = {}
+        group: set[int] = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                stat = (entry / "stat").read_text()
+                if os.getpgid(pid) == self.pgid:
+                    group.add(pid)
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                continue
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        found, grew = set(group), True
+        while grew:
+            children = {pid for pid, parent in parents.items() if parent in found} - found
+            found |= children
+            grew = bool(children)
+        return sorted(found)
+
     def kill(self) -> None:
-        """SIGKILL every process of this node (its raylet, agents, workers; GCS on the head)."""
-        if self.alive:
+        """SIGKILL every process of this node (raylet, agents, workers; GCS on the head)."""
+        if not self.alive:
+            return
+        for pid in self.processes():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pgid, signal.SIGKILL)
-            self.alive = False
+                os.kill(pid, signal.SIGKILL)
+        self.alive = False
 
 
 @dataclass
