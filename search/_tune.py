@@ -6,7 +6,6 @@ which is what lets ``slimtune resume`` continue after the driver dies.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any

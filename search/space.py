@@ -350,7 +350,7 @@ def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
             info = infos[pname]
             if spec == "search":
                 if info.search is None:
-                    raise r.error(pkey, f"has no default range; give one, e.g. `{{low: ..., high: ...}}` or `{{choices: [...]}}`.")
+                    raise r.error(pkey, "has no default range; give one, e.g. `{low: ..., high: ...}` or `{choices: [...]}`.")
                 searched[pname] = info.search
             elif isinstance(spec, dict):
                 spec = r.mapping(spec, pkey, {"low", "high", "log", "step", "choices"})
