@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from methods import get_method, hyperparameters, list_methods
@@ -17,15 +16,6 @@ from search.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "spaces" / "quickstart.yaml"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "slimtune"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine more threads only wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -23,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = [{"name": "l1_filter", "params": {"ratio": 0.5}}, {"name": "minmax_quant", "params": {"bits": 8}}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine more threads only wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def setting():
     """The quickstart's task and model, a baseline trained 2 epochs, and a trial context of 2 batches."""
