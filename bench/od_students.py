@@ -34,8 +34,8 @@ from methods import MethodContext, Phase, create_method, train_phase  # noqa: E4
 from methods._cheap_conv import replace_3x3_convs  # noqa: E402
 from methods._surgery import first_layers  # noqa: E402
 from search.measure import count_flops, count_params, latency_ms  # noqa: E402
-from search.models import create_model  # noqa: E402
-from search.tasks import Task, create_task  # noqa: E402
+from models import create_model  # noqa: E402
+from tasks import Task, create_task  # noqa: E402
 
 CONVS = (("dw", 2), ("shift", 2), ("group", 2))
 

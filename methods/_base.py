@@ -332,6 +332,16 @@ class Method:
         """This method is called after :meth:`finalize`; it reports the method's own figures."""
         return {}
 
+    def cost(self, model: nn.Module, ctx: MethodContext) -> dict[str, float]:
+        """This method is called once the whole pipeline has run, with the final model.
+
+        It returns cost figures that the FLOP counter cannot see, keyed by cost metric
+        (``{"macs": ...}`` for a clustered convolution's real work, a gated network's expected
+        MACs on the validation data); they replace the measured values in the trial's metrics.
+        The default reports nothing.
+        """
+        return {}
+
 
 def trainable_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
     return (p for p in module.parameters() if p.requires_grad)

@@ -194,6 +194,13 @@ class Pipeline:
         ctx.log(f"[{method.name}] finalize")
         return method.finalize(model, ctx)
 
+    def cost(self, model: nn.Module, ctx: MethodContext) -> dict[str, float]:
+        """Cost figures the methods report for the final ``model`` (:meth:`Method.cost`); a later method's win."""
+        out: dict[str, float] = {}
+        for m in self.methods:
+            out.update(m.cost(model, ctx))
+        return out
+
     def metrics(self) -> dict[str, float]:
         """Every method's own figures, keys prefixed with the method's name."""
         out = {}

@@ -6,13 +6,13 @@ arXiv 2011.04212), written from the description in the project's method notes.
 Deciding (:func:`pams_layers`): which layers are quantized and where the activation quantizers
 sit, and (:func:`feature_module_name`) which features the transfer compares.
 
-- EDSR (:class:`search.models.edsr.ResBlock`): each block becomes a :class:`QuantResBlock` with
+- EDSR (:class:`models.edsr.ResBlock`): each block becomes a :class:`QuantResBlock` with
   k-bit weights in both convs and three activation quantizers: the block input (used by the
   first conv and by the skip path), the ReLU output (the second conv's input) and the scaled
   residual before the addition. This follows the paper's figure: the official code leaves the
   first conv's input unquantized (its issue #14), so not all activations in its body are k-bit.
-- Other residual blocks (RDN's :class:`~search.models.rdn.RDB`, the CIFAR
-  :class:`~search.models.cifar_resnet.BasicBlock`, torchvision's ``BasicBlock`` and
+- Other residual blocks (RDN's :class:`~models.rdn.RDB`, the CIFAR
+  :class:`~models.cifar_resnet.BasicBlock`, torchvision's ``BasicBlock`` and
   ``Bottleneck``): every convolution inside the block (the RDB's dense convs and its 1x1 local
   fusion, a shortcut projection) gets k-bit weights and an activation quantizer on its input.
 - A model without residual blocks (``digits_cnn``, ``vgg16``): every convolution except the
@@ -112,7 +112,7 @@ class PAMSActivationQuantizer(nn.Module):
 
 
 class QuantResBlock(nn.Module):
-    """An EDSR :class:`~search.models.edsr.ResBlock` with PAMS's quantizers (placement: module docstring).
+    """An EDSR :class:`~models.edsr.ResBlock` with PAMS's quantizers (placement: module docstring).
 
     ``x_q = quant_in(x)``; ``out = quant_out(res_scale * conv2(quant(act(conv1(x_q))))) + x_q``,
     the middle quantizer being ``conv2``'s input quantizer.
@@ -138,7 +138,7 @@ class QuantResBlock(nn.Module):
 
 
 def _edsr_block_type() -> type:
-    from search.models.edsr import ResBlock
+    from models.edsr import ResBlock
 
     return ResBlock
 
@@ -148,8 +148,8 @@ def _residual_block_types() -> tuple[type, ...]:
     from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
     from torchvision.models.resnet import Bottleneck
 
-    from search.models.cifar_resnet import BasicBlock
-    from search.models.rdn import RDB
+    from models.cifar_resnet import BasicBlock
+    from models.rdn import RDB
 
     return (RDB, BasicBlock, TorchvisionBasicBlock, Bottleneck)
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from search.errors import UserError
+from errors import UserError
 
 __all__ = ["main"]
 
@@ -157,9 +157,9 @@ def _profile(args: argparse.Namespace) -> int:
     import torch
 
     from search.measure import count_flops, count_params, latency_ms, size_bytes
-    from search.models import create_model
+    from models import create_model
 
-    from search.models import list_models
+    from models import list_models
 
     if args.task is not None:
         task = args.task

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from search import pareto
-from search.errors import UserError
+from errors import UserError
 from search.space import COST_METRICS, SearchSpace, load_space, parse_space, metrics_of_task
-from search.tasks import task_metrics
+from tasks import task_metrics
 from search.tracking import SearchTracker
 from search.trial import TrialSpec, run_trial, train_baseline
 
@@ -102,7 +102,7 @@ def load_search(name: str, results_dir: str | Path = "slimtune_results") -> Sear
     manifest = folder / "search.json"
     if not manifest.is_file():
         existing = sorted(p.parent.name for p in Path(results_dir).glob("*/search.json")) if Path(results_dir).is_dir() else []
-        from search.errors import did_you_mean
+        from errors import did_you_mean
 
         known = f" Searches in {results_dir}: {', '.join(existing)}." if existing else f" There are no searches in {results_dir!s}."
         raise UserError(f"no search named '{name}' ({manifest} does not exist).{did_you_mean(name, existing)}{known} Use --results-dir to look elsewhere.")
@@ -247,7 +247,7 @@ def pick_record(space: SearchSpace, records: list[TrialRecord], pick: str) -> Tr
         raise UserError(f"--pick must be knee, max-accuracy or min-<objective> (e.g. min-macs), but got '{pick}'.")
     direction, metric = match.groups()
     if metric not in front[0].metrics:
-        from search.errors import did_you_mean
+        from errors import did_you_mean
 
         raise UserError(f"--pick {pick}: no metric '{metric}'.{did_you_mean(metric, front[0].metrics)}")
     key = (lambda r: r.metrics[metric]) if direction == "min" else (lambda r: -r.metrics[metric])
@@ -341,7 +341,7 @@ def _init_ray(address: str | None) -> None:
     if address:
         if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
             ray_constants.ENABLE_RAY_CLUSTER = False
-        kwargs["runtime_env"] = {"py_modules": [str(root / "search"), str(root / "methods")]}
+        kwargs["runtime_env"] = {"py_modules": [str(root / package) for package in ("errors", "models", "tasks", "methods", "search")]}
         ray.init(address=address, **kwargs)
     else:
         # The environment variable does the same for the workers and agents Ray starts.

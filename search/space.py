@@ -17,7 +17,7 @@ import yaml
 
 from methods import create_method, get_method, hyperparameters, list_methods
 from methods._base import Range
-from search.errors import UserError, did_you_mean
+from errors import UserError, did_you_mean
 
 __all__ = [
     "SearchSpace",
@@ -50,7 +50,7 @@ def metrics_of_task(task: str) -> dict[str, str]:
     The task's quality metrics (``accuracy``; ``psnr``, ``ssim`` for super-resolution), their
     drops from the baseline (``accuracy_drop``) and the cost metrics.
     """
-    from search.tasks import task_metrics
+    from tasks import task_metrics
 
     out: dict[str, str] = {}
     for metric in task_metrics(task):
@@ -233,7 +233,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         raise r.error("name", f"may hold letters, digits, '_', '.' and '-' only, but got {name!r}.")
 
     task, task_options = _named(r, top["task"], "task")
-    from search.tasks import list_tasks
+    from tasks import list_tasks
 
     if task not in list_tasks():
         raise r.error("task", f"unknown task '{task}'.{did_you_mean(task, list_tasks())} Known tasks: {', '.join(list_tasks())}.")
@@ -380,7 +380,7 @@ def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
 
 
 def _check_task_kinds(r: _Reader, methods: tuple[MethodSpace, ...], task: str) -> None:
-    from search.tasks import task_kind
+    from tasks import task_kind
 
     kind = task_kind(task)
     for m in methods:

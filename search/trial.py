@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from search.export import export_model
 from search.measure import count_flops, count_params, latency_ms, size_bytes
-from search.models import create_model
+from models import create_model
 from search.space import SearchSpace
-from search.tasks import Task, create_task
+from tasks import Task, create_task
 
 __all__ = [
     "TrialSpec",

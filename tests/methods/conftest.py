@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from methods import MethodContext, Phase, train_phase
-from search.models import create_model
-from search.tasks import Task, create_task
+from models import create_model
+from tasks import Task, create_task
 
 #: (model, context) built fresh on every call.
 ContextFactory = Callable[..., tuple[nn.Module, MethodContext]]

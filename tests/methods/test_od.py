@@ -20,7 +20,7 @@ from methods.kd import distillation_loss
 from methods.od import OnlineEnsemble, online_distillation_loss
 from search.export import check_round_trip, export_model
 from search.measure import count_flops, count_params
-from search.models import BasicBlock, create_model
+from models import BasicBlock, create_model
 from search.space import load_space
 
 # --- the shift --------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from methods.pams import (
 )
 from search.export import check_round_trip, export_model, load_module
 from search.measure import count_params, size_bytes
-from search.models import create_model
-from search.tasks import Task
+from models import create_model
+from tasks import Task
 
 from .conftest import frozen, make_context, trainable_copy
 

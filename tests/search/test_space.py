@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from methods import list_methods
-from search.errors import UserError
+from errors import UserError
 from search.space import load_space
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,12 +13,12 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch.utils.data import DataLoader
 
-from search.errors import UserError
+from errors import UserError
 from search.measure import count_params
-from search.models import create_model
+from models import create_model
 from search.space import metrics_of_task, parse_space
-from search.tasks import create_task, task_kind
-from search.tasks.sr import (
+from tasks import create_task, task_kind
+from tasks.sr import (
     BicubicUpsampler,
     SRImages,
     SRPatches,

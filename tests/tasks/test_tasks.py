@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import cifar as tv_cifar
 
-from search.errors import UserError
-from search.tasks import Task, create_task, list_tasks, register_task
-from search.tasks.digits import split_indices
+from errors import UserError
+from tasks import Task, create_task, list_tasks, register_task
+from tasks.digits import split_indices
 
 CIFAR_PER_BATCH = 20
 

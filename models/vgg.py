@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search.models._registry import register_model
+from models._registry import register_model
 
 __all__ = ["VGG", "VGG16_CONFIG", "vgg16"]
 

@@ -9,9 +9,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search.errors import UserError
+from errors import UserError
 from search.measure import count_flops, count_params
-from search.models import BasicBlock, create_model, list_models, register_model
+from models import BasicBlock, create_model, list_models, register_model
 
 
 def _macs_params(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:

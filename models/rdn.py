@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search.models._registry import register_model
-from search.models.edsr import check_scale, conv3x3
+from models._registry import register_model
+from models.edsr import check_scale, conv3x3
 
 __all__ = ["RDBConv", "RDB", "RDN", "rdn", "rdn_small"]
 

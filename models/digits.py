@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search.models._registry import register_model
-from search.models.cifar_resnet import CifarResNet
+from models._registry import register_model
+from models.cifar_resnet import CifarResNet
 
 __all__ = ["DigitsCNN", "digits_cnn", "digits_resnet"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from search.errors import UserError, did_you_mean, unknown_name
-from search.models.torchvision_models import create_torchvision_model, torchvision_model_names
+from errors import UserError, did_you_mean, unknown_name
+from models.torchvision_models import create_torchvision_model, torchvision_model_names
 
 __all__ = ["register_model", "create_model", "list_models"]
 

@@ -6,8 +6,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from search.errors import UserError, did_you_mean, unknown_name
-from search.tasks._base import Task
+from errors import UserError, did_you_mean, unknown_name
+from tasks._base import Task
 
 TaskFactory = Callable[..., Task]
 

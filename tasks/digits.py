@@ -10,8 +10,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from search.tasks._base import Task
-from search.tasks._registry import register_task
+from tasks._base import Task
+from tasks._registry import register_task
 
 # Pixel values in load_digits are counts of set pixels in 4x4 blocks, so they run from 0 to 16.
 _MAX_PIXEL = 16.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torchvision import datasets, transforms
 
-from search.errors import UserError
-from search.tasks._base import Task, TransformedSubset, check_fraction, holdout_indices
-from search.tasks._registry import register_task
+from errors import UserError
+from tasks._base import Task, TransformedSubset, check_fraction, holdout_indices
+from tasks._registry import register_task
 
 # Per-channel statistics of the CIFAR training images, as commonly used.
 _CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

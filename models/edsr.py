@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from search.models._registry import register_model
+from models._registry import register_model
 
 __all__ = ["MeanShift", "ResBlock", "Upsampler", "EDSR", "edsr", "edsr_small", "DIV2K_RGB_MEAN", "SCALES"]
 

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from search.errors import UserError
-from search.tasks._base import Task
-from search.tasks._registry import register_task
+from errors import UserError
+from tasks._base import Task
+from tasks._registry import register_task
 
 __all__ = [
     "SRTask",

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from search.errors import unknown_name
-from search.models._registry import register_model
+from errors import unknown_name
+from models._registry import register_model
 
 __all__ = ["BasicBlock", "ZeroPadShortcut", "CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 

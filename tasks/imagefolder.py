@@ -6,9 +6,9 @@ from pathlib import Path
 
 from torchvision import datasets, transforms
 
-from search.errors import UserError
-from search.tasks._base import Task, TransformedSubset, check_fraction, holdout_indices
-from search.tasks._registry import register_task
+from errors import UserError
+from tasks._base import Task, TransformedSubset, check_fraction, holdout_indices
+from tasks._registry import register_task
 
 # Per-channel statistics of the ImageNet training images, the usual choice for natural photos.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

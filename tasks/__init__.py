@@ -7,9 +7,9 @@ Importing this package registers the built-in tasks ``digits``, ``cifar10``, ``c
 from __future__ import annotations
 
 # Imported for their registrations.
-from search.tasks import cifar, digits, imagefolder, sr  # noqa: F401
-from search.tasks._base import Task, TransformedSubset
-from search.tasks._registry import TASK_KINDS, create_task, list_tasks, register_task, task_kind, task_metrics
+from tasks import cifar, digits, imagefolder, sr  # noqa: F401
+from tasks._base import Task, TransformedSubset
+from tasks._registry import TASK_KINDS, create_task, list_tasks, register_task, task_kind, task_metrics
 
 __all__ = [
     "Task",

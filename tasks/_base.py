@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from search.errors import UserError
+from errors import UserError
 
 
 @dataclass

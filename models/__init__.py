@@ -1,0 +1,32 @@
+"""Model zoo: registered CIFAR/digits models, super-resolution models (EDSR, RDN) plus every
+torchvision classification model.
+
+Importing this package registers the built-in models.
+"""
+
+from __future__ import annotations
+
+from models import cifar_resnet, digits, edsr, rdn, vgg  # noqa: F401  (imported to register their models)
+from models._registry import create_model, list_models, register_model
+from models.cifar_resnet import BasicBlock, CifarResNet, ZeroPadShortcut
+from models.digits import DigitsCNN
+from models.edsr import EDSR, ResBlock
+from models.rdn import RDB, RDN
+from models.torchvision_models import torchvision_model_names
+from models.vgg import VGG
+
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "torchvision_model_names",
+    "BasicBlock",
+    "CifarResNet",
+    "ZeroPadShortcut",
+    "DigitsCNN",
+    "EDSR",
+    "ResBlock",
+    "RDN",
+    "RDB",
+    "VGG",
+]
