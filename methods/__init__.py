@@ -5,6 +5,7 @@ import line here.
 """
 
 from methods._base import Method, MethodContext, Phase, Range, Step, hyperparameter, hyperparameters
+from methods._base import HyperparameterInfo, check_config_types, check_value_type
 from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, train_phase
 from methods._registry import create_method, get_method, list_methods, register_method
 
@@ -19,6 +20,9 @@ __all__ = [
     "Step",
     "hyperparameter",
     "hyperparameters",
+    "HyperparameterInfo",
+    "check_config_types",
+    "check_value_type",
     "Pipeline",
     "TrainingState",
     "NonFiniteLossError",

@@ -18,13 +18,19 @@ decision logic in small functions that tests can call directly.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import math
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from errors import did_you_mean
 
 __all__ = [
     "Method",
@@ -34,12 +40,16 @@ __all__ = [
     "Range",
     "hyperparameter",
     "hyperparameters",
+    "HyperparameterInfo",
+    "check_config_types",
+    "check_value_type",
 ]
 
 
 # ----------------------------------------------------------------------------------------------
-# Hyperparameters: a frozen dataclass per method; each field carries its help text and its
-# default search range, so `slimtune methods` and YAML spaces read one declaration.
+# Hyperparameters: a frozen dataclass per method; each field carries its type, help text,
+# default search range, which end compresses more and whether it is a training budget, so
+# `slimtune methods`, YAML spaces and `slimtune check` read one declaration.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -80,68 +90,237 @@ class Range:
         return out
 
 
-def hyperparameter(default: Any, help: str, search: Range | None = None) -> Any:
-    """Declare a field of a method's config with its help text and default search range."""
-    return field(default=default, metadata={"help": help, "search": search})
+def hyperparameter(
+    default: Any,
+    help: str,
+    search: Range | None = None,
+    *,
+    compresses: str | None = None,
+    budget: bool = False,
+) -> Any:
+    """Declare a field of a method's config.
+
+    The field's annotation is its type: ``int``, ``float``, ``bool``, ``str``, a ``Literal`` of
+    str or int choices, an enum whose members are str or int (``class Kind(str, Enum)``, so a
+    recipe stays JSON), a ``tuple[X, ...]`` or ``tuple[X, Y]`` of those, or any of them
+    ``| None``. A ``None`` default means "use the space's setting" (``budget.epochs``,
+    ``training.lr``); the field's help says which.
+
+    Args:
+        default: The value when neither the space nor the recipe sets one.
+        help: One line, shown by ``slimtune methods``.
+        search: The default search distribution (``params: {name: search}`` in a space).
+        compresses: Which end of the field's values compresses more, ``"high"`` or ``"low"``;
+            None when neither does. Numbers are ordered by value, ``Literal`` and enum choices
+            in the order the type lists them: list them from least to most compressing (or the
+            reverse, with ``compresses="low"``). ``slimtune check`` pre-flights each searched
+            field at its compressing end, and at its low end when ``compresses`` is None.
+        budget: The field counts epochs or iterations of training; ``slimtune check`` caps it
+            at 1.
+    """
+    if compresses not in (None, "high", "low"):
+        raise ValueError(f"`compresses` must be 'high', 'low' or None, but got {compresses!r}.")
+    return field(default=default, metadata={"help": help, "search": search, "compresses": compresses, "budget": budget})
 
 
 @dataclass(frozen=True)
 class HyperparameterInfo:
+    """One field of a method's config, as :func:`hyperparameter` declared it.
+
+    Attributes:
+        name: The field's name.
+        annotation: Its resolved type (``int``, ``int | None``, ``tuple[int, ...]``,
+            ``Literal["a", "b"]``, an enum).
+        type: The type of a value other than None: ``int``, ``float``, ``bool``, ``str``,
+            ``tuple`` or the enum; for a ``Literal``, the type of its choices.
+        optional: None is a valid value.
+        choices: The values a ``Literal`` or enum field allows (an enum's member values), in the
+            order the type lists them; None for other fields.
+        default: As given to :func:`hyperparameter`, and so are the attributes below.
+        help: One line for ``slimtune methods``.
+        search: The default search distribution, or None.
+        compresses: ``"high"``, ``"low"`` or None.
+        budget: The field counts epochs or iterations.
+    """
+
     name: str
+    annotation: Any
     type: type
+    optional: bool
+    choices: tuple[Any, ...] | None
     default: Any
     help: str
     search: Range | None
+    compresses: str | None
+    budget: bool
+
+    @property
+    def type_name(self) -> str:
+        """The type as ``slimtune methods`` shows it (``int``, ``tuple[int, ...]``), None and choices apart."""
+        return _type_name(_without_none(self.annotation))
 
 
 def hyperparameters(config_cls: type) -> list[HyperparameterInfo]:
-    """List the hyperparameters of a method's config class, in declaration order."""
-    hints = {"float": float, "int": int, "bool": bool, "str": str}
+    """List the hyperparameters of a method's config class, in declaration order.
+
+    Raises:
+        TypeError: A field's annotation is not one of the types :func:`hyperparameter` lists.
+    """
+    return list(_hyperparameters(config_cls))
+
+
+@functools.cache
+def _hyperparameters(config_cls: type) -> tuple[HyperparameterInfo, ...]:
+    # String annotations (`from __future__ import annotations`) resolve in the config's module.
+    hints = typing.get_type_hints(config_cls)
     out = []
     for f in dataclasses.fields(config_cls):
-        typ = f.type if isinstance(f.type, type) else hints.get(str(f.type), str)
+        annotation = hints[f.name]
+        if not _supported(annotation):
+            raise TypeError(
+                f"{config_cls.__name__}.{f.name}: a hyperparameter is int, float, bool, str, a Literal of str or int "
+                f"choices, an enum of str or int values, a tuple of those, or any of them | None, but got {annotation!r}."
+            )
+        inner = _without_none(annotation)
+        choices = _choices(inner)
+        if typing.get_origin(inner) is Literal:
+            value_type = type(choices[0])
+        elif typing.get_origin(inner) is tuple:
+            value_type = tuple
+        else:
+            value_type = inner
         out.append(
             HyperparameterInfo(
                 name=f.name,
-                type=typ,
+                annotation=annotation,
+                type=value_type,
+                optional=inner is not annotation,
+                choices=choices,
                 default=f.default,
                 help=f.metadata.get("help", ""),
                 search=f.metadata.get("search"),
+                compresses=f.metadata.get("compresses"),
+                budget=f.metadata.get("budget", False),
             )
         )
-    return out
+    return tuple(out)
 
 
 def check_config_types(config: Any) -> None:
-    """Check each field's value against its annotation; raise ValueError naming the field.
+    """Check each field's value against its annotation, converting where :func:`check_value_type` does.
 
-    :func:`methods.create_method` calls this, so a config from YAML or Optuna fails where it is
-    built, not deep inside training. Range checks specific to a method live in its config's
-    ``__post_init__``.
+    Every config calls this first in its ``__post_init__``, so a config from YAML, Optuna or a
+    JSON recipe fails where it is built with a message naming the field, before its own range
+    checks (which would fail on a string with a bare TypeError: ``0 <= 'high'``).
     """
     for info in hyperparameters(type(config)):
         value = getattr(config, info.name)
-        checked = check_value_type(info.name, info.type, value)
+        checked = check_value_type(info.name, info.annotation, value)
         if checked is not value:
             object.__setattr__(config, info.name, checked)
 
 
-def check_value_type(name: str, typ: type, value: Any) -> Any:
-    """Return ``value`` as a ``typ`` (an int is a float, a whole float an int); ValueError naming ``name`` otherwise.
+def check_value_type(name: str, annotation: Any, value: Any) -> Any:
+    """Return ``value`` as a value of ``annotation``; ValueError naming ``name`` otherwise.
 
-    :func:`methods.create_method` calls this on each given value before building the config, so
-    a value of the wrong type gets this message rather than a TypeError from the config's own
-    range checks (``0 <= 'high'``).
+    The only conversions are those JSON and YAML make necessary: an int is a float, a whole
+    float an int, a list a tuple, an enum's value its member. ``"3"`` is not an int and ``1``
+    is not ``True``.
     """
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
-        raise ValueError(f"`{name}` must be of type {typ.__name__}, but got {value!r}.")
+    # Hand-written rather than pydantic: pydantic's lax mode turns "3" into 3 and "yes" into
+    # True (a typo in a space would pass), its strict mode refuses JSON's lists for tuples, and
+    # either way its messages would need rewriting into this one form.
+    inner = _without_none(annotation)
+    if value is None:
+        if inner is not annotation:
+            return None
+        raise ValueError(f"`{name}` must be {_describe(annotation)}, but got None.")
+    choices = _choices(inner)
+    if choices is not None:
+        if isinstance(inner, type) and isinstance(value, inner):
+            return value
+        candidate = int(value) if isinstance(value, float) and value.is_integer() else value
+        for choice in choices:
+            if candidate == choice and type(candidate) is type(choice):
+                return inner(choice) if isinstance(inner, type) else choice
+        hint = did_you_mean(value, [str(c) for c in choices]) if isinstance(value, str) else ""
+        raise ValueError(f"`{name}` must be {_describe(annotation)}, but got {value!r}.{hint}")
+    if typing.get_origin(inner) is tuple:
+        items = typing.get_args(inner)
+        if not isinstance(value, (list, tuple)) or (items[-1] is not Ellipsis and len(value) != len(items)):
+            raise ValueError(f"`{name}` must be {_describe(annotation)}, but got {value!r}.")
+        if items[-1] is Ellipsis:
+            items = (items[0],) * len(value)
+        return tuple(check_value_type(f"{name}[{i}]", item, v) for i, (item, v) in enumerate(zip(items, value)))
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif inner is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, inner) or (inner is not bool and isinstance(value, bool)):
+        raise ValueError(f"`{name}` must be {_describe(annotation)}, but got {value!r}.")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite, but got {value!r}.")
     return value
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def _without_none(annotation: Any) -> Any:
+    """``X`` for ``X | None`` (or ``Optional[X]``), ``annotation`` itself otherwise."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
+
+
+def _choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` or an enum allows, in declared order; None for other types."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return tuple(member.value for member in annotation)
+    return None
+
+
+def _supported(annotation: Any, top: bool = True) -> bool:
+    inner = _without_none(annotation) if top else annotation
+    choices = _choices(inner)
+    if choices is not None:
+        kinds = {type(c) for c in choices}
+        return len(kinds) == 1 and kinds <= {str, int}
+    if typing.get_origin(inner) is tuple:
+        items = typing.get_args(inner)
+        if items[-1:] == (Ellipsis,):
+            items = items[:-1]
+        return len(items) >= 1 and all(_supported(item, top=False) for item in items)
+    return inner in _SCALARS
+
+
+def _type_name(annotation: Any) -> str:
+    choices = _choices(annotation)
+    if choices is not None:
+        return type(choices[0]).__name__
+    if typing.get_origin(annotation) is tuple:
+        return "tuple[" + ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(annotation)) + "]"
+    return annotation.__name__
+
+
+def _describe(annotation: Any) -> str:
+    """What a value must be, for error messages: ``of type int``, ``one of a, b``, ``a list of int``."""
+    inner = _without_none(annotation)
+    choices = _choices(inner)
+    items = typing.get_args(inner)
+    if choices is not None:
+        text = f"one of {', '.join(str(c) for c in choices)}"
+    elif typing.get_origin(inner) is tuple and items[-1] is Ellipsis:
+        text = f"a list of {_type_name(items[0])}"
+    elif typing.get_origin(inner) is tuple:
+        text = f"a list of {len(items)} values ({', '.join(_type_name(a) for a in items)})"
+    else:
+        text = f"of type {inner.__name__}"
+    return text + (" or null (None)" if inner is not annotation else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,14 +455,14 @@ class Method:
 
     Class attributes (capability flags, read without building the method):
         name: Registry name, as written in a search space.
-        Config: Frozen dataclass of hyperparameters (fields made with :func:`hyperparameter`).
+        Config: Frozen dataclass of hyperparameters (fields made with :func:`hyperparameter`,
+            which also says which end of each compresses more); its ``__post_init__`` calls
+            :func:`check_config_types` first.
         kind: ``"pruning"``, ``"quantization"``, ``"distillation"`` or ``"reparameterisation"``.
         needs_teacher: Uses the frozen baseline during training.
         needs_labels: Uses the task's labels during training.
         changes_architecture: Changes the model's structure (shapes or module types).
         must_be_last: Nothing may follow it in a pipeline (quantized weights are final).
-        aggressive: For each hyperparameter whose high or low end compresses more, that end
-            (``{"ratio": "high"}``); ``slimtune check`` pre-flights the space at those ends.
         loss_only: The method only adds a loss term (:meth:`loss`); its own phases run only when
             no other method in the pipeline trains, so "prune + kd" is one distilled fine-tune.
         task_kinds: The kinds of task it applies to (``"classification"``,
@@ -299,7 +478,6 @@ class Method:
     changes_architecture: ClassVar[bool] = False
     must_be_last: ClassVar[bool] = False
     loss_only: ClassVar[bool] = False
-    aggressive: ClassVar[dict[str, str]] = {}
     task_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: Any | None = None) -> None:

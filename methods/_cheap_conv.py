@@ -34,15 +34,17 @@ Choices, with the reasons:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CHEAP_CONVS", "STRIDE_PLACES", "shift", "Shift", "CheapConv", "replace_3x3_convs", "cheap_groups"]
+__all__ = ["CHEAP_CONVS", "CheapConvKind", "STRIDE_PLACES", "shift", "Shift", "CheapConv", "replace_3x3_convs", "cheap_groups"]
 
 #: Kinds of cheap convolution, the most compressing first.
-CHEAP_CONVS = ("shift", "dw", "group")
+CheapConvKind = Literal["shift", "dw", "group"]
+CHEAP_CONVS: tuple[str, ...] = get_args(CheapConvKind)
 #: Where a :class:`CheapConv` subsamples: on the spatial op (cheapest) or on the 1x1 (reference).
 STRIDE_PLACES = ("spatial", "pointwise")
 

@@ -80,14 +80,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, hyperparameter
+from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
 from methods._pipeline import build_optimizer
 from methods._registry import register_method
 from methods._surgery import output_layers
@@ -105,27 +105,30 @@ __all__ = [
     "remove_masked_structures",
 ]
 
-STRUCTURES = ("auto", "block", "channel", "joint")
-MASK_INITS = ("ones", "normal")
+# "auto" is block for a residual model and channel otherwise; the other choices are listed from
+# the least to the most compressing (joint masks both), which `compresses="high"` reads.
+Structure = Literal["auto", "channel", "block", "joint"]
+#: Initial masks: ones (the student starts as the baseline) or N(0, 1), from which FISTA zeroes more.
+MaskInit = Literal["ones", "normal"]
 
 
 @dataclass(frozen=True)
 class GALConfig:
-    lam: float = hyperparameter(0.1, "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam)", Range(1e-3, 10.0, log=True))
+    lam: float = hyperparameter(0.1, "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam)", Range(1e-3, 10.0, log=True), compresses="high")
     mu: float = hyperparameter(1.0, "weight of the MSE between baseline and student logits", Range(0.1, 1.0, log=True))
-    mask_step: int = hyperparameter(1, "iterations between FISTA steps of the masks", Range(1, 200, log=True))
+    mask_step: int = hyperparameter(1, "iterations between FISTA steps of the masks", Range(1, 200, log=True), compresses="low")
     lr: float = hyperparameter(1e-3, "learning rate of the student's weights (SGD)", Range(1e-4, 1e-2, log=True))
-    mask_lr: float = hyperparameter(0.01, "FISTA step size of the masks", Range(1e-3, 0.05, log=True))
+    mask_lr: float = hyperparameter(0.01, "FISTA step size of the masks", Range(1e-3, 0.05, log=True), compresses="high")
     disc_lr: float = hyperparameter(0.01, "learning rate of the discriminator (SGD)", Range(1e-3, 0.1, log=True))
-    adversarial_epochs: int = hyperparameter(0, "epochs of the adversarial phase; 0 uses the space's budget.epochs", Range(1, 30))
-    finetune_epochs: int = hyperparameter(0, "epochs of the labelled cross-entropy fine-tune after removal; 0 skips it", Range(0, 30))
+    adversarial_epochs: int | None = hyperparameter(None, "epochs of the adversarial phase; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
+    finetune_epochs: int = hyperparameter(0, "epochs of the labelled cross-entropy fine-tune after removal; 0 skips it", Range(0, 30), budget=True)
     finetune_lr: float = hyperparameter(0.01, "learning rate of the fine-tune (SGD)", Range(1e-4, 0.1, log=True))
-    # Choices list the most compressing first: the pre-flight (and the contract tests) take it.
-    structure: str = hyperparameter("auto", "what a mask scales: block, channel, joint (both) or auto (block for residual models)", Range(choices=("joint", "block", "channel")))
-    mask_init: str = hyperparameter("ones", "initial masks: ones (student = baseline) or normal (the official code's N(0, 1))", Range(choices=("normal", "ones")))
+    structure: Structure = hyperparameter("auto", "what a mask scales: block, channel, joint (both) or auto (block for residual models)", Range(choices=("channel", "block", "joint")), compresses="high")
+    mask_init: MaskInit = hyperparameter("ones", "initial masks: ones (student = baseline) or normal (the official code's N(0, 1))", Range(choices=("ones", "normal")), compresses="high")
 
     def __post_init__(self) -> None:
-        for name in ("lam", "mu", "adversarial_epochs", "finetune_epochs"):
+        check_config_types(self)
+        for name in ("lam", "mu", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}.")
         for name in ("lr", "mask_lr", "disc_lr", "finetune_lr"):
@@ -133,10 +136,11 @@ class GALConfig:
                 raise ValueError(f"`{name} > 0` must hold, but got {name}={getattr(self, name)}.")
         if self.mask_step < 1:
             raise ValueError(f"`mask_step >= 1` must hold, but got mask_step={self.mask_step}.")
-        if self.structure not in STRUCTURES:
-            raise ValueError(f"`structure` must be one of {', '.join(STRUCTURES)}, but got {self.structure!r}.")
-        if self.mask_init not in MASK_INITS:
-            raise ValueError(f"`mask_init` must be one of {', '.join(MASK_INITS)}, but got {self.mask_init!r}.")
+        if self.adversarial_epochs is not None and self.adversarial_epochs < 0:
+            raise ValueError(
+                f"`adversarial_epochs >= 0` must hold, but got adversarial_epochs={self.adversarial_epochs}; "
+                "leave it unset (null) to use the space's budget.epochs."
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +474,6 @@ class GAL(Method):
     needs_teacher = True
     needs_labels = False
     changes_architecture = True
-    aggressive = {"lam": "high", "mask_step": "low", "mask_lr": "high"}
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         structure = resolve_structure(self.config.structure, model)
@@ -493,7 +496,7 @@ class GAL(Method):
         phases = [
             Phase(
                 name="adversarial",
-                epochs=self.config.adversarial_epochs or ctx.epochs,
+                epochs=ctx.epochs if self.config.adversarial_epochs is None else self.config.adversarial_epochs,
                 lr=self.config.lr,
                 loss=self.adversarial_loss,
                 param_groups=self.student_weights,

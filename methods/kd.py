@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods._base import Method, Range, Step, hyperparameter
+from methods._base import Method, Range, Step, check_config_types, hyperparameter
 from methods._registry import register_method
 
 __all__ = ["KD", "KDConfig", "distillation_loss"]
@@ -33,6 +33,7 @@ class KDConfig:
     weight: float = hyperparameter(1.0, "weight of the distillation term next to the task loss", Range(0.1, 2.0, log=True))
 
     def __post_init__(self) -> None:
+        check_config_types(self)
         if self.temperature <= 0:
             raise ValueError(f"`temperature > 0` must hold, but got temperature={self.temperature}.")
         if self.weight < 0:

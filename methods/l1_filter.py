@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch_pruning as tp
 from torch import nn
 
-from methods._base import Method, MethodContext, Range, hyperparameter
+from methods._base import Method, MethodContext, Range, check_config_types, hyperparameter
 from methods._registry import register_method
 from methods._surgery import output_layers
 
@@ -24,10 +24,11 @@ __all__ = ["L1Filter", "L1FilterConfig"]
 
 @dataclass(frozen=True)
 class L1FilterConfig:
-    ratio: float = hyperparameter(0.5, "fraction of output channels removed from every prunable layer", Range(0.1, 0.8))
-    round_to: int = hyperparameter(1, "keep channel counts a multiple of this (hardware-friendly sizes)", Range(choices=(1, 4, 8)))
+    ratio: float = hyperparameter(0.5, "fraction of output channels removed from every prunable layer", Range(0.1, 0.8), compresses="high")
+    round_to: int = hyperparameter(1, "keep channel counts a multiple of this (hardware-friendly sizes)", Range(choices=(1, 4, 8)), compresses="low")
 
     def __post_init__(self) -> None:
+        check_config_types(self)
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"`0 <= ratio < 1` must hold, but got ratio={self.ratio}.")
         if self.round_to < 1:
@@ -40,7 +41,6 @@ class L1Filter(Method):
     Config = L1FilterConfig
     kind = "pruning"
     changes_architecture = True
-    aggressive = {"ratio": "high", "round_to": "low"}
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         example = ctx.example_input

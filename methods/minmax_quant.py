@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods._base import Method, MethodContext, Range, hyperparameter
+from methods._base import Method, MethodContext, Range, check_config_types, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, RunningMaxActivationQuantizer, quantized_layers, swap_to_quantized
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
@@ -23,11 +23,12 @@ __all__ = ["MinMaxQuant", "MinMaxQuantConfig"]
 
 @dataclass(frozen=True)
 class MinMaxQuantConfig:
-    bits: int = hyperparameter(8, "bit width of weights and activations", Range(choices=(2, 3, 4, 8)))
+    bits: int = hyperparameter(8, "bit width of weights and activations", Range(choices=(2, 3, 4, 8)), compresses="low")
     quantize_activations: bool = hyperparameter(True, "also quantize the input of every quantized layer")
     quantize_first_last: bool = hyperparameter(False, "also quantize the first and the last layer")
 
     def __post_init__(self) -> None:
+        check_config_types(self)
         if not 2 <= self.bits <= 8:
             raise ValueError(f"`2 <= bits <= 8` must hold, but got bits={self.bits}.")
 
@@ -39,7 +40,6 @@ class MinMaxQuant(Method):
     kind = "quantization"
     changes_architecture = True
     must_be_last = True
-    aggressive = {"bits": "low"}
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         skip = set()

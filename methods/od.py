@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, hyperparameter
-from methods._cheap_conv import CHEAP_CONVS, replace_3x3_convs
+from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
+from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, replace_3x3_convs
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
 
@@ -127,14 +127,14 @@ class OnlineEnsemble(nn.Module):
 
 @dataclass(frozen=True)
 class ODConfig:
-    conv: str = hyperparameter(
-        "dw", "cheap convolution that replaces every 3x3 one: shift, dw (depthwise) or group", Range(choices=CHEAP_CONVS)
+    conv: CheapConvKind = hyperparameter(
+        "dw", "cheap convolution that replaces every 3x3 one: shift, dw (depthwise) or group", Range(choices=CHEAP_CONVS), compresses="low"
     )
-    groups: int = hyperparameter(2, "groups of the 'group' convolution (reduced to a divisor of the channels)", Range(choices=(2, 4, 8, 16)))
+    groups: int = hyperparameter(2, "groups of the 'group' convolution (reduced to a divisor of the channels)", Range(choices=(2, 4, 8, 16)), compresses="high")
     students: int = hyperparameter(4, "number of students trained together (2 to 4)", Range(2, 4))
     temperature: float = hyperparameter(4.0, "softmax temperature T of the teacher-to-student KL", Range(1.0, 8.0))
-    epochs: int = hyperparameter(0, "epochs of the joint training; 0 uses the space's budget.epochs", Range(1, 30))
-    lr: float = hyperparameter(0.0, "learning rate of the joint training; 0 uses the space's training.lr", Range(0.01, 0.2, log=True))
+    epochs: int | None = hyperparameter(None, "epochs of the joint training; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
+    lr: float | None = hyperparameter(None, "learning rate of the joint training; unset (null): the space's training.lr", Range(0.01, 0.2, log=True))
     replace_stem: bool = hyperparameter(False, "also make the convolutions that read the raw input cheap (the reference keeps them)")
     from_baseline: bool = hyperparameter(
         True, "students keep the incoming model's weights where their layers are unchanged; false: all weights random"
@@ -142,18 +142,17 @@ class ODConfig:
     detach_teacher: bool = hyperparameter(False, "stop the KL gradient at the teacher (the reference lets it flow)")
 
     def __post_init__(self) -> None:
-        if self.conv not in CHEAP_CONVS:
-            raise ValueError(f"`conv` must be one of {', '.join(CHEAP_CONVS)}, but got conv={self.conv!r}.")
+        check_config_types(self)
         if self.groups < 1:
             raise ValueError(f"`groups >= 1` must hold, but got groups={self.groups}.")
         if not 2 <= self.students <= 4:
             raise ValueError(f"`2 <= students <= 4` must hold, but got students={self.students}.")
         if self.temperature <= 0:
             raise ValueError(f"`temperature > 0` must hold, but got temperature={self.temperature}.")
-        if self.epochs < 0:
-            raise ValueError(f"`epochs >= 0` must hold (0: the space's budget.epochs), but got epochs={self.epochs}.")
-        if self.lr < 0:
-            raise ValueError(f"`lr >= 0` must hold (0: the space's training.lr), but got lr={self.lr}.")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"`epochs >= 0` must hold, but got epochs={self.epochs}; leave it unset (null) to use the space's budget.epochs.")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"`lr > 0` must hold, but got lr={self.lr}; leave it unset (null) to use the space's training.lr.")
 
 
 @register_method
@@ -164,8 +163,6 @@ class OD(Method):
     needs_teacher = False  # the frozen baseline is not used: the teacher is built online
     needs_labels = True
     changes_architecture = True
-    # Pre-flight: the first `conv` choice (shift) is the cheapest; more groups, fewer weights.
-    aggressive = {"groups": "high"}
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         config = self.config
@@ -199,8 +196,8 @@ class OD(Method):
         return [
             Phase(
                 name="online_distillation",
-                epochs=self.config.epochs or ctx.epochs,
-                lr=self.config.lr or None,
+                epochs=ctx.epochs if self.config.epochs is None else self.config.epochs,
+                lr=self.config.lr,
                 loss=self._loss,
             )
         ]

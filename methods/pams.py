@@ -57,13 +57,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, hyperparameter
+from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantMixin, quantized_layers, symmetric_quantize
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
@@ -247,24 +247,25 @@ def _captured_output(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 @dataclass(frozen=True)
 class PAMSConfig:
-    bits: int = hyperparameter(4, "bit width of the weights and activations inside the residual blocks", Range(choices=(2, 3, 4, 8)))
+    bits: int = hyperparameter(4, "bit width of the weights and activations inside the residual blocks", Range(choices=(2, 3, 4, 8)), compresses="low")
     skt_weight: float = hyperparameter(1e3, "weight of the structured knowledge transfer (attention-map MSE to the teacher); 0 turns it off", Range(1.0, 1e4, log=True))
     alpha_lr: float = hyperparameter(1e-2, "learning rate of the activation clipping bounds alpha (1e-2 in the paper's 30k steps; short runs need more)", Range(1e-3, 1.0, log=True))
     lr: float = hyperparameter(1e-4, "learning rate of the weights", Range(1e-5, 1e-3, log=True))
-    epochs: int = hyperparameter(0, "epochs of quantization-aware training after calibration; 0 uses the space's budget.epochs", Range(1, 30))
-    stats_epochs: int = hyperparameter(1, "first epochs in which alpha follows the activations' max statistic, unclipped (calibration)")
-    optimizer: str = hyperparameter("adam", "optimizer of both phases: adam (the paper) or sgd")
+    epochs: int | None = hyperparameter(None, "epochs of quantization-aware training after calibration; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
+    stats_epochs: int = hyperparameter(1, "first epochs in which alpha follows the activations' max statistic, unclipped (calibration)", budget=True)
+    optimizer: Literal["adam", "sgd"] = hyperparameter("adam", "optimizer of both phases: adam (the paper) or sgd")
 
     def __post_init__(self) -> None:
+        check_config_types(self)
         if not 2 <= self.bits <= 8:
             raise ValueError(f"`2 <= bits <= 8` must hold, but got bits={self.bits}.")
-        for name in ("skt_weight", "alpha_lr", "epochs", "stats_epochs"):
+        for name in ("skt_weight", "alpha_lr", "stats_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}.")
         if not self.lr > 0:
             raise ValueError(f"`lr > 0` must hold, but got lr={self.lr}.")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"`optimizer` must be 'adam' or 'sgd', but got {self.optimizer!r}.")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"`epochs >= 0` must hold, but got epochs={self.epochs}; leave it unset (null) to use the space's budget.epochs.")
 
 
 @register_method
@@ -275,7 +276,6 @@ class PAMS(Method):
     needs_teacher = True
     changes_architecture = True
     must_be_last = True
-    aggressive = {"bits": "low"}
 
     def __init__(self, config: PAMSConfig | None = None) -> None:
         super().__init__(config)
@@ -308,7 +308,7 @@ class PAMS(Method):
         phases = []
         if self.config.stats_epochs > 0:
             phases.append(Phase("calibrate", self.config.stats_epochs, param_groups=self._weight_groups, **common))
-        phases.append(Phase("qat", self.config.epochs or ctx.epochs, param_groups=self._start_qat, **common))
+        phases.append(Phase("qat", ctx.epochs if self.config.epochs is None else self.config.epochs, param_groups=self._start_qat, **common))
         return phases
 
     def _weight_groups(self, model: nn.Module) -> list[dict[str, Any]]:

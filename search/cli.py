@@ -214,12 +214,23 @@ def _methods(args: argparse.Namespace) -> int:
                 "changes_architecture": cls.changes_architecture,
                 "must_be_last": cls.must_be_last,
                 "hyperparameters": [
-                    {"name": h.name, "type": h.type.__name__, "default": h.default, "help": h.help, "search": h.search.as_dict() if h.search else None}
+                    {
+                        "name": h.name,
+                        "type": h.type_name,
+                        "optional": h.optional,
+                        "choices": list(h.choices) if h.choices is not None else None,
+                        "default": h.default,
+                        "help": h.help,
+                        "search": h.search.as_dict() if h.search else None,
+                        "compresses": h.compresses,
+                        "budget": h.budget,
+                    }
                     for h in hyperparameters(cls.Config)
                 ],
             }
         )
     if args.json:
+        # Tuples print as lists and str or int enum members as their values, as in a recipe.
         print(json.dumps(listing, indent=2))
         return 0
     for entry in listing:
@@ -229,8 +240,14 @@ def _methods(args: argparse.Namespace) -> int:
         print(f"{entry['name']}  [{entry['kind']}{', ' + ', '.join(flags) if flags else ''}]")
         print(f"    {entry['summary']}")
         for h in entry["hyperparameters"]:
-            search = f"  search {json.dumps(h['search'])}" if h["search"] else ""
-            print(f"    {h['name']:<22} {h['type']:<6} default {h['default']!r:<8} {h['help']}{search}")
+            typ = h["type"] + (" | null" if h["optional"] else "")
+            notes = [f"one of {', '.join(map(str, h['choices']))}"] if h["choices"] else []
+            if h["compresses"]:
+                end = h["choices"][-1 if h["compresses"] == "high" else 0] if h["choices"] else f"the {h['compresses']} end"
+                notes.append(f"compresses more at {end}")
+            notes += ["budget"] if h["budget"] else []
+            notes += [f"search {json.dumps(h['search'])}"] if h["search"] else []
+            print(f"    {h['name']:<22} {typ:<12} default {json.dumps(h['default']):<8} {h['help']}" + "".join(f"; {n}" for n in notes))
         print()
     return 0
 

@@ -9,6 +9,8 @@ architectures).
 
 from __future__ import annotations
 
+import enum
+import math
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from methods import Pipeline, create_method, get_method
+from methods import HyperparameterInfo, Pipeline, Range, check_value_type, create_method, get_method, hyperparameters
 from search.export import check_round_trip, export_model
 from search.measure import count_params
 from search.space import MethodSpace, SearchSpace
@@ -38,24 +40,34 @@ class PreflightResult:
 def aggressive_params(method: MethodSpace) -> dict[str, Any]:
     """The space's most aggressive value of every searched parameter, plus its fixed ones.
 
-    A method's ``aggressive`` class attribute names, per parameter, whether its high or low end
-    compresses more (``{"ratio": "high", "bits": "low"}``); other searched parameters take their
-    low end.
+    Each hyperparameter declares which end of its values compresses more
+    (``hyperparameter(..., compresses="high")``); a searched parameter takes that end of the
+    space's range, and its low end when it declares none. Numbers are ordered by value,
+    ``Literal`` and enum choices in the order their type lists them, other choices in the
+    order the space lists them.
     """
-    cls = get_method(method.name)
-    ends = getattr(cls, "aggressive", {})
+    infos = {h.name: h for h in hyperparameters(get_method(method.name).Config)}
     params = dict(method.fixed)
     for name, rng in method.searched.items():
-        if rng.choices is not None:
-            values = list(rng.choices)
-            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            if numeric:
-                params[name] = max(values) if ends.get(name) == "high" else min(values)
-            else:
-                params[name] = values[0]
-        else:
-            params[name] = rng.high if ends.get(name) == "high" else rng.low
+        info = infos[name]
+        if rng.choices is None:
+            params[name] = rng.high if info.compresses == "high" else rng.low
+            continue
+        ordered = sorted(rng.choices, key=lambda value: _order(info, rng, value))
+        params[name] = ordered[-1] if info.compresses == "high" else ordered[0]
     return params
+
+
+def _order(info: HyperparameterInfo, rng: Range, value: Any) -> Any:
+    """Where ``value`` stands among the choices of ``rng``, from the low end to the high end."""
+    if value is None:  # the space's own setting, of unknown size: the low end
+        return -math.inf
+    if info.choices is not None:
+        value = check_value_type(info.name, info.annotation, value)
+        return info.choices.index(value.value if isinstance(value, enum.Enum) else value)
+    if isinstance(value, (int, float)):
+        return value
+    return rng.choices.index(value)
 
 
 class _OneBatch:
@@ -134,10 +146,13 @@ def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> P
 
 
 def _short_training(step: dict[str, Any]) -> dict[str, Any]:
-    """Shrink every epoch count of a method to 1 so the pre-flight takes seconds."""
+    """Cap every budget field of a method (epochs, iterations) at 1 so the pre-flight takes seconds.
+
+    A field left to the space's setting (None) trains the pre-flight context's one epoch.
+    """
     params = dict(step["params"])
-    cls = get_method(step["name"])
-    for field in cls.Config.__dataclass_fields__:
-        if field.endswith("epochs") and isinstance(params.get(field, getattr(cls.Config, field, None)), int):
-            params[field] = min(1, params.get(field, getattr(cls.Config, field)))
+    for info in hyperparameters(get_method(step["name"]).Config):
+        value = params.get(info.name, info.default)
+        if info.budget and value is not None and value > 1:
+            params[info.name] = 1
     return params

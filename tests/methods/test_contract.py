@@ -9,16 +9,31 @@ briefly trained baseline, real digits) and on ``resnet20`` (random CIFAR-shaped 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 from torch import nn
 
-from methods import Method, Pipeline, create_method, get_method, hyperparameters, list_methods
+import methods._registry
+from methods import (
+    HyperparameterInfo,
+    Method,
+    Pipeline,
+    Range,
+    check_config_types,
+    create_method,
+    get_method,
+    hyperparameter,
+    hyperparameters,
+    list_methods,
+    register_method,
+)
 from search.export import check_round_trip, export_model
 from search.measure import count_params
 from search.preflight import aggressive_params
@@ -63,7 +78,10 @@ def test_defaults_build_a_valid_method(name: str) -> None:
     assert method.config == cls.Config()
     for info in hyperparameters(cls.Config):
         assert getattr(method.config, info.name) == info.default
-        assert isinstance(info.default, info.type), f"{name}.{info.name} default {info.default!r} is not a {info.type}"
+        if info.default is None:
+            assert info.optional, f"{name}.{info.name} defaults to None but its type {info.annotation} does not allow it"
+        else:
+            assert isinstance(info.default, info.type), f"{name}.{info.name} default {info.default!r} is not a {info.type}"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -79,11 +97,20 @@ def test_config_is_frozen_and_survives_json(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_hyperparameter_has_help(name: str) -> None:
-    infos = hyperparameters(get_method(name).Config)
-    for info in infos:
+def test_every_hyperparameter_is_declared(name: str) -> None:
+    """Help, a supported type, and what the pre-flight reads: which end compresses, which fields are budgets."""
+    for info in hyperparameters(get_method(name).Config):
         assert info.help.strip(), f"{name}.{info.name} has no help text"
-        assert info.type in (int, float, bool, str), f"{name}.{info.name} has type {info.type}"
+        assert info.type in (int, float, bool, str, tuple) or issubclass(info.type, enum.Enum), f"{name}.{info.name} has type {info.type}"
+        assert "0 uses" not in info.help and "0 means" not in info.help, f"{name}.{info.name}: use None, not a 0 sentinel"
+        assert info.compresses in (None, "high", "low")
+        if info.compresses is not None:
+            # The pre-flight takes the compressing end of a range: the field needs one.
+            assert info.search is not None, f"{name}.{info.name} declares `compresses` without a search range"
+        if info.budget:
+            assert info.type is int, f"{name}.{info.name} is a budget (epochs, iterations) but not an int"
+        if info.choices is not None and info.search is not None and info.search.choices is not None:
+            assert set(info.search.choices) <= set(info.choices), f"{name}.{info.name} searches values its type refuses"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -97,15 +124,25 @@ def test_every_search_range_end_builds_a_valid_config(name: str) -> None:
             assert type(getattr(method.config, info.name)) is info.type
 
 
-WRONG_TYPE = {int: "high", float: "high", bool: "yes", str: 3}
+def expected_type_error(info: HyperparameterInfo) -> str:
+    """What the message says a value must be: a type or the choices, and None where allowed."""
+    what = f"one of {', '.join(map(str, info.choices))}" if info.choices else f"of type {info.type.__name__}"
+    return what + (" or null (None)" if info.optional else "")
+
+
+WRONG_TYPE = {int: "high", float: "high", bool: "yes", str: 3, tuple: 3}
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_value_of_the_wrong_type_is_a_value_error_naming_the_field(name: str) -> None:
-    for info in hyperparameters(get_method(name).Config):
-        wrong = WRONG_TYPE[info.type]
-        with pytest.raises(ValueError, match=f"`{info.name}` must be of type {info.type.__name__}, but got {wrong!r}"):
+    cls = get_method(name)
+    for info in hyperparameters(cls.Config):
+        wrong = "no such choice" if info.choices else WRONG_TYPE[info.type]
+        message = re.escape(f"`{info.name}` must be {expected_type_error(info)}, but got {wrong!r}.")
+        with pytest.raises(ValueError, match=message):
             create_method(name, {info.name: wrong})
+        with pytest.raises(ValueError, match=message):  # the config checks itself when built
+            cls.Config(**{info.name: wrong})
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -114,12 +151,6 @@ def test_capability_flags(name: str) -> None:
     for flag in FLAGS:
         assert type(getattr(cls, flag)) is bool, f"{name}.{flag} is {getattr(cls, flag)!r}"
     assert cls.kind in KINDS
-    names = {h.name for h in hyperparameters(cls.Config)}
-    assert set(cls.aggressive) <= names, f"{name}.aggressive names unknown hyperparameters"
-    assert set(cls.aggressive.values()) <= {"high", "low"}
-    # The aggressive end of a declared hyperparameter must come from a declared range.
-    for key in cls.aggressive:
-        assert next(h for h in hyperparameters(cls.Config) if h.name == key).search is not None
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -131,6 +162,116 @@ def test_unknown_hyperparameter_suggests_close_match(name: str) -> None:
     typo = real[:-1]
     with pytest.raises(ValueError, match=f"method '{name}' has no hyperparameter '{typo}'.*Did you mean '{real}'"):
         create_method(name, {typo: infos[0].default})
+
+
+# --- every field type a config may use, on a toy method ------------------------------------------
+
+
+class Pool(str, enum.Enum):
+    MAX = "max"
+    AVG = "avg"
+
+
+@dataclass(frozen=True)
+class TypedConfig:
+    steps: int | None = hyperparameter(None, "steps; unset: the space's", Range(1, 9), budget=True)
+    scale: float | None = hyperparameter(None, "a scale", Range(0.1, 1.0), compresses="high")
+    kernel: tuple[int, ...] = hyperparameter((3, 3), "kernel sizes")
+    pair: tuple[float, str] = hyperparameter((0.5, "a"), "a number and a name")
+    pool: Pool = hyperparameter(Pool.MAX, "pooling", Range(choices=("avg", "max")), compresses="low")
+    mode: Literal["fast", "exact"] = hyperparameter("fast", "mode", Range(choices=("exact", "fast")), compresses="high")
+    width: Literal[8, 16, 32] | None = hyperparameter(None, "width")
+
+    def __post_init__(self) -> None:
+        check_config_types(self)
+
+
+class Typed(Method):
+    name = "typed_toy"
+    Config = TypedConfig
+    kind = "reparameterisation"
+
+
+@pytest.fixture
+def typed_toy(monkeypatch):
+    """``typed_toy`` in the registry for one test."""
+    monkeypatch.setitem(methods._registry._METHODS, Typed.name, Typed)
+    return Typed.name
+
+
+def test_field_types_are_read_from_the_annotations() -> None:
+    infos = {h.name: h for h in hyperparameters(TypedConfig)}
+    read = {name: (h.type, h.optional, h.choices, h.type_name) for name, h in infos.items()}
+    assert read == {
+        "steps": (int, True, None, "int"),
+        "scale": (float, True, None, "float"),
+        "kernel": (tuple, False, None, "tuple[int, ...]"),
+        "pair": (tuple, False, None, "tuple[float, str]"),
+        "pool": (Pool, False, ("max", "avg"), "str"),
+        "mode": (str, False, ("fast", "exact"), "str"),
+        "width": (int, True, (8, 16, 32), "int"),
+    }
+    assert (infos["steps"].budget, infos["scale"].compresses, infos["mode"].compresses) == (True, "high", "high")
+
+
+def test_typed_fields_coerce_what_json_and_yaml_give(typed_toy: str) -> None:
+    config = create_method(typed_toy, {"steps": 4.0, "scale": 1, "kernel": [5, 3.0, 1], "pair": [2, "b"], "pool": "avg", "width": 16}).config
+    assert config == TypedConfig(steps=4, scale=1.0, kernel=(5, 3, 1), pair=(2.0, "b"), pool=Pool.AVG, width=16)
+    assert (type(config.steps), type(config.scale), type(config.pair[0]), config.pool) == (int, float, float, Pool.AVG)
+    assert create_method(typed_toy, {"steps": None, "scale": None, "width": None}).config == TypedConfig()
+
+
+BAD_VALUES = [
+    ({"steps": "4"}, "`steps` must be of type int or null (None), but got '4'."),
+    ({"steps": 2.5}, "`steps` must be of type int or null (None), but got 2.5."),
+    ({"scale": True}, "`scale` must be of type float or null (None), but got True."),
+    ({"scale": float("nan")}, "`scale` must be finite, but got nan."),
+    ({"kernel": 3}, "`kernel` must be a list of int, but got 3."),
+    ({"kernel": [3, "x"]}, "`kernel[1]` must be of type int, but got 'x'."),
+    ({"kernel": None}, "`kernel` must be a list of int, but got None."),
+    ({"pair": [1.0]}, "`pair` must be a list of 2 values (float, str), but got [1.0]."),
+    ({"pool": "sum"}, "`pool` must be one of max, avg, but got 'sum'."),
+    ({"mode": "fats"}, "`mode` must be one of fast, exact, but got 'fats'. Did you mean 'fast'?"),
+    ({"width": 12}, "`width` must be one of 8, 16, 32 or null (None), but got 12."),
+    ({"width": True}, "`width` must be one of 8, 16, 32 or null (None), but got True."),
+]
+
+
+@pytest.mark.parametrize(("params", "message"), BAD_VALUES, ids=[next(iter(p)) + "=" + repr(next(iter(p.values()))) for p, _ in BAD_VALUES])
+def test_typed_fields_reject_wrong_values_naming_the_field(typed_toy: str, params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        create_method(typed_toy, params)
+    assert str(raised.value) == message
+
+
+def test_typed_fields_round_trip_through_a_json_recipe(typed_toy: str) -> None:
+    params = {"steps": 3, "kernel": [1, 3], "pair": [0.25, "z"], "pool": "avg", "mode": "exact", "width": 32}
+    pipeline = Pipeline([create_method(typed_toy, params)])
+    stored = json.dumps(pipeline.recipe())
+    assert json.loads(stored)[0]["params"] == {"scale": None, **params}
+    rebuilt = Pipeline.from_recipe(json.loads(stored))
+    assert rebuilt.methods[0].config == pipeline.methods[0].config
+    assert rebuilt.methods[0].config.pool is Pool.AVG and rebuilt.methods[0].config.kernel == (1, 3)
+
+
+def test_unsupported_field_type_is_refused_where_the_method_registers() -> None:
+    @dataclass(frozen=True)
+    class Loose:
+        mixed: int | str = hyperparameter(1, "int or str")
+
+    class LooseMethod(Method):
+        name = "loose_toy"
+        Config = Loose
+        kind = "pruning"
+
+    with pytest.raises(TypeError, match=r"Loose.mixed: a hyperparameter is int, float, bool, str, .* but got int \| str"):
+        register_method(LooseMethod)
+    assert "loose_toy" not in list_methods()
+
+
+def test_compresses_must_name_an_end() -> None:
+    with pytest.raises(ValueError, match="`compresses` must be 'high', 'low' or None, but got 'more'"):
+        hyperparameter(1, "x", compresses="more")
 
 
 # --- running each method ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -252,6 +253,16 @@ def test_finetune_phase_follows_removal_when_asked(digits_context) -> None:
     names = [(p.name, p.after_finalize, p.epochs) for p in create_method("gal", {"finetune_epochs": 2}).phases(ctx)]
     assert names == [("adversarial", False, ctx.epochs), ("finetune", True, 2)]
     assert [p.name for p in create_method("gal").phases(ctx)] == ["adversarial"]
+
+
+def test_unset_adversarial_epochs_take_the_space_budget() -> None:
+    space = SimpleNamespace(epochs=7)
+    assert [p.epochs for p in create_method("gal").phases(space)] == [7]
+    assert [p.epochs for p in create_method("gal", {"adversarial_epochs": 0}).phases(space)] == [0]
+    with pytest.raises(ValueError, match=r"`adversarial_epochs >= 0` must hold, but got adversarial_epochs=-2"):
+        create_method("gal", {"adversarial_epochs": -2})
+    with pytest.raises(ValueError, match=r"`structure` must be one of auto, channel, block, joint, but got 'blocks'. Did you mean 'block'"):
+        create_method("gal", {"structure": "blocks"})
 
 
 def test_resume_gives_the_same_model(digits_context) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -254,10 +255,22 @@ DIGITS_STUDENTS = {
 def test_config_rejects_out_of_range_values() -> None:
     with pytest.raises(ValueError, match=r"`2 <= students <= 4` must hold, but got students=1"):
         create_method("od", {"students": 1})
-    with pytest.raises(ValueError, match=r"`conv` must be one of shift, dw, group, but got conv='dws'"):
+    with pytest.raises(ValueError, match=r"`conv` must be one of shift, dw, group, but got 'dws'. Did you mean 'dw'"):
         create_method("od", {"conv": "dws"})
+    with pytest.raises(ValueError, match=r"`epochs >= 0` must hold, but got epochs=-1"):
+        create_method("od", {"epochs": -1})
+    with pytest.raises(ValueError, match=r"`lr` must be of type float or null \(None\), but got 'fast'"):
+        create_method("od", {"lr": "fast"})
     with pytest.raises(ValueError, match=r"`temperature > 0` must hold"):
         create_method("od", {"temperature": 0.0})
+
+
+def test_unset_epochs_and_lr_take_the_space_settings() -> None:
+    space = SimpleNamespace(epochs=7)  # phases() reads the space's budget.epochs from the context
+    (default,) = create_method("od").phases(space)
+    assert (default.epochs, default.lr) == (7, None)  # lr None: the loop uses the space's training.lr
+    (given,) = create_method("od", {"epochs": 0, "lr": 0.2}).phases(space)
+    assert (given.epochs, given.lr) == (0, 0.2)  # 0 is zero epochs, no longer "the default"
 
 
 def test_online_distillation_loss_value_and_gradient() -> None:

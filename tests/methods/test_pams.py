@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -306,7 +307,14 @@ def test_config_validation() -> None:
         create_method("pams", {"bits": 1})
     with pytest.raises(ValueError, match="`skt_weight >= 0` must hold"):
         create_method("pams", {"skt_weight": -1.0})
-    with pytest.raises(ValueError, match="`optimizer` must be 'adam' or 'sgd'"):
+    with pytest.raises(ValueError, match="`optimizer` must be one of adam, sgd, but got 'rmsprop'"):
         create_method("pams", {"optimizer": "rmsprop"})
     method = create_method("pams", {"stats_epochs": 0, "epochs": 3})
     assert [p.name for p in method.phases(None)] == ["qat"]
+
+
+def test_unset_epochs_take_the_space_budget() -> None:
+    space = SimpleNamespace(epochs=7)
+    assert [(p.name, p.epochs) for p in create_method("pams").phases(space)] == [("calibrate", 1), ("qat", 7)]
+    with pytest.raises(ValueError, match=r"`epochs >= 0` must hold, but got epochs=-1"):
+        create_method("pams", {"epochs": -1})

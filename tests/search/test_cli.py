@@ -49,9 +49,23 @@ def test_methods_json_has_hyperparameters_with_defaults(capsys) -> None:
     l1 = next(e for e in listing if e["name"] == "l1_filter")
     ratio = next(h for h in l1["hyperparameters"] if h["name"] == "ratio")
     assert ratio == {
-        "name": "ratio", "type": "float", "default": 0.5,
+        "name": "ratio", "type": "float", "optional": False, "choices": None, "default": 0.5,
         "help": "fraction of output channels removed from every prunable layer", "search": {"low": 0.1, "high": 0.8},
+        "compresses": "high", "budget": False,
     }  # fmt: skip
+    od = {h["name"]: h for h in next(e for e in listing if e["name"] == "od")["hyperparameters"]}
+    assert (od["epochs"]["type"], od["epochs"]["optional"], od["epochs"]["default"], od["epochs"]["budget"]) == ("int", True, None, True)
+    assert (od["conv"]["type"], od["conv"]["choices"], od["conv"]["compresses"]) == ("str", ["shift", "dw", "group"], "low")
+
+
+def test_methods_text_shows_types_choices_and_what_compresses(capsys) -> None:
+    assert main(["methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("    ") and "default" in line}
+    assert lines["conv"].split()[1:4] == ["str", "default", '"dw"']
+    assert "one of shift, dw, group; compresses more at shift;" in lines["conv"]
+    assert lines["adversarial_epochs"].split()[1:6] == ["int", "|", "null", "default", "null"]
+    assert "; budget;" in lines["adversarial_epochs"]
+    assert "compresses more at the high end;" in lines["ratio"]
 
 
 def test_profile_resnet56_matches_the_paper(capsys) -> None:

@@ -50,6 +50,15 @@ def test_valid_snippet_loads(tmp_path: Path) -> None:
     assert space.sampler == "tpe"
 
 
+def test_null_leaves_a_hyperparameter_to_the_space(tmp_path: Path) -> None:
+    path = tmp_path / "od.yaml"
+    data = {**VALID, "methods": {"od": {"optional": False, "params": {"epochs": None, "lr": None, "conv": {"choices": ["shift", "dw"]}}}}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    (od,) = load_space(path).methods
+    assert od.fixed == {"epochs": None, "lr": None}
+    assert od.searched["conv"].choices == ("shift", "dw")
+
+
 def _edit(change) -> dict:
     data = copy.deepcopy(VALID)
     change(data)
@@ -110,6 +119,30 @@ BAD = [
         _set("methods", "minmax_quant", "params", {"bits": {"choices": [4, "eight"]}}),
         "methods.minmax_quant.params.bits: ",
         ["`bits` must be of type int, but got 'eight'"],
+    ),
+    (
+        "choice with a typo",
+        _set("methods", {"gal": {"params": {"structure": "blok"}}}),
+        "methods.gal.params.structure: ",
+        ["`structure` must be one of auto, channel, block, joint, but got 'blok'.", "Did you mean 'block'?"],
+    ),
+    (
+        "searched choice with a typo",
+        _set("methods", {"gal": {"params": {"structure": {"choices": ["joint", "chanel"]}}}}),
+        "methods.gal.params.structure: ",
+        ["`structure` must be one of auto, channel, block, joint, but got 'chanel'.", "Did you mean 'channel'?"],
+    ),
+    (
+        "wrong type of an optional hyperparameter",
+        _set("methods", {"od": {"params": {"epochs": "ten"}}}),
+        "methods.od.params.epochs: ",
+        ["`epochs` must be of type int or null (None), but got 'ten'."],
+    ),
+    (
+        "range of an optional hyperparameter",
+        _set("methods", {"od": {"params": {"epochs": {"low": -1, "high": 3}}}}),
+        "methods.od.params.epochs: ",
+        ["`epochs >= 0` must hold, but got epochs=-1"],
     ),
     (
         "wrong type of flag",
