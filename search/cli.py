@@ -245,7 +245,7 @@ def _methods(args: argparse.Namespace) -> int:
             if h["compresses"]:
                 end = h["choices"][-1 if h["compresses"] == "high" else 0] if h["choices"] else f"the {h['compresses']} end"
                 notes.append(f"compresses more at {end}")
-            notes += ["budget"] if h["budget"] else []
+            notes += ["a training budget"] if h["budget"] else []
             notes += [f"search {json.dumps(h['search'])}"] if h["search"] else []
             print(f"    {h['name']:<22} {typ:<12} default {json.dumps(h['default']):<8} {h['help']}" + "".join(f"; {n}" for n in notes))
         print()

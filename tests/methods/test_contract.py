@@ -125,9 +125,14 @@ def test_every_search_range_end_builds_a_valid_config(name: str) -> None:
 
 
 def expected_type_error(info: HyperparameterInfo) -> str:
-    """What the message says a value must be: a type or the choices, and None where allowed."""
-    what = f"one of {', '.join(map(str, info.choices))}" if info.choices else f"of type {info.type.__name__}"
-    return what + (" or null (None)" if info.optional else "")
+    """A pattern of what the message says a value must be: the choices, a type or a list, and None where allowed."""
+    if info.choices:
+        what = re.escape(f"one of {', '.join(map(str, info.choices))}")
+    elif info.type is tuple:
+        what = "a list of .+"  # the items' types: tested on the toy config below
+    else:
+        what = re.escape(f"of type {info.type.__name__}")
+    return what + (re.escape(" or null (None)") if info.optional else "")
 
 
 WRONG_TYPE = {int: "high", float: "high", bool: "yes", str: 3, tuple: 3}
@@ -138,7 +143,7 @@ def test_value_of_the_wrong_type_is_a_value_error_naming_the_field(name: str) ->
     cls = get_method(name)
     for info in hyperparameters(cls.Config):
         wrong = "no such choice" if info.choices else WRONG_TYPE[info.type]
-        message = re.escape(f"`{info.name}` must be {expected_type_error(info)}, but got {wrong!r}.")
+        message = re.escape(f"`{info.name}` must be ") + expected_type_error(info) + re.escape(f", but got {wrong!r}.")
         with pytest.raises(ValueError, match=message):
             create_method(name, {info.name: wrong})
         with pytest.raises(ValueError, match=message):  # the config checks itself when built

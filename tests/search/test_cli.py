@@ -64,7 +64,7 @@ def test_methods_text_shows_types_choices_and_what_compresses(capsys) -> None:
     assert lines["conv"].split()[1:4] == ["str", "default", '"dw"']
     assert "one of shift, dw, group; compresses more at shift;" in lines["conv"]
     assert lines["adversarial_epochs"].split()[1:6] == ["int", "|", "null", "default", "null"]
-    assert "; budget;" in lines["adversarial_epochs"]
+    assert "; a training budget;" in lines["adversarial_epochs"]
     assert "compresses more at the high end;" in lines["ratio"]
 
 
