@@ -81,15 +81,9 @@ def _add_space_overrides(p: argparse.ArgumentParser) -> None:
 
 def _overridden_space(args: argparse.Namespace) -> SearchSpace:
     """The space of ``args.space`` with the command line's overrides, checked like the YAML."""
-    import dataclasses
-
     from search.space import load_space
 
-    space = load_space(args.space)
-    overrides = {key: value for key, value in (("name", args.name), ("tracking_uri", args.tracking_uri), ("results_dir", args.results_dir)) if value is not None}
-    if args.trials is not None:
-        overrides["budget"] = dataclasses.replace(space.budget, trials=args.trials)
-    return space.with_overrides(**overrides) if overrides else space
+    return load_space(args.space).with_overrides(name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
 
 
 def _print_warnings(space: SearchSpace) -> None:

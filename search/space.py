@@ -174,12 +174,18 @@ class SearchSpace:
         return [o.direction for o in self.objectives]
 
     def with_overrides(self, **changes: Any) -> SearchSpace:
-        """This space with some fields replaced (``name=``, ``budget=``, ``tracking_uri=``, ...).
+        """This space with some fields replaced, checked by the same rules as the YAML.
 
-        Called with the command line's ``--name``, ``--trials``, ``--tracking-uri`` and
-        ``--results-dir``: the new values pass the same checks as the YAML's, and a bad one raises
-        the YAML's error prefixed ``overrides of <file>``.
+        Called with the command line's options, as in
+        ``space.with_overrides(name=args.name, trials=args.trials, tracking_uri=args.tracking_uri,
+        results_dir=args.results_dir)``: a change of None (an option not given) leaves its field
+        as it is, a field of :class:`Budget` (``trials=``) changes the budget, and a bad value
+        raises the YAML's error prefixed ``overrides of <file>``.
         """
+        changes = {key: value for key, value in changes.items() if value is not None}
+        budget = {key: changes.pop(key) for key in list(changes) if key in _BUDGET_NUMBERS}
+        if budget:
+            changes["budget"] = dataclasses.replace(changes.get("budget", self.budget), **budget)
         space = dataclasses.replace(self, **changes)
         r = _Reader(f"overrides of {self.path or '<space>'}")
         values = {field: getattr(space, field) for field in (*_NUMBERS, "name", "results_dir", "tracking_uri")}

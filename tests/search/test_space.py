@@ -267,8 +267,10 @@ def _override_error(tmp_path: Path, **changes) -> str:
 
 
 OVERRIDES = [
-    ("trials 0", _set("budget", {"trials": 0}), {"budget": {"trials": 0}}, "budget.trials: must be >= 1, but got 0."),
-    ("trials -2", _set("budget", {"trials": -2}), {"budget": {"trials": -2}}, "budget.trials: must be >= 1, but got -2."),
+    ("trials 0", _set("budget", {"trials": 0}), {"trials": 0}, "budget.trials: must be >= 1, but got 0."),
+    ("trials -2", _set("budget", {"trials": -2}), {"trials": -2}, "budget.trials: must be >= 1, but got -2."),
+    ("budget's trials 0", _set("budget", {"trials": 0}), {"budget": {"trials": 0}}, "budget.trials: must be >= 1, but got 0."),
+    ("epochs -1", _set("budget", {"epochs": -1}), {"epochs": -1}, "budget.epochs: must be >= 0, but got -1."),
     ("name with a slash", _set("name", "a/b"), {"name": "a/b"}, "name: may hold letters, digits, '_', '.' and '-' only"),
     ("name ..", _set("name", ".."), {"name": ".."}, "name: may hold letters, digits"),
     ("file store", _set("output", {"tracking_uri": "mlruns"}), {"tracking_uri": "mlruns"}, "output.tracking_uri: MLflow's file store"),
@@ -294,12 +296,16 @@ def test_valid_overrides_apply(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(VALID, sort_keys=False))
     space = load_space(path)
     changed = space.with_overrides(
-        name="run-2", budget=type(space.budget)(trials=3), tracking_uri="postgresql+psycopg2://db:5432/mlflow", results_dir=tmp_path / "r"
+        name="run-2", trials=3, tracking_uri="postgresql+psycopg2://db:5432/mlflow", results_dir=tmp_path / "r"
     )
     assert (changed.name, changed.budget.trials, changed.tracking_uri, changed.results_dir) == (
         "run-2", 3, "postgresql+psycopg2://db:5432/mlflow", str(tmp_path / "r"),
     )  # fmt: skip
+    assert changed.budget.epochs == space.budget.epochs == 2
     assert (space.name, space.budget.trials) == ("ok", 12)
+    # Options the command line did not give (None) leave the space as it is.
+    assert space.with_overrides(name=None, trials=None, tracking_uri=None, results_dir=None) == space
+    assert space.with_overrides(budget=type(space.budget)(trials=5), epochs=4).budget == type(space.budget)(trials=5, epochs=4)
 
 
 def test_quickstart_has_no_warnings() -> None:
