@@ -230,9 +230,13 @@ class _Reader:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def error(self, key_path: str, message: str) -> UserError:
+    def message(self, key_path: str, message: str) -> str:
+        """``message`` prefixed with the file and the key path, as errors and warnings read."""
         where = f"{self.path}: {key_path}: " if key_path else f"{self.path}: "
-        return UserError(where + message)
+        return where + message
+
+    def error(self, key_path: str, message: str) -> UserError:
+        return UserError(self.message(key_path, message))
 
     def mapping(self, value: Any, key_path: str, allowed: set[str]) -> dict[str, Any]:
         if value is None:
@@ -578,7 +582,6 @@ def _constraints(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Constra
     return tuple(out)
 
 
-
 def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[Constraint, ...], known: dict[str, str]) -> tuple[str, ...]:
     """What is valid but probably not meant: an objective against its metric's nature, a constraint outside its metric's range."""
     out = []
@@ -586,11 +589,11 @@ def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[
         natural = known[o.metric]
         if o.direction != natural:
             nature = "higher is better" if natural == "max" else "lower is better"
-            out.append(str(r.error(
+            out.append(r.message(
                 f"objectives.{o.metric}",
                 f"{o.direction} {'minimises' if o.direction == 'min' else 'maximises'} {o.metric}, for which {nature}; "
                 f"the search will favour the worst models. Did you mean `{o.metric}: {natural}`?",
-            )))  # fmt: skip
+            ))
     for i, c in enumerate(constraints):
         if c.metric not in METRIC_RANGES:
             continue
@@ -599,9 +602,9 @@ def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[
         always = c.bound <= low if c.op == ">=" else c.bound >= high
         if never or always:
             effect = "never holds: no trial will be feasible and the Pareto front will be empty" if never else "always holds: it constrains nothing"
-            out.append(str(r.error(
+            out.append(r.message(
                 f"constraints[{i}]",
                 f"'{c}' {effect}, since {c.metric} lies within [{low:g}, {high:g}]"
                 + (" (a fraction: write 0.9 for 90%)." if high == 1.0 else "."),
-            )))  # fmt: skip
+            ))
     return tuple(out)
