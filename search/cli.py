@@ -264,9 +264,10 @@ def _check(args: argparse.Namespace) -> int:
     space = _overridden_space(args)
     print(f"{args.space}: valid ({space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)})")
     _print_warnings(space)
-    check_resources(space, local_resources())
     check_storage(space, space.results_dir, space.tracking_uri)
     count = check_methods(space, log=print)
+    # Last, so that a space meant for a GPU cluster still gets its pre-flight on a laptop.
+    check_resources(space, local_resources())
     print(f"{'all ' if count > 1 else ''}{plural(count, 'pre-flight check')} passed")
     return 0
 
