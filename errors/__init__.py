@@ -27,3 +27,9 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
     return UserError(
         f"unknown {kind} '{name}'.{did_you_mean(name, known)} Known {kind}s: {', '.join(known)}."
     )
+
+
+def plural(count: float, noun: str, plural_form: str | None = None) -> str:
+    """Return "1 method", "2 methods", "0.5 GPUs" (``plural_form`` for nouns that do not take an "s")."""
+    shown = f"{count:g}" if isinstance(count, float) else str(count)
+    return f"{shown} {noun if count == 1 else plural_form or noun + 's'}"

@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from errors import UserError
+from errors import UserError, plural
+
+if TYPE_CHECKING:
+    from search.space import SearchSpace
 
 __all__ = ["main"]
 
@@ -31,11 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run a search described by a space file")
     p.add_argument("space", help="the space YAML file, e.g. spaces/quickstart.yaml")
-    p.add_argument("--name", help="name of the search (default: the space's name, made unique)")
-    p.add_argument("--trials", type=int, help="number of trials (overrides budget.trials)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: output.tracking_uri, sqlite:///mlflow.db)")
+    _add_space_overrides(p)
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
-    p.add_argument("--results-dir", help="where searches are kept (default: output.results_dir, slimtune_results)")
 
     p = sub.add_parser("resume", help="continue an interrupted search")
     p.add_argument("name")
@@ -65,9 +65,30 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the compression methods and their hyperparameters")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("check", help="validate a space and pre-flight each method on the model (seconds, CPU)")
+    p = sub.add_parser("check", help="validate a space, its storage and resources, and pre-flight each method on the model (seconds, CPU)")
     p.add_argument("space")
+    _add_space_overrides(p)
     return parser
+
+
+def _add_space_overrides(p: argparse.ArgumentParser) -> None:
+    """The options of ``search`` and ``check`` that override the space (validated like the YAML)."""
+    p.add_argument("--name", help="name of the search (default: the space's name, made unique)")
+    p.add_argument("--trials", type=int, help="number of trials (overrides budget.trials)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: output.tracking_uri, sqlite:///mlflow.db)")
+    p.add_argument("--results-dir", help="where searches are kept (default: output.results_dir, slimtune_results)")
+
+
+def _overridden_space(args: argparse.Namespace) -> SearchSpace:
+    """The space of ``args.space`` with the command line's overrides, checked like the YAML."""
+    from search.space import load_space
+
+    return load_space(args.space).with_overrides(name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
+
+
+def _print_warnings(space: SearchSpace) -> None:
+    for warning in space.warnings:
+        print(f"slimtune: warning: {warning}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +140,15 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 def _export(args: argparse.Namespace) -> int:
     import shutil
 
+    from search.checks import check_writable_folder
     from search.export import check_round_trip
     from search.runner import completed_records, exported_model_dir, load_search, pick_record, rank_records
     from search.trial import load_task
 
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
+    check_writable_folder(out, "--out")
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
     rank_records(record.space, records)
@@ -134,9 +160,6 @@ def _export(args: argparse.Namespace) -> int:
         chosen = matches[0]
     else:
         chosen = pick_record(record.space, records, args.pick)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
     with exported_model_dir(chosen.checkpoint) as source:
         if source is None:
             raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
@@ -253,19 +276,16 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from search.preflight import preflight
-    from search.space import load_space
+    from search.checks import check_methods, check_resources, check_storage, local_resources
 
-    space = load_space(args.space)
-    print(f"{args.space}: valid ({space.task} / {space.model}, {len(space.methods)} methods, objectives {', '.join(space.metric_names)})")
-    results = preflight(space, log=print)
-    failed = [r for r in results if not r.ok]
-    if failed:
-        print(f"{len(failed)} of {len(results)} pre-flight checks failed; fix the space or drop those methods:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.label}: {r.reason}", file=sys.stderr)
-        return 2
-    print(f"all {len(results)} pre-flight checks passed")
+    space = _overridden_space(args)
+    print(f"{args.space}: valid ({space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)})")
+    _print_warnings(space)
+    check_storage(space, space.results_dir, space.tracking_uri)
+    count = check_methods(space, log=print)
+    # Last, so that a space meant for a GPU cluster still gets its pre-flight on a laptop.
+    check_resources(space, local_resources())
+    print(f"{'all ' if count > 1 else ''}{plural(count, 'pre-flight check')} passed")
     return 0
 
 

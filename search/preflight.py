@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from errors import UserError
 from methods import HyperparameterInfo, Pipeline, Range, check_value_type, create_method, get_method, hyperparameters
 from search.export import check_round_trip, export_model
 from search.measure import count_params
@@ -84,14 +85,16 @@ class _OneBatch:
 
 
 def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[PreflightResult]:
-    """Run the pre-flight checks; each result says what failed and why."""
-    from search.trial import build_model, load_task
+    """Run the pre-flight checks; each result says what failed and why.
+
+    Raises:
+        UserError: If the model cannot be built for the task or rejects the task's input; no
+            method could run then.
+    """
+    from search.trial import load_task
 
     task = load_task(space)
-    torch.manual_seed(0)
-    baseline = build_model(space, task).eval()
-    with torch.no_grad():
-        expected_shape = tuple(baseline(task.example_input(2)).shape)
+    baseline, expected_shape = _baseline_on_task_input(space, task)
     loader = torch.utils.data.DataLoader(task.train_set, batch_size=min(8, space.batch_size), shuffle=False)
     batch = next(iter(loader))
     recipes: list[tuple[str, list[dict[str, Any]]]] = [
@@ -107,6 +110,31 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
         log(f"  [{status}] {label} {json_params(recipe) if len(recipe) == 1 else ''}: {detail}")
         results.append(result)
     return results
+
+
+def _baseline_on_task_input(space: SearchSpace, task) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """Build the space's model, randomly initialised, and run it on the task's example input."""
+    from search.trial import build_model
+
+    torch.manual_seed(0)
+    example = task.example_input(2)
+    try:
+        baseline = build_model(space, task).eval()
+        with torch.no_grad():
+            return baseline, tuple(baseline(example).shape)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  any failure here means the model does not fit the task
+        options = f" with options {space.model_options}" if space.model_options else ""
+        raise UserError(
+            f"{space.path}: model: '{space.model}'{options} does not accept task '{space.task}' input of shape "
+            f"{tuple(example.shape)} ({type(exc).__name__}: {_one_line(exc)}). Choose a model made for this input "
+            f"(see `slimtune profile MODEL --task ...`) or task options that resize the images."
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or "(no message)"
 
 
 def json_params(recipe: list[dict[str, Any]]) -> str:
@@ -140,7 +168,7 @@ def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> P
             check_round_trip(Path(tmp), task.example_input(2))
     except Exception as exc:  # noqa: BLE001  every failure is reported, none stops the others
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        return PreflightResult(label, False, f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})", before)
+        return PreflightResult(label, False, f"{type(exc).__name__}: {_one_line(exc)} (at {Path(where.filename).name}:{where.lineno})", before)
     after = count_params(model)
     return PreflightResult(label, True, "", before, after)
 

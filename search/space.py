@@ -8,6 +8,8 @@ for a commented example of every key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ __all__ = [
     "load_space",
     "parse_space",
     "COST_METRICS",
+    "METRIC_RANGES",
     "metrics_of_task",
 ]
 
@@ -41,7 +44,21 @@ COST_METRICS: dict[str, str] = {
     "latency_ms": "min",
 }
 
+#: The values a metric can take (accuracy and SSIM are fractions; costs are never negative). A
+#: constraint outside its metric's range never holds, or always holds; both draw a warning.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "accuracy_drop": (-1.0, 1.0),
+    "psnr": (0.0, math.inf),
+    "ssim": (-1.0, 1.0),
+    "ssim_drop": (-2.0, 2.0),
+    **{metric: (0.0, math.inf) for metric in COST_METRICS},
+}
+
 SAMPLERS = ("nsga2", "tpe", "random")
+
+#: URI schemes of the MLflow stores slimtune writes to (``postgresql+psycopg2`` counts as ``postgresql``).
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 def metrics_of_task(task: str) -> dict[str, str]:
@@ -114,7 +131,12 @@ class Budget:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """A validated search space (the parsed YAML)."""
+    """A validated search space (the parsed YAML).
+
+    ``warnings`` holds what is valid but probably not meant (an objective against its metric's
+    nature, a constraint no trial can meet), each naming the file and key path; the commands that
+    load a space print them.
+    """
 
     name: str
     task: str
@@ -141,6 +163,7 @@ class SearchSpace:
     checkpoint_storage: str | None = None  # Tune's storage: shared path or s3:// / gs:// URI
     source: str = ""  # the YAML text, stored with the search
     path: str = ""
+    warnings: tuple[str, ...] = ()
 
     @property
     def metric_names(self) -> list[str]:
@@ -151,11 +174,49 @@ class SearchSpace:
         return [o.direction for o in self.objectives]
 
     def with_overrides(self, **changes: Any) -> SearchSpace:
-        return dataclasses.replace(self, **changes)
+        """This space with some fields replaced, checked by the same rules as the YAML.
+
+        Called with the command line's options, as in
+        ``space.with_overrides(name=args.name, trials=args.trials, tracking_uri=args.tracking_uri,
+        results_dir=args.results_dir)``: a change of None (an option not given) leaves its field
+        as it is, a field of :class:`Budget` (``trials=``) changes the budget, and a bad value
+        raises the YAML's error prefixed ``overrides of <file>``.
+        """
+        changes = {key: value for key, value in changes.items() if value is not None}
+        budget = {key: changes.pop(key) for key in list(changes) if key in _BUDGET_NUMBERS}
+        if budget:
+            changes["budget"] = dataclasses.replace(changes.get("budget", self.budget), **budget)
+        space = dataclasses.replace(self, **changes)
+        r = _Reader(f"overrides of {self.path or '<space>'}")
+        values = {field: getattr(space, field) for field in (*_NUMBERS, "name", "results_dir", "tracking_uri")}
+        values["budget"] = dataclasses.asdict(space.budget)
+        return dataclasses.replace(space, **_settings(r, values))
 
 
 # ----------------------------------------------------------------------------------------------
 
+
+#: Every number of a space outside its methods and budget: field -> (YAML key path, kind, lowest value).
+_NUMBERS: dict[str, tuple[str, type, float]] = {
+    "baseline_epochs": ("baseline.epochs", int, 0),
+    "batch_size": ("training.batch_size", int, 1),
+    "lr": ("training.lr", float, 0),
+    "weight_decay": ("training.weight_decay", float, 0),
+    "seed": ("sampler.seed", int, 0),
+    "latency_batch_size": ("measure.latency_batch_size", int, 1),
+    "latency_repeats": ("measure.latency_repeats", int, 1),
+}
+
+#: The budget's numbers: field -> (kind, lowest value); ``time_limit_s`` may also be null.
+_BUDGET_NUMBERS: dict[str, tuple[type, float]] = {
+    "trials": (int, 1),
+    "concurrent": (int, 1),
+    "epochs": (int, 0),
+    "cpus_per_trial": (float, 0),
+    "gpus_per_trial": (float, 0),
+    "max_failures": (int, 0),
+    "time_limit_s": (float, 1),
+}
 
 _TOP_KEYS = {
     "name", "task", "model", "baseline", "training", "methods", "objectives", "constraints",
@@ -169,9 +230,13 @@ class _Reader:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def error(self, key_path: str, message: str) -> UserError:
+    def message(self, key_path: str, message: str) -> str:
+        """``message`` prefixed with the file and the key path, as errors and warnings read."""
         where = f"{self.path}: {key_path}: " if key_path else f"{self.path}: "
-        return UserError(where + message)
+        return where + message
+
+    def error(self, key_path: str, message: str) -> UserError:
+        return UserError(self.message(key_path, message))
 
     def mapping(self, value: Any, key_path: str, allowed: set[str]) -> dict[str, Any]:
         if value is None:
@@ -214,10 +279,48 @@ def load_space(path: str | Path) -> SearchSpace:
         raise UserError(f"{path}: no such file.{hint}")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text, str(path))
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
     return parse_space(data, str(path), text)
+
+
+def _load_yaml(text: str, path: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, but refuse a key given twice in one mapping.
+
+    Plain YAML keeps the last of two equal keys without a word; a method listed twice would
+    silently lose its first entry.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path, "")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, key_path: str) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{key_path}[{i}]")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        child = f"{key_path}.{key}" if key_path else key
+        line = key_node.start_mark.line + 1
+        if key in lines and key_node.tag != "tag:yaml.org,2002:merge":
+            rule = "a method may be listed once" if key_path == "methods" else "a key may appear once in a mapping"
+            raise UserError(
+                f"{path}: {child}: given twice (lines {lines[key]} and {line}); {rule}, and YAML would "
+                "silently keep only the last one. Merge the two entries into one."
+            )
+        lines[key] = line
+        _refuse_duplicate_keys(value_node, path, child)
 
 
 def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpace:
@@ -227,10 +330,6 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     for required in ("task", "model", "methods", "objectives"):
         if required not in top:
             raise r.error(required, "is missing; every space names a task, a model, methods and objectives.")
-
-    name = str(top.get("name") or Path(path).stem)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise r.error("name", f"may hold letters, digits, '_', '.' and '-' only, but got {name!r}.")
 
     task, task_options = _named(r, top["task"], "task")
     from tasks import list_tasks
@@ -246,7 +345,6 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     model, model_options = _named(r, top["model"], "model")
 
     baseline = r.mapping(top.get("baseline"), "baseline", {"epochs", "checkpoint"})
-    baseline_epochs = r.number(baseline.get("epochs", 10), "baseline.epochs", int, 0)
     checkpoint = baseline.get("checkpoint")
     if checkpoint is not None:
         # Absolute from here on: on a cluster the baseline is loaded by a worker.
@@ -262,58 +360,94 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     objectives = _objectives(r, top["objectives"], known_metrics)
     constraints = _constraints(r, top.get("constraints"), known_metrics)
 
-    budget_map = r.mapping(
-        top.get("budget"), "budget",
-        {"trials", "concurrent", "epochs", "cpus_per_trial", "gpus_per_trial", "max_failures", "time_limit_s"},
-    )
+    budget_map = r.mapping(top.get("budget"), "budget", set(_BUDGET_NUMBERS))
     defaults = Budget()
-    budget = Budget(
-        trials=r.number(budget_map.get("trials", defaults.trials), "budget.trials", int, 1),
-        concurrent=r.number(budget_map.get("concurrent", defaults.concurrent), "budget.concurrent", int, 1),
-        epochs=r.number(budget_map.get("epochs", defaults.epochs), "budget.epochs", int, 0),
-        cpus_per_trial=r.number(budget_map.get("cpus_per_trial", defaults.cpus_per_trial), "budget.cpus_per_trial", float, 0),
-        gpus_per_trial=r.number(budget_map.get("gpus_per_trial", defaults.gpus_per_trial), "budget.gpus_per_trial", float, 0),
-        max_failures=r.number(budget_map.get("max_failures", defaults.max_failures), "budget.max_failures", int, 0),
-        time_limit_s=(
-            None if budget_map.get("time_limit_s") is None
-            else r.number(budget_map["time_limit_s"], "budget.time_limit_s", float, 1)
-        ),
-    )
-
     sampler_map = top.get("sampler", {})
     if isinstance(sampler_map, str):
         sampler_map = {"name": sampler_map}
     sampler_map = r.mapping(sampler_map, "sampler", {"name", "seed"})
     measure = r.mapping(top.get("measure"), "measure", {"latency_batch_size", "latency_repeats"})
     output = r.mapping(top.get("output"), "output", {"results_dir", "tracking_uri", "optuna_storage", "checkpoint_storage"})
+    settings = _settings(r, {
+        "name": str(top.get("name") or Path(path).stem),
+        "baseline_epochs": baseline.get("epochs", 10),
+        "batch_size": training.get("batch_size", SearchSpace.batch_size),
+        "lr": training.get("lr", SearchSpace.lr),
+        "weight_decay": training.get("weight_decay", SearchSpace.weight_decay),
+        "seed": sampler_map.get("seed", SearchSpace.seed),
+        "latency_batch_size": measure.get("latency_batch_size", SearchSpace.latency_batch_size),
+        "latency_repeats": measure.get("latency_repeats", SearchSpace.latency_repeats),
+        "results_dir": output.get("results_dir", SearchSpace.results_dir),
+        "tracking_uri": output.get("tracking_uri", SearchSpace.tracking_uri),
+        "budget": {field: budget_map.get(field, getattr(defaults, field)) for field in _BUDGET_NUMBERS},
+    })  # fmt: skip
 
     return SearchSpace(
-        name=name,
         task=task,
         task_options=task_options,
         model=model,
         model_options=model_options,
-        baseline_epochs=baseline_epochs,
         baseline_checkpoint=checkpoint,
         methods=methods,
         objectives=objectives,
         constraints=constraints,
-        budget=budget,
         sampler=r.choice(sampler_map.get("name", "nsga2"), "sampler.name", SAMPLERS),
-        seed=r.number(sampler_map.get("seed", 0), "sampler.seed", int, 0),
-        batch_size=r.number(training.get("batch_size", 64), "training.batch_size", int, 1),
-        lr=r.number(training.get("lr", 0.05), "training.lr", float, 0),
         optimizer=r.choice(training.get("optimizer", "sgd"), "training.optimizer", OPTIMIZERS),
-        weight_decay=r.number(training.get("weight_decay", 5e-4), "training.weight_decay", float, 0),
-        latency_batch_size=r.number(measure.get("latency_batch_size", 1), "measure.latency_batch_size", int, 1),
-        latency_repeats=r.number(measure.get("latency_repeats", 20), "measure.latency_repeats", int, 1),
-        results_dir=str(output.get("results_dir", "slimtune_results")),
-        tracking_uri=str(output.get("tracking_uri", "sqlite:///mlflow.db")),
         optuna_storage=output.get("optuna_storage"),
         checkpoint_storage=output.get("checkpoint_storage"),
         source=source,
         path=path,
+        warnings=_warnings(r, objectives, constraints, known_metrics),
+        **settings,
     )
+
+
+def _settings(r: _Reader, values: dict[str, Any]) -> dict[str, Any]:
+    """Check the settings a command line can override too; return them as SearchSpace fields.
+
+    Called by :func:`parse_space` with the YAML's values and by
+    :meth:`SearchSpace.with_overrides` with the overridden ones, so both obey one set of rules.
+    ``values`` holds every field of :data:`_NUMBERS`, ``name``, ``results_dir``, ``tracking_uri``
+    and ``budget`` (a mapping of the budget's fields).
+    """
+    out: dict[str, Any] = {field: r.number(values[field], key, kind, low) for field, (key, kind, low) in _NUMBERS.items()}
+    budget = values["budget"]
+    out["budget"] = Budget(**{
+        field: None if field == "time_limit_s" and budget[field] is None else r.number(budget[field], f"budget.{field}", kind, low)
+        for field, (kind, low) in _BUDGET_NUMBERS.items()
+    })  # fmt: skip
+    name = values["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise r.error(
+            "name",
+            f"may hold letters, digits, '_', '.' and '-' only, and start with a letter, digit or '_' "
+            f"(it names a folder and an MLflow experiment), but got {name!r}.",
+        )
+    out["name"] = name
+    results_dir = values["results_dir"]
+    if not isinstance(results_dir, (str, os.PathLike)) or not str(results_dir).strip():
+        raise r.error("output.results_dir", f"must be a folder path, but got {results_dir!r}.")
+    out["results_dir"] = str(results_dir)
+    out["tracking_uri"] = _tracking_uri(r, values["tracking_uri"])
+    return out
+
+
+def _tracking_uri(r: _Reader, uri: Any) -> str:
+    """An MLflow database or server URI; a plain folder (MLflow's file store) is refused."""
+    key = "output.tracking_uri"
+    example = "sqlite:///mlflow.db or http://HOST:5000"
+    if not isinstance(uri, str) or not uri.strip():
+        raise r.error(key, f"must be an MLflow tracking URI such as {example}, but got {uri!r}.")
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("", "file"):
+        raise r.error(
+            key,
+            f"MLflow's file store (a folder path) is in maintenance mode and slimtune does not write to it, "
+            f"but got {uri!r}. Use a database or a server, e.g. {example}.",
+        )
+    if scheme not in TRACKING_SCHEMES:
+        raise r.error(key, f"unknown URI scheme '{scheme}' in {uri!r}; use one of {', '.join(TRACKING_SCHEMES)}, e.g. {example}.")
+    return uri
 
 
 def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
@@ -328,7 +462,9 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
 
 
 def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
-    if not isinstance(value, dict) or not value:
+    if value == {} or value is None:
+        raise r.error("methods", "no methods; list at least one, e.g. `methods: {l1_filter: {optional: true}}` (see `slimtune methods`).")
+    if not isinstance(value, dict):
         raise r.error("methods", "must map method names to their settings, e.g. `methods: {l1_filter: {optional: true}}`.")
     known = list_methods()
     out = []
@@ -445,3 +581,30 @@ def _constraints(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Constra
             raise r.error(key, f"the bound {bound!r} is not a number.") from None
     return tuple(out)
 
+
+def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[Constraint, ...], known: dict[str, str]) -> tuple[str, ...]:
+    """What is valid but probably not meant: an objective against its metric's nature, a constraint outside its metric's range."""
+    out = []
+    for o in objectives:
+        natural = known[o.metric]
+        if o.direction != natural:
+            nature = "higher is better" if natural == "max" else "lower is better"
+            out.append(r.message(
+                f"objectives.{o.metric}",
+                f"{o.direction} {'minimises' if o.direction == 'min' else 'maximises'} {o.metric}, for which {nature}; "
+                f"the search will favour the worst models. Did you mean `{o.metric}: {natural}`?",
+            ))
+    for i, c in enumerate(constraints):
+        if c.metric not in METRIC_RANGES:
+            continue
+        low, high = METRIC_RANGES[c.metric]
+        never = c.bound > high if c.op == ">=" else c.bound < low
+        always = c.bound <= low if c.op == ">=" else c.bound >= high
+        if never or always:
+            effect = "never holds: no trial will be feasible and the Pareto front will be empty" if never else "always holds: it constrains nothing"
+            out.append(r.message(
+                f"constraints[{i}]",
+                f"'{c}' {effect}, since {c.metric} lies within [{low:g}, {high:g}]"
+                + (" (a fraction: write 0.9 for 90%)." if high == 1.0 else "."),
+            ))
+    return tuple(out)

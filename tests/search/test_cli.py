@@ -109,3 +109,90 @@ def test_pareto_of_unknown_search_exits_2(capsys, tmp_path: Path) -> None:
     assert err.startswith("slimtune: error: no search named 'nosuch'")
     assert f"There are no searches in {tmp_path}" in err
     assert len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Every user error is one line and exit 2, before anything is created; warnings reach stderr.
+# ----------------------------------------------------------------------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert lines[0].startswith("slimtune: error: ")
+    return lines[0].removeprefix("slimtune: error: ")
+
+
+BAD_OVERRIDES = [
+    (["--trials", "0"], f"overrides of {QUICKSTART}: budget.trials: must be >= 1, but got 0."),
+    (["--trials", "-2"], f"overrides of {QUICKSTART}: budget.trials: must be >= 1, but got -2."),
+    (["--tracking-uri", "mlruns"], f"overrides of {QUICKSTART}: output.tracking_uri: MLflow's file store (a folder path) is in maintenance mode"),
+    (["--name", "a/b"], f"overrides of {QUICKSTART}: name: may hold letters, digits"),
+]
+#: ``search --name`` reaches SearchSpace.with_overrides once the search driver applies it there.
+CASES = [("check", *case) for case in BAD_OVERRIDES] + [("search", *case) for case in BAD_OVERRIDES[:3]]
+
+
+@pytest.mark.parametrize(("command", "options", "says"), CASES)
+def test_bad_overrides_are_one_line_and_leave_nothing(capsys, monkeypatch, tmp_path: Path, command: str, options: list[str], says: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([command, str(QUICKSTART), *options]) == 2
+    assert _one_error_line(capsys).startswith(says)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_refuses_an_unwritable_results_folder(capsys, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    assert main(["check", str(QUICKSTART), "--results-dir", str(tmp_path / "file" / "r")]) == 2
+    assert _one_error_line(capsys) == (
+        f"results folder (--results-dir / output.results_dir) {tmp_path / 'file' / 'r'}: cannot be a folder, "
+        f"since {tmp_path / 'file'} is a file. Choose another path."
+    )
+
+
+def test_check_refuses_gpu_trials_without_a_gpu(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("search.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["budget"]["gpus_per_trial"] = 1
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", str(path)]) == 2
+    assert _one_error_line(capsys).startswith(f"{path}: budget.gpus_per_trial: each trial asks for 1 GPU, but the cluster has 2 CPUs and 0 GPUs;")
+
+
+def test_check_refuses_a_model_that_rejects_the_task_input(capsys, tmp_path: Path) -> None:
+    path = tmp_path / "vit.yaml"
+    path.write_text(yaml.safe_dump({"task": "digits", "model": "vit_b_16", "methods": {"l1_filter": {}}, "objectives": {"accuracy": "max", "macs": "min"}}))
+    assert main(["check", str(path)]) == 2
+    message = _one_error_line(capsys)
+    assert message.startswith(f"{path}: model: 'vit_b_16' does not accept task 'digits' input of shape (2, 1, 8, 8)")
+
+
+def test_check_prints_warnings_and_plurals(capsys, tmp_path: Path) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["methods"] = {"l1_filter": {}}
+    data["objectives"] = {"accuracy": "min", "macs": "min"}
+    data["constraints"] = ["accuracy >= 2.0"]
+    path = tmp_path / "warn.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", str(path), "--results-dir", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"{path}: valid (digits / digits_cnn, 1 method, objectives accuracy, macs)"
+    assert captured.out.splitlines()[-1] == "1 pre-flight check passed"
+    warnings = captured.err.splitlines()
+    assert [w.split(": ")[:3] for w in warnings] == [
+        ["slimtune", "warning", str(path)],
+        ["slimtune", "warning", str(path)],
+    ]
+    assert "objectives.accuracy: min minimises accuracy" in warnings[0]
+    assert "constraints[0]: 'accuracy >= 2' never holds" in warnings[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["warn.yaml"]
+
+
+def test_export_into_an_unwritable_folder_is_one_line(capsys, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "export"
+    assert main(["export", "any", "--pick", "knee", "--out", str(out), "--results-dir", str(tmp_path)]) == 2
+    assert _one_error_line(capsys) == f"--out {out}: cannot be a folder, since {tmp_path / 'file'} is a file. Choose another path."

@@ -241,3 +241,151 @@ def test_missing_file_points_at_a_bundled_space_of_that_name(tmp_path: Path) -> 
     with pytest.raises(UserError) as info:
         load_space(path)
     assert str(info.value) == f"{path}: no such file. A space of that name ships with slimtune: {QUICKSTART}."
+
+
+# ----------------------------------------------------------------------------------------------
+# Duplicate keys, empty methods, command-line overrides, warnings.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_method_listed_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "task: digits\nmodel: digits_cnn\nmethods:\n  l1_filter: {params: {ratio: 0.3}}\n  kd: {}\n"
+        "  l1_filter: {params: {ratio: 0.6}}\nobjectives: {accuracy: max, macs: min}\n"
+    )
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    assert str(info.value) == (
+        f"{path}: methods.l1_filter: given twice (lines 4 and 6); a method may be listed once, and YAML would "
+        "silently keep only the last one. Merge the two entries into one."
+    )
+
+
+def test_any_key_given_twice_is_an_error_with_its_key_path(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(VALID, sort_keys=False) + "budget:\n  trials: 4\n  epochs: 1\n  trials: 9\n")
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    lines = path.read_text().splitlines()
+    first, second = [i + 1 for i, line in enumerate(lines) if line.strip().startswith("trials:")]
+    assert str(info.value).startswith(f"{path}: budget.trials: given twice (lines {first} and {second}); a key may appear once")
+
+
+def test_empty_methods_says_no_methods(tmp_path: Path) -> None:
+    path = tmp_path / "none.yaml"
+    path.write_text(yaml.safe_dump(_edit(_set("methods", {})), sort_keys=False))
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    assert str(info.value).startswith(f"{path}: methods: no methods; list at least one")
+
+
+def _yaml_error(tmp_path: Path, edit) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_edit(edit), sort_keys=False))
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    return str(info.value).removeprefix(f"{path}: ")
+
+
+def _override_error(tmp_path: Path, **changes) -> str:
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(VALID, sort_keys=False))
+    space = load_space(path)
+    with pytest.raises(UserError) as info:
+        space.with_overrides(**changes)
+    message = str(info.value)
+    assert message.startswith(f"overrides of {path}: "), message
+    return message.removeprefix(f"overrides of {path}: ")
+
+
+OVERRIDES = [
+    ("trials 0", _set("budget", {"trials": 0}), {"trials": 0}, "budget.trials: must be >= 1, but got 0."),
+    ("trials -2", _set("budget", {"trials": -2}), {"trials": -2}, "budget.trials: must be >= 1, but got -2."),
+    ("budget's trials 0", _set("budget", {"trials": 0}), {"budget": {"trials": 0}}, "budget.trials: must be >= 1, but got 0."),
+    ("epochs -1", _set("budget", {"epochs": -1}), {"epochs": -1}, "budget.epochs: must be >= 0, but got -1."),
+    ("name with a slash", _set("name", "a/b"), {"name": "a/b"}, "name: may hold letters, digits, '_', '.' and '-' only"),
+    ("name ..", _set("name", ".."), {"name": ".."}, "name: may hold letters, digits"),
+    ("file store", _set("output", {"tracking_uri": "mlruns"}), {"tracking_uri": "mlruns"}, "output.tracking_uri: MLflow's file store"),
+    ("file:// store", _set("output", {"tracking_uri": "file:///tmp/mlruns"}), {"tracking_uri": "file:///tmp/mlruns"}, "output.tracking_uri: MLflow's file store"),
+    ("unknown scheme", _set("output", {"tracking_uri": "sqlit:///x.db"}), {"tracking_uri": "sqlit:///x.db"}, "output.tracking_uri: unknown URI scheme 'sqlit'"),
+    ("empty results dir", _set("output", {"results_dir": " "}), {"results_dir": " "}, "output.results_dir: must be a folder path"),
+]
+
+
+@pytest.mark.parametrize(("edit", "changes", "says"), [o[1:] for o in OVERRIDES], ids=[o[0] for o in OVERRIDES])
+def test_overrides_are_refused_with_the_yaml_error(tmp_path: Path, edit, changes: dict, says: str) -> None:
+    from search.space import Budget
+
+    from_yaml = _yaml_error(tmp_path, edit)
+    if "budget" in changes:
+        changes = {"budget": Budget(**changes["budget"])}
+    assert from_yaml.startswith(says), from_yaml
+    assert _override_error(tmp_path, **changes) == from_yaml
+
+
+def test_valid_overrides_apply(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(VALID, sort_keys=False))
+    space = load_space(path)
+    changed = space.with_overrides(
+        name="run-2", trials=3, tracking_uri="postgresql+psycopg2://db:5432/mlflow", results_dir=tmp_path / "r"
+    )
+    assert (changed.name, changed.budget.trials, changed.tracking_uri, changed.results_dir) == (
+        "run-2", 3, "postgresql+psycopg2://db:5432/mlflow", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert changed.budget.epochs == space.budget.epochs == 2
+    assert (space.name, space.budget.trials) == ("ok", 12)
+    # Options the command line did not give (None) leave the space as it is.
+    assert space.with_overrides(name=None, trials=None, tracking_uri=None, results_dir=None) == space
+    assert space.with_overrides(budget=type(space.budget)(trials=5), epochs=4).budget == type(space.budget)(trials=5, epochs=4)
+
+
+def test_quickstart_has_no_warnings() -> None:
+    assert load_space(QUICKSTART).warnings == ()
+
+
+def _warnings(tmp_path: Path, data: dict) -> tuple[str, ...]:
+    path = tmp_path / "warn.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return tuple(w.removeprefix(f"{path}: ") for w in load_space(path).warnings)
+
+
+def test_objective_against_its_metric_warns(tmp_path: Path) -> None:
+    warnings = _warnings(tmp_path, _edit(_set("objectives", {"accuracy": "min", "macs": "max", "params": "min"})))
+    assert len(warnings) == 2
+    assert warnings[0].startswith("objectives.accuracy: min minimises accuracy, for which higher is better")
+    assert warnings[0].endswith("Did you mean `accuracy: max`?")
+    assert warnings[1].startswith("objectives.macs: max maximises macs, for which lower is better")
+
+
+CONSTRAINTS = [
+    ("accuracy >= 2.0", "never holds"),
+    ("accuracy <= -0.1", "never holds"),
+    ("accuracy <= 1", "always holds"),
+    ("accuracy_drop <= 1.5", "always holds"),
+    ("macs <= -5", "never holds"),
+    ("latency_ms >= 0", "always holds"),
+    ("accuracy >= 0.9", None),
+    ("accuracy_drop <= 0.02", None),
+    ("macs <= 1e6", None),
+]
+
+
+@pytest.mark.parametrize(("constraint", "says"), CONSTRAINTS)
+def test_constraint_outside_its_metric_range_warns(tmp_path: Path, constraint: str, says: str | None) -> None:
+    warnings = _warnings(tmp_path, _edit(_set("constraints", [constraint])))
+    if says is None:
+        assert warnings == ()
+    else:
+        assert len(warnings) == 1
+        assert warnings[0].startswith(f"constraints[0]: '{constraint.replace('2.0', '2')}' {says}"), warnings[0]
+
+
+def test_super_resolution_ranges(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "spaces" / "sr_quickstart.yaml").read_text())
+    data["objectives"] = {"psnr": "min", "ssim": "max"}
+    data["constraints"] = ["ssim >= 1.5", "psnr >= 30", "psnr <= -1"]
+    warnings = _warnings(tmp_path, data)
+    assert [w.split(":")[0] for w in warnings] == ["objectives.psnr", "constraints[0]", "constraints[2]"]
+    assert "ssim lies within [-1, 1]" in warnings[1] and "psnr lies within [0, inf]" in warnings[2]
