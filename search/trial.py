@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from search.export import export_model
-from search.measure import count_flops, count_params, latency_ms, size_bytes
+from search.measure import apply_reported_cost, count_flops, count_params, latency_ms, size_bytes
 from models import create_model
 from search.space import SearchSpace
 from tasks import Task, create_task
@@ -138,11 +138,21 @@ def build_context(
     )
 
 
-def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.device, baseline: dict[str, float] | None) -> dict[str, Any]:
+def measure(
+    model: nn.Module,
+    space: SearchSpace,
+    task: Task,
+    device: torch.device,
+    baseline: dict[str, float] | None,
+    reported_cost: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Quality on the test split and the cost figures, all measured on ``model`` itself.
 
-    With the ``baseline``'s metrics, also each quality metric's drop from the baseline
-    (``accuracy_drop = baseline accuracy - accuracy``).
+    Cost is measured at the task's input shape (``task.example_input``: one sample for MACs and
+    FLOPs, ``measure.latency_batch_size`` samples for latency). With the ``baseline``'s metrics,
+    also each quality metric's drop from the baseline (``accuracy_drop = baseline accuracy -
+    accuracy``). ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the
+    measured ones staying as ``measured_<metric>`` (:func:`search.measure.apply_reported_cost`).
     """
     model.eval()
     test = task.evaluate(model, _loader(task.test_set, task.eval_batch_size, False, 0), device)
@@ -160,7 +170,7 @@ def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.devi
     })
     for m in task.metrics:
         metrics[f"{m}_drop"] = (baseline[m] - metrics[m]) if baseline is not None else 0.0
-    return metrics
+    return apply_reported_cost(metrics, reported_cost or {})
 
 
 def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
@@ -230,7 +240,7 @@ def run_pipeline(
 
     model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
-    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics)
+    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx))
     metrics.update(pipeline.metrics())
     files = export_model(model, task.example_input(1).to(device), out_dir, {"recipe": recipe, "space": space.name, "task": space.task, "model": space.model})
     metrics["artifact_bytes"] = float(files["model.pt2"])
