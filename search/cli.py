@@ -57,9 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="slimtune_results")
 
     p = sub.add_parser("profile", help="params, MACs, FLOPs and latency of a model")
-    p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, ...) or any torchvision classification model")
-    p.add_argument("--task", default=None, choices=sorted(PROFILE_SHAPES), help="input shape and classes to measure at")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size for latency")
+    p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, edsr_small, ...) or any torchvision classification model")
+    p.add_argument(
+        "--task", default=None, choices=sorted([*PROFILE_SHAPES, "sr"]),
+        help="input shape and classes to measure at; sr: super-resolution at the LR size of the sr task's default training patch",
+    )
+    p.add_argument("--scale", type=int, default=None, help="upscaling factor of a super-resolution model, 2, 3 or 4 (default 2; --task sr only)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for latency (at least 1)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("methods", help="list the compression methods and their hyperparameters")
@@ -157,19 +161,10 @@ def _profile(args: argparse.Namespace) -> int:
     import torch
 
     from search.measure import count_flops, count_params, latency_ms, size_bytes
-    from models import create_model
 
-    from models import list_models
-
-    if args.task is not None:
-        task = args.task
-    elif args.model.startswith("digits"):
-        task = "digits"
-    else:
-        # Our other registered models are the CIFAR ones; torchvision models are ImageNet's.
-        task = "cifar10" if args.model in list_models() else "imagenet"
-    shape, classes = PROFILE_SHAPES[task]
-    model = create_model(args.model, num_classes=classes, in_channels=shape[0]).eval()
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}.")
+    task, shape, model = _profile_model(args)
     flops = count_flops(model, torch.zeros(1, *shape))
     report = {
         "model": args.model,
@@ -184,10 +179,13 @@ def _profile(args: argparse.Namespace) -> int:
         "device": "cpu",
         "uncounted_ops": list(flops.uncounted_ops),
     }
+    if task == "sr":
+        report["scale"] = model.scale
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.model} at {task} input {tuple(shape)}:")
+        at = f"sr x{model.scale}" if task == "sr" else task
+        print(f"{args.model} at {at} input {tuple(shape)}:")
         print(f"  params      {report['params']:,} ({report['params'] / 1e6:.3f}M)")
         print(f"  MACs        {report['macs']:,} ({report['macs'] / 1e6:.2f}M)")
         print(f"  FLOPs       {report['flops']:,} (= 2 x MACs)")
@@ -195,6 +193,44 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"  latency     {report['latency_ms']:.3f} ms (median, batch {args.batch_size}, cpu)")
         print(f"  not counted {', '.join(report['uncounted_ops']) or '(none)'} (ops without a FLOP formula, e.g. elementwise)")
     return 0
+
+
+def _profile_model(args: argparse.Namespace) -> tuple[str, tuple[int, ...], Any]:
+    """The task ``profile`` measures at, the input shape of one sample and the model built for it.
+
+    Without ``--task``: ``digits*`` models at digits, other registered classifiers at CIFAR-10,
+    registered super-resolution models at sr, torchvision models at ImageNet.
+    """
+    import inspect
+
+    from models import create_model, list_models
+    from tasks.sr import SCALES, sr
+
+    task = args.task
+    if task is None:
+        if args.model.startswith("digits"):
+            task = "digits"
+        elif args.model not in list_models():
+            task = "imagenet"
+        else:
+            try:
+                # A classifier is refused before it is built (it needs num_classes).
+                create_model(args.model, num_classes=None)
+                task = "sr"
+            except UserError:
+                task = "cifar10"
+    if task != "sr":
+        if args.scale is not None:
+            raise UserError(f"--scale applies to super-resolution models (--task sr), but the task is {task}; drop --scale.")
+        shape, classes = PROFILE_SHAPES[task]
+        return task, shape, create_model(args.model, num_classes=classes, in_channels=shape[0]).eval()
+    scale = 2 if args.scale is None else args.scale
+    if scale not in SCALES:
+        raise UserError(f"--scale must be one of {', '.join(map(str, SCALES))}, but got {scale}.")
+    # The size a search measures at with the sr task's defaults: the LR side of a training patch.
+    lr_side = inspect.signature(sr).parameters["patch_size"].default // scale
+    shape = (3, lr_side, lr_side)
+    return task, shape, create_model(args.model, num_classes=None, in_channels=3, scale=scale).eval()
 
 
 def _methods(args: argparse.Namespace) -> int:
