@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--pick", help="knee, max-<metric> (e.g. max-accuracy) or min-<metric> (e.g. min-macs)")
     p.add_argument("--out", required=True, help="folder to write the export to")
     p.add_argument("--results-dir", default="slimtune_results")
+
+    p = sub.add_parser("replay", help="retrain an exported trial from its recipe.json and compare the metrics")
+    p.add_argument("recipe", help="the recipe.json of an export (or the export folder)")
+    p.add_argument("--out", required=True, help="folder to write the replayed model to (new or empty)")
 
     p = sub.add_parser("profile", help="params, MACs, FLOPs and latency of a model")
     p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, edsr_small, ...) or any torchvision classification model")
@@ -123,7 +128,7 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 def _export(args: argparse.Namespace) -> int:
     import shutil
 
-    from search.export import check_round_trip
+    from search.export import check_round_trip, write_recipe
     from search.runner import completed_records, exported_model_dir, load_search, pick_record, rank_records
     from search.trial import load_task
 
@@ -145,15 +150,61 @@ def _export(args: argparse.Namespace) -> int:
         if source is None:
             raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
         shutil.copytree(source, out, dirs_exist_ok=True)
+    # The trial wrote its own recipe and metrics; say where it came from.
     recipe = json.loads((out / "recipe.json").read_text())
-    recipe.update({"search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id, "metrics": chosen.metrics})
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    recipe.update({"search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id})
+    write_recipe(out, recipe)
     task = load_task(record.space)
     diff = check_round_trip(out, task.example_input(2))
     print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
     print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in record.space.metric_names))
     print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded program matches the module (max diff {diff:.2g})")
     print(f"  load with: torch.export.load('{out / 'model.pt2'}').module()")
+    return 0
+
+
+#: Metrics a replay does not compare: timings vary from run to run.
+_TIMINGS = ("latency_ms", "measured_latency_ms")
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from search.recipe import read_recipe, versions
+    from search.trial import replay
+
+    doc = read_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose an empty or new folder.")
+    for package, recorded in doc.get("versions", {}).items():
+        installed = versions().get(package)
+        if installed != recorded:
+            print(f"slimtune: warning: the recipe was made with {package} {recorded}, this is {installed}; metrics may differ.", file=sys.stderr)
+    steps = " > ".join(step["name"] for step in doc["pipeline"]) or "(no methods)"
+    source = f"{doc['trial']} of '{doc['search']}'" if "trial" in doc and "search" in doc else str(args.recipe)
+    print(f"replaying {source}: {steps} on {doc['task']['name']} / {doc['model']['name']} ({doc['run']['device']})")
+    baseline_metrics, metrics, same_baseline = replay(doc, out, log=lambda line: print(f"  {line}"))
+    print(f"  baseline weights {'equal' if same_baseline else 'DIFFER from'} the recorded ones")
+    expected = {**{f"baseline.{k}": v for k, v in doc["baseline"]["metrics"].items()}, **doc["metrics"]}
+    got = {**{f"baseline.{k}": v for k, v in baseline_metrics.items()}, **metrics}
+    compared, differ = 0, []
+    for key, value in expected.items():
+        if key.split(".")[-1] in _TIMINGS:
+            continue
+        compared += 1
+        replayed = got.get(key)
+        if isinstance(value, (int, float)) and isinstance(replayed, (int, float)):
+            same = math.isclose(value, replayed, rel_tol=1e-6, abs_tol=1e-6)
+        else:
+            same = value == replayed
+        if not same:
+            differ.append(f"{key}: recorded {value!r}, replayed {replayed!r}")
+    print(f"  {', '.join(f'{m} {metrics[m]:.6g}' for m in ('accuracy', 'psnr', 'macs', 'size_bytes') if m in metrics)}")
+    if differ:
+        print(f"{len(differ)} of {compared} metrics differ from the recipe's (latency not compared):", file=sys.stderr)
+        for line in differ:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"replayed into {out}: all {compared} metrics equal the recipe's within 1e-6 (latency not compared)")
     return 0
 
 
@@ -293,6 +344,7 @@ _COMMANDS = {
     "resume": _resume,
     "pareto": _pareto,
     "export": _export,
+    "replay": _replay,
     "profile": _profile,
     "methods": _methods,
     "check": _check,

@@ -13,7 +13,8 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from errors import UserError
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from search.export import export_model
+from search.export import export_model, write_recipe
 from search.measure import apply_reported_cost, count_flops, count_params, latency_ms, size_bytes
 from models import create_model
+from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
 from tasks import Task, create_task
 
@@ -40,6 +43,7 @@ __all__ = [
     "train_baseline",
     "run_pipeline",
     "run_trial",
+    "replay",
     "load_task",
 ]
 
@@ -167,6 +171,8 @@ def measure(
         "size_bytes": float(size_bytes(model)),
         "latency_ms": latency_ms(model, task.example_input(space.latency_batch_size).to(device), repeats=space.latency_repeats),
         "uncounted_ops": ",".join(flops.uncounted_ops),
+        # Latency, and the last bits of training on CPU, depend on it; a replay uses it again.
+        "torch_threads": float(torch.get_num_threads()),
     })
     for m in task.metrics:
         metrics[f"{m}_drop"] = (baseline[m] - metrics[m]) if baseline is not None else 0.0
@@ -188,7 +194,7 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
     with tempfile.TemporaryDirectory() as tmp:
-        metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp), {})["model.pt2"])
+        metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp))["model.pt2"])
     return model, metrics
 
 
@@ -242,9 +248,53 @@ def run_pipeline(
     model.eval()
     metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx))
     metrics.update(pipeline.metrics())
-    files = export_model(model, task.example_input(1).to(device), out_dir, {"recipe": recipe, "space": space.name, "task": space.task, "model": space.model})
+    files = export_model(model, task.example_input(1).to(device), out_dir)
     metrics["artifact_bytes"] = float(files["model.pt2"])
+    write_recipe(out_dir, recipe_document(space, task, pipeline.recipe(), device, spec.baseline_state, spec.baseline_metrics, metrics))
     return metrics
+
+
+def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Retrain a recipe's baseline and pipeline as its search did, and export the result into ``out_dir``.
+
+    The baseline is trained by :func:`train_baseline` and the trial run by :func:`run_pipeline`,
+    on the recipe's device and with the thread counts each had, so that on the same machine
+    and versions the metrics come out the same.
+
+    Args:
+        doc: A recipe (:func:`search.recipe.read_recipe`).
+        out_dir: Where the replayed model and its own ``recipe.json`` go.
+        log: Receives the training log lines.
+
+    Returns:
+        The replayed baseline's metrics, the trial's metrics, and whether the retrained baseline's
+        weights equal the recorded ones bit for bit.
+
+    Raises:
+        UserError: The recipe names a CUDA device this machine does not have.
+    """
+    space = space_from_recipe(doc)
+    device = torch.device(doc["run"]["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("the recipe's trial ran on CUDA, but this machine has no CUDA device; replay it on a machine with a GPU.")
+    with _torch_threads(int(doc["baseline"]["torch_threads"])):
+        baseline, baseline_metrics = train_baseline(space, device, log=log)
+    state = {k: v.detach().cpu() for k, v in baseline.state_dict().items()}
+    same_baseline = state_digest(state) == doc["baseline"]["state_sha256"]
+    spec = TrialSpec(space=space, baseline_state=state, baseline_metrics=baseline_metrics)
+    with _torch_threads(int(doc["run"]["torch_threads"])):
+        metrics = run_pipeline(spec, doc["pipeline"], Path(out_dir), device, seed=space.seed, log=log)
+    return baseline_metrics, metrics, same_baseline
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
