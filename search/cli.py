@@ -159,7 +159,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
     print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in record.space.metric_names))
     print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded program matches the module (max diff {diff:.2g})")
-    print(f"  load with: torch.export.load('{out / 'model.pt2'}').module()")
+    print(f"  run with: torch.export.load('{out / 'model.pt2'}').module()(x)  (already in eval mode; it has no .eval())")
     return 0
 
 

@@ -190,7 +190,8 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         log(f"baseline loaded from {space.baseline_checkpoint}")
     elif space.baseline_epochs > 0:
         ctx = build_context(space, task, teacher=model, device=device, seed=space.seed, log=log)
-        log(f"training the baseline {space.model} on {space.task} for {space.baseline_epochs} epochs")
+        epochs = f"{space.baseline_epochs} epoch{'' if space.baseline_epochs == 1 else 's'}"
+        log(f"training the baseline {space.model} on {space.task} for {epochs}")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
     with tempfile.TemporaryDirectory() as tmp:
