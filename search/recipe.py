@@ -12,7 +12,8 @@ Keys (``format`` 1):
   normalised, and the transform of each split);
 - ``model``: ``name``, ``options`` (defaults included, except what the task supplies) and
   ``task_arguments`` (what the task supplies: ``num_classes``, ``in_channels``, ``scale``);
-- ``baseline``: ``epochs``, ``checkpoint`` (or null), ``torch_threads`` it was trained with,
+- ``baseline``: ``epochs``, ``checkpoint`` (or null), ``torch_threads`` it was trained with
+  (null if unknown),
   ``state_sha256`` (a digest of its weights) and its ``metrics``;
 - ``training``: ``batch_size``, ``lr``, ``optimizer``, ``weight_decay``, ``epochs`` (default
   length of a method's phase), ``seed`` (seeds the baseline, the trial and the loaders);
@@ -94,6 +95,11 @@ def _preprocessing(task: Task, factory: Any) -> dict[str, str]:
     }
 
 
+def _threads(metrics: dict[str, Any]) -> int | None:
+    # None for a baseline measured before slimtune recorded threads (a search resumed across versions).
+    return int(metrics["torch_threads"]) if metrics.get("torch_threads") is not None else None
+
+
 def recipe_document(
     space: SearchSpace,
     task: Task,
@@ -133,7 +139,7 @@ def recipe_document(
         "baseline": {
             "epochs": space.baseline_epochs,
             "checkpoint": space.baseline_checkpoint,
-            "torch_threads": int(baseline_metrics["torch_threads"]),
+            "torch_threads": _threads(baseline_metrics),
             "state_sha256": state_digest(baseline_state),
             "metrics": baseline_metrics,
         },
@@ -151,7 +157,7 @@ def recipe_document(
             "device": device.type,
             "cpus_per_trial": space.budget.cpus_per_trial,
             "gpus_per_trial": space.budget.gpus_per_trial,
-            "torch_threads": int(metrics["torch_threads"]),
+            "torch_threads": _threads(metrics),
         },
         "versions": versions(),
         "metrics": metrics,

@@ -219,6 +219,8 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Compress a copy of the baseline with ``recipe``, measure it and export it into ``out_dir``.
 
+    The export's ``recipe.json`` (:mod:`search.recipe`) holds everything in effect and the metrics.
+
     Returns:
         The final metrics (objectives, cost figures and each method's own figures).
     """
@@ -278,20 +280,26 @@ def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = prin
     device = torch.device(doc["run"]["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("the recipe's trial ran on CUDA, but this machine has no CUDA device; replay it on a machine with a GPU.")
-    with _torch_threads(int(doc["baseline"]["torch_threads"])):
+    if space.baseline_checkpoint and not Path(space.baseline_checkpoint).is_file():
+        raise UserError(
+            f"the recipe's baseline is the checkpoint {space.baseline_checkpoint}, which does not exist here; "
+            "copy it there (its weights must match baseline.state_sha256) and replay again."
+        )
+    with _torch_threads(doc["baseline"]["torch_threads"]):
         baseline, baseline_metrics = train_baseline(space, device, log=log)
     state = {k: v.detach().cpu() for k, v in baseline.state_dict().items()}
     same_baseline = state_digest(state) == doc["baseline"]["state_sha256"]
     spec = TrialSpec(space=space, baseline_state=state, baseline_metrics=baseline_metrics)
-    with _torch_threads(int(doc["run"]["torch_threads"])):
+    with _torch_threads(doc["run"]["torch_threads"]):
         metrics = run_pipeline(spec, doc["pipeline"], Path(out_dir), device, seed=space.seed, log=log)
     return baseline_metrics, metrics, same_baseline
 
 
 @contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch threads (None: as set), then restore the previous count."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch.set_num_threads(count or previous)
     try:
         yield
     finally:

@@ -165,6 +165,7 @@ class _UnrolledCell(nn.Module):
         return state[0] if isinstance(state, tuple) else state
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 @pytest.mark.parametrize(
     ("layer", "time_major", "steps", "macs"),
     [

@@ -152,3 +152,15 @@ def test_a_searched_and_exported_trial_replays_to_its_metrics(tmp_path: Path, ca
     assert main(["replay", str(export / "recipe.json"), "--out", str(tmp_path / "replayed")]) == 0
     printed = capsys.readouterr().out
     assert "baseline weights equal the recorded ones" in printed and "metrics equal the recipe's" in printed
+
+
+def test_recipe_model_options_include_the_factorys_defaults_but_not_what_the_task_supplies() -> None:
+    from search.recipe import recipe_document
+    from search.trial import load_task
+
+    space = load_space(ROOT / "spaces" / "quickstart.yaml").with_overrides(model="digits_resnet")
+    task = load_task(space)
+    doc = recipe_document(space, task, [], torch.device("cpu"), {"w": torch.ones(2)}, {}, {"torch_threads": 1.0})
+    assert doc["model"]["options"] == {"shortcut": "A"}
+    assert doc["model"]["task_arguments"] == {"num_classes": 10, "in_channels": 1}
+    assert doc["baseline"]["torch_threads"] is None and doc["run"]["torch_threads"] == 1
