@@ -7,7 +7,7 @@ Importing this package registers the built-in models.
 from __future__ import annotations
 
 from models import cifar_resnet, digits, edsr, rdn, vgg  # noqa: F401  (imported to register their models)
-from models._registry import create_model, list_models, register_model
+from models._registry import create_model, list_models, model_factory, register_model
 from models.cifar_resnet import BasicBlock, CifarResNet, ZeroPadShortcut
 from models.digits import DigitsCNN
 from models.edsr import EDSR, ResBlock
@@ -19,6 +19,7 @@ __all__ = [
     "register_model",
     "create_model",
     "list_models",
+    "model_factory",
     "torchvision_model_names",
     "BasicBlock",
     "CifarResNet",

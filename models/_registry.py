@@ -17,7 +17,7 @@ from torch import nn
 from errors import UserError, did_you_mean, unknown_name
 from models.torchvision_models import create_torchvision_model, torchvision_model_names
 
-__all__ = ["register_model", "create_model", "list_models"]
+__all__ = ["register_model", "create_model", "list_models", "model_factory"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -53,6 +53,12 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 def list_models() -> list[str]:
     """Names of the registered models, sorted (torchvision's are accepted too but not listed)."""
     return sorted(_FACTORIES)
+
+
+def model_factory(name: str) -> ModelFactory | None:
+    """The factory registered as ``name`` (its signature lists the options and their defaults);
+    None for a torchvision model, whose options are ``torchvision.models.get_model``'s."""
+    return None if name.startswith(TORCHVISION_PREFIX) else _FACTORIES.get(name)
 
 
 def create_model(name: str, num_classes: int | None = None, in_channels: int = 3, **options: Any) -> nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,10 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the export to")
     p.add_argument("--results-dir", default="slimtune_results")
 
+    p = sub.add_parser("replay", help="retrain an exported trial from its recipe.json and compare the metrics")
+    p.add_argument("recipe", help="the recipe.json of an export (or the export folder)")
+    p.add_argument("--out", required=True, help="folder to write the replayed model to (new or empty)")
+
     p = sub.add_parser("profile", help="params, MACs, FLOPs and latency of a model")
-    p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, ...) or any torchvision classification model")
-    p.add_argument("--task", default=None, choices=sorted(PROFILE_SHAPES), help="input shape and classes to measure at")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size for latency")
+    p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, edsr_small, ...) or any torchvision classification model")
+    p.add_argument(
+        "--task", default=None, choices=sorted([*PROFILE_SHAPES, "sr"]),
+        help="input shape and classes to measure at; sr: super-resolution at the LR size of the sr task's default training patch",
+    )
+    p.add_argument("--scale", type=int, default=None, help="upscaling factor of a super-resolution model, 2, 3 or 4 (default 2; --task sr only)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for latency (at least 1)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("methods", help="list the compression methods and their hyperparameters")
@@ -141,7 +150,7 @@ def _export(args: argparse.Namespace) -> int:
     import shutil
 
     from search.checks import check_writable_folder
-    from search.export import check_round_trip
+    from search.export import check_round_trip, write_recipe
     from search.runner import completed_records, exported_model_dir, load_search, pick_record, rank_records
     from search.trial import load_task
 
@@ -164,15 +173,61 @@ def _export(args: argparse.Namespace) -> int:
         if source is None:
             raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
         shutil.copytree(source, out, dirs_exist_ok=True)
+    # The trial wrote its own recipe and metrics; say where it came from.
     recipe = json.loads((out / "recipe.json").read_text())
-    recipe.update({"search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id, "metrics": chosen.metrics})
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    recipe.update({"search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id})
+    write_recipe(out, recipe)
     task = load_task(record.space)
     diff = check_round_trip(out, task.example_input(2))
     print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
     print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in record.space.metric_names))
     print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded program matches the module (max diff {diff:.2g})")
-    print(f"  load with: torch.export.load('{out / 'model.pt2'}').module()")
+    print(f"  run with: torch.export.load('{out / 'model.pt2'}').module()(x)  (already in eval mode; it has no .eval())")
+    return 0
+
+
+#: Metrics a replay does not compare: timings vary from run to run.
+_TIMINGS = ("latency_ms", "measured_latency_ms")
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from search.recipe import read_recipe, versions
+    from search.trial import replay
+
+    doc = read_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose an empty or new folder.")
+    for package, recorded in doc.get("versions", {}).items():
+        installed = versions().get(package)
+        if installed != recorded:
+            print(f"slimtune: warning: the recipe was made with {package} {recorded}, this is {installed}; metrics may differ.", file=sys.stderr)
+    steps = " > ".join(step["name"] for step in doc["pipeline"]) or "(no methods)"
+    source = f"{doc['trial']} of '{doc['search']}'" if "trial" in doc and "search" in doc else str(args.recipe)
+    print(f"replaying {source}: {steps} on {doc['task']['name']} / {doc['model']['name']} ({doc['run']['device']})")
+    baseline_metrics, metrics, same_baseline = replay(doc, out, log=lambda line: print(f"  {line}"))
+    print(f"  baseline weights {'equal' if same_baseline else 'DIFFER from'} the recorded ones")
+    expected = {**{f"baseline.{k}": v for k, v in doc["baseline"]["metrics"].items()}, **doc["metrics"]}
+    got = {**{f"baseline.{k}": v for k, v in baseline_metrics.items()}, **metrics}
+    compared, differ = 0, []
+    for key, value in expected.items():
+        if key.split(".")[-1] in _TIMINGS:
+            continue
+        compared += 1
+        replayed = got.get(key)
+        if isinstance(value, (int, float)) and isinstance(replayed, (int, float)):
+            same = math.isclose(value, replayed, rel_tol=1e-6, abs_tol=1e-6)
+        else:
+            same = value == replayed
+        if not same:
+            differ.append(f"{key}: recorded {value!r}, replayed {replayed!r}")
+    print(f"  {', '.join(f'{m} {metrics[m]:.6g}' for m in ('accuracy', 'psnr', 'macs', 'size_bytes') if m in metrics)}")
+    if differ:
+        print(f"{len(differ)} of {compared} metrics differ from the recipe's (latency not compared):", file=sys.stderr)
+        for line in differ:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"replayed into {out}: all {compared} metrics equal the recipe's within 1e-6 (latency not compared)")
     return 0
 
 
@@ -180,19 +235,10 @@ def _profile(args: argparse.Namespace) -> int:
     import torch
 
     from search.measure import count_flops, count_params, latency_ms, size_bytes
-    from models import create_model
 
-    from models import list_models
-
-    if args.task is not None:
-        task = args.task
-    elif args.model.startswith("digits"):
-        task = "digits"
-    else:
-        # Our other registered models are the CIFAR ones; torchvision models are ImageNet's.
-        task = "cifar10" if args.model in list_models() else "imagenet"
-    shape, classes = PROFILE_SHAPES[task]
-    model = create_model(args.model, num_classes=classes, in_channels=shape[0]).eval()
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}.")
+    task, shape, model = _profile_model(args)
     flops = count_flops(model, torch.zeros(1, *shape))
     report = {
         "model": args.model,
@@ -207,10 +253,13 @@ def _profile(args: argparse.Namespace) -> int:
         "device": "cpu",
         "uncounted_ops": list(flops.uncounted_ops),
     }
+    if task == "sr":
+        report["scale"] = model.scale
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.model} at {task} input {tuple(shape)}:")
+        at = f"sr x{model.scale}" if task == "sr" else task
+        print(f"{args.model} at {at} input {tuple(shape)}:")
         print(f"  params      {report['params']:,} ({report['params'] / 1e6:.3f}M)")
         print(f"  MACs        {report['macs']:,} ({report['macs'] / 1e6:.2f}M)")
         print(f"  FLOPs       {report['flops']:,} (= 2 x MACs)")
@@ -218,6 +267,44 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"  latency     {report['latency_ms']:.3f} ms (median, batch {args.batch_size}, cpu)")
         print(f"  not counted {', '.join(report['uncounted_ops']) or '(none)'} (ops without a FLOP formula, e.g. elementwise)")
     return 0
+
+
+def _profile_model(args: argparse.Namespace) -> tuple[str, tuple[int, ...], Any]:
+    """The task ``profile`` measures at, the input shape of one sample and the model built for it.
+
+    Without ``--task``: ``digits*`` models at digits, other registered classifiers at CIFAR-10,
+    registered super-resolution models at sr, torchvision models at ImageNet.
+    """
+    import inspect
+
+    from models import create_model, list_models
+    from tasks.sr import SCALES, sr
+
+    task = args.task
+    if task is None:
+        if args.model.startswith("digits"):
+            task = "digits"
+        elif args.model not in list_models():
+            task = "imagenet"
+        else:
+            try:
+                # A classifier is refused before it is built (it needs num_classes).
+                create_model(args.model, num_classes=None)
+                task = "sr"
+            except UserError:
+                task = "cifar10"
+    if task != "sr":
+        if args.scale is not None:
+            raise UserError(f"--scale applies to super-resolution models (--task sr), but the task is {task}; drop --scale.")
+        shape, classes = PROFILE_SHAPES[task]
+        return task, shape, create_model(args.model, num_classes=classes, in_channels=shape[0]).eval()
+    scale = 2 if args.scale is None else args.scale
+    if scale not in SCALES:
+        raise UserError(f"--scale must be one of {', '.join(map(str, SCALES))}, but got {scale}.")
+    # The size a search measures at with the sr task's defaults: the LR side of a training patch.
+    lr_side = inspect.signature(sr).parameters["patch_size"].default // scale
+    shape = (3, lr_side, lr_side)
+    return task, shape, create_model(args.model, num_classes=None, in_channels=3, scale=scale).eval()
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -294,6 +381,7 @@ _COMMANDS = {
     "resume": _resume,
     "pareto": _pareto,
     "export": _export,
+    "replay": _replay,
     "profile": _profile,
     "methods": _methods,
     "check": _check,

@@ -7,7 +7,9 @@ An export directory holds:
 - ``model.pt``: the ``nn.Module`` itself, architecture plus state dict (pruned shapes, swapped
   layers), loadable with slimtune installed: ``torch.load(path, weights_only=False)``;
 - ``state_dict.pt``: the weights alone, for users who rebuild the architecture themselves;
-- ``recipe.json``: the task, model, pipeline and hyperparameters that produced it.
+- ``recipe.json``: everything in effect when the trial ran (task, data, model, baseline, training,
+  pipeline with every hyperparameter, versions) and its metrics; ``slimtune replay`` retrains
+  from it (:mod:`search.recipe`).
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["export_model", "load_program", "load_module", "check_round_trip", "EXPORT_FILES"]
+__all__ = ["export_model", "write_recipe", "load_program", "load_module", "check_round_trip", "EXPORT_FILES"]
 
 EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json")
 
 
-def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, recipe: dict[str, Any]) -> dict[str, int]:
+def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, recipe: dict[str, Any] | None = None) -> dict[str, int]:
     """Write the export files into ``out_dir`` and return each file's size in bytes.
 
     The program is exported with a dynamic batch dimension when the model allows it, and with
-    the example's fixed shape otherwise.
+    the example's fixed shape otherwise. ``recipe.json`` holds ``recipe`` (``{}`` without one);
+    a trial writes its full recipe once its metrics are known (:func:`write_recipe`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,10 +47,15 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
         torch.export.save(program, out_dir / "model.pt2")
         torch.save(model, out_dir / "model.pt")
         torch.save(model.state_dict(), out_dir / "state_dict.pt")
-        (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+        write_recipe(out_dir, recipe or {})
     finally:
         model.train(was_training)
     return {name: (out_dir / name).stat().st_size for name in EXPORT_FILES}
+
+
+def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
+    """Write ``recipe`` as ``out_dir/recipe.json`` (see :mod:`search.recipe` for a trial's)."""
+    (Path(out_dir) / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
 
 
 def load_program(out_dir: Path) -> nn.Module:

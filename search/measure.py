@@ -8,6 +8,19 @@ caller can tell when the count leaves out real arithmetic.
 Two gaps of the stock counter are closed here, both hit by torchvision's vision transformers
 on CPU: the fused ``_native_multi_head_attention`` fast path (no formula) is switched off while
 counting, and the CPU flash-attention kernel gets the formula of the other attention kernels.
+
+Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) and cells (``nn.LSTMCell``, ``nn.GRUCell``,
+``nn.RNNCell``) are counted by formula, whatever kernel runs them (oneDNN's fused
+``mkldnn_rnn_layer`` has no formula; other back-ends decompose into matmuls): see
+:func:`recurrent_macs`. Like linear and convolution layers, only the multiply-accumulates of the
+matrix products count; the bias adds and the gates' elementwise work (sigmoid, tanh, the
+products of the cell update) do not, and are not listed in ``uncounted_ops`` either.
+
+A method may know a cost that nothing measured on the model shows (a clustered convolution's real
+MACs, a gated network's expected MACs on validation data). It reports it through
+``Method.cost``; :func:`apply_reported_cost` puts the reported figure in place of the measured one
+and keeps the measured one as ``measured_<metric>`` (``measured_macs``), so objectives and
+constraints on ``macs`` rank trials by what the method says the model really costs.
 """
 
 from __future__ import annotations
@@ -25,7 +38,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ["FlopCount", "count_flops", "count_params", "size_bytes", "latency_ms"]
+__all__ = [
+    "FlopCount",
+    "count_flops",
+    "recurrent_macs",
+    "count_params",
+    "size_bytes",
+    "latency_ms",
+    "REPORTABLE_COSTS",
+    "apply_reported_cost",
+]
 
 
 def _cpu_flash_attention_flop(
@@ -97,17 +119,105 @@ class FlopCount:
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Records the overload packet of every non-view op dispatched while active."""
+    """Records the overload packet of every non-view op dispatched while active.
+
+    Ops run while ``paused`` is above 0 (inside a recurrent layer counted by formula) are not recorded.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.packets: set[Any] = set()
+        self.paused = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         # is_view belongs to the overload, not the packet (slice.Tensor is a view, slice.str is not).
-        if not func.is_view:
+        if not func.is_view and not self.paused:
             self.packets.add(func.overloadpacket)
         return func(*args, **(kwargs or {}))
+
+
+#: Gate count of each ``nn.RNNBase.mode``: the input and hidden products are this many hidden-sized blocks.
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CELL_GATES = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
+
+
+def recurrent_macs(module: nn.Module, inputs: Any) -> int:
+    """Multiply-accumulates of one call of a recurrent layer or cell on ``inputs``.
+
+    With ``G`` gates (LSTM 4, GRU 3, RNN 1), input size ``I``, hidden size ``H`` and output size
+    ``P`` (``proj_size`` of an LSTM with projections, else ``H``), one time step of one direction
+    of one layer costs ``G*H*(I_l + P)`` for the input and recurrent products, plus ``H*P`` for the
+    projection when there is one; ``I_l`` is ``I`` for the first layer and ``P`` times the number
+    of directions for the others. A layer multiplies that by time steps x batch (the rows of a
+    ``PackedSequence``), directions and layers; a cell is one time step of one layer. Bias adds
+    and the gates' elementwise work are not counted (as for ``nn.Linear``).
+
+    Args:
+        module: An ``nn.RNNBase`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) or a cell
+            (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``).
+        inputs: Its input: ``(T, B, I)``, ``(B, T, I)`` with ``batch_first``, unbatched ``(T, I)``
+            or a ``PackedSequence`` for a layer; ``(B, I)`` or ``(I,)`` for a cell.
+
+    Raises:
+        TypeError: ``module`` is neither a recurrent layer nor a cell.
+    """
+    if isinstance(module, nn.RNNBase):
+        if isinstance(inputs, nn.utils.rnn.PackedSequence):
+            rows = inputs.data.shape[0]
+        else:
+            rows = inputs.shape[0] if inputs.dim() == 2 else inputs.shape[0] * inputs.shape[1]
+        gates, hidden = _RNN_GATES[module.mode], module.hidden_size
+        out = module.proj_size or hidden
+        directions = 2 if module.bidirectional else 1
+        per_row = 0
+        for layer in range(module.num_layers):
+            layer_input = module.input_size if layer == 0 else out * directions
+            per_direction = gates * hidden * (layer_input + out) + (hidden * out if module.proj_size else 0)
+            per_row += directions * per_direction
+        return rows * per_row
+    gates = next((g for cls, g in _CELL_GATES.items() if isinstance(module, cls)), None)
+    if gates is None:
+        raise TypeError(f"recurrent_macs counts nn.RNNBase layers and LSTM/GRU/RNN cells, but got {type(module).__name__}.")
+    batch = inputs.shape[0] if inputs.dim() == 2 else 1
+    return batch * gates * module.hidden_size * (module.input_size + module.hidden_size)
+
+
+def _is_recurrent(module: nn.Module) -> bool:
+    return isinstance(module, (nn.RNNBase, *_CELL_GATES))
+
+
+@contextmanager
+def _recurrent_by_formula(model: nn.Module, counter: FlopCounterMode, recorder: _OpRecorder) -> Iterator[list[int]]:
+    """Count each recurrent layer's call by :func:`recurrent_macs` instead of by its kernels.
+
+    Yields a list that collects, per call, the FLOPs to add to the counter's total: the formula's
+    figure less whatever the counter saw inside the call (0 for oneDNN's fused kernel, the
+    matmuls of a decomposed one), so the total is the same on every back-end.
+    """
+    corrections: list[int] = []
+    started: list[int] = []
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        recorder.paused += 1
+        started.append(int(counter.get_total_flops()))
+
+    def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        recorder.paused -= 1
+        seen = int(counter.get_total_flops()) - started.pop()
+        if not started:  # an outer recurrent module already counts this call
+            inputs = args[0] if args else kwargs["input"]
+            corrections.append(2 * recurrent_macs(module, inputs) - seen)
+
+    handles = []
+    for module in model.modules():
+        if _is_recurrent(module):
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield corrections
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _op_name(packet: Any) -> str:
@@ -139,8 +249,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     # The recorder goes in first so that it sits below the flop counter and sees exactly the
     # ops the counter executes after its own decompositions (e.g. linear -> t + addmm).
     with _eval_mode(model), torch.no_grad(), _mha_fastpath_disabled(), recorder, counter:
-        model(example_input)
-    flops = int(counter.get_total_flops())
+        with _recurrent_by_formula(model, counter, recorder) as corrections:
+            model(example_input)
+    flops = int(counter.get_total_flops()) + sum(corrections)
     uncounted = {
         _op_name(packet)
         for packet in recorder.packets
@@ -265,6 +376,52 @@ def latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 20,
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000.0)
     return float(statistics.median(times))
+
+
+#: Cost metrics a method may report through ``Method.cost``: the figures measured on the model
+#: (``artifact_bytes`` is the exported file's size, which nothing can know better than the file).
+REPORTABLE_COSTS = ("macs", "flops", "params", "size_bytes", "latency_ms")
+
+
+def apply_reported_cost(measured: dict[str, Any], reported: dict[str, float]) -> dict[str, Any]:
+    """Put the cost figures the methods report (``Pipeline.cost``) in place of the measured ones.
+
+    Called by the trial once the pipeline has run, after measuring the final model. A reported
+    figure replaces the metric of the same name, and the measured figure stays in the result as
+    ``measured_<metric>``. MACs and FLOPs keep their ratio of 2: reporting only ``macs`` sets
+    ``flops`` to twice it (and ``measured_flops`` keeps the counter's), reporting only ``flops``
+    sets ``macs`` to half of it.
+
+    Args:
+        measured: The trial's metrics as measured on the model, holding every cost metric.
+        reported: ``{metric: value}`` from the methods; empty for most pipelines.
+
+    Returns:
+        A new dict: ``measured`` with the reported figures in place and the ``measured_*`` keys.
+
+    Raises:
+        ValueError: A reported key is not one of :data:`REPORTABLE_COSTS`, or a value is not a
+            finite number >= 0.
+    """
+    figures: dict[str, float] = {}
+    for key, value in reported.items():
+        if key not in REPORTABLE_COSTS:
+            raise ValueError(
+                f"Method.cost may report {', '.join(REPORTABLE_COSTS)}, but the pipeline reported '{key}'. "
+                "Report one of those, or log the figure through Method.metrics instead."
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"Method.cost must report finite numbers >= 0, but reported {key}={value!r}.")
+        figures[key] = float(value)
+    if "macs" in figures and "flops" not in figures:
+        figures["flops"] = 2.0 * figures["macs"]
+    elif "flops" in figures and "macs" not in figures:
+        figures["macs"] = figures["flops"] / 2.0
+    out = dict(measured)
+    for key, value in figures.items():
+        out[f"measured_{key}"] = measured[key]
+        out[key] = value
+    return out
 
 
 @contextmanager

@@ -13,7 +13,8 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from errors import UserError
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from search.export import export_model
-from search.measure import count_flops, count_params, latency_ms, size_bytes
+from search.export import export_model, write_recipe
+from search.measure import apply_reported_cost, count_flops, count_params, latency_ms, size_bytes
 from models import create_model
+from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
 from tasks import Task, create_task
 
@@ -40,6 +43,7 @@ __all__ = [
     "train_baseline",
     "run_pipeline",
     "run_trial",
+    "replay",
     "load_task",
 ]
 
@@ -138,11 +142,21 @@ def build_context(
     )
 
 
-def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.device, baseline: dict[str, float] | None) -> dict[str, Any]:
+def measure(
+    model: nn.Module,
+    space: SearchSpace,
+    task: Task,
+    device: torch.device,
+    baseline: dict[str, float] | None,
+    reported_cost: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Quality on the test split and the cost figures, all measured on ``model`` itself.
 
-    With the ``baseline``'s metrics, also each quality metric's drop from the baseline
-    (``accuracy_drop = baseline accuracy - accuracy``).
+    Cost is measured at the task's input shape (``task.example_input``: one sample for MACs and
+    FLOPs, ``measure.latency_batch_size`` samples for latency). With the ``baseline``'s metrics,
+    also each quality metric's drop from the baseline (``accuracy_drop = baseline accuracy -
+    accuracy``). ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the
+    measured ones staying as ``measured_<metric>`` (:func:`search.measure.apply_reported_cost`).
     """
     model.eval()
     test = task.evaluate(model, _loader(task.test_set, task.eval_batch_size, False, 0), device)
@@ -157,10 +171,12 @@ def measure(model: nn.Module, space: SearchSpace, task: Task, device: torch.devi
         "size_bytes": float(size_bytes(model)),
         "latency_ms": latency_ms(model, task.example_input(space.latency_batch_size).to(device), repeats=space.latency_repeats),
         "uncounted_ops": ",".join(flops.uncounted_ops),
+        # Latency, and the last bits of training on CPU, depend on it; a replay uses it again.
+        "torch_threads": float(torch.get_num_threads()),
     })
     for m in task.metrics:
         metrics[f"{m}_drop"] = (baseline[m] - metrics[m]) if baseline is not None else 0.0
-    return metrics
+    return apply_reported_cost(metrics, reported_cost or {})
 
 
 def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
@@ -174,11 +190,12 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         log(f"baseline loaded from {space.baseline_checkpoint}")
     elif space.baseline_epochs > 0:
         ctx = build_context(space, task, teacher=model, device=device, seed=space.seed, log=log)
-        log(f"training the baseline {space.model} on {space.task} for {space.baseline_epochs} epochs")
+        epochs = f"{space.baseline_epochs} epoch{'' if space.baseline_epochs == 1 else 's'}"
+        log(f"training the baseline {space.model} on {space.task} for {epochs}")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
     with tempfile.TemporaryDirectory() as tmp:
-        metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp), {})["model.pt2"])
+        metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp))["model.pt2"])
     return model, metrics
 
 
@@ -201,6 +218,8 @@ def run_pipeline(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Compress a copy of the baseline with ``recipe``, measure it and export it into ``out_dir``.
+
+    The export's ``recipe.json`` (:mod:`search.recipe`) holds everything in effect and the metrics.
 
     Returns:
         The final metrics (objectives, cost figures and each method's own figures).
@@ -230,11 +249,61 @@ def run_pipeline(
 
     model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
-    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics)
+    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx))
     metrics.update(pipeline.metrics())
-    files = export_model(model, task.example_input(1).to(device), out_dir, {"recipe": recipe, "space": space.name, "task": space.task, "model": space.model})
+    files = export_model(model, task.example_input(1).to(device), out_dir)
     metrics["artifact_bytes"] = float(files["model.pt2"])
+    write_recipe(out_dir, recipe_document(space, task, pipeline.recipe(), device, spec.baseline_state, spec.baseline_metrics, metrics))
     return metrics
+
+
+def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Retrain a recipe's baseline and pipeline as its search did, and export the result into ``out_dir``.
+
+    The baseline is trained by :func:`train_baseline` and the trial run by :func:`run_pipeline`,
+    on the recipe's device and with the thread counts each had, so that on the same machine
+    and versions the metrics come out the same.
+
+    Args:
+        doc: A recipe (:func:`search.recipe.read_recipe`).
+        out_dir: Where the replayed model and its own ``recipe.json`` go.
+        log: Receives the training log lines.
+
+    Returns:
+        The replayed baseline's metrics, the trial's metrics, and whether the retrained baseline's
+        weights equal the recorded ones bit for bit.
+
+    Raises:
+        UserError: The recipe names a CUDA device this machine does not have.
+    """
+    space = space_from_recipe(doc)
+    device = torch.device(doc["run"]["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("the recipe's trial ran on CUDA, but this machine has no CUDA device; replay it on a machine with a GPU.")
+    if space.baseline_checkpoint and not Path(space.baseline_checkpoint).is_file():
+        raise UserError(
+            f"the recipe's baseline is the checkpoint {space.baseline_checkpoint}, which does not exist here; "
+            "copy it there (its weights must match baseline.state_sha256) and replay again."
+        )
+    with _torch_threads(doc["baseline"]["torch_threads"]):
+        baseline, baseline_metrics = train_baseline(space, device, log=log)
+    state = {k: v.detach().cpu() for k, v in baseline.state_dict().items()}
+    same_baseline = state_digest(state) == doc["baseline"]["state_sha256"]
+    spec = TrialSpec(space=space, baseline_state=state, baseline_metrics=baseline_metrics)
+    with _torch_threads(doc["run"]["torch_threads"]):
+        metrics = run_pipeline(spec, doc["pipeline"], Path(out_dir), device, seed=space.seed, log=log)
+    return baseline_metrics, metrics, same_baseline
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch threads (None: as set), then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count or previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 # Imported for their registrations.
 from tasks import cifar, digits, imagefolder, sr  # noqa: F401
 from tasks._base import Task, TransformedSubset
-from tasks._registry import TASK_KINDS, create_task, list_tasks, register_task, task_kind, task_metrics
+from tasks._registry import TASK_KINDS, create_task, list_tasks, register_task, task_factory, task_kind, task_metrics
 
 __all__ = [
     "Task",
@@ -18,6 +18,7 @@ __all__ = [
     "create_task",
     "list_tasks",
     "register_task",
+    "task_factory",
     "task_kind",
     "task_metrics",
 ]

@@ -61,6 +61,13 @@ def task_kind(name: str) -> str:
     return _KINDS[name]
 
 
+def task_factory(name: str) -> TaskFactory:
+    """The factory registered as ``name``; its signature lists the task's options and their defaults."""
+    if name not in _FACTORIES:
+        raise unknown_name("task", name, _FACTORIES)
+    return _FACTORIES[name]
+
+
 def list_tasks() -> list[str]:
     """Return the registered task names, sorted."""
     return sorted(_FACTORIES)

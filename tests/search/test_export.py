@@ -120,3 +120,21 @@ def test_packed_8_bit_program_is_smaller_than_the_float_one(setting, tmp_path: P
     saved = 3 * (4_608 + 18_432) - 4 * 4
     assert size_bytes(baseline) - size_bytes(quantized) == saved
     assert _tensor_bytes(tmp_path / "float" / "model.pt2") - _tensor_bytes(tmp_path / "int8" / "model.pt2") == saved
+
+
+def test_exported_program_runs_in_eval_mode_and_has_no_eval(tmp_path: Path) -> None:
+    # What the README tells users: call the program directly; .eval() raises in this PyTorch.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 3))
+    model(torch.randn(16, 1, 8, 8))  # training-mode pass: running statistics move away from 0 and 1
+    model.train()
+    export_model(model, torch.randn(1, 1, 8, 8), tmp_path)
+    assert model.training  # export_model restores the mode
+    program = load_program(tmp_path)
+    with pytest.raises(NotImplementedError, match="eval"):
+        program.eval()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        torch.testing.assert_close(program(x), expected, atol=1e-6, rtol=0)  # dropout off, running statistics
+        torch.testing.assert_close(program(x), program(x), atol=0, rtol=0)

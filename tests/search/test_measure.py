@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from search.measure import FlopCount, count_flops, count_params, latency_ms, size_bytes
+from search.measure import (
+    FlopCount,
+    apply_reported_cost,
+    count_flops,
+    count_params,
+    latency_ms,
+    recurrent_macs,
+    size_bytes,
+)
 
 VIEW_LIKE = {
     "view", "_unsafe_view", "reshape", "t", "transpose", "expand", "detach", "clone", "empty", "zeros",
@@ -123,3 +131,106 @@ def test_latency_is_positive_and_restores_mode() -> None:
     ms = latency_ms(model, torch.randn(1, 3, 4, 4), repeats=3, warmup=1)
     assert isinstance(ms, float) and ms > 0
     assert model.training
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent layers: G*H*(I_l + P) per time step, direction and layer (+ H*P with a projection).
+# ---------------------------------------------------------------------------------------------
+
+
+class _FirstOutput(nn.Module):
+    """Runs a recurrent layer on ``(1, T, I)``; ``time_major`` layers get ``(T, 1, I)``."""
+
+    def __init__(self, layer: nn.Module, time_major: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.time_major = time_major
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(x.transpose(0, 1) if self.time_major else x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _UnrolledCell(nn.Module):
+    """A cell applied once per time step of ``(1, T, I)``."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return state[0] if isinstance(state, tuple) else state
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize(
+    ("layer", "time_major", "steps", "macs"),
+    [
+        # 2 layers: 4*7*(5+7) + 4*7*(7+7) = 336 + 392 per step; the fused oneDNN kernel once counted 0.
+        (nn.LSTM(5, 7, num_layers=2, batch_first=True), False, 3, 3 * (336 + 392)),
+        # bidirectional, 2 layers: 2 * 3*7*(5+7) + 2 * 3*7*(14+7) = 504 + 882 per step.
+        (nn.GRU(5, 7, num_layers=2, bidirectional=True, batch_first=True), False, 4, 4 * (504 + 882)),
+        # time-major (batch_first=False), ReLU: 1*7*(5+7) per step.
+        (nn.RNN(5, 7, nonlinearity="relu"), True, 6, 6 * 84),
+        # projection to 3, 2 layers: 4*7*(5+3) + 7*3 = 245, then 4*7*(3+3) + 7*3 = 189 per step.
+        (nn.LSTM(5, 7, num_layers=2, proj_size=3, batch_first=True), False, 3, 3 * (245 + 189)),
+        # bidirectional with projection: 2*(4*7*(5+3)+21) + 2*(4*7*(6+3)+21) = 490 + 546 per step.
+        (nn.LSTM(5, 7, num_layers=2, proj_size=3, bidirectional=True, batch_first=True), False, 2, 2 * (490 + 546)),
+        # cells unrolled over the sequence: G*7*(5+7) per step.
+        (nn.LSTMCell(5, 7), None, 3, 3 * 336),
+        (nn.GRUCell(5, 7), None, 3, 3 * 252),
+        (nn.RNNCell(5, 7), None, 5, 5 * 84),
+    ],
+    ids=["lstm-2-layers", "gru-bidirectional", "rnn-time-major", "lstm-proj", "lstm-proj-bidirectional", "lstm-cell", "gru-cell", "rnn-cell"],
+)
+def test_recurrent_layers_are_counted_by_formula(layer: nn.Module, time_major: bool | None, steps: int, macs: int) -> None:
+    model = _UnrolledCell(layer) if time_major is None else _FirstOutput(layer, time_major)
+    result = count_flops(model, torch.randn(1, steps, 5))
+    assert (result.macs, result.flops) == (macs, 2 * macs)
+    # The gates' elementwise work is left out by convention, not reported as uncounted.
+    assert "mkldnn_rnn_layer" not in result.uncounted_ops and "sigmoid_" not in result.uncounted_ops
+
+
+def test_recurrent_macs_scale_with_batch_and_packed_rows() -> None:
+    lstm = nn.LSTM(5, 7)
+    assert recurrent_macs(lstm, torch.zeros(3, 2, 5)) == 6 * 336  # (T, B, I)
+    assert recurrent_macs(lstm, torch.zeros(3, 5)) == 3 * 336  # unbatched (T, I)
+    packed = nn.utils.rnn.pack_sequence([torch.zeros(3, 5), torch.zeros(2, 5)])
+    assert recurrent_macs(lstm, packed) == 5 * 336  # one step per row of the packed data
+    assert recurrent_macs(nn.GRUCell(5, 7), torch.zeros(4, 5)) == 4 * 252
+    with pytest.raises(TypeError, match="Linear"):
+        recurrent_macs(nn.Linear(5, 7), torch.zeros(1, 5))
+
+
+def test_recurrent_layer_plus_head_adds_up() -> None:
+    model = nn.Sequential(_FirstOutput(nn.GRU(5, 7, batch_first=True)), nn.Flatten(), nn.Linear(4 * 7, 3))
+    assert count_flops(model, torch.randn(1, 4, 5)).macs == 4 * 252 + 28 * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost reported by methods.
+# ---------------------------------------------------------------------------------------------
+
+_MEASURED = {"macs": 1000.0, "flops": 2000.0, "params": 50.0, "size_bytes": 200.0, "latency_ms": 1.5, "accuracy": 0.9}
+
+
+def test_reported_macs_replace_the_measured_ones_which_stay_as_measured_macs() -> None:
+    out = apply_reported_cost(_MEASURED, {"macs": 400})
+    assert (out["macs"], out["flops"], out["measured_macs"], out["measured_flops"]) == (400.0, 800.0, 1000.0, 2000.0)
+    assert out["params"] == 50.0 and "measured_params" not in out
+    assert _MEASURED["macs"] == 1000.0  # the input is not changed
+
+
+def test_reported_flops_set_macs_and_nothing_reported_changes_nothing() -> None:
+    out = apply_reported_cost(_MEASURED, {"flops": 300.0, "latency_ms": 0.5})
+    assert (out["macs"], out["flops"], out["latency_ms"], out["measured_latency_ms"]) == (150.0, 300.0, 0.5, 1.5)
+    assert apply_reported_cost(_MEASURED, {}) == _MEASURED
+
+
+@pytest.mark.parametrize(("reported", "message"), [({"accuracy": 1.0}, "reported 'accuracy'"), ({"macs": -1.0}, "macs=-1.0"), ({"macs": float("nan")}, "macs=nan")])
+def test_reported_cost_is_checked(reported: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        apply_reported_cost(_MEASURED, reported)

@@ -1,0 +1,78 @@
+"""The trial's measurement of the final model: cost at the task's input shape, cost reported by methods."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from methods import get_method
+from search.measure import count_flops
+from search.space import load_space
+from search.trial import TrialSpec, measure, run_pipeline, train_baseline
+from tasks import Task
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def space():
+    """The quickstart with no training at all: the baseline is the initial model, phases are 0 epochs."""
+    space = load_space(ROOT / "spaces" / "quickstart.yaml")
+    return space.with_overrides(baseline_epochs=0, budget=dataclasses.replace(space.budget, epochs=0), latency_repeats=1)
+
+
+class _LastStepLSTM(nn.Module):
+    """Classifies a ``(B, T, 5)`` sequence from the LSTM's last hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(5, 7, batch_first=True)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _sequence_task(steps: int) -> Task:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(6, steps, 5, generator=generator), torch.arange(6) % 3)
+    return Task(name="sequences", num_classes=3, input_shape=(steps, 5), train_set=data, val_set=data, test_set=data)
+
+
+@pytest.mark.parametrize("steps", [4, 9])
+def test_trial_measures_cost_at_the_tasks_sequence_length(space, steps: int) -> None:
+    metrics = measure(_LastStepLSTM(), space, _sequence_task(steps), torch.device("cpu"), baseline=None)
+    # 4*7*(5+7) MACs per time step, then the 7x3 head once.
+    assert metrics["macs"] == steps * 336 + 21
+    assert metrics["flops"] == 2 * metrics["macs"]
+
+
+def test_a_methods_reported_cost_becomes_the_trials_macs(space, tmp_path: Path, monkeypatch) -> None:
+    baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
+    spec = TrialSpec(space, baseline.state_dict(), baseline_metrics)
+    seen_val_examples = []
+
+    def gated_cost(self, model: nn.Module, ctx) -> dict[str, float]:
+        # A gated net's expected MACs: here, half of what the counter sees, after a pass over the val data.
+        seen_val_examples.append(sum(len(targets) for _, targets in ctx.val_loader))
+        return {"macs": count_flops(model, ctx.example_input).macs / 2}
+
+    monkeypatch.setattr(get_method("minmax_quant"), "cost", gated_cost)
+    metrics = run_pipeline(spec, [{"name": "minmax_quant", "params": {"bits": 8}}], tmp_path, torch.device("cpu"), seed=0)
+    measured = baseline_metrics["macs"]  # quantization keeps the layer shapes, so the counter sees the baseline's MACs
+    assert measured > 0
+    assert (metrics["macs"], metrics["flops"]) == (measured / 2, measured)
+    assert (metrics["measured_macs"], metrics["measured_flops"]) == (measured, 2 * measured)
+    assert seen_val_examples == [360]  # the trial's validation split of digits
+
+
+def test_a_pipeline_that_reports_nothing_keeps_the_measured_cost(space, tmp_path: Path) -> None:
+    baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
+    spec = TrialSpec(space, baseline.state_dict(), baseline_metrics)
+    metrics = run_pipeline(spec, [{"name": "minmax_quant", "params": {"bits": 8}}], tmp_path, torch.device("cpu"), seed=0)
+    assert metrics["macs"] == baseline_metrics["macs"] and "measured_macs" not in metrics
