@@ -4,8 +4,8 @@ Importing this package registers every method below; adding a method is one new 
 import line here.
 """
 
-from methods._base import Method, MethodContext, Phase, Range, Step, hyperparameter, hyperparameters
-from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, train_phase
+from methods._base import LOSS_SCOPES, Method, MethodContext, Phase, Range, Step, Update, hyperparameter, hyperparameters
+from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check_pipeline, train_phase, training_loss
 from methods._registry import create_method, get_method, list_methods, register_method
 
 # Each import registers one method.
@@ -17,12 +17,16 @@ __all__ = [
     "Phase",
     "Range",
     "Step",
+    "Update",
+    "LOSS_SCOPES",
     "hyperparameter",
     "hyperparameters",
     "Pipeline",
     "TrainingState",
     "NonFiniteLossError",
+    "check_pipeline",
     "train_phase",
+    "training_loss",
     "create_method",
     "get_method",
     "list_methods",
