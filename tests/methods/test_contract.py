@@ -184,7 +184,12 @@ def test_compressed_model_outputs_one_logit_per_class(compressed, name: str, set
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize(("name", "setting", "model_name"), RUNS, ids=RUN_IDS)
+# resnet20 exports at the aggressive end only: the defaults' layer types and bit widths export on
+# digits_cnn here and in every pair below (an export costs a second; the suite stays quick).
+EXPORT_RUNS = [r for r in RUNS if not (r[1] == "default" and r[2] == "resnet20")]
+
+
+@pytest.mark.parametrize(("name", "setting", "model_name"), EXPORT_RUNS, ids=[f"{m}-{s}-{model}" for m, s, model in EXPORT_RUNS])
 def test_compressed_model_export_round_trips(compressed, tmp_path, name: str, setting: str, model_name: str) -> None:
     result = compressed(name, setting, model_name)
     files = export_model(result.model, torch.zeros(1, *result.input_shape), tmp_path, {"recipe": [{"name": name}]})
