@@ -4,9 +4,9 @@ Importing this package registers every method below; adding a method is one new 
 import line here.
 """
 
-from methods._base import Method, MethodContext, Phase, Range, Step, hyperparameter, hyperparameters
+from methods._base import LOSS_SCOPES, Method, MethodContext, Phase, Range, Step, Update, hyperparameter, hyperparameters
 from methods._base import HyperparameterInfo, check_config_types, check_value_type
-from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, train_phase
+from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check_pipeline, train_phase, training_loss
 from methods._registry import create_method, get_method, list_methods, register_method
 
 # Each import registers one method.
@@ -18,6 +18,8 @@ __all__ = [
     "Phase",
     "Range",
     "Step",
+    "Update",
+    "LOSS_SCOPES",
     "hyperparameter",
     "hyperparameters",
     "HyperparameterInfo",
@@ -26,7 +28,9 @@ __all__ = [
     "Pipeline",
     "TrainingState",
     "NonFiniteLossError",
+    "check_pipeline",
     "train_phase",
+    "training_loss",
     "create_method",
     "get_method",
     "list_methods",

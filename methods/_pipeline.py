@@ -1,17 +1,23 @@
 """A pipeline applies several methods in order in one trial, with one training loop for all.
 
 Order of work for each method: ``prepare``, the phases that come before finalize, ``finalize``,
-the phases marked ``after_finalize``. The loss term of every method (``Method.loss``) shapes
-every phase that uses the default loss, wherever the method stands in the pipeline.
+the phases marked ``after_finalize``. The loop owns each step's loss (:func:`training_loss`):
+the phase's task loss, the loss term of every method whose ``loss_scope`` reaches the phase,
+and the phase's own loss. A ``"pipeline"`` term (kd) shapes every phase of every method, the
+adversarial phase of gal included, so ``gal > kd`` distils during gal's training; an ``"own"``
+term only its method's phases; a ``"later"`` term its method's phases and those after it.
+:func:`check_pipeline` refuses an order that cannot work; the space loader runs it on every
+pipeline a space can sample.
 
 After every epoch the pipeline hands a :class:`TrainingState` to ``on_epoch_end``; a trial saves
-it as its checkpoint, and ``Pipeline.run(resume=state)`` continues from it.
+it as its checkpoint, and ``Pipeline.run(resume=state)`` continues from it bit-exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +27,71 @@ from torch import nn
 from methods._base import Method, MethodContext, Phase, Step, trainable_parameters
 from methods._registry import create_method
 
-__all__ = ["Pipeline", "TrainingState", "NonFiniteLossError", "train_phase"]
+__all__ = ["Pipeline", "TrainingState", "NonFiniteLossError", "check_pipeline", "train_phase", "training_loss"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial fails with this reason."""
+
+
+def check_pipeline(methods: Sequence[type[Method]]) -> None:
+    """Refuse an ordered list of methods that cannot work together; ValueError says why and what to change.
+
+    Rules: a method appears once; a method that must be last is last; a loss-only method's term
+    reaches another method's phases (its own phases do not run beside a method that trains).
+    :class:`Pipeline` calls this when built, and ``search.space`` on every pipeline a space can
+    sample, so a space with an impossible combination is rejected when loaded.
+    """
+    names = [m.name for m in methods]
+    for i, cls in enumerate(methods):
+        if names.count(cls.name) > 1:
+            raise ValueError(f"method '{cls.name}' appears twice in the pipeline {names}; use it once.")
+        if cls.must_be_last and i != len(methods) - 1:
+            raise ValueError(
+                f"method '{cls.name}' must be last in a pipeline (its weights are final), but '{names[i + 1]}' "
+                f"follows it in {names}. Move '{cls.name}' to the end of `methods` in the space."
+            )
+    trainers = [m for m in methods if not m.loss_only]
+    for i, cls in enumerate(methods):
+        if not cls.loss_only or not trainers:
+            continue
+        if cls.loss_scope == "own":
+            raise ValueError(
+                f"method '{cls.name}' only adds a loss term to its own phases, which do not run beside "
+                f"'{trainers[0].name}' (a method that trains) in {names}; use '{cls.name}' alone."
+            )
+        if cls.loss_scope == "later" and not any(not m.loss_only for m in methods[i + 1 :]):
+            raise ValueError(
+                f"method '{cls.name}' adds its loss term to the phases of the methods after it, but "
+                f"'{trainers[-1].name}' trains before it and nothing trains after it in {names}. "
+                f"Move '{cls.name}' before '{trainers[-1].name}'."
+            )
+
+
+def training_loss(phase: Phase, step: Step) -> torch.Tensor:
+    """The loss the loop minimises at ``step`` of ``phase``.
+
+    The task loss (when ``phase.task_loss``), plus each of ``step.loss_terms`` in pipeline order
+    (a term may return None), plus the phase's own loss. The phase's own loss is computed first:
+    it may run the model itself and hand its outputs to the step.
+
+    Raises:
+        ValueError: Nothing to minimise (no own loss, no task loss, no term).
+    """
+    own = phase.loss(step) if phase.loss is not None else None
+    loss = step.ctx.task_loss(step.outputs, step.targets) if phase.task_loss else None
+    for term in step.loss_terms:
+        extra = term(step)
+        if extra is not None:
+            loss = extra if loss is None else loss + extra
+    if own is not None:
+        loss = own if loss is None else loss + own
+    if loss is None:
+        raise ValueError(
+            f"phase '{phase.name}' has nothing to minimise: no loss of its own, no task loss (task_loss=False) "
+            "and no loss term applies; give it a loss or set task_loss=True."
+        )
+    return loss
 
 
 @dataclass
@@ -37,9 +103,10 @@ class TrainingState:
         phase: Index into that method's ordered phases (before-finalize phases, then after).
         epoch: The next epoch to run in that phase.
         model: The model as trained so far.
-        methods: The pipeline's method objects, with their internal state (masks, momentum).
-        optimizer_state: The phase optimizer's state dict.
-        scheduler_state: The phase scheduler's state dict.
+        method_states: Each method's :meth:`~methods.Method.state_dict`, in pipeline order.
+        optimizer_states: The phase's optimizers' state dicts: ``"model"`` and each
+            :class:`~methods.Update`'s name.
+        scheduler_state: The phase's learning-rate scheduler's state dict.
         history: Per-epoch metrics so far, one dict per epoch.
         rng_state: Torch's global random state and the train loader's shuffling generator state,
             so a resumed run draws the same batches as an uninterrupted one.
@@ -49,8 +116,8 @@ class TrainingState:
     phase: int
     epoch: int
     model: nn.Module
-    methods: list[Method]
-    optimizer_state: dict[str, Any] | None = None
+    method_states: list[dict[str, Any]]
+    optimizer_states: dict[str, dict[str, Any]] = field(default_factory=dict)
     scheduler_state: dict[str, Any] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     rng_state: dict[str, torch.Tensor] | None = None
@@ -80,18 +147,13 @@ class Pipeline:
 
     Args:
         methods: The methods, in the order they are applied.
+
+    Raises:
+        ValueError: :func:`check_pipeline` refuses the order.
     """
 
     def __init__(self, methods: list[Method]) -> None:
-        names = [m.name for m in methods]
-        for i, m in enumerate(methods):
-            if names.count(m.name) > 1:
-                raise ValueError(f"method '{m.name}' appears twice in the pipeline {names}; use it once.")
-            if m.must_be_last and i != len(methods) - 1:
-                raise ValueError(
-                    f"method '{m.name}' must be last in a pipeline (its weights are final), "
-                    f"but the order is {names}. Move it to the end of `methods` in the space."
-                )
+        check_pipeline([type(m) for m in methods])
         self.methods = methods
 
     @classmethod
@@ -101,8 +163,6 @@ class Pipeline:
 
     def recipe(self) -> list[dict[str, Any]]:
         """The JSON-serialisable description that :meth:`from_recipe` rebuilds."""
-        import dataclasses
-
         return [{"name": m.name, "params": dataclasses.asdict(m.config)} for m in self.methods]
 
     def _ordered_phases(self, method: Method, ctx: MethodContext) -> tuple[list[Phase], int]:
@@ -113,6 +173,15 @@ class Pipeline:
         before = [p for p in phases if not p.after_finalize]
         after = [p for p in phases if p.after_finalize]
         return before + after, len(before)
+
+    def _reaching(self, stage: int) -> list[Method]:
+        """The methods whose loss term applies in the phases of method ``stage``, in pipeline order."""
+        out = []
+        for index, method in enumerate(self.methods):
+            scope = method.loss_scope
+            if scope == "pipeline" or (scope == "later" and index <= stage) or (scope == "own" and index == stage):
+                out.append(method)
+        return out
 
     def run(
         self,
@@ -127,16 +196,22 @@ class Pipeline:
             model: The model to compress (a copy of the baseline); it is changed in place.
             ctx: What the methods may use.
             on_epoch_end: Called after every training epoch with the state and that epoch's metrics.
-            resume: A state from ``on_epoch_end`` to continue from instead of starting over.
+            resume: A state from ``on_epoch_end`` to continue from instead of starting over; the
+                pipeline's methods must be built from the same recipe.
         """
         history: list[dict[str, float]] = []
         if resume is not None:
-            self.methods = resume.methods
+            if len(resume.method_states) != len(self.methods):
+                raise ValueError(
+                    f"the checkpoint holds the state of {len(resume.method_states)} methods, but the pipeline has "
+                    f"{len(self.methods)}; resume with the recipe that wrote it."
+                )
+            for method, state in zip(self.methods, resume.method_states):
+                method.load_state_dict(state)
             model = resume.model
             history = list(resume.history)
             if resume.rng_state is not None:
                 _restore_rng_state(resume.rng_state, ctx)
-        loss_terms = [m.loss for m in self.methods]
         for stage, method in enumerate(self.methods):
             if resume is not None and stage < resume.stage:
                 continue
@@ -145,6 +220,8 @@ class Pipeline:
                 ctx.log(f"[{method.name}] prepare")
                 model = method.prepare(model, ctx)
             phases, finalize_at = self._ordered_phases(method, ctx)
+            reaching = self._reaching(stage)
+            loss_terms = [m.loss for m in reaching]
             finalized = False
             for index, phase in enumerate(phases):
                 if index == finalize_at and not finalized:
@@ -153,9 +230,9 @@ class Pipeline:
                     finalized = True
                 if resuming_here and index < resume.phase:
                     continue
-                start = resume.epoch if resuming_here and index == resume.phase else 0
+                here = resuming_here and index == resume.phase
 
-                def checkpoint(epoch, optimizer, scheduler, metrics, *, _stage=stage, _index=index, _model=model):
+                def checkpoint(epoch, optimizer_states, scheduler_state, metrics, *, _stage=stage, _index=index, _model=model):
                     metrics = {"epoch": len(history) + 1, "stage": _stage, **metrics}
                     history.append(metrics)
                     if on_epoch_end is not None:
@@ -164,25 +241,28 @@ class Pipeline:
                             phase=_index,
                             epoch=epoch + 1,
                             model=_model,
-                            methods=self.methods,
-                            optimizer_state=optimizer.state_dict(),
-                            scheduler_state=scheduler.state_dict(),
+                            method_states=[m.state_dict() for m in self.methods],
+                            optimizer_states=optimizer_states,
+                            scheduler_state=scheduler_state,
                             history=list(history),
                             rng_state=_rng_state(ctx),
                         )
                         on_epoch_end(state, metrics)
 
                 ctx.log(f"[{method.name}] phase '{phase.name}': {phase.epochs} epochs")
+                # After prepare (and finalize): a method names modules of the model it trains.
+                capture = [name for m in [method, *reaching] for name in m.feature_modules()]
                 train_phase(
                     model,
                     phase,
                     ctx,
                     loss_terms,
                     stage_name=f"{method.name}/{phase.name}",
-                    start_epoch=start,
-                    optimizer_state=resume.optimizer_state if resuming_here and index == resume.phase else None,
-                    scheduler_state=resume.scheduler_state if resuming_here and index == resume.phase else None,
+                    start_epoch=resume.epoch if here else 0,
+                    optimizer_states=resume.optimizer_states if here else None,
+                    scheduler_state=resume.scheduler_state if here else None,
                     on_epoch_end=checkpoint,
+                    capture=capture,
                 )
             if not finalized:
                 model = self._finalize(method, model, ctx)
@@ -221,6 +301,21 @@ def build_optimizer(
     raise ValueError(f"optimizer must be 'sgd' or 'adam', but got '{name}'.")
 
 
+def _to_device(inputs: Any, device: torch.device) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A batch's inputs on ``device``: one tensor, or a tuple of views."""
+    if isinstance(inputs, (tuple, list)):
+        return tuple(view.to(device) for view in inputs)
+    return inputs.to(device)
+
+
+def _check_finite(loss: torch.Tensor, what: str, epoch: int, iteration: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the loss became {loss.item()} in '{what}' at epoch {epoch}, "
+            f"iteration {iteration}; lower the learning rate or check the method's weights."
+        )
+
+
 def train_phase(
     model: nn.Module,
     phase: Phase,
@@ -228,41 +323,70 @@ def train_phase(
     loss_terms: list[Callable[[Step], torch.Tensor | None]],
     stage_name: str | None = None,
     start_epoch: int = 0,
-    optimizer_state: dict[str, Any] | None = None,
+    optimizer_states: dict[str, dict[str, Any]] | None = None,
     scheduler_state: dict[str, Any] | None = None,
     on_epoch_end: Callable[..., None] | None = None,
+    capture: Sequence[str] = (),
 ) -> None:
     """Train ``model`` for one phase: cosine learning rate, evaluation after every epoch.
+
+    Args:
+        model: The model to train, in place.
+        phase: What to train and the hooks to call (order: :class:`~methods.Phase`).
+        ctx: The trial's context.
+        loss_terms: The loss terms that apply in this phase (:func:`training_loss`).
+        stage_name: Shown in logs and errors (``method/phase``).
+        start_epoch: The first epoch to run (a resumed run).
+        optimizer_states: The optimizers' states to restore; given, the run resumes inside the
+            phase and ``on_start`` is not called.
+        scheduler_state: The scheduler's state to restore.
+        on_epoch_end: ``on_epoch_end(epoch, optimizer_states, scheduler_state, metrics)`` after
+            each epoch's validation.
+        capture: Module names each :class:`~methods.Step` records (:meth:`~methods.Step.features`).
 
     Raises:
         NonFiniteLossError: when a step's loss is NaN or infinite.
     """
     if phase.epochs <= 0:
         return
+    name = stage_name or phase.name
+    if optimizer_states is None and phase.on_start is not None:
+        phase.on_start(model)
     lr = phase.lr if phase.lr is not None else ctx.lr
     if phase.param_groups is not None:
         groups = phase.param_groups(model)
     else:
         groups = [{"params": list(trainable_parameters(model))}]
-    optimizer = build_optimizer(groups, phase.optimizer or ctx.optimizer, lr, ctx.weight_decay)
+    optimizers = {"model": build_optimizer(groups, phase.optimizer or ctx.optimizer, lr, ctx.weight_decay)}
+    for update in phase.updates:
+        if update.name in optimizers:
+            raise ValueError(f"phase '{name}' has two optimizers named '{update.name}'; name each update uniquely (not 'model').")
+        decay = update.weight_decay if update.weight_decay is not None else ctx.weight_decay
+        optimizers[update.name] = build_optimizer(update.params(), update.optimizer, update.lr, decay)
+    optimizer = optimizers["model"]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=phase.epochs)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if optimizer_states is not None:
+        for key, opt in optimizers.items():
+            opt.load_state_dict(optimizer_states[key])
     if scheduler_state is not None:
         scheduler.load_state_dict(scheduler_state)
     iteration = start_epoch * max(len(ctx.train_loader), 1)
     for epoch in range(start_epoch, phase.epochs):
         model.train()
+        if phase.on_epoch_start is not None:
+            phase.on_epoch_start(model, epoch)
         total, batches = 0.0, 0
         for inputs, targets in ctx.train_loader:
-            inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)
-            step = Step(model, inputs, targets, ctx, loss_terms, iteration, epoch)
-            loss = phase.loss(step) if phase.loss is not None else step.default_loss()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the loss became {loss.item()} in '{stage_name or phase.name}' at epoch {epoch}, "
-                    f"iteration {iteration}; lower the learning rate or check the method's weights."
-                )
+            step = Step(model, _to_device(inputs, ctx.device), targets, ctx, loss_terms, iteration, epoch, capture)
+            for update in phase.updates:
+                update_loss = update.loss(step)
+                _check_finite(update_loss, f"{name}/{update.name}", epoch, iteration)
+                owned = optimizers[update.name]
+                owned.zero_grad(set_to_none=True)
+                update_loss.backward()
+                owned.step()
+            loss = training_loss(phase, step)
+            _check_finite(loss, name, epoch, iteration)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -272,13 +396,17 @@ def train_phase(
             batches += 1
             iteration += 1
         scheduler.step()
+        if phase.on_epoch_end is not None:
+            phase.on_epoch_end(model, epoch)
         metrics = {f"val_{k}": v for k, v in ctx.evaluate(model).items()}
         metrics["train_loss"] = total / max(batches, 1)
         if not math.isfinite(metrics["train_loss"]):
-            raise NonFiniteLossError(f"the mean training loss of '{stage_name}' is {metrics['train_loss']}.")
+            raise NonFiniteLossError(f"the mean training loss of '{name}' is {metrics['train_loss']}.")
         ctx.log(
-            f"  {stage_name or phase.name} epoch {epoch + 1}/{phase.epochs}: "
+            f"  {name} epoch {epoch + 1}/{phase.epochs}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         )
         if on_epoch_end is not None:
-            on_epoch_end(epoch, optimizer, scheduler, metrics)
+            on_epoch_end(epoch, {key: opt.state_dict() for key, opt in optimizers.items()}, scheduler.state_dict(), metrics)
+    if phase.on_end is not None:
+        phase.on_end(model)

@@ -28,7 +28,10 @@ real, student = fake); (ii) updates the student's weights by SGD on the generato
 plus mu * MSE; weight decay from the optimizer); (iii) every ``mask_step`` iterations updates the
 masks by FISTA with that iteration's gradient: a proximal step with soft-threshold ``mask_lr * lam``
 and Nesterov momentum, the masks kept ``>= 0``. The proximal step gives exact zeros. The masks are
-not in the optimizer of the student's weights.
+not in the optimizer of the student's weights. Step (i) is an :class:`~methods.Update` that the
+training loop takes before the student's step; it builds D's optimizer and checkpoints it with
+the phase, and D's weights are part of :meth:`GAL.state_dict`. A pipeline method with a
+``"pipeline"`` loss term (kd) adds it to the generator loss of step (ii).
 
 Finalize: a residual block whose mask is zero becomes its shortcut (``relu(shortcut(x))``, exactly
 what the block computes when its branch is scaled by zero); zero-mask channels are removed with
@@ -87,8 +90,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
-from methods._pipeline import build_optimizer
+from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, hyperparameter
 from methods._registry import register_method
 from methods._surgery import output_layers
 
@@ -455,7 +457,8 @@ def remove_masked_structures(model: nn.Module, sites: MaskSites, example_input: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _freeze_batchnorm_statistics(model: nn.Module) -> None:
+def _freeze_batchnorm_statistics(model: nn.Module, epoch: int) -> None:
+    """The adversarial phase's ``on_epoch_start``: batch norms in eval mode (module docstring)."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -475,6 +478,12 @@ class GAL(Method):
     needs_labels = False
     changes_architecture = True
 
+    def __init__(self, config: GALConfig | None = None) -> None:
+        super().__init__(config)
+        self.sites = MaskSites((), ())
+        self.discriminator: Discriminator | None = None
+        self.removal: dict[str, float] = {}
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         structure = resolve_structure(self.config.structure, model)
         self.sites = find_mask_sites(model, ctx.example_input, structure)
@@ -483,9 +492,6 @@ class GAL(Method):
         with torch.no_grad():
             num_classes = ctx.teacher.eval()(ctx.example_input).shape[1]
         self.discriminator = Discriminator(num_classes).to(ctx.device)
-        self.disc_optimizer = build_optimizer(
-            [{"params": list(self.discriminator.parameters())}], "sgd", self.config.disc_lr, ctx.weight_decay
-        )
         ctx.log(
             f"[gal] {structure} masks: {len(self.sites.blocks)} blocks, "
             f"{sum(m.mask.numel() for m in masks if m.kind == 'channel')} channels in {len(self.sites.channels)} layers"
@@ -499,7 +505,10 @@ class GAL(Method):
                 epochs=ctx.epochs if self.config.adversarial_epochs is None else self.config.adversarial_epochs,
                 lr=self.config.lr,
                 loss=self.adversarial_loss,
+                task_loss=False,
                 param_groups=self.student_weights,
+                updates=(Update("discriminator", self._discriminator_groups, self.discriminator_loss, lr=self.config.disc_lr, optimizer="sgd"),),
+                on_epoch_start=_freeze_batchnorm_statistics,
                 after_step=self.mask_step,
                 optimizer="sgd",
             )
@@ -514,22 +523,25 @@ class GAL(Method):
         masks = {id(m.mask) for m in soft_masks(model)}
         return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in masks]}]
 
+    def _discriminator_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.discriminator.parameters())}]
+
+    def discriminator_loss(self, step: Step) -> torch.Tensor:
+        """D's loss, before the student's step: baseline logits are real, the (detached) student's fake.
+
+        The last term is R(W_D): it pulls D(student) towards "real" so D cannot win outright.
+        """
+        d = self.discriminator
+        real, fake = d(step.teacher_outputs), d(step.outputs.detach())
+        return _bce(real, True) + _bce(fake, False) + _bce(fake, True)
+
     def adversarial_loss(self, step: Step) -> torch.Tensor:
-        """Update D once, then return the student's loss: fool D plus ``mu`` times the logit MSE.
+        """The student's loss, after D's update: fool D plus ``mu`` times the logit MSE.
 
         Label-free: reads the inputs, the teacher's and the student's logits, never the targets.
         """
-        teacher = step.teacher_outputs
-        _freeze_batchnorm_statistics(step.model)  # before the student's forward pass; see the module docstring
-        student = step.outputs
-        d = self.discriminator
-        real, fake = d(teacher), d(student.detach())
-        # The last term is R(W_D): it pulls D(student) towards "real" so D cannot win outright.
-        d_loss = _bce(real, True) + _bce(fake, False) + _bce(fake, True)
-        self.disc_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.disc_optimizer.step()
-        return _bce(d(student), True) + self.config.mu * F.mse_loss(student, teacher)
+        student, teacher = step.outputs, step.teacher_outputs
+        return _bce(self.discriminator(student), True) + self.config.mu * F.mse_loss(student, teacher)
 
     def mask_step(self, step: Step) -> None:
         """After every optimizer step: every ``mask_step`` iterations a FISTA step with this step's gradient.
@@ -562,7 +574,7 @@ class GAL(Method):
         with torch.no_grad():
             error = float((model(probe) - reference).abs().max())
         model.train(was_training)
-        self._metrics = {
+        self.removal = {
             "zero_mask_fraction": removal.zero_masks / max(removal.masks, 1),
             "blocks": float(removal.blocks),
             "blocks_removed": float(removal.blocks_removed),
@@ -583,4 +595,24 @@ class GAL(Method):
         """``zero_mask_fraction``; ``blocks``/``blocks_removed``; ``channels`` (in the masked layers
         that survived block removal) and ``channels_removed``; ``removal_error`` (the largest logit
         change from the masked to the pruned model on a random batch, ~1e-7)."""
-        return dict(getattr(self, "_metrics", {}))
+        return dict(self.removal)
+
+    def state_dict(self) -> dict[str, Any]:
+        discriminator = None
+        if self.discriminator is not None:
+            discriminator = {"num_classes": self.discriminator.layers[0].in_features, "weights": self.discriminator.state_dict()}
+        return {
+            "sites": {"blocks": [list(b) for b in self.sites.blocks], "channels": [list(c) for c in self.sites.channels]},
+            "discriminator": discriminator,
+            "removal": dict(self.removal),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sites = state["sites"]
+        self.sites = MaskSites(tuple(map(tuple, sites["blocks"])), tuple(map(tuple, sites["channels"])))
+        self.discriminator = None
+        if state["discriminator"] is not None:
+            weights = state["discriminator"]["weights"]
+            self.discriminator = Discriminator(state["discriminator"]["num_classes"]).to(next(iter(weights.values())).device)
+            self.discriminator.load_state_dict(weights)
+        self.removal = dict(state["removal"])

@@ -1,10 +1,12 @@
 """Knowledge distillation from the uncompressed baseline (Hinton et al., 2015).
 
 Adds ``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (batch mean) to the
-task loss of every training phase in the pipeline, so "prune then kd" fine-tunes the pruned model
-with distillation. The task's cross-entropy stays at weight 1: the KD term is added, not mixed
-with ``(1 - weight)``, so one ``weight`` means the same thing in every pipeline. Alone in a
-pipeline it fine-tunes the baseline itself with the distillation loss.
+loss of every training phase of every method in the pipeline (``loss_scope = "pipeline"``), so
+"prune then kd" fine-tunes the pruned model with distillation and "gal then kd" distils during
+gal's label-free adversarial phase (the term reads no labels). The task's cross-entropy stays at
+weight 1: the KD term is added, not mixed with ``(1 - weight)``, so one ``weight`` means the same
+thing in every pipeline. Alone in a pipeline it fine-tunes the baseline itself with the
+distillation loss.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class KD(Method):
     kind = "distillation"
     needs_teacher = True
     loss_only = True
+    loss_scope = "pipeline"
     task_kinds = ("classification",)
 
     def loss(self, step: Step) -> torch.Tensor:

@@ -42,6 +42,10 @@ class L1Filter(Method):
     kind = "pruning"
     changes_architecture = True
 
+    def __init__(self, config: L1FilterConfig | None = None) -> None:
+        super().__init__(config)
+        self.removed_fraction = 0.0
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         example = ctx.example_input
         before = sum(p.numel() for p in model.parameters())
@@ -57,9 +61,15 @@ class L1Filter(Method):
         )
         pruner.step()
         after = sum(p.numel() for p in model.parameters())
-        self._removed_fraction = 1.0 - after / before
+        self.removed_fraction = 1.0 - after / before
         ctx.log(f"[l1_filter] removed {before - after} of {before} parameters")
         return model
 
     def metrics(self) -> dict[str, float]:
-        return {"params_removed_fraction": getattr(self, "_removed_fraction", 0.0)}
+        return {"params_removed_fraction": self.removed_fraction}
+
+    def state_dict(self) -> dict[str, float]:
+        return {"removed_fraction": self.removed_fraction}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.removed_fraction = state["removed_fraction"]

@@ -41,6 +41,10 @@ class MinMaxQuant(Method):
     changes_architecture = True
     must_be_last = True
 
+    def __init__(self, config: MinMaxQuantConfig | None = None) -> None:
+        super().__init__(config)
+        self.swapped: list[str] = []
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         skip = set()
         if not self.config.quantize_first_last:
@@ -51,8 +55,8 @@ class MinMaxQuant(Method):
             act = RunningMaxActivationQuantizer(bits) if self.config.quantize_activations else None
             return MaxAbsWeightQuantizer(bits), act
 
-        self._swapped = swap_to_quantized(model, make_quantizers, skip)
-        ctx.log(f"[minmax_quant] {len(self._swapped)} layers quantized to {bits} bits")
+        self.swapped = swap_to_quantized(model, make_quantizers, skip)
+        ctx.log(f"[minmax_quant] {len(self.swapped)} layers quantized to {bits} bits")
         return model
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -61,4 +65,10 @@ class MinMaxQuant(Method):
         return model
 
     def metrics(self) -> dict[str, float]:
-        return {"bits": float(self.config.bits), "quantized_layers": float(len(getattr(self, "_swapped", [])))}
+        return {"bits": float(self.config.bits), "quantized_layers": float(len(self.swapped))}
+
+    def state_dict(self) -> dict[str, list[str]]:
+        return {"swapped": list(self.swapped)}
+
+    def load_state_dict(self, state: dict[str, list[str]]) -> None:
+        self.swapped = list(state["swapped"])

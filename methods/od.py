@@ -164,6 +164,11 @@ class OD(Method):
     needs_labels = True
     changes_architecture = True
 
+    def __init__(self, config: ODConfig | None = None) -> None:
+        super().__init__(config)
+        self.params: tuple[int, int] | None = None  # (incoming model, one student)
+        self.scores: dict[str, float] = {}
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         config = self.config
         example = ctx.example_input
@@ -185,32 +190,36 @@ class OD(Method):
                 + " a model with 3x3 convolutions."
             )
         ensemble = OnlineEnsemble(students, outputs[0]).to(next(model.parameters()).device).train()
-        self._params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in students[0].parameters()))
+        self.params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in students[0].parameters()))
         ctx.log(
             f"[od] {config.students} students with {config.conv} convolutions ({len(replaced)} replaced): "
-            f"{self._params[1]:,} parameters each, from {self._params[0]:,}"
+            f"{self.params[1]:,} parameters each, from {self.params[0]:,}"
         )
         return ensemble
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
+        # The task loss is the online teacher's (step.outputs); `_students_loss` adds the students'.
         return [
             Phase(
                 name="online_distillation",
                 epochs=ctx.epochs if self.config.epochs is None else self.config.epochs,
                 lr=self.config.lr,
-                loss=self._loss,
+                loss=self._students_loss,
             )
         ]
 
-    def _loss(self, step: Step) -> torch.Tensor:
+    def _students_loss(self, step: Step) -> torch.Tensor:
+        """Run the ensemble once, hand the teacher's logits to the step, return the students' terms.
+
+        The loop adds the teacher's task loss and the pipeline's loss terms (on those logits).
+        """
         teacher, students = step.model.forward_all(step.inputs)
         step.outputs = teacher
-        # The teacher's task loss plus the loss terms of the pipeline's other methods.
-        loss = step.default_loss()
+        terms = []
         for logits in students:
-            loss = loss + step.ctx.task_loss(logits, step.targets)
-            loss = loss + online_distillation_loss(logits, teacher, self.config.temperature, self.config.detach_teacher)
-        return loss
+            terms.append(step.ctx.task_loss(logits, step.targets))
+            terms.append(online_distillation_loss(logits, teacher, self.config.temperature, self.config.detach_teacher))
+        return sum(terms[1:], terms[0])
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         if not isinstance(model, OnlineEnsemble):
@@ -219,7 +228,7 @@ class OD(Method):
         scores = [ctx.evaluate(student) for student in model.students]
         # The most accurate student; a lower validation loss breaks ties.
         best = max(range(len(scores)), key=lambda j: (scores[j]["accuracy"], -scores[j]["loss"]))
-        self._scores = {
+        self.scores = {
             "teacher_accuracy": float(teacher["accuracy"]),
             **{f"student{j}_accuracy": float(s["accuracy"]) for j, s in enumerate(scores)},
             "best_student": float(best),
@@ -233,10 +242,17 @@ class OD(Method):
         return model.students[best]
 
     def metrics(self) -> dict[str, float]:
-        out = dict(getattr(self, "_scores", {}))
-        if hasattr(self, "_params"):
-            out["params_before"], out["student_params"] = (float(n) for n in self._params)
+        out = dict(self.scores)
+        if self.params is not None:
+            out["params_before"], out["student_params"] = (float(n) for n in self.params)
         return out
+
+    def state_dict(self) -> dict[str, object]:
+        return {"params": self.params, "scores": dict(self.scores)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.params = state["params"]
+        self.scores = dict(state["scores"])
 
 
 def _reinitialise(model: nn.Module) -> None:

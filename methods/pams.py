@@ -35,9 +35,10 @@ Doing:
   positions; ``L_SKT = mean((A(F_student) - A(F_teacher))^2)`` where F is the output of
   ``body_out`` (after the body and the global skip, before the upsampler) in the SR models, of
   the last residual block in ResNets, of ``features`` otherwise; the teacher is the frozen
-  full-precision baseline (``ctx.teacher``). The loss of both phases is the pipeline's default
-  loss (the task loss, L1 for super-resolution, plus any distillation term) plus
-  ``skt_weight * L_SKT``.
+  full-precision baseline (``ctx.teacher``). The loss of both phases is the task loss (L1 for
+  super-resolution) plus the pipeline's other terms (distillation) plus ``skt_weight * L_SKT``,
+  PAMS's own term (``loss_scope = "own"``); both feature maps are captured by the training
+  step in the forward passes that compute the outputs (:meth:`methods.Step.features`).
 - The student starts from the full-precision weights it is given (the official code trains from
   random initialisation, which its issues #12 and #15 show to fall short of the paper).
 - Optimiser: Adam; weights at ``lr``, the alphas at ``alpha_lr`` without weight decay. The shared
@@ -54,8 +55,6 @@ Doing:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -231,17 +230,6 @@ def skt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (attention_map(student) - attention_map(teacher.detach())).pow(2).mean()
 
 
-@contextmanager
-def _captured_output(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record ``module``'s output of the forward passes run inside the block (the last one wins)."""
-    box: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_hook(lambda m, inputs, output: box.__setitem__("out", output))
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
 # --- the method ---------------------------------------------------------------------------------
 
 
@@ -276,6 +264,7 @@ class PAMS(Method):
     needs_teacher = True
     changes_architecture = True
     must_be_last = True
+    loss_scope = "own"
 
     def __init__(self, config: PAMSConfig | None = None) -> None:
         super().__init__(config)
@@ -304,45 +293,38 @@ class PAMS(Method):
         return model
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
-        common: dict[str, Any] = {"lr": self.config.lr, "loss": self._loss, "optimizer": self.config.optimizer}
+        common: dict[str, Any] = {"lr": self.config.lr, "optimizer": self.config.optimizer}
         phases = []
         if self.config.stats_epochs > 0:
             phases.append(Phase("calibrate", self.config.stats_epochs, param_groups=self._weight_groups, **common))
-        phases.append(Phase("qat", ctx.epochs if self.config.epochs is None else self.config.epochs, param_groups=self._start_qat, **common))
+        phases.append(Phase("qat", ctx.epochs if self.config.epochs is None else self.config.epochs, on_start=self._end_calibration, param_groups=self._qat_groups, **common))
         return phases
 
     def _weight_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         alphas = {id(q.alpha) for q in activation_quantizers(model)}
         return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in alphas]}]
 
-    def _start_qat(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Called by the training loop when the ``qat`` phase starts: calibration ends, alpha trains."""
-        self._end_calibration(model)
+    def _qat_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The weights at ``lr``; the alphas at ``alpha_lr`` without weight decay."""
         alphas = [q.alpha for q in activation_quantizers(model)]
         return self._weight_groups(model) + [{"params": alphas, "lr": self.config.alpha_lr, "weight_decay": 0.0}]
 
     def _end_calibration(self, model: nn.Module) -> None:
+        """When the ``qat`` phase starts (or at finalize without one): alpha stops following the statistics."""
         quantizers = activation_quantizers(model)
         for quantizer in quantizers:
             quantizer.calibrating = False
         if self._alpha_start is None:
             self._alpha_start = [q.alpha.item() for q in quantizers]
 
-    def _loss(self, step: Step) -> torch.Tensor:
+    def loss(self, step: Step) -> torch.Tensor | None:
+        """``skt_weight`` times the knowledge transfer between the student's and the teacher's features (PAMS's phases only)."""
         if self.config.skt_weight == 0:
-            return step.default_loss()
-        with _captured_output(step.model.get_submodule(self._feature)) as student:
-            loss = step.default_loss()
-        if "out" not in student:  # the outputs came from before this loss ran
-            with _captured_output(step.model.get_submodule(self._feature)) as student:
-                step.model(step.inputs)
-        teacher_module = step.ctx.teacher.get_submodule(self._feature)
-        with _captured_output(teacher_module) as teacher:
-            step.teacher_outputs  # noqa: B018  runs the teacher unless another term already did
-        if "out" not in teacher:
-            with torch.no_grad(), _captured_output(teacher_module) as teacher:
-                step.ctx.teacher(step.inputs)
-        return loss + self.config.skt_weight * skt_loss(student["out"], teacher["out"])
+            return None
+        return self.config.skt_weight * skt_loss(step.features(self._feature), step.teacher_features(self._feature))
+
+    def feature_modules(self) -> tuple[str, ...]:
+        return (self._feature,) if self.config.skt_weight > 0 else ()
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         self._end_calibration(model)
@@ -350,6 +332,14 @@ class PAMS(Method):
         for layer in quantized_layers(model):
             layer.pack()
         return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"feature": self._feature, "layers": list(self._layers), "alpha_start": self._alpha_start, "alpha_end": self._alpha_end}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._feature = state["feature"]
+        self._layers = list(state["layers"])
+        self._alpha_start, self._alpha_end = state["alpha_start"], state["alpha_end"]
 
     def metrics(self) -> dict[str, float]:
         out = {"bits": float(self.config.bits), "quantized_layers": float(len(self._layers))}

@@ -8,6 +8,7 @@ for a commented example of every key.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from methods import create_method, get_method, hyperparameters, list_methods
+from methods import check_pipeline, create_method, get_method, hyperparameters, list_methods
 from methods._base import Range
 from errors import UserError, did_you_mean
 
@@ -512,7 +513,20 @@ def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
             f"methods.{must_be_last[0]}",
             "must be the last method: nothing can follow a method whose weights are final. Move it to the end.",
         )
+    _check_pipelines(r, out)
     return tuple(out)
+
+
+def _check_pipelines(r: _Reader, methods: list[MethodSpace]) -> None:
+    """Every pipeline the space can sample (each optional method on or off, in the space's order) must pass `check_pipeline`."""
+    optional = [m.name for m in methods if m.optional]
+    for used in itertools.product((True, False), repeat=len(optional)):
+        on = {name for name, u in zip(optional, used) if u}
+        names = [m.name for m in methods if not m.optional or m.name in on]
+        try:
+            check_pipeline([get_method(name) for name in names])
+        except ValueError as exc:
+            raise r.error("methods", f"the pipeline {' > '.join(names)} cannot run: {exc}") from None
 
 
 def _check_task_kinds(r: _Reader, methods: tuple[MethodSpace, ...], task: str) -> None:

@@ -3,7 +3,11 @@
 Like timm's model tests and Optuna's sampler test suite: a method added to the registry is
 tested here without touching this file. Each method is run alone in a pipeline at its defaults
 and at its aggressive end (the setting ``slimtune check`` pre-flights) on ``digits_cnn`` (a
-briefly trained baseline, real digits) and on ``resnet20`` (random CIFAR-shaped data).
+briefly trained baseline, real digits) and on ``resnet20`` (random CIFAR-shaped data). Its
+capability flags are held to what it does (a method without ``needs_teacher`` runs beside a
+teacher that raises, one without ``needs_labels`` on labels that raise when read, one that
+``changes_architecture`` compresses at its aggressive end), and every ordered pair of methods
+runs a step and exports, or is refused by :func:`methods.check_pipeline` with a reason.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import pytest
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 import methods._registry
 from methods import (
     HyperparameterInfo,
@@ -27,6 +33,7 @@ from methods import (
     Pipeline,
     Range,
     check_config_types,
+    check_pipeline,
     create_method,
     get_method,
     hyperparameter,
@@ -35,7 +42,7 @@ from methods import (
     register_method,
 )
 from search.export import check_round_trip, export_model
-from search.measure import count_params
+from search.measure import count_flops, count_params, size_bytes
 from search.preflight import aggressive_params
 from search.space import MethodSpace
 
@@ -324,7 +331,12 @@ def test_compressed_model_outputs_one_logit_per_class(compressed, name: str, set
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize(("name", "setting", "model_name"), RUNS, ids=RUN_IDS)
+# resnet20 exports at the aggressive end only: the defaults' layer types and bit widths export on
+# digits_cnn here and in every pair below (an export costs a second; the suite stays quick).
+EXPORT_RUNS = [r for r in RUNS if not (r[1] == "default" and r[2] == "resnet20")]
+
+
+@pytest.mark.parametrize(("name", "setting", "model_name"), EXPORT_RUNS, ids=[f"{m}-{s}-{model}" for m, s, model in EXPORT_RUNS])
 def test_compressed_model_export_round_trips(compressed, tmp_path, name: str, setting: str, model_name: str) -> None:
     result = compressed(name, setting, model_name)
     files = export_model(result.model, torch.zeros(1, *result.input_shape), tmp_path, {"recipe": [{"name": name}]})
@@ -352,3 +364,127 @@ def test_method_that_keeps_the_architecture_keeps_every_parameter_shape(compress
     result = compressed(name, setting, model_name)
     assert count_params(result.model) == result.params_before
     assert {n: tuple(p.shape) for n, p in result.model.named_parameters()} == result.shapes_before
+
+
+ARCHITECTURE_CHANGING = [(m, model) for m in METHODS if get_method(m).changes_architecture for model in MODELS]
+
+
+@pytest.mark.parametrize(("name", "model_name"), ARCHITECTURE_CHANGING, ids=[f"{m}-{model}" for m, model in ARCHITECTURE_CHANGING])
+def test_method_that_changes_the_architecture_compresses_at_its_aggressive_end(
+    compressed, digits_context, cifar_context, name: str, model_name: str
+) -> None:
+    """Fewer parameters or MACs; a quantizer keeps both (its layers compute in fewer bits) and stores fewer bytes."""
+    result = compressed(name, "aggressive", model_name)
+    before, _ = (digits_context if model_name == "digits_cnn" else cifar_context)()
+    if get_method(name).kind == "quantization":
+        assert size_bytes(result.model) < size_bytes(before)
+        return
+    example = torch.zeros(1, *result.input_shape)
+    params, macs = count_params(result.model), count_flops(result.model, example).macs
+    params_before, macs_before = count_params(before), count_flops(before, example).macs
+    assert params < params_before or macs < macs_before, (
+        f"{name} at its aggressive end kept {params} of {params_before} parameters and {macs} of {macs_before} MACs"
+    )
+
+
+# --- what a method may touch: the teacher, the labels ---------------------------------------------
+
+
+class TeacherTouched(AssertionError):
+    pass
+
+
+class RaisingTeacher(nn.Module):
+    """A teacher for methods that declare ``needs_teacher = False``: running it fails the test."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise TeacherTouched("the method ran the teacher although it declares needs_teacher = False")
+
+
+class LabelsRead(AssertionError):
+    pass
+
+
+class PoisonedLabels:
+    """Labels for methods that declare ``needs_labels = False``: any use (an attribute, ``.to``,
+    ``len``, indexing, a torch function such as ``cross_entropy``) fails the test."""
+
+    def _read(self, *args: Any, **kwargs: Any) -> Any:
+        raise LabelsRead("the method read the labels although it declares needs_labels = False")
+
+    __getattr__ = _read
+    __len__ = __iter__ = __getitem__ = __bool__ = __index__ = __int__ = __float__ = __eq__ = _read
+    __hash__ = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise LabelsRead(f"the method passed the labels to {getattr(func, '__name__', func)} although it declares needs_labels = False")
+
+
+def test_poisoned_labels_and_raising_teacher_fail_when_used() -> None:
+    with pytest.raises(LabelsRead):
+        F.cross_entropy(torch.zeros(2, 10), PoisonedLabels())
+    with pytest.raises(LabelsRead):
+        PoisonedLabels().to("cpu")
+    with pytest.raises(TeacherTouched):
+        RaisingTeacher()(torch.zeros(1, 1, 8, 8))
+
+
+def _one_step(digits_context):
+    """``(model, ctx)`` on digits whose train loader holds one batch: each phase is one step."""
+    model, ctx = digits_context()
+    ctx.train_loader = ctx.train_loader[:1]
+    return model, ctx
+
+
+WITHOUT_TEACHER = [(m, s) for m in METHODS if not get_method(m).needs_teacher for s in SETTINGS]
+
+
+@pytest.mark.parametrize(("name", "setting"), WITHOUT_TEACHER, ids=[f"{m}-{s}" for m, s in WITHOUT_TEACHER])
+def test_method_without_needs_teacher_never_runs_the_teacher(digits_context, name: str, setting: str) -> None:
+    model, ctx = _one_step(digits_context)
+    ctx.teacher = RaisingTeacher()
+    torch.manual_seed(0)
+    out = Pipeline([create_method(name, params_for(name, setting))]).run(model, ctx).eval()
+    assert out(torch.zeros(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
+
+
+WITHOUT_LABELS = [m for m in METHODS if not get_method(m).needs_labels]
+
+
+@pytest.mark.parametrize("name", WITHOUT_LABELS)
+def test_method_without_needs_labels_never_reads_them(digits_context, name: str) -> None:
+    """At its defaults (an optional labelled fine-tune, as gal's, is off there)."""
+    model, ctx = _one_step(digits_context)
+    ctx.train_loader = [(inputs, PoisonedLabels()) for inputs, _ in ctx.train_loader]
+    torch.manual_seed(0)
+    out = Pipeline([create_method(name, {})]).run(model, ctx).eval()
+    assert out(torch.zeros(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
+
+
+# --- every ordered pair ---------------------------------------------------------------------------
+
+PAIRS = [(a, b) for a in METHODS for b in METHODS if a != b]
+
+
+@pytest.mark.parametrize(("first", "second"), PAIRS, ids=[f"{a}-then-{b}" for a, b in PAIRS])
+def test_every_ordered_pair_runs_a_step_and_exports_or_is_refused_with_a_reason(digits_context, tmp_path, first: str, second: str) -> None:
+    try:
+        check_pipeline([get_method(first), get_method(second)])
+    except ValueError as refusal:
+        reason = str(refusal)
+        assert f"'{first}'" in reason and f"'{second}'" in reason, reason
+        with pytest.raises(ValueError) as built:
+            Pipeline([create_method(first), create_method(second)])
+        assert str(built.value) == reason
+        return
+    model, ctx = _one_step(digits_context)
+    torch.manual_seed(0)
+    pipeline = Pipeline([create_method(first), create_method(second)])
+    out = pipeline.run(model, ctx).eval()
+    batch = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert out(batch).shape == (3, NUM_CLASSES)
+    assert all(type(v) is float and math.isfinite(v) for v in pipeline.metrics().values())
+    export_model(out, torch.zeros(1, 1, 8, 8), tmp_path, {"recipe": [{"name": first}, {"name": second}]})
+    assert check_round_trip(tmp_path, batch) <= 1e-5

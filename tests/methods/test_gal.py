@@ -67,6 +67,7 @@ def test_discriminator_returns_one_raw_logit_and_the_loss_applies_one_sigmoid(di
             layer.bias.zero_()
         method.discriminator.layers[-1].bias.fill_(3.0)  # D(anything) = 3: a logit, not a probability
     inputs, targets = ctx.train_loader[0]
+    method.phases(ctx)[0].on_epoch_start(model, 0)  # as the loop does: batch-norm statistics frozen
     loss = method.adversarial_loss(Step(model, inputs, targets, ctx, [], 0, 0))
     # The student starts as the baseline (masks at 1), so the MSE is 0 and the loss is -log sigmoid(3).
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-3.0))), abs=1e-6)  # 0.0486

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from methods import Pipeline, Step, TrainingState, create_method, train_phase
+from methods import Pipeline, Step, TrainingState, create_method, train_phase, training_loss
 from methods._cheap_conv import CheapConv, Shift, replace_3x3_convs, shift
 from methods._surgery import first_layers
 from methods.kd import distillation_loss
@@ -312,7 +312,7 @@ def test_loss_is_teacher_ce_plus_student_ce_and_kl(digits_context) -> None:
     ensemble = od.prepare(model, ctx).eval()  # eval: BN statistics stay put between the two passes
     inputs, targets = ctx.val_loader[0][0][:16], ctx.val_loader[0][1][:16]
     step = Step(ensemble, inputs, targets, ctx, [], iteration=0, epoch=0)
-    loss = od.phases(ctx)[0].loss(step)
+    loss = training_loss(od.phases(ctx)[0], step)
     teacher = ensemble(inputs)
     expected = F.cross_entropy(teacher, targets)
     for student in ensemble.students:
@@ -327,9 +327,9 @@ def test_a_loss_term_of_another_method_shapes_the_od_phase(digits_context) -> No
     od, kd = create_method("od", {"students": 2}), create_method("kd", {"weight": 0.5})
     ensemble = od.prepare(model, ctx).eval()
     inputs, targets = ctx.val_loader[0][0][:16], ctx.val_loader[0][1][:16]
-    alone = od.phases(ctx)[0].loss(Step(ensemble, inputs, targets, ctx, [], 0, 0))
+    alone = training_loss(od.phases(ctx)[0], Step(ensemble, inputs, targets, ctx, [], 0, 0))
     step = Step(ensemble, inputs, targets, ctx, [kd.loss], 0, 0)
-    with_kd = od.phases(ctx)[0].loss(step)
+    with_kd = training_loss(od.phases(ctx)[0], step)
     torch.testing.assert_close(with_kd - alone, kd.loss(step))
 
 

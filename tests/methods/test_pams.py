@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from methods import Pipeline, create_method
+from methods import Pipeline, create_method, training_loss
 from methods._quant import QuantConv2d, quantized_layers
 from methods.pams import (
     PAMSActivationQuantizer,
@@ -188,8 +188,8 @@ def test_skt_term_is_added_to_the_task_loss() -> None:
         method = create_method("pams", {"bits": 2, "skt_weight": weight})
         model = method.prepare(trainable_copy(teacher), ctx)
         inputs, targets = ctx.train_loader[0]
-        step = Step(model, inputs, targets, ctx, [method.loss], 0, 0)
-        loss = method._loss(step)
+        step = Step(model, inputs, targets, ctx, [method.loss], 0, 0, capture=method.feature_modules())
+        loss = training_loss(method.phases(ctx)[-1], step)
         task = nn.functional.l1_loss(step.outputs, targets)
         if weight == 0:
             assert loss.item() == pytest.approx(task.item())
