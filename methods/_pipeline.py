@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from errors import plural
 from methods._base import Method, MethodContext, Phase, Step, trainable_parameters
 from methods._registry import create_method
 
@@ -249,7 +250,7 @@ class Pipeline:
                         )
                         on_epoch_end(state, metrics)
 
-                ctx.log(f"[{method.name}] phase '{phase.name}': {phase.epochs} epochs")
+                ctx.log(f"[{method.name}] phase '{phase.name}': {plural(phase.epochs, 'epoch')}")
                 # After prepare (and finalize): a method names modules of the model it trains.
                 capture = [name for m in [method, *reaching] for name in m.feature_modules()]
                 train_phase(

@@ -505,14 +505,6 @@ def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
                 _check_value(r, pkey, cls, pname, spec)
                 fixed[pname] = spec
         out.append(MethodSpace(name=name, optional=optional, fixed=fixed, searched=searched))
-    must_be_last = [m.name for m in out if get_method(m.name).must_be_last]
-    if len(must_be_last) > 1:
-        raise r.error("methods", f"at most one of {', '.join(must_be_last)} may be used: each must come last in a pipeline.")
-    if must_be_last and out[-1].name != must_be_last[0]:
-        raise r.error(
-            f"methods.{must_be_last[0]}",
-            "must be the last method: nothing can follow a method whose weights are final. Move it to the end.",
-        )
     _check_pipelines(r, out)
     return tuple(out)
 

@@ -185,8 +185,8 @@ BAD = [
     (
         "must-be-last method not last",
         _set("methods", {"minmax_quant": {}, "l1_filter": {}}),
-        "methods.minmax_quant: ",
-        ["must be the last method", "Move it to the end"],
+        "methods: the pipeline minmax_quant > l1_filter cannot run: ",
+        ["'minmax_quant' must be last", "'l1_filter' follows it", "Move 'minmax_quant' to the end"],
     ),
     (
         "bad sampler",
