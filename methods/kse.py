@@ -414,14 +414,11 @@ class ClusteredConv2d(nn.Module):
         """
         if self.training or torch.is_grad_enabled() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return compute()
-        key = tuple((t.data_ptr(), t._version) for t in self._stored_tensors())
+        key = tuple((t.data_ptr(), t._version) for t in (*self._parameters.values(), *self._buffers.values()) if t is not None)
         cached = self._cache.get(kind)
         if cached is None or cached[0] != key:
             cached = self._cache[kind] = (key, compute())
         return cached[1]
-
-    def _stored_tensors(self) -> list[torch.Tensor]:
-        return [t for _, t in self.named_parameters(recurse=False)] + [t for _, t in self.named_buffers(recurse=False)]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
