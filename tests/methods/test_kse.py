@@ -310,3 +310,18 @@ def test_only_quantization_may_change_the_architecture_after_kse() -> None:
         with pytest.raises(ValueError, match=f"after method 'kse' only quantization methods may change the architecture, but '{later}'"):
             check_pipeline([get_method("kse"), get_method(later)])
     check_pipeline([get_method("l1_filter"), get_method("kse"), get_method("kd"), get_method("pams")])
+
+
+def test_the_flop_counter_sees_the_macs_of_the_chosen_path(digits_context) -> None:
+    """So the trial's measured ``macs`` are what runs and ``Method.cost`` has nothing to correct."""
+    model, ctx = digits_context()
+    method = create_method("kse", {"path": "dense"})
+    model = method.finalize(method.prepare(model, ctx), ctx).eval()
+    dense = count_flops(model, ctx.example_input).macs
+    for module in model.modules():
+        if isinstance(module, ClusteredConv2d):
+            module.path = "clustered"
+    clustered = count_flops(model, ctx.example_input).macs
+    metrics = method.metrics()
+    assert dense - clustered == metrics["layer_macs_dense"] - metrics["layer_macs_clustered"] > 0
+    assert metrics["dense_path_layers"] == 2.0 and metrics["clustered_path_layers"] == 0.0
