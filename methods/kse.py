@@ -258,9 +258,11 @@ class ClusteredConv2d(nn.Module):
     Stored: ``kept`` (int32, the kept input channels in the order below), ``weight_full``
     (``N x C_full x k x k``, the channels kept in full), and per group ``i`` of channels sharing a
     centroid count ``q``: ``centroids_i`` (``C_i * q x 1 x k x k``, channel ``j``'s centroids are
-    rows ``j*q .. j*q+q-1``) and ``indices_i`` (:func:`pack_indices` of the ``N x C_i`` index
-    matrix at ``ceil(log2 q)`` bits; absent when ``q == 1``). ``kept`` lists the full channels
-    first, then each group's channels.
+    rows ``j*q .. j*q+q-1``). ``indices`` holds, group after group, :func:`pack_indices` of each
+    group's ``N x C_i`` index matrix at ``ceil(log2 q)`` bits (each group's stream padded to whole
+    bytes; nothing for ``q == 1``). ``kept`` lists the full channels first, then each group's
+    channels. The forward unpacks all groups' indices with one chain of shifts and picks every
+    clustered kernel with one gather (few ops: each is a node of the exported program).
 
     ``params`` counts the centroids, the full kernels, the bias and one weight per index;
     ``size_bytes`` the float tensors at their size, the packed indices byte for byte and ``kept``
@@ -304,9 +306,8 @@ class ClusteredConv2d(nn.Module):
         self.weight_full = nn.Parameter(torch.zeros(out_channels, full_channels, kh, kw, **factory)) if full_channels else None
         for i, group in enumerate(self.channel_groups):
             self.register_parameter(f"centroids_{i}", nn.Parameter(torch.zeros(group.channels * group.q, 1, kh, kw, **factory)))
-            if group.bits:
-                packed = torch.zeros(math.ceil(out_channels * group.channels * group.bits / 8), dtype=torch.uint8, device=device)
-                self.register_buffer(f"indices_{i}", packed)
+        self.index_bytes = [math.ceil(out_channels * g.channels * g.bits / 8) for g in self.channel_groups]
+        self.register_buffer("indices", torch.zeros(sum(self.index_bytes), dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
 
     @classmethod
@@ -340,6 +341,7 @@ class ClusteredConv2d(nn.Module):
         )
         if full:
             layer.weight_full.copy_(weight[:, full])
+        streams = []
         for i, group in enumerate(groups):
             centroids, indices = [], []
             for ch in members[group.q]:
@@ -348,7 +350,9 @@ class ClusteredConv2d(nn.Module):
                 indices.append(index)
             getattr(layer, f"centroids_{i}").copy_(torch.cat(centroids).unsqueeze(1))
             if group.bits:
-                getattr(layer, f"indices_{i}").copy_(pack_indices(torch.stack(indices, dim=1), group.bits))
+                streams.append(pack_indices(torch.stack(indices, dim=1), group.bits))
+        if streams:
+            layer.indices.copy_(torch.cat(streams))
         if conv.bias is not None:
             layer.bias.copy_(conv.bias)
         return layer
@@ -357,35 +361,44 @@ class ClusteredConv2d(nn.Module):
 
     def storage_bits(self) -> dict[str, int]:
         """Bits per element of the integer buffers when stored (read by ``search.measure.size_bytes``)."""
-        out = {"kept": 32}
-        out.update({f"indices_{i}": 8 for i, g in enumerate(self.channel_groups) if g.bits})
-        return out
+        return {"kept": 32, "indices": 8}
 
     def stored_weight_counts(self) -> dict[str, int]:
         """Weights each buffer of :meth:`storage_bits` holds (read by ``search.measure.count_params``): an index per (filter, channel)."""
-        out = {"kept": 0}
-        out.update({f"indices_{i}": self.out_channels * g.channels for i, g in enumerate(self.channel_groups) if g.bits})
-        return out
+        return {"kept": 0, "indices": self.out_channels * sum(g.channels for g in self.channel_groups if g.bits)}
 
-    def index(self, i: int) -> torch.Tensor:
-        """The ``N x C_i`` index matrix of group ``i`` (centroid of each filter's kernel on each channel)."""
-        group = self.channel_groups[i]
-        if not group.bits:
-            return self.kept.new_zeros(self.out_channels, group.channels, dtype=torch.int64)
-        return unpack_indices(getattr(self, f"indices_{i}"), group.bits, self.out_channels * group.channels).reshape(self.out_channels, group.channels)
+    def flat_index(self) -> torch.Tensor:
+        """``N x C_clustered``: the row of :meth:`centroid_table` that each filter uses on each clustered channel.
 
-    def _flat_index(self, i: int) -> torch.Tensor:
-        """Group ``i``'s indices as rows of its centroid table: ``index[n, j] + j * q``."""
-        group = self.channel_groups[i]
-        offsets = torch.arange(group.channels, device=self.kept.device) * group.q
-        return self.index(i) + offsets
+        Group ``i``'s channel ``j`` with index ``m`` reads row ``start_i + j * q_i + m``, where
+        ``start_i`` is the number of centroids of the groups before it.
+        """
+        device = self.indices.device
+        if any(g.bits for g in self.channel_groups):  # the whole buffer's bits, least significant first
+            bits = ((self.indices.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=device)) & 1).reshape(-1)
+        parts, byte, row = [], 0, 0
+        for group, size in zip(self.channel_groups, self.index_bytes):
+            rows = torch.arange(row, row + group.channels * group.q, group.q, device=device)
+            if group.bits:
+                fields = bits[8 * byte : 8 * byte + self.out_channels * group.channels * group.bits].view(-1, group.bits)
+                index = (fields << torch.arange(group.bits, device=device)).sum(1).view(self.out_channels, group.channels)
+                parts.append(index + rows)
+            else:
+                parts.append(rows.expand(self.out_channels, group.channels))
+            byte += size
+            row += group.channels * group.q
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def centroid_table(self) -> torch.Tensor:
+        """Every group's centroids, one after the other: ``sum_i C_i * q_i x 1 x k x k``."""
+        tables = [getattr(self, f"centroids_{i}") for i in range(len(self.channel_groups))]
+        return tables[0] if len(tables) == 1 else torch.cat(tables)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``N x C_kept x k x k`` weight on the kept channels (in ``kept``'s order), rebuilt by index."""
         parts = [self.weight_full] if self.weight_full is not None else []
-        for i, group in enumerate(self.channel_groups):
-            table = getattr(self, f"centroids_{i}").squeeze(1)  # (C_i * q, k, k)
-            parts.append(table[self._flat_index(i)])
+        if self.channel_groups:
+            parts.append(self.centroid_table().squeeze(1)[self.flat_index()])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def macs(self, path: str, out_pixels: int) -> int:
@@ -429,17 +442,18 @@ class ClusteredConv2d(nn.Module):
         out = None
         if self.weight_full is not None:
             out = F.conv2d(x.narrow(1, 0, self.full_channels), self.weight_full, None, self.stride, self.padding, self.dilation)
-        start = self.full_channels
-        for i, group in enumerate(self.channel_groups):
-            maps = F.conv2d(
-                x.narrow(1, start, group.channels), getattr(self, f"centroids_{i}"), None,
-                self.stride, self.padding, self.dilation, group.channels,
-            )  # (B, C_i * q, H, W): every (channel, centroid) map once
-            start += group.channels
-            batch, rows, height, width = maps.shape
-            table = maps.transpose(0, 1).reshape(rows, batch * height * width)
-            index = self._unpacked(f"index_{i}", functools.partial(self._flat_index, i))
-            summed = F.embedding_bag(index, table, mode="sum")  # (N, B*H*W)
+        if self.channel_groups:
+            maps, start = [], self.full_channels
+            for i, group in enumerate(self.channel_groups):
+                maps.append(F.conv2d(
+                    x.narrow(1, start, group.channels), getattr(self, f"centroids_{i}"), None,
+                    self.stride, self.padding, self.dilation, group.channels,
+                ))  # (B, C_i * q, H, W): every (channel, centroid) map once
+                start += group.channels
+            table = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
+            batch, rows, height, width = table.shape
+            table = table.transpose(0, 1).reshape(rows, batch * height * width)
+            summed = F.embedding_bag(self._unpacked("index", self.flat_index), table, mode="sum")  # (N, B*H*W)
             summed = summed.view(self.out_channels, batch, height, width).transpose(0, 1)
             out = summed if out is None else out + summed
         if self.bias is not None:
