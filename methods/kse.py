@@ -39,7 +39,9 @@ shape (``timing_batch_size``) and keeps the faster (``path: auto``), unless ``pa
 the method's metrics say how many layers took which. The FLOP counter sees the chosen path's
 convolutions as they run, so the measured ``macs`` are the chosen path's and ``Method.cost``
 needs to report nothing; ``layer_macs_clustered`` and ``layer_macs_dense`` give both paths' MACs
-of the KSE layers.
+of the KSE layers. On CPU the clustered path runs fewer MACs but more slowly than the dense one
+(oneDNN's grouped convolution and the index sum do far less per second than a dense convolution;
+``bench/kse_vs_l1.py`` measures it), so ``auto`` mostly keeps the dense path there.
 
 What is approximated or chosen where the paper is silent:
 
