@@ -631,6 +631,10 @@ class Method:
         needs_labels: Uses the task's labels during training.
         changes_architecture: Changes the model's structure (shapes or module types).
         must_be_last: Nothing may follow it in a pipeline (quantized weights are final).
+        restructured_only_by: The kinds of method that may change the architecture after it
+            (None: any). A method whose layers later pruning cannot see into (kse's clustered
+            convolutions) admits only quantization; methods that keep the architecture (kd)
+            may always follow.
         loss_scope: Where :meth:`loss` applies: ``"own"`` (the method's own phases: a penalty on
             its own variables), ``"later"`` (its own phases and those of every method after it:
             a term that keeps structures it leaves in the model valid), ``"pipeline"`` (every
@@ -651,6 +655,7 @@ class Method:
     needs_labels: ClassVar[bool] = True
     changes_architecture: ClassVar[bool] = False
     must_be_last: ClassVar[bool] = False
+    restructured_only_by: ClassVar[tuple[str, ...] | None] = None
     loss_only: ClassVar[bool] = False
     loss_scope: ClassVar[str] = "own"
     task_kinds: ClassVar[tuple[str, ...] | None] = None

@@ -38,7 +38,8 @@ class NonFiniteLossError(RuntimeError):
 def check_pipeline(methods: Sequence[type[Method]]) -> None:
     """Refuse an ordered list of methods that cannot work together; ValueError says why and what to change.
 
-    Rules: a method appears once; a method that must be last is last; a loss-only method's term
+    Rules: a method appears once; a method that must be last is last; a method that changes the
+    architecture after another is of a kind that one admits (``restructured_only_by``); a loss-only method's term
     reaches another method's phases (its own phases do not run beside a method that trains).
     :class:`Pipeline` calls this when built, and ``search.space`` on every pipeline a space can
     sample, so a space with an impossible combination is rejected when loaded.
@@ -52,6 +53,13 @@ def check_pipeline(methods: Sequence[type[Method]]) -> None:
                 f"method '{cls.name}' must be last in a pipeline (its weights are final), but '{names[i + 1]}' "
                 f"follows it in {names}. Move '{cls.name}' to the end of `methods` in the space."
             )
+        allowed = cls.restructured_only_by
+        for later in methods[i + 1 :] if allowed is not None else ():
+            if later.changes_architecture and later.kind not in allowed:
+                raise ValueError(
+                    f"after method '{cls.name}' only {' or '.join(allowed)} methods may change the architecture, but "
+                    f"'{later.name}' ({later.kind}) follows it in {names}. Put '{later.name}' before '{cls.name}'."
+                )
     trainers = [m for m in methods if not m.loss_only]
     for i, cls in enumerate(methods):
         if not cls.loss_only or not trainers:

@@ -1,0 +1,327 @@
+"""KSE: the indicator by hand, the clustered convolution's two paths, packed indices, channel removal,
+exact resume, and composition with kd and minmax_quant."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from methods import Pipeline, TrainingState, check_pipeline, create_method, get_method
+from methods.kse import (
+    ClusteredConv2d,
+    cluster_counts,
+    eligible_convs,
+    index_bits,
+    indicator_levels,
+    kernel_entropy,
+    kernel_sparsity,
+    kse_indicator,
+    pack_indices,
+    unpack_indices,
+)
+from models import create_model
+from search.export import check_round_trip, export_model
+from search.measure import count_flops, count_params, size_bytes
+
+# --- the indicator ------------------------------------------------------------------------------
+
+# Three filters of 1x1 kernels reading three channels: each channel's kernels are three numbers.
+POINTS = {0: [0.0, 1.0, 3.0], 1: [0.0, 2.0, 2.0], 2: [-1.0, 0.0, 4.0]}
+
+
+def _hand_entropy(points: list[float]) -> float:
+    # N = 3 kernels, so each sums its distances to its min(5, N - 1) = 2 neighbours: all the others.
+    dm = [sum(abs(a - b) for j, b in enumerate(points) if j != i) for i, a in enumerate(points)]
+    p = [d / sum(dm) for d in dm]
+    return -sum(x * math.log2(x) for x in p if x > 0)
+
+
+def _weight() -> torch.Tensor:
+    weight = torch.zeros(3, 3, 1, 1, dtype=torch.float64)
+    for channel, values in POINTS.items():
+        weight[:, channel, 0, 0] = torch.tensor(values, dtype=torch.float64)
+    return weight
+
+
+def test_sparsity_entropy_and_indicator_match_a_hand_computation() -> None:
+    weight = _weight()
+    s = [4.0, 4.0, 5.0]  # sum of |values| per channel
+    e = [_hand_entropy(POINTS[c]) for c in range(3)]
+    # channel 0: dm = 4, 3, 5; channel 1: dm = 4, 2, 2 (the two 2s are 0 apart); channel 2: 6, 5, 9.
+    assert e[1] == pytest.approx(1.5)
+    assert e[0] == pytest.approx(-(4 / 12 * math.log2(4 / 12) + 3 / 12 * math.log2(3 / 12) + 5 / 12 * math.log2(5 / 12)))
+    assert kernel_sparsity(weight).tolist() == s
+    assert kernel_entropy(weight).tolist() == pytest.approx(e, abs=1e-12)
+
+    def min_max(xs):
+        return [(x - min(xs)) / (max(xs) - min(xs)) for x in xs]
+
+    sn, en = min_max(s), min_max(e)
+    v = min_max([math.sqrt(a / (1 + b)) for a, b in zip(sn, en)])
+    assert kse_indicator(weight).tolist() == pytest.approx(v, abs=1e-12)
+    # v = [0, 0, 1] here (channels 0 and 1 have the lowest sparsity): G = 4 removes both, keeps 2.
+    assert indicator_levels(kse_indicator(weight), 4) == [min(math.floor(x * 4), 3) for x in v] == [0, 0, 3]
+
+
+def test_entropy_sums_the_five_nearest_neighbours_when_there_are_more() -> None:
+    weight = torch.randn(9, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for channel in range(2):
+        points = weight[:, channel].reshape(9, -1)
+        dm = []
+        for i in range(9):
+            distances = sorted(float((points[i] - points[j]).norm()) for j in range(9) if j != i)
+            dm.append(sum(distances[:5]))
+        p = [d / sum(dm) for d in dm]
+        assert float(kernel_entropy(weight)[channel]) == pytest.approx(-sum(x * math.log2(x) for x in p), abs=1e-10)
+
+
+def test_cluster_counts_per_level() -> None:
+    # G = 4, T = 0 (the paper's example): removed, N/4, N/2, all.
+    assert cluster_counts(64, 4, 0) == [0, 16, 32, None]
+    assert cluster_counts(64, 4, 1) == [0, 8, 16, None]  # T halves the clustered levels again
+    assert cluster_counts(64, 6, 0) == [0, 4, 8, 16, 32, None]
+    assert cluster_counts(10, 3, 0) == [0, 5, None]
+    assert cluster_counts(3, 6, 1) == [0, 1, 1, 1, 1, None]
+    assert cluster_counts(8, 2, 0) == [0, None]
+
+
+# --- the clustered convolution ------------------------------------------------------------------
+
+
+def _conv(seed: int = 0, bias: bool = True) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    return nn.Conv2d(6, 8, 3, padding=1, bias=bias)
+
+
+def _outputs(layer: ClusteredConv2d, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer.eval()
+    out = {}
+    with torch.no_grad():
+        for path in ("dense", "clustered"):
+            layer.path = path
+            out[path] = layer(x)
+    return out
+
+
+X = torch.randn(3, 6, 7, 7, generator=torch.Generator().manual_seed(1))
+
+
+def test_clustered_conv_with_one_centroid_per_kernel_equals_the_original() -> None:
+    conv = _conv()
+    layer = ClusteredConv2d.from_conv(conv, [8] * 6, seed=0)
+    assert [(g.q, g.channels) for g in layer.channel_groups] == [(8, 6)]
+    with torch.no_grad():
+        expected = conv(X)
+    for path, got in _outputs(layer, X).items():
+        assert (got - expected).abs().max() <= 1e-5, path
+
+
+def test_output_error_falls_as_the_number_of_centroids_rises() -> None:
+    conv = _conv(bias=False)
+    with torch.no_grad():
+        expected = conv(X)
+    errors = []
+    for q in (1, 2, 3, 5, 8):
+        out = _outputs(ClusteredConv2d.from_conv(conv, [q] * 6, seed=0), X)
+        assert (out["dense"] - out["clustered"]).abs().max() <= 1e-5
+        errors.append(float((out["dense"] - expected).norm() / expected.norm()))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.5 and errors[-1] <= 1e-6
+
+
+def test_mixed_channels_kept_removed_and_clustered_give_the_same_output_on_both_paths_and_count_what_runs() -> None:
+    conv = _conv()
+    clusters = [0, None, 2, 2, 1, 4]
+    layer = ClusteredConv2d.from_conv(conv, clusters, seed=0)
+    out = _outputs(layer, X)
+    assert (out["dense"] - out["clustered"]).abs().max() <= 1e-5
+    # The full channel is bit-identical to the original kernels; the removed one is not read.
+    assert torch.equal(layer.weight_full, conv.weight[:, [1]])
+    assert layer.kept.tolist() == [1, 4, 2, 3, 5]  # full first, then groups by q
+    reference = copy.deepcopy(conv)
+    with torch.no_grad():
+        reference.weight.zero_()
+        reference.weight[:, layer.kept.long()] = layer.dense_weight()  # the rebuilt weight, in kept's order
+        assert (reference(X) - out["dense"]).abs().max() <= 1e-5
+    # params: full kernels 8*9, centroids (1 + 2*2 + 4)*9, bias 8, one index per (filter, clustered channel
+    # with q > 1): 8 * (2 + 1); size: floats at 4 bytes, packed indices ceil(8*2*1/8) + ceil(8*1*2/8), kept 5 * 4.
+    assert count_params(layer) == 8 * 9 + 9 * 9 + 8 + 8 * 3
+    assert size_bytes(layer) == 4 * (8 * 9 + 9 * 9 + 8) + 2 + 2 + 5 * 4
+    pixels = 7 * 7
+    for path in ("dense", "clustered"):
+        layer.path = path
+        assert count_flops(layer, X[:1]).macs == layer.macs(path, pixels)
+    assert layer.macs("dense", pixels) == pixels * 8 * 5 * 9
+    assert layer.macs("clustered", pixels) == pixels * 9 * (8 * 1 + 1 + 2 * 2 + 4)
+
+
+def test_clustered_conv_exports_on_both_paths(tmp_path) -> None:
+    layer = ClusteredConv2d.from_conv(_conv(), [0, None, 2, 3, 1, 3], seed=0).eval()
+    for path in ("dense", "clustered"):
+        layer.path = path
+        export_model(layer, X[:1], tmp_path / path)
+        assert check_round_trip(tmp_path / path, X) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 9, 12])
+def test_packed_indices_round_trip(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    for numel in (1, 7, 64, 101):
+        index = torch.randint(0, 2**bits, (numel,), generator=generator)
+        packed = pack_indices(index, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel * bits / 8)
+        assert torch.equal(unpack_indices(packed, bits, numel), index)
+
+
+def test_packing_refuses_indices_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match=r"indices must lie in 0..3 for 2 bits, but got 0..4"):
+        pack_indices(torch.tensor([0, 4]), 2)
+    assert [index_bits(q) for q in (1, 2, 3, 4, 5, 16, 17)] == [0, 1, 2, 2, 3, 4, 5]
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+
+def test_removed_channels_are_gone_from_the_layer_that_produces_them_where_only_this_layer_reads_them(cifar_context) -> None:
+    """With G = 2 (remove or keep, no clustering) the pruned network computes what the original does with
+    the removed kernels zeroed; inside a block the producing conv and batch norm shrink, on the residual
+    stream (read by the shortcut too) only the reading conv stops reading."""
+    model, ctx = cifar_context()
+    model.eval()
+    reference = copy.deepcopy(model)
+    removed = {}
+    for name in eligible_convs(model, ctx.example_input):
+        levels = indicator_levels(kse_indicator(model.get_submodule(name).weight), 2)
+        removed[name] = [c for c, g in enumerate(levels) if g == 0]
+        with torch.no_grad():
+            reference.get_submodule(name).weight[:, removed[name]] = 0
+    assert sum(map(len, removed.values())) > 0
+    method = create_method("kse", {"levels": 2, "path": "dense"})
+    pruned = method.prepare(model, ctx).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (pruned(x) - reference(x)).abs().max() <= 1e-4
+    block = pruned.layer2[1]
+    inner = removed["layer2.1.conv2"]
+    assert inner, "the test needs a removed channel inside a block"
+    assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels == 32 - len(inner)
+    assert len(block.conv2.kept) == block.conv2.in_channels  # reads every channel that is left
+    stream = removed["layer2.1.conv1"]
+    assert stream and block.conv1.in_channels == 32 and len(block.conv1.kept) == 32 - len(stream)
+    assert method.metrics()["layers_removed_upstream"] == 9.0  # every block's conv2
+
+
+def test_full_channels_keep_the_original_kernels_and_the_aggressive_end_compresses_more(digits_context) -> None:
+    sizes = []
+    for levels, halvings in ((3, 0), (4, 0), (5, 0), (5, 1)):
+        model, ctx = digits_context()
+        original = copy.deepcopy(model)
+        out = create_method("kse", {"levels": levels, "halvings": halvings}).prepare(model, ctx)
+        layer = out.features[3]
+        assert isinstance(layer, ClusteredConv2d)
+        full = layer.kept[: layer.full_channels].long()
+        # the block-free digits_cnn: features[3] reads features[0]'s channels, which were pruned upstream
+        assert layer.full_channels >= 1
+        # features[0] (the stem) and features[3] lost the output channels that the next conv removed
+        inputs = [c for c in range(16) if c not in _removed(original.features[3].weight, levels)]
+        filters = [n for n in range(32) if n not in _removed(original.features[7].weight, levels)]
+        assert torch.equal(layer.weight_full, original.features[3].weight[filters][:, inputs][:, full])
+        sizes.append(size_bytes(out))
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3], sizes
+
+
+def _removed(weight: torch.Tensor, levels: int) -> list[int]:
+    return [c for c, g in enumerate(indicator_levels(kse_indicator(weight), levels)) if g == 0]
+
+
+def _saved(state: TrainingState) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _loaded(data: bytes) -> TrainingState:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+RECIPE = [{"name": "kse", "params": {"epochs": 2, "path": "clustered"}}]
+
+
+def _run(digits_context, resume: bytes | None = None):
+    model, ctx = digits_context(epochs=2, shuffle=True, examples=96, seed=0)
+    states: list[bytes] = []
+    history: list[dict[str, float]] = []
+
+    def on_epoch_end(state: TrainingState, metrics: dict[str, float]) -> None:
+        states.append(_saved(state))
+        history.append(metrics)
+
+    torch.manual_seed(0)
+    pipeline = Pipeline.from_recipe(RECIPE)
+    final = pipeline.run(model, ctx, on_epoch_end=on_epoch_end, resume=_loaded(resume) if resume is not None else None).eval()
+    with torch.no_grad():
+        outputs = final(ctx.val_loader[0][0])
+    return final, outputs, states, history, pipeline.metrics()
+
+
+def test_resume_gives_the_same_weights_outputs_and_metrics(digits_context) -> None:
+    model, outputs, states, history, metrics = _run(digits_context)
+    assert len(states) == 2
+    resumed, resumed_outputs, _, resumed_history, resumed_metrics = _run(digits_context, resume=states[0])
+    assert resumed_history[0]["train_loss"] == history[1]["train_loss"]
+    reference, got = model.state_dict(), resumed.state_dict()
+    assert got.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(got[key], reference[key]), key
+    assert torch.equal(resumed_outputs, outputs)
+    assert resumed_metrics == metrics and metrics["kse.clustered_path_layers"] == 2.0
+
+
+def test_composes_with_kd_and_minmax_quant(digits_context, tmp_path) -> None:
+    alone, ctx = digits_context()
+    torch.manual_seed(0)
+    kse_alone = Pipeline([create_method("kse")])
+    history_alone: list[dict[str, float]] = []
+    alone = kse_alone.run(alone, ctx, on_epoch_end=lambda s, m: history_alone.append(m)).eval()
+
+    model, ctx = digits_context()
+    torch.manual_seed(0)
+    pipeline = Pipeline([create_method("kse"), create_method("kd"), create_method("minmax_quant", {"bits": 4, "quantize_first_last": True})])
+    history: list[dict[str, float]] = []
+    out = pipeline.run(model, ctx, on_epoch_end=lambda s, m: history.append(m)).eval()
+    # kd's term is added to kse's fine-tune (and the QAT): the same first step, a larger loss.
+    assert history[0]["train_loss"] > history_alone[0]["train_loss"]
+    metrics = pipeline.metrics()
+    assert metrics["minmax_quant.quantized_layers"] == 2.0  # the stem and the classifier; the clustered layers stay float
+    assert sum(isinstance(m, ClusteredConv2d) for m in out.modules()) == 2
+    assert size_bytes(out) < size_bytes(alone)
+    batch = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    export_model(out, torch.zeros(1, 1, 8, 8), tmp_path)
+    assert check_round_trip(tmp_path, batch) <= 1e-5
+
+
+def test_only_quantization_may_change_the_architecture_after_kse() -> None:
+    for later in ("l1_filter", "gal", "od"):
+        with pytest.raises(ValueError, match=f"after method 'kse' only quantization methods may change the architecture, but '{later}'"):
+            check_pipeline([get_method("kse"), get_method(later)])
+    check_pipeline([get_method("l1_filter"), get_method("kse"), get_method("kd"), get_method("pams")])
+
+
+def test_the_flop_counter_sees_the_macs_of_the_chosen_path(digits_context) -> None:
+    """So the trial's measured ``macs`` are what runs and ``Method.cost`` has nothing to correct."""
+    model, ctx = digits_context()
+    method = create_method("kse", {"path": "dense"})
+    model = method.finalize(method.prepare(model, ctx), ctx).eval()
+    dense = count_flops(model, ctx.example_input).macs
+    for module in model.modules():
+        if isinstance(module, ClusteredConv2d):
+            module.path = "clustered"
+    clustered = count_flops(model, ctx.example_input).macs
+    metrics = method.metrics()
+    assert dense - clustered == metrics["layer_macs_dense"] - metrics["layer_macs_clustered"] > 0
+    assert metrics["dense_path_layers"] == 2.0 and metrics["clustered_path_layers"] == 0.0
