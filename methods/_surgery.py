@@ -48,10 +48,18 @@ def first_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's graph of coupled channels, traced in eval mode (BN statistics untouched)."""
+    """torch-pruning's graph of coupled channels, traced in eval mode (BN statistics untouched).
+
+    torch-pruning traces the autograd graph, so frozen parameters are unfrozen while it traces.
+    """
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
+    for p in frozen:
+        p.requires_grad_(True)
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     finally:
         model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)

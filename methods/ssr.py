@@ -56,7 +56,10 @@ Choices and approximations, and why:
   ``lam 1[F_i != 0] + (rho/2) ||F_i - T_i||^2``: keeping ``T_i`` costs ``lam``, zeroing it costs
   ``(rho/2) ||T_i||^2``; ``T_i`` is kept when the second is larger.
 * ``update_period`` defaults to 20 iterations (the paper's K = 200 comes with 8000-iteration AULM
-  phases; our trials are far shorter). The learning rate follows the loop's cosine schedule rather
+  phases; our trials are far shorter). Much shorter periods make AULM oscillate: the W-steps between
+  two Y-steps must move W most of the way to ``F - Y/rho``, or the multipliers of a zeroed group
+  keep growing and revive it (seen on digits with K = 4 at lr 0.05: the zero set changed at every
+  F-step and accuracy fell to chance). The learning rate follows the loop's cosine schedule rather
   than the paper's constant 0.01.
 * A module keeps at least one output channel (all zero) when every group it belongs to is zero,
   so shapes stay valid and the function is unchanged.
@@ -330,6 +333,7 @@ def remove_zero_groups(model: nn.Module, layers: list[Layer], example_input: tor
         return 0
     graph = dependency_graph(model, example_input)
     modules = dict(model.named_modules())
+    names = {module: name for name, module in modules.items()}
     alive = {name: list(range(m.weight.shape[0])) for name, m in modules.items() if _groupable(m) and getattr(m, "weight", None) is not None}
     # Batch the groups by a representative convolution or linear layer, pruned in one call each.
     batches: dict[str, list[dict[str, list[int]]]] = {}
@@ -343,7 +347,7 @@ def remove_zero_groups(model: nn.Module, layers: list[Layer], example_input: tor
         pruning = graph.get_pruning_group(module, fn, idxs=idxs)
         for item in pruning:
             target = item.dep.target.module
-            target_name = next((n for n, m in modules.items() if m is target), None) if isinstance(target, nn.Module) else None
+            target_name = names.get(target) if isinstance(target, nn.Module) else None
             if graph.is_out_channel_pruning_fn(item.dep.handler) and target_name in alive:
                 gone = {alive[target_name][i] for i in item.idxs}
                 alive[target_name] = [i for i in alive[target_name] if i not in gone]
@@ -419,15 +423,15 @@ class SSR(Method):
     def _active(self) -> list[Layer]:
         return [self.layers[i] for i in self.active]
 
-    def penalty(self, step: Step) -> torch.Tensor:
-        """The W-step's augmentation ``(rho/2) ||W - F + Y/rho||^2`` over the layers in AULM."""
+    def penalty(self, step: Step) -> torch.Tensor | None:
+        """The W-step's augmentation ``(rho/2) ||W - F + Y/rho||^2`` over the layers in AULM (None: no layer)."""
         rho = self.config.rho
         total = None
         for layer in self._active():
             for w, f, y in zip(layer.weights(step.model), layer.f, layer.y):
                 term = (w - f + y / rho).pow(2).sum()
                 total = term if total is None else total + term
-        return 0.5 * rho * total
+        return None if total is None else 0.5 * rho * total
 
     def after_aulm_step(self, step: Step) -> None:
         """After every W-step: every ``update_period`` iterations, the F-step then the Y-step."""

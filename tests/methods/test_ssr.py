@@ -56,6 +56,10 @@ def test_groups_follow_the_dependency_graph(model_name, shape, layers, total) ->
     found = find_layers(model, torch.zeros(1, *shape))
     assert [(layer.name, layer.groups) for layer in found] == layers
     assert sum(layer.groups for layer in found) == total
+    for p in model.parameters():  # a frozen model (torch-pruning traces autograd) gives the same groups
+        p.requires_grad_(False)
+    assert [(layer.name, layer.groups) for layer in find_layers(model, torch.zeros(1, *shape))] == layers
+    assert not any(p.requires_grad for p in model.parameters())
     params = [p for layer in found for p in layer.params]
     assert not any(p.startswith(("fc2", "classifier", "fc.")) for p in params)  # the classifier keeps its outputs
     if model_name == "digits_cnn":
