@@ -89,7 +89,7 @@ Schedule = Literal["global", "layerwise"]
 class SSRConfig:
     lam: float = hyperparameter(0.2, "regularisation weight lambda, times each layer's mean filter norm (one value, scaled per layer)", Range(0.05, 1.0, log=True), compresses="high")
     rho: float = hyperparameter(1.0, "AULM penalty rho: W-step term (rho/2)||W - F + Y/rho||^2, F-step threshold lam/rho", Range(0.5, 5.0, log=True), compresses="low")
-    update_period: int = hyperparameter(20, "K: iterations between F- and Y-steps", Range(1, 200, log=True), compresses="low")
+    update_period: int = hyperparameter(20, "K: iterations between F- and Y-steps (much shorter periods oscillate)", Range(10, 200, log=True), compresses="low")
     variant: Variant = hyperparameter("l21", "regulariser: l21 (group lasso, soft threshold) or l20 (group count, hard threshold)", Range(choices=("l21", "l20")))
     schedule: Schedule = hyperparameter("global", "global (all layers in one AULM phase) or layerwise (one layer at a time, each followed by a fine-tune)", Range(choices=("global", "layerwise")))
     aulm_epochs: int | None = hyperparameter(None, "epochs of each AULM phase; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
