@@ -9,8 +9,10 @@ Objective: ``min_W L(W) + sum_l lam_l R(W_l)`` where every **group** is one outp
 of its convolution or linear layer (weights and bias), and the channel's batch-norm scale and shift.
 Channels that torch-pruning's dependency graph couples (the outputs of every convolution feeding
 one residual addition, an option-A shortcut's padded channels) are one group, since they can only be
-removed together. ``variant: l21`` is the group lasso ``R = sum_i ||W_i||``, ``variant: l20`` counts
-the non-zero groups ``R = #{i : W_i != 0}``.
+removed together. Channels coupled to the classifier's outputs, or to a module whose parameters
+are not per output channel (anything but convolutions, linear layers and affine batch norms), are in
+no group and stay. ``variant: l21`` is the group lasso ``R = sum_i ||W_i||``, ``variant: l20``
+counts the non-zero groups ``R = #{i : W_i != 0}``.
 
 AULM (alternative updating with Lagrange multipliers, an ADMM splitting) keeps an auxiliary copy F
 of the grouped weights and multipliers Y, both owned by the method (saved by :meth:`SSR.state_dict`,
@@ -18,8 +20,9 @@ never in the model):
 
 * W-step, every iteration: SGD on the task loss + ``(rho/2) ||W - F + Y/rho||^2`` (the AULM
   phase's own loss; every other loss term that reaches the phase, as kd's, adds to it);
-* F-step, every ``update_period`` (K) iterations: the proximal operator of ``lam R`` at
-  ``T = W + Y/rho``, group by group (:func:`group_prox`): L2,1 soft-thresholds
+* F-step, every ``update_period`` (K) iterations: the proximal operator of ``lam R`` (``lam`` is
+  the layer's ``lam_l``, below) at ``T = W + Y/rho``, group by group (:func:`group_prox`): L2,1
+  soft-thresholds
   ``F_i = max(||T_i|| - lam/rho, 0) T_i/||T_i||``; L2,0 hard-thresholds, keeping ``T_i`` when
   ``||T_i||^2 > 2 lam/rho`` and zeroing it otherwise;
 * Y-step, right after: ``Y <- Y + rho (W - F)``.
@@ -309,7 +312,7 @@ def remove_zero_groups(model: nn.Module, layers: list[Layer], example_input: tor
     A module whose groups are all zero keeps one (all-zero) channel so its shapes stay valid.
     Returns the number of groups removed. ``model`` changes in place.
     """
-    plans = []  # (layer, removed groups) with each group's channels per module
+    plans = []  # per layer: the channels of each group to remove, by module
     for layer in layers:
         if layer.zero is None:
             continue
