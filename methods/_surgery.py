@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
-__all__ = ["output_layers", "first_layers"]
+__all__ = ["output_layers", "first_layers", "dependency_graph"]
 
 
 def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
@@ -44,3 +45,21 @@ def first_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     """Names of the conv/linear layers that read the raw input."""
     calls = _leaf_calls(model, example_input)
     return [calls[0][0]] if calls else []
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's graph of coupled channels, traced in eval mode (BN statistics untouched).
+
+    torch-pruning traces the autograd graph, so frozen parameters are unfrozen while it traces.
+    """
+    was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    finally:
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)

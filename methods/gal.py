@@ -92,7 +92,7 @@ from torch import nn
 
 from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, hyperparameter
 from methods._registry import register_method
-from methods._surgery import output_layers
+from methods._surgery import dependency_graph, output_layers
 
 __all__ = [
     "GAL",
@@ -280,21 +280,11 @@ def find_mask_sites(model: nn.Module, example_input: torch.Tensor, structure: st
     return MaskSites(tuple(blocks), tuple(channels))
 
 
-def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's graph of coupled channels, traced in eval mode (BN statistics untouched)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    finally:
-        model.train(was_training)
-
-
 def _independent_channel_units(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, str]]:
     """``(conv, scaled module)`` for every conv whose channel group touches no other layer's outputs."""
     names = {module: name for name, module in model.named_modules()}
     classifier = set(output_layers(model, example_input))
-    graph = _dependency_graph(model, example_input)
+    graph = dependency_graph(model, example_input)
     units = []
     for name, conv in model.named_modules():
         if not isinstance(conv, nn.Conv2d) or name in classifier or conv not in graph.module2node:
@@ -439,7 +429,7 @@ def remove_masked_structures(model: nn.Module, sites: MaskSites, example_input: 
             _fold_scale(module.inner, module.mask.detach())
             _set_submodule(model, module_name, module.inner)
     if to_prune:
-        graph = _dependency_graph(model, example_input)
+        graph = dependency_graph(model, example_input)
         for conv, zero in to_prune:
             graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=zero).prune()
     return Removal(

@@ -6,11 +6,12 @@ Importing this package registers the built-in models.
 
 from __future__ import annotations
 
-from models import cifar_resnet, digits, edsr, rdn, vgg  # noqa: F401  (imported to register their models)
+from models import cifar_resnet, digits, edsr, lenet, rdn, vgg  # noqa: F401  (imported to register their models)
 from models._registry import create_model, list_models, model_factory, register_model
 from models.cifar_resnet import BasicBlock, CifarResNet, ZeroPadShortcut
 from models.digits import DigitsCNN
 from models.edsr import EDSR, ResBlock
+from models.lenet import LeNet
 from models.rdn import RDB, RDN
 from models.torchvision_models import torchvision_model_names
 from models.vgg import VGG
@@ -26,6 +27,7 @@ __all__ = [
     "ZeroPadShortcut",
     "DigitsCNN",
     "EDSR",
+    "LeNet",
     "ResBlock",
     "RDN",
     "RDB",
