@@ -83,32 +83,47 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from search.runner import run_search
+    from search.runner import SearchInterrupted, run_search
 
-    run_search(args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir)
-    return 0
+    try:
+        record = run_search(args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir)
+    except SearchInterrupted:
+        return 130
+    return _exit_code(record)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from search.runner import resume_search
+    from search.runner import SearchInterrupted, resume_search
 
-    resume_search(args.name, results_dir=args.results_dir, address=args.address)
-    return 0
+    try:
+        record = resume_search(args.name, results_dir=args.results_dir, address=args.address)
+    except SearchInterrupted:
+        return 130
+    return _exit_code(record)
+
+
+def _exit_code(record) -> int:
+    """0 when the budget completed with at least one completed trial; 1 when every trial failed."""
+    from search.record import search_progress
+
+    return 0 if search_progress(record).completed > 0 else 1
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from search.runner import completed_records, format_table, load_search, pareto_table, rank_records, search_hypervolume
+    from search.ranking import pareto_table, rank_records, search_hypervolume
+    from search.record import completed_records, load_search
+    from search.report import format_table, plural
 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
-    rank_records(record.space, records)
-    rows = pareto_table(record.space, records, only_front=not args.all)
-    hv = search_hypervolume(record.space, records, record.baseline_metrics)
+    rank_records(record, records)
+    rows = pareto_table(record, records, only_front=not args.all)
+    hv = search_hypervolume(record, records)
     if args.json:
-        print(json.dumps({"search": record.name, "objectives": {o.metric: o.direction for o in record.space.objectives}, "hypervolume": hv, "baseline": _numeric(record.baseline_metrics), "trials": rows}, indent=2))
+        print(json.dumps({"search": record.name, "objectives": {o.metric: o.direction for o in record.objectives}, "hypervolume": hv, "baseline": _numeric(record.baseline_metrics), "trials": rows}, indent=2))
     else:
-        print(f"search '{record.name}': {len(records)} completed trials, hypervolume {hv:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.space.objectives))
-        print(format_table(record.space, rows, record.baseline_metrics))
+        print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {hv:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
+        print(format_table(record, rows, record.baseline_metrics))
     return 0
 
 
@@ -120,12 +135,13 @@ def _export(args: argparse.Namespace) -> int:
     import shutil
 
     from search.export import check_round_trip
-    from search.runner import completed_records, exported_model_dir, load_search, pick_record, rank_records
+    from search.ranking import pick_record, rank_records
+    from search.record import completed_records, exported_model_dir, load_search
     from search.trial import load_task
 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
-    rank_records(record.space, records)
+    rank_records(record, records)
     if args.run:
         matches = [r for r in records if r.run_id and r.run_id.startswith(args.run)]
         if len(matches) != 1:
@@ -133,7 +149,7 @@ def _export(args: argparse.Namespace) -> int:
             raise UserError(f"--run {args.run}: {'no' if not matches else 'more than one'} completed trial of '{args.name}' has that run id. Run ids: {known}.")
         chosen = matches[0]
     else:
-        chosen = pick_record(record.space, records, args.pick)
+        chosen = pick_record(record, records, args.pick)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
@@ -237,10 +253,11 @@ def _methods(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from search.preflight import preflight
+    from search.report import plural
     from search.space import load_space
 
     space = load_space(args.space)
-    print(f"{args.space}: valid ({space.task} / {space.model}, {len(space.methods)} methods, objectives {', '.join(space.metric_names)})")
+    print(f"{args.space}: valid ({space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)})")
     results = preflight(space, log=print)
     failed = [r for r in results if not r.ok]
     if failed:

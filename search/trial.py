@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from search.export import export_model
+from search.report import plural
 from search.measure import count_flops, count_params, latency_ms, size_bytes
 from models import create_model
 from search.space import SearchSpace
@@ -174,7 +175,7 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         log(f"baseline loaded from {space.baseline_checkpoint}")
     elif space.baseline_epochs > 0:
         ctx = build_context(space, task, teacher=model, device=device, seed=space.seed, log=log)
-        log(f"training the baseline {space.model} on {space.task} for {space.baseline_epochs} epochs")
+        log(f"training the baseline {space.model} on {space.task} for {plural(space.baseline_epochs, 'epoch')}")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
     with tempfile.TemporaryDirectory() as tmp:
