@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from errors import UserError
+
+if TYPE_CHECKING:
+    from search.record import SearchRecord
 
 __all__ = ["main"]
 
@@ -102,7 +105,7 @@ def _resume(args: argparse.Namespace) -> int:
     return _exit_code(record)
 
 
-def _exit_code(record) -> int:
+def _exit_code(record: SearchRecord) -> int:
     """0 when the budget completed with at least one completed trial; 1 when every trial failed."""
     from search.record import search_progress
 

@@ -39,6 +39,8 @@ __all__ = [
     "completed_records",
     "search_progress",
     "exported_model_dir",
+    "trial_number",
+    "trial_state",
     "INTERRUPTED",
 ]
 
@@ -304,13 +306,13 @@ def search_progress(record: SearchRecord) -> Progress:
     reasons = collections.Counter(
         run.get("reason", "")
         for run in record.tracker().runs().values()
-        if run.get("status") == "FAILED" and run.get("reason") != INTERRUPTED and _number(run.get("name")) in numbers
+        if run.get("status") == "FAILED" and run.get("reason") != INTERRUPTED and trial_number(run.get("name")) in numbers
     )
     reasons.pop("", None)
     return Progress(budget=record.trials, completed=completed, failed=len(failed), reasons=dict(reasons))
 
 
-def _number(trial_name: str | None) -> int | None:
+def trial_number(trial_name: str | None) -> int | None:
     """``trial_007`` -> 7."""
     if not trial_name or not trial_name.startswith("trial_"):
         return None

@@ -60,21 +60,26 @@ def format_table(record: SearchRecord, rows: list[dict[str, Any]], baseline: dic
     return "\n".join(out)
 
 
+def print_now(line: str) -> None:
+    """``print`` that flushes: a search's log file shows each line when it happens."""
+    print(line, flush=True)
+
+
 class Reporter:
-    """Prints a search's lines through ``log`` (``print`` by default).
+    """Prints a search's lines through ``log`` (:func:`print_now` by default).
 
     Args:
         log: Called with each line of text.
         address: The Ray cluster the search runs on (None: a local Ray), repeated in hints.
     """
 
-    def __init__(self, log: Callable[[str], Any] = print, address: str | None = None) -> None:
+    def __init__(self, log: Callable[[str], Any] = print_now, address: str | None = None) -> None:
         self.log = log
         self.address = address
 
     # Tune pickles the callback that holds this reporter; a restored one prints.
     def __getstate__(self) -> dict[str, Any]:
-        return {"log": print, "address": self.address}
+        return {"log": print_now, "address": self.address}
 
     def say(self, message: str) -> None:
         """One progress line, prefixed ``[slimtune]``."""

@@ -19,8 +19,18 @@ import torch
 
 from errors import UserError
 from search.ranking import front, pareto_table, rank_records, search_hypervolume
-from search.record import INTERRUPTED, Progress, SearchRecord, TrialRecord, completed_records, exported_model_dir, load_search, search_progress
-from search.report import Reporter
+from search.record import (
+    INTERRUPTED,
+    Progress,
+    SearchRecord,
+    TrialRecord,
+    completed_records,
+    exported_model_dir,
+    load_search,
+    search_progress,
+    trial_number,
+)
+from search.report import Reporter, print_now
 from search.space import SearchSpace, load_space
 from search.trial import train_baseline
 
@@ -56,7 +66,7 @@ def run_search(
     tracking_uri: str | None = None,
     address: str | None = None,
     results_dir: str | Path | None = None,
-    log=print,
+    log=print_now,
 ) -> SearchRecord:
     """Train the baseline, run every trial, write MLflow, print and return the search's record.
 
@@ -84,7 +94,7 @@ def run_search(
     return _drive(record, reporter, address, restore=False)
 
 
-def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print) -> SearchRecord:
+def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print_now) -> SearchRecord:
     """Continue a search from Tune's experiment state and the persistent Optuna study.
 
     Raises:
@@ -257,16 +267,19 @@ def reconcile(record: SearchRecord) -> None:
     fail_open_trials(study, INTERRUPTED)
     trials = study.get_trials(deepcopy=False)
     tracker = record.tracker()
-    for trial_id, run in tracker.runs().items():
-        number = int(run.get("name", "trial_-1")[len("trial_"):])
-        if not run.get("run_id") or not 0 <= number < len(trials):
-            continue
-        trial = trials[number]
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            if run.get("status") != "FINISHED":
-                tracker.finish_trial(trial_id, run["run_id"], dict(trial.user_attrs.get("metrics", {})), _final_checkpoint(record, number))
-        elif run.get("status") != "FAILED":
-            tracker.fail_trial(trial_id, run["run_id"], trial.user_attrs.get("failure_reason", INTERRUPTED))
+    # run id -> (Tune trial id, trial name, status): the run map, and the runs MLflow holds open.
+    runs = {run["run_id"]: (trial_id, run.get("name"), run.get("status")) for trial_id, run in tracker.runs().items() if run.get("run_id")}
+    for run_id, trial_id, name in tracker.open_trial_runs():
+        runs[run_id] = (trial_id, name, "RUNNING")
+    for run_id, (trial_id, name, status) in runs.items():
+        number = trial_number(name)
+        trial = trials[number] if number is not None and 0 <= number < len(trials) else None
+        if trial is not None and trial.state == optuna.trial.TrialState.COMPLETE:
+            if status != "FINISHED":
+                tracker.finish_trial(trial_id, run_id, dict(trial.user_attrs.get("metrics", {})), _final_checkpoint(record, number))
+        elif status != "FAILED":
+            reason = trial.user_attrs.get("failure_reason", INTERRUPTED) if trial is not None else INTERRUPTED
+            tracker.fail_trial(trial_id, run_id, reason)
 
 
 def _final_checkpoint(record: SearchRecord, number: int) -> str | None:
