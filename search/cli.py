@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,23 +87,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from search.runner import SearchInterrupted, run_search
-
+    try:
+        from search.runner import SearchInterrupted, run_search
+    except KeyboardInterrupt:
+        print("slimtune: interrupted before the search started; nothing to resume.", file=sys.stderr)
+        _exit_at_once(130)
     try:
         record = run_search(args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir)
     except SearchInterrupted:
-        return 130
+        _exit_at_once(130)
     return _exit_code(record)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from search.runner import SearchInterrupted, resume_search
-
+    try:
+        from search.runner import SearchInterrupted, resume_search
+    except KeyboardInterrupt:
+        print(f"slimtune: interrupted; continue with: slimtune resume {args.name} --results-dir {args.results_dir}", file=sys.stderr)
+        _exit_at_once(130)
     try:
         record = resume_search(args.name, results_dir=args.results_dir, address=args.address)
     except SearchInterrupted:
-        return 130
+        _exit_at_once(130)
     return _exit_code(record)
+
+
+def _exit_at_once(code: int) -> None:
+    """End the process now, its output flushed (the search has saved everything it needs).
+
+    After an interrupt, the interpreter's normal teardown can end the process by a signal
+    (SIGSEGV in the threads Ray leaves behind; SIGINT after an import was cut short) instead of
+    exiting with 130, so it is skipped.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_code(record: SearchRecord) -> int:
