@@ -1,40 +1,36 @@
 """The Ray Tune and Optuna pieces of a search (imported only when a search runs).
 
 Everything here is a module-level class so Tune can pickle it into its experiment state,
-which is what lets ``slimtune resume`` continue after the driver dies.
+which is what lets ``slimtune resume`` continue after the driver dies. Private Ray and Optuna
+APIs stay in ``search._private``.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import optuna
+import torch
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from methods import get_method, hyperparameters
+from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch
+from search.record import SearchRecord, search_progress, trial_state
+from search.report import Reporter
 from search.space import SearchSpace
-from search.trial import recipe_from_config
+from search.trial import TrialSpec, recipe_from_config, run_trial
 
-__all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "TrialTracker", "constraint_values"]
-
-
-def constraint_values(space: SearchSpace, metrics: dict[str, float]) -> list[float]:
-    """Optuna's convention: one value per constraint, <= 0 when it holds."""
-    values = []
-    for c in space.constraints:
-        value = metrics[c.metric]
-        values.append(value - c.bound if c.op == "<=" else c.bound - value)
-    return values
+__all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "TrialTracker", "fit"]
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
     """NSGA-II (default), TPE or random, seeded.
 
     Constraints reach the samplers through ``Trial.set_constraint`` (see
-    :class:`SlimtuneOptunaSearch`), which Optuna 5's samplers and ``best_trials`` read.
+    :class:`search._private.SlimtuneOptunaSearch`), which Optuna 5's samplers and ``best_trials``
+    read.
     """
     if space.sampler == "nsga2":
         # A small population lets a laptop-sized budget run several generations.
@@ -75,43 +71,7 @@ class SpaceDefinition:
                 else:
                     trial.suggest_float(key, float(rng.low), float(rng.high), step=rng.step, log=rng.log)
         # One name per trial everywhere (progress line, MLflow run, Pareto table): Optuna's number.
-        return {"trial_number": trial.number}
-
-
-class SlimtuneOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch that also stores each trial's metrics, recipe and constraints in the study.
-
-    The study then holds everything ``slimtune pareto`` and ``slimtune export`` need. A trial
-    that ends without its final result counts as failed, never as a completed point.
-    """
-
-    def __init__(self, *args: Any, search_space: SearchSpace, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._slimtune_space = search_space
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and self._already_told(ot_trial):
-            # A resumed search may replay the end of a trial the study has already recorded
-            # (Tune's experiment state lags the study): the study keeps its one record.
-            self._completed_trials.add(trial_id)
-            return
-        if ot_trial is not None and trial_id not in self._completed_trials:
-            ot_trial.set_user_attr("tune_trial_id", trial_id)
-            if result and not error and result.get("final"):
-                metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                ot_trial.set_user_attr("metrics", metrics)
-                ot_trial.set_user_attr("recipe", result.get("recipe", "[]"))
-                for constraint, value in zip(self._slimtune_space.constraints, constraint_values(self._slimtune_space, metrics)):
-                    ot_trial.set_constraint(str(constraint), value)
-            elif result:
-                result, error = None, True
-        super().on_trial_complete(trial_id, result=result, error=error)
-
-
-    def _already_told(self, ot_trial) -> bool:
-        stored = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
-        return stored.state.is_finished()
+        return {TRIAL_NUMBER: trial.number}
 
 
 def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> SlimtuneOptunaSearch:
@@ -129,14 +89,15 @@ def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> Slim
 
 
 class TrialTracker(tune.Callback):
-    """Writes every trial to MLflow from the driver and prints one line per finished trial."""
+    """Writes every trial to MLflow from the driver and reports one line per finished trial.
 
-    def __init__(self, record) -> None:
+    Called by Tune after the searcher, so a trial's outcome is already in the study (the source
+    of truth) when MLflow and the run map are written and the line is printed.
+    """
+
+    def __init__(self, record: SearchRecord, reporter: Reporter) -> None:
         self.record = record
-
-    def _finished_count(self) -> int:
-        # Counted from the run map, so a resumed search goes on counting where it stopped.
-        return sum(1 for run in self.record.tracker().runs().values() if run.get("status") in ("FINISHED", "FAILED"))
+        self.reporter = reporter
 
     def _run_id(self, trial) -> str:
         recipe = recipe_from_config(self.record.space, trial.config)
@@ -155,24 +116,74 @@ class TrialTracker(tune.Callback):
         self.record.tracker().log_epoch(trial.trial_id, run_id, result, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from search.runner import print_progress
-
+        tracker = self.record.tracker()
+        if tracker.runs().get(trial.trial_id, {}).get("status") == "FINISHED":
+            return  # a resumed Tune replayed the end of a trial that was already recorded
         result = trial.last_result or {}
         run_id = self._run_id(trial)
-        if not result.get("final"):
-            self.record.tracker().fail_trial(trial.trial_id, run_id, "the trial ended without a final result")
+        state = trial_state(self.record, trial.config.get(TRIAL_NUMBER, -1))
+        if state != "COMPLETE":
+            reason = "the trial ended without a final result" if not result.get("final") else f"the study recorded the trial as {state}"
+            tracker.fail_trial(trial.trial_id, run_id, reason)
             return
         checkpoint = checkpoint_uri(trial.checkpoint) if trial.checkpoint is not None else None
-        self.record.tracker().finish_trial(trial.trial_id, run_id, result, checkpoint)
-        print_progress(self.record, trial_name(trial), result, self._finished_count())
+        tracker.finish_trial(trial.trial_id, run_id, result, checkpoint)
+        self.reporter.trial_done(self.record, trial_name(trial), result, search_progress(self.record))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         reason = error_reason(trial)
         self.record.tracker().fail_trial(trial.trial_id, self._run_id(trial), reason)
-        print(f"[slimtune] {trial_name(trial)} FAILED ({self._finished_count()}/{self.record.space.budget.trials} done): {reason}", flush=True)
+        self.reporter.trial_failed(self.record, trial_name(trial), reason, search_progress(self.record))
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        print(f"[slimtune] {trial_name(trial)} failed ({error_reason(trial)}); retrying from its last checkpoint", flush=True)
+        self.reporter.trial_retried(trial_name(trial), error_reason(trial))
+
+
+def fit(record: SearchRecord, reporter: Reporter, restore: bool) -> None:
+    """Run (or, with ``restore``, continue) the trials on the Ray that the driver reached.
+
+    Returns when every trial has ended or when Tune stopped on SIGINT (its state saved; the
+    trials it was running stay RUNNING in the study and continue on ``resume``).
+    """
+    space = record.space
+    # Tune logs each failed trial's traceback; slimtune prints one line with the reason and the
+    # full traceback stays in the trial's error.txt and in MLflow.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    baseline_state = torch.load(record.folder / "baseline.pt", weights_only=True)
+    spec = TrialSpec(space=space, baseline_state=baseline_state, baseline_metrics=record.baseline_metrics)
+    resources = {"cpu": space.budget.cpus_per_trial, "gpu": space.budget.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
+    storage = record.checkpoint_storage
+    experiment = f"{storage.rstrip('/')}/tune"
+    if restore and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        # A search stopped before Tune first saved its state starts Tune afresh for the trials
+        # its study does not hold yet.
+        remaining = record.trials - search_progress(record).done
+        if remaining <= 0:
+            return
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(space, record.name, record.optuna_storage),
+                num_samples=remaining,
+                max_concurrent_trials=space.budget.concurrent,
+                reuse_actors=True,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=storage,
+                verbose=0,
+                log_to_file=True,
+                callbacks=[TrialTracker(record, reporter)],
+                failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    tuner.fit()
 
 
 def checkpoint_uri(checkpoint) -> str:
@@ -183,7 +194,7 @@ def checkpoint_uri(checkpoint) -> str:
 
 def trial_name(trial) -> str:
     """``trial_007``: the Optuna trial number, the name a trial has everywhere in slimtune."""
-    return f"trial_{trial.config.get('trial_number', 0):03d}"
+    return f"trial_{trial.config.get(TRIAL_NUMBER, 0):03d}"
 
 
 def error_reason(trial) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from errors import UserError, plural
 
 if TYPE_CHECKING:
+    from search.record import SearchRecord
     from search.space import SearchSpace
 
 __all__ = ["main"]
@@ -113,32 +115,65 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from search.runner import run_search
-
-    run_search(args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir)
-    return 0
+    try:
+        from search.runner import SearchInterrupted, run_search
+    except KeyboardInterrupt:
+        print("slimtune: interrupted before the search started; nothing to resume.", file=sys.stderr)
+        _exit_at_once(130)
+    try:
+        record = run_search(args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir)
+    except SearchInterrupted:
+        _exit_at_once(130)
+    return _exit_code(record)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from search.runner import resume_search
+    try:
+        from search.runner import SearchInterrupted, resume_search
+    except KeyboardInterrupt:
+        print(f"slimtune: interrupted; continue with: slimtune resume {args.name} --results-dir {args.results_dir}", file=sys.stderr)
+        _exit_at_once(130)
+    try:
+        record = resume_search(args.name, results_dir=args.results_dir, address=args.address)
+    except SearchInterrupted:
+        _exit_at_once(130)
+    return _exit_code(record)
 
-    resume_search(args.name, results_dir=args.results_dir, address=args.address)
-    return 0
+
+def _exit_at_once(code: int) -> None:
+    """End the process now, its output flushed (the search has saved everything it needs).
+
+    After an interrupt, the interpreter's normal teardown can end the process by a signal
+    (SIGSEGV in the threads Ray leaves behind; SIGINT after an import was cut short) instead of
+    exiting with 130, so it is skipped.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_code(record: SearchRecord) -> int:
+    """0 when the budget completed with at least one completed trial; 1 when every trial failed."""
+    from search.record import search_progress
+
+    return 0 if search_progress(record).completed > 0 else 1
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from search.runner import completed_records, format_table, load_search, pareto_table, rank_records, search_hypervolume
+    from search.ranking import pareto_table, rank_records, search_hypervolume
+    from search.record import completed_records, load_search
+    from search.report import format_table, plural
 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
-    rank_records(record.space, records)
-    rows = pareto_table(record.space, records, only_front=not args.all)
-    hv = search_hypervolume(record.space, records, record.baseline_metrics)
+    rank_records(record, records)
+    rows = pareto_table(record, records, only_front=not args.all)
+    hv = search_hypervolume(record, records)
     if args.json:
-        print(json.dumps({"search": record.name, "objectives": {o.metric: o.direction for o in record.space.objectives}, "hypervolume": hv, "baseline": _numeric(record.baseline_metrics), "trials": rows}, indent=2))
+        print(json.dumps({"search": record.name, "objectives": {o.metric: o.direction for o in record.objectives}, "hypervolume": hv, "baseline": _numeric(record.baseline_metrics), "trials": rows}, indent=2))
     else:
-        print(f"search '{record.name}': {len(records)} completed trials, hypervolume {hv:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.space.objectives))
-        print(format_table(record.space, rows, record.baseline_metrics))
+        print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {hv:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
+        print(format_table(record, rows, record.baseline_metrics))
     return 0
 
 
@@ -151,7 +186,8 @@ def _export(args: argparse.Namespace) -> int:
 
     from search.checks import check_writable_folder
     from search.export import check_round_trip, write_recipe
-    from search.runner import completed_records, exported_model_dir, load_search, pick_record, rank_records
+    from search.ranking import pick_record, rank_records
+    from search.record import completed_records, exported_model_dir, load_search
     from search.trial import load_task
 
     out = Path(args.out)
@@ -160,7 +196,7 @@ def _export(args: argparse.Namespace) -> int:
     check_writable_folder(out, "--out")
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
-    rank_records(record.space, records)
+    rank_records(record, records)
     if args.run:
         matches = [r for r in records if r.run_id and r.run_id.startswith(args.run)]
         if len(matches) != 1:
@@ -168,7 +204,7 @@ def _export(args: argparse.Namespace) -> int:
             raise UserError(f"--run {args.run}: {'no' if not matches else 'more than one'} completed trial of '{args.name}' has that run id. Run ids: {known}.")
         chosen = matches[0]
     else:
-        chosen = pick_record(record.space, records, args.pick)
+        chosen = pick_record(record, records, args.pick)
     with exported_model_dir(chosen.checkpoint) as source:
         if source is None:
             raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")

@@ -21,6 +21,7 @@ import yaml
 from methods import check_pipeline, create_method, get_method, hyperparameters, list_methods
 from methods._base import Range
 from errors import UserError, did_you_mean
+from search.objectives import COST_METRICS, Constraint, Objective
 
 __all__ = [
     "SearchSpace",
@@ -34,16 +35,6 @@ __all__ = [
     "METRIC_RANGES",
     "metrics_of_task",
 ]
-
-#: Cost metrics every trial reports (all lower-is-better), measured on the compressed model.
-COST_METRICS: dict[str, str] = {
-    "macs": "min",
-    "flops": "min",
-    "params": "min",
-    "size_bytes": "min",
-    "artifact_bytes": "min",
-    "latency_ms": "min",
-}
 
 #: The values a metric can take (accuracy and SSIM are fractions; costs are never negative). A
 #: constraint outside its metric's range never holds, or always holds; both draw a warning.
@@ -94,29 +85,6 @@ class MethodSpace:
     optional: bool
     fixed: dict[str, Any]
     searched: dict[str, Range]
-
-
-@dataclass(frozen=True)
-class Objective:
-    metric: str
-    direction: str  # "min" or "max"
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """``metric <= bound`` or ``metric >= bound``; a trial that breaks it is never Pareto-optimal."""
-
-    metric: str
-    op: str  # "<=" or ">="
-    bound: float
-
-    def violation(self, metrics: dict[str, float]) -> float:
-        """How far ``metrics`` are outside the constraint (0 when it holds)."""
-        value = metrics[self.metric]
-        return max(0.0, value - self.bound) if self.op == "<=" else max(0.0, self.bound - value)
-
-    def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.bound:g}"
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,17 @@ class SearchTracker:
             self.client.set_tag(run_id, "nodes", ",".join(nodes))
         self._update_run_record(trial_id, nodes=nodes, pid=pid)
 
+    def open_trial_runs(self) -> list[tuple[str, str, str]]:
+        """``(run id, Tune trial id, trial name)`` of every trial run MLflow still holds as RUNNING.
+
+        Read from MLflow itself: a driver killed between creating a run and writing the run map
+        leaves a run the map does not know.
+        """
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string="tags.`slimtune.role` = 'trial' and attributes.status = 'RUNNING'", max_results=50000
+        )
+        return [(r.info.run_id, r.data.tags.get("slimtune.trial_id", ""), r.info.run_name) for r in runs]
+
     def fail_trial(self, trial_id: str, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, "failure_reason", reason[:4000])
         self.client.set_terminated(run_id, status="FAILED")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from errors import UserError
+from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from search.export import export_model, write_recipe
 from search.measure import apply_reported_cost, count_flops, count_params, latency_ms, size_bytes
@@ -190,8 +190,7 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         log(f"baseline loaded from {space.baseline_checkpoint}")
     elif space.baseline_epochs > 0:
         ctx = build_context(space, task, teacher=model, device=device, seed=space.seed, log=log)
-        epochs = f"{space.baseline_epochs} epoch{'' if space.baseline_epochs == 1 else 's'}"
-        log(f"training the baseline {space.model} on {space.task} for {epochs}")
+        log(f"training the baseline {space.model} on {space.task} for {plural(space.baseline_epochs, 'epoch')}")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
     with tempfile.TemporaryDirectory() as tmp:

@@ -113,8 +113,10 @@ def test_time_limit_fails_the_trial_and_the_search_goes_on(tmp_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         record = run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=print)
-    assert out.getvalue().count("TrialTimeLimitError") == 2
-    assert "finished: 0 completed trials" in out.getvalue()
+    failed_lines = [line for line in out.getvalue().splitlines() if " FAILED (" in line]
+    assert len(failed_lines) == 2 and all("TrialTimeLimitError" in line for line in failed_lines), out.getvalue()
+    assert "finished: 0 completed trials, 2 failed" in out.getvalue()
+    assert "every trial failed; the most common reason: TrialTimeLimitError" in out.getvalue()
     _check_failed(tmp_path, record, "TrialTimeLimitError: the trial ran", 2)
 
 

@@ -86,13 +86,14 @@ def test_mlflow_holds_one_parent_and_four_children(finished_search):
 def test_front_matches_optuna_best_trials(finished_search):
     import optuna
 
-    from search.runner import completed_records, rank_records
+    from search.ranking import rank_records
+    from search.record import completed_records
 
     record, _, _ = finished_search
     study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
     assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 4
     records = completed_records(record)
-    rank_records(record.space, records)
+    rank_records(record, records)
     ours = sorted(r.number for r in records if r.rank == 0 and r.feasible)
     assert ours == sorted(t.number for t in study.best_trials)
 
@@ -161,8 +162,8 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         record = run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lines.append)
-    printed = stdout.getvalue()
-    assert printed.count("FAILED") == 2, printed
+    printed = "\n".join(lines) + stdout.getvalue()
+    assert printed.count("FAILED (") == 2, printed
     assert "retrying from its last checkpoint" in printed  # max_failures: 1 retries once
 
     study = optuna.load_study(study_name="failing", storage=record.optuna_storage)
@@ -176,4 +177,6 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path):
         assert child.info.status == "FAILED"
         assert "NonFiniteLossError" in child.data.tags["failure_reason"]
         assert "loss became inf" in child.data.tags["failure_reason"]
-    assert any("0 completed trials" in line for line in lines)
+    assert any("0 completed trials, 2 failed" in line for line in lines), lines
+    assert any("every trial failed; the most common reason: NonFiniteLossError: the loss became inf" in line and "of 2 failed trials)" in line for line in lines), lines
+    assert not any(line.startswith("Export:") for line in lines)

@@ -1,0 +1,125 @@
+"""Every use of Ray's and Optuna's private APIs, in one module.
+
+These attributes are not part of either library's public interface and may change in any
+release, so ``pyproject.toml`` pins both libraries to the ranges they were checked against, and
+importing this module fails with the package, the version found and the range when the installed
+Ray or Optuna is outside it (``check_versions``).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from errors import UserError
+from search.objectives import constraint_values
+
+if TYPE_CHECKING:
+    from search.space import SearchSpace
+
+__all__ = ["check_versions", "keep_ray_on_loopback", "fail_open_trials", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
+
+#: The config key (set by the space definition) that carries the Optuna trial number to Tune.
+TRIAL_NUMBER = "trial_number"
+
+#: The libraries whose private APIs this module uses.
+CHECKED_PACKAGES = ("ray", "optuna")
+
+
+def check_versions(packages: tuple[str, ...] = CHECKED_PACKAGES) -> None:
+    """Raise UserError when an installed package is outside slimtune's declared range for it.
+
+    The ranges come from slimtune's installed metadata (``pyproject.toml``'s dependencies); a
+    checkout that is not installed has no metadata and is not checked here (the test suite
+    checks ``pyproject.toml`` itself).
+    """
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = [Requirement(text) for text in metadata.requires("slimtune") or []]
+    except metadata.PackageNotFoundError:
+        return
+    for requirement in requirements:
+        if requirement.name not in packages or requirement.marker is not None:
+            continue
+        found = metadata.version(requirement.name)
+        if not requirement.specifier.contains(found, prereleases=True):
+            raise UserError(
+                f"slimtune uses private APIs of {requirement.name} checked with {requirement.name}{requirement.specifier}, "
+                f"but {requirement.name} {found} is installed. Install a version in that range: "
+                f"pip install '{requirement.name}{requirement.specifier}'."
+            )
+
+
+check_versions()
+
+
+def keep_ray_on_loopback() -> None:
+    """Keep a driver that reaches Ray at a loopback address on 127.0.0.1.
+
+    Ray swaps a loopback address for the machine's network address unless its cluster mode is
+    off; the constant is read by this already-imported driver (the environment variable
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does the same for the processes Ray starts).
+    """
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def fail_open_trials(study: optuna.Study, reason: str) -> list[int]:
+    """End every RUNNING trial of ``study`` as FAIL with ``failure_reason``; return their numbers."""
+    numbers = []
+    for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", reason)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        numbers.append(trial.number)
+    return numbers
+
+
+class SlimtuneOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch that finds a trial's Optuna record by its number and stores its result.
+
+    The study then holds everything ``slimtune pareto`` and ``slimtune export`` need (metrics,
+    recipe, constraints). Ray's searcher keeps a Tune trial id -> Optuna trial map in memory and
+    in its saved state, which can lag behind the trials a resumed Tune continues; the trial's
+    number (in its config and so in every result) finds the Optuna trial either way. A trial
+    that ends without its final result counts as failed, never as a completed point; a trial
+    the study has already ended keeps its one record.
+    """
+
+    def __init__(self, *args: Any, search_space: SearchSpace, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slimtune_space = search_space
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Called by Tune when a trial ends (finished, errored, or stopped before it ran)."""
+        if trial_id in self._completed_trials:
+            return
+        self._completed_trials.add(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        number = ot_trial.number if ot_trial is not None else (result or {}).get(f"config/{TRIAL_NUMBER}")
+        if number is None:
+            return  # never asked for by this study: nothing to record
+        stored = self._ot_study.get_trials(deepcopy=False)[number]
+        if stored.state.is_finished():
+            return
+        trial = optuna.Trial(self._ot_study, stored._trial_id)
+        trial.set_user_attr("tune_trial_id", trial_id)
+        if result and not error and result.get("final"):
+            metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            trial.set_user_attr("metrics", metrics)
+            trial.set_user_attr("recipe", result.get("recipe", "[]"))
+            constraints = self._slimtune_space.constraints
+            for constraint, value in zip(constraints, constraint_values(constraints, metrics)):
+                trial.set_constraint(str(constraint), value)
+            values = [metrics.get(m) for m in self._slimtune_space.metric_names]
+            try:
+                self._ot_study.tell(number, values)
+                return
+            except ValueError:  # a missing or non-finite objective: Optuna refuses the point
+                pass
+        self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
+

@@ -1,0 +1,82 @@
+"""Rank a search's trials, measure its front and pick a trial from it (no torch, no Ray)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from errors import UserError, did_you_mean
+from search import pareto
+from search.record import SearchRecord, TrialRecord
+
+__all__ = ["rank_records", "front", "search_hypervolume", "pick_record", "pareto_table"]
+
+
+def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:
+    """Set ``rank`` and ``feasible`` on every trial (rank 0 = Pareto-optimal and feasible)."""
+    if not records:
+        return
+    points = [[r.metrics[m] for m in record.metric_names] for r in records]
+    violations = [sum(c.violation(r.metrics) for c in record.constraints) for r in records]
+    ranks = pareto.pareto_ranks(points, record.modes, violations if record.constraints else None)
+    for r, rank, v in zip(records, ranks, violations):
+        r.rank = rank
+        r.feasible = v == 0
+        if not r.feasible:
+            r.rank = max(rank, 1)
+
+
+def front(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The ranked trials that are Pareto-optimal and feasible."""
+    return [r for r in records if r.rank == 0 and r.feasible]
+
+
+def search_hypervolume(record: SearchRecord, records: list[TrialRecord]) -> float:
+    """Hypervolume of the feasible front with every objective divided by the baseline's value.
+
+    Reference point: 0 for maximised metrics, 1.1 x the baseline for minimised ones (a model
+    must cost less than 110% of the baseline to count); for a minimised metric whose baseline is
+    0 (``accuracy_drop``) the reference is 1 in its own units.
+    """
+    best = front(records)
+    if not best:
+        return 0.0
+    scales, reference = [], []
+    for objective in record.objectives:
+        base = float(record.baseline_metrics.get(objective.metric, 0.0))
+        scales.append(base if base > 0 else 1.0)
+        reference.append(0.0 if objective.direction == "max" else (1.1 if base > 0 else 1.0))
+    points = [[r.metrics[m] / s for m, s in zip(record.metric_names, scales)] for r in best]
+    return pareto.hypervolume(points, record.modes, reference)
+
+
+def pick_record(record: SearchRecord, records: list[TrialRecord], pick: str) -> TrialRecord:
+    """Choose a Pareto trial: ``knee``, ``max-<metric>`` (``max-accuracy``) or ``min-<metric>``."""
+    best = front(records)
+    if not best:
+        raise UserError("the search has no feasible Pareto-optimal trial yet; nothing to pick.")
+    if pick == "knee":
+        index = pareto.knee_index([[r.metrics[m] for m in record.metric_names] for r in best], record.modes)
+        return best[index]
+    match = re.fullmatch(r"(min|max)-([a-z_]+)", pick)
+    if not match:
+        raise UserError(f"--pick must be knee, max-accuracy or min-<objective> (e.g. min-macs), but got '{pick}'.")
+    direction, metric = match.groups()
+    if metric not in best[0].metrics:
+        raise UserError(f"--pick {pick}: no metric '{metric}'.{did_you_mean(metric, best[0].metrics)}")
+    key = (lambda r: r.metrics[metric]) if direction == "min" else (lambda r: -r.metrics[metric])
+    return min(best, key=key)
+
+
+def pareto_table(record: SearchRecord, records: list[TrialRecord], only_front: bool = True) -> list[dict[str, Any]]:
+    """One row per ranked trial (the front only, by default), best rank first."""
+    rows = []
+    for r in sorted(records, key=lambda r: (r.rank, r.number)):
+        if only_front and not (r.rank == 0 and r.feasible):
+            continue
+        row = {"trial": r.name, "run_id": r.run_id, "rank": r.rank, "feasible": r.feasible, "pipeline": r.pipeline}
+        for metric in record.task_metrics:
+            if metric in r.metrics:
+                row[metric] = r.metrics[metric]
+        rows.append(row)
+    return rows

@@ -1,0 +1,150 @@
+"""Everything a search prints: its header, progress lines, the Pareto table and the hints.
+
+A hint is printed only when the command it shows works, and with every option it needs
+(``--results-dir`` when the search is not in ``./slimtune_results``, ``--address`` for a
+cluster); ``slimtune resume`` and ``slimtune export`` read the tracking URI from the search.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from errors import plural
+from search.objectives import COST_METRICS
+from search.ranking import front, pareto_table, rank_records, search_hypervolume
+from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
+
+__all__ = ["Reporter", "format_table", "format_metric"]
+
+#: The results folder the CLI's ``resume``, ``pareto`` and ``export`` look in by default.
+DEFAULT_RESULTS_DIR = "slimtune_results"
+
+
+def format_metric(metric: str, value: float) -> str:
+    """Cost metrics in k/M units, quality metrics with four decimals."""
+    if metric in COST_METRICS and metric != "latency_ms":
+        if abs(value) >= 1e6:
+            return f"{value / 1e6:.3f}M"
+        if abs(value) >= 1e3:
+            return f"{value / 1e3:.1f}k"
+        return f"{value:g}"
+    if abs(value) <= 1.0:
+        return f"{value:.4f}"
+    return f"{value:.3f}"
+
+
+def format_table(record: SearchRecord, rows: list[dict[str, Any]], baseline: dict[str, float] | None = None) -> str:
+    """The Pareto table: the baseline's row, then one row per trial of ``rows``."""
+    headline = record.task_metrics[0] if record.task_metrics else record.metric_names[0]
+    metrics = list(dict.fromkeys(record.metric_names + [headline, "macs", "params", "size_bytes"]))
+    header = ["trial", "rank"] + metrics + ["run_id", "pipeline"]
+    lines = []
+    if baseline:
+        lines.append(["baseline", "-"] + [format_metric(m, baseline[m]) if m in baseline else "-" for m in metrics] + ["-", "(uncompressed)"])
+    for row in rows:
+        lines.append(
+            [row["trial"], str(row["rank"]) + ("" if row["feasible"] else "*")]
+            + [format_metric(m, row[m]) if m in row else "-" for m in metrics]
+            + [(row["run_id"] or "-")[:12], row["pipeline"]]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def print_now(line: str) -> None:
+    """``print`` that flushes: a search's log file shows each line when it happens."""
+    print(line, flush=True)
+
+
+class Reporter:
+    """Prints a search's lines through ``log`` (:func:`print_now` by default).
+
+    Args:
+        log: Called with each line of text.
+        address: The Ray cluster the search runs on (None: a local Ray), repeated in hints.
+    """
+
+    def __init__(self, log: Callable[[str], Any] = print_now, address: str | None = None) -> None:
+        self.log = log
+        self.address = address
+
+    # Tune pickles the callback that holds this reporter; a restored one prints.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"log": print_now, "address": self.address}
+
+    def say(self, message: str) -> None:
+        """One progress line, prefixed ``[slimtune]``."""
+        self.log(f"[slimtune] {message}")
+
+    # -- a search's start -----------------------------------------------------------------------
+
+    def started(self, record: SearchRecord, task: str, model: str) -> None:
+        objectives = ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives)
+        self.say(f"search '{record.name}': {task} / {model}, {plural(record.trials, 'trial')}, objectives {objectives}")
+        self.say(f"results in {record.folder}; MLflow at {record.tracking_uri}")
+
+    def resuming(self, record: SearchRecord, progress: Progress) -> None:
+        self.say(f"resuming search '{record.name}' from {record.folder}: {progress.done} of {plural(record.trials, 'trial')} done")
+
+    def baseline(self, record: SearchRecord, metrics: dict[str, Any]) -> None:
+        shown = [*record.task_metrics[:1], "macs", "params", "size_bytes", "latency_ms"]
+        self.say("baseline: " + "  ".join(f"{m} {format_metric(m, metrics[m])}" for m in shown if m in metrics))
+
+    # -- trials ---------------------------------------------------------------------------------
+
+    def trial_done(self, record: SearchRecord, name: str, result: dict[str, Any], progress: Progress) -> None:
+        """One line per finished trial: its pipeline, objectives, and the front so far."""
+        records = completed_records(record)
+        rank_records(record, records)
+        hv = search_hypervolume(record, records)
+        pipeline = pipeline_text(json.loads(result.get("recipe", "[]")))
+        shown = "  ".join(f"{m} {format_metric(m, result[m])}" for m in record.metric_names if m in result)
+        self.say(f"{name} done ({progress.done}/{record.trials})  {pipeline}  |  {shown}  |  front {len(front(records))}, hypervolume {hv:.4f}")
+
+    def trial_failed(self, record: SearchRecord, name: str, reason: str, progress: Progress) -> None:
+        self.say(f"{name} FAILED ({progress.done}/{record.trials} done): {reason}")
+
+    def trial_retried(self, name: str, reason: str) -> None:
+        self.say(f"{name} failed ({reason}); retrying from its last checkpoint")
+
+    # -- a search's end -------------------------------------------------------------------------
+
+    def finished(self, record: SearchRecord, records: list[TrialRecord], progress: Progress, experiment_id: str) -> None:
+        """The summary, the Pareto table and the hints that work for this search."""
+        best = front(records)
+        hv = search_hypervolume(record, records)
+        failed = f", {progress.failed} failed" if progress.failed else ""
+        self.log(
+            f"\n[slimtune] search '{record.name}' finished: {plural(progress.completed, 'completed trial')}{failed}, "
+            f"{len(best)} on the Pareto front, hypervolume {hv:.4f}"
+        )
+        if progress.completed == 0:
+            self.log(f"[slimtune] every trial failed; the most common reason: {progress.common_failure()}")
+            return
+        self.log(format_table(record, pareto_table(record, records), record.baseline_metrics))
+        self.log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
+        # MLflow 3.x decides GenAI vs model-training pages by a UI-wide switch, not by the
+        # experiment's tag; this URL opens the runs table of this search directly.
+        self.log(f"        then open http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning")
+        if best:
+            self.log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}{self._results_dir(record)}")
+        else:
+            self.log("Export: no trial is feasible and Pareto-optimal; loosen the constraints to export one.")
+
+    def interrupted(self, record: SearchRecord, progress: Progress) -> None:
+        """What a stopped search has done and the command that continues it."""
+        address = f" --address {self.address}" if self.address else ""
+        self.log(
+            f"\n[slimtune] interrupted: {progress.done} of {plural(record.trials, 'trial')} done; "
+            f"continue with: slimtune resume {record.name}{self._results_dir(record)}{address}"
+        )
+
+    @staticmethod
+    def _results_dir(record: SearchRecord) -> str:
+        parent = record.folder.parent
+        return "" if parent == Path(DEFAULT_RESULTS_DIR).resolve() else f" --results-dir {parent}"

@@ -1,0 +1,95 @@
+"""A search's record and ranking read without torch, Ray or any method: ``slimtune pareto`` stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.objectives import Constraint, Objective
+from search.record import INTERRUPTED, SearchRecord, completed_records, load_search, search_progress
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Modules `slimtune pareto` must not import (each costs seconds, or pulls in the others).
+HEAVY = ("torch", "torchvision", "torch_pruning", "ray", "methods", "models", "tasks")
+
+# (accuracy max, macs min); constraint accuracy_drop <= 0.1. Trial 2 is dominated by trial 0,
+# trial 3 breaks the constraint; trial 4 failed; trial 5 was lost to an interrupt.
+TRIALS = [
+    {"accuracy": 0.95, "macs": 500.0, "accuracy_drop": 0.02},
+    {"accuracy": 0.90, "macs": 100.0, "accuracy_drop": 0.07},
+    {"accuracy": 0.94, "macs": 600.0, "accuracy_drop": 0.03},
+    {"accuracy": 0.50, "macs": 10.0, "accuracy_drop": 0.47},
+]
+
+
+@pytest.fixture
+def stored_search(tmp_path: Path) -> SearchRecord:
+    """A search folder as the driver leaves it: manifest, run map and a study of six trials."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    record = SearchRecord(
+        name="light",
+        folder=tmp_path / "results" / "light",
+        space_yaml="(not parsed by pareto)",
+        space_path="light.yaml",
+        trials=6,
+        objectives=(Objective("accuracy", "max"), Objective("macs", "min")),
+        constraints=(Constraint("accuracy_drop", "<=", 0.1),),
+        task_metrics=("accuracy", "accuracy_drop", "macs", "params"),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        optuna_storage=storage,
+        parent_run_id="parent",
+        baseline_metrics={"accuracy": 0.97, "macs": 600.0},
+    )
+    record.save()
+    study = optuna.create_study(study_name="light", storage=storage, directions=["maximize", "minimize"])
+    runs = {}
+    for number, metrics in enumerate(TRIALS):
+        trial = optuna.trial.create_trial(
+            values=[metrics["accuracy"], metrics["macs"]],
+            user_attrs={"metrics": metrics, "recipe": json.dumps([{"name": "kd", "params": {"weight": number}}]), "tune_trial_id": f"t{number}"},
+            constraints={"accuracy_drop <= 0.1": metrics["accuracy_drop"] - 0.1},
+        )
+        study.add_trial(trial)
+        runs[f"t{number}"] = {"run_id": f"run{number}", "status": "FINISHED", "name": f"trial_{number:03d}"}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    runs["t4"] = {"run_id": "run4", "status": "FAILED", "name": "trial_004", "reason": "NonFiniteLossError: loss became inf"}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"failure_reason": INTERRUPTED}))
+    runs["t5"] = {"run_id": "run5", "status": "FAILED", "name": "trial_005", "reason": INTERRUPTED}
+    (record.folder / "runs.json").write_text(json.dumps(runs))
+    return record
+
+
+def test_manifest_round_trip_and_progress(stored_search: SearchRecord) -> None:
+    loaded = load_search("light", stored_search.folder.parent)
+    assert loaded.objectives == stored_search.objectives and loaded.constraints == stored_search.constraints
+    assert loaded.task_metrics == stored_search.task_metrics and loaded.trials == 6
+    assert [r.number for r in completed_records(loaded)] == [0, 1, 2, 3]
+    progress = search_progress(loaded)
+    # The lost trial does not count: its slot went to another trial.
+    assert (progress.completed, progress.failed, progress.done, progress.finished) == (4, 1, 5, False)
+    assert progress.common_failure() == "NonFiniteLossError: loss became inf (1 of 1 failed trials)"
+
+
+def test_pareto_imports_neither_torch_nor_ray_and_matches_optuna(stored_search: SearchRecord) -> None:
+    script = (
+        "import json, sys\n"
+        "from search.cli import main\n"
+        f"code = main(['pareto', 'light', '--json', '--all', '--results-dir', {str(stored_search.folder.parent)!r}])\n"
+        f"print(json.dumps({{'code': code, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    table_text, status_text = out.rsplit("\n{", 1)
+    status = json.loads("{" + status_text)
+    assert status == {"code": 0, "heavy": []}, status
+    rows = json.loads(table_text)["trials"]
+    assert [(row["trial"], row["rank"], row["feasible"]) for row in rows] == [
+        ("trial_000", 0, True), ("trial_001", 0, True), ("trial_002", 1, True), ("trial_003", 2, False),
+    ]
+    study = optuna.load_study(study_name="light", storage=stored_search.optuna_storage)
+    assert sorted(t.number for t in study.best_trials) == [int(row["trial"][-3:]) for row in rows if row["rank"] == 0]
