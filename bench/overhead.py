@@ -46,21 +46,6 @@ sampler: {{name: random, seed: 0}}
 """
 
 
-class _TimedLines(io.TextIOBase):
-    """A stdout stand-in that keeps every line with the time it was written."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[float, str]] = []
-        self._partial = ""
-
-    def write(self, text: str) -> int:
-        self._partial += text
-        *complete, self._partial = self._partial.split("\n")
-        now = time.perf_counter()
-        self.lines.extend((now, line) for line in complete)
-        return len(text)
-
-
 def plain_loop(space, trials: int, tmp: Path) -> tuple[float, list[float]]:
     """Baseline seconds (driver's thread count) and seconds of each plain trial (1 thread)."""
     from search.trial import TrialSpec, recipe_from_config, run_pipeline, train_baseline
@@ -88,8 +73,9 @@ def search_run(space_path: Path, trials: int, tmp: Path) -> dict[str, float]:
     """Wall times of one `run_search`, split at its log lines."""
     from search.runner import run_search
 
+    # Every line of the search (progress included) reaches `log`, with the time it was written.
     marks: list[tuple[float, str]] = []
-    out = _TimedLines()
+    out = io.StringIO()
     cwd = os.getcwd()
     # MLflow puts a SQLite store's artifacts in ./mlruns of the working folder, not beside the
     # database: work inside the temporary folder so they go away with it.
@@ -109,8 +95,8 @@ def search_run(space_path: Path, trials: int, tmp: Path) -> dict[str, float]:
         os.chdir(cwd)
     before_baseline = next(t for t, m in marks if m.startswith("[slimtune] results in"))
     after_baseline = next(t for t, m in marks if m.startswith("[slimtune] baseline:"))
-    done = [t for t, line in out.lines if line.startswith("[slimtune] trial") and " done " in line]
-    failed = [line for _, line in out.lines if "FAILED" in line]
+    done = [t for t, line in marks if line.startswith("[slimtune] trial") and " done " in line]
+    failed = [line for _, line in marks if " FAILED (" in line]
     if failed or len(done) != trials:
         raise RuntimeError(f"the search finished {len(done)} of {trials} trials; failures: {failed}")
     return {

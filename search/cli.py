@@ -154,7 +154,13 @@ def _exit_at_once(code: int) -> None:
 
 def _exit_code(record: SearchRecord) -> int:
     """0 when the budget completed with at least one completed trial; 1 when every trial failed."""
+    import signal
+
     from search.record import search_progress
+
+    # The search has finished and said so: a Ctrl-C now has nothing left to stop, and must not
+    # turn the exit status into "killed by SIGINT" while the interpreter shuts down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     return 0 if search_progress(record).completed > 0 else 1
 

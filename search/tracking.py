@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,27 @@ def _own_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in _numeric(metrics).items() if not k.startswith(_TUNE_FIELDS)}
 
 
+def _create_sqlite_store(tracking_uri: str) -> None:
+    """Build a new SQLite store under a temporary name, then move it into place.
+
+    MLflow creates its tables by running migrations one by one; a driver interrupted among them
+    leaves a store that no later run can open ("table _alembic_tmp_... already exists"). Built
+    aside, an interrupt leaves only the temporary file, and the next run starts over.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    if db.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    tmp.unlink(missing_ok=True)
+    MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+    os.replace(tmp, db)
+
+
 class SearchTracker:
     """The MLflow side of one search.
 
@@ -76,6 +98,7 @@ class SearchTracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            _create_sqlite_store(self.tracking_uri)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
