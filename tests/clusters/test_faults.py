@@ -20,9 +20,9 @@ SLIMTUNE = [sys.executable, "-m", "search.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _space(tmp: Path, name: str, body: str) -> Path:
+def _space(tmp: Path, name: str, body: str, model: str = "digits_cnn") -> Path:
     path = tmp / f"{name}.yaml"
-    path.write_text(f"name: {name}\ntask: digits\nmodel: digits_cnn\nmeasure: {{latency_repeats: 2}}\n" + body)
+    path.write_text(f"name: {name}\ntask: digits\nmodel: {model}\nmeasure: {{latency_repeats: 2}}\n" + body)
     return path
 
 
@@ -88,7 +88,7 @@ methods:
 objectives: {{accuracy: max, macs: min}}
 budget: {{trials: 2, concurrent: 1, epochs: 40, max_failures: 0, {budget}}}
 sampler: {{name: random, seed: 0}}
-""".replace("\n", "\nmodel: resnet20\n", 1).replace("model: digits_cnn\n", ""))
+""", model="resnet20")
 
 
 def _check_failed(tmp: Path, record, expected: str, count: int) -> None:
