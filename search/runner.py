@@ -83,14 +83,14 @@ def run_search(
     elif (root / name / "search.json").exists():
         raise UserError(f"a search named '{name}' already exists in {root}. Continue it with `slimtune resume {name} --results-dir {root}` or choose another --name.")
     reporter = Reporter(log, address)
-    for warning in space.warnings:
-        reporter.say(f"warning: {warning}")
-    # What can be known before the baseline trains is refused now, and nothing is written.
-    check_before_baseline(space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
     tracking = _absolute_sqlite(space.tracking_uri)
     folder = root / name
     record = SearchRecord.from_space(name, folder, space, tracking, space.optuna_storage or default_optuna_storage(tracking, folder))
     reporter.started(record, space.task, space.model)
+    for warning in space.warnings:
+        reporter.say(f"warning: {warning}")
+    # What can be known before the baseline trains is refused now, before anything is written.
+    check_before_baseline(space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
     return _drive(record, reporter, address, restore=False)
 
 
