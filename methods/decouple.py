@@ -15,7 +15,7 @@ filters can be skipped at inference (acceleration) and atypical paths reveal adv
 
 * ACM: global average pool of the conv's input -> ``Linear(C_in, h)`` -> ReLU ->
   ``Linear(h, C_out)`` -> sigmoid -> ``s``; the encoding is ``s > threshold`` in the forward
-  pass with the straight-through gradient ``ds`` (``a = hard + s - s.detach()``). Ours:
+  pass with the straight-through gradient ``ds`` (``a = hard + (s - s.detach())``). Ours:
   ``h = max(4, C_out // acm_reduction)``; the last layer's bias starts at
   ``logit(threshold) + 1`` so that (almost) every gate starts open and the trained baseline is
   the starting point (the paper fine-tunes a pretrained CNN; its initialisation is unknown).
@@ -53,7 +53,8 @@ function on every input where they stay closed. Two deployable forms of the resu
 
 ``form`` chooses which one the trial's model is; :meth:`Decouple.metrics` reports both forms'
 MACs and CPU latency either way. Interpretation and adversarial detection: :func:`filter_paths`,
-:func:`hamming_distances`, :func:`knn_accuracy`, :func:`fgsm_auroc` and :func:`write_report`.
+:func:`hamming_distances`, :func:`knn_accuracy`, :func:`fgsm_path_distances`, :func:`analyse` and
+:func:`write_report`.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ __all__ = [
     "knn_accuracy",
     "auroc",
     "fgsm",
-    "fgsm_auroc",
+    "fgsm_path_distances",
     "Analysis",
     "analyse",
     "write_report",
@@ -165,7 +166,7 @@ class ArchitectureControl(nn.Module):
         hard = (s > self.threshold).to(s.dtype)
         if not self.training:
             return hard
-        return hard + s - s.detach()
+        return hard + (s - s.detach())  # exactly 0/1 forward (s - s is 0), the sigmoid's gradient backward
 
 
 class GatedConv(nn.Module):
@@ -295,7 +296,8 @@ def remove_inactive_filters(
     removed = 0
     for conv_name, _ in sites:
         conv = model.get_submodule(conv_name)
-        drop = [i for i in range(conv.out_channels) if i not in set(keep[conv_name])]
+        kept = set(keep[conv_name])
+        drop = [i for i in range(conv.out_channels) if i not in kept]
         if not drop:
             continue
         group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=drop)
@@ -316,7 +318,8 @@ def remove_inactive_filters(
 
 def _keep_rows(linear: nn.Linear, drop: list[int]) -> None:
     """Remove the output features ``drop`` of ``linear``."""
-    kept = [i for i in range(linear.out_features) if i not in set(drop)]
+    dropped = set(drop)
+    kept = [i for i in range(linear.out_features) if i not in dropped]
     linear.weight = nn.Parameter(linear.weight.detach()[kept].clone())
     linear.bias = nn.Parameter(linear.bias.detach()[kept].clone())
     linear.out_features = len(kept)
@@ -324,7 +327,8 @@ def _keep_rows(linear: nn.Linear, drop: list[int]) -> None:
 
 def _keep_columns(linear: nn.Linear, drop: list[int]) -> None:
     """Remove the input features ``drop`` of ``linear``."""
-    kept = [i for i in range(linear.in_features) if i not in set(drop)]
+    dropped = set(drop)
+    kept = [i for i in range(linear.in_features) if i not in dropped]
     linear.weight = nn.Parameter(linear.weight.detach()[:, kept].clone())
     linear.in_features = len(kept)
 
@@ -513,13 +517,17 @@ def hamming_distances(paths: torch.Tensor, labels: torch.Tensor) -> tuple[float,
 
 
 def knn_accuracy(reference: torch.Tensor, reference_labels: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
-    """Accuracy of a ``k``-nearest-neighbour vote (Hamming distance) of the queries' paths among the reference paths."""
+    """Accuracy of a ``k``-nearest-neighbour vote (Hamming distance) of the queries' paths among the reference paths.
+
+    Binary paths tie often, so every reference input as close as the ``k``-th nearest votes (no
+    arbitrary tie-break); a tied vote goes to the lowest class.
+    """
     distance = torch.cdist(queries.float(), reference.float(), p=1)
-    # Ties in distance are broken by index (stable sort), so the vote is deterministic.
-    nearest = distance.argsort(dim=1, stable=True)[:, : min(k, len(reference))]
-    votes = reference_labels[nearest]
-    predicted = torch.mode(votes, dim=1).values
-    return float((predicted == labels).float().mean())
+    kth = distance.kthvalue(min(k, len(reference)), dim=1).values
+    neighbours = (distance <= kth[:, None]).float()
+    classes = int(max(reference_labels.max(), labels.max())) + 1
+    votes = neighbours @ F.one_hot(reference_labels, classes).float()
+    return float((votes.argmax(1) == labels).float().mean())
 
 
 def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
@@ -585,7 +593,9 @@ def _first_examples(loader: Any, limit: int) -> Any:
         seen += take
 
 
-def fgsm_auroc(model: nn.Module, reference: Encodings, loader: Any, device: torch.device | str, epsilon: float, limit: int = 1000) -> tuple[torch.Tensor, torch.Tensor, float]:
+def fgsm_path_distances(
+    model: nn.Module, reference: Encodings, loader: Any, device: torch.device | str, epsilon: float, limit: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Path distances of clean inputs and of their FGSM examples to the mean path of the predicted class.
 
     Returns ``(clean distances, adversarial distances, fraction of FGSM examples that change the prediction)``.
@@ -624,7 +634,7 @@ def analyse(model: nn.Module, reference_loader: Any, query_loader: Any, device: 
         num_classes = int(max(reference.targets.max(), queries.targets.max())) + 1
         intra, inter = hamming_distances(queries.paths, queries.targets)
         knn = knn_accuracy(reference.paths, reference.targets, queries.paths, queries.targets)
-        clean, adversarial, success = fgsm_auroc(model, reference, query_loader, device, epsilon, limit)
+        clean, adversarial, success = fgsm_path_distances(model, reference, query_loader, device, epsilon, limit)
     finally:
         for name, m in gated_convs(model).items():
             m.dynamic = dynamic[name]
@@ -718,8 +728,9 @@ class Decouple(Method):
         with torch.no_grad():
             classes = model.eval()(ctx.example_input).shape[1]
         model.train(was_training)
-        torch.manual_seed(ctx.seed)
-        insert_gates(model, self.sites, self.config.acm_reduction, self.config.threshold)
+        with torch.random.fork_rng(devices=[]):  # the ACMs' initial weights, without moving the trial's random stream
+            torch.manual_seed(ctx.seed)
+            insert_gates(model, self.sites, self.config.acm_reduction, self.config.threshold)
         filters = sum(m.conv.out_channels for m in gated_convs(model).values())
         self.aux = nn.Linear(filters, classes).to(ctx.device)
         ctx.log(f"[decouple] gates on {filters} filters of {len(self.sites)} convolutions")
