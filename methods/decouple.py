@@ -76,7 +76,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, hyperparameter
 from methods._registry import register_method
-from methods.gal import find_mask_sites
+from methods.gal import _set_submodule, find_mask_sites
 
 __all__ = [
     "Decouple",
@@ -237,16 +237,11 @@ def set_dynamic(model: nn.Module, dynamic: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def find_gate_sites(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, str | None]]:
     """``(conv, batch norm or None)`` for every conv whose output channels can be removed on their own.
 
     The same units as gal's ``channel`` masks (torch-pruning's dependency graph); convolutions
-    with ``groups > 1`` are left out. Empty when the model has none (a gated pipeline then
+    with ``groups > 1`` or a padding other than zeros are left out. Empty when the model has none (a gated pipeline then
     gates nothing).
     """
     try:
@@ -255,7 +250,8 @@ def find_gate_sites(model: nn.Module, example_input: torch.Tensor) -> list[tuple
         return []
     sites = []
     for conv_name, scaled in units:
-        if model.get_submodule(conv_name).groups != 1:
+        conv = model.get_submodule(conv_name)
+        if conv.groups != 1 or conv.padding_mode != "zeros":  # the dynamic form's gather assumes both
             continue
         sites.append((conv_name, None if scaled == conv_name else scaled))
     return sites
@@ -304,9 +300,9 @@ def remove_inactive_filters(
         for dep, idxs in group:
             target = dep.target.module
             if id(target) in conv_of and graph.is_in_channel_pruning_fn(dep.handler):
-                _keep_columns(acms[conv_of[id(target)]].fc1, idxs)
+                _drop_columns(acms[conv_of[id(target)]].fc1, idxs)
         group.prune()
-        _keep_rows(acms[conv_name].fc2, drop)
+        _drop_rows(acms[conv_name].fc2, drop)
         removed += len(drop)
     for conv_name, bn_name in sites:
         bn = model.get_submodule(bn_name) if bn_name is not None else None
@@ -316,7 +312,7 @@ def remove_inactive_filters(
     return removed
 
 
-def _keep_rows(linear: nn.Linear, drop: list[int]) -> None:
+def _drop_rows(linear: nn.Linear, drop: list[int]) -> None:
     """Remove the output features ``drop`` of ``linear``."""
     dropped = set(drop)
     kept = [i for i in range(linear.out_features) if i not in dropped]
@@ -325,7 +321,7 @@ def _keep_rows(linear: nn.Linear, drop: list[int]) -> None:
     linear.out_features = len(kept)
 
 
-def _keep_columns(linear: nn.Linear, drop: list[int]) -> None:
+def _drop_columns(linear: nn.Linear, drop: list[int]) -> None:
     """Remove the input features ``drop`` of ``linear``."""
     dropped = set(drop)
     kept = [i for i in range(linear.in_features) if i not in dropped]
