@@ -39,6 +39,7 @@ import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -712,6 +713,15 @@ class Method:
         The default reports nothing.
         """
         return {}
+
+    def artifacts(self, model: nn.Module, ctx: MethodContext, folder: Path) -> list[Path]:
+        """This method is called once the whole pipeline has run and the final model is measured.
+
+        It writes files about the result (a report, plots) into ``folder``, which it creates,
+        and returns their paths; the trial keeps them with its exported model. The default
+        writes nothing.
+        """
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """This method is called at every checkpoint; it returns what the method has learnt so far.

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -289,6 +290,10 @@ class Pipeline:
         for m in self.methods:
             out.update(m.cost(model, ctx))
         return out
+
+    def artifacts(self, model: nn.Module, ctx: MethodContext, folder: Path) -> list[Path]:
+        """Every method's :meth:`Method.artifacts` for the final ``model``, each in ``folder/<method name>``."""
+        return [path for m in self.methods for path in m.artifacts(model, ctx, Path(folder) / m.name)]
 
     def metrics(self) -> dict[str, float]:
         """Every method's own figures, keys prefixed with the method's name."""

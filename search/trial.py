@@ -252,6 +252,8 @@ def run_pipeline(
     metrics.update(pipeline.metrics())
     files = export_model(model, task.example_input(1).to(device), out_dir)
     metrics["artifact_bytes"] = float(files["model.pt2"])
+    # Reports and plots of the methods (Method.artifacts) travel with the exported model.
+    pipeline.artifacts(model, ctx, out_dir / "artifacts")
     write_recipe(out_dir, recipe_document(space, task, pipeline.recipe(), device, spec.baseline_state, spec.baseline_metrics, metrics))
     return metrics
 

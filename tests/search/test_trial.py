@@ -76,3 +76,13 @@ def test_a_pipeline_that_reports_nothing_keeps_the_measured_cost(space, tmp_path
     spec = TrialSpec(space, baseline.state_dict(), baseline_metrics)
     metrics = run_pipeline(spec, [{"name": "minmax_quant", "params": {"bits": 8}}], tmp_path, torch.device("cpu"), seed=0)
     assert metrics["macs"] == baseline_metrics["macs"] and "measured_macs" not in metrics
+
+
+def test_method_artifacts_are_written_next_to_the_exported_model(space, tmp_path: Path) -> None:
+    """decouple writes its report through Method.artifacts; its dynamic form's expected MACs become the trial's."""
+    baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
+    spec = TrialSpec(space, baseline.state_dict(), baseline_metrics)
+    metrics = run_pipeline(spec, [{"name": "decouple", "params": {"form": "dynamic"}}], tmp_path, torch.device("cpu"), seed=0)
+    report = tmp_path / "artifacts" / "decouple"
+    assert sorted(p.name for p in report.iterdir()) == ["fgsm.png", "paths.png", "report.html"]
+    assert metrics["macs"] == metrics["decouple.dynamic_macs"] and "measured_macs" in metrics
