@@ -17,7 +17,7 @@ from ray import tune
 
 from methods import get_method, hyperparameters
 from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch
-from search.record import SearchRecord, search_progress, trial_state
+from search.record import SearchRecord, exported_model_dir, search_progress, trial_state
 from search.report import Reporter
 from search.space import SearchSpace
 from search.trial import TrialSpec, recipe_from_config, run_trial
@@ -127,6 +127,10 @@ class TrialTracker(tune.Callback):
             tracker.fail_trial(trial.trial_id, run_id, reason)
             return
         checkpoint = checkpoint_uri(trial.checkpoint) if trial.checkpoint is not None else None
+        # Files the methods wrote about the final model (decouple's report) go to every trial's run.
+        with exported_model_dir(checkpoint) as model_dir:
+            if model_dir is not None and (model_dir / "artifacts").is_dir():
+                tracker.client.log_artifacts(run_id, str(model_dir / "artifacts"), "artifacts")
         tracker.finish_trial(trial.trial_id, run_id, result, checkpoint)
         self.reporter.trial_done(self.record, trial_name(trial), result, search_progress(self.record))
 
