@@ -31,7 +31,7 @@ from search.measure import apply_reported_cost, count_flops, count_params, laten
 from models import create_model
 from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
-from tasks import Task, create_task
+from tasks import Task, create_task, task_metrics
 
 __all__ = [
     "TrialSpec",
@@ -155,7 +155,7 @@ def measure(
     Cost is measured at the task's input shape (``task.example_input``: one sample for MACs and
     FLOPs, ``measure.latency_batch_size`` samples for latency). With the ``baseline``'s metrics,
     also each quality metric's drop from the baseline (``accuracy_drop = baseline accuracy -
-    accuracy``). ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the
+    accuracy``; ``mse_drop = mse - baseline mse`` for a minimised metric). ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the
     measured ones staying as ``measured_<metric>`` (:func:`search.measure.apply_reported_cost`).
     """
     model.eval()
@@ -174,8 +174,13 @@ def measure(
         # Latency, and the last bits of training on CPU, depend on it; a replay uses it again.
         "torch_threads": float(torch.get_num_threads()),
     })
+    directions = task_metrics(space.task)
     for m in task.metrics:
-        metrics[f"{m}_drop"] = (baseline[m] - metrics[m]) if baseline is not None else 0.0
+        # A drop is how much worse than the baseline: positive when accuracy falls or MSE rises.
+        if baseline is None:
+            metrics[f"{m}_drop"] = 0.0
+        else:
+            metrics[f"{m}_drop"] = baseline[m] - metrics[m] if directions[m] == "max" else metrics[m] - baseline[m]
     return apply_reported_cost(metrics, reported_cost or {})
 
 

@@ -26,8 +26,9 @@ class Task:
         train_set: Examples the model is trained on.
         val_set: Held-out examples used for model selection inside trials.
         test_set: Examples whose accuracy is reported.
-        metrics: Quality metrics :meth:`evaluate` returns, all higher-is-better; the first is the
-            headline one (model selection, ``<metric>_drop``).
+        metrics: Quality metrics :meth:`evaluate` returns; the first is the headline one (model
+            selection, ``<metric>_drop``). Whether each is maximised or minimised is declared
+            where the task registers (:func:`tasks.task_metrics`).
         eval_batch_size: Batch size of the val and test loaders (1 where examples differ in
             size, as the full images of super-resolution do).
     """
