@@ -199,6 +199,8 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         log(f"training the baseline {space.model} on {space.task} for {epochs}")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
+    for metric, value in task.reference.items():
+        log(f"reference: a model that learns nothing scores {metric} {value:.4g} on {task.name} (the baseline: {metrics[metric]:.4g})")
     with tempfile.TemporaryDirectory() as tmp:
         metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp))["model.pt2"])
     return model, metrics

@@ -9,7 +9,7 @@ The task tells the model what to output through :meth:`SequenceTask.model_kwargs
   that is 1 at two steps (one in each half); the target is the sum of the two marked values.
   Metric ``mse`` (lower is better). Predicting the mean, 1, scores the variance of a sum of two
   uniform values, 2/12 = 0.167: a model that learns nothing stays at that baseline
-  (:attr:`SequenceTask.reference`).
+  (:attr:`Task.reference`, logged beside the trained baseline).
 - ``copy_memory`` (Arjovsky et al. 2016): ``length`` symbols out of 8, ``delay`` blanks, a
   delimiter, then the model repeats the symbols. Cross-entropy over every step; metric
   ``accuracy`` on the recalled symbols only (chance: 1/8).
@@ -20,7 +20,7 @@ The task tells the model what to output through :meth:`SequenceTask.model_kwargs
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,13 +47,10 @@ class SequenceTask(Task):
             ``(batch, steps, classes)``: cross-entropy over all steps, accuracy over the last
             ``scored_steps``, bits per character).
         scored_steps: For ``per_step``, how many final steps count for ``accuracy`` (None: all).
-        reference: What a model that learns nothing scores (``{"mse": 0.167}`` on ``adding``),
-            shown beside the baseline.
     """
 
     output: str = "class"
     scored_steps: int | None = None
-    reference: dict[str, float] = field(default_factory=dict)
 
     def model_kwargs(self) -> dict[str, Any]:
         """``num_classes`` (1 for regression), ``in_channels`` (features per step) and ``per_step``."""
