@@ -192,6 +192,13 @@ class WaveletLinear(nn.Module):
         self.scale_out = nn.Parameter(torch.ones(features))
         order = torch.randperm(self.coefficients, generator=generator) if permute else torch.arange(self.coefficients)
         self.register_buffer("permutation", order)
+        for level in range(1, levels + 1):
+            # Coefficient k of a level reads input positions 2k + 1 - i for filter tap i (odd
+            # samples of the full convolution); in window order that is 2k + j - (L - 2).
+            size, length = self.lengths[level], self.lengths[level - 1]
+            window = 2 * torch.arange(size)[:, None] + torch.arange(filter_length)[None, :] - (filter_length - 2)
+            window[(window < 0) | (window >= length)] = length
+            self.register_buffer(f"window_{level}", window, persistent=False)
         self.bias = nn.Parameter(torch.zeros(features)) if bias else None
 
     def extra_repr(self) -> str:
@@ -199,31 +206,39 @@ class WaveletLinear(nn.Module):
 
     def analysis(self, x: torch.Tensor) -> torch.Tensor:
         """The multi-level transform of ``x`` ``(batch, n)``: ``[a_J, d_J, ..., d_1]`` concatenated ``(batch, coefficients)``."""
-        length = len(self.dec_lo)
-        weight = torch.stack([self.dec_lo.flip(0), self.dec_hi.flip(0)])[:, None]
+        weight = torch.stack([self.dec_lo.flip(0), self.dec_hi.flip(0)], dim=1)
         details = []
         approx = x
-        for size in self.lengths[1:]:
-            # Odd samples of the full convolution: floor((N + L - 1) / 2) of each band.
-            bands = F.conv1d(F.pad(approx[:, None], (length - 2, length - 1)), weight, stride=2)[..., :size]
-            approx = bands[:, 0]
-            details.append(bands[:, 1])
+        for level in range(1, self.levels + 1):
+            # The strided convolution as windows times filters: one gather (the zero padding is an
+            # index past the end, onto an appended zero) and one matmul, several times faster than
+            # conv1d on these short signals; the FLOP counter counts the same MACs.
+            padded = torch.cat([approx, approx.new_zeros(approx.shape[0], 1)], dim=1)
+            bands = padded[:, self._window(level)] @ weight
+            approx = bands[..., 0]
+            details.append(bands[..., 1])
         return torch.cat([approx, *reversed(details)], dim=1)
 
     def synthesis(self, coefficients: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`analysis`: ``(batch, coefficients)`` back to ``(batch, n)``."""
-        length = len(self.rec_lo)
-        weight = torch.stack([self.rec_lo, self.rec_hi])[:, None]
+        weight = torch.stack([self.rec_lo, self.rec_hi])
         start = self.lengths[-1]
         approx = coefficients[:, :start]
         for level in range(self.levels, 0, -1):
-            size = self.lengths[level]
+            size, out = self.lengths[level], self.lengths[level - 1]
             # The running offset: each level's details follow the previous slice's end.
             detail = coefficients[:, start : start + size]
             start += size
-            full = F.conv_transpose1d(torch.stack([approx, detail], dim=1), weight, stride=2)[:, 0]
-            approx = full[:, length - 2 : length - 2 + self.lengths[level - 1]]
+            # The transposed strided convolution, cropped: every coefficient's filter-weighted
+            # copy added at the positions its analysis window read (past the end: a dropped column).
+            pieces = torch.stack([approx, detail], dim=-1) @ weight
+            full = coefficients.new_zeros(coefficients.shape[0], out + 1)
+            approx = full.index_add(1, self._window(level).reshape(-1), pieces.reshape(pieces.shape[0], -1))[:, :out]
         return approx
+
+    def _window(self, level: int) -> torch.Tensor:
+        """``(lengths[level], L)`` positions in the level's input read by each coefficient; ``lengths[level - 1]`` marks the zero padding."""
+        return getattr(self, f"window_{level}")
 
     def _diagonal(self, scale: torch.Tensor) -> torch.Tensor:
         return F.dropout(scale, self.dropout, self.training) if self.dropout > 0 else scale
