@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,18 @@ def test_char_text_errors_name_the_option(tmp_path) -> None:
         create_task("char_text", path=str(short))
     with pytest.raises(UserError, match="val_path and test_path go together"):
         create_task("char_text", path=str(short), val_path=str(short))
+
+
+def test_a_minimised_metric_drops_by_rising_and_its_spaces_load_without_warnings() -> None:
+    from search.space import load_space
+    from search.trial import measure
+
+    root = Path(__file__).resolve().parents[2]
+    space = load_space(root / "spaces" / "adding_wavelet.yaml").with_overrides(latency_repeats=1)
+    assert {o.metric: o.direction for o in space.objectives} == {"mse": "min", "params": "min"}
+    assert space.warnings == ()
+    task = create_task("adding", length=30, train_size=4, val_size=4, test_size=500)
+    metrics = measure(Constant(1.0), space, task, torch.device("cpu"), baseline={"mse": 0.1})
+    assert metrics["mse"] == pytest.approx(ADDING_VARIANCE, abs=0.03)
+    assert metrics["mse_drop"] == pytest.approx(metrics["mse"] - 0.1)
+    assert load_space(root / "spaces" / "seq_digits_wavelet.yaml").warnings == ()
