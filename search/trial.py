@@ -200,6 +200,8 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
     for metric, value in task.reference.items():
+        # Kept with the baseline: the hypervolume's reference point for a minimised quality metric.
+        metrics[f"reference_{metric}"] = float(value)
         log(f"reference: a model that learns nothing scores {metric} {value:.4g} on {task.name} (the baseline: {metrics[metric]:.4g})")
     with tempfile.TemporaryDirectory() as tmp:
         metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp))["model.pt2"])

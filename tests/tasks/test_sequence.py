@@ -124,3 +124,17 @@ def test_a_minimised_metric_drops_by_rising_and_its_spaces_load_without_warnings
     assert metrics["mse"] == pytest.approx(ADDING_VARIANCE, abs=0.03)
     assert metrics["mse_drop"] == pytest.approx(metrics["mse"] - 0.1)
     assert load_space(root / "spaces" / "seq_digits_wavelet.yaml").warnings == ()
+
+
+def test_hypervolume_of_a_minimised_quality_metric_reaches_to_what_learning_nothing_scores() -> None:
+    from search.runner import TrialRecord, search_hypervolume
+    from search.space import load_space
+
+    space = load_space(Path(__file__).resolve().parents[2] / "spaces" / "adding_wavelet.yaml")
+    baseline = {"mse": 0.01, "params": 1000.0, "reference_mse": 0.167}
+    # mse 0.02 is twice the baseline's, so it would fall outside a 1.1 x baseline reference.
+    record = TrialRecord(0, "t0", None, [], {"mse": 0.02, "params": 500.0}, None, rank=0)
+    # Normalised: mse 2 against the reference 16.7, params 0.5 against 1.1.
+    assert search_hypervolume(space, [record], baseline) == pytest.approx((16.7 - 2.0) * (1.1 - 0.5))
+    del baseline["reference_mse"]
+    assert search_hypervolume(space, [record], baseline) == 0.0
