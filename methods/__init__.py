@@ -4,16 +4,17 @@ Importing this package registers every method below; adding a method is one new 
 import line here.
 """
 
-from methods._base import LOSS_SCOPES, Method, MethodContext, Phase, Range, Step, Update, hyperparameter, hyperparameters
+from methods._base import LOSS_SCOPES, Method, NotApplicable, MethodContext, Phase, Range, Step, Update, hyperparameter, hyperparameters
 from methods._base import HyperparameterInfo, check_config_types, check_value_type
 from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check_pipeline, train_phase, training_loss
 from methods._registry import create_method, get_method, list_methods, register_method
 
 # Each import registers one method.
-from methods import decouple, gal, kd, kse, l1_filter, minmax_quant, od, pams, ssr  # noqa: E402,F401  isort: skip
+from methods import decouple, gal, kd, kse, l1_filter, minmax_quant, od, pams, ssr, wavelet  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Method",
+    "NotApplicable",
     "MethodContext",
     "Phase",
     "Range",

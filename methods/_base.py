@@ -49,6 +49,7 @@ from errors import did_you_mean
 
 __all__ = [
     "LOSS_SCOPES",
+    "NotApplicable",
     "Method",
     "MethodContext",
     "Phase",
@@ -613,6 +614,14 @@ class Phase:
     on_end: Callable[[nn.Module], None] | None = None
     after_finalize: bool = False
     optimizer: str | None = None
+
+
+class NotApplicable(ValueError):
+    """Raised by :meth:`Method.prepare` for a model the method cannot compress (nothing it acts on).
+
+    The message names the method, what it acts on and a model that has it ("wavelet found no
+    square linear map ..."). The contract suite skips such a model for that method.
+    """
 
 
 #: Where a method's :meth:`Method.loss` term applies (:attr:`Method.loss_scope`).

@@ -1,17 +1,19 @@
-"""Model zoo: registered CIFAR/digits models, super-resolution models (EDSR, RDN) plus every
-torchvision classification model.
+"""Model zoo: registered CIFAR/digits models, super-resolution models (EDSR, RDN), GRU and LSTM
+sequence models, the wavelet paper's MNIST CNN, plus every torchvision classification model.
 
 Importing this package registers the built-in models.
 """
 
 from __future__ import annotations
 
-from models import cifar_resnet, digits, edsr, lenet, rdn, vgg  # noqa: F401  (imported to register their models)
+from models import cifar_resnet, digits, edsr, lenet, mnist_cnn, rdn, recurrent, vgg  # noqa: F401  (imported to register their models)
 from models._registry import create_model, list_models, model_factory, register_model
 from models.cifar_resnet import BasicBlock, CifarResNet, ZeroPadShortcut
 from models.digits import DigitsCNN
 from models.edsr import EDSR, ResBlock
 from models.lenet import LeNet
+from models.mnist_cnn import MnistCNN
+from models.recurrent import GRULayer, LSTMLayer, SequenceModel
 from models.rdn import RDB, RDN
 from models.torchvision_models import torchvision_model_names
 from models.vgg import VGG
@@ -32,4 +34,8 @@ __all__ = [
     "RDN",
     "RDB",
     "VGG",
+    "MnistCNN",
+    "GRULayer",
+    "LSTMLayer",
+    "SequenceModel",
 ]

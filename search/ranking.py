@@ -36,16 +36,25 @@ def search_hypervolume(record: SearchRecord, records: list[TrialRecord]) -> floa
 
     Reference point: 0 for maximised metrics, 1.1 x the baseline for minimised ones (a model
     must cost less than 110% of the baseline to count); for a minimised metric whose baseline is
-    0 (``accuracy_drop``) the reference is 1 in its own units.
+    0 (``accuracy_drop``) the reference is 1 in its own units. A minimised quality metric with a
+    known score of a model that learns nothing (``reference_mse`` in the baseline's metrics:
+    ``tasks.Task.reference``) uses that score, as accuracy's reference is its worst value.
     """
     best = front(records)
     if not best:
         return 0.0
+    baseline = record.baseline_metrics
     scales, reference = [], []
     for objective in record.objectives:
-        base = float(record.baseline_metrics.get(objective.metric, 0.0))
-        scales.append(base if base > 0 else 1.0)
-        reference.append(0.0 if objective.direction == "max" else (1.1 if base > 0 else 1.0))
+        base = float(baseline.get(objective.metric, 0.0))
+        scale = base if base > 0 else 1.0
+        scales.append(scale)
+        if objective.direction == "max":
+            reference.append(0.0)
+        elif f"reference_{objective.metric}" in baseline:
+            reference.append(float(baseline[f"reference_{objective.metric}"]) / scale)
+        else:
+            reference.append(1.1 if base > 0 else 1.0)
     points = [[r.metrics[m] / s for m, s in zip(record.metric_names, scales)] for r in best]
     return pareto.hypervolume(points, record.modes, reference)
 

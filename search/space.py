@@ -62,8 +62,8 @@ def metrics_of_task(task: str) -> dict[str, str]:
     from tasks import task_metrics
 
     out: dict[str, str] = {}
-    for metric in task_metrics(task):
-        out[metric] = "max"
+    for metric, direction in task_metrics(task).items():
+        out[metric] = direction
         out[f"{metric}_drop"] = "min"
     out.update(COST_METRICS)
     return out

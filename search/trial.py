@@ -31,7 +31,7 @@ from search.measure import apply_reported_cost, count_flops, count_params, laten
 from models import create_model
 from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
-from tasks import Task, create_task
+from tasks import Task, create_task, task_metrics
 
 __all__ = [
     "TrialSpec",
@@ -155,7 +155,7 @@ def measure(
     Cost is measured at the task's input shape (``task.example_input``: one sample for MACs and
     FLOPs, ``measure.latency_batch_size`` samples for latency). With the ``baseline``'s metrics,
     also each quality metric's drop from the baseline (``accuracy_drop = baseline accuracy -
-    accuracy``). ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the
+    accuracy``; ``mse_drop = mse - baseline mse`` for a minimised metric). ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the
     measured ones staying as ``measured_<metric>`` (:func:`search.measure.apply_reported_cost`).
     """
     model.eval()
@@ -174,8 +174,13 @@ def measure(
         # Latency, and the last bits of training on CPU, depend on it; a replay uses it again.
         "torch_threads": float(torch.get_num_threads()),
     })
+    directions = task_metrics(space.task)
     for m in task.metrics:
-        metrics[f"{m}_drop"] = (baseline[m] - metrics[m]) if baseline is not None else 0.0
+        # A drop is how much worse than the baseline: positive when accuracy falls or MSE rises.
+        if baseline is None:
+            metrics[f"{m}_drop"] = 0.0
+        else:
+            metrics[f"{m}_drop"] = baseline[m] - metrics[m] if directions[m] == "max" else metrics[m] - baseline[m]
     return apply_reported_cost(metrics, reported_cost or {})
 
 
@@ -193,6 +198,10 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         log(f"training the baseline {space.model} on {space.task} for {plural(space.baseline_epochs, 'epoch')}")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
+    for metric, value in task.reference.items():
+        # Kept with the baseline: the hypervolume's reference point for a minimised quality metric.
+        metrics[f"reference_{metric}"] = float(value)
+        log(f"reference: a model that learns nothing scores {metric} {value:.4g} on {task.name} (the baseline: {metrics[metric]:.4g})")
     with tempfile.TemporaryDirectory() as tmp:
         metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp))["model.pt2"])
     return model, metrics

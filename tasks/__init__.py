@@ -1,20 +1,22 @@
 """Tasks: a data set split into train, val and test plus the metric a model is judged by.
 
 Importing this package registers the built-in tasks ``digits``, ``cifar10``, ``cifar100``,
-``imagefolder`` (classification) and ``sr`` (super-resolution); build one with :func:`create_task`.
+``imagefolder`` (classification), ``sr`` (super-resolution) and the sequence tasks ``adding``,
+``copy_memory``, ``seq_digits`` and ``char_text``; build one with :func:`create_task`.
 """
 
 from __future__ import annotations
 
 # Imported for their registrations.
-from tasks import cifar, digits, imagefolder, sr  # noqa: F401
+from tasks import cifar, digits, imagefolder, sequence, sr, text  # noqa: F401
 from tasks._base import Task, TransformedSubset
-from tasks._registry import TASK_KINDS, create_task, list_tasks, register_task, task_factory, task_kind, task_metrics
+from tasks._registry import METRIC_DIRECTIONS, TASK_KINDS, create_task, list_tasks, register_task, task_factory, task_kind, task_metrics
 
 __all__ = [
     "Task",
     "TransformedSubset",
     "TASK_KINDS",
+    "METRIC_DIRECTIONS",
     "create_task",
     "list_tasks",
     "register_task",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,10 +26,13 @@ class Task:
         train_set: Examples the model is trained on.
         val_set: Held-out examples used for model selection inside trials.
         test_set: Examples whose accuracy is reported.
-        metrics: Quality metrics :meth:`evaluate` returns, all higher-is-better; the first is the
-            headline one (model selection, ``<metric>_drop``).
+        metrics: Quality metrics :meth:`evaluate` returns; the first is the headline one (model
+            selection, ``<metric>_drop``). Whether each is maximised or minimised is declared
+            where the task registers (:func:`tasks.task_metrics`).
         eval_batch_size: Batch size of the val and test loaders (1 where examples differ in
             size, as the full images of super-resolution do).
+        reference: What a model that learns nothing scores, by metric (``{"mse": 0.167}`` on
+            ``adding``: predicting the mean); logged beside the baseline. Empty when not known.
     """
 
     name: str
@@ -40,6 +43,7 @@ class Task:
     test_set: Dataset
     metrics: tuple[str, ...] = ("accuracy",)
     eval_batch_size: int = 256
+    reference: dict[str, float] = field(default_factory=dict)
 
     @property
     def metric(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from errors import UserError, did_you_mean, unknown_name
@@ -12,21 +12,28 @@ from tasks._base import Task
 TaskFactory = Callable[..., Task]
 
 _FACTORIES: dict[str, TaskFactory] = {}
-_METRICS: dict[str, tuple[str, ...]] = {}
+_METRICS: dict[str, dict[str, str]] = {}
 _KINDS: dict[str, str] = {}
 
 #: What a task asks of a model; methods that only make sense for some declare ``task_kinds``.
-TASK_KINDS = ("classification", "super_resolution")
+#: ``regression``: one real output per example (the adding problem); ``sequence_labelling``:
+#: class logits at every time step, ``(batch, steps, classes)`` (copy memory, character text).
+TASK_KINDS = ("classification", "super_resolution", "regression", "sequence_labelling")
+
+#: The direction of a quality metric: ``"max"`` (higher is better: accuracy, PSNR) or ``"min"``
+#: (lower is better: MSE, bits per character).
+METRIC_DIRECTIONS = ("max", "min")
 
 
 def register_task(
-    name: str, metrics: tuple[str, ...] = ("accuracy",), kind: str = "classification"
+    name: str, metrics: Mapping[str, str] | None = None, kind: str = "classification"
 ) -> Callable[[TaskFactory], TaskFactory]:
     """Register the decorated factory ``f(**options) -> Task`` under ``name``.
 
     Args:
         name: Name users write as ``task.name`` in a configuration.
-        metrics: The quality metrics its tasks report, higher is better, headline first.
+        metrics: The quality metrics its tasks report, headline first, each with its direction
+            (``{"accuracy": "max"}``, the default; ``{"mse": "min"}``).
         kind: One of :data:`TASK_KINDS`, known without loading the data.
 
     Raises:
@@ -35,23 +42,30 @@ def register_task(
 
     if kind not in TASK_KINDS:
         raise ValueError(f"task kind must be one of {TASK_KINDS}, but got {kind!r}.")
+    metrics = dict(metrics) if metrics is not None else {"accuracy": "max"}
+    for metric, direction in metrics.items():
+        if direction not in METRIC_DIRECTIONS:
+            raise ValueError(f"the direction of metric '{metric}' of task '{name}' must be 'max' or 'min', but got {direction!r}.")
 
     def decorate(factory: TaskFactory) -> TaskFactory:
         if name in _FACTORIES and _FACTORIES[name] is not factory:
             raise ValueError(f"task '{name}' is already registered by {_FACTORIES[name]!r}")
         _FACTORIES[name] = factory
-        _METRICS[name] = tuple(metrics)
+        _METRICS[name] = metrics
         _KINDS[name] = kind
         return factory
 
     return decorate
 
 
-def task_metrics(name: str) -> tuple[str, ...]:
-    """The quality metrics (higher is better) a task reports, known without loading its data."""
+def task_metrics(name: str) -> dict[str, str]:
+    """The quality metrics a task reports, headline first, each with its direction (``"max"`` or ``"min"``).
+
+    Known without loading the task's data.
+    """
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
-    return _METRICS[name]
+    return dict(_METRICS[name])
 
 
 def task_kind(name: str) -> str:

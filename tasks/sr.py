@@ -377,7 +377,7 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-@register_task("sr", metrics=("psnr", "ssim"), kind="super_resolution")
+@register_task("sr", metrics={"psnr": "max", "ssim": "max"}, kind="super_resolution")
 def sr(
     scale: int = 2,
     patch_size: int = 48,

@@ -7,7 +7,9 @@ briefly trained baseline, real digits) and on ``resnet20`` (random CIFAR-shaped 
 capability flags are held to what it does (a method without ``needs_teacher`` runs beside a
 teacher that raises, one without ``needs_labels`` on labels that raise when read, one that
 ``changes_architecture`` compresses at its aggressive end), and every ordered pair of methods
-runs a step and exports, or is refused by :func:`methods.check_pipeline` with a reason.
+runs a step and exports, or is refused by :func:`methods.check_pipeline` with a reason. A method
+that raises :class:`methods.NotApplicable` for a model (``wavelet`` on models without a square
+linear map) is skipped there, its message naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import methods._registry
 from methods import (
     HyperparameterInfo,
     Method,
+    NotApplicable,
     Pipeline,
     Range,
     check_config_types,
@@ -71,6 +74,16 @@ def range_values(info) -> list[Any]:
         return list(rng.choices)
     ends = [rng.low, rng.high]
     return [int(v) for v in ends] if info.type is int else [float(v) for v in ends]
+
+
+def run_or_skip(pipeline: Pipeline, model: nn.Module, ctx) -> nn.Module:
+    """``pipeline.run(model, ctx)``; a skip when a method says it does not apply to the model (naming itself)."""
+    try:
+        return pipeline.run(model, ctx)
+    except NotApplicable as refusal:
+        names = [m.name for m in pipeline.methods]
+        assert any(name in str(refusal) for name in names), f"a NotApplicable of {names} does not name the method: {refusal}"
+        pytest.skip(f"not applicable: {refusal}")
 
 
 # --- what can be checked without training -----------------------------------------------------
@@ -311,7 +324,7 @@ def compressed(digits_context, cifar_context):
             before = count_params(model)
             pipeline = Pipeline([create_method(name, params_for(name, setting))])
             torch.manual_seed(0)
-            out = pipeline.run(model, ctx).eval()
+            out = run_or_skip(pipeline, model, ctx).eval()
             cache[key] = Compressed(out, before, shapes, pipeline.methods[0].metrics(), MODELS[model_name])
         return cache[key]
 
@@ -445,7 +458,7 @@ def test_method_without_needs_teacher_never_runs_the_teacher(digits_context, nam
     model, ctx = _one_step(digits_context)
     ctx.teacher = RaisingTeacher()
     torch.manual_seed(0)
-    out = Pipeline([create_method(name, params_for(name, setting))]).run(model, ctx).eval()
+    out = run_or_skip(Pipeline([create_method(name, params_for(name, setting))]), model, ctx).eval()
     assert out(torch.zeros(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
 
 
@@ -458,7 +471,7 @@ def test_method_without_needs_labels_never_reads_them(digits_context, name: str)
     model, ctx = _one_step(digits_context)
     ctx.train_loader = [(inputs, PoisonedLabels()) for inputs, _ in ctx.train_loader]
     torch.manual_seed(0)
-    out = Pipeline([create_method(name, {})]).run(model, ctx).eval()
+    out = run_or_skip(Pipeline([create_method(name, {})]), model, ctx).eval()
     assert out(torch.zeros(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
 
 
@@ -481,7 +494,7 @@ def test_every_ordered_pair_runs_a_step_and_exports_or_is_refused_with_a_reason(
     model, ctx = _one_step(digits_context)
     torch.manual_seed(0)
     pipeline = Pipeline([create_method(first), create_method(second)])
-    out = pipeline.run(model, ctx).eval()
+    out = run_or_skip(pipeline, model, ctx).eval()
     batch = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert out(batch).shape == (3, NUM_CLASSES)
