@@ -126,15 +126,17 @@ def test_a_minimised_metric_drops_by_rising_and_its_spaces_load_without_warnings
     assert load_space(root / "spaces" / "seq_digits_wavelet.yaml").warnings == ()
 
 
-def test_hypervolume_of_a_minimised_quality_metric_reaches_to_what_learning_nothing_scores() -> None:
-    from search.runner import TrialRecord, search_hypervolume
+def test_hypervolume_of_a_minimised_quality_metric_reaches_to_what_learning_nothing_scores(tmp_path: Path) -> None:
+    from search.ranking import search_hypervolume
+    from search.record import SearchRecord, TrialRecord
     from search.space import load_space
 
     space = load_space(Path(__file__).resolve().parents[2] / "spaces" / "adding_wavelet.yaml")
-    baseline = {"mse": 0.01, "params": 1000.0, "reference_mse": 0.167}
+    search = SearchRecord.from_space("adding", tmp_path, space, "sqlite:///unused.db", "sqlite:///unused.db")
+    search.baseline_metrics = {"mse": 0.01, "params": 1000.0, "reference_mse": 0.167}
     # mse 0.02 is twice the baseline's, so it would fall outside a 1.1 x baseline reference.
-    record = TrialRecord(0, "t0", None, [], {"mse": 0.02, "params": 500.0}, None, rank=0)
+    trial = TrialRecord(0, "t0", None, [], {"mse": 0.02, "params": 500.0}, None, rank=0)
     # Normalised: mse 2 against the reference 16.7, params 0.5 against 1.1.
-    assert search_hypervolume(space, [record], baseline) == pytest.approx((16.7 - 2.0) * (1.1 - 0.5))
-    del baseline["reference_mse"]
-    assert search_hypervolume(space, [record], baseline) == 0.0
+    assert search_hypervolume(search, [trial]) == pytest.approx((16.7 - 2.0) * (1.1 - 0.5))
+    del search.baseline_metrics["reference_mse"]
+    assert search_hypervolume(search, [trial]) == 0.0
