@@ -124,6 +124,10 @@ def _search(args: argparse.Namespace) -> int:
         record = run_search(args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir)
     except SearchInterrupted:
         _exit_at_once(130)
+    except KeyboardInterrupt:
+        # run_search turns an interrupt into SearchInterrupted once its manifest is written.
+        print("slimtune: interrupted before the search started; nothing to resume: run the same command again.", file=sys.stderr)
+        _exit_at_once(130)
     return _exit_code(record)
 
 

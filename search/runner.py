@@ -129,6 +129,9 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             raise KeyboardInterrupt
         return finish_search(record, reporter)
     except KeyboardInterrupt:
+        if not record.manifest.is_file():
+            # Stopped while Ray started, before the manifest was written: there is nothing to resume.
+            raise
         progress = search_progress(record)
         reporter.interrupted(record, progress)
         raise SearchInterrupted(record, progress) from None

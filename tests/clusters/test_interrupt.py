@@ -4,7 +4,8 @@ After every interrupt and resume the three stores agree (the study is the source
 and the run map follow it), every trial that printed `done` is in `pareto --all`, no trial is
 there twice, the budget is met and the front equals Optuna's `best_trials`.
 
-`SLIMTUNE_KILL_LOOP=N` adds N interrupts at seeded random moments (`test_random_interrupts`).
+`SLIMTUNE_KILL_LOOP=N` adds N interrupts at seeded random moments (`test_random_interrupts`);
+`SLIMTUNE_INTERRUPT_MATRIX=full` runs every (moment, signal) pair, not only the default five.
 """
 
 from __future__ import annotations
@@ -159,8 +160,18 @@ MOMENTS: dict[str, Callable[[str, Search], bool]] = {
 }
 
 
-@pytest.mark.parametrize("how", ["int", "kill"])
-@pytest.mark.parametrize("moment", list(MOMENTS))
+#: Every moment is hit by at least one signal and both signals mid-trial; the other three pairs of
+#: the full matrix run with SLIMTUNE_INTERRUPT_MATRIX=full (each costs a search and a resume).
+DEFAULT_CASES = {("baseline", "int"), ("mid-trial", "int"), ("mid-trial", "kill"), ("between-trials", "int"), ("close-out", "kill")}
+FULL_MATRIX = os.environ.get("SLIMTUNE_INTERRUPT_MATRIX") == "full"
+CASES = [
+    pytest.param(moment, how, marks=() if FULL_MATRIX or (moment, how) in DEFAULT_CASES else pytest.mark.skip(reason="set SLIMTUNE_INTERRUPT_MATRIX=full"))
+    for moment in MOMENTS
+    for how in ("int", "kill")
+]
+
+
+@pytest.mark.parametrize(("moment", "how"), CASES)
 def test_interrupt_then_resume_loses_nothing(tmp_path: Path, moment: str, how: str) -> None:
     search = Search(tmp_path)
     driver, log = search.start("search")
