@@ -66,10 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="params, MACs, FLOPs and latency of a model")
     p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, edsr_small, ...) or any torchvision classification model")
     p.add_argument(
-        "--task", default=None, choices=sorted([*PROFILE_SHAPES, "sr"]),
-        help="input shape and classes to measure at; sr: super-resolution at the LR size of the sr task's default training patch",
+        "--task", default=None,
+        help=f"the task to measure at: {', '.join(sorted(PROFILE_SHAPES))} by input shape alone; sr: super-resolution at the LR size "
+        "of the sr task's default training patch; any other registered task (adding, seq_digits, ...) is built as a search builds it",
     )
     p.add_argument("--scale", type=int, default=None, help="upscaling factor of a super-resolution model, 2, 3 or 4 (default 2; --task sr only)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help="a task option, as under the space's task.options (repeatable)")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE", help="a model option, as under the space's model.options (repeatable)")
+    p.add_argument("--method", default=None, help="profile the model after this method's prepare and finalize (no training)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter of --method (repeatable)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for latency (at least 1)")
     p.add_argument("--json", action="store_true")
 
@@ -284,7 +289,10 @@ def _profile(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}.")
-    task, shape, model = _profile_model(args)
+    if args.method_option and args.method is None:
+        raise UserError("--method-option sets a hyperparameter of --method, but no --method was given; add --method NAME.")
+    options = {kind: _options(getattr(args, f"{kind}_option"), f"--{kind}-option") for kind in ("task", "model", "method")}
+    task, shape, model = _profile_model(args, options)
     flops = count_flops(model, torch.zeros(1, *shape))
     report = {
         "model": args.model,
@@ -298,6 +306,10 @@ def _profile(args: argparse.Namespace) -> int:
         "latency_batch_size": args.batch_size,
         "device": "cpu",
         "uncounted_ops": list(flops.uncounted_ops),
+        "model_options": options["model"],
+        "task_options": options["task"],
+        "method": args.method,
+        "method_options": options["method"],
     }
     if task == "sr":
         report["scale"] = model.scale
@@ -305,7 +317,10 @@ def _profile(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         at = f"sr x{model.scale}" if task == "sr" else task
-        print(f"{args.model} at {at} input {tuple(shape)}:")
+        described = args.model + _listed(report["model_options"])
+        if args.method:
+            described += f" after {args.method}{_listed(report['method_options'])}"
+        print(f"{described} at {at}{_listed(report['task_options'])} input {tuple(shape)}:")
         print(f"  params      {report['params']:,} ({report['params'] / 1e6:.3f}M)")
         print(f"  MACs        {report['macs']:,} ({report['macs'] / 1e6:.2f}M)")
         print(f"  FLOPs       {report['flops']:,} (= 2 x MACs)")
@@ -315,17 +330,50 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_model(args: argparse.Namespace) -> tuple[str, tuple[int, ...], Any]:
+def _options(pairs: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs of a repeatable option as a mapping; each value is read as YAML (``512``, ``true``, ``[1, 2]``)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} takes KEY=VALUE, but got {pair!r}; write for example {flag} hidden_size=512.")
+        try:
+            options[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{flag} {pair!r}: the value is not valid YAML ({' '.join(str(exc).split())}); quote it or fix it.") from None
+    return options
+
+
+def _refuse_task_decided(model_options: dict[str, Any], decided: list[str], task: str) -> None:
+    """Refuse a ``--model-option`` that the task sets itself (its classes, input channels, ...)."""
+    clash = sorted(set(model_options) & set(decided))
+    if clash:
+        raise UserError(f"--model-option {', '.join(clash)}: task {task} decides {', '.join(sorted(decided))} for the model; drop that option.")
+
+
+def _listed(options: dict[str, Any]) -> str:
+    return "(" + ", ".join(f"{key}={value}" for key, value in options.items()) + ")" if options else ""
+
+
+def _profile_model(args: argparse.Namespace, options: dict[str, dict[str, Any]]) -> tuple[str, tuple[int, ...], Any]:
     """The task ``profile`` measures at, the input shape of one sample and the model built for it.
 
+    ``options`` holds the parsed ``--task-option``, ``--model-option`` and ``--method-option``
+    pairs under ``"task"``, ``"model"`` and ``"method"``.
+
     Without ``--task``: ``digits*`` models at digits, other registered classifiers at CIFAR-10,
-    registered super-resolution models at sr, torchvision models at ImageNet.
+    registered super-resolution models at sr, torchvision models at ImageNet. The tasks of
+    :data:`PROFILE_SHAPES` and sr are measured by input shape alone, without their data, unless
+    ``--task-option`` or ``--method`` is given; every other task is built as a search builds it.
     """
     import inspect
 
     from models import create_model, list_models
     from tasks.sr import SCALES, sr
 
+    model_options = options["model"]
     task = args.task
     if task is None:
         if args.model.startswith("digits"):
@@ -339,18 +387,58 @@ def _profile_model(args: argparse.Namespace) -> tuple[str, tuple[int, ...], Any]
                 task = "sr"
             except UserError:
                 task = "cifar10"
-    if task != "sr":
+    if args.scale is not None and task != "sr":
+        raise UserError(f"--scale applies to super-resolution models (--task sr), but the task is {task}; drop --scale.")
+    if task not in [*PROFILE_SHAPES, "sr"] or options["task"] or args.method is not None:
         if args.scale is not None:
-            raise UserError(f"--scale applies to super-resolution models (--task sr), but the task is {task}; drop --scale.")
+            raise UserError("--scale sets the shape-only sr profile, but with --task-option or --method the sr task is built; use --task-option scale=N.")
+        return _task_model(args, task, options)
+    if task != "sr":
         shape, classes = PROFILE_SHAPES[task]
-        return task, shape, create_model(args.model, num_classes=classes, in_channels=shape[0]).eval()
+        _refuse_task_decided(model_options, ["num_classes", "in_channels"], task)
+        return task, shape, create_model(args.model, num_classes=classes, in_channels=shape[0], **model_options).eval()
     scale = 2 if args.scale is None else args.scale
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(map(str, SCALES))}, but got {scale}.")
     # The size a search measures at with the sr task's defaults: the LR side of a training patch.
     lr_side = inspect.signature(sr).parameters["patch_size"].default // scale
+    _refuse_task_decided(model_options, ["num_classes", "in_channels", "scale"], task)
     shape = (3, lr_side, lr_side)
-    return task, shape, create_model(args.model, num_classes=None, in_channels=3, scale=scale).eval()
+    return task, shape, create_model(args.model, num_classes=None, in_channels=3, scale=scale, **model_options).eval()
+
+
+def _task_model(args: argparse.Namespace, task_name: str, options: dict[str, dict[str, Any]]) -> tuple[str, tuple[int, ...], Any]:
+    """The task loaded and the model built as a search builds them, then ``--method`` prepared and finalized.
+
+    The method sees the pre-flight's one-batch context (:func:`search.preflight.one_batch_context`)
+    and is not trained: the profile is the architecture the method deploys.
+    """
+    import copy
+
+    from methods import NotApplicable, create_method
+    from search.preflight import first_batch, one_batch_context
+    from search.space import Budget, SearchSpace
+    from search.trial import build_model, load_task
+
+    space = SearchSpace(
+        name="profile", task=task_name, task_options=options["task"], model=args.model, model_options=options["model"],
+        baseline_epochs=0, baseline_checkpoint=None, methods=(), objectives=(), constraints=(), budget=Budget(),
+    )  # fmt: skip
+    task = load_task(space)
+    _refuse_task_decided(options["model"], list(task.model_kwargs()), task_name)
+    model = build_model(space, task).eval()
+    if args.method is not None:
+        try:
+            method = create_method(args.method, options["method"])
+        except ValueError as exc:
+            raise UserError(f"--method {args.method}: {exc}") from None
+        ctx = one_batch_context(space, task, copy.deepcopy(model), first_batch(space, task))
+        try:
+            model = method.prepare(model, ctx)
+        except NotApplicable as exc:
+            raise UserError(f"--method {args.method} does not apply to {args.model} on {task_name}: {exc}") from None
+        model = method.finalize(model, ctx).eval()
+    return task_name, tuple(task.input_shape), model
 
 
 def _methods(args: argparse.Namespace) -> int:

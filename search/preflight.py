@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from errors import UserError
-from methods import HyperparameterInfo, Pipeline, Range, check_value_type, create_method, get_method, hyperparameters
+from methods import HyperparameterInfo, MethodContext, Pipeline, Range, check_value_type, create_method, get_method, hyperparameters
 from search.export import check_round_trip, export_model
 from search.measure import count_params
 from search.space import MethodSpace, SearchSpace
 
-__all__ = ["preflight", "PreflightResult", "aggressive_params"]
+__all__ = ["preflight", "PreflightResult", "aggressive_params", "first_batch", "one_batch_context"]
 
 
 @dataclass
@@ -95,8 +95,7 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
 
     task = load_task(space)
     baseline, expected_shape = _baseline_on_task_input(space, task)
-    loader = torch.utils.data.DataLoader(task.train_set, batch_size=min(8, space.batch_size), shuffle=False)
-    batch = next(iter(loader))
+    batch = first_batch(space, task)
     recipes: list[tuple[str, list[dict[str, Any]]]] = [
         (m.name, [{"name": m.name, "params": aggressive_params(m)}]) for m in space.methods
     ]
@@ -144,18 +143,11 @@ def json_params(recipe: list[dict[str, Any]]) -> str:
 def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> PreflightResult:
     import copy
 
-    from search.trial import build_context
-
     model = copy.deepcopy(baseline)
     before = count_params(model)
     try:
         pipeline = Pipeline([create_method(step["name"], _short_training(step)) for step in recipe])
-        ctx = build_context(space, task, teacher=baseline, device=torch.device("cpu"), seed=0, log=lambda m: None)
-        ctx.train_loader = _OneBatch(batch)
-        ctx.val_loader = _OneBatch(batch)
-        ctx.evaluate = lambda m: task.evaluate(m, [batch], "cpu")
-        ctx.epochs = 1
-        model = pipeline.run(model, ctx)
+        model = pipeline.run(model, one_batch_context(space, task, baseline, batch))
         model.eval()
         with torch.no_grad():
             out = model(task.example_input(2))
@@ -171,6 +163,28 @@ def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> P
         return PreflightResult(label, False, f"{type(exc).__name__}: {_one_line(exc)} (at {Path(where.filename).name}:{where.lineno})", before)
     after = count_params(model)
     return PreflightResult(label, True, "", before, after)
+
+
+def first_batch(space: SearchSpace, task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first (at most 8) training examples of ``task``, in order: the one batch a pre-flight trains on."""
+    loader = torch.utils.data.DataLoader(task.train_set, batch_size=min(8, space.batch_size), shuffle=False)
+    return next(iter(loader))
+
+
+def one_batch_context(space: SearchSpace, task, teacher: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> MethodContext:
+    """A CPU context whose loaders and evaluation see only ``batch`` and whose phases last one epoch.
+
+    Built for each pre-flight check, and by ``slimtune profile --method`` to prepare and
+    finalize a method without training.
+    """
+    from search.trial import build_context
+
+    ctx = build_context(space, task, teacher=teacher, device=torch.device("cpu"), seed=0, log=lambda m: None)
+    ctx.train_loader = _OneBatch(batch)
+    ctx.val_loader = _OneBatch(batch)
+    ctx.evaluate = lambda m: task.evaluate(m, [batch], "cpu")
+    ctx.epochs = 1
+    return ctx
 
 
 def _short_training(step: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,47 @@ def test_profile_resnet56_matches_the_paper(capsys) -> None:
     assert report["latency_ms"] > 0
 
 
+GRU_512 = ["profile", "gru", "--task", "adding", "--model-option", "hidden_size=512", "--json"]
+
+
+def test_profile_gru_512_on_adding_matches_the_paper(capsys) -> None:
+    # Wolter et al. 2020: the dense GRU-512 on the adding problem has 791,553 parameters.
+    assert main([*GRU_512, "--task-option", "length=60"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["task"], report["input_shape"], report["params"]) == ("adding", [60, 2], 791_553)
+    # Each of 60 steps: three gates of 2x512 input and 512x512 hidden MACs; then the 512 -> 1 head.
+    assert report["macs"] == 60 * 3 * (2 * 512 + 512 * 512) + 512
+    assert report["model_options"] == {"hidden_size": 512} and report["task_options"] == {"length": 60}
+
+
+def test_profile_gru_512_after_wavelet_state_matches_the_paper(capsys) -> None:
+    # Wolter et al. 2020: wavelet-compressing the GRU-512's state matrix leaves 530,986 parameters.
+    assert main([*GRU_512, "--method", "wavelet", "--method-option", "mode=state"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["input_shape"], report["params"]) == ([30, 2], 530_986)
+    assert (report["method"], report["method_options"]) == ("wavelet", {"mode": "state"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method-option", "mode"], "--method-option takes KEY=VALUE, but got 'mode'"),
+        (["--method-option", "mdoe=state"], "--method wavelet: method 'wavelet' has no hyperparameter 'mdoe'. Did you mean 'mode'?"),
+    ],
+)
+def test_profile_bad_method_option_is_one_error_line(capsys, extra: list[str], message: str) -> None:
+    assert main(["profile", "gru", "--task", "adding", "--method", "wavelet", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"slimtune: error: {message}")
+
+
+def test_profile_method_that_does_not_apply_is_one_error_line(capsys) -> None:
+    assert main(["profile", "digits_cnn", "--method", "wavelet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("slimtune: error: --method wavelet does not apply to digits_cnn on digits: wavelet found no")
+
+
 def test_check_quickstart_passes(capsys) -> None:
     assert main(["check", str(QUICKSTART)]) == 0
     out = capsys.readouterr().out
