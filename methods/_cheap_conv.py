@@ -247,8 +247,6 @@ def replace_3x3_convs(
     skip = set(skip)
     names = [name for name, m in model.named_modules() if _is_replaceable(m) and name not in skip]
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, CheapConv.like(getattr(parent, attr), kind, groups, stride_on))
+        model.set_submodule(name, CheapConv.like(model.get_submodule(name), kind, groups, stride_on))
     return names
 

@@ -83,7 +83,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, hyperparameter
 from methods._registry import register_method
-from methods.gal import _set_submodule, find_mask_sites
+from methods.gal import find_mask_sites
 
 __all__ = [
     "Decouple",
@@ -271,9 +271,9 @@ def insert_gates(model: nn.Module, sites: list[tuple[str, str | None]], acm_redu
         bn = model.get_submodule(bn_name) if bn_name is not None else None
         acm = ArchitectureControl(conv.in_channels, conv.out_channels, max(4, conv.out_channels // acm_reduction), threshold)
         acm.to(conv.weight.device)
-        _set_submodule(model, conv_name, GatedConv(conv, bn, acm))
+        model.set_submodule(conv_name, GatedConv(conv, bn, acm))
         if bn_name is not None:
-            _set_submodule(model, bn_name, nn.Identity())
+            model.set_submodule(bn_name, nn.Identity())
 
 
 def remove_inactive_filters(
@@ -288,9 +288,9 @@ def remove_inactive_filters(
     gated = gated_convs(model)
     acms = {name: gated[name].acm for name, _ in sites}
     for conv_name, bn_name in sites:
-        _set_submodule(model, conv_name, gated[conv_name].conv)
+        model.set_submodule(conv_name, gated[conv_name].conv)
         if bn_name is not None:
-            _set_submodule(model, bn_name, gated[conv_name].bn)
+            model.set_submodule(bn_name, gated[conv_name].bn)
     conv_of = {id(model.get_submodule(name)): name for name, _ in sites}
     was_training = model.training
     model.eval()
@@ -313,9 +313,9 @@ def remove_inactive_filters(
         removed += len(drop)
     for conv_name, bn_name in sites:
         bn = model.get_submodule(bn_name) if bn_name is not None else None
-        _set_submodule(model, conv_name, GatedConv(model.get_submodule(conv_name), bn, acms[conv_name]))
+        model.set_submodule(conv_name, GatedConv(model.get_submodule(conv_name), bn, acms[conv_name]))
         if bn_name is not None:
-            _set_submodule(model, bn_name, nn.Identity())
+            model.set_submodule(bn_name, nn.Identity())
     return removed
 
 

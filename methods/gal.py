@@ -339,11 +339,6 @@ def fista_step(
 # ----------------------------------------------------------------------------------------------
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def insert_masks(model: nn.Module, sites: MaskSites, init: str = "ones", generator: torch.Generator | None = None) -> list[SoftMask]:
     """Wrap every site of ``sites`` in a :class:`SoftMask`; returns the masks in site order."""
     masks = []
@@ -360,7 +355,7 @@ def insert_masks(model: nn.Module, sites: MaskSites, init: str = "ones", generat
         else:
             values = torch.randn(size, generator=generator)
         mask = SoftMask(inner, kind, values.to(device))
-        _set_submodule(model, name, mask)
+        model.set_submodule(name, mask)
         masks.append(mask)
     return masks
 
@@ -407,7 +402,7 @@ def remove_masked_structures(model: nn.Module, sites: MaskSites, example_input: 
     for block_name, end in sites.blocks:
         wrapper = model.get_submodule(end)
         if float(wrapper.mask.detach()) == 0.0:
-            _set_submodule(model, block_name, RemovedBlock(_shortcut(model.get_submodule(block_name))))
+            model.set_submodule(block_name, RemovedBlock(_shortcut(model.get_submodule(block_name))))
             blocks_removed += 1
     # Channels to prune, read before folding; units inside removed blocks are gone with them.
     to_prune: list[tuple[nn.Conv2d, list[int]]] = []
@@ -427,7 +422,7 @@ def remove_masked_structures(model: nn.Module, sites: MaskSites, example_input: 
     for module_name, module in list(model.named_modules()):
         if isinstance(module, SoftMask):
             _fold_scale(module.inner, module.mask.detach())
-            _set_submodule(model, module_name, module.inner)
+            model.set_submodule(module_name, module.inner)
     if to_prune:
         graph = dependency_graph(model, example_input)
         for conv, zero in to_prune:

@@ -509,11 +509,6 @@ def _remove_upstream(model: nn.Module, example_input: torch.Tensor, removed: dic
     return done
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 # ----------------------------------------------------------------------------------------------
 # The method.
 # ----------------------------------------------------------------------------------------------
@@ -548,7 +543,7 @@ class KSE(Method):
                 lv = [g for g in lv if g != 0]
             conv = model.get_submodule(name)
             counts = cluster_counts(conv.out_channels, self.config.levels, self.config.halvings)
-            _replace(model, name, ClusteredConv2d.from_conv(conv, [counts[g] for g in lv], ctx.seed))
+            model.set_submodule(name, ClusteredConv2d.from_conv(conv, [counts[g] for g in lv], ctx.seed))
             channels += len(levels[name])
             kept += sum(1 for g in lv if g != 0)
         self.figures = {

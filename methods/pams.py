@@ -199,20 +199,15 @@ def feature_module_name(model: nn.Module) -> str:
 # --- doing --------------------------------------------------------------------------------------
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def quantize_for_pams(model: nn.Module, bits: int, example_input: torch.Tensor) -> list[str]:
     """Insert PAMS's quantizers into ``model`` in place; returns the names of the quantized convolutions."""
     edsr_blocks, convs = pams_layers(model, example_input)
     for name in edsr_blocks:
-        _set_submodule(model, name, QuantResBlock(model.get_submodule(name), bits).train(model.training))
+        model.set_submodule(name, QuantResBlock(model.get_submodule(name), bits).train(model.training))
     for name in convs:
         conv = model.get_submodule(name)
         act = PAMSActivationQuantizer(bits, device=conv.weight.device)
-        _set_submodule(model, name, QuantConv2d.from_float(conv, MaxAbsWeightQuantizer(bits), act).train(model.training))
+        model.set_submodule(name, QuantConv2d.from_float(conv, MaxAbsWeightQuantizer(bits), act).train(model.training))
     return [f"{b}.conv{i}" for b in edsr_blocks for i in (1, 2)] + convs
 
 
