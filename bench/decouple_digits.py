@@ -21,7 +21,6 @@ The table prints, per setting, the mean over seeds and the ratio static / dynami
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from gal_vs_l1 import l1_ratio_for_macs
 
     from methods import Pipeline, create_method
-    from search.trial import build_context, load_task, measure, seed_everything, train_baseline
+    from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
 
     device = torch.device(args.device)
     torch.set_num_threads(1)
@@ -88,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def student(seed: int):
             seed_everything(seed)
-            model = copy.deepcopy(baseline).train()
-            for p in model.parameters():
-                p.requires_grad_(True)
-            return model, build_context(space, task, baseline, device, seed, log=lambda m: None)
+            model, ctx = trainable_student(space, task, baseline, device, seed)
+            return model.train(), ctx
 
         for lambda_s in args.lambda_s:
             for seed in args.seeds:

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from methods import Phase, Pipeline, create_method, train_phase
-    from search.trial import build_context, load_task, measure, seed_everything, train_baseline
+    from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -140,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def student(seed: int):
         seed_everything(seed)
-        model = copy.deepcopy(baseline).train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, build_context(space, task, baseline, device, seed, log=lambda m: None)
+        model, ctx = trainable_student(space, task, baseline, device, seed)
+        return model.train(), ctx
 
     def finetune_and_measure(model, ctx, row: dict[str, Any]) -> dict[str, Any]:
         before = measure(model, space, task, device, None)

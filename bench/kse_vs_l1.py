@@ -138,7 +138,7 @@ def latencies(model: torch.nn.Module, shape: tuple[int, ...], repeats: int, devi
 def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.device) -> list[dict[str, Any]]:
     from methods import Phase, Pipeline, create_method, train_phase
     from search.measure import count_params, size_bytes
-    from search.trial import build_context, load_task, seed_everything, train_baseline
+    from search.trial import load_task, seed_everything, train_baseline, trainable_student
 
     space = build_space(args, model_name)
     task = load_task(space)
@@ -154,10 +154,8 @@ def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.devic
 
     def student(seed: int):
         seed_everything(seed)
-        model = copy.deepcopy(baseline).train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, build_context(space, task, baseline, device, seed, log=lambda m: None)
+        model, ctx = trainable_student(space, task, baseline, device, seed)
+        return model.train(), ctx
 
     def evaluate(model, ctx) -> float:
         return task.evaluate(model, _loader(task, space), str(device))["accuracy"]

@@ -30,7 +30,6 @@ prunes ResNet-56 at 2x.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import sys
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from methods import Phase, Pipeline, create_method, train_phase
     from search.measure import count_flops
-    from search.trial import build_context, load_task, measure, seed_everything, train_baseline
+    from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -171,10 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def student(seed: int):
         seed_everything(seed)
-        model = copy.deepcopy(baseline).train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, build_context(space, task, baseline, device, seed, log=lambda m: None)
+        model, ctx = trainable_student(space, task, baseline, device, seed)
+        return model.train(), ctx
 
     def pruned(seed: int, name: str, params: dict[str, Any]) -> tuple[int, Any]:
         model, ctx = student(seed)

@@ -215,6 +215,16 @@ def train_baseline_task(space: SearchSpace) -> tuple[dict[str, torch.Tensor], di
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics, lines
 
 
+def trainable_student(
+    space: SearchSpace, task: Task, baseline: nn.Module, device: torch.device, seed: int, log: Callable[[str], None] = lambda message: None
+) -> tuple[nn.Module, MethodContext]:
+    """A trainable copy of the frozen ``baseline`` (in the baseline's mode) and the context a trial compresses it in."""
+    model = copy.deepcopy(baseline)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, build_context(space, task, teacher=baseline, device=device, seed=seed, log=log)
+
+
 def run_pipeline(
     spec: TrialSpec,
     recipe: list[dict[str, Any]],
@@ -240,10 +250,7 @@ def run_pipeline(
     baseline.to(device).eval()
     for p in baseline.parameters():
         p.requires_grad_(False)
-    model = copy.deepcopy(baseline)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    ctx = build_context(space, task, teacher=baseline, device=device, seed=seed, log=log)
+    model, ctx = trainable_student(space, task, baseline, device, seed, log)
     pipeline = Pipeline.from_recipe(recipe)
     started = time.monotonic()
 
