@@ -20,7 +20,7 @@ from search.objectives import constraint_values
 if TYPE_CHECKING:
     from search.space import SearchSpace
 
-__all__ = ["check_versions", "keep_ray_on_loopback", "fail_open_trials", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
+__all__ = ["check_versions", "keep_ray_on_loopback", "stop_tune_run", "fail_open_trials", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
 
 #: The config key (set by the space definition) that carries the Optuna trial number to Tune.
 TRIAL_NUMBER = "trial_number"
@@ -67,6 +67,20 @@ def keep_ray_on_loopback() -> None:
     import ray._private.ray_constants as ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def stop_tune_run() -> None:
+    """End the running ``Tuner.fit`` as its own Ctrl-C handler does: the loop stops, the state is saved.
+
+    Tune's run loop ends when its "experiment interrupted" event is set, which only its signal
+    handlers can reach; the SIGUSR1 handler (installed by every ``Tuner.fit`` in the main
+    thread, whatever ``TUNE_DISABLE_SIGINT_HANDLER`` says) sets it. Trials still running stay
+    RUNNING in the saved state and continue from their last checkpoint on restore.
+    """
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def fail_open_trials(study: optuna.Study, reason: str) -> list[int]:

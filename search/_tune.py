@@ -16,7 +16,8 @@ import torch
 from ray import tune
 
 from methods import get_method, hyperparameters
-from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch
+from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch, stop_tune_run
+from search.graceful_stop import GracefulStop, sigint_stops_gracefully
 from search.record import SearchRecord, exported_model_dir, search_progress, trial_state
 from search.report import Reporter
 from search.space import SearchSpace
@@ -146,8 +147,10 @@ class TrialTracker(tune.Callback):
 def fit(record: SearchRecord, reporter: Reporter, restore: bool) -> None:
     """Run (or, with ``restore``, continue) the trials on the Ray that the driver reached.
 
-    Returns when every trial has ended or when Tune stopped on SIGINT (its state saved; the
-    trials it was running stay RUNNING in the study and continue on ``resume``).
+    Returns when every trial has ended or when Tune stopped on the first SIGINT (after the
+    running trials saved a checkpoint at the end of their epoch; see ``search.graceful_stop``).
+    Those trials stay RUNNING in the study and continue on ``resume``; a second SIGINT raises
+    KeyboardInterrupt at once.
     """
     space = record.space
     # Tune logs each failed trial's traceback; slimtune prints one line with the reason and the
@@ -182,12 +185,13 @@ def fit(record: SearchRecord, reporter: Reporter, restore: bool) -> None:
                 storage_path=storage,
                 verbose=0,
                 log_to_file=True,
-                callbacks=[TrialTracker(record, reporter)],
+                callbacks=[TrialTracker(record, reporter), GracefulStop(reporter.say, stop_tune_run)],
                 failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-    tuner.fit()
+    with sigint_stops_gracefully():
+        tuner.fit()
 
 
 def checkpoint_uri(checkpoint) -> str:

@@ -2,9 +2,9 @@
 
 What a search keeps on disk is described in ``search.record``; the Optuna study is the source of
 truth for how each trial ended, and the close-out (``finish_search``) brings MLflow and the run
-map in line with it. The first SIGINT stops launching trials (Tune saves its state; running
-trials keep their last checkpoint and continue on ``slimtune resume``); a second one stops at
-once. Either way :class:`SearchInterrupted` says how far the search got.
+map in line with it. The first SIGINT lets running trials checkpoint the epoch in progress and
+then stops Tune (``search.graceful_stop``); they continue from there on ``slimtune resume``. A
+second SIGINT stops at once. Either way :class:`SearchInterrupted` says how far the search got.
 """
 
 from __future__ import annotations

@@ -351,6 +351,9 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 
     import ray
 
+    from search.graceful_stop import wait_if_stopping
+
+    wait_if_stopping()  # started just after a Ctrl-C: do not train
     # Which node ran each epoch: a trial retried after a node failure shows both.
     node_id = ray.get_runtime_context().get_node_id()
 
@@ -358,6 +361,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "state.pt")
             tune.report({**metrics, "recipe": json.dumps(recipe), "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        # After a Ctrl-C the trial stops here, its epoch saved, until the driver stops Tune.
+        wait_if_stopping()
 
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "model"

@@ -176,8 +176,17 @@ def test_interrupt_then_resume_loses_nothing(tmp_path: Path, moment: str, how: s
     search = Search(tmp_path)
     driver, log = search.start("search")
     wait_for(driver, log, lambda text: MOMENTS[moment](text, search))
+    before = search.runs()
     code = interrupt(driver, how)
     text = log.read_text()
+    if (moment, how) == ("mid-trial", "int"):
+        # The first Ctrl-C let the running trial save the epoch it was in: it reported one
+        # more epoch after the signal, or it finished.
+        for trial_id, run in before.items():
+            if run.get("status") == "RUNNING":
+                after = search.runs()[trial_id]
+                assert after["status"] == "FINISHED" or after["last_epoch"] > run["last_epoch"], (run, after, text)
+                assert after["status"] == "FINISHED" or "stopping: 1 running trial finish the epoch in progress" in text, text
     if how == "kill":
         assert code == -signal.SIGKILL
     elif "finished:" not in text:
