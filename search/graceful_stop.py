@@ -83,8 +83,9 @@ class GracefulStop(tune.Callback):
             self.ready.add(trial.trial_id)  # it waits before it trains (``wait_if_stopping``)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if self.flag is not None:
-            self.ready.add(trial.trial_id)  # the epoch's checkpoint came with this result
+        # The epoch's checkpoint came with this result; a final result is left to complete.
+        if self.flag is not None and not result.get("final"):
+            self.ready.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)

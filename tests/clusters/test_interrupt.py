@@ -4,8 +4,11 @@ After every interrupt and resume the three stores agree (the study is the source
 and the run map follow it), every trial that printed `done` is in `pareto --all`, no trial is
 there twice, the budget is met and the front equals Optuna's `best_trials`.
 
-`SLIMTUNE_KILL_LOOP=N` adds N interrupts at seeded random moments (`test_random_interrupts`);
-`SLIMTUNE_INTERRUPT_MATRIX=full` runs every (moment, signal) pair, not only the default five.
+By default one search takes an interrupt at every moment in turn, resuming after each
+(`test_interrupts_in_turn_then_resume_loses_nothing`): one baseline and three trials cover what
+would otherwise take a search per case. `SLIMTUNE_INTERRUPT_MATRIX=full` also runs every
+(moment, signal) pair on a search of its own; `SLIMTUNE_KILL_LOOP=N` adds N interrupts at seeded
+random moments (`test_random_interrupts`).
 """
 
 from __future__ import annotations
@@ -160,64 +163,101 @@ MOMENTS: dict[str, Callable[[str, Search], bool]] = {
 }
 
 
-#: Every moment is hit by at least one signal and both signals mid-trial; the other three pairs of
-#: the full matrix run with SLIMTUNE_INTERRUPT_MATRIX=full (each costs a search and a resume).
-DEFAULT_CASES = {("baseline", "int"), ("mid-trial", "int"), ("mid-trial", "kill"), ("between-trials", "int"), ("close-out", "kill")}
 FULL_MATRIX = os.environ.get("SLIMTUNE_INTERRUPT_MATRIX") == "full"
-CASES = [
-    pytest.param(moment, how, marks=() if FULL_MATRIX or (moment, how) in DEFAULT_CASES else pytest.mark.skip(reason="set SLIMTUNE_INTERRUPT_MATRIX=full"))
-    for moment in MOMENTS
-    for how in ("int", "kill")
-]
 
 
-@pytest.mark.parametrize(("moment", "how"), CASES)
+def check_exit(code: int, how: str, text: str, search: Search) -> None:
+    """Killed: -SIGKILL. Ctrl-C: exit 130 with the command that continues, or 0 if it had finished."""
+    if how == "kill":
+        assert code == -signal.SIGKILL
+    elif "finished:" not in text:
+        assert code == 130, text
+        match = re.search(rf"interrupted: (\d+) of {BUDGET} trials done; continue with: slimtune resume intr --results-dir (\S+)", text)
+        assert match, text
+        assert Path(match.group(2)) == search.results
+        assert "Traceback" not in text, text
+    else:
+        assert code == 0, text  # the SIGINT came after the close-out: the search had finished
+
+
+def check_epoch_saved(before: dict, search: Search, text: str) -> None:
+    """After a first Ctrl-C each trial that was running reported one more epoch (its checkpoint), or finished."""
+    for trial_id, run in before.items():
+        if run.get("status") == "RUNNING":
+            after = search.runs()[trial_id]
+            assert after["status"] == "FINISHED" or after["last_epoch"] > run["last_epoch"], (run, after, text)
+            assert after["status"] == "FINISHED" or "stopping: 1 running trial finish the epoch in progress" in text, text
+
+
+def fresh_epoch(search: Search) -> Callable[[str, Search], bool]:
+    """A moment: a trial reported an epoch to this driver (runs.json moved past what it held at the start)."""
+    start = {trial_id: run.get("last_epoch", 0) for trial_id, run in search.runs().items()}
+
+    def ready(text: str, search: Search) -> bool:
+        return any(
+            run.get("status") == "RUNNING" and run.get("last_epoch", 0) > start.get(trial_id, 0) for trial_id, run in search.runs().items()
+        )
+
+    return ready
+
+
+def test_interrupts_in_turn_then_resume_loses_nothing(tmp_path: Path) -> None:
+    """One search, interrupted at every moment in turn and resumed after each: nothing is lost.
+
+    Ctrl-C during the baseline; SIGKILL mid-trial; Ctrl-C mid-trial (the running trial saves the
+    epoch in progress first); two quick Ctrl-Cs mid-trial (stops at once); Ctrl-C between two
+    trials; SIGKILL during the close-out; then a resume to the end.
+    """
+    search = Search(tmp_path)
+    steps: list[tuple[str, Callable[[str, Search], bool] | None, str]] = [
+        ("baseline", MOMENTS["baseline"], "int"),
+        ("mid-trial", None, "kill"),
+        ("mid-trial", None, "int"),
+        ("mid-trial", None, "int-int"),
+        ("between-trials", lambda text, search: " done (" in text, "int"),
+        ("close-out", MOMENTS["close-out"], "kill"),
+    ]
+    for number, (moment, ready, how) in enumerate(steps):
+        ready = ready or fresh_epoch(search)
+        driver, log = search.start("search" if number == 0 else "resume")
+        wait_for(driver, log, lambda text: ready(text, search))
+        before = search.runs()
+        double = how == "int-int"
+        if double:
+            os.kill(driver.pid, signal.SIGINT)
+            time.sleep(0.3)
+            os.kill(driver.pid, signal.SIGINT)
+            started = time.monotonic()
+            code = driver.wait(timeout=120)
+            print(f"second SIGINT: the driver exited {time.monotonic() - started:.1f} s later")
+            with_group_gone(driver.pid)
+            how = "int"
+        else:
+            code = interrupt(driver, how)
+        text = log.read_text()
+        check_exit(code, how, text, search)
+        if (moment, how) == ("mid-trial", "int") and not double:
+            check_epoch_saved(before, search, text)
+    resume_to_the_end(search)
+    check_nothing_lost(search)
+
+
+@pytest.mark.skipif(not FULL_MATRIX, reason="set SLIMTUNE_INTERRUPT_MATRIX=full")
+@pytest.mark.parametrize("how", ["int", "kill"])
+@pytest.mark.parametrize("moment", list(MOMENTS))
 def test_interrupt_then_resume_loses_nothing(tmp_path: Path, moment: str, how: str) -> None:
+    """One search per (moment, signal) pair: interrupted once, resumed to the end."""
     search = Search(tmp_path)
     driver, log = search.start("search")
     wait_for(driver, log, lambda text: MOMENTS[moment](text, search))
     before = search.runs()
     code = interrupt(driver, how)
     text = log.read_text()
+    check_exit(code, how, text, search)
     if (moment, how) == ("mid-trial", "int"):
-        # The first Ctrl-C let the running trial save the epoch it was in: it reported one
-        # more epoch after the signal, or it finished.
-        for trial_id, run in before.items():
-            if run.get("status") == "RUNNING":
-                after = search.runs()[trial_id]
-                assert after["status"] == "FINISHED" or after["last_epoch"] > run["last_epoch"], (run, after, text)
-                assert after["status"] == "FINISHED" or "stopping: 1 running trial finish the epoch in progress" in text, text
-    if how == "kill":
-        assert code == -signal.SIGKILL
-    elif "finished:" not in text:
-        # Ctrl-C: the command that continues, with the folder, and exit 130.
-        assert code == 130, text
-        match = re.search(r"interrupted: (\d+) of 3 trials done; continue with: slimtune resume intr --results-dir (\S+)", text)
-        assert match, text
-        assert Path(match.group(2)) == search.results
-        assert "Traceback" not in text, text
-    else:
-        assert code == 0, text  # the SIGINT came after the close-out: the search had finished
+        check_epoch_saved(before, search, text)
     resume_to_the_end(search)
     check_nothing_lost(search)
-
-
-def test_second_sigint_stops_at_once_and_resume_finishes(tmp_path: Path) -> None:
-    search = Search(tmp_path)
-    driver, log = search.start("search")
-    wait_for(driver, log, lambda text: _trial_running(text, search))
-    os.kill(driver.pid, signal.SIGINT)
-    time.sleep(0.3)
-    os.kill(driver.pid, signal.SIGINT)
-    started = time.monotonic()
-    code = driver.wait(timeout=120)
-    waited = time.monotonic() - started
-    with_group_gone(driver.pid)
-    assert code == 130, log.read_text()
-    assert "continue with: slimtune resume intr" in log.read_text()
-    resume_to_the_end(search)
-    check_nothing_lost(search)
-    print(f"second SIGINT: the driver exited {waited:.1f} s later")
 
 
 def test_random_interrupts(tmp_path: Path) -> None:
