@@ -87,7 +87,8 @@ def official_kl(observation_logits: torch.Tensor, representation_logits: torch.T
     reduction computes ``mean over batch x classes of p_z log p_z - p_z p_v``: an entropy term
     plus a linear alignment term at about 1/classes of a real KL's scale (reference section 1).
     """
-    return F.kl_div(F.softmax(observation_logits.detach(), dim=1), F.softmax(representation_logits, dim=1), reduction="mean")
+    # reduction="none" then .mean() is the "mean" reduction, without torch's warning about it.
+    return F.kl_div(F.softmax(observation_logits.detach(), dim=1), F.softmax(representation_logits, dim=1), reduction="none").mean()
 
 
 def jensen_shannon(first_logits: torch.Tensor, second_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
