@@ -10,7 +10,7 @@ from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check
 from methods._registry import create_method, get_method, list_methods, register_method
 
 # Each import registers one method.
-from methods import decouple, gal, kd, kse, l1_filter, minmax_quant, od, pams, ssr, wavelet  # noqa: E402,F401  isort: skip
+from methods import decouple, gal, kd, kse, l1_filter, minmax_quant, od, pams, ssr, variational, wavelet  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Method",

@@ -650,7 +650,9 @@ class Method:
             a term that keeps structures it leaves in the model valid), ``"pipeline"`` (every
             phase of every method, wherever it stands: distillation).
         loss_only: The method only adds a loss term; its own phases run only when no other
-            method in the pipeline trains, so "prune + kd" is one distilled fine-tune. Its
+            method in the pipeline trains, so "prune + kd" is one distilled fine-tune (and, among
+            loss-only methods alone, a ``"pipeline"``-scoped one's phases run only when no
+            loss-only method precedes it: "vcd + vml" is one fine-tune with both terms). Its
             ``loss_scope`` must then reach the other methods' phases
             (:func:`methods._pipeline.check_pipeline` refuses a pipeline where it cannot).
         task_kinds: The kinds of task it applies to (``"classification"``,

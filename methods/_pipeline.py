@@ -179,6 +179,10 @@ class Pipeline:
         """The method's phases, before-finalize first, and the index where finalize runs."""
         if method.loss_only and any(not other.loss_only for other in self.methods):
             return [], 0
+        earlier = self.methods[: self.methods.index(method)]
+        if method.loss_only and method.loss_scope == "pipeline" and any(other.loss_only for other in earlier):
+            # Loss-only methods alone share the first one's phases, which their terms reach.
+            return [], 0
         phases = method.phases(ctx)
         before = [p for p in phases if not p.after_finalize]
         after = [p for p in phases if p.after_finalize]

@@ -6,7 +6,7 @@ Importing this package registers the built-in models.
 
 from __future__ import annotations
 
-from models import cifar_resnet, digits, edsr, lenet, mnist_cnn, rdn, recurrent, vgg  # noqa: F401  (imported to register their models)
+from models import cifar_resnet, digits, edsr, lenet, mnist_cnn, rdn, recurrent, two_branch, vgg  # noqa: F401  (imported to register their models)
 from models._registry import create_model, list_models, model_factory, register_model
 from models.cifar_resnet import BasicBlock, CifarResNet, ZeroPadShortcut
 from models.digits import DigitsCNN
@@ -15,6 +15,7 @@ from models.lenet import LeNet
 from models.mnist_cnn import MnistCNN
 from models.recurrent import GRULayer, LSTMLayer, SequenceModel
 from models.rdn import RDB, RDN
+from models.two_branch import TwoBranch
 from models.torchvision_models import torchvision_model_names
 from models.vgg import VGG
 
@@ -33,6 +34,7 @@ __all__ = [
     "ResBlock",
     "RDN",
     "RDB",
+    "TwoBranch",
     "VGG",
     "MnistCNN",
     "GRULayer",

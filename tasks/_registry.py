@@ -18,7 +18,8 @@ _KINDS: dict[str, str] = {}
 #: What a task asks of a model; methods that only make sense for some declare ``task_kinds``.
 #: ``regression``: one real output per example (the adding problem); ``sequence_labelling``:
 #: class logits at every time step, ``(batch, steps, classes)`` (copy memory, character text).
-TASK_KINDS = ("classification", "super_resolution", "regression", "sequence_labelling")
+#: ``two_view``: examples seen in two modalities, judged by cross-modal retrieval (``digits_2view``).
+TASK_KINDS = ("classification", "super_resolution", "regression", "sequence_labelling", "two_view")
 
 #: The direction of a quality metric: ``"max"`` (higher is better: accuracy, PSNR) or ``"min"``
 #: (lower is better: MSE, bits per character).
