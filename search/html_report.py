@@ -122,7 +122,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin:
 h1 { font-size: 22px; margin: 0 0 4px; }
 h2 { font-size: 17px; margin: 28px 0 8px; }
 .meta { color: #555; margin: 2px 0; }
-.meta code, td code { font-size: 12px; background: #eee; padding: 1px 4px; border-radius: 3px; }
+.meta code, td code { font-size: 12px; background: #eee; padding: 1px 4px; border-radius: 3px; word-break: break-all; }
 .plots { display: flex; flex-wrap: wrap; gap: 16px; }
 .plot { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 6px; }
 .plot svg text { font-size: 11px; fill: #333; }

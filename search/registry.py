@@ -9,7 +9,9 @@ a module, without slimtune and without unpickling.
 
 :func:`log_trial_model` is called at the end of a search (and of each resume) for every Pareto
 trial, and by ``slimtune export --register`` for a picked trial that has none yet; a trial is
-logged once: a trial whose run already has a logged model named ``model`` is not logged again.
+logged once: a trial whose run already has a logged model named ``program`` is not logged again.
+The name is not ``model``: MLflow 3 resolves ``runs:/RUN/NAME`` to a run's logged model of that
+name, which would shadow the exported files the run keeps under its artifact folder ``model/``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["MODEL_NAME", "logged_model_ids", "log_trial_model", "register_trial", "load_registered"]
 
 #: Name of a trial's logged model (one per trial run).
-MODEL_NAME = "model"
+MODEL_NAME = "program"
 
 
 @contextlib.contextmanager
@@ -46,7 +48,7 @@ def _tracking(tracking_uri: str) -> Iterator[None]:
 
 
 def logged_model_ids(record: SearchRecord) -> dict[str, str]:
-    """Run id -> id of the logged model named ``model`` of every trial run of the search that has one."""
+    """Run id -> id of the logged model named ``program`` of every trial run of the search that has one."""
     tracker = record.tracker()
     ids: dict[str, str] = {}
     token = None

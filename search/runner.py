@@ -19,6 +19,7 @@ import torch
 
 from errors import UserError
 from search.checks import check_before_baseline, check_resources
+from search.html_report import REPORT_ARTIFACT, log_report, write_report
 from search.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.record import (
     INTERRUPTED,
@@ -31,7 +32,6 @@ from search.record import (
     search_progress,
     trial_number,
 )
-from search.html_report import REPORT_ARTIFACT, log_report, write_report
 from search.registry import log_trial_model, logged_model_ids
 from search.report import Reporter, print_now
 from search.space import SearchSpace, load_space
