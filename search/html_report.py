@@ -17,6 +17,7 @@ it), the hypervolume after each completed trial, and the table of the front. The
 from __future__ import annotations
 
 import datetime
+import html
 import json
 import tempfile
 from pathlib import Path
@@ -89,10 +90,10 @@ def write_report(record: SearchRecord, path: Path) -> Path:
     data = json.dumps(report_data(record), indent=1, default=str)
     # A JSON string may hold "</script>"; escaped, it cannot end the block early.
     data = data.replace("</", "<\\/")
-    html = _PAGE.replace("__TITLE__", _escape(f"slimtune report: {record.name}")).replace("__DATA__", data)
+    page = _PAGE.replace("__TITLE__", html.escape(f"slimtune report: {record.name}")).replace("__DATA__", data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
     return path
 
 
@@ -108,10 +109,6 @@ def log_report(record: SearchRecord, path: Path) -> None:
         record.tracker().client.log_artifact(record.parent_run_id, str(named))
 
 
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 _PAGE = r"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -122,7 +119,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin:
 h1 { font-size: 22px; margin: 0 0 4px; }
 h2 { font-size: 17px; margin: 28px 0 8px; }
 .meta { color: #555; margin: 2px 0; }
-.meta code, td code { font-size: 12px; background: #eee; padding: 1px 4px; border-radius: 3px; word-break: break-all; }
+.meta code, td code { font-size: 12px; background: #eee; padding: 1px 4px; border-radius: 3px; overflow-wrap: anywhere; }
 .plots { display: flex; flex-wrap: wrap; gap: 16px; }
 .plot { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 6px; }
 .plot svg text { font-size: 11px; fill: #333; }
@@ -143,7 +140,7 @@ h2 { font-size: 17px; margin: 28px 0 8px; }
 #tip.pinned { border-color: #d62728; }
 #tip table { border-collapse: collapse; margin: 4px 0; }
 #tip td { padding: 0 8px 0 0; }
-#tip code { font-size: 11px; background: #f2f2f2; padding: 1px 3px; border-radius: 3px; word-break: break-all; }
+#tip code { font-size: 11px; background: #f2f2f2; padding: 1px 3px; border-radius: 3px; overflow-wrap: anywhere; }
 table.front { border-collapse: collapse; background: #fff; }
 table.front th, table.front td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 table.front th { background: #f0f0f0; }
