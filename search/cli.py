@@ -262,7 +262,7 @@ def _register(args: argparse.Namespace, record: SearchRecord, chosen: TrialRecor
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.checks import check_writable_folder
+    # No search.checks here: it imports the methods and torch, which the report does without.
     from search.html_report import REPORT_ARTIFACT, log_report, write_report
     from search.record import load_search
 
@@ -270,8 +270,10 @@ def _report(args: argparse.Namespace) -> int:
     path = Path(args.out) if args.out else record.folder / REPORT_ARTIFACT
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; give the HTML file to write, e.g. --out {path / REPORT_ARTIFACT}.")
-    check_writable_folder(path.parent, "--out's folder")
-    path = write_report(record, path)
+    try:
+        path = write_report(record, path)
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot write it ({exc.strerror or type(exc).__name__}); choose a writable path.") from None
     log_report(record, path)
     print(f"wrote {path} (self-contained: open it in any browser, no network needed)")
     if record.parent_run_id:
