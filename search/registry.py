@@ -69,7 +69,6 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
     status and end time are kept as they were (MLflow reopens the run to attach the model).
     """
     import mlflow
-    import numpy as np
     import torch
     from mlflow.models import infer_signature
 
@@ -77,7 +76,7 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
         raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
     program = torch.export.load(Path(model_dir) / "model.pt2")
     traced, _ = program.example_inputs
-    example = np.zeros(tuple(traced[0].shape), dtype=np.float32)
+    example = torch.zeros_like(traced[0]).numpy()  # the traced input's shape and dtype (batch 2 when dynamic)
     module = program.module()
     with torch.no_grad():
         output = module(torch.from_numpy(example)).numpy()
