@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from errors import UserError, plural
 
 if TYPE_CHECKING:
-    from search.record import SearchRecord
+    from search.record import SearchRecord, TrialRecord
     from search.space import SearchSpace
 
 __all__ = ["main"]
@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--run", help="MLflow run id of the trial (a unique prefix is enough)")
     group.add_argument("--pick", help="knee, max-<metric> (e.g. max-accuracy) or min-<metric> (e.g. min-macs)")
     p.add_argument("--out", required=True, help="folder to write the export to")
+    p.add_argument(
+        "--register", metavar="MODEL",
+        help="also register the trial's model in the MLflow Model Registry as a new version of MODEL; "
+        "--pick PICK sets the alias PICK on it (models:/MODEL@knee), --run sets none",
+    )  # fmt: skip
+    p.add_argument("--results-dir", default="slimtune_results")
+
+    p = sub.add_parser("report", help="write an interactive HTML report of a search and log it on its MLflow run")
+    p.add_argument("name")
+    p.add_argument("--out", help="the HTML file to write (default: <results-dir>/<name>/report.html)")
     p.add_argument("--results-dir", default="slimtune_results")
 
     p = sub.add_parser("replay", help="retrain an exported trial from its recipe.json and compare the metrics")
@@ -175,25 +185,20 @@ def _exit_code(record: SearchRecord) -> int:
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from search.ranking import pareto_table, rank_records, search_hypervolume
+    from search.ranking import pareto_document, rank_records
     from search.record import completed_records, load_search
     from search.report import format_table, plural
 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
     rank_records(record, records)
-    rows = pareto_table(record, records, only_front=not args.all)
-    hv = search_hypervolume(record, records)
+    doc = pareto_document(record, records, only_front=not args.all)
     if args.json:
-        print(json.dumps({"search": record.name, "objectives": {o.metric: o.direction for o in record.objectives}, "hypervolume": hv, "baseline": _numeric(record.baseline_metrics), "trials": rows}, indent=2))
+        print(json.dumps(doc, indent=2))
     else:
-        print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {hv:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
-        print(format_table(record, rows, record.baseline_metrics))
+        print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {doc['hypervolume']:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
+        print(format_table(record, doc["trials"], record.baseline_metrics))
     return 0
-
-
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -234,6 +239,45 @@ def _export(args: argparse.Namespace) -> int:
     print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in record.space.metric_names))
     print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded program matches the module (max diff {diff:.2g})")
     print(f"  run with: torch.export.load('{out / 'model.pt2'}').module()(x)  (already in eval mode; it has no .eval())")
+    if args.register:
+        _register(args, record, chosen, out, task.example_input(2))
+    return 0
+
+
+def _register(args: argparse.Namespace, record: SearchRecord, chosen: TrialRecord, out: Path, example: Any) -> None:
+    """``export --register``: a new registry version of the exported trial, checked by loading it back."""
+    import torch
+
+    from search.export import load_program
+    from search.registry import load_registered, register_trial
+
+    version = register_trial(record, chosen, out, args.register, args.pick)
+    uri = f"models:/{args.register}@{args.pick}" if args.pick else f"models:/{args.register}/{version.version}"
+    with torch.no_grad():
+        diff = (load_registered(record.tracking_uri, uri)(example) - load_program(out)(example)).abs().max().item()
+    if diff > 1e-5:
+        raise AssertionError(f"{uri} differs from the exported program by {diff:.3g} (> 1e-5).")
+    print(f"registered as {args.register} version {version.version}" + (f" with alias @{args.pick}" if args.pick else " (no alias: picked by --run)"))
+    print(f"  load with: mlflow.pytorch.load_model('{uri}')  (tracking URI {record.tracking_uri}); it matches the export (max diff {diff:.2g})")
+
+
+def _report(args: argparse.Namespace) -> int:
+    # No search.checks here: it imports the methods and torch, which the report does without.
+    from search.html_report import REPORT_ARTIFACT, log_report, write_report
+    from search.record import load_search
+
+    record = load_search(args.name, args.results_dir)
+    path = Path(args.out) if args.out else record.folder / REPORT_ARTIFACT
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give the HTML file to write, e.g. --out {path / REPORT_ARTIFACT}.")
+    try:
+        path = write_report(record, path)
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot write it ({exc.strerror or type(exc).__name__}); choose a writable path.") from None
+    log_report(record, path)
+    print(f"wrote {path} (self-contained: open it in any browser, no network needed)")
+    if record.parent_run_id:
+        print(f"  logged on the search's MLflow run {record.parent_run_id} as {REPORT_ARTIFACT}")
     return 0
 
 
@@ -515,6 +559,7 @@ _COMMANDS = {
     "resume": _resume,
     "pareto": _pareto,
     "export": _export,
+    "report": _report,
     "replay": _replay,
     "profile": _profile,
     "methods": _methods,

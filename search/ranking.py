@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -9,7 +10,7 @@ from errors import UserError, did_you_mean
 from search import pareto
 from search.record import SearchRecord, TrialRecord
 
-__all__ = ["rank_records", "front", "search_hypervolume", "pick_record", "pareto_table"]
+__all__ = ["rank_records", "front", "search_hypervolume", "hypervolume_history", "pick_record", "pareto_table", "pareto_document"]
 
 
 def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:
@@ -59,6 +60,24 @@ def search_hypervolume(record: SearchRecord, records: list[TrialRecord]) -> floa
     return pareto.hypervolume(points, record.modes, reference)
 
 
+def hypervolume_history(record: SearchRecord, records: list[TrialRecord]) -> list[dict[str, Any]]:
+    """The search's hypervolume after each completed trial, in the order the trials completed.
+
+    One entry per trial of ``records``: ``{"completed": k, "trial": name, "hypervolume": hv}``, where
+    ``hv`` is :func:`search_hypervolume` of the first ``k`` trials to complete (so the last entry
+    is the search's hypervolume). ``records`` are not modified.
+    """
+    history: list[dict[str, Any]] = []
+    best: list[TrialRecord] = []
+    for k, trial in enumerate(sorted(records, key=lambda r: (r.completed_at or 0.0, r.number)), start=1):
+        # The front of the first k trials is the front of the previous front plus the new trial.
+        best = [dataclasses.replace(r) for r in [*best, trial]]
+        rank_records(record, best)
+        best = front(best)
+        history.append({"completed": k, "trial": trial.name, "hypervolume": search_hypervolume(record, best)})
+    return history
+
+
 def pick_record(record: SearchRecord, records: list[TrialRecord], pick: str) -> TrialRecord:
     """Choose a Pareto trial: ``knee``, ``max-<metric>`` (``max-accuracy``) or ``min-<metric>``."""
     best = front(records)
@@ -89,3 +108,15 @@ def pareto_table(record: SearchRecord, records: list[TrialRecord], only_front: b
                 row[metric] = r.metrics[metric]
         rows.append(row)
     return rows
+
+
+def pareto_document(record: SearchRecord, records: list[TrialRecord], only_front: bool = True) -> dict[str, Any]:
+    """What ``slimtune pareto --json`` prints: objectives, hypervolume, baseline and the table of ``records`` (ranked)."""
+    baseline = {k: v for k, v in record.baseline_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        "search": record.name,
+        "objectives": {o.metric: o.direction for o in record.objectives},
+        "hypervolume": search_hypervolume(record, records),
+        "baseline": baseline,
+        "trials": pareto_table(record, records, only_front=only_front),
+    }

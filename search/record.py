@@ -188,7 +188,7 @@ def load_search(name: str, results_dir: str | Path = "slimtune_results") -> Sear
 
 @dataclass
 class TrialRecord:
-    """One completed trial: what ran, what it scored, where its exported model is."""
+    """One completed trial: what ran, what it scored, where its exported model is, when it completed (POSIX seconds)."""
 
     number: int
     trial_id: str
@@ -196,6 +196,7 @@ class TrialRecord:
     recipe: list[dict[str, Any]]
     metrics: dict[str, float]
     checkpoint: str | None
+    completed_at: float | None = None
     rank: int = -1
     feasible: bool = True
 
@@ -256,6 +257,7 @@ def completed_records(record: SearchRecord) -> list[TrialRecord]:
                 recipe=json.loads(t.user_attrs.get("recipe", "[]")),
                 metrics=dict(t.user_attrs.get("metrics", {})),
                 checkpoint=run.get("checkpoint"),
+                completed_at=t.datetime_complete.timestamp() if t.datetime_complete else None,
             )
         )
     return out

@@ -17,10 +17,16 @@ from search.objectives import COST_METRICS
 from search.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
-__all__ = ["Reporter", "format_table", "format_metric"]
+__all__ = ["Reporter", "format_table", "format_metric", "results_dir_option"]
 
 #: The results folder the CLI's ``resume``, ``pareto`` and ``export`` look in by default.
 DEFAULT_RESULTS_DIR = "slimtune_results"
+
+
+def results_dir_option(record: SearchRecord) -> str:
+    """`` --results-dir DIR`` for a command about ``record``; ``""`` when it is in ``./slimtune_results``."""
+    parent = record.folder.parent
+    return "" if parent == Path(DEFAULT_RESULTS_DIR).resolve() else f" --results-dir {parent}"
 
 
 def format_metric(metric: str, value: float) -> str:
@@ -132,7 +138,7 @@ class Reporter:
         # experiment's tag; this URL opens the runs table of this search directly.
         self.log(f"        then open http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning")
         if best:
-            self.log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}{self._results_dir(record)}")
+            self.log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}{results_dir_option(record)}")
         else:
             self.log("Export: no trial is feasible and Pareto-optimal; loosen the constraints to export one.")
 
@@ -141,10 +147,5 @@ class Reporter:
         address = f" --address {self.address}" if self.address else ""
         self.log(
             f"\n[slimtune] interrupted: {progress.done} of {plural(record.trials, 'trial')} done; "
-            f"continue with: slimtune resume {record.name}{self._results_dir(record)}{address}"
+            f"continue with: slimtune resume {record.name}{results_dir_option(record)}{address}"
         )
-
-    @staticmethod
-    def _results_dir(record: SearchRecord) -> str:
-        parent = record.folder.parent
-        return "" if parent == Path(DEFAULT_RESULTS_DIR).resolve() else f" --results-dir {parent}"

@@ -19,6 +19,7 @@ import torch
 
 from errors import UserError
 from search.checks import check_before_baseline, check_resources
+from search.html_report import REPORT_ARTIFACT, log_report, write_report
 from search.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.record import (
     INTERRUPTED,
@@ -31,6 +32,7 @@ from search.record import (
     search_progress,
     trial_number,
 )
+from search.registry import log_trial_model, logged_model_ids
 from search.report import Reporter, print_now
 from search.space import SearchSpace, load_space
 from search.trial import train_baseline
@@ -332,11 +334,14 @@ def finish_search(record: SearchRecord, reporter: Reporter | None = None) -> Sea
             tracker.client.set_tag(r.run_id, "pareto_rank", str(r.rank))
             tracker.client.set_tag(r.run_id, "is_pareto", str(r.rank == 0 and r.feasible).lower())
     best = front(records)
+    logged = logged_model_ids(record)
     for r in best:
         # The driver fetches each Pareto model from wherever the trial stored it.
         with exported_model_dir(r.checkpoint) as model_dir:
             if r.run_id and model_dir is not None:
                 tracker.client.log_artifacts(r.run_id, str(model_dir), "model")
+                if r.run_id not in logged:
+                    _log_model(record, r, model_dir, reporter)
     rows = pareto_table(record, records, only_front=False)
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "pareto.csv"
@@ -345,10 +350,20 @@ def finish_search(record: SearchRecord, reporter: Reporter | None = None) -> Sea
         plot_front(record, records, png_path)
         tracker.client.log_artifact(record.parent_run_id, str(csv_path))
         tracker.client.log_artifact(record.parent_run_id, str(png_path))
+    log_report(record, write_report(record, record.folder / REPORT_ARTIFACT))
     tracker.client.log_batch(record.parent_run_id, metrics=tracker._metric_entities({"hypervolume": hv, "front_size": float(len(best)), "completed_trials": float(len(records))}, step=0))
     tracker.client.set_terminated(record.parent_run_id, status="FINISHED")
     reporter.finished(record, records, search_progress(record), tracker.experiment_id)
     return record
+
+
+def _log_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, reporter: Reporter) -> None:
+    """Log a Pareto trial's model in MLflow (registrable from the UI); a failure is reported, not raised."""
+    try:
+        log_trial_model(record, trial, model_dir)
+    except Exception as exc:  # noqa: BLE001  the close-out must still rank, log and print the search
+        reporter.say(f"{trial.name}'s model was not logged as an MLflow model ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+                     f"`slimtune export {record.name} --run {trial.run_id} --register MODEL` retries it")
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:

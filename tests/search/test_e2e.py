@@ -69,10 +69,12 @@ def test_mlflow_holds_one_parent_and_four_children(finished_search):
         assert "pipeline" in child.data.params
     assert sum(c.data.tags["is_pareto"] == "true" for c in children) >= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"pareto.csv", "pareto.png"} <= artifacts
+    assert {"pareto.csv", "pareto.png", "report.html"} <= artifacts
     assert parent.data.metrics["hypervolume"] > 0
     assert parent.data.metrics["baseline.accuracy"] > 0.5
-    # Pareto trials carry their exported model.
+    # Pareto trials carry their exported model, and it is logged as an MLflow model (registrable).
+    logged = [m.source_run_id for m in client.search_logged_models([experiment.experiment_id])]
+    assert sorted(logged) == sorted(c.info.run_id for c in children if c.data.tags["is_pareto"] == "true")
     for child in children:
         if child.data.tags["is_pareto"] == "true":
             names = {a.path for a in client.list_artifacts(child.info.run_id, "model")}

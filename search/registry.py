@@ -1,0 +1,151 @@
+"""A trial's exported model as an MLflow logged model, and in the MLflow Model Registry.
+
+The logged model is the exported program (``model.pt2``: folded and rewritten exactly as
+``slimtune export`` writes it) in MLflow's ``pytorch`` flavour with ``serialization_format="pt2"``,
+an input example (zeros of the traced input's shape, batch 2 so the batch dimension stays
+dynamic) and the signature inferred from it. It is linked to the trial's run, so the MLflow UI
+shows it on the run and can register it. ``mlflow.pytorch.load_model`` gives the program back as
+a module, without slimtune and without unpickling.
+
+:func:`log_trial_model` is called at the end of a search (and of each resume) for every Pareto
+trial, and by ``slimtune export --register`` for a picked trial that has none yet; a trial is
+logged once: a trial whose run already has a logged model named ``program`` is not logged again.
+The name is not ``model``: MLflow 3 resolves ``runs:/RUN/NAME`` to a run's logged model of that
+name, which would shadow the exported files the run keeps under its artifact folder ``model/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from search.record import SearchRecord, TrialRecord
+
+__all__ = ["MODEL_NAME", "logged_model_ids", "log_trial_model", "register_trial", "load_registered"]
+
+#: Name of a trial's logged model (one per trial run).
+MODEL_NAME = "program"
+
+
+@contextlib.contextmanager
+def _tracking(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``log_model``, ``load_model``) pointed at ``tracking_uri`` for the block."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def logged_model_ids(record: SearchRecord) -> dict[str, str]:
+    """Run id -> id of the logged model named ``program`` of every trial run of the search that has one."""
+    tracker = record.tracker()
+    ids: dict[str, str] = {}
+    token = None
+    while True:
+        page = tracker.client.search_logged_models([tracker.experiment_id], filter_string=f"name = '{MODEL_NAME}'", page_token=token)
+        for model in page:
+            if model.source_run_id:
+                ids.setdefault(model.source_run_id, model.model_id)
+        token = page.token
+        if not token:
+            return ids
+
+
+def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -> str:
+    """Log the exported program in ``model_dir`` as the logged model of ``trial``'s run; return its id.
+
+    Called for each Pareto trial when a search finishes, and by ``export --register``. The run's
+    status and end time are kept as they were (MLflow reopens the run to attach the model).
+    """
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    if not trial.run_id:
+        raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
+    program = torch.export.load(Path(model_dir) / "model.pt2")
+    traced, _ = program.example_inputs
+    example = torch.zeros_like(traced[0]).numpy()  # the traced input's shape and dtype (batch 2 when dynamic)
+    module = program.module()
+    with torch.no_grad():
+        output = module(torch.from_numpy(example)).numpy()
+    client = record.tracker().client
+    ended = client.get_run(trial.run_id).info
+    with _tracking(record.tracking_uri), mlflow.start_run(run_id=trial.run_id, log_system_metrics=False):
+        info = mlflow.pytorch.log_model(
+            module,
+            name=MODEL_NAME,
+            serialization_format="pt2",
+            input_example=example,
+            signature=infer_signature(example, output),
+            # The program needs torch alone; inferring requirements would load it in a subprocess.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            tags={"slimtune.search": record.name, "slimtune.trial": trial.name, "slimtune.pipeline": trial.pipeline},
+        )
+    client.set_terminated(trial.run_id, status=ended.status, end_time=ended.end_time)
+    return info.model_id
+
+
+def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, name: str, alias: str | None) -> ModelVersion:
+    """Register ``trial``'s logged model (logged now from ``model_dir`` if it has none) as a new version of ``name``.
+
+    ``alias`` (when given) is moved to the new version: ``export --pick PICK`` passes the pick
+    (``knee``, ``max-accuracy``, ``min-macs``: valid aliases as they are), so ``models:/NAME@knee``
+    is the latest knee registered; ``export --run`` passes none, as a run id says which trial but
+    not why it was chosen (load its version by number, ``models:/NAME/3``). The version carries the tags
+    ``slimtune.search``, ``slimtune.trial`` and ``slimtune.pick`` and a description with the
+    trial's pipeline and objectives.
+
+    Raises:
+        UserError: When the tracking store has no model registry or refuses the name or alias.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = record.tracker().client
+    model_id = logged_model_ids(record).get(trial.run_id or "") or log_trial_model(record, trial, model_dir)
+    metrics = ", ".join(f"{m} {trial.metrics[m]:.6g}" for m in record.metric_names)
+    # create_model_version resolves the models:/ source through MLflow's global tracking URI.
+    with _tracking(record.tracking_uri):
+        try:
+            try:
+                client.get_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                client.create_registered_model(name, description=f"Compressed models picked from slimtune searches (first: '{record.name}').")
+            version = client.create_model_version(
+                name,
+                source=f"models:/{model_id}",
+                run_id=trial.run_id,
+                model_id=model_id,
+                tags={"slimtune.search": record.name, "slimtune.trial": trial.name, "slimtune.pick": alias or "run"},
+                description=f"{trial.name} of '{record.name}': {trial.pipeline}; {metrics}",
+            )
+            if alias:
+                client.set_registered_model_alias(name, alias, version.version)
+        except MlflowException as exc:
+            message = " ".join(str(exc.message).split())[:300]
+            raise UserError(
+                f"--register {name}: the MLflow store {record.tracking_uri} refused it ({exc.error_code}: {message}). "
+                "The registry needs a database store (sqlite:///mlflow.db) or a server started with one; the export itself is written."
+            ) from None
+    return version
+
+
+def load_registered(tracking_uri: str, uri: str):
+    """``mlflow.pytorch.load_model(uri)`` against ``tracking_uri`` (``models:/NAME@alias``)."""
+    import mlflow
+
+    with _tracking(tracking_uri):
+        return mlflow.pytorch.load_model(uri)
