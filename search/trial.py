@@ -133,6 +133,7 @@ def build_context(
         example_input=task.example_input(1).to(device),
         device=device,
         metric=task.metric,
+        metric_direction=task_metrics(space.task)[task.metric],
         epochs=space.budget.epochs,
         lr=space.lr,
         optimizer=space.optimizer,

@@ -77,17 +77,22 @@ def test_alpha_gradient_is_the_clipped_count_plus_the_rounding_path() -> None:
     assert expected != 0
 
 
-def test_calibration_sets_alpha_to_the_batch_mean_of_per_sample_max_and_passes_inputs() -> None:
-    q = PAMSActivationQuantizer(4)
+def test_calibration_sets_alpha_to_the_batch_mean_of_per_sample_max_and_rounds_unclipped() -> None:
+    q = PAMSActivationQuantizer(2)  # qmax 1: the grid step is alpha itself
     assert q.alpha.item() == 10.0
     q.calibrating = True
-    x = torch.tensor([[1.0, -3.0], [0.5, 2.0], [-7.0, 1.0]]).reshape(3, 2, 1, 1)
+    x = torch.tensor([[1.0, -3.0], [0.5, 2.0], [-7.0, 1.0]]).reshape(3, 2, 1, 1).requires_grad_()
     out = q.train()(x)
-    assert out is x
     assert q.alpha.item() == pytest.approx((3.0 + 2.0 + 7.0) / 3)
-    q.eval()(x * 100)  # evaluation does not calibrate
+    # Multiples of alpha = 4, not clipped to [-4, 4] (-7 becomes -8, beyond qmax), as the official code.
+    assert out.flatten().tolist() == [0.0, -4.0, 0.0, 0.0, -8.0, 0.0]  # 2 / 4 rounds half to even
+    out.sum().backward()
+    assert x.grad.flatten().tolist() == [1.0] * 6 and q.alpha.grad is None  # straight-through; alpha is not learned yet
+    evaluated = q.eval()(x.detach() * 100)  # evaluation does not calibrate, and quantizes with clipping
     assert q.alpha.item() == pytest.approx(4.0)
+    assert evaluated.flatten().tolist() == [4.0, -4.0, 4.0, 4.0, -4.0, 4.0]
     q.calibrating = False
+    q.bits = 4
     assert len(torch.unique(q(torch.linspace(-10, 10, 1001)))) == 15
 
 
