@@ -130,7 +130,8 @@ class SearchSpace:
     tracking_uri: str = "sqlite:///mlflow.db"
     optuna_storage: str | None = None
     checkpoint_storage: str | None = None  # Tune's storage: shared path or s3:// / gs:// URI
-    source: str = ""  # the YAML text, stored with the search
+    source: str = ""  # the YAML text as written
+    resolved_source: str = ""  # the YAML document with its paths made absolute, stored with a search
     path: str = ""
     warnings: tuple[str, ...] = ()
 
@@ -391,6 +392,16 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     sampler_map = r.mapping(sampler_map, "sampler", {"name", "seed"})
     measure = r.mapping(top.get("measure"), "measure", {"latency_batch_size", "latency_repeats"})
     output = r.mapping(top.get("output"), "output", {"results_dir", "tracking_uri", "optuna_storage", "checkpoint_storage"})
+    storage = _storage(r, output)
+    # What a search stores (its manifest): the document with every path made absolute above,
+    # so `resume`, `pareto` and `export` read the same space from any folder.
+    resolved = dict(top)
+    if task_options:
+        resolved["task"] = {"name": task, "options": task_options}
+    if checkpoint is not None:
+        resolved["baseline"] = {**baseline, "checkpoint": checkpoint}
+    if output:
+        resolved["output"] = {**output, **{key: value for key, value in storage.items() if value is not None}}
     settings = _settings(r, {
         "name": str(top.get("name") or Path(path).stem),
         "baseline_epochs": baseline.get("epochs", 10),
@@ -416,13 +427,33 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         constraints=constraints,
         sampler=r.choice(sampler_map.get("name", "nsga2"), "sampler.name", SAMPLERS),
         optimizer=r.choice(training.get("optimizer", "sgd"), "training.optimizer", OPTIMIZERS),
-        optuna_storage=output.get("optuna_storage"),
-        checkpoint_storage=output.get("checkpoint_storage"),
+        optuna_storage=storage["optuna_storage"],
+        checkpoint_storage=storage["checkpoint_storage"],
         source=source,
+        resolved_source=yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True),
         path=path,
         warnings=_warnings(r, objectives, constraints, known_metrics),
         **settings,
     )
+
+
+def _storage(r: _Reader, output: dict[str, Any]) -> dict[str, str | None]:
+    """``output.optuna_storage`` and ``output.checkpoint_storage``, local paths made absolute.
+
+    A relative ``sqlite:///`` database or a checkpoint folder without a URI scheme would point
+    elsewhere when the search is resumed from another folder.
+    """
+    out: dict[str, str | None] = {}
+    for key in ("optuna_storage", "checkpoint_storage"):
+        value = output.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise r.error(f"output.{key}", f"must be a URI or a path, but got {value!r}.")
+        if key == "optuna_storage" and value and value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+            value = f"sqlite:///{Path(value[len('sqlite:///'):]).expanduser().resolve()}" if value != "sqlite:///:memory:" else value
+        elif key == "checkpoint_storage" and value and "://" not in value:
+            value = str(Path(value).expanduser().resolve())
+        out[key] = value
+    return out
 
 
 def _settings(r: _Reader, values: dict[str, Any]) -> dict[str, Any]:

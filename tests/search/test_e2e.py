@@ -99,13 +99,15 @@ def test_front_matches_optuna_best_trials(finished_search):
 
 
 @pytest.mark.slow
-def test_pareto_and_export_commands(finished_search, capsys):
+def test_pareto_and_export_commands(finished_search, capsys, monkeypatch):
     import torch
 
     from search.cli import main
     from search.export import load_program
 
     record, tmp, _ = finished_search
+    (tmp / "elsewhere").mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp / "elsewhere")  # not the folder the search started in
     results = str(tmp / "results")
     assert main(["pareto", "e2e", "--json", "--results-dir", results]) == 0
     table = json.loads(capsys.readouterr().out)
