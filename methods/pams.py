@@ -128,6 +128,7 @@ class QuantResBlock(nn.Module):
         device = block.conv1.weight.device
         self.quant_in = PAMSActivationQuantizer(bits, device=device)
         self.conv1 = QuantConv2d.from_float(block.conv1, MaxAbsWeightQuantizer(bits), None)
+        self.conv1.quantized_input_bits = bits  # its input is quant_in's output
         self.act = block.act
         self.conv2 = QuantConv2d.from_float(block.conv2, MaxAbsWeightQuantizer(bits), PAMSActivationQuantizer(bits, device=device))
         self.quant_out = PAMSActivationQuantizer(bits, device=device)

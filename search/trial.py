@@ -168,6 +168,7 @@ def measure(
         "test_loss": test["loss"],
         "macs": float(flops.macs),
         "flops": float(flops.flops),
+        "bops": float(flops.bops),
         "params": float(count_params(model)),
         "size_bytes": float(size_bytes(model)),
         "latency_ms": latency_ms(model, task.example_input(space.latency_batch_size).to(device), repeats=space.latency_repeats),

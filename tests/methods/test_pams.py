@@ -23,7 +23,7 @@ from methods.pams import (
     skt_loss,
 )
 from search.export import check_round_trip, export_model, load_module
-from search.measure import count_params, size_bytes
+from search.measure import count_flops, count_params, size_bytes
 from models import create_model
 from tasks import Task
 
@@ -126,6 +126,12 @@ def test_edsr_blocks_get_the_papers_three_quantizers_and_the_rest_stays_float() 
         body = nn.functional.conv2d(block.conv2.input_quantizer(torch.relu(block.conv1(xq))), block.conv2.quantized_weight(), block.conv2.bias, padding=1)
         torch.testing.assert_close(block(x), block.quant_out(body) + xq)
     assert method.metrics() == {"bits": 4.0, "quantized_layers": 8.0}
+    # Both convs of a block multiply 4-bit weights by 4-bit inputs; bops count the rest at 32 x 32.
+    assert {layer.operand_bits() for layer in quantized_layers(model)} == {(4, 4)}
+    count, float_count = count_flops(model, torch.zeros(1, 3, 8, 8)), count_flops(fp, torch.zeros(1, 3, 8, 8))
+    block_macs = 8 * 32 * 32 * 9 * 8 * 8  # 8 convs of 32 -> 32 channels, 3x3, on 8x8
+    assert count.macs == float_count.macs and float_count.bops == float_count.macs * 1024
+    assert count.bops == (count.macs - block_macs) * 1024 + block_macs * 16
 
 
 def test_resnet_rdn_and_plain_models_quantize_the_documented_convolutions() -> None:

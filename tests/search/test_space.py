@@ -42,6 +42,15 @@ def test_quickstart_loads() -> None:
     assert space.source == QUICKSTART.read_text()
 
 
+def test_bops_is_an_objective_lower_is_better(tmp_path: Path) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["objectives"] = {"accuracy": "max", "bops": "min"}
+    path = tmp_path / "bops.yaml"
+    path.write_text(yaml.safe_dump(data))
+    space = load_space(path)
+    assert [(o.metric, o.direction) for o in space.objectives] == [("accuracy", "max"), ("bops", "min")] and not space.warnings
+
+
 def test_valid_snippet_loads(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(VALID, sort_keys=False))
