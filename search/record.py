@@ -2,8 +2,9 @@
 
 Layout of a search's results folder (``<results_dir>/<name>/``):
 
-- ``search.json``: the manifest (the space with its paths made absolute, objectives, tracking URI, Optuna storage, parent
-  run, baseline), written before the baseline trains so an interrupted search can be resumed;
+- ``search.json``: the manifest (the space with its paths made absolute, objectives, tracking
+  URI, Optuna storage, parent run, baseline), written before the baseline trains so an
+  interrupted search can be resumed;
 - ``baseline.pt``: the uncompressed model's weights, trained once, shared by every trial;
 - ``runs.json``: Tune trial id -> MLflow run id, status and final checkpoint;
 - ``tune/``: Tune's experiment (trial checkpoints; the final one holds the exported model).

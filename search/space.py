@@ -252,7 +252,7 @@ MAX_SPACE_BYTES = 1_000_000
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; UserError (file, key path, fix) on bad input."""
     path = Path(path)
-    text = read_space_text(path)
+    text = _read_space_text(path)
     try:
         data = _load_yaml(text, str(path))
     except yaml.YAMLError as exc:
@@ -262,7 +262,7 @@ def load_space(path: str | Path) -> SearchSpace:
     return parse_space(data, str(path), text)
 
 
-def read_space_text(path: Path) -> str:
+def _read_space_text(path: Path) -> str:
     """The text of a space file; one-line UserError when it is missing, not a file, unreadable,
     too large or not UTF-8 text."""
     if path.is_dir():
@@ -448,8 +448,9 @@ def _storage(r: _Reader, output: dict[str, Any]) -> dict[str, str | None]:
         value = output.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise r.error(f"output.{key}", f"must be a URI or a path, but got {value!r}.")
-        if key == "optuna_storage" and value and value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
-            value = f"sqlite:///{Path(value[len('sqlite:///'):]).expanduser().resolve()}" if value != "sqlite:///:memory:" else value
+        database = value[len("sqlite:///"):] if value and value.startswith("sqlite:///") else None
+        if key == "optuna_storage" and database and database != ":memory:":
+            value = f"sqlite:///{Path(database).expanduser().resolve()}"
         elif key == "checkpoint_storage" and value and "://" not in value:
             value = str(Path(value).expanduser().resolve())
         out[key] = value
