@@ -97,16 +97,17 @@ def test_worker_node_dies_and_its_trials_continue_on_the_other(two_node_cluster,
             time.sleep(0.2)
 
     # The head's CPU is held until the worker dies, so the baseline and the first trial run on
-    # the worker (else Tune may run every trial on the head) and the retry on the head.
+    # the worker (else Tune may run every trial on the head) and the retry on the head. With the
+    # trials one after another, two of them take the time three took on two nodes.
     with cpu_held_on(cluster, "head") as held:
         killer = threading.Thread(target=lambda: (kill_worker_mid_trial(), held.release()), daemon=True)
         killer.start()
-        record, printed = _search(tmp_path, "failover", cluster.address, batch_size=8, trials=3, epochs=6)
+        record, printed = _search(tmp_path, "failover", cluster.address, batch_size=8, trials=2, epochs=6)
         killer.join(timeout=5)
     assert killed, "no trial ran on the worker node before the search ended"
 
     client, children = _children(f"sqlite:///{tmp_path}/mlflow.db", "failover")
-    assert len(children) == 3, [c.data.tags for c in children]  # one child run per trial, no duplicate
+    assert len(children) == 2, [c.data.tags for c in children]  # one child run per trial, no duplicate
     assert all(c.info.status == "FINISHED" for c in children), printed
     assert "retrying from its last checkpoint" in printed
     retried = next(c for c in children if c.data.tags["slimtune.trial_id"] == killed["trial_id"])
@@ -118,4 +119,4 @@ def test_worker_node_dies_and_its_trials_continue_on_the_other(two_node_cluster,
     import optuna
 
     study = optuna.load_study(study_name="failover", storage=record.optuna_storage)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
