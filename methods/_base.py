@@ -356,8 +356,10 @@ class MethodContext:
         val_loader: Batches used to choose between candidates (for example the best student).
         task_loss: The task's loss, ``task_loss(outputs, targets)``.
         evaluate: ``evaluate(model) -> {"accuracy": ..., "loss": ...}`` on the validation data.
-        metric: The task's headline quality metric in ``evaluate``'s result, higher is better
-            (``"accuracy"``; ``"psnr"`` for super-resolution); use it to choose between candidates.
+        metric: The task's headline quality metric in ``evaluate``'s result (``"accuracy"``;
+            ``"psnr"`` for super-resolution; ``"bpc"`` for character text); use it to choose
+            between candidates.
+        metric_direction: ``"max"`` when a higher ``metric`` is better, ``"min"`` when lower is.
         example_input: One input batch of size 1 on ``device``, for tracing and torch-pruning.
         device: Where the trial trains.
         epochs: Default length of a method's training phase (the space's ``budget.epochs``).
@@ -376,6 +378,7 @@ class MethodContext:
     example_input: torch.Tensor
     device: torch.device
     metric: str = "accuracy"
+    metric_direction: str = "max"
     epochs: int = 1
     lr: float = 0.01
     optimizer: str = "sgd"

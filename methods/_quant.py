@@ -171,15 +171,57 @@ class QuantMixin:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.packed = False
+        #: Bits of the input when a module before this layer quantizes it (PAMS's block input
+        #: quantizer feeds the block's first conv); None: the input quantizer's, or 32.
+        self.quantized_input_bits: int | None = None
+        self._inference_weight: torch.Tensor | None = None
 
     @property
     def bits(self) -> int:
         return self.weight_quantizer.bits
 
+    def operand_bits(self) -> tuple[int, int]:
+        """``(weight bits, input bits)`` of this layer's multiply-accumulates.
+
+        Called by :func:`search.measure.count_flops` to weigh the layer's MACs in ``bops``. The
+        input is 32-bit float unless this layer's input quantizer or the module before it
+        (``quantized_input_bits``) quantizes it.
+        """
+        if self.input_quantizer is not None:
+            return self.bits, self.input_quantizer.bits
+        return self.bits, self.quantized_input_bits or 32
+
     def quantized_weight(self) -> torch.Tensor:
+        if self._inference_weight is not None and not self.training:
+            return self._inference_weight
         if self.packed:
             return dequantize_packed(self._buffers[self._packed_name], self.bits, self.weight_shape, self.weight_scale)
         return self.weight_quantizer(self.weight)
+
+    @torch.no_grad()
+    def cache_inference_weight(self, enabled: bool) -> None:
+        """Compute the (dequantized) weight once and use it in every eval-mode forward, or stop.
+
+        Called by :func:`search.measure.latency_ms` around its timed passes: a deployed model
+        unpacks its codes once when it is loaded, not in every forward. Off (the default), each
+        forward unpacks, which keeps the unpacking in an exported program (``model.pt2`` stores
+        the packed codes) and follows any change of the codes. The cache is never saved.
+        """
+        self._inference_weight = None
+        if enabled:
+            self._inference_weight = self.quantized_weight().detach()
+
+    def __getstate__(self) -> dict:
+        # Pickles and deep copies (torch.save of the module, copy.deepcopy) leave the cache out.
+        state = super().__getstate__()
+        state["_inference_weight"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Layers pickled before these attributes existed.
+        self.__dict__.setdefault("_inference_weight", None)
+        self.__dict__.setdefault("quantized_input_bits", None)
 
     @property
     def _packed_name(self) -> str:

@@ -55,10 +55,15 @@ Choices where the paper and its code are ambiguous or buggy:
   is also the first search choice, so a pre-flight that searches it removes structures after one
   step). Masks are projected onto ``>= 0`` before removal, which matters only for N(0, 1) masks
   that no FISTA step has reached; a structure is removed when its mask is exactly 0.
-* Lambda scaling: as in the official code, each FISTA step soft-thresholds by ``mask_lr * lam``;
-  lam is not normalised by the number of masks or of steps. At a fixed point a mask is non-zero
-  only where the loss gradient pulling it up exceeds lam, so lam is in units of the loss gradient
-  and the paper's GAL-0.6 is ``lam=0.6, mu=1, mask_lr=0.01, mask_step=200`` on CIFAR ResNet-56.
+* Lambda scaling: each FISTA step soft-thresholds by ``mask_lr * lam``, and the L1 term enters
+  only there (lam is not normalised by the number of masks or of steps). The official code puts
+  ``lambda * |m|_1`` into the loss, so the masks' gradient already holds ``lambda`` (a positive
+  mask), and then soft-thresholds by ``lr * lambda`` again: a mask shrinks by
+  ``2 * lr * lambda`` per step beyond the loss gradient. Our ``lam`` is therefore twice the
+  official ``--lambda``, the number in the paper's model names: :func:`lam_from_official` maps
+  one to the other, and the paper's GAL-0.6 (GAL-0.8) on CIFAR ResNet-56 is ``lam=1.2`` (1.6),
+  ``mu=1, mask_lr=0.01, mask_step=200`` (``bench/gal_vs_l1.py --paper-lambda 0.6``). At a fixed
+  point a mask is non-zero only where the loss gradient pulling it up exceeds ``lam``.
   ``mask_step`` defaults to 1 here (a FISTA step every iteration) because our trials are far
   shorter than the paper's 100 epochs; with 200 a short run makes almost no FISTA steps.
 * FISTA: the textbook form (Beck & Teboulle): the network uses the extrapolated point, which is
@@ -104,6 +109,7 @@ __all__ = [
     "find_mask_sites",
     "insert_masks",
     "fista_step",
+    "lam_from_official",
     "remove_masked_structures",
 ]
 
@@ -116,7 +122,7 @@ MaskInit = Literal["ones", "normal"]
 
 @dataclass(frozen=True)
 class GALConfig:
-    lam: float = hyperparameter(0.1, "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam)", Range(1e-3, 10.0, log=True), compresses="high")
+    lam: float = hyperparameter(0.1, "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam); twice the official code's lambda (GAL-0.6 is lam 1.2)", Range(1e-3, 10.0, log=True), compresses="high")
     mu: float = hyperparameter(1.0, "weight of the MSE between baseline and student logits", Range(0.1, 1.0, log=True))
     mask_step: int = hyperparameter(1, "iterations between FISTA steps of the masks", Range(1, 200, log=True), compresses="low")
     lr: float = hyperparameter(1e-3, "learning rate of the student's weights (SGD)", Range(1e-4, 1e-2, log=True))
@@ -306,6 +312,18 @@ def _independent_channel_units(model: nn.Module, example_input: torch.Tensor) ->
     return units
 
 
+def lam_from_official(official_lambda: float) -> float:
+    """The ``lam`` that shrinks the masks as the official code's ``--lambda`` does: twice it.
+
+    The official code's masks shrink by ``2 * lr * lambda`` per FISTA step (the L1 term in their
+    gradient and again in the soft-threshold; module docstring), ours by ``lr * lam``. The
+    paper's model names (GAL-0.6, GAL-0.8) give the official ``lambda``.
+    """
+    if official_lambda < 0:
+        raise ValueError(f"`lambda >= 0` must hold, but got lambda={official_lambda}.")
+    return 2.0 * official_lambda
+
+
 def fista_step(
     mask: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, t: float, lr: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -462,6 +480,8 @@ class GAL(Method):
     needs_teacher = True
     needs_labels = False
     changes_architecture = True
+    # The discriminator reads a vector of class logits per example, (batch, classes).
+    task_kinds = ("classification",)
 
     def __init__(self, config: GALConfig | None = None) -> None:
         super().__init__(config)

@@ -9,7 +9,8 @@ classifier. All of them train together with
 
     L = CE(teacher) + sum_j [ CE(student_j) + T^2 KL(softmax(teacher / T) || softmax(student_j / T)) ]
 
-and ``finalize`` keeps the student with the best validation accuracy, as a plain model: the
+and ``finalize`` keeps the student with the best validation score by the task's headline metric
+and its direction (``ctx.metric``, ``ctx.metric_direction``), as a plain model: the
 teacher and the other students are dropped, so later methods (l1_filter, minmax_quant) work on
 the cheap student.
 
@@ -163,6 +164,9 @@ class OD(Method):
     needs_teacher = False  # the frozen baseline is not used: the teacher is built online
     needs_labels = True
     changes_architecture = True
+    # The students share a classifier's input features and learn from the teacher's class
+    # distribution (softmax over logits of shape (batch, classes)).
+    task_kinds = ("classification",)
 
     def __init__(self, config: ODConfig | None = None) -> None:
         super().__init__(config)
@@ -226,17 +230,18 @@ class OD(Method):
             raise TypeError(f"od expects the OnlineEnsemble its prepare built, but got {type(model).__name__}.")
         teacher = ctx.evaluate(model)
         scores = [ctx.evaluate(student) for student in model.students]
-        # The most accurate student; a lower validation loss breaks ties.
-        best = max(range(len(scores)), key=lambda j: (scores[j]["accuracy"], -scores[j]["loss"]))
+        metric, sign = ctx.metric, (1.0 if ctx.metric_direction == "max" else -1.0)
+        # The student best by the task's metric; a lower validation loss breaks ties.
+        best = max(range(len(scores)), key=lambda j: (sign * scores[j][metric], -scores[j]["loss"]))
         self.scores = {
-            "teacher_accuracy": float(teacher["accuracy"]),
-            **{f"student{j}_accuracy": float(s["accuracy"]) for j, s in enumerate(scores)},
+            f"teacher_{metric}": float(teacher[metric]),
+            **{f"student{j}_{metric}": float(s[metric]) for j, s in enumerate(scores)},
             "best_student": float(best),
-            "best_student_accuracy": float(scores[best]["accuracy"]),
+            f"best_student_{metric}": float(scores[best][metric]),
         }
         ctx.log(
-            f"[od] teacher accuracy {teacher['accuracy']:.4f}; students "
-            + ", ".join(f"{s['accuracy']:.4f}" for s in scores)
+            f"[od] teacher {metric} {teacher[metric]:.4f}; students "
+            + ", ".join(f"{s[metric]:.4f}" for s in scores)
             + f"; keeping student {best}"
         )
         return model.students[best]

@@ -26,8 +26,11 @@ Doing:
   rounding (:class:`methods._quant.MaxAbsWeightQuantizer`).
 - Activations (:class:`PAMSActivationQuantizer`): one learned bound alpha per quantizer (a
   parameter, initialised to 10). During the first ``stats_epochs`` epochs (phase
-  ``calibrate``) activations pass unclipped and every training step overwrites alpha with the
-  batch mean of the per-sample ``max|x|`` (the official code's EMA is a no-op at its settings).
+  ``calibrate``) every training step overwrites alpha with the batch mean of the per-sample
+  ``max|x|`` (the official code's EMA is a no-op at its settings) and, as in the official code,
+  rounds the activations to the grid of step ``alpha / qmax`` without clipping them (so values
+  above the batch mean of the maxima keep codes beyond qmax), straight-through; evaluation
+  always quantizes with clipping, also during calibration.
   From then on (phase ``qat``) ``x_q = round(clamp(x, -alpha, alpha) * qmax / alpha) * alpha / qmax``
   with a straight-through estimator; alpha gets gradients through the clamp (PACT) and the
   rounding. Activations are signed even after a ReLU, as in the paper.
@@ -63,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
-from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantMixin, quantized_layers, symmetric_quantize
+from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantMixin, qmax, quantized_layers, round_ste, symmetric_quantize
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
 
@@ -88,8 +91,9 @@ class PAMSActivationQuantizer(nn.Module):
 
     Attributes:
         calibrating: While True, training steps set ``alpha`` to the batch mean of the
-            per-sample ``max|x|`` and the input passes unchanged. A Python flag, not a buffer:
-            ``torch.export`` cannot branch on a tensor's value.
+            per-sample ``max|x|`` and round the input to multiples of ``alpha / qmax`` without
+            clipping it; evaluation quantizes (clipped) at the current ``alpha``. A Python flag,
+            not a buffer: ``torch.export`` cannot branch on a tensor's value.
     """
 
     def __init__(self, bits: int, init: float = ALPHA_INIT, device: torch.device | None = None) -> None:
@@ -99,11 +103,13 @@ class PAMSActivationQuantizer(nn.Module):
         self.calibrating = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            if self.training:
-                with torch.no_grad():
-                    self.alpha.copy_(x.detach().abs().flatten(1).amax(dim=1).mean())
-            return x
+        if self.calibrating and self.training:
+            with torch.no_grad():
+                self.alpha.copy_(x.detach().abs().flatten(1).amax(dim=1).mean())
+            # As the official code: rounded to the grid of step alpha / qmax, not clipped (values
+            # beyond alpha keep codes above qmax); alpha gets no gradient in this phase.
+            step = self.alpha.detach().clamp_min(1e-8) / qmax(self.bits)
+            return round_ste(x / step) * step
         return symmetric_quantize(x, self.alpha, self.bits, ste=self.training)
 
     def extra_repr(self) -> str:
@@ -122,6 +128,7 @@ class QuantResBlock(nn.Module):
         device = block.conv1.weight.device
         self.quant_in = PAMSActivationQuantizer(bits, device=device)
         self.conv1 = QuantConv2d.from_float(block.conv1, MaxAbsWeightQuantizer(bits), None)
+        self.conv1.quantized_input_bits = bits  # its input is quant_in's output
         self.act = block.act
         self.conv2 = QuantConv2d.from_float(block.conv2, MaxAbsWeightQuantizer(bits), PAMSActivationQuantizer(bits, device=device))
         self.quant_out = PAMSActivationQuantizer(bits, device=device)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from errors import UserError, did_you_mean, unknown_name
+from errors import UserError, did_you_mean
 from models.torchvision_models import create_torchvision_model, torchvision_model_names
 
 __all__ = ["register_model", "create_model", "list_models", "model_factory"]
@@ -93,7 +93,31 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int = 3
         if num_classes is None:
             raise UserError(f"model '{name}' is a classifier and needs num_classes; its task has no classes. Choose a model for that task.")
         return create_torchvision_model(tv_name, num_classes=num_classes, in_channels=in_channels, **options)
-    raise unknown_name("model", name, list_models() + torchvision_model_names())
+    raise _unknown_model(name)
+
+
+def _unknown_model(name: str) -> UserError:
+    """The error for a name that is neither registered nor torchvision's, each model listed once.
+
+    A torchvision name that a registered model shadows is listed with its prefix
+    (``torchvision:vgg16``), which is how it is asked for, and said to be the ImageNet one.
+    """
+    registered = list_models()
+    torchvision_names = [n if n not in _FACTORIES else f"{TORCHVISION_PREFIX}{n}" for n in torchvision_model_names()]
+    shadowed = [n for n in torchvision_names if n.startswith(TORCHVISION_PREFIX)]
+    note = ""
+    if shadowed:
+        one = len(shadowed) == 1
+        plain = ", ".join(n.removeprefix(TORCHVISION_PREFIX) for n in shadowed)
+        note = (
+            f" {', '.join(shadowed)} {'is' if one else 'are'} torchvision's ImageNet {'model' if one else 'models'}; "
+            f"{plain} without the prefix {'is' if one else 'are'} slimtune's own."
+        )
+    return UserError(
+        f"unknown model '{name}'.{did_you_mean(name, registered + torchvision_names)} "
+        f"Registered models: {', '.join(registered)}. "
+        f"Torchvision models: {', '.join(torchvision_names)}.{note}"
+    )
 
 
 def _check_classes(name: str, factory: ModelFactory, num_classes: int | None) -> None:

@@ -111,11 +111,16 @@ class FlopCount:
         flops: Floating-point operations as FlopCounterMode counts them (2 per MAC).
         uncounted_ops: Sorted names of the ops that ran without a FLOP formula and are not
             pure data movement; aten ops by bare name (``"relu"``), others as ``"ns::name"``.
+        bops: Bit operations: every MAC weighted by the bits of its two operands, summed.
+            A layer that declares ``operand_bits() -> (weight_bits, input_bits)`` (a quantized
+            convolution or linear layer) counts ``its MACs x weight_bits x input_bits``;
+            every other MAC counts 32 x 32.
     """
 
     macs: int
     flops: int
     uncounted_ops: tuple[str, ...]
+    bops: int = 0
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -252,12 +257,29 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
         with _recurrent_by_formula(model, counter, recorder) as corrections:
             model(example_input)
     flops = int(counter.get_total_flops()) + sum(corrections)
+    bops = _bit_operations(model, counter, flops // 2)
     uncounted = {
         _op_name(packet)
         for packet in recorder.packets
         if packet not in counter.flop_registry and not packet._qualified_op_name.startswith("prim::")
     }
-    return FlopCount(macs=flops // 2, flops=flops, uncounted_ops=tuple(sorted(uncounted - DATA_MOVEMENT_OPS)))
+    return FlopCount(macs=flops // 2, flops=flops, uncounted_ops=tuple(sorted(uncounted - DATA_MOVEMENT_OPS)), bops=bops)
+
+
+def _bit_operations(model: nn.Module, counter: FlopCounterMode, macs: int) -> int:
+    """``bops`` of :class:`FlopCount`: the MACs of layers with ``operand_bits`` at their bits, the rest at 32 x 32."""
+    per_module = counter.get_flop_counts()  # keyed "<root class>.<qualified name>"
+    root = type(model).__name__
+    low_macs = low_bops = 0
+    for name, module in model.named_modules():
+        operand_bits = getattr(module, "operand_bits", None)
+        if not callable(operand_bits):
+            continue
+        weight_bits, input_bits = operand_bits()
+        layer_macs = sum(per_module.get(f"{root}.{name}" if name else root, {}).values()) // 2
+        low_macs += layer_macs
+        low_bops += layer_macs * weight_bits * input_bits
+    return (macs - low_macs) * 32 * 32 + low_bops
 
 
 def count_params(model: nn.Module) -> int:
@@ -350,7 +372,8 @@ def latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 20,
     """Median wall time of one inference forward pass, in milliseconds.
 
     Runs on the input's device in eval mode under ``no_grad``; on CUDA each pass is
-    synchronised so that the time covers the kernels, not just their launch.
+    synchronised so that the time covers the kernels, not just their launch. Packed quantized
+    layers unpack their weights once before the timed passes (``cache_inference_weight``).
 
     Args:
         model: The model, already on the input's device.
@@ -365,7 +388,7 @@ def latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 20,
         raise ValueError(f"latency_ms needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
     on_cuda = example_input.device.type == "cuda"
     times = []
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), _inference_weights(model):
         for i in range(warmup + repeats):
             if on_cuda:
                 torch.cuda.synchronize(example_input.device)
@@ -435,6 +458,20 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextmanager
+def _inference_weights(model: nn.Module) -> Iterator[None]:
+    # Layers that store weights packed (quantized codes) unpack them once, as a deployed model
+    # does at load time, instead of in every timed forward: ``cache_inference_weight(bool)``.
+    layers = [m for m in model.modules() if callable(getattr(m, "cache_inference_weight", None))]
+    for layer in layers:
+        layer.cache_inference_weight(True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cache_inference_weight(False)
 
 
 @contextmanager

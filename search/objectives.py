@@ -13,6 +13,7 @@ __all__ = ["COST_METRICS", "Objective", "Constraint", "constraint_values"]
 #: Cost metrics every trial reports (all lower-is-better), measured on the compressed model.
 COST_METRICS: dict[str, str] = {
     "macs": "min",
+    "bops": "min",
     "flops": "min",
     "params": "min",
     "size_bytes": "min",

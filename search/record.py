@@ -2,8 +2,9 @@
 
 Layout of a search's results folder (``<results_dir>/<name>/``):
 
-- ``search.json``: the manifest (space text, objectives, tracking URI, Optuna storage, parent
-  run, baseline), written before the baseline trains so an interrupted search can be resumed;
+- ``search.json``: the manifest (the space with its paths made absolute, objectives, tracking
+  URI, Optuna storage, parent run, baseline), written before the baseline trains so an
+  interrupted search can be resumed;
 - ``baseline.pt``: the uncompressed model's weights, trained once, shared by every trial;
 - ``runs.json``: Tune trial id -> MLflow run id, status and final checkpoint;
 - ``tune/``: Tune's experiment (trial checkpoints; the final one holds the exported model).
@@ -78,8 +79,9 @@ class SearchRecord:
         return cls(
             name=name,
             folder=folder,
-            space_yaml=space.source,
-            space_path=space.path,
+            # Resolved: relative paths in the space mean the folder the search started in.
+            space_yaml=space.resolved_source,
+            space_path=str(Path(space.path).resolve()) if space.path else "",
             trials=space.budget.trials,
             objectives=tuple(space.objectives),
             constraints=tuple(space.constraints),

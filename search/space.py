@@ -130,7 +130,8 @@ class SearchSpace:
     tracking_uri: str = "sqlite:///mlflow.db"
     optuna_storage: str | None = None
     checkpoint_storage: str | None = None  # Tune's storage: shared path or s3:// / gs:// URI
-    source: str = ""  # the YAML text, stored with the search
+    source: str = ""  # the YAML text as written
+    resolved_source: str = ""  # the YAML document with its paths made absolute, stored with a search
     path: str = ""
     warnings: tuple[str, ...] = ()
 
@@ -193,6 +194,11 @@ _TOP_KEYS = {
 }
 
 
+def _one_line(text: str) -> str:
+    """An error message on one line whatever the file holds: a line break in a name or key shows escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class _Reader:
     """Reads nested YAML mappings and raises errors that carry the file and the key path."""
 
@@ -202,7 +208,7 @@ class _Reader:
     def message(self, key_path: str, message: str) -> str:
         """``message`` prefixed with the file and the key path, as errors and warnings read."""
         where = f"{self.path}: {key_path}: " if key_path else f"{self.path}: "
-        return where + message
+        return _one_line(where + message)
 
     def error(self, key_path: str, message: str) -> UserError:
         return UserError(self.message(key_path, message))
@@ -239,19 +245,62 @@ class _Reader:
         return value
 
 
+#: A space file is a few kilobytes; anything larger is not one (a data file passed by mistake).
+MAX_SPACE_BYTES = 1_000_000
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; UserError (file, key path, fix) on bad input."""
     path = Path(path)
-    if not path.is_file():
-        bundled = Path(__file__).resolve().parent.parent / "spaces" / path.name
-        hint = f" A space of that name ships with slimtune: {bundled}." if bundled.is_file() else ""
-        raise UserError(f"{path}: no such file.{hint}")
-    text = path.read_text()
+    text = _read_space_text(path)
     try:
         data = _load_yaml(text, str(path))
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
+        raise UserError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML: nested too deeply for a space file.") from None
     return parse_space(data, str(path), text)
+
+
+def _read_space_text(path: Path) -> str:
+    """The text of a space file; one-line UserError when it is missing, not a file, unreadable,
+    too large or not UTF-8 text."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a space file; pass a YAML file such as {path / 'space.yaml'}.")
+    if not path.exists():
+        bundled = Path(__file__).resolve().parent.parent / "spaces" / path.name
+        hint = f" A space of that name ships with slimtune: {bundled}." if bundled.is_file() else ""
+        raise UserError(f"{path}: no such file.{hint}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPACE_BYTES:
+            raise UserError(
+                f"{path}: is {size / 1e6:.1f} MB, but a space file is a small YAML file (at most "
+                f"{MAX_SPACE_BYTES / 1e6:g} MB); is this the right file?"
+            )
+        with path.open("rb") as file:
+            data = file.read(MAX_SPACE_BYTES + 1)
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; make the file readable (chmod u+r) or copy it somewhere readable.") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
+    if len(data) > MAX_SPACE_BYTES:  # a device or a file that grew while read
+        raise UserError(f"{path}: holds more than {MAX_SPACE_BYTES / 1e6:g} MB, but a space file is a small YAML file; is this the right file?")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UserError(f"{path}: is a binary file (a NUL byte at offset {nul}), not a YAML space.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the space as UTF-8.") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (line and column, from 1)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    text = " ".join(str(problem or exc).split())
+    return f"{text} (line {mark.line + 1}, column {mark.column + 1})." if mark is not None else f"{text}."
 
 
 def _load_yaml(text: str, path: str) -> Any:
@@ -266,7 +315,13 @@ def _load_yaml(text: str, path: str) -> Any:
         if node is None:
             return None
         _refuse_duplicate_keys(node, path, "")
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # noqa: BLE001  PyYAML's constructors fail on input with plain errors
+            # A tagged scalar that does not convert (`!!float methods` ValueError, `!!timestamp x` AttributeError).
+            raise UserError(f"{path}: not valid YAML: a value does not match its tag ({' '.join(str(exc).split())}).") from None
     finally:
         loader.dispose()
 
@@ -284,10 +339,10 @@ def _refuse_duplicate_keys(node: yaml.Node, path: str, key_path: str) -> None:
         line = key_node.start_mark.line + 1
         if key in lines and key_node.tag != "tag:yaml.org,2002:merge":
             rule = "a method may be listed once" if key_path == "methods" else "a key may appear once in a mapping"
-            raise UserError(
+            raise UserError(_one_line(
                 f"{path}: {child}: given twice (lines {lines[key]} and {line}); {rule}, and YAML would "
                 "silently keep only the last one. Merge the two entries into one."
-            )
+            ))
         lines[key] = line
         _refuse_duplicate_keys(value_node, path, child)
 
@@ -337,6 +392,16 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     sampler_map = r.mapping(sampler_map, "sampler", {"name", "seed"})
     measure = r.mapping(top.get("measure"), "measure", {"latency_batch_size", "latency_repeats"})
     output = r.mapping(top.get("output"), "output", {"results_dir", "tracking_uri", "optuna_storage", "checkpoint_storage"})
+    storage = _storage(r, output)
+    # What a search stores (its manifest): the document with every path made absolute above,
+    # so `resume`, `pareto` and `export` read the same space from any folder.
+    resolved = dict(top)
+    if task_options:
+        resolved["task"] = {"name": task, "options": task_options}
+    if checkpoint is not None:
+        resolved["baseline"] = {**baseline, "checkpoint": checkpoint}
+    if output:
+        resolved["output"] = {**output, **{key: value for key, value in storage.items() if value is not None}}
     settings = _settings(r, {
         "name": str(top.get("name") or Path(path).stem),
         "baseline_epochs": baseline.get("epochs", 10),
@@ -362,13 +427,34 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         constraints=constraints,
         sampler=r.choice(sampler_map.get("name", "nsga2"), "sampler.name", SAMPLERS),
         optimizer=r.choice(training.get("optimizer", "sgd"), "training.optimizer", OPTIMIZERS),
-        optuna_storage=output.get("optuna_storage"),
-        checkpoint_storage=output.get("checkpoint_storage"),
+        optuna_storage=storage["optuna_storage"],
+        checkpoint_storage=storage["checkpoint_storage"],
         source=source,
+        resolved_source=yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True),
         path=path,
         warnings=_warnings(r, objectives, constraints, known_metrics),
         **settings,
     )
+
+
+def _storage(r: _Reader, output: dict[str, Any]) -> dict[str, str | None]:
+    """``output.optuna_storage`` and ``output.checkpoint_storage``, local paths made absolute.
+
+    A relative ``sqlite:///`` database or a checkpoint folder without a URI scheme would point
+    elsewhere when the search is resumed from another folder.
+    """
+    out: dict[str, str | None] = {}
+    for key in ("optuna_storage", "checkpoint_storage"):
+        value = output.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise r.error(f"output.{key}", f"must be a URI or a path, but got {value!r}.")
+        database = value[len("sqlite:///"):] if value and value.startswith("sqlite:///") else None
+        if key == "optuna_storage" and database and database != ":memory:":
+            value = f"sqlite:///{Path(database).expanduser().resolve()}"
+        elif key == "checkpoint_storage" and value and "://" not in value:
+            value = str(Path(value).expanduser().resolve())
+        out[key] = value
+    return out
 
 
 def _settings(r: _Reader, values: dict[str, Any]) -> dict[str, Any]:
@@ -426,8 +512,13 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
     m = r.mapping(value, key, {"name", "options"})
     if "name" not in m:
         raise r.error(f"{key}.name", f"is missing; write `{key}: NAME` or `{key}: {{name: NAME, options: {{...}}}}`.")
-    options = r.mapping(m.get("options"), f"{key}.options", set(m.get("options") or {}))
-    return str(m["name"]), dict(options)
+    options = m.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise r.error(f"{key}.options", f"must be a mapping of option names to values, but got {options!r}.")
+    for option in options or {}:
+        if not isinstance(option, str):
+            raise r.error(f"{key}.options.{option}", f"an option name must be text, but got {option!r}.")
+    return str(m["name"]), dict(options or {})
 
 
 def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:

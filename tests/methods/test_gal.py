@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods import MethodContext, Pipeline, Step, TrainingState, create_method, train_phase
-from methods.gal import Discriminator, RemovedBlock, SoftMask, find_mask_sites, fista_step, insert_masks, soft_masks
+from methods.gal import Discriminator, RemovedBlock, SoftMask, find_mask_sites, fista_step, insert_masks, lam_from_official, soft_masks
 from search.measure import count_flops, count_params
 from models import create_model
 
@@ -50,6 +50,18 @@ def test_fista_step_by_hand() -> None:
     torch.testing.assert_close(x2, torch.tensor([0.75, 0.0]))
     beta = (t - 1) / t2
     torch.testing.assert_close(y2, torch.tensor([0.75 + beta * (0.75 - 0.85), 0.0]))
+
+
+def test_lam_from_official_shrinks_masks_as_the_official_step_does() -> None:
+    # The official step: lambda * |m| in the loss (gradient g + lambda * sign(m)), then a
+    # soft-threshold by lr * lambda. Ours with lam = 2 * lambda moves the masks the same way.
+    official, lr = 0.6, 0.01
+    mask, grad = torch.tensor([1.0, 0.5, 0.012, 0.0]), torch.tensor([0.3, -0.2, 0.0, -0.5])
+    theirs = (mask - lr * (grad + official * mask.sign()) - lr * official).clamp_min(0.0)
+    _, ours, _ = fista_step(mask, mask, grad, 1.0, lr, lam_from_official(official))
+    assert lam_from_official(0.6) == pytest.approx(1.2) and lam_from_official(0.8) == pytest.approx(1.6)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours, torch.tensor([1.0 - 0.003 - 0.012, 0.5 + 0.002 - 0.012, 0.0, 0.0]))
 
 
 def test_discriminator_returns_one_raw_logit_and_the_loss_applies_one_sigmoid(digits_context) -> None:

@@ -14,7 +14,7 @@ from methods._quant import (
     RunningMaxActivationQuantizer,
     symmetric_quantize,
 )
-from search.measure import count_params, size_bytes
+from search.measure import count_flops, count_params, latency_ms, size_bytes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -134,3 +134,44 @@ def test_finalize_packs_every_quantized_layer_and_keeps_outputs(digits_context) 
     saved = (16 * 32 * 9 + 32 * 64 * 9) * (4 - 0.5)
     added = 2 * 4 + 2 * 4  # two float32 scales, two float32 running bounds
     assert size_bytes(float_model) - size_bytes(model) == saved - added
+
+
+@pytest.mark.parametrize(("options", "quantized_bops"), [({}, 4 * 4), ({"quantize_activations": False}, 4 * 32)])
+def test_bops_weigh_quantized_macs_by_their_bits_and_the_rest_by_32x32(digits_context, options: dict, quantized_bops: int) -> None:
+    model, ctx = digits_context()
+    float_count = count_flops(model, ctx.example_input)
+    # digits_cnn on 8x8: conv 1->16 (9,216 MACs), 16->32 and 32->64 (294,912 each), linear 64->10 (640).
+    assert float_count.macs == 599_680 and float_count.bops == 599_680 * 32 * 32
+    method = create_method("minmax_quant", {"bits": 4, **options})
+    model = method.prepare(model, ctx)
+    expected = (9_216 + 640) * 32 * 32 + 2 * 294_912 * quantized_bops
+    assert count_flops(model, ctx.example_input).bops == expected
+    _observed(model, ctx.train_loader[0][0])
+    model = method.finalize(model, ctx)
+    assert count_flops(model, ctx.example_input).bops == expected
+
+
+def test_latency_unpacks_each_packed_weight_once_and_keeps_no_copy(digits_context, monkeypatch) -> None:
+    import copy
+
+    import methods._quant as quant
+
+    model, ctx = digits_context()
+    method = create_method("minmax_quant", {"bits": 4})
+    model = _observed(method.prepare(model, ctx), ctx.train_loader[0][0])
+    model = method.finalize(model, ctx).eval()
+    x = ctx.val_loader[0][0]
+    with torch.no_grad():
+        expected = model(x)
+    calls = []
+    real = quant.dequantize_packed
+    monkeypatch.setattr(quant, "dequantize_packed", lambda *args: calls.append(1) or real(*args))
+    latency_ms(model, x[:1], repeats=5, warmup=2)
+    assert len(calls) == 2  # once per packed layer, not once per layer and pass (14)
+    layers = quant.quantized_layers(model)
+    assert all(layer._inference_weight is None for layer in layers)
+    for layer in layers:
+        layer.cache_inference_weight(True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+    assert all(layer._inference_weight is None for layer in quant.quantized_layers(copy.deepcopy(model)))

@@ -4,6 +4,7 @@ teacher, the loss, the kept student and composition with other methods."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 from types import SimpleNamespace
 from pathlib import Path
@@ -382,6 +383,19 @@ def test_finalize_keeps_the_best_student_alone_and_it_exports(digits_context, tm
         assert count_flops(final, ctx.example_input).macs == macs
     export_model(final, ctx.example_input, tmp_path, {"recipe": [{"name": "od"}]})
     assert check_round_trip(tmp_path, torch.randn(3, 1, 8, 8)) <= 1e-5
+
+
+@pytest.mark.parametrize(("direction", "best"), [("min", 1), ("max", 2)])
+def test_finalize_picks_the_student_by_the_tasks_metric_and_direction(digits_context, direction: str, best: int) -> None:
+    model, ctx = digits_context(epochs=1)
+    od = create_method("od", {"students": 3})
+    ensemble = od.prepare(model, ctx)
+    bpc = {id(s): value for s, value in zip(ensemble.students, (2.0, 0.5, 3.0))}
+    ctx = dataclasses.replace(
+        ctx, metric="bpc", metric_direction=direction, evaluate=lambda m: {"bpc": bpc.get(id(m), 1.0), "loss": 0.0}
+    )
+    assert od.finalize(ensemble, ctx) is ensemble.students[best]
+    assert od.metrics()["best_student_bpc"] == (0.5, 3.0)[best - 1] and od.metrics()["teacher_bpc"] == 1.0
 
 
 def test_od_then_l1_filter_then_minmax_quant(digits_context, tmp_path) -> None:

@@ -23,7 +23,7 @@ from methods.pams import (
     skt_loss,
 )
 from search.export import check_round_trip, export_model, load_module
-from search.measure import count_params, size_bytes
+from search.measure import count_flops, count_params, size_bytes
 from models import create_model
 from tasks import Task
 
@@ -77,17 +77,22 @@ def test_alpha_gradient_is_the_clipped_count_plus_the_rounding_path() -> None:
     assert expected != 0
 
 
-def test_calibration_sets_alpha_to_the_batch_mean_of_per_sample_max_and_passes_inputs() -> None:
-    q = PAMSActivationQuantizer(4)
+def test_calibration_sets_alpha_to_the_batch_mean_of_per_sample_max_and_rounds_unclipped() -> None:
+    q = PAMSActivationQuantizer(2)  # qmax 1: the grid step is alpha itself
     assert q.alpha.item() == 10.0
     q.calibrating = True
-    x = torch.tensor([[1.0, -3.0], [0.5, 2.0], [-7.0, 1.0]]).reshape(3, 2, 1, 1)
+    x = torch.tensor([[1.0, -3.0], [0.5, 2.0], [-7.0, 1.0]]).reshape(3, 2, 1, 1).requires_grad_()
     out = q.train()(x)
-    assert out is x
     assert q.alpha.item() == pytest.approx((3.0 + 2.0 + 7.0) / 3)
-    q.eval()(x * 100)  # evaluation does not calibrate
+    # Multiples of alpha = 4, not clipped to [-4, 4] (-7 becomes -8, beyond qmax), as the official code.
+    assert out.flatten().tolist() == [0.0, -4.0, 0.0, 0.0, -8.0, 0.0]  # 2 / 4 rounds half to even
+    out.sum().backward()
+    assert x.grad.flatten().tolist() == [1.0] * 6 and q.alpha.grad is None  # straight-through; alpha is not learned yet
+    evaluated = q.eval()(x.detach() * 100)  # evaluation does not calibrate, and quantizes with clipping
     assert q.alpha.item() == pytest.approx(4.0)
+    assert evaluated.flatten().tolist() == [4.0, -4.0, 4.0, 4.0, -4.0, 4.0]
     q.calibrating = False
+    q.bits = 4
     assert len(torch.unique(q(torch.linspace(-10, 10, 1001)))) == 15
 
 
@@ -121,6 +126,12 @@ def test_edsr_blocks_get_the_papers_three_quantizers_and_the_rest_stays_float() 
         body = nn.functional.conv2d(block.conv2.input_quantizer(torch.relu(block.conv1(xq))), block.conv2.quantized_weight(), block.conv2.bias, padding=1)
         torch.testing.assert_close(block(x), block.quant_out(body) + xq)
     assert method.metrics() == {"bits": 4.0, "quantized_layers": 8.0}
+    # Both convs of a block multiply 4-bit weights by 4-bit inputs; bops count the rest at 32 x 32.
+    assert {layer.operand_bits() for layer in quantized_layers(model)} == {(4, 4)}
+    count, float_count = count_flops(model, torch.zeros(1, 3, 8, 8)), count_flops(fp, torch.zeros(1, 3, 8, 8))
+    block_macs = 8 * 32 * 32 * 9 * 8 * 8  # 8 convs of 32 -> 32 channels, 3x3, on 8x8
+    assert count.macs == float_count.macs and float_count.bops == float_count.macs * 1024
+    assert count.bops == (count.macs - block_macs) * 1024 + block_macs * 16
 
 
 def test_resnet_rdn_and_plain_models_quantize_the_documented_convolutions() -> None:

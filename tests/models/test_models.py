@@ -85,6 +85,16 @@ def test_unknown_model_suggests_close_names() -> None:
         create_model("resnet5", 10)
 
 
+def test_unknown_model_lists_each_name_once_and_says_which_vgg16_is_imagenet() -> None:
+    with pytest.raises(UserError) as error:
+        create_model("vgg61", 10)
+    message = str(error.value)
+    names = [n.strip() for part in message.split("models: ")[1:] for n in part.split(".")[0].split(",")]
+    assert len(names) == len(set(names)) and len(names) > 80
+    assert names.count("vgg16") == 1 and names.count("torchvision:vgg16") == 1
+    assert "torchvision:vgg16 is torchvision's ImageNet model" in message and "\n" not in message
+
+
 def test_unknown_option_is_a_user_error() -> None:
     with pytest.raises(UserError, match="shortcut"):
         create_model("resnet20", 10, shortcutt="A")

@@ -62,7 +62,7 @@ def test_mlflow_holds_one_parent_and_four_children(finished_search):
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:
-        for metric in ("accuracy", "macs", "flops", "params", "size_bytes", "artifact_bytes", "latency_ms", "accuracy_drop"):
+        for metric in ("accuracy", "macs", "bops", "flops", "params", "size_bytes", "artifact_bytes", "latency_ms", "accuracy_drop"):
             assert metric in child.data.metrics, (metric, child.data.metrics)
         assert child.data.metrics["flops"] == 2 * child.data.metrics["macs"]
         assert child.data.tags["is_pareto"] in ("true", "false")
@@ -101,13 +101,15 @@ def test_front_matches_optuna_best_trials(finished_search):
 
 
 @pytest.mark.slow
-def test_pareto_and_export_commands(finished_search, capsys):
+def test_pareto_and_export_commands(finished_search, capsys, monkeypatch):
     import torch
 
     from search.cli import main
     from search.export import load_program
 
     record, tmp, _ = finished_search
+    (tmp / "elsewhere").mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp / "elsewhere")  # not the folder the search started in
     results = str(tmp / "results")
     assert main(["pareto", "e2e", "--json", "--results-dir", results]) == 0
     table = json.loads(capsys.readouterr().out)

@@ -46,7 +46,7 @@ class _FourBitWeight(nn.Module):
 
 def test_linear_flops() -> None:
     result = count_flops(nn.Linear(64, 10), torch.randn(1, 64))
-    assert result == FlopCount(macs=640, flops=1280, uncounted_ops=())
+    assert result == FlopCount(macs=640, flops=1280, uncounted_ops=(), bops=640 * 32 * 32)
 
 
 def test_uncounted_ops_name_arithmetic_without_formula_but_not_views() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from search.objectives import Constraint, Objective
 from search.record import INTERRUPTED, SearchRecord, completed_records, load_search, search_progress
@@ -93,3 +94,31 @@ def test_pareto_imports_neither_torch_nor_ray_and_matches_optuna(stored_search: 
     ]
     study = optuna.load_study(study_name="light", storage=stored_search.optuna_storage)
     assert sorted(t.number for t in study.best_trials) == [int(row["trial"][-3:]) for row in rows if row["rank"] == 0]
+
+
+def test_the_manifest_holds_the_resolved_space_read_alike_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from search.space import load_space
+
+    started, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (started / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    torch.save({}, started / "base.pt")
+    (started / "space.yaml").write_text(
+        "task: {name: cifar10, options: {root: data}}\nmodel: resnet20\nbaseline: {checkpoint: base.pt}\n"
+        "methods: {l1_filter: {}}\nobjectives: {accuracy: max, macs: min}\n"
+        "output: {optuna_storage: 'sqlite:///optuna.db', checkpoint_storage: tune_store}\n"
+    )
+    monkeypatch.chdir(started)
+    space = load_space("space.yaml")
+    record = SearchRecord.from_space("moved", tmp_path / "results" / "moved", space, "sqlite:///x.db", space.optuna_storage)
+    record.save()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_search("moved", tmp_path / "results").space
+    assert loaded.baseline_checkpoint == str(started / "base.pt")
+    assert loaded.task_options == {"root": str(started / "data")}
+    assert (loaded.optuna_storage, loaded.checkpoint_storage) == (f"sqlite:///{started}/optuna.db", str(started / "tune_store"))
+    assert loaded.path == str(started / "space.yaml") and loaded.methods == space.methods
+    stored = yaml.safe_load(json.loads(record.manifest.read_text())["space_yaml"])
+    assert stored["baseline"]["checkpoint"] == str(started / "base.pt") and stored["task"]["options"]["root"] == str(started / "data")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,15 @@ def test_quickstart_loads() -> None:
     assert l1.optional and (l1.searched["ratio"].low, l1.searched["ratio"].high) == (0.1, 0.7)
     assert space.methods[2].searched["bits"].choices == (2, 4, 8)
     assert space.source == QUICKSTART.read_text()
+
+
+def test_bops_is_an_objective_lower_is_better(tmp_path: Path) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["objectives"] = {"accuracy": "max", "bops": "min"}
+    path = tmp_path / "bops.yaml"
+    path.write_text(yaml.safe_dump(data))
+    space = load_space(path)
+    assert [(o.metric, o.direction) for o in space.objectives] == [("accuracy", "max"), ("bops", "min")] and not space.warnings
 
 
 def test_valid_snippet_loads(tmp_path: Path) -> None:
@@ -241,6 +251,62 @@ def test_missing_file_points_at_a_bundled_space_of_that_name(tmp_path: Path) -> 
     with pytest.raises(UserError) as info:
         load_space(path)
     assert str(info.value) == f"{path}: no such file. A space of that name ships with slimtune: {QUICKSTART}."
+
+
+def _unreadable(kind: str, tmp_path: Path, monkeypatch) -> Path:
+    """A space path that cannot be read as a space, of the given kind."""
+    path = tmp_path / "space.yaml"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "latin-1":
+        path.write_bytes("name: caf\u00e9\ntask: digits\n".encode("latin-1"))
+    elif kind == "large":
+        with path.open("wb") as file:
+            file.truncate(50_000_000)  # sparse: 50 MB on paper, nothing written
+    elif kind == "unreadable":
+        path.write_text(QUICKSTART.read_text())
+        path.chmod(0)
+        if os.access(path, os.R_OK):  # root reads anything: refuse as the kernel would
+            real_open = Path.open
+
+            def refuse(self: Path, *args, **kwargs):
+                if self == path:
+                    raise PermissionError(13, "Permission denied", str(self))
+                return real_open(self, *args, **kwargs)
+
+            monkeypatch.setattr(Path, "open", refuse)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("folder", "is a folder, not a space file"),
+        ("binary", "is a binary file (a NUL byte at offset 0), not a YAML space."),
+        ("latin-1", "is not UTF-8 text (byte 0xe9 at offset 9); save the space as UTF-8."),
+        ("large", "is 50.0 MB, but a space file is a small YAML file (at most 1 MB); is this the right file?"),
+        ("unreadable", "permission denied; make the file readable"),
+    ],
+)
+def test_check_of_an_unreadable_space_is_one_line_and_exit_2(kind: str, says: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    from search.cli import main
+
+    path = _unreadable(kind, tmp_path, monkeypatch)
+    assert main(["check", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"slimtune: error: {path}: {says}") and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""
+
+
+def test_bad_yaml_is_one_line_with_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("task: digits\nmodel: [digits_cnn\nmethods: {}\n")
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML: ") and "(line 3, column 8)." in message and "\n" not in message
 
 
 # ----------------------------------------------------------------------------------------------

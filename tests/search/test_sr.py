@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 from skimage import data as skdata
@@ -245,6 +246,17 @@ def test_sr_metrics_and_the_kd_restriction() -> None:
     assert {"psnr": "max", "ssim": "max", "psnr_drop": "min", "ssim_drop": "min"}.items() <= metrics_of_task("sr").items()
     with pytest.raises(UserError, match=r"methods.kd: applies to classification tasks only, but task 'sr' is a super_resolution task"):
         parse_space(_space({"kd": {}}), "sr.yaml")
+
+
+@pytest.mark.parametrize("method", ["gal", "od"])
+def test_check_refuses_a_classification_method_on_sr_in_one_line(tmp_path: Path, capsys, method: str) -> None:
+    from search.cli import main
+
+    path = tmp_path / "sr.yaml"
+    path.write_text(yaml.safe_dump(_space({method: {}})))
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"slimtune: error: {path}: methods.{method}: applies to classification tasks only, but task 'sr' is a super_resolution task. Remove it from methods.\n"
 
 
 def test_sr_quickstart_space_parses() -> None:
