@@ -265,7 +265,8 @@ def reconcile(record: SearchRecord) -> None:
     cut off by the driver's death is unknown to the resumed Tune, which fills its slot with a new
     trial: the study records the lost one as FAIL with the reason. Then every MLflow run takes
     its trial's state from the study: COMPLETE -> FINISHED with the study's metrics (the driver
-    may have died between telling the study and writing MLflow), anything else -> FAILED.
+    may have died between telling the study and writing MLflow), PRUNED (stopped by the
+    early-stopping scheduler) -> KILLED and tagged ``stopped_early``, anything else -> FAILED.
     """
     import optuna
 
@@ -285,6 +286,8 @@ def reconcile(record: SearchRecord) -> None:
         if trial is not None and trial.state == optuna.trial.TrialState.COMPLETE:
             if status != "FINISHED":
                 tracker.finish_trial(trial_id, run_id, dict(trial.user_attrs.get("metrics", {})), _final_checkpoint(record, number))
+        elif trial is not None and trial.state == optuna.trial.TrialState.PRUNED:
+            tracker.stop_trial_early(trial_id, run_id, int(trial.user_attrs.get("stopped_at_epoch", 0)))
         elif status != "FAILED":
             reason = trial.user_attrs.get("failure_reason", INTERRUPTED) if trial is not None else INTERRUPTED
             tracker.fail_trial(trial_id, run_id, reason)
