@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from methods import get_method, hyperparameters
-from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch
+from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial
 from search.halving import Rungs, milestones
 from search.objectives import epoch_key
 from search.record import SearchRecord, exported_model_dir, search_progress, study_trials, trial_state
@@ -123,14 +123,9 @@ class StoppedTrials:
             return TrialScheduler.CONTINUE
         if self._study is None:
             self._study = optuna.load_study(study_name=self.study_name, storage=self.storage_url)
-        number = trial.config[TRIAL_NUMBER]
-        stored = self._study.get_trials(deepcopy=False)[number]
-        if not stored.state.is_finished():
-            epoch = int(result["epoch"])
-            figures = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for key, value in {"metrics": figures, "recipe": result.get("recipe", "[]"), "tune_trial_id": trial.trial_id, "stopped_at_epoch": epoch}.items():
-                self._study._storage.set_trial_user_attr(stored._trial_id, key, value)
-            self._study.tell(number, state=optuna.trial.TrialState.PRUNED)
+        figures = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        attrs = {"metrics": figures, "recipe": result.get("recipe", "[]"), "tune_trial_id": trial.trial_id, "stopped_at_epoch": int(result["epoch"])}
+        prune_trial(self._study, trial.config[TRIAL_NUMBER], attrs)
         return TrialScheduler.STOP
 
 

@@ -7,7 +7,7 @@ Layout of a search's results folder (``<results_dir>/<name>/``):
 - ``baseline.pt``: the uncompressed model's weights, trained once, shared by every trial;
 - ``runs.json``: Tune trial id -> MLflow run id, status and final checkpoint;
 - ``../baselines/``: trained baselines shared by the searches of the results folder
-  (``search.baseline_cache``);
+  (``search.baselines``);
 - ``tune/``: Tune's experiment (trial checkpoints; the final one holds the exported model).
 
 The Optuna study is the source of truth for which trials ran and how they ended: a trial is

@@ -33,7 +33,7 @@ SPACE = {
     "methods": {"l1_filter": {"optional": False, "params": {"ratio": {"low": 0.2, "high": 0.7}}}},
     "objectives": {"accuracy": "max", "size_bytes": "min"},
     "constraints": ["accuracy_drop <= 0.9"],
-    "budget": {"trials": 3, "concurrent": 1, "epochs": 2, "scheduler": "mo_asha", "grace_epochs": 1, "reduction_factor": 3},
+    "budget": {"trials": 2, "concurrent": 1, "epochs": 2, "scheduler": "mo_asha", "grace_epochs": 1, "reduction_factor": 2},
     "sampler": {"name": "random", "seed": 1},
     "measure": {"latency_repeats": 1},
 }
@@ -81,7 +81,7 @@ def test_rungs_keep_the_best_of_each_rung_by_rank_feasibility_and_arrival() -> N
 
 def test_budget_scheduler_is_validated() -> None:
     space = _space(epochs=6, grace_epochs=None)
-    assert (space.budget.scheduler, space.budget.grace, space.budget.reduction_factor) == ("mo_asha", 2, 3)
+    assert (space.budget.scheduler, space.budget.grace, space.budget.reduction_factor) == ("mo_asha", 2, 2)
     assert parse_space({k: v for k, v in SPACE.items() if k != "budget"}).budget.scheduler == "fifo"
     with pytest.raises(UserError, match=r"^early.yaml: budget.scheduler: must be one of fifo, asha, mo_asha, but got 'hyperband'\.$"):
         _space(scheduler="hyperband")
@@ -207,10 +207,10 @@ def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> N
     with contextlib.redirect_stdout(io.StringIO()):
         record = run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lines.append)
     study = optuna.load_study(study_name="early", storage=record.optuna_storage)
-    states = [t.state for t in study.trials]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    # The first trial is alone at the rung (epoch 1) and goes on; one in three of the others does.
-    assert len(states) == 3 and states[0] == optuna.trial.TrialState.COMPLETE and len(pruned) >= 1
+    # The first trial is alone at the rung (epoch 1) and goes on. The second (l1_filter ratio 0.56
+    # against 0.41: smaller, less accurate) does not dominate it: 1 of 2 goes on, the earlier one.
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     for t in pruned:
         assert t.user_attrs["stopped_at_epoch"] == 1
         metrics = t.user_attrs["metrics"]
@@ -218,7 +218,7 @@ def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> N
         assert metrics["size_bytes"] < record.baseline_metrics["size_bytes"] and metrics["cpu_s"] > 0
         assert 0 < metrics["val_accuracy"] <= 1
     progress = search_progress(record)
-    assert (progress.done, progress.stopped, progress.finished) == (3, len(pruned), True)
+    assert (progress.done, progress.completed, progress.stopped, progress.finished) == (2, 1, 1, True)
     assert sorted(r.number for r in completed_records(record)) == [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
