@@ -76,18 +76,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="budget.epochs (per method's training phase)")
     parser.add_argument("--grace", type=int, default=None, help="budget.grace_epochs (default: the space's default)")
     parser.add_argument("--factor", type=int, default=2, help="budget.reduction_factor")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS[1:]), choices=SCHEDULERS[1:], help="compared with fifo")
     args = parser.parse_args()
 
-    ratios: dict[str, list[float]] = {s: [] for s in SCHEDULERS[1:]}
-    for seed in range(args.seeds):
+    ratios: dict[str, list[float]] = {s: [] for s in args.schedulers}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             curves = {}
-            for scheduler in SCHEDULERS:
+            for scheduler in ["fifo", *args.schedulers]:
                 trials = args.trials if scheduler == "fifo" else round(args.trials * args.more)
                 curves[scheduler] = run(scheduler, seed, trials, args.epochs, Path(tmp), args.grace, args.factor)
             fifo_cpu, fifo_hv = curves["fifo"][-1]
             print(f"seed {seed}: fifo {len(curves['fifo'])} trials, final hypervolume {fifo_hv:.4f} in {fifo_cpu:.1f} trial CPU-s", flush=True)
-            for scheduler in SCHEDULERS[1:]:
+            for scheduler in args.schedulers:
                 curve = curves[scheduler]
                 at = reach(curve, fifo_hv)
                 within = max((hv for cpu, hv in curve if cpu <= fifo_cpu), default=0.0)

@@ -4,8 +4,10 @@ A trial reaches a rung when it has trained ``grace * reduction_factor**k`` epoch
 per-epoch objective vector is compared with every vector recorded at that rung so far (ASHA's
 asynchronous rule: no waiting for a full rung), ordered by :func:`search.pareto.best_first`
 (constrained non-dominated rank, then crowding distance); it goes on when it is among the best
-``ceil(n / reduction_factor)`` of the ``n`` recorded, and stops otherwise. The first trial at a
-rung always goes on. ``search._tune.MultiObjectiveASHA`` is the Ray Tune scheduler that uses it.
+``ceil(n / reduction_factor)`` of the ``n`` recorded, or when no vector recorded there dominates
+it and it meets the constraints, and stops otherwise. The first trial at a rung always goes on.
+Without the second rule a trade-off point that dominates nothing would stop whenever the rung's
+earlier points fill the quota (between equal ranks and crowding distances, arrival decides). ``search._tune.MultiObjectiveASHA`` is the Ray Tune scheduler that uses it.
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ class Rungs:
             return True
         rung[trial_id] = measured
         ids = list(rung)
-        order = pareto.best_first(
-            [rung[i][0] for i in ids], [o.direction for o in self.objectives], [rung[i][1] for i in ids] if self.constraints else None
-        )
-        kept = {ids[i] for i in order[: math.ceil(len(ids) / self.reduction_factor)]}
-        return trial_id in kept
+        points = [rung[i][0] for i in ids]
+        directions = [o.direction for o in self.objectives]
+        violations = [rung[i][1] for i in ids] if self.constraints else None
+        order = pareto.best_first(points, directions, violations)
+        if trial_id in {ids[i] for i in order[: math.ceil(len(ids) / self.reduction_factor)]}:
+            return True
+        vector, violation = rung[trial_id]
+        return violation == 0 and not any(pareto.dominates(other, vector, directions) for other in points)

@@ -32,7 +32,8 @@ SPACE = {
     "baseline": {"epochs": 1},
     "methods": {"l1_filter": {"optional": False, "params": {"ratio": {"low": 0.2, "high": 0.7}}}},
     "objectives": {"accuracy": "max", "size_bytes": "min"},
-    "constraints": ["accuracy_drop <= 0.9"],
+    # The baseline trains 1 epoch (test accuracy 0.61): a trial must beat it by 8 points.
+    "constraints": ["accuracy_drop <= -0.08"],
     "budget": {"trials": 2, "concurrent": 1, "epochs": 2, "scheduler": "mo_asha", "grace_epochs": 1, "reduction_factor": 2},
     "sampler": {"name": "random", "seed": 1},
     "measure": {"latency_repeats": 1},
@@ -78,6 +79,13 @@ def test_rungs_keep_the_best_of_each_rung_by_rank_feasibility_and_arrival() -> N
     assert rungs.goes_on("t6", 2, {"val_accuracy": 0.5})  # no size: not compared
     assert list(rungs.recorded[1]) == ["t0", "t1", "t2", "t3", "t4", "t5"]
 
+    # Past the quota, a feasible vector that nothing at the rung dominates still goes on.
+    rungs = Rungs(rungs.objectives, rungs.constraints, ("accuracy",), (1,), reduction_factor=4)
+    assert rungs.goes_on("t0", 1, result(0.80, 100.0))
+    assert rungs.goes_on("t1", 1, result(0.70, 50.0))  # 1 of 2 by the quota (t0, the earlier), but on the front
+    assert not rungs.goes_on("t2", 1, result(0.60, 60.0))  # dominated by t1
+    assert not rungs.goes_on("t3", 1, result(0.90, 40.0, drop=0.2))  # dominates every other, but infeasible
+
 
 def test_budget_scheduler_is_validated() -> None:
     space = _space(epochs=6, grace_epochs=None)
@@ -113,7 +121,7 @@ def _earlier_search(root: Path, ratios: list[float], accuracies: list[float]) ->
     record.save()
     study = optuna.create_study(study_name="first", storage=storage, directions=["maximize", "minimize"])
     for ratio, accuracy in zip(ratios, accuracies):
-        metrics = {"accuracy": accuracy, "size_bytes": 1000 * (1 - ratio), "accuracy_drop": 0.0}
+        metrics = {"accuracy": accuracy, "size_bytes": 1000 * (1 - ratio), "accuracy_drop": -0.2}
         recipe = [{"name": "l1_filter", "params": {"ratio": ratio}}]
         study.add_trial(optuna.trial.create_trial(values=[accuracy, metrics["size_bytes"]], user_attrs={"metrics": metrics, "recipe": json.dumps(recipe)}))
 
@@ -209,7 +217,7 @@ def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> N
     study = optuna.load_study(study_name="early", storage=record.optuna_storage)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     # The first trial is alone at the rung (epoch 1) and goes on. The second (l1_filter ratio 0.56
-    # against 0.41: smaller, less accurate) does not dominate it: 1 of 2 goes on, the earlier one.
+    # against 0.41) validates at 0.65 after 1 epoch, 0.03 above the baseline: infeasible, it stops.
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     for t in pruned:
         assert t.user_attrs["stopped_at_epoch"] == 1
