@@ -93,10 +93,11 @@ def main() -> None:
                 curve = curves[scheduler]
                 at = reach(curve, fifo_hv)
                 within = max((hv for cpu, hv in curve if cpu <= fifo_cpu), default=0.0)
+                at_target = max((hv for cpu, hv in curve if cpu <= 0.6 * fifo_cpu), default=0.0)
                 reached = f"reaches it at {at:.1f} CPU-s ({at / fifo_cpu:.0%} of fifo's)" if at is not None else "never reaches it"
                 print(
                     f"  {scheduler:8s} {len(curve)} trials, {curve[-1][0]:.1f} CPU-s, final hypervolume {curve[-1][1]:.4f}; {reached}; "
-                    f"hypervolume within fifo's CPU {within:.4f}",
+                    f"hypervolume within fifo's CPU {within:.4f}, within 60% of it {at_target:.4f} ({at_target / fifo_hv:.1%} of fifo's final)",
                     flush=True,
                 )
                 ratios[scheduler].append(at / fifo_cpu if at is not None else float("inf"))
