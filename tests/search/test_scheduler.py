@@ -89,7 +89,7 @@ def test_rungs_keep_the_best_of_each_rung_by_rank_feasibility_and_arrival() -> N
 
 def test_budget_scheduler_is_validated() -> None:
     space = _space(epochs=6, grace_epochs=None)
-    assert (space.budget.scheduler, space.budget.grace, space.budget.reduction_factor) == ("mo_asha", 2, 2)
+    assert (space.budget.scheduler, space.budget.grace, space.budget.reduction_factor) == ("mo_asha", 3, 2)
     assert parse_space({k: v for k, v in SPACE.items() if k != "budget"}).budget.scheduler == "fifo"
     with pytest.raises(UserError, match=r"^early.yaml: budget.scheduler: must be one of fifo, asha, mo_asha, but got 'hyperband'\.$"):
         _space(scheduler="hyperband")
