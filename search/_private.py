@@ -20,7 +20,7 @@ from search.objectives import constraint_values
 if TYPE_CHECKING:
     from search.space import SearchSpace
 
-__all__ = ["check_versions", "keep_ray_on_loopback", "stop_tune_run", "fail_open_trials", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
+__all__ = ["check_versions", "keep_ray_on_loopback", "stop_tune_run", "fail_open_trials", "prune_trial", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
 
 #: The config key (set by the space definition) that carries the Optuna trial number to Tune.
 TRIAL_NUMBER = "trial_number"
@@ -91,6 +91,17 @@ def fail_open_trials(study: optuna.Study, reason: str) -> list[int]:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         numbers.append(trial.number)
     return numbers
+
+
+def prune_trial(study: optuna.Study, number: int, user_attrs: dict[str, Any]) -> bool:
+    """End trial ``number`` as PRUNED with ``user_attrs``; False (and nothing written) when it had already ended."""
+    stored = study.get_trials(deepcopy=False)[number]
+    if stored.state.is_finished():
+        return False
+    for key, value in user_attrs.items():
+        study._storage.set_trial_user_attr(stored._trial_id, key, value)
+    study.tell(number, state=optuna.trial.TrialState.PRUNED)
+    return True
 
 
 class SlimtuneOptunaSearch(OptunaSearch):

@@ -14,16 +14,20 @@ from pathlib import Path
 import optuna
 import torch
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from methods import get_method, hyperparameters
-from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch, stop_tune_run
+from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial, stop_tune_run
 from search.graceful_stop import GracefulStop, sigint_stops_gracefully
-from search.record import SearchRecord, exported_model_dir, search_progress, trial_state
+from search.halving import Rungs, milestones
+from search.objectives import epoch_key
+from search.record import SearchRecord, exported_model_dir, search_progress, study_trials, trial_state
 from search.report import Reporter
 from search.space import SearchSpace
 from search.trial import TrialSpec, recipe_from_config, run_trial
+from tasks import task_metrics
 
-__all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "TrialTracker", "fit"]
+__all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "make_scheduler", "MultiObjectiveASHA", "ScalarASHA", "TrialTracker", "fit"]
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -75,8 +79,12 @@ class SpaceDefinition:
         return {TRIAL_NUMBER: trial.number}
 
 
-def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> SlimtuneOptunaSearch:
-    """The searcher over a persistent Optuna study named after the search."""
+def make_searcher(space: SearchSpace, study_name: str, storage_url: str, first_points: list[dict] | None = None) -> SlimtuneOptunaSearch:
+    """The searcher over a persistent Optuna study named after the search.
+
+    ``first_points`` (Optuna parameters, as :func:`search.warm_start.warm_start_points` makes
+    them) are enqueued in the study and become its first trials.
+    """
     return SlimtuneOptunaSearch(
         space=SpaceDefinition(space),
         metric=space.metric_names,
@@ -86,7 +94,102 @@ def make_searcher(space: SearchSpace, study_name: str, storage_url: str) -> Slim
         storage=optuna.storages.RDBStorage(storage_url),
         seed=space.seed,
         search_space=space,
+        points_to_evaluate=first_points or None,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Early stopping (``budget.scheduler``).
+# ----------------------------------------------------------------------------------------------
+
+
+class StoppedTrials:
+    """Ends a trial that a scheduler stops as PRUNED in the study, with its last epoch's figures.
+
+    Written before Tune stops the trial, so that the searcher, the MLflow callback and the
+    close-out all find the trial's outcome where every other outcome is: in the study.
+    """
+
+    def __init__(self, study_name: str, storage_url: str) -> None:
+        self.study_name = study_name
+        self.storage_url = storage_url
+        self._study: optuna.Study | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_study": None}
+
+    def settle(self, trial, result: dict, goes_on: bool) -> str:
+        """Called by a scheduler with its verdict on a per-epoch result; returns Tune's decision."""
+        if goes_on or result.get("final"):
+            return TrialScheduler.CONTINUE
+        if self._study is None:
+            self._study = optuna.load_study(study_name=self.study_name, storage=self.storage_url)
+        figures = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        attrs = {"metrics": figures, "recipe": result.get("recipe", "[]"), "tune_trial_id": trial.trial_id, "stopped_at_epoch": int(result["epoch"])}
+        prune_trial(self._study, trial.config[TRIAL_NUMBER], attrs)
+        return TrialScheduler.STOP
+
+
+class MultiObjectiveASHA(FIFOScheduler):
+    """Asynchronous successive halving on each epoch's objective vector (:class:`search.halving.Rungs`)."""
+
+    def __init__(self, rungs: Rungs, stops: StoppedTrials) -> None:
+        super().__init__()
+        self.rungs = rungs
+        self.stops = stops
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        """Called by Tune with every result a trial reports."""
+        goes_on = "epoch" not in result or self.rungs.goes_on(trial.trial_id, int(result["epoch"]), result)
+        return self.stops.settle(trial, result, goes_on)
+
+
+class ScalarASHA(ASHAScheduler):
+    """Tune's ASHA on one per-epoch metric; a trial it stops ends PRUNED in the study."""
+
+    def __init__(self, stops: StoppedTrials, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stops = stops
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        """Called by Tune with every result a trial reports."""
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return self.stops.settle(trial, result, decision != TrialScheduler.STOP)
+
+
+def make_scheduler(record: SearchRecord) -> TrialScheduler | None:
+    """The scheduler ``budget.scheduler`` names (None: Tune's FIFO, every trial runs to its end).
+
+    Rungs are counted in the epochs a trial has trained (the ``epoch`` of its results, across
+    all of its methods' phases); the last rung lies below the longest pipeline the space allows
+    (``budget.epochs`` per method).
+    """
+    space = record.space
+    budget = space.budget
+    if budget.scheduler == "fifo":
+        return None
+    stops = StoppedTrials(record.name, record.optuna_storage)
+    max_epochs = budget.epochs * len(space.methods)
+    quality = tuple(task_metrics(space.task))
+    if budget.scheduler == "asha":
+        first = space.objectives[0]
+        return ScalarASHA(
+            stops,
+            time_attr="epoch",
+            metric=epoch_key(first.metric, quality),
+            mode=first.direction,
+            max_t=max_epochs,
+            grace_period=budget.grace,
+            reduction_factor=budget.reduction_factor,
+        )
+    rungs = Rungs(
+        objectives=tuple(space.objectives),
+        constraints=tuple(space.constraints),
+        quality=quality,
+        milestones=milestones(budget.grace, budget.reduction_factor, max_epochs),
+        reduction_factor=budget.reduction_factor,
+    )
+    return MultiObjectiveASHA(rungs, stops)
 
 
 class TrialTracker(tune.Callback):
@@ -123,6 +226,11 @@ class TrialTracker(tune.Callback):
         result = trial.last_result or {}
         run_id = self._run_id(trial)
         state = trial_state(self.record, trial.config.get(TRIAL_NUMBER, -1))
+        if state == "PRUNED":
+            epoch = int(result.get("epoch", 0))
+            tracker.stop_trial_early(trial.trial_id, run_id, epoch)
+            self.reporter.trial_stopped(self.record, trial_name(trial), epoch, search_progress(self.record))
+            return
         if state != "COMPLETE":
             reason = "the trial ended without a final result" if not result.get("final") else f"the study recorded the trial as {state}"
             tracker.fail_trial(trial.trial_id, run_id, reason)
@@ -170,10 +278,13 @@ def fit(record: SearchRecord, reporter: Reporter, restore: bool) -> None:
         remaining = record.trials - search_progress(record).done
         if remaining <= 0:
             return
+        # Warm-start points go into the study once, before its first trial.
+        first_points = record.warm_start_points if not study_trials(record) else None
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(space, record.name, record.optuna_storage),
+                search_alg=make_searcher(space, record.name, record.optuna_storage, first_points),
+                scheduler=make_scheduler(record),
                 num_samples=remaining,
                 max_concurrent_trials=space.budget.concurrent,
                 reuse_actors=True,

@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="the space YAML file, e.g. spaces/quickstart.yaml")
     _add_space_overrides(p)
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
+    p.add_argument("--warm-start", metavar="NAME", help="run the Pareto recipes of the earlier search NAME (same results folder, task and model) first")
 
     p = sub.add_parser("resume", help="continue an interrupted search")
     p.add_argument("name")
@@ -136,7 +137,9 @@ def _search(args: argparse.Namespace) -> int:
         print("slimtune: interrupted before the search started; nothing to resume.", file=sys.stderr)
         _exit_at_once(130)
     try:
-        record = run_search(args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir)
+        record = run_search(
+            args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir, warm_start=args.warm_start
+        )
     except SearchInterrupted:
         _exit_at_once(130)
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["COST_METRICS", "Objective", "Constraint", "constraint_values"]
+__all__ = ["COST_METRICS", "EPOCH_COSTS", "Objective", "Constraint", "constraint_values", "epoch_key"]
 
 #: Cost metrics every trial reports (all lower-is-better), measured on the compressed model.
 COST_METRICS: dict[str, str] = {
@@ -20,6 +20,25 @@ COST_METRICS: dict[str, str] = {
     "artifact_bytes": "min",
     "latency_ms": "min",
 }
+
+#: The cost metrics a trial knows from its first epoch: the pipeline's methods prepared and
+#: finalized on a copy of the baseline, untrained (``search.trial.projected_cost``). Artifact
+#: size and latency need the exported, final model.
+EPOCH_COSTS = ("macs", "flops", "params", "size_bytes")
+
+
+def epoch_key(metric: str, quality: tuple[str, ...] | list[str]) -> str | None:
+    """The key of a per-epoch result that stands for ``metric`` while a trial trains.
+
+    A quality metric of the task (one of ``quality``, e.g. ``accuracy``) and its drop are
+    measured on the validation split each epoch (``val_accuracy``, ``val_accuracy_drop``); a cost
+    metric of :data:`EPOCH_COSTS` is reported under its own name. None: not known before the end.
+    """
+    if metric in EPOCH_COSTS:
+        return metric
+    if metric in quality or (metric.endswith("_drop") and metric[: -len("_drop")] in quality):
+        return f"val_{metric}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -365,3 +365,55 @@ def knee_index(points: Sequence[Sequence[float]], directions: Sequence[str]) -> 
     distances = np.sqrt(np.sum(scaled**2, axis=1))
     # front is in increasing index order and argmin returns the first minimum: lowest index wins.
     return front[int(np.argmin(distances))]
+
+
+def crowding_distances(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[float]:
+    """NSGA-II's crowding distance of each point within ``points`` (one front).
+
+    Per objective the points are sorted; the two ends get infinity and every other point the gap
+    between its neighbours divided by the objective's span. A point's distance is the sum over
+    objectives: a larger distance is a point in a sparser part of the front.
+
+    Args:
+        points: Objective values, one sequence per point.
+        directions: "min" or "max" per objective.
+
+    Returns:
+        Distance per point, in the order of ``points``.
+    """
+    values = _to_minimisation(points, directions)
+    n = len(values)
+    distances = np.zeros(n)
+    if n <= 2:
+        return [math.inf] * n
+    for column in values.T:
+        order = np.argsort(column, kind="stable")
+        span = column[order[-1]] - column[order[0]]
+        distances[order[0]] = distances[order[-1]] = math.inf
+        if span > 0:
+            gaps = (column[order[2:]] - column[order[:-2]]) / span
+            distances[order[1:-1]] += gaps
+    return distances.tolist()
+
+
+def best_first(
+    points: Sequence[Sequence[float]],
+    directions: Sequence[str],
+    violations: Sequence[float] | None = None,
+) -> list[int]:
+    """Indices of ``points`` from best to worst: non-dominated rank, then crowding distance.
+
+    Ranks are those of :func:`pareto_ranks` (with ``violations``, every infeasible point after
+    every feasible one); within a rank a point with a larger crowding distance comes first, and
+    equal distances keep the order of ``points``.
+
+    Raises:
+        ValueError: Same as :func:`pareto_ranks`.
+    """
+    ranks = pareto_ranks(points, directions, violations)
+    crowding = [0.0] * len(ranks)
+    for rank in set(ranks):
+        members = [i for i, r in enumerate(ranks) if r == rank]
+        for i, distance in zip(members, crowding_distances([points[i] for i in members], directions)):
+            crowding[i] = distance
+    return sorted(range(len(ranks)), key=lambda i: (ranks[i], -crowding[i], i))

@@ -26,7 +26,7 @@ from search.export import check_round_trip, export_model
 from search.measure import count_params
 from search.space import MethodSpace, SearchSpace
 
-__all__ = ["preflight", "PreflightResult", "aggressive_params", "first_batch", "one_batch_context"]
+__all__ = ["preflight", "PreflightResult", "aggressive_params", "first_batch", "one_batch_context", "run_one_batch"]
 
 
 @dataclass
@@ -146,9 +146,7 @@ def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> P
     model = copy.deepcopy(baseline)
     before = count_params(model)
     try:
-        pipeline = Pipeline([create_method(step["name"], _short_training(step)) for step in recipe])
-        model = pipeline.run(model, one_batch_context(space, task, baseline, batch))
-        model.eval()
+        model, _, _ = run_one_batch(recipe, space, task, model, baseline, batch)
         with torch.no_grad():
             out = model(task.example_input(2))
         if tuple(out.shape) != expected_shape:
@@ -163,6 +161,28 @@ def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> P
         return PreflightResult(label, False, f"{type(exc).__name__}: {_one_line(exc)} (at {Path(where.filename).name}:{where.lineno})", before)
     after = count_params(model)
     return PreflightResult(label, True, "", before, after)
+
+
+def run_one_batch(
+    recipe: list[dict[str, Any]],
+    space: SearchSpace,
+    task,
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.nn.Module, Pipeline, MethodContext]:
+    """Apply ``recipe`` to ``model`` (changed in place) with every phase trained one step on ``batch``, on CPU.
+
+    Called by each pre-flight check, and by a trial for the cost its model will have
+    (``search.trial.projected_cost``).
+
+    Returns:
+        The finalized model (in eval mode), the pipeline and its context.
+    """
+    pipeline = Pipeline([create_method(step["name"], _short_training(step)) for step in recipe])
+    ctx = one_batch_context(space, task, teacher, batch)
+    model = pipeline.run(model, ctx).eval()
+    return model, pipeline, ctx
 
 
 def first_batch(space: SearchSpace, task) -> tuple[torch.Tensor, torch.Tensor]:

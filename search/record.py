@@ -7,6 +7,8 @@ Layout of a search's results folder (``<results_dir>/<name>/``):
   interrupted search can be resumed;
 - ``baseline.pt``: the uncompressed model's weights, trained once, shared by every trial;
 - ``runs.json``: Tune trial id -> MLflow run id, status and final checkpoint;
+- ``../baselines/``: trained baselines shared by the searches of the results folder
+  (``search.baselines``);
 - ``tune/``: Tune's experiment (trial checkpoints; the final one holds the exported model).
 
 The Optuna study is the source of truth for which trials ran and how they ended: a trial is
@@ -42,6 +44,7 @@ __all__ = [
     "exported_model_dir",
     "trial_number",
     "trial_state",
+    "study_trials",
     "INTERRUPTED",
 ]
 
@@ -69,6 +72,8 @@ class SearchRecord:
     optuna_storage: str
     parent_run_id: str | None = None
     baseline_metrics: dict[str, Any] = field(default_factory=dict)
+    #: Optuna parameters of the recipes a ``--warm-start`` search runs first.
+    warm_start_points: list[dict[str, Any]] = field(default_factory=list)
     _space: SearchSpace | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -133,6 +138,7 @@ class SearchRecord:
             "optuna_storage": self.optuna_storage,
             "parent_run_id": self.parent_run_id,
             "baseline_metrics": self.baseline_metrics,
+            "warm_start_points": self.warm_start_points,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.manifest.with_suffix(".tmp")
@@ -172,6 +178,7 @@ def load_search(name: str, results_dir: str | Path = "slimtune_results") -> Sear
         optuna_storage=data["optuna_storage"],
         parent_run_id=data.get("parent_run_id"),
         baseline_metrics=data.get("baseline_metrics", {}),
+        warm_start_points=data.get("warm_start_points", []),
     )
     if not record.objectives or not record.task_metrics:
         # A manifest written before objectives were stored: read them from the space.
@@ -275,16 +282,19 @@ class Progress:
         failed: Trials that failed on their own (a trial lost to an interrupt is not counted:
             its slot went to a new trial).
         reasons: Failure reason -> how many failed trials gave it (from the run map).
+        stopped: Trials an early-stopping scheduler stopped (PRUNED in the study); they count
+            against the budget and are never on the front.
     """
 
     budget: int
     completed: int
     failed: int
     reasons: dict[str, int]
+    stopped: int = 0
 
     @property
     def done(self) -> int:
-        return self.completed + self.failed
+        return self.completed + self.failed + self.stopped
 
     @property
     def finished(self) -> bool:
@@ -305,6 +315,7 @@ def search_progress(record: SearchRecord) -> Progress:
     study = _study(record)
     trials = study.get_trials(deepcopy=False) if study is not None else []
     completed = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    stopped = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("failure_reason") != INTERRUPTED]
     numbers = {t.number for t in failed}
     reasons = collections.Counter(
@@ -313,7 +324,7 @@ def search_progress(record: SearchRecord) -> Progress:
         if run.get("status") == "FAILED" and run.get("reason") != INTERRUPTED and trial_number(run.get("name")) in numbers
     )
     reasons.pop("", None)
-    return Progress(budget=record.trials, completed=completed, failed=len(failed), reasons=dict(reasons))
+    return Progress(budget=record.trials, completed=completed, failed=len(failed), reasons=dict(reasons), stopped=stopped)
 
 
 def trial_number(trial_name: str | None) -> int | None:
@@ -345,6 +356,12 @@ def exported_model_dir(checkpoint: str | None):
             yield None
             return
         yield Path(tmp)
+
+
+def study_trials(record: SearchRecord) -> int:
+    """How many trials the search's study holds, in any state (enqueued ones included)."""
+    study = _study(record)
+    return len(study.get_trials(deepcopy=False)) if study is not None else 0
 
 
 def trial_state(record: SearchRecord, number: int) -> str | None:

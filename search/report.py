@@ -115,6 +115,9 @@ class Reporter:
     def trial_failed(self, record: SearchRecord, name: str, reason: str, progress: Progress) -> None:
         self.say(f"{name} FAILED ({progress.done}/{record.trials} done): {reason}")
 
+    def trial_stopped(self, record: SearchRecord, name: str, epoch: int, progress: Progress) -> None:
+        self.say(f"{name} stopped early after {plural(epoch, 'epoch')} ({progress.done}/{record.trials} done): the scheduler ranked it below the trials it kept")
+
     def trial_retried(self, name: str, reason: str) -> None:
         self.say(f"{name} failed ({reason}); retrying from its last checkpoint")
 
@@ -125,6 +128,7 @@ class Reporter:
         best = front(records)
         hv = search_hypervolume(record, records)
         failed = f", {progress.failed} failed" if progress.failed else ""
+        failed += f", {progress.stopped} stopped early" if progress.stopped else ""
         self.log(
             f"\n[slimtune] search '{record.name}' finished: {plural(progress.completed, 'completed trial')}{failed}, "
             f"{len(best)} on the Pareto front, hypervolume {hv:.4f}"

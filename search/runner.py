@@ -91,8 +91,12 @@ def run_search(
     address: str | None = None,
     results_dir: str | Path | None = None,
     log=print_now,
+    warm_start: str | None = None,
 ) -> SearchRecord:
     """Train the baseline, run every trial, write MLflow, print and return the search's record.
+
+    ``warm_start`` names an earlier search of the same results folder whose Pareto recipes run
+    as the first trials (:func:`search.warm_start.warm_start_points`).
 
     Raises:
         SearchInterrupted: SIGINT stopped the search before its budget was met.
@@ -109,7 +113,13 @@ def run_search(
     tracking = _absolute_sqlite(space.tracking_uri)
     folder = root / name
     record = SearchRecord.from_space(name, folder, space, tracking, space.optuna_storage or default_optuna_storage(tracking, folder))
+    if warm_start is not None:
+        from search.warm_start import warm_start_points
+
+        record.warm_start_points = warm_start_points(space, warm_start, root)
     reporter.started(record, space.task, space.model)
+    if warm_start is not None:
+        reporter.say(f"warm start: the first {len(record.warm_start_points)} trials are the Pareto recipes of '{warm_start}'")
     for warning in space.warnings:
         reporter.say(f"warning: {warning}")
     # What can be known before the baseline trains is refused now, before anything is written.
@@ -162,9 +172,17 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
 
 
 def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter) -> None:
-    """Train and save the baseline, open the search's parent run, save the manifest."""
+    """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest."""
+    from search.baselines import cached_baseline, store_baseline
+
     space = record.space
-    baseline_state, baseline_metrics = _baseline(space, address, reporter)
+    cached = cached_baseline(record.folder.parent, space)
+    if cached is not None:
+        baseline_state, baseline_metrics, folder, trained_by = cached
+        reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} (same task, model, baseline and training settings, seed)")
+    else:
+        baseline_state, baseline_metrics = _baseline(space, address, reporter)
+        store_baseline(record.folder.parent, space, baseline_state, baseline_metrics, record.name)
     torch.save(baseline_state, record.folder / "baseline.pt")
     record.baseline_metrics = baseline_metrics
     reporter.baseline(record, baseline_metrics)
@@ -289,7 +307,8 @@ def reconcile(record: SearchRecord) -> None:
     cut off by the driver's death is unknown to the resumed Tune, which fills its slot with a new
     trial: the study records the lost one as FAIL with the reason. Then every MLflow run takes
     its trial's state from the study: COMPLETE -> FINISHED with the study's metrics (the driver
-    may have died between telling the study and writing MLflow), anything else -> FAILED.
+    may have died between telling the study and writing MLflow), PRUNED (stopped by the
+    early-stopping scheduler) -> KILLED and tagged ``stopped_early``, anything else -> FAILED.
     """
     import optuna
 
@@ -309,6 +328,8 @@ def reconcile(record: SearchRecord) -> None:
         if trial is not None and trial.state == optuna.trial.TrialState.COMPLETE:
             if status != "FINISHED":
                 tracker.finish_trial(trial_id, run_id, dict(trial.user_attrs.get("metrics", {})), _final_checkpoint(record, number))
+        elif trial is not None and trial.state == optuna.trial.TrialState.PRUNED:
+            tracker.stop_trial_early(trial_id, run_id, int(trial.user_attrs.get("stopped_at_epoch", 0)))
         elif status != "FAILED":
             reason = trial.user_attrs.get("failure_reason", INTERRUPTED) if trial is not None else INTERRUPTED
             tracker.fail_trial(trial_id, run_id, reason)

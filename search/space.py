@@ -21,7 +21,7 @@ import yaml
 from methods import check_pipeline, create_method, get_method, hyperparameters, list_methods
 from methods._base import Range
 from errors import UserError, did_you_mean
-from search.objectives import COST_METRICS, Constraint, Objective
+from search.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
 
 __all__ = [
     "SearchSpace",
@@ -48,6 +48,10 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 }
 
 SAMPLERS = ("nsga2", "tpe", "random")
+
+#: Early stopping (``budget.scheduler``): none, Tune's ASHA on the first objective, or successive
+#: halving on the whole objective vector (:mod:`search.halving`).
+SCHEDULERS = ("fifo", "asha", "mo_asha")
 
 #: URI schemes of the MLflow stores slimtune writes to (``postgresql+psycopg2`` counts as ``postgresql``).
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
@@ -89,6 +93,14 @@ class MethodSpace:
 
 @dataclass(frozen=True)
 class Budget:
+    """``budget:``: how many trials, how long each trains, on what, and when one stops early.
+
+    ``scheduler`` is one of :data:`SCHEDULERS`; ``asha`` and ``mo_asha`` compare trials after
+    ``grace_epochs`` epochs (default: half of ``epochs``, at least 1; ``bench/early_stopping.py``
+    found a third too early: pruned models validate far below their final accuracy then), then after
+    ``reduction_factor`` times as many, and so on, keeping one in ``reduction_factor``.
+    """
+
     trials: int = 12
     concurrent: int = 2
     epochs: int = 2
@@ -96,6 +108,14 @@ class Budget:
     gpus_per_trial: float = 0.0
     max_failures: int = 1
     time_limit_s: float | None = None
+    scheduler: str = "fifo"
+    grace_epochs: int | None = None
+    reduction_factor: int = 2
+
+    @property
+    def grace(self) -> int:
+        """Epochs before a trial is first compared with the others."""
+        return self.grace_epochs or max(1, self.epochs // 2)
 
 
 @dataclass(frozen=True)
@@ -177,7 +197,7 @@ _NUMBERS: dict[str, tuple[str, type, float]] = {
     "latency_repeats": ("measure.latency_repeats", int, 1),
 }
 
-#: The budget's numbers: field -> (kind, lowest value); ``time_limit_s`` may also be null.
+#: The budget's numbers: field -> (kind, lowest value); those of ``_NULLABLE`` may also be null.
 _BUDGET_NUMBERS: dict[str, tuple[type, float]] = {
     "trials": (int, 1),
     "concurrent": (int, 1),
@@ -186,7 +206,10 @@ _BUDGET_NUMBERS: dict[str, tuple[type, float]] = {
     "gpus_per_trial": (float, 0),
     "max_failures": (int, 0),
     "time_limit_s": (float, 1),
+    "grace_epochs": (int, 1),
+    "reduction_factor": (int, 2),
 }
+_NULLABLE = ("time_limit_s", "grace_epochs")
 
 _TOP_KEYS = {
     "name", "task", "model", "baseline", "training", "methods", "objectives", "constraints",
@@ -384,7 +407,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     objectives = _objectives(r, top["objectives"], known_metrics)
     constraints = _constraints(r, top.get("constraints"), known_metrics)
 
-    budget_map = r.mapping(top.get("budget"), "budget", set(_BUDGET_NUMBERS))
+    budget_map = r.mapping(top.get("budget"), "budget", {*_BUDGET_NUMBERS, "scheduler"})
     defaults = Budget()
     sampler_map = top.get("sampler", {})
     if isinstance(sampler_map, str):
@@ -413,8 +436,9 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         "latency_repeats": measure.get("latency_repeats", SearchSpace.latency_repeats),
         "results_dir": output.get("results_dir", SearchSpace.results_dir),
         "tracking_uri": output.get("tracking_uri", SearchSpace.tracking_uri),
-        "budget": {field: budget_map.get(field, getattr(defaults, field)) for field in _BUDGET_NUMBERS},
+        "budget": {field: budget_map.get(field, getattr(defaults, field)) for field in (*_BUDGET_NUMBERS, "scheduler")},
     })  # fmt: skip
+    _check_scheduler(r, settings["budget"], objectives, constraints, task)
 
     return SearchSpace(
         task=task,
@@ -457,6 +481,33 @@ def _storage(r: _Reader, output: dict[str, Any]) -> dict[str, str | None]:
     return out
 
 
+def _check_scheduler(r: _Reader, budget: Budget, objectives: tuple[Objective, ...], constraints: tuple[Constraint, ...], task: str) -> None:
+    """An early-stopping scheduler compares trials on what they report each epoch.
+
+    ``asha`` needs the first objective to be a quality metric (or its drop), ``mo_asha`` every
+    objective and constraint to be known per epoch (:func:`search.objectives.epoch_key`).
+    """
+    from tasks import task_metrics
+
+    quality = tuple(task_metrics(task))
+    if budget.scheduler == "asha":
+        first = objectives[0].metric
+        if first not in quality and first not in {f"{m}_drop" for m in quality}:
+            raise r.error(
+                "budget.scheduler",
+                f"asha stops trials on the first objective's value at each epoch, but the first objective is {first}, "
+                f"a cost that training does not change; list {quality[0]} first under objectives, or use mo_asha.",
+            )
+    if budget.scheduler == "mo_asha":
+        for metric in [o.metric for o in objectives] + [c.metric for c in constraints]:
+            if epoch_key(metric, quality) is None:
+                raise r.error(
+                    "budget.scheduler",
+                    f"mo_asha compares trials on per-epoch objectives and constraints, but {metric} is measured only on the "
+                    f"final model; use {', '.join(EPOCH_COSTS)} for cost, or budget.scheduler: asha or fifo.",
+                )
+
+
 def _settings(r: _Reader, values: dict[str, Any]) -> dict[str, Any]:
     """Check the settings a command line can override too; return them as SearchSpace fields.
 
@@ -467,10 +518,13 @@ def _settings(r: _Reader, values: dict[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {field: r.number(values[field], key, kind, low) for field, (key, kind, low) in _NUMBERS.items()}
     budget = values["budget"]
-    out["budget"] = Budget(**{
-        field: None if field == "time_limit_s" and budget[field] is None else r.number(budget[field], f"budget.{field}", kind, low)
-        for field, (kind, low) in _BUDGET_NUMBERS.items()
-    })  # fmt: skip
+    out["budget"] = Budget(
+        **{
+            field: None if field in _NULLABLE and budget[field] is None else r.number(budget[field], f"budget.{field}", kind, low)
+            for field, (kind, low) in _BUDGET_NUMBERS.items()
+        },
+        scheduler=r.choice(budget["scheduler"], "budget.scheduler", SCHEDULERS),
+    )
     name = values["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise r.error(

@@ -3,7 +3,8 @@
 One parent run per search (the space, the baseline's metrics, the Pareto table and plot, the
 hypervolume) and one child run per trial, created with an explicit parent id, holding the
 trial's flattened parameters, per-epoch metrics, final metrics, its status (FAILED with the
-reason) and the tags ``pareto_rank`` / ``is_pareto``. A map from Tune trial id to MLflow run id is
+reason; KILLED with the tag ``stopped_early`` when the scheduler stopped it) and the tags
+``pareto_rank`` / ``is_pareto``. A map from Tune trial id to MLflow run id is
 kept in the search's results folder so a resumed search (or a retried trial) writes to the same
 child run: one child run per trial, never two.
 """
@@ -208,6 +209,19 @@ class SearchTracker:
             [self.experiment_id], filter_string="tags.`slimtune.role` = 'trial' and attributes.status = 'RUNNING'", max_results=50000
         )
         return [(r.info.run_id, r.data.tags.get("slimtune.trial_id", ""), r.info.run_name) for r in runs]
+
+    def stop_trial_early(self, trial_id: str, run_id: str, epoch: int) -> None:
+        """The early-stopping scheduler stopped the trial after ``epoch`` epochs.
+
+        The run ends KILLED with the tags ``stopped_early=true`` and ``stopped_at_epoch``; its
+        per-epoch metrics are already logged, and it has no final metrics.
+        """
+        if self.runs().get(trial_id, {}).get("status") == "STOPPED_EARLY":
+            return
+        self.client.set_tag(run_id, "stopped_early", "true")
+        self.client.set_tag(run_id, "stopped_at_epoch", str(epoch))
+        self.client.set_terminated(run_id, status="KILLED")
+        self._update_run_record(trial_id, status="STOPPED_EARLY", stopped_at_epoch=epoch)
 
     def fail_trial(self, trial_id: str, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, "failure_reason", reason[:4000])

@@ -178,12 +178,38 @@ def measure(
     })
     directions = task_metrics(space.task)
     for m in task.metrics:
-        # A drop is how much worse than the baseline: positive when accuracy falls or MSE rises.
-        if baseline is None:
-            metrics[f"{m}_drop"] = 0.0
-        else:
-            metrics[f"{m}_drop"] = baseline[m] - metrics[m] if directions[m] == "max" else metrics[m] - baseline[m]
+        metrics[f"{m}_drop"] = 0.0 if baseline is None else quality_drop(metrics[m], baseline[m], directions[m])
     return apply_reported_cost(metrics, reported_cost or {})
+
+
+def quality_drop(value: float, baseline: float, direction: str) -> float:
+    """How much worse than the baseline: positive when accuracy falls or MSE rises."""
+    return baseline - value if direction == "max" else value - baseline
+
+
+def projected_cost(spec: TrialSpec, recipe: list[dict[str, Any]]) -> dict[str, float]:
+    """The cost figures of :data:`search.objectives.EPOCH_COSTS` that the trial's final model will have.
+
+    Called by :func:`run_trial` before training when an early-stopping scheduler compares trials
+    from their first epoch. The recipe runs as in a pre-flight check (every phase one step on one
+    batch, on CPU, :func:`search.preflight.run_one_batch`) on a copy of the baseline, and the
+    result is measured as :func:`measure` does, with the methods' reported cost. Exact for methods
+    whose size is set by their hyperparameters (pruning ratios, bit widths); for methods that
+    learn what to remove it is the cost before they have learnt anything (an upper bound).
+    """
+    from search.preflight import first_batch, run_one_batch
+
+    space = spec.space
+    task = load_task(space)
+    baseline = build_model(space, task)
+    baseline.load_state_dict(spec.baseline_state)
+    baseline.eval()
+    model, pipeline, ctx = run_one_batch(recipe, space, task, copy.deepcopy(baseline), baseline, first_batch(space, task))
+    flops = count_flops(model, task.example_input(1))
+    measured = {"macs": float(flops.macs), "flops": float(flops.flops), "params": float(count_params(model)), "size_bytes": float(size_bytes(model))}
+    reported = {k: v for k, v in pipeline.cost(model, ctx).items() if k in measured}
+    figures = apply_reported_cost(measured, reported)
+    return {k: figures[k] for k in measured}
 
 
 def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
@@ -337,6 +363,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     recipe = recipe_from_config(space, config)
     device = torch.device("cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, int(space.budget.cpus_per_trial)))
+    # CPU seconds of this trial's process (a reused actor's earlier trials are not counted).
+    cpu_start = time.process_time()
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -359,10 +387,22 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     # Which node ran each epoch: a trial retried after a node failure shows both.
     node_id = ray.get_runtime_context().get_node_id()
 
+    # An early-stopping scheduler compares trials on each epoch's objective vector: validation
+    # quality and the cost the final model will have (run_pipeline reseeds, so this draws
+    # nothing from the trial's random streams).
+    epoch_cost = projected_cost(spec, recipe) if space.budget.scheduler != "fifo" else {}
+    directions = task_metrics(space.task)
+
     def report_epoch(state: TrainingState, metrics: dict[str, float]) -> None:
+        drops = {
+            f"val_{m}_drop": quality_drop(metrics[f"val_{m}"], spec.baseline_metrics[m], direction)
+            for m, direction in directions.items()
+            if f"val_{m}" in metrics and m in spec.baseline_metrics
+        }
+        epoch = {**metrics, **drops, **epoch_cost, "cpu_s": time.process_time() - cpu_start}
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "state.pt")
-            tune.report({**metrics, "recipe": json.dumps(recipe), "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report({**epoch, "recipe": json.dumps(recipe), "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
         # After a Ctrl-C the trial stops here, its epoch saved, until the driver stops Tune.
         wait_if_stopping()
 
@@ -377,6 +417,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
                     "Lower training.batch_size, or run fewer trials per GPU (budget.gpus_per_trial)."
                 ) from exc
             raise
+        metrics["cpu_s"] = time.process_time() - cpu_start
         metrics["recipe"] = json.dumps(recipe)
         metrics["node_id"] = node_id
         metrics["final"] = True

@@ -1,0 +1,239 @@
+"""Early stopping (budget.scheduler), warm start and the baseline cache.
+
+The promotion rule is tested without Ray (``search.halving``); one small search shows a stopped
+trial ending PRUNED in the study, KILLED and tagged ``stopped_early`` in MLflow, counted in the
+budget and never ranked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from errors import UserError
+from search.halving import Rungs, milestones
+from search.objectives import Constraint, Objective
+from search.pareto import best_first, crowding_distances
+from search.space import parse_space
+
+SPACE = {
+    "name": "early",
+    "task": "digits",
+    "model": "digits_cnn",
+    "baseline": {"epochs": 1},
+    "methods": {"l1_filter": {"optional": False, "params": {"ratio": {"low": 0.2, "high": 0.7}}}},
+    "objectives": {"accuracy": "max", "size_bytes": "min"},
+    # The baseline trains 1 epoch (test accuracy 0.61): a trial must beat it by 8 points.
+    "constraints": ["accuracy_drop <= -0.08"],
+    "budget": {"trials": 2, "concurrent": 1, "epochs": 2, "scheduler": "mo_asha", "grace_epochs": 1, "reduction_factor": 2},
+    "sampler": {"name": "random", "seed": 1},
+    "measure": {"latency_repeats": 1},
+}
+
+
+def _space(**budget):
+    data = copy.deepcopy(SPACE)
+    data["budget"].update(budget)
+    return parse_space(data, "early.yaml", yaml.safe_dump(data))
+
+
+def test_crowding_distance_and_best_first_order() -> None:
+    # (accuracy max, macs min): a, b, c are mutually non-dominated; d is dominated by all three.
+    points = [[0.9, 100.0], [0.8, 50.0], [0.85, 75.0], [0.7, 200.0]]
+    assert crowding_distances(points[:3], ["max", "min"]) == [math.inf, math.inf, pytest.approx(2.0)]
+    assert best_first(points, ["max", "min"]) == [0, 1, 2, 3]
+    # a breaks a constraint: every feasible point goes first, d (rank 1 among them) included.
+    assert best_first(points, ["max", "min"], [0.5, 0.0, 0.0, 0.0]) == [1, 2, 3, 0]
+
+
+def test_rungs_keep_the_best_of_each_rung_by_rank_feasibility_and_arrival() -> None:
+    rungs = Rungs(
+        objectives=(Objective("accuracy", "max"), Objective("size_bytes", "min")),
+        constraints=(Constraint("accuracy_drop", "<=", 0.1),),
+        quality=("accuracy",),
+        milestones=milestones(1, 2, 4),
+        reduction_factor=2,
+    )
+    assert rungs.milestones == (1, 2) and milestones(2, 2, 12) == (2, 4, 8) and milestones(1, 3, 18) == (1, 3, 9)
+
+    def result(accuracy: float, size: float, drop: float = 0.0) -> dict:
+        return {"val_accuracy": accuracy, "size_bytes": size, "val_accuracy_drop": drop}
+
+    assert rungs.goes_on("t0", 1, result(0.80, 100.0))  # alone at the rung
+    assert not rungs.goes_on("t1", 1, result(0.70, 120.0))  # dominated by t0: 1 of 2 goes on
+    assert rungs.goes_on("t2", 1, result(0.90, 90.0))  # dominates both: 2 of 3 go on
+    assert not rungs.goes_on("t3", 1, result(0.95, 10.0, drop=0.3))  # best objectives, but infeasible
+    assert not rungs.goes_on("t4", 1, result(0.69, 130.0))  # dominated by t0, t1 and t2: 3 of 5 go on
+    assert rungs.goes_on("t5", 1, result(0.50, 5.0))  # a new extreme of the front: 3 of 6 go on
+    assert rungs.goes_on("t1", 1, result(0.70, 120.0))  # an epoch replayed after a restore changes nothing
+    assert rungs.goes_on("t1", 3, result(0.70, 120.0))  # between rungs
+    assert rungs.goes_on("t6", 2, {"val_accuracy": 0.5})  # no size: not compared
+    assert list(rungs.recorded[1]) == ["t0", "t1", "t2", "t3", "t4", "t5"]
+
+    # Past the quota, a feasible vector that nothing at the rung dominates still goes on.
+    rungs = Rungs(rungs.objectives, rungs.constraints, ("accuracy",), (1,), reduction_factor=4)
+    assert rungs.goes_on("t0", 1, result(0.80, 100.0))
+    assert rungs.goes_on("t1", 1, result(0.70, 50.0))  # 1 of 2 by the quota (t0, the earlier), but on the front
+    assert not rungs.goes_on("t2", 1, result(0.60, 60.0))  # dominated by t1
+    assert not rungs.goes_on("t3", 1, result(0.90, 40.0, drop=0.2))  # dominates every other, but infeasible
+
+
+def test_budget_scheduler_is_validated() -> None:
+    space = _space(epochs=6, grace_epochs=None)
+    assert (space.budget.scheduler, space.budget.grace, space.budget.reduction_factor) == ("mo_asha", 3, 2)
+    assert parse_space({k: v for k, v in SPACE.items() if k != "budget"}).budget.scheduler == "fifo"
+    with pytest.raises(UserError, match=r"^early.yaml: budget.scheduler: must be one of fifo, asha, mo_asha, but got 'hyperband'\.$"):
+        _space(scheduler="hyperband")
+    with pytest.raises(UserError, match=r"budget.reduction_factor: must be >= 2, but got 1"):
+        _space(reduction_factor=1)
+    data = copy.deepcopy(SPACE)
+    data["objectives"] = {"size_bytes": "min", "accuracy": "max"}
+    data["budget"]["scheduler"] = "asha"
+    with pytest.raises(UserError, match=r"budget.scheduler: asha stops trials on the first objective's value .* is size_bytes"):
+        parse_space(data, "early.yaml")
+    data["objectives"] = {"accuracy": "max", "latency_ms": "min"}
+    data["budget"]["scheduler"] = "mo_asha"
+    with pytest.raises(UserError, match=r"budget.scheduler: mo_asha compares .* but latency_ms is measured only on the final model"):
+        parse_space(data, "early.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start.
+# ----------------------------------------------------------------------------------------------
+
+
+def _earlier_search(root: Path, ratios: list[float], accuracies: list[float]) -> None:
+    """A finished search 'first' in ``root``: manifest and a study of l1_filter trials."""
+    from search.record import SearchRecord
+
+    space = _space()
+    storage = f"sqlite:///{root}/optuna.db"
+    record = SearchRecord.from_space("first", root / "first", space, f"sqlite:///{root}/mlflow.db", storage)
+    record.save()
+    study = optuna.create_study(study_name="first", storage=storage, directions=["maximize", "minimize"])
+    for ratio, accuracy in zip(ratios, accuracies):
+        metrics = {"accuracy": accuracy, "size_bytes": 1000 * (1 - ratio), "accuracy_drop": -0.2}
+        recipe = [{"name": "l1_filter", "params": {"ratio": ratio}}]
+        study.add_trial(optuna.trial.create_trial(values=[accuracy, metrics["size_bytes"]], user_attrs={"metrics": metrics, "recipe": json.dumps(recipe)}))
+
+
+def test_warm_start_enqueues_the_pareto_recipes_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    from search._tune import make_searcher
+    from search.warm_start import warm_start_points
+
+    # Trial 2 (ratio 0.3, accuracy 0.8) is dominated by trial 0 (ratio 0.3 too, accuracy 0.9).
+    _earlier_search(tmp_path, [0.3, 0.6, 0.3], [0.9, 0.7, 0.8])
+    points = warm_start_points(_space(), "first", tmp_path)
+    assert points == [{"l1_filter/ratio": 0.3}, {"l1_filter/ratio": 0.6}]
+    searcher = make_searcher(_space(), "second", f"sqlite:///{tmp_path}/second.db", points)
+    waiting = searcher._ot_study.get_trials(states=[optuna.trial.TrialState.WAITING])
+    assert [t.system_attrs["fixed_params"] for t in waiting] == points
+
+    with pytest.raises(UserError, match=r"^--warm-start nope: no search named 'nope'"):
+        warm_start_points(_space(), "nope", tmp_path)
+    narrow = copy.deepcopy(SPACE)
+    narrow["methods"]["l1_filter"]["params"]["ratio"] = {"low": 0.4, "high": 0.7}
+    with pytest.raises(UserError, match=r"^--warm-start first: trial_000's recipe has l1_filter.ratio = 0.3, outside this space's range \[0.4, 0.7\]\.$"):
+        warm_start_points(parse_space(narrow, "narrow.yaml"), "first", tmp_path)
+    other = copy.deepcopy(SPACE)
+    other["methods"] = {"minmax_quant": {"optional": False}}
+    with pytest.raises(UserError, match=r"trial_000's recipe uses method l1_filter, which this space does not list under methods"):
+        warm_start_points(parse_space(other, "other.yaml"), "first", tmp_path)
+    other = copy.deepcopy(SPACE)
+    other["task"] = {"name": "digits", "options": {"val_fraction": 0.2}}
+    with pytest.raises(UserError, match=r"that search ran task 'digits', this space runs task 'digits' with options \{'val_fraction': 0.2\}"):
+        warm_start_points(parse_space(other, "other.yaml"), "first", tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline cache.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Tracker:
+    def start_parent(self, *args, **kwargs) -> str:
+        return "parent"
+
+
+def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, monkeypatch) -> None:
+    import search.runner
+    from search.baselines import cached_baseline
+    from search.record import SearchRecord
+    from search.report import Reporter
+
+    trained = []
+
+    def train(space, address, reporter):
+        trained.append(space.lr)
+        return {"w": torch.full((2,), float(len(trained)))}, {"accuracy": 0.5 + len(trained) / 10}
+
+    monkeypatch.setattr(search.runner, "_baseline", train)
+    lines: list[str] = []
+    spaces = {"a": _space(), "b": _space(), "c": _space().with_overrides(lr=0.01)}
+    records = {}
+    for name, space in spaces.items():
+        record = SearchRecord.from_space(name, tmp_path / name, space, "sqlite:///unused.db", "sqlite:///unused-optuna.db")
+        record.tracker = _Tracker
+        record.save()
+        search.runner._prepare_baseline(record, None, Reporter(lines.append))
+        records[name] = record
+    # b has a's key and reuses a's baseline; c trains with another learning rate.
+    assert trained == [0.05, 0.01]
+    assert torch.load(tmp_path / "b" / "baseline.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
+    assert torch.load(tmp_path / "c" / "baseline.pt", weights_only=True)["w"].tolist() == [2.0, 2.0]
+    assert (records["a"].baseline_metrics, records["b"].baseline_metrics, records["c"].baseline_metrics) == ({"accuracy": 0.6}, {"accuracy": 0.6}, {"accuracy": 0.7})
+    folder = cached_baseline(tmp_path, spaces["a"])[2]
+    assert [line for line in lines if "reused" in line] == [
+        f"[slimtune] reused the baseline trained by search 'a' from {folder} (same task, model, baseline and training settings, seed)"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# One search with mo_asha (Ray on 127.0.0.1).
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from search.record import completed_records, search_progress
+    from search.runner import run_search
+
+    space = tmp_path / "early.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    lines: list[str] = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        record = run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lines.append)
+    study = optuna.load_study(study_name="early", storage=record.optuna_storage)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    # The first trial is alone at the rung (epoch 1) and goes on. The second (l1_filter ratio 0.56
+    # against 0.41) validates at 0.65 after 1 epoch, 0.03 above the baseline: infeasible, it stops.
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    for t in pruned:
+        assert t.user_attrs["stopped_at_epoch"] == 1
+        metrics = t.user_attrs["metrics"]
+        # The cost the final model will have, known from the first epoch, and the trial's CPU time.
+        assert metrics["size_bytes"] < record.baseline_metrics["size_bytes"] and metrics["cpu_s"] > 0
+        assert 0 < metrics["val_accuracy"] <= 1
+    progress = search_progress(record)
+    assert (progress.done, progress.completed, progress.stopped, progress.finished) == (2, 1, 1, True)
+    assert sorted(r.number for r in completed_records(record)) == [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    children = [r for r in client.search_runs([client.get_experiment_by_name("early").experiment_id]) if r.data.tags.get("slimtune.role") == "trial"]
+    stopped = {r.info.run_name for r in children if r.info.status == "KILLED" and r.data.tags.get("stopped_early") == "true"}
+    assert stopped == {f"trial_{t.number:03d}" for t in pruned}
+    assert all("is_pareto" not in r.data.tags for r in children if r.info.run_name in stopped)
+    runs = json.loads((record.folder / "runs.json").read_text())
+    assert {r["name"] for r in runs.values() if r["status"] == "STOPPED_EARLY"} == stopped
+    assert sum("stopped early after 1 epoch" in line for line in lines) == len(pruned), lines
