@@ -1,0 +1,149 @@
+"""The Optuna samplers a space can name, and asking a study for a configuration not tried yet.
+
+Used by the Tune searcher (:mod:`search._tune`, :mod:`search._private`) and by
+``bench/search_quality.py``, which measured the default: see README's "Choosing a sampler".
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from search.objectives import Constraint, constraint_values
+
+__all__ = [
+    "make_sampler",
+    "startup_trials",
+    "population_size",
+    "config_key",
+    "ask_distinct",
+    "tell_metrics",
+    "DUPLICATE_OF",
+    "MAX_ASKS",
+]
+
+#: User attribute of a study trial that was asked, found equal to trial ``DUPLICATE_OF`` and
+#: closed as FAIL without being trained (samplers skip failed trials).
+DUPLICATE_OF = "duplicate_of"
+
+#: Asks per new trial before the search counts the space as exhausted.
+MAX_ASKS = 20
+
+#: Trial states whose configuration counts as tried: running or waiting (another trial is on it)
+#: and finished with a result (complete, or stopped early by a scheduler). A failed trial's
+#: configuration may be proposed again.
+TRIED = (
+    optuna.trial.TrialState.RUNNING,
+    optuna.trial.TrialState.WAITING,
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+)
+
+
+def startup_trials(trials: int) -> int:
+    """Random trials before a model-based sampler (TPE, GP) fits: a quarter of the budget, 4 to 10."""
+    return max(4, min(10, trials // 4))
+
+
+def population_size(trials: int) -> int:
+    """NSGA-II's population for a budget of ``trials``: about four generations, 4 to 50."""
+    return max(4, min(50, trials // 4))
+
+
+def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler ``name`` (``tpe``, ``nsga2``, ``gp`` or ``random``), seeded and sized for ``trials``.
+
+    Called once per search when its study is created (and by the bench for each run).
+    TPE is multivariate over groups of parameters that appear together (a method's parameters
+    exist only when the method is on) and puts a running trial's configuration among the bad
+    ones while it runs (constant liar), so concurrent trials are steered apart. Constraints
+    reach every sampler through ``Trial.set_constraint``.
+
+    Raises:
+        ValueError: ``name`` is not one of the four.
+    """
+    if name == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # ``group``
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=startup_trials(trials)
+            )
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=population_size(trials), seed=seed)
+    if name == "gp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler must be one of tpe, nsga2, gp, random, got {name!r}.")
+
+
+def config_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """What makes two trials the same configuration: their sampled parameters, by name."""
+    return tuple(sorted(params.items()))
+
+
+def ask_distinct(
+    study: optuna.Study, define: Callable[[optuna.Trial], Any], max_asks: int = MAX_ASKS
+) -> optuna.Trial | None:
+    """Ask ``study`` for a trial whose configuration no running or finished trial has.
+
+    Called whenever a new trial is to start. ``define`` samples the configuration on the asked
+    trial (the space's define-by-run function). A trial found equal to a tried one is closed as
+    FAIL with the user attribute :data:`DUPLICATE_OF` (the tried trial's number) and the study
+    is asked again: samplers skip failed trials, so the closed trial changes nothing they learn,
+    and their random state has moved on, so the next proposal differs.
+
+    Returns:
+        The new trial, still running; None when ``max_asks`` proposals in a row were all tried
+        already (the space is exhausted, or the sampler has converged on what it has tried).
+    """
+    for _ in range(max_asks):
+        trial = study.ask()
+        define(trial)
+        key = config_key(trial.params)
+        twin = next(
+            (
+                other.number
+                for other in study.get_trials(deepcopy=False, states=TRIED)
+                if other.number != trial.number and config_key(other.params) == key
+            ),
+            None,
+        )
+        if twin is None:
+            return trial
+        trial.set_user_attr(DUPLICATE_OF, twin)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return None
+
+
+def tell_metrics(
+    study: optuna.Study, number: int, metrics: dict[str, Any] | None, objectives: list[str], constraints: tuple[Constraint, ...]
+) -> bool:
+    """End trial ``number`` with a trial's final ``metrics``, or as FAIL when there are none.
+
+    Called once per trial when it ends. The study keeps the numeric metrics, the recipe and one
+    constraint value per constraint (<= 0 when it holds), which samplers and ``best_trials``
+    read. A missing or non-finite objective fails the trial: it is never a point of the front.
+
+    Returns:
+        Whether the trial ended COMPLETE.
+    """
+    trial = optuna.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
+    if metrics is not None:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        trial.set_user_attr("metrics", numbers)
+        trial.set_user_attr("recipe", metrics.get("recipe", "[]"))
+        for constraint, value in zip(constraints, constraint_values(constraints, numbers)):
+            trial.set_constraint(str(constraint), value)
+        # Optuna ends a trial with a missing or non-finite objective as FAIL (with a warning).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ended = study.tell(number, [numbers.get(m) for m in objectives])
+        return ended.state == optuna.trial.TrialState.COMPLETE
+    study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return False
