@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="sampler seeds 0..N-1 (the baseline and training keep the space's seed)")
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=None, help="running trials (default: the space's budget.concurrent)")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/search_quality"))
+    parser.add_argument("--out", type=Path, default=Path("slimtune_results/search_quality"))
     parser.add_argument("--report-only", action="store_true", help="only tabulate the runs stored (the longest of each sampler and seed)")
     args = parser.parse_args()
 

@@ -23,6 +23,7 @@ __all__ = [
     "tell_metrics",
     "DUPLICATE_OF",
     "MAX_ASKS",
+    "SAMPLER_ASKS",
 ]
 
 #: User attribute of a study trial that was asked, found equal to trial ``DUPLICATE_OF`` and
@@ -31,6 +32,9 @@ DUPLICATE_OF = "duplicate_of"
 
 #: Asks per new trial before the search counts the space as exhausted.
 MAX_ASKS = 20
+
+#: Of those, the asks answered by the study's sampler; the rest sample at random.
+SAMPLER_ASKS = 3
 
 #: Trial states whose configuration counts as tried: running or waiting (another trial is on it)
 #: and finished with a result (complete, or stopped early by a scheduler). A failed trial's
@@ -88,37 +92,46 @@ def config_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def ask_distinct(
-    study: optuna.Study, define: Callable[[optuna.Trial], Any], max_asks: int = MAX_ASKS
+    study: optuna.Study, define: Callable[[optuna.Trial], Any], max_asks: int = MAX_ASKS, sampler_asks: int = SAMPLER_ASKS
 ) -> optuna.Trial | None:
     """Ask ``study`` for a trial whose configuration no running or finished trial has.
 
     Called whenever a new trial is to start. ``define`` samples the configuration on the asked
     trial (the space's define-by-run function). A trial found equal to a tried one is closed as
     FAIL with the user attribute :data:`DUPLICATE_OF` (the tried trial's number) and the study
-    is asked again: samplers skip failed trials, so the closed trial changes nothing they learn,
-    and their random state has moved on, so the next proposal differs.
+    is asked again; samplers skip failed trials, so the closed trial changes nothing they learn.
+    The study's sampler proposes the first ``sampler_asks`` times; a model-based sampler that
+    has converged on a tried configuration (TPE on a method with one discrete parameter) can
+    propose it over and over, so the remaining asks sample at random (seeded by the study's
+    trial count, so a seeded search stays reproducible).
 
     Returns:
         The new trial, still running; None when ``max_asks`` proposals in a row were all tried
-        already (the space is exhausted, or the sampler has converged on what it has tried).
+        already (the space is exhausted).
     """
-    for _ in range(max_asks):
-        trial = study.ask()
-        define(trial)
-        key = config_key(trial.params)
-        twin = next(
-            (
-                other.number
-                for other in study.get_trials(deepcopy=False, states=TRIED)
-                if other.number != trial.number and config_key(other.params) == key
-            ),
-            None,
-        )
-        if twin is None:
-            return trial
-        trial.set_user_attr(DUPLICATE_OF, twin)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    return None
+    sampler = study.sampler
+    try:
+        for attempt in range(max_asks):
+            if attempt == sampler_asks:
+                study.sampler = optuna.samplers.RandomSampler(seed=len(study.get_trials(deepcopy=False)))
+            trial = study.ask()
+            define(trial)
+            key = config_key(trial.params)
+            twin = next(
+                (
+                    other.number
+                    for other in study.get_trials(deepcopy=False, states=TRIED)
+                    if other.number != trial.number and config_key(other.params) == key
+                ),
+                None,
+            )
+            if twin is None:
+                return trial
+            trial.set_user_attr(DUPLICATE_OF, twin)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+    finally:
+        study.sampler = sampler
 
 
 def tell_metrics(

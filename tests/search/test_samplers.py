@@ -89,3 +89,17 @@ def test_the_tune_searcher_ends_the_search_when_every_configuration_is_taken() -
     configs = [searcher.suggest(f"t{i}") for i in range(2)]
     assert sorted(c["minmax_quant"]["bits"] for c in configs) == [4, 8]
     assert searcher.suggest("t2") == Searcher.FINISHED
+
+
+def test_a_sampler_stuck_on_a_tried_configuration_is_overruled_by_random_proposals() -> None:
+    # A sampler that always proposes bits=2, as TPE does once it has converged on it.
+    stuck = optuna.samplers.PartialFixedSampler({"minmax_quant/bits": 2}, optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=stuck)
+    first = ask_distinct(study, bits)
+    tell_metrics(study, first.number, {"accuracy": 0.9, "macs": 10.0}, ["accuracy", "macs"], ())
+    second = ask_distinct(study, bits, sampler_asks=3)
+    assert (first.params, second.params["minmax_quant/bits"] in (4, 8)) == ({"minmax_quant/bits": 2}, True)
+    refused = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    # The sampler's three proposals were refused, then random proposals until one was new.
+    assert len(refused) >= 3 and all(t.user_attrs[DUPLICATE_OF] == first.number for t in refused)
+    assert study.sampler is stuck
