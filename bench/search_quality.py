@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from search import samplers  # noqa: E402
+from search.samplers import DUPLICATE_OF  # noqa: E402
 from search._tune import SpaceDefinition  # noqa: E402
 from search.pareto import hypervolume  # noqa: E402
 from search.space import SearchSpace, load_space  # noqa: E402
@@ -118,7 +119,8 @@ def unflatten(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def simulate(space: SearchSpace, cache: TrialCache, sampler: str, seed: int, trials: int, concurrent: int) -> list[dict[str, Any]]:
-    """One search: the finished trials in the order they finished, each with its metrics and costs."""
+    """One search: the finished trials in the order they finished, each with its metrics, its costs
+    and how many proposals equal to a tried configuration were refused before it was asked."""
     study = optuna.create_study(
         directions=["maximize" if mode == "max" else "minimize" for mode in space.modes],
         sampler=samplers.make_sampler(sampler, seed, trials),
@@ -126,17 +128,19 @@ def simulate(space: SearchSpace, cache: TrialCache, sampler: str, seed: int, tri
     define = SpaceDefinition(space)
     running: list[tuple[float, int, dict[str, Any]]] = []  # (finish time, number, cache entry)
     finished: list[dict[str, Any]] = []
-    clock, started, exhausted = 0.0, 0, False
+    clock, started, exhausted, refused_before = 0.0, 0, False, 0
     while running or (started < trials and not exhausted):
         while len(running) < concurrent and started < trials and not exhausted:
             ask_start = time.process_time()
             trial = samplers.ask_distinct(study, define)
             ask_s = time.process_time() - ask_start
+            refused = sum(DUPLICATE_OF in t.user_attrs for t in study.get_trials(deepcopy=False)) - refused_before
+            refused_before += refused
             if trial is None:
                 exhausted = True
                 break
             entry = cache.run(recipe_from_config(space, unflatten(trial.params)))
-            running.append((clock + entry["cpu_s"], trial.number, {**entry, "ask_s": ask_s}))
+            running.append((clock + entry["cpu_s"], trial.number, {**entry, "ask_s": ask_s, "refused": refused}))
             started += 1
         if not running:
             break
@@ -212,6 +216,10 @@ def report(space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, An
     for name in runs:
         cells = [spread(list(hv[name][:, t - 1])) if t <= hv[name].shape[1] else "-" for t in marks]
         print(f"{name:<8}{len(runs[name]):>6}" + "".join(f"{cell:>22}" for cell in cells) + f"{cpu[name][:, -1].mean():>13.0f}")
+    # Runs stored before the bench counted refusals have no "refused" field: left out.
+    refused = {name: [sum(e["refused"] for e in run) for _, run in seeds if all("refused" in e for e in run)] for name, seeds in runs.items()}
+    print("proposals equal to a running or finished trial, refused and resampled, mean per run: "
+          + ", ".join(f"{name} {statistics.mean(counts):.1f} (max {max(counts)})" for name, counts in refused.items() if counts))
     if "random" not in hv:
         return
     random_length = hv["random"].shape[1]
