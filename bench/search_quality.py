@@ -259,6 +259,7 @@ def main() -> None:
     parser.add_argument("--spaces", nargs="+", default=["quickstart", "digits_gal"], help="space names under spaces/, or paths")
     parser.add_argument("--samplers", nargs="+", default=["random", "nsga2", "tpe", "gp"], choices=["random", "nsga2", "tpe", "gp"])
     parser.add_argument("--seeds", type=int, default=5, help="sampler seeds 0..N-1 (the baseline and training keep the space's seed)")
+    parser.add_argument("--only-seeds", type=int, nargs="+", help="run only these of the seeds (to split a bench across processes)")
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=None, help="running trials (default: the space's budget.concurrent)")
     parser.add_argument("--out", type=Path, default=Path("slimtune_results/search_quality"))
@@ -297,6 +298,8 @@ def main() -> None:
                     if not stored:
                         continue
                     run_file = stored[-1]
+                if not run_file.is_file() and args.only_seeds is not None and seed not in args.only_seeds:
+                    continue
                 if not run_file.is_file():
                     start = time.perf_counter()
                     run = simulate(space, cache, sampler, seed, args.trials, space.budget.concurrent)
