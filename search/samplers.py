@@ -97,19 +97,21 @@ def ask_distinct(
     """Ask ``study`` for a trial whose configuration no running or finished trial has.
 
     Called whenever a new trial is to start. ``define`` samples the configuration on the asked
-    trial (the space's define-by-run function). A trial found equal to a tried one is closed as
-    FAIL with the user attribute :data:`DUPLICATE_OF` (the tried trial's number) and the study
-    is asked again; samplers skip failed trials, so the closed trial changes nothing they learn.
-    The study's sampler proposes the first ``sampler_asks`` times; a model-based sampler that
-    has converged on a tried configuration (TPE on a method with one discrete parameter) can
-    propose it over and over, so the remaining asks sample at random (seeded by the study's
-    trial count, so a seeded search stays reproducible).
+    trial (the space's define-by-run function). A trial found equal to a tried one is refused:
+    it stays running while the study is asked again, so a sampler that reads running trials
+    (TPE's constant liar, GP's pending points) steers away from it, and is then closed as FAIL
+    with the user attribute :data:`DUPLICATE_OF` (the tried trial's number); samplers skip
+    failed trials, so the refusal leaves nothing behind that they learn from. The study's
+    sampler proposes the first ``sampler_asks`` times; the remaining asks sample at random
+    (seeded by the study's trial count, so a seeded search stays reproducible), for a sampler
+    that has converged on a tried configuration.
 
     Returns:
         The new trial, still running; None when ``max_asks`` proposals in a row were all tried
         already (the space is exhausted).
     """
     sampler = study.sampler
+    refused: list[optuna.Trial] = []
     try:
         for attempt in range(max_asks):
             if attempt == sampler_asks:
@@ -121,17 +123,19 @@ def ask_distinct(
                 (
                     other.number
                     for other in study.get_trials(deepcopy=False, states=TRIED)
-                    if other.number != trial.number and config_key(other.params) == key
+                    if other.number != trial.number and DUPLICATE_OF not in other.user_attrs and config_key(other.params) == key
                 ),
                 None,
             )
             if twin is None:
                 return trial
             trial.set_user_attr(DUPLICATE_OF, twin)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            refused.append(trial)
         return None
     finally:
         study.sampler = sampler
+        for trial in refused:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def tell_metrics(

@@ -75,7 +75,8 @@ def test_samplers_are_sized_for_the_budget() -> None:
 def test_the_tune_searcher_ends_the_search_when_every_configuration_is_taken() -> None:
     from ray.tune.search import Searcher
 
-    from search._tune import make_searcher
+    from search._private import SlimtuneOptunaSearch
+    from search._tune import SpaceDefinition
 
     space = parse_space({
         "name": "dedupe",
@@ -85,7 +86,15 @@ def test_the_tune_searcher_ends_the_search_when_every_configuration_is_taken() -
         "objectives": {"accuracy": "max", "macs": "min"},
         "sampler": {"name": "tpe", "seed": 0},
     })  # fmt: skip
-    searcher = make_searcher(space, "dedupe", "sqlite:///:memory:")
+    searcher = SlimtuneOptunaSearch(
+        space=SpaceDefinition(space),
+        metric=space.metric_names,
+        mode=space.modes,
+        sampler=make_sampler(space.sampler, space.seed, trials=8),
+        study_name="dedupe",
+        storage=optuna.storages.InMemoryStorage(),
+        search_space=space,
+    )
     configs = [searcher.suggest(f"t{i}") for i in range(2)]
     assert sorted(c["minmax_quant"]["bits"] for c in configs) == [4, 8]
     assert searcher.suggest("t2") == Searcher.FINISHED
