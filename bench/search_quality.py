@@ -54,7 +54,7 @@ from search import samplers  # noqa: E402
 from search.samplers import DUPLICATE_OF  # noqa: E402
 from search._tune import SpaceDefinition  # noqa: E402
 from search.pareto import hypervolume  # noqa: E402
-from search.space import SearchSpace, load_space  # noqa: E402
+from search.space import SAMPLERS, SearchSpace, load_space  # noqa: E402
 from search.trial import TrialSpec, recipe_from_config, run_pipeline, train_baseline  # noqa: E402
 
 #: Trial counts the table reports.
@@ -257,7 +257,7 @@ def report(space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spaces", nargs="+", default=["quickstart", "digits_gal"], help="space names under spaces/, or paths")
-    parser.add_argument("--samplers", nargs="+", default=["random", "nsga2", "tpe", "gp"], choices=["random", "nsga2", "tpe", "gp"])
+    parser.add_argument("--samplers", nargs="+", default=["random", "nsga2", "tpe", "gp"], choices=SAMPLERS)
     parser.add_argument("--seeds", type=int, default=5, help="sampler seeds 0..N-1 (the baseline and training keep the space's seed)")
     parser.add_argument("--only-seeds", type=int, nargs="+", help="run only these of the seeds (to split a bench across processes)")
     parser.add_argument("--trials", type=int, default=64)

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 
 from search.objectives import Constraint, constraint_values
+from search.space import SAMPLERS
 
 __all__ = [
     "make_sampler",
@@ -83,7 +84,7 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"sampler must be one of tpe, nsga2, gp, random, got {name!r}.")
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}.")
 
 
 def config_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
