@@ -1,6 +1,6 @@
 """Per-trial overhead of `slimtune search` against the same trial body in a plain loop.
 
-One fixed recipe (l1_filter ratio 0.5 followed by kd, on digits) runs N times twice:
+One recipe (l1_filter ratio 0.5 followed by kd, on digits) runs N times twice:
 
 (a) plain: ``train_baseline`` once, then ``run_pipeline`` N times in this process;
 (b) search: ``run_search`` with the same space, N trials, one at a time (Ray on 127.0.0.1,
@@ -39,7 +39,9 @@ methods:
     params: {{ratio: 0.5}}
   kd:
     optional: false
-    params: {{temperature: 4.0, weight: 1.0}}
+    # A search trains a configuration once (search.samplers.ask_distinct): a temperature range
+    # this narrow gives each trial its own configuration at the same cost.
+    params: {{temperature: {{low: 3.99, high: 4.01}}, weight: 1.0}}
 objectives: {{accuracy: max, macs: min, size_bytes: min}}
 budget: {{trials: {trials}, concurrent: 1, epochs: {epochs}, cpus_per_trial: 1}}
 sampler: {{name: random, seed: 0}}
@@ -55,7 +57,7 @@ def plain_loop(space, trials: int, tmp: Path) -> tuple[float, list[float]]:
     model, metrics = train_baseline(space, "cpu", log=lambda m: None)
     baseline_s = time.perf_counter() - start
     spec = TrialSpec(space=space, baseline_state={k: v.detach().clone() for k, v in model.state_dict().items()}, baseline_metrics=metrics)
-    recipe = recipe_from_config(space, {})
+    recipe = recipe_from_config(space, {"kd": {"temperature": 4.0}})
     # A Tune trial runs with torch.set_num_threads(cpus_per_trial); do the same here.
     torch.set_num_threads(max(1, int(space.budget.cpus_per_trial)))
     times = []

@@ -22,7 +22,9 @@ model: digits_cnn
 baseline: {{epochs: 2}}
 training: {{batch_size: 32}}
 methods:
-  l1_filter: {{optional: false, params: {{ratio: 0.5}}}}
+  # A search trains a configuration once (search.samplers.ask_distinct): this narrow range gives
+  # each trial its own configuration at the same cost.
+  l1_filter: {{optional: false, params: {{ratio: {{low: 0.49, high: 0.51}}}}}}
   kd: {{optional: false}}
 objectives: {{accuracy: max, macs: min}}
 budget: {{trials: {trials}, concurrent: 2, epochs: {epochs}, cpus_per_trial: 1}}

@@ -12,10 +12,11 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from errors import UserError
-from search.objectives import constraint_values
+from search.samplers import ask_distinct, tell_metrics
 
 if TYPE_CHECKING:
     from search.space import SearchSpace
@@ -131,20 +132,20 @@ class SlimtuneOptunaSearch(OptunaSearch):
         stored = self._ot_study.get_trials(deepcopy=False)[number]
         if stored.state.is_finished():
             return
-        trial = optuna.Trial(self._ot_study, stored._trial_id)
-        trial.set_user_attr("tune_trial_id", trial_id)
-        if result and not error and result.get("final"):
-            metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            trial.set_user_attr("metrics", metrics)
-            trial.set_user_attr("recipe", result.get("recipe", "[]"))
-            constraints = self._slimtune_space.constraints
-            for constraint, value in zip(constraints, constraint_values(constraints, metrics)):
-                trial.set_constraint(str(constraint), value)
-            values = [metrics.get(m) for m in self._slimtune_space.metric_names]
-            try:
-                self._ot_study.tell(number, values)
-                return
-            except ValueError:  # a missing or non-finite objective: Optuna refuses the point
-                pass
-        self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
+        optuna.Trial(self._ot_study, stored._trial_id).set_user_attr("tune_trial_id", trial_id)
+        final = result if result and not error and result.get("final") else None
+        space = self._slimtune_space
+        tell_metrics(self._ot_study, number, final, space.metric_names, space.constraints)
 
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """Called by Tune for each new trial: a configuration no running or finished trial has.
+
+        Ends the search (Tune's ``FINISHED``) when :func:`search.samplers.ask_distinct` finds
+        only tried configurations, as in a small discrete space with more trials than members.
+        """
+        if trial_id not in self._ot_trials:
+            trial = ask_distinct(self._ot_study, lambda t: self._suggest_from_define_by_run_func(self._space, t))
+            if trial is None:
+                return Searcher.FINISHED
+            self._ot_trials[trial_id] = trial
+        return super().suggest(trial_id)

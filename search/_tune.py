@@ -17,6 +17,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from methods import get_method, hyperparameters
+from search import samplers
 from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial, stop_tune_run
 from search.graceful_stop import GracefulStop, sigint_stops_gracefully
 from search.halving import Rungs, milestones
@@ -31,19 +32,8 @@ __all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "make_scheduler",
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """NSGA-II (default), TPE or random, seeded.
-
-    Constraints reach the samplers through ``Trial.set_constraint`` (see
-    :class:`search._private.SlimtuneOptunaSearch`), which Optuna 5's samplers and ``best_trials``
-    read.
-    """
-    if space.sampler == "nsga2":
-        # A small population lets a laptop-sized budget run several generations.
-        population = max(4, min(50, space.budget.trials // 3))
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=space.seed)
-    if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=max(2, min(10, space.budget.trials // 3)))
-    return optuna.samplers.RandomSampler(seed=space.seed)
+    """The space's sampler, seeded and sized for its budget (:func:`search.samplers.make_sampler`)."""
+    return samplers.make_sampler(space.sampler, space.seed, space.budget.trials)
 
 
 class SpaceDefinition:

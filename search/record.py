@@ -316,7 +316,14 @@ def search_progress(record: SearchRecord) -> Progress:
     trials = study.get_trials(deepcopy=False) if study is not None else []
     completed = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     stopped = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
-    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("failure_reason") != INTERRUPTED]
+    from search.samplers import DUPLICATE_OF
+
+    # A proposal equal to a tried configuration is closed as FAIL without running: not a failure.
+    failed = [
+        t
+        for t in trials
+        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("failure_reason") != INTERRUPTED and DUPLICATE_OF not in t.user_attrs
+    ]
     numbers = {t.number for t in failed}
     reasons = collections.Counter(
         run.get("reason", "")

@@ -47,7 +47,8 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     **{metric: (0.0, math.inf) for metric in COST_METRICS},
 }
 
-SAMPLERS = ("nsga2", "tpe", "random")
+#: The samplers a space can name (``sampler.name``), the default first; :mod:`search.samplers` builds them.
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 #: Early stopping (``budget.scheduler``): none, Tune's ASHA on the first objective, or successive
 #: halving on the whole objective vector (:mod:`search.halving`).
@@ -138,7 +139,7 @@ class SearchSpace:
     objectives: tuple[Objective, ...]
     constraints: tuple[Constraint, ...]
     budget: Budget
-    sampler: str = "nsga2"
+    sampler: str = SAMPLERS[0]
     seed: int = 0
     batch_size: int = 64
     lr: float = 0.05
@@ -449,7 +450,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         methods=methods,
         objectives=objectives,
         constraints=constraints,
-        sampler=r.choice(sampler_map.get("name", "nsga2"), "sampler.name", SAMPLERS),
+        sampler=r.choice(sampler_map.get("name", SearchSpace.sampler), "sampler.name", SAMPLERS),
         optimizer=r.choice(training.get("optimizer", "sgd"), "training.optimizer", OPTIMIZERS),
         optuna_storage=storage["optuna_storage"],
         checkpoint_storage=storage["checkpoint_storage"],

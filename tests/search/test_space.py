@@ -33,7 +33,7 @@ def test_quickstart_loads() -> None:
     space = load_space(QUICKSTART)
     assert [m.name for m in space.methods] == ["l1_filter", "kd", "minmax_quant"]
     assert [(o.metric, o.direction) for o in space.objectives] == [("accuracy", "max"), ("macs", "min"), ("size_bytes", "min")]
-    assert (space.task, space.model, space.sampler) == ("digits", "digits_cnn", "nsga2")
+    assert (space.task, space.model, space.sampler) == ("digits", "digits_cnn", "tpe")
     assert [str(c) for c in space.constraints] == ["accuracy_drop <= 0.1"]
     assert (space.budget.trials, space.budget.epochs, space.baseline_epochs) == (12, 3, 15)
     l1 = space.methods[0]
@@ -202,7 +202,7 @@ BAD = [
         "bad sampler",
         _set("sampler", {"name": "nsga"}),
         "sampler.name: ",
-        ["must be one of nsga2, tpe, random, but got 'nsga'", "Did you mean 'nsga2'"],
+        ["must be one of tpe, nsga2, gp, random, but got 'nsga'", "Did you mean 'nsga2'"],
     ),
     ("missing task", _delete("task"), "task: ", ["is missing", "every space names a task, a model, methods and objectives"]),
 ]

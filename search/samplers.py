@@ -1,0 +1,167 @@
+"""The Optuna samplers a space can name, and asking a study for a configuration not tried yet.
+
+Used by the Tune searcher (:mod:`search._tune`, :mod:`search._private`) and by
+``bench/search_quality.py``, which measured the default: see README's "Choosing a sampler".
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from search.objectives import Constraint, constraint_values
+from search.space import SAMPLERS
+
+__all__ = [
+    "make_sampler",
+    "startup_trials",
+    "population_size",
+    "config_key",
+    "ask_distinct",
+    "tell_metrics",
+    "DUPLICATE_OF",
+    "MAX_ASKS",
+    "SAMPLER_ASKS",
+]
+
+#: User attribute of a study trial that was asked, found equal to trial ``DUPLICATE_OF`` and
+#: closed as FAIL without being trained (samplers skip failed trials).
+DUPLICATE_OF = "duplicate_of"
+
+#: Asks per new trial before the search counts the space as exhausted.
+MAX_ASKS = 20
+
+#: Of those, the asks answered by the study's sampler; the rest sample at random.
+SAMPLER_ASKS = 3
+
+#: Trial states whose configuration counts as tried: running or waiting (another trial is on it)
+#: and finished with a result (complete, or stopped early by a scheduler). A failed trial's
+#: configuration may be proposed again.
+TRIED = (
+    optuna.trial.TrialState.RUNNING,
+    optuna.trial.TrialState.WAITING,
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+)
+
+
+def startup_trials(trials: int) -> int:
+    """Random trials before a model-based sampler (TPE, GP) fits: a quarter of the budget, 4 to 10."""
+    return max(4, min(10, trials // 4))
+
+
+def population_size(trials: int) -> int:
+    """NSGA-II's population for a budget of ``trials``: about four generations, 4 to 50."""
+    return max(4, min(50, trials // 4))
+
+
+def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler ``name`` (``tpe``, ``nsga2``, ``gp`` or ``random``), seeded and sized for ``trials``.
+
+    Called once per search when its study is created (and by the bench for each run).
+    TPE is multivariate over groups of parameters that appear together (a method's parameters
+    exist only when the method is on) and puts a running trial's configuration among the bad
+    ones while it runs (constant liar), so concurrent trials are steered apart. Constraints
+    reach every sampler through ``Trial.set_constraint``.
+
+    Raises:
+        ValueError: ``name`` is not one of the four.
+    """
+    if name == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # ``group``
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=startup_trials(trials)
+            )
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=population_size(trials), seed=seed)
+    if name == "gp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}.")
+
+
+def config_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """What makes two trials the same configuration: their sampled parameters, by name."""
+    return tuple(sorted(params.items()))
+
+
+def ask_distinct(
+    study: optuna.Study, define: Callable[[optuna.Trial], Any], max_asks: int = MAX_ASKS, sampler_asks: int = SAMPLER_ASKS
+) -> optuna.Trial | None:
+    """Ask ``study`` for a trial whose configuration no running or finished trial has.
+
+    Called whenever a new trial is to start. ``define`` samples the configuration on the asked
+    trial (the space's define-by-run function). A trial found equal to a tried one is refused:
+    it stays running while the study is asked again, so a sampler that reads running trials
+    (TPE's constant liar, GP's pending points) steers away from it, and is then closed as FAIL
+    with the user attribute :data:`DUPLICATE_OF` (the tried trial's number); samplers skip
+    failed trials, so the refusal leaves nothing behind that they learn from. The study's
+    sampler proposes the first ``sampler_asks`` times; the remaining asks sample at random
+    (seeded by the study's trial count, so a seeded search stays reproducible), for a sampler
+    that has converged on a tried configuration.
+
+    Returns:
+        The new trial, still running; None when ``max_asks`` proposals in a row were all tried
+        already (the space is exhausted).
+    """
+    sampler = study.sampler
+    refused: list[optuna.Trial] = []
+    try:
+        for attempt in range(max_asks):
+            if attempt == sampler_asks:
+                study.sampler = optuna.samplers.RandomSampler(seed=len(study.get_trials(deepcopy=False)))
+            trial = study.ask()
+            define(trial)
+            key = config_key(trial.params)
+            twin = next(
+                (
+                    other.number
+                    for other in study.get_trials(deepcopy=False, states=TRIED)
+                    if other.number != trial.number and DUPLICATE_OF not in other.user_attrs and config_key(other.params) == key
+                ),
+                None,
+            )
+            if twin is None:
+                return trial
+            trial.set_user_attr(DUPLICATE_OF, twin)
+            refused.append(trial)
+        return None
+    finally:
+        study.sampler = sampler
+        for trial in refused:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def tell_metrics(
+    study: optuna.Study, number: int, metrics: dict[str, Any] | None, objectives: list[str], constraints: tuple[Constraint, ...]
+) -> bool:
+    """End trial ``number`` with a trial's final ``metrics``, or as FAIL when there are none.
+
+    Called once per trial when it ends. The study keeps the numeric metrics, the recipe and one
+    constraint value per constraint (<= 0 when it holds), which samplers and ``best_trials``
+    read. A missing or non-finite objective fails the trial: it is never a point of the front.
+
+    Returns:
+        Whether the trial ended COMPLETE.
+    """
+    trial = optuna.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
+    if metrics is not None:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        trial.set_user_attr("metrics", numbers)
+        trial.set_user_attr("recipe", metrics.get("recipe", "[]"))
+        for constraint, value in zip(constraints, constraint_values(constraints, numbers)):
+            trial.set_constraint(str(constraint), value)
+        # Optuna ends a trial with a missing or non-finite objective as FAIL (with a warning).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ended = study.tell(number, [numbers.get(m) for m in objectives])
+        return ended.state == optuna.trial.TrialState.COMPLETE
+    study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return False

@@ -1,0 +1,114 @@
+"""Samplers and distinct configurations: no two running trials, and no tried configuration, twice."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from search import samplers
+from search.objectives import Constraint
+from search.samplers import DUPLICATE_OF, ask_distinct, make_sampler, tell_metrics
+from search.space import parse_space
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def bits(trial: optuna.Trial) -> None:
+    """A space of three configurations."""
+    trial.suggest_categorical("minmax_quant/bits", [2, 4, 8])
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random"])
+def test_running_trials_never_share_a_configuration(name: str) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(name, seed=0, trials=12))
+    running = [ask_distinct(study, bits) for _ in range(3)]
+    assert sorted(t.params["minmax_quant/bits"] for t in running) == [2, 4, 8]
+    # All three configurations are running: a fourth is refused, and every refused proposal is
+    # closed as FAIL naming the running trial it equals.
+    assert ask_distinct(study, bits, max_asks=5) is None
+    refused = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(refused) == len(study.trials) - 3 >= 5
+    by_bits = {t.params["minmax_quant/bits"]: t.number for t in running}
+    assert all(t.user_attrs[DUPLICATE_OF] == by_bits[t.params["minmax_quant/bits"]] for t in refused)
+
+
+def test_a_completed_configuration_is_not_proposed_again_but_a_failed_one_is() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("tpe", seed=1, trials=12))
+    first = ask_distinct(study, bits)
+    tell_metrics(study, first.number, {"accuracy": 0.9, "macs": 10.0}, ["accuracy", "macs"], ())
+    second = ask_distinct(study, bits)
+    tell_metrics(study, second.number, None, ["accuracy", "macs"], ())  # the trial crashed
+    tried = {first.params["minmax_quant/bits"]}
+    left = {2, 4, 8} - tried
+    # The failed configuration is free again: the two untried ones come next, then nothing.
+    proposals = [ask_distinct(study, bits) for _ in range(2)]
+    assert {t.params["minmax_quant/bits"] for t in proposals} == left
+    assert ask_distinct(study, bits) is None
+
+
+def test_tell_metrics_stores_constraints_and_fails_a_non_finite_objective() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("random", seed=0, trials=4))
+    drop = Constraint(metric="accuracy_drop", op="<=", bound=0.1)
+    good, bad = ask_distinct(study, bits), ask_distinct(study, bits)
+    metrics = {"accuracy": 0.8, "accuracy_drop": 0.15, "macs": 5.0, "recipe": "[]"}
+    assert tell_metrics(study, good.number, metrics, ["accuracy", "macs"], (drop,))
+    assert not tell_metrics(study, bad.number, {**metrics, "macs": math.nan}, ["accuracy", "macs"], (drop,))
+    stored = study.trials
+    assert stored[good.number].values == [0.8, 5.0]
+    assert stored[good.number].constraints == pytest.approx({"accuracy_drop <= 0.1": 0.05})
+    assert stored[bad.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_samplers_are_sized_for_the_budget() -> None:
+    assert [samplers.startup_trials(n) for n in (6, 32, 64, 200)] == [4, 8, 10, 10]
+    assert [samplers.population_size(n) for n in (6, 32, 64, 400)] == [4, 8, 16, 50]
+    tpe = make_sampler("tpe", seed=3, trials=32)
+    assert isinstance(tpe, optuna.samplers.TPESampler)
+    assert (tpe._multivariate, tpe._group, tpe._constant_liar, tpe._n_startup_trials) == (True, True, True, 8)
+    assert isinstance(make_sampler("gp", seed=0, trials=32), optuna.samplers.GPSampler)
+    with pytest.raises(ValueError, match="sampler must be one of tpe, nsga2, gp, random, got 'cmaes'"):
+        make_sampler("cmaes", seed=0, trials=8)
+
+
+def test_the_tune_searcher_ends_the_search_when_every_configuration_is_taken() -> None:
+    from ray.tune.search import Searcher
+
+    from search._private import SlimtuneOptunaSearch
+    from search._tune import SpaceDefinition
+
+    space = parse_space({
+        "name": "dedupe",
+        "task": "digits",
+        "model": "digits_cnn",
+        "methods": {"minmax_quant": {"params": {"bits": {"choices": [4, 8]}}}},
+        "objectives": {"accuracy": "max", "macs": "min"},
+        "sampler": {"name": "tpe", "seed": 0},
+    })  # fmt: skip
+    searcher = SlimtuneOptunaSearch(
+        space=SpaceDefinition(space),
+        metric=space.metric_names,
+        mode=space.modes,
+        sampler=make_sampler(space.sampler, space.seed, trials=8),
+        study_name="dedupe",
+        storage=optuna.storages.InMemoryStorage(),
+        search_space=space,
+    )
+    configs = [searcher.suggest(f"t{i}") for i in range(2)]
+    assert sorted(c["minmax_quant"]["bits"] for c in configs) == [4, 8]
+    assert searcher.suggest("t2") == Searcher.FINISHED
+
+
+def test_a_sampler_stuck_on_a_tried_configuration_is_overruled_by_random_proposals() -> None:
+    # A sampler that always proposes bits=2, as TPE does once it has converged on it.
+    stuck = optuna.samplers.PartialFixedSampler({"minmax_quant/bits": 2}, optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=stuck)
+    first = ask_distinct(study, bits)
+    tell_metrics(study, first.number, {"accuracy": 0.9, "macs": 10.0}, ["accuracy", "macs"], ())
+    second = ask_distinct(study, bits, sampler_asks=3)
+    assert (first.params, second.params["minmax_quant/bits"] in (4, 8)) == ({"minmax_quant/bits": 2}, True)
+    refused = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    # The sampler's three proposals were refused, then random proposals until one was new.
+    assert len(refused) >= 3 and all(t.user_attrs[DUPLICATE_OF] == first.number for t in refused)
+    assert study.sampler is stuck
