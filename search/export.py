@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export.passes import move_to_device_pass
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from errors import UserError
@@ -242,9 +243,16 @@ def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
     (Path(out_dir) / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
 
 
-def load_program(out_dir: Path) -> nn.Module:
-    """The exported program as a callable module."""
-    return torch.export.load(Path(out_dir) / "model.pt2").module()
+def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.Module:
+    """The exported program as a callable module, moved to ``device`` (None: where it was exported).
+
+    Moving uses ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported
+    runs on a GPU too.
+    """
+    program = torch.export.load(Path(out_dir) / FORMS["program"])
+    if device is not None:
+        program = move_to_device_pass(program, str(torch.device(device)))
+    return program.module()
 
 
 def load_module(out_dir: Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -253,14 +261,14 @@ def load_module(out_dir: Path, map_location: str | torch.device = "cpu") -> nn.M
 
 
 def load_compiled(out_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The compiled form (``model_compiled.pt2``, :func:`compile_program`) as a callable."""
+    """The compiled form (``model_compiled.pt2``, :func:`compile_program`) as a callable, on the device it was compiled for."""
     return torch._inductor.aoti_load_package(str(Path(out_dir) / FORMS["compiled"]))
 
 
 def load_form(out_dir: Path, form: str, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """One of :data:`FORMS` from ``out_dir``, ready to call on inputs on ``device``."""
     if form == "program":
-        return load_program(out_dir)
+        return load_program(out_dir, device)
     if form == "module":
         return load_module(out_dir, map_location=device).eval()
     if form == "compiled":
@@ -293,13 +301,14 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def compile_program(out_dir: Path, example_input: torch.Tensor) -> Path:
-    """Compile the module of ``out_dir`` ahead of time into ``model_compiled.pt2``, for ``example_input``'s device.
+def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
+    """Compile the program of ``out_dir`` ahead of time for ``device`` into ``model_compiled.pt2``.
 
-    Called by ``slimtune export --compile``. The module (``model.pt``) is moved to that device,
-    rewritten and exported as :func:`export_program` does, and compiled by AOTInductor
-    (``torch._inductor.aoti_compile_and_package``) into native code for that device; on CPU
-    this takes tens of seconds to minutes. Load the package with :func:`load_compiled`.
+    Called by ``slimtune export --compile``. AOTInductor
+    (``torch._inductor.aoti_compile_and_package``) compiles the default program (``model.pt2``,
+    moved to ``device``) into native code for that device, batch dimension still dynamic where
+    the program's is; on CPU this takes tens of seconds to minutes and needs a C++ compiler.
+    Load the package with :func:`load_compiled`.
 
     Raises:
         UserError: No C++ compiler is installed, or AOTInductor failed; the message says so and
@@ -311,13 +320,16 @@ def compile_program(out_dir: Path, example_input: torch.Tensor) -> Path:
             "compiling ahead of time needs a C++ compiler (AOTInductor builds native code), and none was found "
             "($CXX, g++, c++, clang++); install one (Debian: apt-get install g++) or deploy the plain program model.pt2."
         )
-    device = example_input.device
-    program, _ = export_program(load_module(out_dir, map_location=device), example_input)
+    device = torch.device(device)
+    program = move_to_device_pass(torch.export.load(out_dir / FORMS["program"]), str(device))
     target = out_dir / FORMS["compiled"]
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(target))
     except Exception as exc:  # noqa: BLE001  a compiler or AOTInductor failure is reported, the plain program kept
         target.unlink(missing_ok=True)
-        raise UserError(f"AOTInductor could not compile the program for {device}: {str(exc).splitlines()[0][:300]}; the plain program model.pt2 is the deployable form.") from None
+        raise UserError(
+            f"AOTInductor could not compile the program for {device}: {str(exc).strip().splitlines()[0][:300]}; "
+            "the plain program model.pt2 is the deployable form."
+        ) from None
     return target
 
