@@ -105,10 +105,10 @@ def inference_copy(model: nn.Module, example_input: torch.Tensor, rtol: float = 
       subclasses (quantized or clustered layers compute their own weights);
     - on CPU, every plain ``Conv2d`` keeps its weight channels-last, so that its output, and
       the activations after it, are channels-last too: oneDNN then runs the convolutions without
-      reordering each activation (ResNet-56 and its 2x and 4x ``l1_filter``-pruned copies ran
-      1.3x to 1.6x faster at batch 64, 1 thread; ``bench/deploy_speed.py``). A model that cannot run so (a ``.view`` of such an activation)
-      keeps the default layout. The inputs and outputs are as before (an output may be
-      channels-last strided; its values are the same).
+      reordering each activation (as programs, ResNet-56 and its 2x and 4x ``l1_filter``-pruned
+      copies took 1.3x to 1.6x less CPU time at batch 64 on one thread). A model that cannot run
+      so (a ``.view`` of such an activation) keeps the default layout. The inputs and outputs are
+      as before (an output may be channels-last strided; its values are the same).
 
     Args:
         model: The model (any mode; the copy is in eval mode).
