@@ -91,7 +91,9 @@ class InferenceRewrites:
     max_abs_diff: float
 
 
-def inference_copy(model: nn.Module, example_input: torch.Tensor, rtol: float = 1e-4) -> tuple[nn.Module, InferenceRewrites]:
+def inference_copy(
+    model: nn.Module, example_input: torch.Tensor, rtol: float = 1e-4, channels_last: bool = True
+) -> tuple[nn.Module, InferenceRewrites]:
     """An eval-mode copy of ``model`` rewritten for inference, and what was rewritten.
 
     Called by :func:`export_model` before exporting. ``model`` itself is not changed. Rewrites:
@@ -115,6 +117,7 @@ def inference_copy(model: nn.Module, example_input: torch.Tensor, rtol: float = 
         example_input: An input of the model's shape; a batch of random values of its shape
             (the example itself when it is not floating point) checks the copy.
         rtol: The copy's outputs must stay within ``rtol * max(1, max |output|)`` of the model's.
+        channels_last: Whether to try the channels-last layout (on CPU).
 
     Raises:
         AssertionError: The rewritten copy's outputs differ from the model's by more than that
@@ -131,7 +134,7 @@ def inference_copy(model: nn.Module, example_input: torch.Tensor, rtol: float = 
         rewritten.set_submodule(conv_name, fuse_conv_bn_eval(rewritten.get_submodule(conv_name), rewritten.get_submodule(bn_name)))
         rewritten.set_submodule(bn_name, nn.Identity())
     probe = _probe(example_input)
-    channels_last = example_input.device.type == "cpu" and _channels_last(rewritten, True) > 0
+    channels_last = channels_last and example_input.device.type == "cpu" and _channels_last(rewritten, True) > 0
     with _eval_mode(model), torch.no_grad():
         if channels_last:
             try:
@@ -235,13 +238,13 @@ def output_diff(reference: Callable[[torch.Tensor], torch.Tensor], other: Callab
     return diff
 
 
-def export_program(model: nn.Module, example_input: torch.Tensor) -> tuple[torch.export.ExportedProgram, InferenceRewrites]:
+def export_program(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True) -> tuple[torch.export.ExportedProgram, InferenceRewrites]:
     """The default deployable form of ``model``: its :func:`inference_copy`, exported.
 
     The program has a dynamic batch dimension when the model allows it, and the example's fixed
     shape otherwise.
     """
-    rewritten, rewrites = inference_copy(model, example_input)
+    rewritten, rewrites = inference_copy(model, example_input, channels_last=channels_last)
     return _trace(rewritten, example_input), rewrites
 
 
@@ -249,14 +252,28 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
     """Write the export files into ``out_dir`` and return each file's size in bytes.
 
     Called by the trial (and the baseline's measurement) once the model is final. ``model.pt2``
-    is :func:`export_program`'s program; ``model.pt`` and ``state_dict.pt`` hold ``model`` as
-    it is. ``recipe.json`` holds ``recipe`` (``{}`` without one); a trial writes its full recipe
-    once its metrics are known (:func:`write_recipe`). ``model``'s modes are left as they were.
+    is :func:`export_program`'s program, reloaded from the file and checked against ``model``
+    as :func:`inference_copy` checks the copy; should the channels-last program fail that check,
+    it is exported in the default layout. ``model.pt`` and ``state_dict.pt`` hold ``model`` as it is. ``recipe.json``
+    holds ``recipe`` (``{}`` without one); a trial writes its full recipe once its metrics are
+    known (:func:`write_recipe`). ``model``'s modes are left as they were.
+
+    Raises:
+        AssertionError: The reloaded program's outputs differ from the model's (a slimtune bug).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    program, _ = export_program(model, example_input)
-    torch.export.save(program, out_dir / "model.pt2")
+    for channels_last in (True, False):
+        program, rewrites = export_program(model, example_input, channels_last)
+        torch.export.save(program, out_dir / FORMS["program"])
+        layout = ", channels last" if rewrites.channels_last else ""
+        try:
+            with _eval_mode(model), torch.no_grad():
+                output_diff(model, load_program(out_dir), _probe(example_input), 1e-4, f"the reloaded program (batch norms folded, dropout removed{layout})")
+            break
+        except AssertionError:
+            if not rewrites.channels_last:
+                raise
     torch.save(model, out_dir / "model.pt")
     torch.save(model.state_dict(), out_dir / "state_dict.pt")
     write_recipe(out_dir, recipe or {})
