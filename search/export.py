@@ -129,7 +129,10 @@ def inference_copy(
         if isinstance(module, nn.modules.dropout._DropoutNd):
             rewritten.set_submodule(name, nn.Identity())
             removed += 1
-    pairs = _conv_batch_norm_pairs(rewritten, _trace(rewritten, example_input))
+    types = {type(m) for m in rewritten.modules()}
+    # The trace that finds the pairs costs as much as the export: only when there can be one.
+    foldable = types & set(_CONVS) and types & set(_BATCH_NORMS)
+    pairs = _conv_batch_norm_pairs(rewritten, _trace(rewritten, example_input)) if foldable else []
     for conv_name, bn_name in pairs:
         rewritten.set_submodule(conv_name, fuse_conv_bn_eval(rewritten.get_submodule(conv_name), rewritten.get_submodule(bn_name)))
         rewritten.set_submodule(bn_name, nn.Identity())
