@@ -27,8 +27,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from torch.export.passes import move_to_device_pass
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from errors import UserError
+from search.measure import _eval_mode  # every module's mode kept and restored, as measuring does
 
 __all__ = [
     "EXPORT_FILES",
@@ -211,17 +211,6 @@ def _probe(example_input: torch.Tensor) -> torch.Tensor:
         return example_input
     generator = torch.Generator(device=example_input.device).manual_seed(0)
     return torch.randn(example_input.shape, generator=generator, device=example_input.device, dtype=example_input.dtype)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def output_diff(reference: Callable[[torch.Tensor], torch.Tensor], other: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rtol: float, what: str) -> float:
