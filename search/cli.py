@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also register the trial's model in the MLflow Model Registry as a new version of MODEL; "
         "--pick PICK sets the alias PICK on it (models:/MODEL@knee), --run sets none",
     )  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="also compile the program ahead of time with AOTInductor into model_compiled.pt2 (needs a C++ compiler; minutes on CPU)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for and to time the forms on (default cpu)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of the latency figures (default: the search's measure.latency_batch_size)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the latency figures (default: the search's, budget.cpus_per_trial)")
     p.add_argument("--results-dir", default="slimtune_results")
 
     p = sub.add_parser("report", help="write an interactive HTML report of a search and log it on its MLflow run")
@@ -207,12 +211,20 @@ def _pareto(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import shutil
 
+    import torch
+
     from search.checks import check_writable_folder
-    from search.export import check_round_trip, write_recipe
+    from search.export import DEFAULT_FORM, FORMS, check_round_trip, compile_program, load_form, write_recipe
+    from search.measure import latency_ms
     from search.ranking import pick_record, rank_records
     from search.record import completed_records, exported_model_dir, load_search
-    from search.trial import load_task
+    from search.trial import load_task, trial_threads
 
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, but got {value}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA device; export on a machine with a GPU, or use --device cpu.")
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
@@ -232,16 +244,40 @@ def _export(args: argparse.Namespace) -> int:
         if source is None:
             raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
         shutil.copytree(source, out, dirs_exist_ok=True)
-    # The trial wrote its own recipe and metrics; say where it came from.
+    space = record.space
+    task = load_task(space)
+    device = torch.device(args.device)
+    forms = ["program", "module"]
+    if args.compile:
+        print(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...", flush=True)
+        try:
+            compile_program(out, device)
+            forms.append("compiled")
+        except UserError as exc:
+            print(f"slimtune: warning: {exc}", file=sys.stderr)
+    diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
+    # The same batch and threads as the trial's latency_ms, unless asked otherwise.
+    batch = args.batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
+    threads = args.threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
+    x = task.example_input(batch).to(device)
+    latency = {form: latency_ms(load_form(out, form, device), x, repeats=space.latency_repeats, threads=threads) for form in forms}
+    # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
     recipe = json.loads((out / "recipe.json").read_text())
-    recipe.update({"search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id})
+    recipe.update({
+        "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
+        "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
+    })  # fmt: skip
     write_recipe(out, recipe)
-    task = load_task(record.space)
-    diff = check_round_trip(out, task.example_input(2))
     print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
-    print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in record.space.metric_names))
-    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded program matches the module (max diff {diff:.2g})")
-    print(f"  run with: torch.export.load('{out / 'model.pt2'}').module()(x)  (already in eval mode; it has no .eval())")
+    print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
+    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(f for f in forms if f != 'module')} match the module (max diff {diff:.2g})")
+    print(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
+    for form in forms:
+        note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
+        print(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
+    print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
+    if "compiled" in forms:
+        print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
     if args.register:
         _register(args, record, chosen, out, task.example_input(2))
     return 0

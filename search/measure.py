@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "count_params",
     "size_bytes",
     "latency_ms",
+    "torch_threads",
     "REPORTABLE_COSTS",
     "apply_reported_cost",
 ]
@@ -368,27 +369,37 @@ def _storage_bits(module_name: str, module: nn.Module) -> dict[str, int]:
     return bits
 
 
-def latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+def latency_ms(
+    model: Callable[[torch.Tensor], Any], example_input: torch.Tensor, repeats: int = 20, warmup: int = 3, threads: int | None = None
+) -> float:
     """Median wall time of one inference forward pass, in milliseconds.
 
-    Runs on the input's device in eval mode under ``no_grad``; on CUDA each pass is
-    synchronised so that the time covers the kernels, not just their launch. Packed quantized
-    layers unpack their weights once before the timed passes (``cache_inference_weight``).
+    Runs on the input's device under ``no_grad``, an ``nn.Module`` in eval mode (an exported
+    program, ``torch.export.load(...).module()``, is traced in eval mode and refuses ``.eval()``;
+    a compiled package is not a module); on CUDA each pass is synchronised so that the time
+    covers the kernels, not just their launch. Packed quantized layers of a module
+    unpack their weights once before the timed passes (``cache_inference_weight``).
 
     Args:
-        model: The model, already on the input's device.
+        model: The model, an exported program or a compiled package, on the input's device.
         example_input: The input to time.
         repeats: Timed passes; the median is returned.
         warmup: Untimed passes first (allocator, cuDNN autotuning, lazy init).
+        threads: CPU threads torch uses while timing (``torch.set_num_threads``; restored
+            afterwards); None: as set. CPU latency depends on it, so a figure that is to be
+            compared with another must be timed at the same count.
 
     Returns:
         Median milliseconds per forward pass.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"latency_ms needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    if threads is not None and threads < 1:
+        raise ValueError(f"latency_ms needs threads >= 1 (or None), got threads={threads}.")
     on_cuda = example_input.device.type == "cuda"
     times = []
-    with _eval_mode(model), torch.no_grad(), _inference_weights(model):
+    switchable = isinstance(model, nn.Module) and "train" not in vars(model)  # torch.export's module replaces train()
+    with _eval_mode(model) if switchable else nullcontext(), torch.no_grad(), torch_threads(threads), _inference_weights(model):
         for i in range(warmup + repeats):
             if on_cuda:
                 torch.cuda.synchronize(example_input.device)
@@ -399,6 +410,17 @@ def latency_ms(model: nn.Module, example_input: torch.Tensor, repeats: int = 20,
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000.0)
     return float(statistics.median(times))
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch intra-op threads (None: as set), then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count or previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 #: Cost metrics a method may report through ``Method.cost``: the figures measured on the model
@@ -464,7 +486,8 @@ def _mha_fastpath_disabled() -> Iterator[None]:
 def _inference_weights(model: nn.Module) -> Iterator[None]:
     # Layers that store weights packed (quantized codes) unpack them once, as a deployed model
     # does at load time, instead of in every timed forward: ``cache_inference_weight(bool)``.
-    layers = [m for m in model.modules() if callable(getattr(m, "cache_inference_weight", None))]
+    modules = model.modules() if isinstance(model, nn.Module) else ()  # a compiled package has none
+    layers = [m for m in modules if callable(getattr(m, "cache_inference_weight", None))]
     for layer in layers:
         layer.cache_inference_weight(True)
     try:

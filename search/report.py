@@ -17,7 +17,7 @@ from search.objectives import COST_METRICS
 from search.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
-__all__ = ["Reporter", "format_table", "format_metric", "results_dir_option"]
+__all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option"]
 
 #: The results folder the CLI's ``resume``, ``pareto`` and ``export`` look in by default.
 DEFAULT_RESULTS_DIR = "slimtune_results"
@@ -42,6 +42,14 @@ def format_metric(metric: str, value: float) -> str:
     return f"{value:.3f}"
 
 
+def latency_note(metrics: dict[str, Any]) -> str:
+    """What ``latency_ms`` timed, e.g. ``"program, batch 1, 2 CPU threads, cpu"`` ("" before slimtune recorded it)."""
+    if "latency_threads" not in metrics:
+        return ""
+    threads = int(metrics["latency_threads"])
+    return f"{metrics['latency_form']}, batch {int(metrics['latency_batch_size'])}, {plural(threads, 'CPU thread')}, {metrics['latency_device']}"
+
+
 def format_table(record: SearchRecord, rows: list[dict[str, Any]], baseline: dict[str, float] | None = None) -> str:
     """The Pareto table: the baseline's row, then one row per trial of ``rows``."""
     headline = record.task_metrics[0] if record.task_metrics else record.metric_names[0]
@@ -59,6 +67,9 @@ def format_table(record: SearchRecord, rows: list[dict[str, Any]], baseline: dic
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    note = latency_note(baseline or {})
+    if "latency_ms" in metrics and note:
+        out.append(f"latency_ms: the exported {note} (the baseline's and every trial's alike)")
     return "\n".join(out)
 
 
@@ -99,7 +110,8 @@ class Reporter:
 
     def baseline(self, record: SearchRecord, metrics: dict[str, Any]) -> None:
         shown = [*record.task_metrics[:1], "macs", "params", "size_bytes", "latency_ms"]
-        self.say("baseline: " + "  ".join(f"{m} {format_metric(m, metrics[m])}" for m in shown if m in metrics))
+        note = f" ({latency_note(metrics)})" if latency_note(metrics) else ""
+        self.say("baseline: " + "  ".join(f"{m} {format_metric(m, metrics[m])}" for m in shown if m in metrics) + note)
 
     # -- trials ---------------------------------------------------------------------------------
 

@@ -43,6 +43,10 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+#: Figures of a trial that are text, logged as tags (MLflow metrics are numbers).
+_TEXT_METRICS = ("uncounted_ops", "latency_form", "latency_device")
+
+
 # Bookkeeping fields Tune adds to every result; they are not the trial's metrics.
 _TUNE_FIELDS = ("time_", "timestamp", "pid", "iterations_since", "training_iteration", "done", "trial_number", "final")
 
@@ -149,8 +153,9 @@ class SearchTracker:
         self.client.log_batch(
             run_id, metrics=self._metric_entities({f"baseline.{k}": v for k, v in _numeric(baseline_metrics).items()}, step=0)
         )
-        if "uncounted_ops" in baseline_metrics:
-            self.client.set_tag(run_id, "baseline.uncounted_ops", baseline_metrics["uncounted_ops"] or "(none)")
+        for key in _TEXT_METRICS:
+            if key in baseline_metrics:
+                self.client.set_tag(run_id, f"baseline.{key}", baseline_metrics[key] or "(none)")
         return run_id
 
     # -- child runs -----------------------------------------------------------------------------
@@ -182,8 +187,9 @@ class SearchTracker:
             return  # a resumed search replayed the end of a trial that was already recorded
         final = {k: v for k, v in _own_metrics(metrics).items() if k not in ("epoch", "stage")}
         self.client.log_batch(run_id, metrics=self._metric_entities(final, step=0))
-        if metrics.get("uncounted_ops") is not None:
-            self.client.set_tag(run_id, "uncounted_ops", metrics["uncounted_ops"] or "(none)")
+        for key in _TEXT_METRICS:
+            if metrics.get(key) is not None:
+                self.client.set_tag(run_id, key, metrics[key] or "(none)")
         self.client.set_terminated(run_id, status="FINISHED")
         self._update_run_record(trial_id, status="FINISHED", checkpoint=checkpoint, metrics=final)
 

@@ -13,8 +13,7 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from search.export import export_model, write_recipe
-from search.measure import apply_reported_cost, count_flops, count_params, latency_ms, size_bytes
+from search.export import DEFAULT_FORM, export_model, load_form, write_recipe
+from search.measure import apply_reported_cost, count_flops, count_params, latency_ms, size_bytes, torch_threads
 from models import create_model
 from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
@@ -39,6 +38,7 @@ __all__ = [
     "TrialOutOfMemoryError",
     "recipe_from_config",
     "build_context",
+    "trial_threads",
     "measure",
     "train_baseline",
     "run_pipeline",
@@ -143,6 +143,14 @@ def build_context(
     )
 
 
+def trial_threads(space: SearchSpace) -> int:
+    """CPU threads a trial runs torch with (``budget.cpus_per_trial``, at least 1).
+
+    The baseline's latency is timed at this count too, so that it and every trial's compare.
+    """
+    return max(1, int(space.budget.cpus_per_trial))
+
+
 def measure(
     model: nn.Module,
     space: SearchSpace,
@@ -150,14 +158,22 @@ def measure(
     device: torch.device,
     baseline: dict[str, float] | None,
     reported_cost: dict[str, float] | None = None,
+    export_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Quality on the test split and the cost figures, all measured on ``model`` itself.
+    """Quality on the test split and the cost figures of ``model``, which is exported into ``export_dir``.
 
-    Cost is measured at the task's input shape (``task.example_input``: one sample for MACs and
-    FLOPs, ``measure.latency_batch_size`` samples for latency). With the ``baseline``'s metrics,
-    also each quality metric's drop from the baseline (``accuracy_drop = baseline accuracy -
-    accuracy``; ``mse_drop = mse - baseline mse`` for a minimised metric). ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the
-    measured ones staying as ``measured_<metric>`` (:func:`search.measure.apply_reported_cost`).
+    Quality, MACs, FLOPs, parameters and size are measured on ``model`` itself, at the task's
+    input shape (``task.example_input``: one sample for MACs and FLOPs). The model is exported
+    (:func:`search.export.export_model`, into a temporary folder without ``export_dir``), and
+    ``latency_ms`` is timed on the form it deploys by default (``latency_form``: the exported
+    program, or the module where the program is fixed to another batch size) at
+    ``measure.latency_batch_size`` samples (``latency_batch_size``) on ``device``
+    (``latency_device``) with :func:`trial_threads` CPU threads (``latency_threads``), the
+    baseline's as every trial's. ``artifact_bytes`` is the program's file size. With the
+    ``baseline``'s metrics, also each quality metric's drop from the baseline (``accuracy_drop =
+    baseline accuracy - accuracy``; ``mse_drop = mse - baseline mse`` for a minimised metric).
+    ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the measured ones staying
+    as ``measured_<metric>`` (:func:`search.measure.apply_reported_cost`).
     """
     model.eval()
     test = task.evaluate(model, _loader(task.test_set, task.eval_batch_size, False, 0), device)
@@ -171,11 +187,14 @@ def measure(
         "bops": float(flops.bops),
         "params": float(count_params(model)),
         "size_bytes": float(size_bytes(model)),
-        "latency_ms": latency_ms(model, task.example_input(space.latency_batch_size).to(device), repeats=space.latency_repeats),
         "uncounted_ops": ",".join(flops.uncounted_ops),
-        # Latency, and the last bits of training on CPU, depend on it; a replay uses it again.
+        # The last bits of training on CPU depend on it; a replay uses it again.
         "torch_threads": float(torch.get_num_threads()),
     })
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(export_dir) if export_dir is not None else Path(tmp)
+        metrics["artifact_bytes"] = float(export_model(model, example, out_dir)["model.pt2"])
+        metrics.update(_deployed_latency(model, out_dir, space, task, device))
     directions = task_metrics(space.task)
     for m in task.metrics:
         metrics[f"{m}_drop"] = 0.0 if baseline is None else quality_drop(metrics[m], baseline[m], directions[m])
@@ -212,6 +231,25 @@ def projected_cost(spec: TrialSpec, recipe: list[dict[str, Any]]) -> dict[str, f
     return {k: figures[k] for k in measured}
 
 
+def _deployed_latency(model: nn.Module, out_dir: Path, space: SearchSpace, task: Task, device: torch.device) -> dict[str, Any]:
+    """``latency_ms`` of the default exported form in ``out_dir``, and what it was measured on."""
+    x = task.example_input(space.latency_batch_size).to(device)
+    form, deployed = DEFAULT_FORM, load_form(out_dir, DEFAULT_FORM, device)
+    try:
+        with torch.no_grad():
+            deployed(x)
+    except Exception:  # noqa: BLE001  a program exported at a fixed batch size (data-dependent shapes) refuses others
+        form, deployed = "module", model
+    threads = trial_threads(space)
+    return {
+        "latency_ms": latency_ms(deployed, x, repeats=space.latency_repeats, threads=threads),
+        "latency_form": form,
+        "latency_threads": float(threads),
+        "latency_batch_size": float(space.latency_batch_size),
+        "latency_device": device.type,
+    }
+
+
 def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or load from ``baseline.checkpoint``) the uncompressed model and measure it."""
     device = torch.device(device)
@@ -230,8 +268,6 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         # Kept with the baseline: the hypervolume's reference point for a minimised quality metric.
         metrics[f"reference_{metric}"] = float(value)
         log(f"reference: a model that learns nothing scores {metric} {value:.4g} on {task.name} (the baseline: {metrics[metric]:.4g})")
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics["artifact_bytes"] = float(export_model(model, task.example_input(1).to(device), Path(tmp))["model.pt2"])
     return model, metrics
 
 
@@ -292,10 +328,8 @@ def run_pipeline(
 
     model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
-    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx))
+    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx), export_dir=out_dir)
     metrics.update(pipeline.metrics())
-    files = export_model(model, task.example_input(1).to(device), out_dir)
-    metrics["artifact_bytes"] = float(files["model.pt2"])
     # Reports and plots of the methods (Method.artifacts) travel with the exported model.
     pipeline.artifacts(model, ctx, out_dir / "artifacts")
     write_recipe(out_dir, recipe_document(space, task, pipeline.recipe(), device, spec.baseline_state, spec.baseline_metrics, metrics))
@@ -330,25 +364,14 @@ def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = prin
             f"the recipe's baseline is the checkpoint {space.baseline_checkpoint}, which does not exist here; "
             "copy it there (its weights must match baseline.state_sha256) and replay again."
         )
-    with _torch_threads(doc["baseline"]["torch_threads"]):
+    with torch_threads(doc["baseline"]["torch_threads"]):
         baseline, baseline_metrics = train_baseline(space, device, log=log)
     state = {k: v.detach().cpu() for k, v in baseline.state_dict().items()}
     same_baseline = state_digest(state) == doc["baseline"]["state_sha256"]
     spec = TrialSpec(space=space, baseline_state=state, baseline_metrics=baseline_metrics)
-    with _torch_threads(doc["run"]["torch_threads"]):
+    with torch_threads(doc["run"]["torch_threads"]):
         metrics = run_pipeline(spec, doc["pipeline"], Path(out_dir), device, seed=space.seed, log=log)
     return baseline_metrics, metrics, same_baseline
-
-
-@contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` torch threads (None: as set), then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count or previous)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
@@ -362,7 +385,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     space = spec.space
     recipe = recipe_from_config(space, config)
     device = torch.device("cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(max(1, int(space.budget.cpus_per_trial)))
+    torch.set_num_threads(trial_threads(space))
     # CPU seconds of this trial's process (a reused actor's earlier trials are not counted).
     cpu_start = time.process_time()
 

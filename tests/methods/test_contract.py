@@ -355,7 +355,9 @@ def test_compressed_model_export_round_trips(compressed, tmp_path, name: str, se
     files = export_model(result.model, torch.zeros(1, *result.input_shape), tmp_path, {"recipe": [{"name": name}]})
     assert all(size > 0 for size in files.values())
     batch = torch.randn(3, *result.input_shape, generator=torch.Generator().manual_seed(2))
-    assert check_round_trip(tmp_path, batch) <= 1e-5
+    # The program has its batch norms folded: equal up to rounding, relative to the outputs'
+    # size (an aggressively quantized resnet20 outputs values near 1e23); raises otherwise.
+    check_round_trip(tmp_path, batch, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "setting", "model_name"), RUNS, ids=RUN_IDS)
@@ -500,4 +502,4 @@ def test_every_ordered_pair_runs_a_step_and_exports_or_is_refused_with_a_reason(
         assert out(batch).shape == (3, NUM_CLASSES)
     assert all(type(v) is float and math.isfinite(v) for v in pipeline.metrics().values())
     export_model(out, torch.zeros(1, 1, 8, 8), tmp_path, {"recipe": [{"name": first}, {"name": second}]})
-    assert check_round_trip(tmp_path, batch) <= 1e-5
+    check_round_trip(tmp_path, batch, rtol=1e-5)  # folded batch norms: equal up to rounding (raises otherwise)

@@ -124,6 +124,13 @@ def test_pareto_and_export_commands(finished_search, capsys, monkeypatch):
     assert {"model.pt2", "model.pt", "state_dict.pt", "recipe.json"} <= {p.name for p in out.iterdir()}
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["search"] == "e2e" and "metrics" in recipe
+    # Each form written is timed as the trial timed latency_ms: its threads and batch, the baseline's too.
+    timed = recipe["export_latency"]
+    assert timed["threads"] == recipe["metrics"]["latency_threads"] == record.baseline_metrics["latency_threads"]
+    assert timed["batch_size"] == recipe["metrics"]["latency_batch_size"] == record.baseline_metrics["latency_batch_size"]
+    assert recipe["metrics"]["latency_form"] == record.baseline_metrics["latency_form"] == "program"
+    assert sorted(timed["ms"]) == ["module", "program"] and min(timed["ms"].values()) > 0
+    assert f"at batch {timed['batch_size']}, {timed['threads']} CPU thread" in capsys.readouterr().out
     program = load_program(out)
     module = torch.load(out / "model.pt", weights_only=False).eval()
     x = torch.randn(3, 1, 8, 8)

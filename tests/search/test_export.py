@@ -1,11 +1,13 @@
 """Exporting a compressed model: both artifacts reload to the same function, the recipe survives,
-and packing shrinks the deployable file."""
+packing shrinks the deployable file, the program is folded for inference and loads without slimtune."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,18 @@ import torch
 from torch import nn
 
 from methods import Phase, Pipeline, train_phase
-from search.export import EXPORT_FILES, check_round_trip, export_model, load_module, load_program
+from errors import UserError
+from search.export import (
+    EXPORT_FILES,
+    check_round_trip,
+    compile_program,
+    cpp_compiler,
+    export_model,
+    inference_copy,
+    load_compiled,
+    load_module,
+    load_program,
+)
 from search.measure import size_bytes
 from search.space import load_space
 from search.trial import build_context, build_model, load_task
@@ -115,11 +128,17 @@ def test_packed_8_bit_program_is_smaller_than_the_float_one(setting, tmp_path: P
     packed_size = export_model(quantized, task.example_input(1), tmp_path / "int8", {})["model.pt2"]
     assert packed_size < float_size
     # conv2 and conv3 (4,608 + 18,432 weights) are stored as int8 codes: 3 bytes less per weight,
-    # less the two scales and two activation bounds (4 bytes each) that packing adds. The
-    # program's tensors shrink by exactly what size_bytes says (the graph itself grows).
+    # less the two scales and two activation bounds (4 bytes each) that packing adds.
     saved = 3 * (4_608 + 18_432) - 4 * 4
     assert size_bytes(baseline) - size_bytes(quantized) == saved
-    assert _tensor_bytes(tmp_path / "float" / "model.pt2") - _tensor_bytes(tmp_path / "int8" / "model.pt2") == saved
+    # The program holds the inference copy: batch norms folded where the layer before is a plain
+    # convolution (all three in float; in int8 only the first, before the unquantized conv1). Its
+    # tensors are what size_bytes counts for that copy, plus each remaining batch norm's int64
+    # step counter (8 bytes), which size_bytes leaves out.
+    for name, model, batch_norms in (("float", baseline, 0), ("int8", quantized, 2)):
+        deployed = inference_copy(model, task.example_input(1))[0]
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in deployed.modules()) == batch_norms
+        assert _tensor_bytes(tmp_path / name / "model.pt2") == size_bytes(deployed) + 8 * batch_norms
 
 
 def test_exported_program_runs_in_eval_mode_and_has_no_eval(tmp_path: Path) -> None:
@@ -138,3 +157,91 @@ def test_exported_program_runs_in_eval_mode_and_has_no_eval(tmp_path: Path) -> N
         expected = model.eval()(x)
         torch.testing.assert_close(program(x), expected, atol=1e-6, rtol=0)  # dropout off, running statistics
         torch.testing.assert_close(program(x), program(x), atol=0, rtol=0)
+
+
+class _Residual(nn.Module):
+    """conv1 -> bn1 folds; conv2's output also feeds the addition, so bn2 must stay; a dropout goes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        z = self.conv2(y)
+        z = self.bn2(z) + z
+        return self.head(self.drop(z.mean(dim=(2, 3))))
+
+
+def _with_statistics(model: nn.Module) -> nn.Module:
+    """Batch norms with running statistics and affine weights far from their initial 0 and 1."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-2, 2)
+            module.running_var.uniform_(0.1, 4)
+            nn.init.uniform_(module.weight, 0.5, 2)
+            nn.init.uniform_(module.bias, -1, 1)
+    return model
+
+
+def test_inference_copy_folds_batch_norm_and_keeps_the_outputs() -> None:
+    model = _with_statistics(_Residual()).train()
+    x = torch.randn(6, 2, 5, 5)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    folded, rewrites = inference_copy(model, x[:1])
+    assert (rewrites.folded_batch_norms, rewrites.removed_dropouts, rewrites.channels_last) == (1, 1, True)
+    assert folded.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.training and isinstance(model.bn1, nn.BatchNorm2d)  # the model itself is untouched
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.drop, nn.Identity)
+    assert isinstance(folded.bn2, nn.BatchNorm2d)  # its convolution's output is read twice
+    assert not torch.equal(folded.conv1.weight, model.conv1.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=0)
+    assert rewrites.max_abs_diff <= 1e-5
+
+
+def test_the_default_program_loads_without_slimtune_and_matches(tmp_path: Path, monkeypatch) -> None:
+    model = _with_statistics(_Residual()).eval()
+    x = torch.randn(5, 2, 5, 5)
+    export_model(model, x[:1], tmp_path)
+    with torch.no_grad():
+        expected = model(x)
+    # Loading and running it imports nothing of slimtune: its packages are made unimportable.
+    for name in [n for n in sys.modules if n.split(".")[0] in ("errors", "models", "tasks", "methods", "search")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in ("errors", "models", "tasks", "methods", "search"):
+        monkeypatch.setitem(sys.modules, name, None)
+    program = torch.export.load(tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), expected, atol=1e-5, rtol=0)
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count("aten.batch_norm.default") == 1 and not any("dropout" in t for t in targets)
+
+
+@pytest.mark.skipif(os.environ.get("SLIMTUNE_AOT") != "1", reason="compiling with AOTInductor takes 30-60 s; set SLIMTUNE_AOT=1")
+def test_the_compiled_form_matches_the_module(tmp_path: Path) -> None:
+    if cpp_compiler() is None:
+        pytest.skip("no C++ compiler")
+    model = _with_statistics(_Residual()).eval()
+    export_model(model, torch.zeros(1, 2, 5, 5), tmp_path)
+    assert compile_program(tmp_path) == tmp_path / "model_compiled.pt2"
+    compiled = load_compiled(tmp_path)
+    x = torch.randn(7, 2, 5, 5)  # another batch size than traced: the batch dimension is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+    assert check_round_trip(tmp_path, x, forms=("program", "compiled")) <= 1e-5
+
+
+def test_compiling_without_a_cpp_compiler_says_so(tmp_path: Path, monkeypatch) -> None:
+    export_model(_Residual().eval(), torch.zeros(1, 2, 5, 5), tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler.*deploy the plain program model.pt2"):
+        compile_program(tmp_path)
+    assert not (tmp_path / "model_compiled.pt2").exists()

@@ -133,6 +133,24 @@ def test_latency_is_positive_and_restores_mode() -> None:
     assert model.training
 
 
+def test_latency_runs_at_the_given_thread_count_and_restores_it() -> None:
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    latency_ms(Spy(), torch.zeros(1), repeats=2, warmup=1, threads=before + 1)
+    assert seen == [before + 1] * 3 and torch.get_num_threads() == before
+
+
+def test_latency_times_an_exported_program_which_refuses_eval() -> None:
+    program = torch.export.export(_small_cnn().eval(), (torch.randn(2, 3, 4, 4),)).module()
+    assert latency_ms(program, torch.randn(2, 3, 4, 4), repeats=1, warmup=0) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Recurrent layers: G*H*(I_l + P) per time step, direction and layer (+ H*P with a projection).
 # ---------------------------------------------------------------------------------------------

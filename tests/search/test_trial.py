@@ -86,3 +86,26 @@ def test_method_artifacts_are_written_next_to_the_exported_model(space, tmp_path
     report = tmp_path / "artifacts" / "decouple"
     assert sorted(p.name for p in report.iterdir()) == ["fgsm.png", "paths.png", "report.html"]
     assert metrics["macs"] == metrics["decouple.dynamic_macs"] and "measured_macs" in metrics
+
+
+def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(space, tmp_path: Path, monkeypatch) -> None:
+    """Both at budget.cpus_per_trial threads (the driver runs at another count), batch and form recorded."""
+    import search.trial
+    from search.report import latency_note
+
+    space = space.with_overrides(budget=dataclasses.replace(space.budget, cpus_per_trial=2.0), latency_batch_size=3)
+    timed = []
+
+    def spy(model, x, repeats, threads):
+        timed.append((type(model).__name__, tuple(x.shape), threads))
+        return 1.0
+
+    monkeypatch.setattr(search.trial, "latency_ms", spy)
+    assert torch.get_num_threads() == 1  # tests run at one thread, as the driver runs at its own default
+    baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
+    metrics = run_pipeline(TrialSpec(space, baseline.state_dict(), baseline_metrics), [], tmp_path, torch.device("cpu"), seed=0)
+    for figures in (baseline_metrics, metrics):
+        assert (figures["latency_threads"], figures["latency_batch_size"], figures["latency_form"], figures["latency_device"]) == (2.0, 3.0, "program", "cpu")
+        assert latency_note(figures) == "program, batch 3, 2 CPU threads, cpu"  # printed with the baseline and the table
+    # Both timed the exported program (a torch.export graph module), never the eager model.
+    assert [(name.startswith("GraphModule"), shape, threads) for name, shape, threads in timed] == [(True, (3, 1, 8, 8), 2)] * 2

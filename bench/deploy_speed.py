@@ -1,0 +1,234 @@
+"""Deployed speed against MACs: does a compressed ResNet-56 run as much faster as its MACs promise?
+
+ResNet-56 at CIFAR-10's shape (3x32x32, 10 classes), random weights and inputs (latency does not
+depend on their values). Each method compresses a copy through slimtune's own ``prepare`` and
+``finalize`` (no training), at settings that cut the MACs about 2x, 3x and 4x:
+
+- ``l1_filter``: ``ratio`` found by bisection;
+- ``gal`` (``structure: channel``) and ``ssr``: the same fraction of every masked unit zeroed
+  (GAL's channel masks, SSR's groups, lowest weight norm first, as training would leave them),
+  the fraction found by bisection, then each method's own removal;
+- ``kse``: ``levels`` G = 3, 4, 5 (its indicator decides how much goes; the MACs ratio is
+  what it is, printed), inference path ``auto`` timed at each batch size.
+
+Every model, the baseline too, is timed in each form:
+
+- ``eager``: the ``nn.Module`` as the method leaves it;
+- ``unfolded``: ``torch.export`` of that module as it is (slimtune's export before the inference
+  rewrites);
+- ``program``: what ``export_model`` writes as ``model.pt2``, the default deployable form that a
+  trial's ``latency_ms`` times (batch norms folded into convolutions, dropout removed);
+- ``compiled`` (``--compile``): that program compiled by AOTInductor (``model_compiled.pt2``).
+
+Speed-up = the baseline's latency in the same form / the model's; "of MACs" = speed-up / MACs
+ratio. Target (issue 18): the ``program`` form's speed-up >= 0.9 x the MACs ratio at batch 64 on
+CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads.
+
+    python bench/deploy_speed.py                      # 2 threads, batch 64 and 1 (a few minutes on a quiet machine)
+    python bench/deploy_speed.py --compile            # adds AOTInductor (tens of seconds to minutes per model)
+    python bench/deploy_speed.py --methods l1_filter --repeats 3      # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from methods import MethodContext, create_method  # noqa: E402
+from methods.gal import soft_masks  # noqa: E402
+from models import create_model  # noqa: E402
+from search.export import FORMS, compile_program, export_model, load_form  # noqa: E402
+from search.measure import count_flops, latency_ms  # noqa: E402
+
+SHAPE = (3, 32, 32)
+TARGETS = (2.0, 3.0, 4.0)
+METHODS = ("l1_filter", "gal", "kse", "ssr")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every latency (default 2)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 1], help="batch sizes timed (default 64 1)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed passes per latency at the largest batch; 5x as many at batch 1 (default 10)")
+    parser.add_argument("--compile", action="store_true", help="also time the AOTInductor-compiled program (needs a C++ compiler; slow to build)")
+    return parser.parse_args(argv)
+
+
+def macs(model: nn.Module) -> int:
+    return count_flops(model, torch.zeros(1, *SHAPE)).macs
+
+
+def context(base: nn.Module) -> MethodContext:
+    return MethodContext(
+        teacher=base, train_loader=[], val_loader=[], task_loss=None, evaluate=None,
+        example_input=torch.zeros(1, *SHAPE), device=torch.device("cpu"), log=lambda message: None,
+    )  # fmt: skip
+
+
+def l1_filter(base: nn.Module, fraction: float) -> nn.Module:
+    method = create_method("l1_filter", {"ratio": fraction})
+    return method.finalize(method.prepare(copy.deepcopy(base), context(base)), context(base))
+
+
+def _lowest(norms: torch.Tensor, fraction: float) -> torch.Tensor:
+    """True for the ``fraction`` of entries with the lowest norms (at least one kept)."""
+    count = min(int(round(fraction * norms.numel())), norms.numel() - 1)
+    zero = torch.zeros(norms.numel(), dtype=torch.bool)
+    zero[norms.argsort()[:count]] = True
+    return zero
+
+
+def gal(base: nn.Module, fraction: float) -> nn.Module:
+    """GAL's channel masks as FISTA would leave them: the channels with the weakest filters at 0."""
+    method, ctx = create_method("gal", {"structure": "channel"}), context(base)
+    model = method.prepare(copy.deepcopy(base), ctx)
+    with torch.no_grad():
+        for mask in soft_masks(model):
+            weight = mask.inner.weight
+            norms = weight.abs().flatten(1).sum(1) if weight.dim() > 1 else weight.abs()
+            mask.mask.masked_fill_(_lowest(norms, fraction), 0.0)
+    return method.finalize(model, ctx)
+
+
+def ssr(base: nn.Module, fraction: float) -> nn.Module:
+    """SSR's groups as its AULM would leave them: the weakest groups of every layer zero."""
+    from methods.ssr import group_norms
+
+    method, ctx = create_method("ssr", {}), context(base)
+    model = method.prepare(copy.deepcopy(base), ctx)
+    for layer in method.layers:
+        norms = group_norms([w.detach() for w in layer.weights(model)], layer.group_of_row, layer.groups)
+        layer.zero = _lowest(norms, fraction)
+    return method.finalize(model, ctx)
+
+
+def kse(base: nn.Module, levels: int, batch: int) -> nn.Module:
+    method, ctx = create_method("kse", {"levels": levels, "timing_batch_size": batch}), context(base)
+    return method.finalize(method.prepare(copy.deepcopy(base), ctx), ctx)
+
+
+def at_macs_ratio(build: Callable[[nn.Module, float], nn.Module], base: nn.Module, target: float, steps: int = 9) -> tuple[float, nn.Module]:
+    """Bisect the removed fraction until the MACs ratio is within 3% of ``target``."""
+    base_macs, low, high = macs(base), 0.0, 0.95
+    best: tuple[float, float, nn.Module] | None = None
+    for _ in range(steps):
+        middle = (low + high) / 2
+        model = build(base, middle)
+        ratio = base_macs / macs(model)
+        if best is None or abs(ratio - target) < abs(best[1] - target):
+            best = (middle, ratio, model)
+        if abs(ratio - target) <= 0.03 * target:
+            break
+        low, high = (middle, high) if ratio < target else (low, middle)
+    return best[0], best[2]
+
+
+def forms(model: nn.Module, workdir: Path, compile_: bool) -> dict[str, Any]:
+    """Each form of ``model`` as a callable (see the module docstring)."""
+    model = model.eval()
+    out: dict[str, Any] = {"eager": model}
+    with torch.no_grad():
+        unfolded = torch.export.export(model, (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    out["unfolded"] = unfolded.module()
+    export_model(model, torch.zeros(1, *SHAPE), workdir)
+    out["program"] = load_form(workdir, "program")
+    if compile_:
+        compile_program(workdir)
+        out["compiled"] = load_form(workdir, "compiled")
+    return out
+
+
+def time_forms(callables: dict[str, Any], batches: list[int], repeats: int, threads: int) -> dict[tuple[str, int], float]:
+    generator = torch.Generator().manual_seed(0)
+    times = {}
+    for batch in batches:
+        x = torch.randn(batch, *SHAPE, generator=generator)
+        for form, call in callables.items():
+            times[form, batch] = latency_ms(call, x, repeats=repeats * (5 if batch == 1 else 1), warmup=3, threads=threads)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    torch.manual_seed(0)
+    base = create_model("resnet56", num_classes=10, in_channels=3).eval()
+    with torch.no_grad():
+        for module in base.modules():  # BN statistics and scales away from 0 and 1, as after training
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    base_macs = macs(base)
+    names = ["eager", "unfolded", "program"] + (["compiled"] if args.compile else [])
+    print(
+        f"resnet56 at {SHAPE}, {base_macs / 1e6:.1f}M MACs; {args.threads} CPU threads, batches {args.batches}, median of {args.repeats} "
+        f"(x5 at batch 1); torch {torch.__version__}; forms: {', '.join(names)} ({FORMS['program']} is the default 'program')"
+    )
+    rows: list[dict[str, Any]] = []
+
+    def add(method: str, setting: str, model: nn.Module, batches: list[int]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            times = time_forms(forms(model, Path(tmp), args.compile), batches, args.repeats, args.threads)
+        rows.append({"method": method, "setting": setting, "macs": macs(model), "times": times})
+        print(f"  {method:<9} {setting:<14} {base_macs / rows[-1]['macs']:5.2f}x fewer MACs  " + "  ".join(
+            f"b{b} {form} {times[form, b]:.2f} ms" for b in batches for form in names if (form, b) in times
+        ), flush=True)  # fmt: skip
+
+    add("baseline", "-", base, args.batches)
+    builders = {"l1_filter": l1_filter, "gal": gal, "ssr": ssr}
+    for method in args.methods:
+        if method == "kse":
+            for levels in (3, 4, 5):
+                for batch in args.batches:  # path auto picks each layer's faster path at the timing batch
+                    add("kse", f"G={levels} @b{batch}", kse(base, levels, batch), [batch])
+            continue
+        for target in TARGETS:
+            fraction, model = at_macs_ratio(builders[method], base, target)
+            add(method, f"{fraction:.3f} removed", model, args.batches)
+    report(rows, names, args.batches, args.threads)
+    print(f"\n{time.monotonic() - started:.0f} s in all")
+    return 0
+
+
+def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], threads: int) -> None:
+    base = rows[0]
+    for batch in batches:
+        print(f"\nbatch {batch}, {threads} CPU threads: latency ms (speed-up over the baseline in the same form; speed-up / MACs ratio)")
+        print(f"{'method':<9} {'setting':<14} {'MACs ratio':>10}  " + "  ".join(f"{name:>24}" for name in names))
+        for row in rows:
+            if ("program", batch) not in row["times"]:
+                continue
+            ratio = base["macs"] / row["macs"]
+            cells = []
+            for name in names:
+                ms = row["times"][name, batch]
+                speedup = base["times"][name, batch] / ms
+                cells.append(f"{ms:8.2f} ({speedup:4.2f}x; {speedup / ratio:4.2f})")
+            print(f"{row['method']:<9} {row['setting']:<14} {ratio:>10.2f}  " + "  ".join(f"{c:>24}" for c in cells))
+    in_range = [r for r in rows[1:] if 2.0 * 0.97 <= base["macs"] / r["macs"] <= 4.0 * 1.03 and ("program", 64) in r["times"]]
+    if 64 in batches and in_range:
+        shares = [base["times"]["program", 64] / r["times"]["program", 64] / (base["macs"] / r["macs"]) for r in in_range]
+        met = sum(share >= 0.9 for share in shares)
+        print(
+            f"\ntarget (program form, batch 64, 2x-4x fewer MACs): speed-up >= 0.9 x MACs ratio in {met} of {len(shares)} settings; "
+            f"speed-up / MACs ratio min {min(shares):.2f}, median {statistics.median(shares):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
