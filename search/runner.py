@@ -35,6 +35,7 @@ from search.record import (
 from search.registry import log_trial_model, logged_model_ids
 from search.report import Reporter, print_now
 from search.space import SearchSpace, load_space
+from search.tracking import create_sqlite_aside
 from search.trial import train_baseline
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
@@ -62,25 +63,10 @@ def default_optuna_storage(tracking_uri: str, results_dir: Path) -> str:
     return f"sqlite:///{results_dir / 'optuna.db'}"
 
 
-def create_sqlite_storage(storage_url: str) -> None:
-    """Create a new SQLite Optuna storage whole or not at all (a half-made one would stop ``resume``).
-
-    Optuna writes its tables one by one; a driver killed meanwhile would leave a file that
-    exists but cannot be opened. The tables are made in a temporary file beside it and moved
-    into place in one step. Other storages (and existing files) are left to Optuna.
-    """
-    if not storage_url.startswith("sqlite:///"):
-        return
-    path = Path(storage_url[len("sqlite:///"):])
-    if path.exists():
-        return
+def _create_optuna_tables(url: str) -> None:
     import optuna
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    storage = optuna.storages.RDBStorage(f"sqlite:///{partial}")
-    storage.engine.dispose()
-    os.replace(partial, path)
+    optuna.storages.RDBStorage(url).engine.dispose()
 
 
 def run_search(
@@ -154,7 +140,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             record.save()
             if not record.has_baseline:
                 _prepare_baseline(record, address, reporter)
-            create_sqlite_storage(record.optuna_storage)
+            create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
             _tune.fit(record, reporter, restore=restore)
         finally:
             _shutdown_ray()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 import time
 from pathlib import Path
 from typing import Any
@@ -55,25 +56,34 @@ def _own_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in _numeric(metrics).items() if not k.startswith(_TUNE_FIELDS)}
 
 
-def _create_sqlite_store(tracking_uri: str) -> None:
-    """Build a new SQLite store under a temporary name, then move it into place.
+def create_sqlite_aside(url: str, create: Callable[[str], None]) -> None:
+    """Create a new SQLite database whole or not at all: ``create`` builds it aside, then it is moved into place.
 
-    MLflow creates its tables by running migrations one by one; a driver interrupted among them
-    leaves a store that no later run can open ("table _alembic_tmp_... already exists"). Built
-    aside, an interrupt leaves only the temporary file, and the next run starts over.
+    MLflow and Optuna create their tables one by one (MLflow by running migrations); a driver
+    interrupted among them would leave a file that no later run can open ("table
+    _alembic_tmp_... already exists"). Built under a temporary name, an interrupt leaves only
+    that file, and the next run starts over. Other URLs and existing files are left alone.
+
+    Args:
+        url: ``sqlite:///path`` (anything else is left to its library).
+        create: Called with the temporary file's ``sqlite:///`` URL; creates the tables there.
     """
-    if not tracking_uri.startswith("sqlite:///"):
+    if not url.startswith("sqlite:///"):
         return
-    db = Path(tracking_uri[len("sqlite:///"):])
+    db = Path(url[len("sqlite:///"):])
     if db.exists():
         return
-    from mlflow.tracking import MlflowClient
-
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
     tmp.unlink(missing_ok=True)
-    MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+    create(f"sqlite:///{tmp}")
     os.replace(tmp, db)
+
+
+def _create_mlflow_tables(url: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=url).search_experiments(max_results=1)
 
 
 class SearchTracker:
@@ -103,7 +113,7 @@ class SearchTracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            _create_sqlite_store(self.tracking_uri)
+            create_sqlite_aside(self.tracking_uri, _create_mlflow_tables)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
