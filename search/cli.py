@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="profile the model after this method's prepare and finalize (no training)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter of --method (repeatable)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for latency (at least 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1, as a trial with budget.cpus_per_trial: 1)")
+    p.add_argument(
+        "--form", choices=["program", "module"], default="program",
+        help="what latency times: program (default), the exported model.pt2 as trials time it; module, the nn.Module without exporting "
+        "(exporting a long recurrent network takes tens of seconds)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("methods", help="list the compression methods and their hyperparameters")
@@ -366,17 +372,29 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    import tempfile
+
     import torch
 
+    from search.export import FORMS, deployed_latency, export_model
     from search.measure import count_flops, count_params, latency_ms, size_bytes
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}.")
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, but got {args.threads}.")
     if args.method_option and args.method is None:
         raise UserError("--method-option sets a hyperparameter of --method, but no --method was given; add --method NAME.")
     options = {kind: _options(getattr(args, f"{kind}_option"), f"--{kind}-option") for kind in ("task", "model", "method")}
     task, shape, model = _profile_model(args, options)
     flops = count_flops(model, torch.zeros(1, *shape))
+    x = torch.zeros(args.batch_size, *shape)
+    if args.form == "program":  # timed as a trial times it
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact_bytes = export_model(model, torch.zeros(1, *shape), Path(tmp))[FORMS["program"]]
+            latency = deployed_latency(model, Path(tmp), x, repeats=20, threads=args.threads)
+    else:
+        artifact_bytes, latency = None, {"latency_ms": latency_ms(model, x, repeats=20, threads=args.threads), "latency_form": "module"}
     report = {
         "model": args.model,
         "task": task,
@@ -384,8 +402,12 @@ def _profile(args: argparse.Namespace) -> int:
         "params": count_params(model),
         "macs": flops.macs,
         "flops": flops.flops,
+        "bops": flops.bops,
         "size_bytes": size_bytes(model),
-        "latency_ms": latency_ms(model, torch.zeros(args.batch_size, *shape)),
+        "artifact_bytes": artifact_bytes,
+        "latency_ms": latency["latency_ms"],
+        "latency_form": latency["latency_form"],
+        "latency_threads": args.threads,
         "latency_batch_size": args.batch_size,
         "device": "cpu",
         "uncounted_ops": list(flops.uncounted_ops),
@@ -407,8 +429,12 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"  params      {report['params']:,} ({report['params'] / 1e6:.3f}M)")
         print(f"  MACs        {report['macs']:,} ({report['macs'] / 1e6:.2f}M)")
         print(f"  FLOPs       {report['flops']:,} (= 2 x MACs)")
-        print(f"  size        {report['size_bytes']:,} bytes")
-        print(f"  latency     {report['latency_ms']:.3f} ms (median, batch {args.batch_size}, cpu)")
+        print(f"  BOPs        {report['bops']:,} (MACs x weight bits x input bits)")
+        print(f"  size        {report['size_bytes']:,} bytes (parameters and buffers at their stored bits)")
+        if artifact_bytes is not None:
+            print(f"  artifact    {artifact_bytes:,} bytes ({FORMS['program']}, the exported program)")
+        form = f"{report['latency_form']} ({FORMS[report['latency_form']]})"
+        print(f"  latency     {report['latency_ms']:.3f} ms (median of 20; {form}, batch {args.batch_size}, {plural(args.threads, 'CPU thread')})")
         print(f"  not counted {', '.join(report['uncounted_ops']) or '(none)'} (ops without a FLOP formula, e.g. elementwise)")
     return 0
 

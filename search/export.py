@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ __all__ = [
     "cpp_compiler",
     "compile_program",
     "output_diff",
+    "deployed_latency",
 ]
 
 EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json")
@@ -283,7 +285,11 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
     Moving uses ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported
     runs on a GPU too.
     """
-    program = torch.export.load(Path(out_dir) / FORMS["program"])
+    with warnings.catch_warnings():
+        # torch.export.load warns when tensors share storage that none of them covers whole
+        # (views of one buffer); on load it only picks which view to restore first.
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        program = torch.export.load(Path(out_dir) / FORMS["program"])
     if device is not None:
         program = move_to_device_pass(program, str(torch.device(device)))
     return program.module()
@@ -367,3 +373,29 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
         ) from None
     return target
 
+
+
+def deployed_latency(model: nn.Module, out_dir: Path, example_input: torch.Tensor, repeats: int, threads: int) -> dict[str, Any]:
+    """``latency_ms`` of the default form exported in ``out_dir``, and what it was measured on.
+
+    Called by the trial (and the baseline's measurement) after :func:`export_model`, and by
+    ``slimtune profile``. Times :data:`DEFAULT_FORM` loaded as a deployment loads it, on
+    ``example_input``'s device at ``threads`` CPU threads. A program that refuses the input's
+    batch size (exported at a fixed one because of data-dependent shapes) is replaced by
+    ``model`` itself, and ``latency_form`` says ``module``.
+    """
+    from search.measure import latency_ms
+
+    form, deployed = DEFAULT_FORM, load_form(out_dir, DEFAULT_FORM, example_input.device)
+    try:
+        with torch.no_grad():
+            deployed(example_input)
+    except Exception:  # noqa: BLE001  a program exported at a fixed batch size refuses others
+        form, deployed = "module", model
+    return {
+        "latency_ms": latency_ms(deployed, example_input, repeats=repeats, threads=threads),
+        "latency_form": form,
+        "latency_threads": float(threads),
+        "latency_batch_size": float(example_input.shape[0]),
+        "latency_device": example_input.device.type,
+    }

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from search.export import DEFAULT_FORM, export_model, load_form, write_recipe
-from search.measure import apply_reported_cost, count_flops, count_params, latency_ms, size_bytes, torch_threads
+from search.export import deployed_latency, export_model, write_recipe
+from search.measure import apply_reported_cost, count_flops, count_params, size_bytes, torch_threads
 from models import create_model
 from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
@@ -194,7 +194,8 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(export_dir) if export_dir is not None else Path(tmp)
         metrics["artifact_bytes"] = float(export_model(model, example, out_dir)["model.pt2"])
-        metrics.update(_deployed_latency(model, out_dir, space, task, device))
+        x = task.example_input(space.latency_batch_size).to(device)
+        metrics.update(deployed_latency(model, out_dir, x, repeats=space.latency_repeats, threads=trial_threads(space)))
     directions = task_metrics(space.task)
     for m in task.metrics:
         metrics[f"{m}_drop"] = 0.0 if baseline is None else quality_drop(metrics[m], baseline[m], directions[m])
@@ -229,25 +230,6 @@ def projected_cost(spec: TrialSpec, recipe: list[dict[str, Any]]) -> dict[str, f
     reported = {k: v for k, v in pipeline.cost(model, ctx).items() if k in measured}
     figures = apply_reported_cost(measured, reported)
     return {k: figures[k] for k in measured}
-
-
-def _deployed_latency(model: nn.Module, out_dir: Path, space: SearchSpace, task: Task, device: torch.device) -> dict[str, Any]:
-    """``latency_ms`` of the default exported form in ``out_dir``, and what it was measured on."""
-    x = task.example_input(space.latency_batch_size).to(device)
-    form, deployed = DEFAULT_FORM, load_form(out_dir, DEFAULT_FORM, device)
-    try:
-        with torch.no_grad():
-            deployed(x)
-    except Exception:  # noqa: BLE001  a program exported at a fixed batch size (data-dependent shapes) refuses others
-        form, deployed = "module", model
-    threads = trial_threads(space)
-    return {
-        "latency_ms": latency_ms(deployed, x, repeats=space.latency_repeats, threads=threads),
-        "latency_form": form,
-        "latency_threads": float(threads),
-        "latency_batch_size": float(space.latency_batch_size),
-        "latency_device": device.type,
-    }
 
 
 def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:

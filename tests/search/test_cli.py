@@ -76,10 +76,28 @@ def test_profile_resnet56_matches_the_paper(capsys) -> None:
     assert report["params"] == pytest.approx(0.85e6, rel=0.005)
     assert report["flops"] == 2 * report["macs"]
     assert report["size_bytes"] > 4 * report["params"]  # float32 weights plus batch-norm statistics
+    assert report["bops"] == 32 * 32 * report["macs"]  # nothing quantized: every MAC is 32 x 32 bits
+    # Timed as a trial times it: the exported program, at the stated thread count and batch.
+    assert (report["latency_form"], report["latency_threads"], report["latency_batch_size"]) == ("program", 1, 1)
+    assert 0 < report["artifact_bytes"] - report["size_bytes"] < report["size_bytes"]
     assert report["latency_ms"] > 0
 
 
-GRU_512 = ["profile", "gru", "--task", "adding", "--model-option", "hidden_size=512", "--json"]
+def test_profile_counts_quantized_bops_and_times_the_program(capsys) -> None:
+    assert main(["profile", "digits_cnn", "--method", "minmax_quant", "--method-option", "bits=4", "--threads", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # 4-bit weights (and 4-bit inputs where the layer quantizes them) count 4 x 4 to 4 x 32 bits, not 32 x 32.
+    assert report["macs"] * 4 * 4 <= report["bops"] < report["macs"] * 4 * 32
+    assert (report["latency_form"], report["latency_threads"]) == ("program", 2)
+
+
+def test_profile_refuses_zero_threads_in_one_line(capsys) -> None:
+    assert main(["profile", "digits_cnn", "--threads", "0"]) == 2
+    assert capsys.readouterr().err == "slimtune: error: --threads must be at least 1, but got 0.\n"
+
+
+# --form module: exporting a 60-step recurrent network takes tens of seconds; its figures do not need it.
+GRU_512 = ["profile", "gru", "--task", "adding", "--model-option", "hidden_size=512", "--form", "module", "--json"]
 
 
 def test_profile_gru_512_on_adding_matches_the_paper(capsys) -> None:
@@ -90,6 +108,7 @@ def test_profile_gru_512_on_adding_matches_the_paper(capsys) -> None:
     # Each of 60 steps: three gates of 2x512 input and 512x512 hidden MACs; then the 512 -> 1 head.
     assert report["macs"] == 60 * 3 * (2 * 512 + 512 * 512) + 512
     assert report["model_options"] == {"hidden_size": 512} and report["task_options"] == {"length": 60}
+    assert (report["latency_form"], report["artifact_bytes"]) == ("module", None)
 
 
 def test_profile_gru_512_after_wavelet_state_matches_the_paper(capsys) -> None:
