@@ -109,8 +109,10 @@ def inference_copy(
       the activations after it, are channels-last too: oneDNN then runs the convolutions without
       reordering each activation (as programs, ResNet-56 and its 2x and 4x ``l1_filter``-pruned
       copies took 1.3x to 1.6x less CPU time at batch 64 on one thread). A model that cannot run
-      so (a ``.view`` of such an activation) keeps the default layout. The inputs and outputs are
-      as before (an output may be channels-last strided; its values are the same).
+      so (a ``.view`` of such an activation), or whose outputs it moves beyond ``rtol`` (an
+      activation quantizer's rounding turns the layout's different summation order into a whole
+      quantization step), keeps the default layout. The inputs and outputs are as before (an
+      output may be channels-last strided; its values are the same).
 
     Args:
         model: The model (any mode; the copy is in eval mode).
@@ -138,14 +140,16 @@ def inference_copy(
         rewritten.set_submodule(bn_name, nn.Identity())
     probe = _probe(example_input)
     channels_last = channels_last and example_input.device.type == "cpu" and _channels_last(rewritten, True) > 0
+    what = "the inference rewrites (batch norms folded, dropout removed{})"
     with _eval_mode(model), torch.no_grad():
         if channels_last:
             try:
-                rewritten(probe)
-            except RuntimeError:  # e.g. a .view() of a channels-last activation: keep the default layout
+                diff = output_diff(model, rewritten, probe, rtol, what.format(", channels last"))
+            except (RuntimeError, AssertionError):  # a .view() of a channels-last activation, or rounding flipped by it
                 _channels_last(rewritten, False)
                 channels_last = False
-        diff = output_diff(model, rewritten, probe, rtol, "the inference rewrites (batch norms folded, dropout removed, channels last)")
+        if not channels_last:
+            diff = output_diff(model, rewritten, probe, rtol, what.format(""))
     return rewritten, InferenceRewrites(folded_batch_norms=len(pairs), removed_dropouts=removed, channels_last=channels_last, max_abs_diff=diff)
 
 
@@ -278,15 +282,95 @@ def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
 
 
 def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.Module:
-    """The exported program as a callable module, moved to ``device`` (None: where it was exported).
+    """The exported program as a callable module, moved to ``device`` (None: where it was exported),
+    its weight-only computations run once, here.
 
-    Moving uses ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported
-    runs on a GPU too.
+    Called by a trial to time ``latency_ms`` and by ``slimtune export``. Moving uses
+    ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported runs on a GPU
+    too. Then :func:`_fold_weight_computations` computes every part of the graph that reads only
+    the program's own tensors, never the input: a packed quantized layer's weight is unpacked
+    (shifts, masks, casts) and scaled once, at load, where ``torch.export.load(path).module()``
+    unpacks it in every call. The file keeps the packed codes; what is computed per call is
+    what depends on the input (the convolutions, and an activation quantizer's clamp and round,
+    the float emulation of integer activations). A program with nothing to fold (an
+    unquantized model) is returned as ``torch.export`` loads it.
     """
     program = torch.export.load(Path(out_dir) / FORMS["program"])
     if device is not None:
         program = move_to_device_pass(program, str(torch.device(device)))
-    return program.module()
+    module = program.module()
+    _fold_weight_computations(module)
+    return module
+
+
+def _fold_weight_computations(module: torch.fx.GraphModule) -> int:
+    """Replace every computation of ``module``'s graph that reads only its own tensors by its result.
+
+    Called by :func:`load_program` on the module ``torch.export`` unlifts from a program. A node
+    is computed here when it is an operator call whose inputs are all the module's parameters,
+    buffers or constants, or such computed nodes, and it is pure: no mutation, no side effect and
+    no random draw (``Node.is_impure`` with random ops counted impure). Nodes that read the input,
+    its shape (a dynamic batch size) or a random generator stay in the graph. Each computed
+    tensor that a remaining node (or the output) reads becomes a buffer of ``module``, read by a
+    ``get_attr`` node; computations only those needed are dropped. ``torch.export``'s
+    metadata assertion (``aten._assert_tensor_metadata``) on a computed tensor is checked here,
+    once, since its answer cannot change between calls. The graph is edited in place, so the
+    module keeps its calling convention (inputs and outputs as exported).
+
+    ``torch.fx.experimental.const_fold.split_const_subgraphs`` does the same split but rebuilds
+    the module with ``split_module``, which loses that convention (a single output comes back as
+    a tuple); inductor's ``constant_fold`` (``torch._export.passes``, private) leaves constructors
+    such as the ``arange`` of the shifts in the graph, and with them the unpacking.
+
+    Returns:
+        How many tensors were computed and stored (0: the graph is unchanged).
+    """
+    graph = module.graph
+    values: dict[torch.fx.Node, Any] = {}
+    checks = []
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                value = _attribute(module, node.target)
+                if isinstance(value, torch.Tensor):
+                    values[node] = value
+                continue
+            if node.op != "call_function" or not all(n in values for n in node.all_input_nodes):
+                continue
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            if node.target is torch.ops.aten._assert_tensor_metadata.default:
+                node.target(*args, **kwargs)
+                checks.append(node)
+            elif not node.is_impure(impure_random=True):
+                values[node] = node.target(*args, **kwargs)
+    for check in checks:
+        graph.erase_node(check)
+    stored = 0
+    for node, value in values.items():
+        if node.op == "get_attr" or not isinstance(value, torch.Tensor) or all(user in values for user in node.users):
+            continue
+        name = f"_folded_weight_{stored}"
+        while hasattr(module, name):
+            name += "_"
+        module.register_buffer(name, value)
+        with graph.inserting_before(node):
+            read = graph.get_attr(name)
+        read.meta = dict(node.meta)
+        node.replace_all_uses_with(read)
+        stored += 1
+    if stored or checks:
+        graph.eliminate_dead_code()
+        graph.lint()
+        module.recompile()
+    return stored
+
+
+def _attribute(module: nn.Module, target: str) -> Any:
+    """What a ``get_attr`` node of ``module``'s graph reads (None where the path does not resolve)."""
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def load_module(out_dir: Path, map_location: str | torch.device = "cpu") -> nn.Module:
