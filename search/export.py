@@ -6,7 +6,8 @@ An export directory holds:
   model after the inference-only rewrites of :func:`inference_copy` (batch norms folded into the
   convolutions before them, dropout removed), deployable without slimtune:
   ``torch.export.load(path).module()``; its byte size is the ``artifact_bytes`` metric, and a
-  trial's ``latency_ms`` is timed on it (``latency_form`` ``program``);
+  trial's ``latency_ms`` is timed on it (``latency_form`` ``program``) as :func:`load_program`
+  loads it;
 - ``model.pt``: the **module**, the ``nn.Module`` itself, architecture plus state dict (pruned
   shapes, swapped layers), unfolded, loadable with slimtune installed:
   ``torch.load(path, weights_only=False)``;
@@ -18,6 +19,22 @@ An export directory holds:
   program compiled ahead of time by AOTInductor into native code for one device, loadable
   without slimtune: ``torch._inductor.aoti_load_package(path)`` (:func:`compile_program`).
   Compiling takes tens of seconds to minutes and needs a C++ compiler, so trials do not do it.
+
+Packed quantized layers (:mod:`methods._quant`) are stored in ``model.pt2`` as their integer
+codes and one scale, so the file shrinks with the bit width; the program's graph turns them back
+into float weights (casts, and below 8 bits shifts and masks) before each convolution:
+
+- ``torch.export.load(path).module()`` runs that unpacking in every call;
+- :func:`load_program`, what trials time and ``slimtune export`` reports, runs it once, at load
+  (:func:`_fold_weight_computations`), so each call runs only what depends on the input;
+- the compiled form (AOTInductor, PyTorch 2.14) does not fold it: the unpacking is compiled into
+  kernels that run in every call, fused with the activations' quantization (also with
+  ``aot_inductor.use_runtime_constant_folding``, whose constant folder leaves the ``arange`` of
+  the shifts, and so the shifts, in the per-call graph; ``freezing`` does not change the AOT
+  kernels).
+
+An activation quantizer's clamp and round (``pams``, ``minmax_quant``'s inputs) stay in every
+call in all forms: they are the float emulation of integer activations and depend on the input.
 """
 
 from __future__ import annotations
@@ -426,7 +443,9 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
     (``torch._inductor.aoti_compile_and_package``) compiles the default program (``model.pt2``,
     moved to ``device``) into native code for that device, batch dimension still dynamic where
     the program's is; on CPU this takes tens of seconds to minutes and needs a C++ compiler.
-    Load the package with :func:`load_compiled`.
+    Load the package with :func:`load_compiled`. Packed quantized weights are unpacked by
+    compiled kernels in every call (see the module docstring), not folded as
+    :func:`load_program` folds them.
 
     Raises:
         UserError: No C++ compiler is installed, or AOTInductor failed; the message says so and
