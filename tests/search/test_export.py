@@ -208,6 +208,25 @@ def test_inference_copy_folds_batch_norm_and_keeps_the_outputs() -> None:
     assert rewrites.max_abs_diff <= 1e-5
 
 
+class _LayoutSensitive(nn.Module):
+    """A convolution, then a step that stands for rounding flipped by the layout's summation order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + float(y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous())
+
+
+def test_inference_copy_keeps_the_default_layout_when_channels_last_moves_the_outputs() -> None:
+    model = _LayoutSensitive()
+    copy_, rewrites = inference_copy(model, torch.randn(1, 2, 6, 6))
+    assert not rewrites.channels_last and rewrites.max_abs_diff == 0.0
+    assert copy_.conv.weight.is_contiguous()
+
+
 def test_the_default_program_loads_without_slimtune_and_matches(tmp_path: Path, monkeypatch) -> None:
     model = _with_statistics(_Residual()).eval()
     x = torch.randn(5, 2, 5, 5)
