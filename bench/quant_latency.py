@@ -18,7 +18,9 @@ shape and ``measure.latency_batch_size``, with ``search.measure.latency_ms`` at 
 
 Each figure is the median over ``--rounds`` rounds (in each round every model and form in turn,
 so that a change of the machine's load spreads over all of them) of ``latency_ms``'s median of
-``--repeats`` calls; the machine's load average is printed with them.
+``--repeats`` calls, and of the process's CPU time per call in the same calls (warm-up included),
+which waits for no other process and so moves less with the load; the machine's load average is
+printed with them.
 
     python bench/quant_latency.py                          # EDSR-small x2, 24x24 LR input, 1 thread
     python bench/quant_latency.py --methods minmax_quant --bits 8 4 --rounds 3
@@ -32,6 +34,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -49,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Each ``--methods`` choice: the registered method and the parameters it adds to ``bits``.
 METHODS = {"minmax_quant": ("minmax_quant", {}), "minmax_weights": ("minmax_quant", {"quantize_activations": False}), "pams": ("pams", {})}
 FORMS = ("plain", "program", "module")
+WARMUP = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,14 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{space.model} on {space.task}, input {tuple(x.shape)}, {args.threads} thread(s), "
               f"median of {args.rounds} rounds x {args.repeats} calls; load average {os.getloadavg()[0]:.2f} at the start")
         times = [{form: [] for form in FORMS} for _ in runs]
+        cpu = [{form: [] for form in FORMS} for _ in runs]
         for _ in range(args.rounds):
-            for forms, measured in zip(loaded, times):
+            for forms, measured, used in zip(loaded, times, cpu):
                 for form in FORMS:
-                    measured[form].append(latency_ms(forms[form], x, repeats=args.repeats, threads=args.threads))
-    print(f"{'model':<14} {'bits':>4} {'model.pt2 B':>12} {'plain ms':>9} {'program ms':>11} {'module ms':>10}")
-    for (label, bits, _), artifact, measured in zip(runs, artifacts, times):
-        ms = {form: statistics.median(values) for form, values in measured.items()}
-        print(f"{label:<14} {bits:>4} {artifact:>12,} {ms['plain']:>9.2f} {ms['program']:>11.2f} {ms['module']:>10.2f}")
+                    started = time.process_time()
+                    measured[form].append(latency_ms(forms[form], x, repeats=args.repeats, warmup=WARMUP, threads=args.threads))
+                    used[form].append((time.process_time() - started) * 1000.0 / (WARMUP + args.repeats))
+    print(f"{'':<19} {'':>12} {'latency_ms (wall, median)':^32} {'CPU ms per call':^32}")
+    print(f"{'model':<14} {'bits':>4} {'model.pt2 B':>12} " + " ".join(f"{form:>10}" for form in FORMS) + " " + " ".join(f"{form:>10}" for form in FORMS))
+    for (label, bits, _), artifact, measured, used in zip(runs, artifacts, times, cpu):
+        wall = " ".join(f"{statistics.median(measured[form]):>10.2f}" for form in FORMS)
+        spent = " ".join(f"{statistics.median(used[form]):>10.2f}" for form in FORMS)
+        print(f"{label:<14} {bits:>4} {artifact:>12,} {wall} {spent}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
