@@ -21,7 +21,7 @@ An export directory holds:
   Compiling takes tens of seconds to minutes and needs a C++ compiler, so trials do not do it.
 
 Packed quantized layers (:mod:`methods._quant`) are stored in ``model.pt2`` as their integer
-codes and one scale, so the file shrinks with the bit width; the program's graph turns them back
+codes and one scale, so their bytes shrink with the bit width; the program's graph turns them back
 into float weights (casts, and below 8 bits shifts and masks) before each convolution:
 
 - ``torch.export.load(path).module()`` runs that unpacking in every call;
@@ -325,11 +325,12 @@ def _fold_weight_computations(module: torch.fx.GraphModule) -> int:
 
     Called by :func:`load_program` on the module ``torch.export`` unlifts from a program. A node
     is computed here when it is an operator call whose inputs are all the module's parameters,
-    buffers or constants, or such computed nodes, and it is pure: no mutation, no side effect and
-    no random draw (``Node.is_impure`` with random ops counted impure). Nodes that read the input,
-    its shape (a dynamic batch size) or a random generator stay in the graph. Each computed
-    tensor that a remaining node (or the output) reads becomes a buffer of ``module``, read by a
-    ``get_attr`` node; computations only those needed are dropped. ``torch.export``'s
+    buffers or constants that no call changes, or such computed nodes, and it is pure: no
+    mutation, no side effect and no random draw (``Node.is_impure`` with random ops counted
+    impure). Nodes that read the input, its shape (a dynamic batch size), a tensor the graph
+    mutates (a buffer updated in every call) or a random generator stay in the graph. Each
+    computed tensor that a remaining node (or the output) reads becomes a buffer of ``module``,
+    read by a ``get_attr`` node; computations that only fed computed ones are dropped. ``torch.export``'s
     metadata assertion (``aten._assert_tensor_metadata``) on a computed tensor is checked here,
     once, since its answer cannot change between calls. The graph is edited in place, so the
     module keeps its calling convention (inputs and outputs as exported).
@@ -343,19 +344,27 @@ def _fold_weight_computations(module: torch.fx.GraphModule) -> int:
         How many tensors were computed and stored (0: the graph is unchanged).
     """
     graph = module.graph
+    check_metadata = torch.ops.aten._assert_tensor_metadata.default
+    # A tensor a call may change (an in-place op, a module call) is no constant.
+    changing = {
+        node.target
+        for node in graph.find_nodes(op="get_attr")
+        for user in node.users
+        if user.op == "call_module" or (user.op == "call_function" and user.target is not check_metadata and user.is_impure(impure_random=False))
+    }
     values: dict[torch.fx.Node, Any] = {}
     checks = []
     with torch.no_grad():
         for node in graph.nodes:
             if node.op == "get_attr":
                 value = _attribute(module, node.target)
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and node.target not in changing:
                     values[node] = value
                 continue
             if node.op != "call_function" or not all(n in values for n in node.all_input_nodes):
                 continue
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
-            if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            if node.target is check_metadata:
                 node.target(*args, **kwargs)
                 checks.append(node)
             elif not node.is_impure(impure_random=True):

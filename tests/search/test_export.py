@@ -347,3 +347,22 @@ def test_load_program_never_folds_a_random_draw(tmp_path: Path) -> None:
     x = torch.zeros(3, 2)
     assert not torch.equal(loaded(x), loaded(x))  # new noise in every call
     torch.testing.assert_close(loaded(torch.ones(3, 2)) - loaded(x), torch.tensor([0.5, -1.0]).exp().expand(3, 2), atol=1.0, rtol=0)
+
+
+class _Counter(nn.Module):
+    """A buffer every call updates from its own value (``n <- 2n + 1``), as running statistics are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("n", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        updated = self.n * 2 + 1
+        self.n.copy_(updated)
+        return x + updated
+
+
+def test_load_program_never_folds_a_buffer_that_calls_change(tmp_path: Path) -> None:
+    torch.export.save(torch.export.export(_Counter(), (torch.zeros(2),)), tmp_path / "model.pt2")
+    loaded = load_program(tmp_path)
+    assert [loaded(torch.zeros(2))[0].item() for _ in range(3)] == [1.0, 3.0, 7.0]
