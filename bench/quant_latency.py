@@ -6,9 +6,10 @@ dequantizes them (shifts, masks, casts, scale). This bench builds the space's mo
 weights: latency does not depend on their values), quantizes a copy with each of ``--methods``
 (``minmax_quant``: weights and each quantized layer's input; ``minmax_weights``: ``minmax_quant``
 with ``quantize_activations: false``, weights only; ``pams``: weights and the residual blocks'
-activations) at each of ``--bits`` through slimtune's own pipeline trained one step on one batch (what the
-pre-flight does: enough to calibrate and pack), exports each and times, at the trial's input
-shape and ``measure.latency_batch_size``, with ``search.measure.latency_ms`` at ``--threads``:
+activations) at each of ``--bits`` through slimtune's own pipeline trained one step on one
+batch (what the pre-flight does: enough to calibrate and pack), exports each and times, at the
+trial's input shape and ``measure.latency_batch_size``, with ``search.measure.latency_ms`` at
+``--threads``:
 
 - ``plain``: ``torch.export.load(path).module()``, what a user gets without slimtune: the
   weights are unpacked in every call;
@@ -22,7 +23,7 @@ so that a change of the machine's load spreads over all of them) of ``latency_ms
 which waits for no other process and so moves less with the load; the machine's load average is
 printed with them.
 
-    python bench/quant_latency.py                          # EDSR-small x2, 24x24 LR input, 1 thread
+    python bench/quant_latency.py     # spaces/sr_quickstart.yaml: EDSR-small x2, 24x24 LR input, batch 1, 1 thread (about 4 min)
     python bench/quant_latency.py --methods minmax_quant --bits 8 4 --rounds 3
 """
 
