@@ -6,7 +6,8 @@ An export directory holds:
   model after the inference-only rewrites of :func:`inference_copy` (batch norms folded into the
   convolutions before them, dropout removed), deployable without slimtune:
   ``torch.export.load(path).module()``; its byte size is the ``artifact_bytes`` metric, and a
-  trial's ``latency_ms`` is timed on it (``latency_form`` ``program``);
+  trial's ``latency_ms`` is timed on it (``latency_form`` ``program``) as :func:`load_program`
+  loads it;
 - ``model.pt``: the **module**, the ``nn.Module`` itself, architecture plus state dict (pruned
   shapes, swapped layers), unfolded, loadable with slimtune installed:
   ``torch.load(path, weights_only=False)``;
@@ -18,6 +19,22 @@ An export directory holds:
   program compiled ahead of time by AOTInductor into native code for one device, loadable
   without slimtune: ``torch._inductor.aoti_load_package(path)`` (:func:`compile_program`).
   Compiling takes tens of seconds to minutes and needs a C++ compiler, so trials do not do it.
+
+Packed quantized layers (:mod:`methods._quant`) are stored in ``model.pt2`` as their integer
+codes and one scale, so their bytes shrink with the bit width; the program's graph turns them back
+into float weights (casts, and below 8 bits shifts and masks) before each convolution:
+
+- ``torch.export.load(path).module()`` runs that unpacking in every call;
+- :func:`load_program`, what trials time and ``slimtune export`` reports, runs it once, at load
+  (:func:`_fold_weight_computations`), so each call runs only what depends on the input;
+- the compiled form (AOTInductor, PyTorch 2.14) does not fold it: the unpacking is compiled into
+  kernels that run in every call, fused with the activations' quantization (also with
+  ``aot_inductor.use_runtime_constant_folding``, whose constant folder leaves the ``arange`` of
+  the shifts, and so the shifts, in the per-call graph; ``freezing`` does not change the AOT
+  kernels).
+
+An activation quantizer's clamp and round (``pams``, ``minmax_quant``'s inputs) stay in every
+call in all forms: they are the float emulation of integer activations and depend on the input.
 """
 
 from __future__ import annotations
@@ -111,8 +128,10 @@ def inference_copy(
       the activations after it, are channels-last too: oneDNN then runs the convolutions without
       reordering each activation (as programs, ResNet-56 and its 2x and 4x ``l1_filter``-pruned
       copies took 1.3x to 1.6x less CPU time at batch 64 on one thread). A model that cannot run
-      so (a ``.view`` of such an activation) keeps the default layout. The inputs and outputs are
-      as before (an output may be channels-last strided; its values are the same).
+      so (a ``.view`` of such an activation), or whose outputs it moves beyond ``rtol`` (an
+      activation quantizer's rounding turns the layout's different summation order into a whole
+      quantization step), keeps the default layout. The inputs and outputs are as before (an
+      output may be channels-last strided; its values are the same).
 
     Args:
         model: The model (any mode; the copy is in eval mode).
@@ -140,14 +159,16 @@ def inference_copy(
         rewritten.set_submodule(bn_name, nn.Identity())
     probe = _probe(example_input)
     channels_last = channels_last and example_input.device.type == "cpu" and _channels_last(rewritten, True) > 0
+    what = "the inference rewrites (batch norms folded, dropout removed{})"
     with _eval_mode(model), torch.no_grad():
         if channels_last:
             try:
-                rewritten(probe)
-            except RuntimeError:  # e.g. a .view() of a channels-last activation: keep the default layout
+                diff = output_diff(model, rewritten, probe, rtol, what.format(", channels last"))
+            except (RuntimeError, AssertionError):  # a .view() of a channels-last activation, or rounding flipped by it
                 _channels_last(rewritten, False)
                 channels_last = False
-        diff = output_diff(model, rewritten, probe, rtol, "the inference rewrites (batch norms folded, dropout removed, channels last)")
+        if not channels_last:
+            diff = output_diff(model, rewritten, probe, rtol, what.format(""))
     return rewritten, InferenceRewrites(folded_batch_norms=len(pairs), removed_dropouts=removed, channels_last=channels_last, max_abs_diff=diff)
 
 
@@ -280,10 +301,18 @@ def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
 
 
 def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.Module:
-    """The exported program as a callable module, moved to ``device`` (None: where it was exported).
+    """The exported program as a callable module, moved to ``device`` (None: where it was exported),
+    its weight-only computations run once, here.
 
-    Moving uses ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported
-    runs on a GPU too.
+    Called by a trial to time ``latency_ms`` and by ``slimtune export``. Moving uses
+    ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported runs on a GPU
+    too. Then :func:`_fold_weight_computations` computes every part of the graph that reads only
+    the program's own tensors, never the input: a packed quantized layer's weight is unpacked
+    (shifts, masks, casts) and scaled once, at load, where ``torch.export.load(path).module()``
+    unpacks it in every call. The file keeps the packed codes; what is computed per call is
+    what depends on the input (the convolutions, and an activation quantizer's clamp and round,
+    the float emulation of integer activations). A program with nothing to fold (an
+    unquantized model) is returned as ``torch.export`` loads it.
     """
     with warnings.catch_warnings():
         # torch.export.load warns when tensors share storage that none of them covers whole
@@ -292,7 +321,88 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
         program = torch.export.load(Path(out_dir) / FORMS["program"])
     if device is not None:
         program = move_to_device_pass(program, str(torch.device(device)))
-    return program.module()
+    module = program.module()
+    _fold_weight_computations(module)
+    return module
+
+
+def _fold_weight_computations(module: torch.fx.GraphModule) -> int:
+    """Replace every computation of ``module``'s graph that reads only its own tensors by its result.
+
+    Called by :func:`load_program` on the module ``torch.export`` unlifts from a program. A node
+    is computed here when it is an operator call whose inputs are all the module's parameters,
+    buffers or constants that no call changes, or such computed nodes, and it is pure: no
+    mutation, no side effect and no random draw (``Node.is_impure`` with random ops counted
+    impure). Nodes that read the input, its shape (a dynamic batch size), a tensor the graph
+    mutates (a buffer updated in every call) or a random generator stay in the graph. Each
+    computed tensor that a remaining node (or the output) reads becomes a buffer of ``module``,
+    read by a ``get_attr`` node; computations that only fed computed ones are dropped. ``torch.export``'s
+    metadata assertion (``aten._assert_tensor_metadata``) on a computed tensor is checked here,
+    once, since its answer cannot change between calls. The graph is edited in place, so the
+    module keeps its calling convention (inputs and outputs as exported).
+
+    ``torch.fx.experimental.const_fold.split_const_subgraphs`` does the same split but rebuilds
+    the module with ``split_module``, which loses that convention (a single output comes back as
+    a tuple); inductor's ``constant_fold`` (``torch._export.passes``, private) leaves constructors
+    such as the ``arange`` of the shifts in the graph, and with them the unpacking.
+
+    Returns:
+        How many tensors were computed and stored (0: the graph is unchanged).
+    """
+    graph = module.graph
+    check_metadata = torch.ops.aten._assert_tensor_metadata.default
+    # A tensor a call may change (an in-place op, a module call) is no constant.
+    changing = {
+        node.target
+        for node in graph.find_nodes(op="get_attr")
+        for user in node.users
+        if user.op == "call_module" or (user.op == "call_function" and user.target is not check_metadata and user.is_impure(impure_random=False))
+    }
+    values: dict[torch.fx.Node, Any] = {}
+    checks = []
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                value = _attribute(module, node.target)
+                if isinstance(value, torch.Tensor) and node.target not in changing:
+                    values[node] = value
+                continue
+            if node.op != "call_function" or not all(n in values for n in node.all_input_nodes):
+                continue
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            if node.target is check_metadata:
+                node.target(*args, **kwargs)
+                checks.append(node)
+            elif not node.is_impure(impure_random=True):
+                values[node] = node.target(*args, **kwargs)
+    for check in checks:
+        graph.erase_node(check)
+    stored = 0
+    for node, value in values.items():
+        if node.op == "get_attr" or not isinstance(value, torch.Tensor) or all(user in values for user in node.users):
+            continue
+        name = f"_folded_weight_{stored}"
+        while hasattr(module, name):
+            name += "_"
+        module.register_buffer(name, value)
+        with graph.inserting_before(node):
+            read = graph.get_attr(name)
+        read.meta = dict(node.meta)
+        node.replace_all_uses_with(read)
+        stored += 1
+    if stored or checks:
+        graph.eliminate_dead_code()
+        graph.lint()
+        module.recompile()
+    return stored
+
+
+def _attribute(module: nn.Module, target: str) -> Any:
+    """What a ``get_attr`` node of ``module``'s graph reads (None where the path does not resolve)."""
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def load_module(out_dir: Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -348,7 +458,9 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
     (``torch._inductor.aoti_compile_and_package``) compiles the default program (``model.pt2``,
     moved to ``device``) into native code for that device, batch dimension still dynamic where
     the program's is; on CPU this takes tens of seconds to minutes and needs a C++ compiler.
-    Load the package with :func:`load_compiled`.
+    Load the package with :func:`load_compiled`. Packed quantized weights are unpacked by
+    compiled kernels in every call (see the module docstring), not folded as
+    :func:`load_program` folds them.
 
     Raises:
         UserError: No C++ compiler is installed, or AOTInductor failed; the message says so and

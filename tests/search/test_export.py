@@ -1,5 +1,6 @@
 """Exporting a compressed model: both artifacts reload to the same function, the recipe survives,
-packing shrinks the deployable file, the program is folded for inference and loads without slimtune."""
+packing shrinks the deployable file, the program is folded for inference and loads without slimtune,
+and ``load_program`` unpacks packed weights once, at load."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from methods import Phase, Pipeline, train_phase
+from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
 from errors import UserError
 from search.export import (
     EXPORT_FILES,
@@ -206,6 +208,25 @@ def test_inference_copy_folds_batch_norm_and_keeps_the_outputs() -> None:
     assert rewrites.max_abs_diff <= 1e-5
 
 
+class _LayoutSensitive(nn.Module):
+    """A convolution, then a step that stands for rounding flipped by the layout's summation order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + float(y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous())
+
+
+def test_inference_copy_keeps_the_default_layout_when_channels_last_moves_the_outputs() -> None:
+    model = _LayoutSensitive()
+    copy_, rewrites = inference_copy(model, torch.randn(1, 2, 6, 6))
+    assert not rewrites.channels_last and rewrites.max_abs_diff == 0.0
+    assert copy_.conv.weight.is_contiguous()
+
+
 def test_the_default_program_loads_without_slimtune_and_matches(tmp_path: Path, monkeypatch) -> None:
     model = _with_statistics(_Residual()).eval()
     x = torch.randn(5, 2, 5, 5)
@@ -245,3 +266,103 @@ def test_compiling_without_a_cpp_compiler_says_so(tmp_path: Path, monkeypatch) -
     with pytest.raises(UserError, match="needs a C\\+\\+ compiler.*deploy the plain program model.pt2"):
         compile_program(tmp_path)
     assert not (tmp_path / "model_compiled.pt2").exists()
+
+
+class _Packed(nn.Module):
+    """A float conv, a packed conv whose input is fake-quantized, and a packed weight-only linear head."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        conv2 = QuantConv2d.from_float(nn.Conv2d(4, 4, 3, padding=1), MaxAbsWeightQuantizer(bits), RunningMaxActivationQuantizer(bits))
+        self.conv2, self.head = conv2, QuantLinear.from_float(nn.Linear(4, 3), MaxAbsWeightQuantizer(bits), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv2(torch.relu(self.conv1(x))).mean(dim=(2, 3)))
+
+
+# What unpacking packed codes runs: casts, shifts, masks, the shift tables and the field sums.
+_UNPACKING = ("aten.to.", "aten._to_copy.", "aten.__rshift__.", "aten.__lshift__.", "aten.__and__.", "aten.bitwise_", "aten.arange.", "aten.sum.")
+
+
+def _calls(program: nn.Module) -> list[str]:
+    return [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_load_program_unpacks_packed_weights_once_and_keeps_the_outputs(bits: int, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Packed(bits)
+    model(torch.randn(8, 2, 6, 6))  # training mode: the activation quantizer records its range
+    model.conv2.pack()
+    model.head.pack()
+    export_model(model.eval(), torch.randn(1, 2, 6, 6), tmp_path)
+    plain = torch.export.load(tmp_path / "model.pt2").module()
+    loaded = load_program(tmp_path, device="cpu")  # through move_to_device_pass
+    unpacking = [target for target in _calls(plain) if target.startswith(_UNPACKING)]
+    assert len(unpacking) >= 2  # both packed layers unpack in every call of the plain program
+    assert [target for target in _calls(loaded) if target.startswith(_UNPACKING)] == []
+    read = {node.target for node in loaded.graph.nodes if node.op == "get_attr"}
+    assert not any(name.endswith(("weight_codes", "weight_packed")) for name in read)
+    # The input's fake quantization (clamp, round) is the float emulation of integer activations: per call.
+    assert _calls(loaded).count("aten.round.default") == _calls(plain).count("aten.round.default") == 1
+    assert _calls(loaded).count("aten.conv2d.default") == 2 and _calls(loaded).count("aten.linear.default") == 1
+    x = torch.randn(5, 2, 6, 6)  # another batch size than traced: the batch dimension stays dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), plain(x), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=0)
+    folded = [loaded.get_buffer(name) for name in read if name.startswith("_folded_weight")]
+    unpacked = [w for w in folded if w.dim()]  # the others: the activation quantizer's step, from its bound
+    assert sorted(tuple(w.shape) for w in unpacked) == [(3, 4), (4, 4, 3, 3)]
+    assert any(torch.equal(w, model.conv2.quantized_weight()) for w in unpacked)
+
+
+def test_load_program_leaves_an_unquantized_program_as_loaded(tmp_path: Path) -> None:
+    model = _with_statistics(_Residual()).eval()
+    export_model(model, torch.zeros(1, 2, 5, 5), tmp_path)
+    plain = torch.export.load(tmp_path / "model.pt2").module()
+    loaded = load_program(tmp_path, device="cpu")
+    assert [(n.op, str(n.target)) for n in loaded.graph.nodes] == [(n.op, str(n.target)) for n in plain.graph.nodes]
+    x = torch.randn(3, 2, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), plain(x), atol=0, rtol=0)
+
+
+class _Noisy(nn.Module):
+    """exp(scale) reads only a buffer; the noise is drawn from the generator in every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([0.5, -1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.exp() + torch.rand_like(self.scale)
+
+
+def test_load_program_never_folds_a_random_draw(tmp_path: Path) -> None:
+    torch.export.save(torch.export.export(_Noisy(), (torch.zeros(3, 2),)), tmp_path / "model.pt2")
+    loaded = load_program(tmp_path)
+    calls = _calls(loaded)
+    assert "aten.exp.default" not in calls and any("rand" in target for target in calls)
+    x = torch.zeros(3, 2)
+    assert not torch.equal(loaded(x), loaded(x))  # new noise in every call
+    torch.testing.assert_close(loaded(torch.ones(3, 2)) - loaded(x), torch.tensor([0.5, -1.0]).exp().expand(3, 2), atol=1.0, rtol=0)
+
+
+class _Counter(nn.Module):
+    """A buffer every call updates from its own value (``n <- 2n + 1``), as running statistics are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("n", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        updated = self.n * 2 + 1
+        self.n.copy_(updated)
+        return x + updated
+
+
+def test_load_program_never_folds_a_buffer_that_calls_change(tmp_path: Path) -> None:
+    torch.export.save(torch.export.export(_Counter(), (torch.zeros(2),)), tmp_path / "model.pt2")
+    loaded = load_program(tmp_path)
+    assert [loaded(torch.zeros(2))[0].item() for _ in range(3)] == [1.0, 3.0, 7.0]
