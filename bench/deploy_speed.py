@@ -27,6 +27,7 @@ CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads.
     python bench/deploy_speed.py                      # 2 threads, batch 64 and 1 (a few minutes on a quiet machine)
     python bench/deploy_speed.py --compile            # adds AOTInductor (tens of seconds to minutes per model)
     python bench/deploy_speed.py --methods l1_filter --repeats 3      # a quick check
+    python bench/deploy_speed.py --breakdown          # adds where the program's time goes (convolutions or other ops)
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1], help="batch sizes timed (default 64 1)")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per latency at the largest batch; 5x as many at batch 1 (default 10)")
     parser.add_argument("--compile", action="store_true", help="also time the AOTInductor-compiled program (needs a C++ compiler; slow to build)")
+    parser.add_argument(
+        "--breakdown", action="store_true",
+        help="also split the program's time at the largest batch into convolutions and everything else (torch.profiler; "
+        "profiling slows each op, so the milliseconds are larger than the latencies, only the shares compare)",
+    )
     return parser.parse_args(argv)
 
 
@@ -152,6 +158,27 @@ def forms(model: nn.Module, workdir: Path, compile_: bool) -> dict[str, Any]:
     return out
 
 
+def breakdown(program: Any, batch: int, threads: int, repeats: int = 5) -> tuple[float, float]:
+    """Milliseconds per pass of ``program`` in convolution ops and in all other ops, under torch.profiler."""
+    from search.measure import torch_threads
+
+    x = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch_threads(threads):
+        for _ in range(3):
+            program(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            for _ in range(repeats):
+                program(x)
+    conv = other = 0.0
+    for event in profile.key_averages():
+        ms = event.self_cpu_time_total / 1000 / repeats
+        if "conv" in event.key:
+            conv += ms
+        else:
+            other += ms
+    return conv, other
+
+
 def time_forms(callables: dict[str, Any], batches: list[int], repeats: int, threads: int) -> dict[tuple[str, int], float]:
     generator = torch.Generator().manual_seed(0)
     times = {}
@@ -183,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(method: str, setting: str, model: nn.Module, batches: list[int]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            times = time_forms(forms(model, Path(tmp), args.compile), batches, args.repeats, args.threads)
-        rows.append({"method": method, "setting": setting, "macs": macs(model), "times": times})
+            callables = forms(model, Path(tmp), args.compile)
+            times = time_forms(callables, batches, args.repeats, args.threads)
+            split = breakdown(callables["program"], max(batches), args.threads) if args.breakdown else None
+        rows.append({"method": method, "setting": setting, "macs": macs(model), "times": times, "breakdown": split})
         print(f"  {method:<9} {setting:<14} {base_macs / rows[-1]['macs']:5.2f}x fewer MACs  " + "  ".join(
             f"b{b} {form} {times[form, b]:.2f} ms" for b in batches for form in names if (form, b) in times
         ), flush=True)  # fmt: skip
@@ -220,6 +249,16 @@ def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], thr
                 speedup = base["times"][name, batch] / ms
                 cells.append(f"{ms:8.2f} ({speedup:4.2f}x; {speedup / ratio:4.2f})")
             print(f"{row['method']:<9} {row['setting']:<14} {ratio:>10.2f}  " + "  ".join(f"{c:>24}" for c in cells))
+    if base["breakdown"] is not None:
+        batch = max(batches)
+        print(f"\nprogram at batch {batch}, under torch.profiler: ms per pass in convolutions and in other ops (ReLU, residual add, ...)")
+        print(f"{'method':<9} {'setting':<14} {'MACs ratio':>10}  {'conv ms':>8} {'conv GMAC/s':>11} {'other ms':>8} {'other share':>11}")
+        for row in rows:
+            if row["breakdown"] is None:
+                continue
+            conv, other = row["breakdown"]
+            rate = row["macs"] * batch / conv / 1e6
+            print(f"{row['method']:<9} {row['setting']:<14} {base['macs'] / row['macs']:>10.2f}  {conv:8.2f} {rate:11.1f} {other:8.2f} {other / (conv + other):11.0%}")
     in_range = [r for r in rows[1:] if 2.0 * 0.97 <= base["macs"] / r["macs"] <= 4.0 * 1.03 and ("program", 64) in r["times"]]
     if 64 in batches and in_range:
         shares = [base["times"]["program", 64] / r["times"]["program", 64] / (base["macs"] / r["macs"]) for r in in_range]

@@ -130,7 +130,7 @@ class MaxAbsWeightQuantizer(nn.Module):
         return weight.detach().abs().max()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return symmetric_quantize(weight, self.bound(weight), self.bits)
+        return symmetric_quantize(weight, self.bound(weight), self.bits, ste=self.training)
 
 
 class RunningMaxActivationQuantizer(nn.Module):
@@ -158,7 +158,7 @@ class RunningMaxActivationQuantizer(nn.Module):
                 self.observed = True
         if not self.observed:
             return x
-        return symmetric_quantize(x, self.running_bound, self.bits)
+        return symmetric_quantize(x, self.running_bound, self.bits, ste=self.training)
 
 
 class QuantMixin:
