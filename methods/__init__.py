@@ -5,7 +5,7 @@ import line here.
 """
 
 from methods._base import LOSS_SCOPES, Method, NotApplicable, MethodContext, Phase, Range, Step, Update, hyperparameter, hyperparameters
-from methods._base import HyperparameterInfo, check_config_types, check_value_type
+from methods._base import HyperparameterInfo, check_config_types, check_training_overrides, check_value_type
 from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check_pipeline, train_phase, training_loss
 from methods._registry import create_method, get_method, list_methods, register_method
 
@@ -25,6 +25,7 @@ __all__ = [
     "hyperparameters",
     "HyperparameterInfo",
     "check_config_types",
+    "check_training_overrides",
     "check_value_type",
     "Pipeline",
     "TrainingState",

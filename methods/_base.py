@@ -238,6 +238,30 @@ def check_config_types(config: Any) -> None:
             object.__setattr__(config, info.name, checked)
 
 
+#: The training overrides a method's config may carry: field, rule, whether a value keeps it,
+#: and the space's setting that an unset (null) override falls back to.
+_TRAINING_OVERRIDES = (
+    ("epochs", "epochs >= 0", lambda value: value >= 0, "budget.epochs"),
+    ("lr", "lr > 0", lambda value: value > 0, "training.lr"),
+)
+
+
+def check_training_overrides(config: Any) -> None:
+    """Check a config's ``epochs`` and ``lr`` fields, those it has: ``epochs >= 0``, ``lr > 0``.
+
+    Called in ``__post_init__`` after :func:`check_config_types` by every config that can set
+    its own training epochs or learning rate. An unset (None) override passes; the message of
+    one whose default is None says that leaving it unset uses the space's setting.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, rule, holds, fallback in _TRAINING_OVERRIDES:
+        value = getattr(config, name, None)
+        if name not in defaults or value is None or holds(value):
+            continue
+        hint = f"; leave it unset (null) to use the space's {fallback}" if defaults[name] is None else ""
+        raise ValueError(f"`{rule}` must hold, but got {name}={value}{hint}.")
+
+
 def check_value_type(name: str, annotation: Any, value: Any) -> Any:
     """Return ``value`` as a value of ``annotation``; ValueError naming ``name`` otherwise.
 

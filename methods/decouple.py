@@ -81,7 +81,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, hyperparameter
+from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, check_training_overrides, hyperparameter
 from methods._registry import register_method
 from methods.gal import find_mask_sites
 
@@ -140,8 +140,7 @@ class DecoupleConfig:
         for name in ("lr", "acm_lr", "fgsm_epsilon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name} > 0` must hold, but got {name}={getattr(self, name)}.")
-        if self.epochs is not None and self.epochs < 0:
-            raise ValueError(f"`epochs >= 0` must hold, but got epochs={self.epochs}; leave it unset (null) to use the space's budget.epochs.")
+        check_training_overrides(self)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, check_config_types, hyperparameter
+from methods._base import Method, MethodContext, Phase, Range, check_config_types, check_training_overrides, hyperparameter
 from methods._registry import register_method
 from methods._surgery import first_layers
 
@@ -116,10 +116,7 @@ class KSEConfig:
             raise ValueError(f"`levels >= 2` must hold (level 0 removes, level G-1 keeps), but got levels={self.levels}.")
         if self.halvings < 0:
             raise ValueError(f"`halvings >= 0` must hold, but got halvings={self.halvings}.")
-        if self.epochs is not None and self.epochs < 0:
-            raise ValueError(f"`epochs >= 0` must hold, but got epochs={self.epochs}; leave it unset (null) to use budget.epochs.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"`lr > 0` must hold, but got lr={self.lr}; leave it unset (null) to use training.lr.")
+        check_training_overrides(self)
         if self.timing_batch_size < 1:
             raise ValueError(f"`timing_batch_size >= 1` must hold, but got timing_batch_size={self.timing_batch_size}.")
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
+from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
 from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, replace_3x3_convs
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
@@ -150,10 +150,7 @@ class ODConfig:
             raise ValueError(f"`2 <= students <= 4` must hold, but got students={self.students}.")
         if self.temperature <= 0:
             raise ValueError(f"`temperature > 0` must hold, but got temperature={self.temperature}.")
-        if self.epochs is not None and self.epochs < 0:
-            raise ValueError(f"`epochs >= 0` must hold, but got epochs={self.epochs}; leave it unset (null) to use the space's budget.epochs.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"`lr > 0` must hold, but got lr={self.lr}; leave it unset (null) to use the space's training.lr.")
+        check_training_overrides(self)
 
 
 @register_method

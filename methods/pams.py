@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
+from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantMixin, qmax, quantized_layers, round_ste, symmetric_quantize
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
@@ -252,10 +252,7 @@ class PAMSConfig:
         for name in ("skt_weight", "alpha_lr", "stats_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}.")
-        if not self.lr > 0:
-            raise ValueError(f"`lr > 0` must hold, but got lr={self.lr}.")
-        if self.epochs is not None and self.epochs < 0:
-            raise ValueError(f"`epochs >= 0` must hold, but got epochs={self.epochs}; leave it unset (null) to use the space's budget.epochs.")
+        check_training_overrides(self)
 
 
 @register_method

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, NotApplicable, Phase, Range, Step, check_config_types, hyperparameter
+from methods._base import Method, MethodContext, NotApplicable, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
 from methods._registry import register_method
 from models.two_branch import HEADS, TwoBranch
 
@@ -108,10 +108,7 @@ def _check_config(config: Any) -> None:
         raise ValueError(f"`weight >= 0` must hold, but got weight={config.weight}.")
     if config.temperature <= 0:
         raise ValueError(f"`temperature > 0` must hold, but got temperature={config.temperature}.")
-    if config.epochs is not None and config.epochs < 0:
-        raise ValueError(f"`epochs >= 0` must hold, but got epochs={config.epochs}; leave it unset (null) to use the space's budget.epochs.")
-    if config.lr is not None and not config.lr > 0:
-        raise ValueError(f"`lr > 0` must hold, but got lr={config.lr}; leave it unset (null) to use the space's training.lr.")
+    check_training_overrides(config)
 
 
 # A term of weight w at temperature T weighs about w * T against the task loss: weight 3.2 at

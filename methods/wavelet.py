@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, NotApplicable, Phase, Range, Step, check_config_types, hyperparameter
+from methods._base import Method, MethodContext, NotApplicable, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
 from methods._registry import register_method
 from models.recurrent import GRU_GATES, GRULayer, LSTMLayer
 
@@ -288,10 +288,7 @@ class WaveletConfig:
             raise ValueError(f"`wave_loss_weight >= 0` must hold, but got wave_loss_weight={self.wave_loss_weight}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`0 <= dropout < 1` must hold, but got dropout={self.dropout}.")
-        if self.epochs is not None and self.epochs < 0:
-            raise ValueError(f"`epochs >= 0` must hold, but got epochs={self.epochs}; leave it unset (null) to use the space's budget.epochs.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"`lr > 0` must hold, but got lr={self.lr}; leave it unset (null) to use the space's training.lr.")
+        check_training_overrides(self)
 
 
 def wavelet_sites(model: nn.Module, mode: str) -> list[tuple[nn.Module, str, nn.Linear]]:
