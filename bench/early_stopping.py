@@ -14,7 +14,7 @@ Hypervolume is ``slimtune pareto``'s, over the trials completed so far.
 
 Target: a scheduler reaches FIFO's final hypervolume in <= 60% of FIFO's CPU time.
 
-    python bench/early_stopping.py --seeds 2 --trials 12 --epochs 6 --more 2
+    python bench/early_stopping.py --seeds 3 --trials 12 --epochs 6 --more 2
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def reach(curve: list[tuple[float, float]], target: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=12, help="FIFO's trials")
     parser.add_argument("--more", type=float, default=2.0, help="asha and mo_asha run this many times FIFO's trials")
     parser.add_argument("--epochs", type=int, default=6, help="budget.epochs (per method's training phase)")
