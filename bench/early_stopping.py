@@ -14,7 +14,7 @@ Hypervolume is ``slimtune pareto``'s, over the trials completed so far.
 
 Target: a scheduler reaches FIFO's final hypervolume in <= 60% of FIFO's CPU time.
 
-    python bench/early_stopping.py --seeds 2 --trials 12 --epochs 6 --more 2
+    python bench/early_stopping.py --seeds 3 --trials 12 --epochs 6 --more 2
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEDULERS = ("fifo", "asha", "mo_asha")
 
 
-def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace: int | None, factor: int) -> list[tuple[float, float]]:
-    """One search; returns (cumulative trial CPU seconds, hypervolume) after each trial ended."""
+def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace: int | None, factor: int) -> tuple[list[tuple[float, float]], float]:
+    """One search; returns (cumulative trial CPU seconds, hypervolume) after each trial ended, and for fifo :func:`oracle_cpu`."""
     import optuna
 
     from search.ranking import rank_records, search_hypervolume
@@ -60,7 +60,31 @@ def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace
             done.append(completed[t.number])
             rank_records(record, done)
         curve.append((cpu, search_hypervolume(record, done)))
-    return curve
+    return curve, oracle_cpu(record, done, cpu) if scheduler == "fifo" else cpu
+
+
+def oracle_cpu(record, done: list, total: float) -> float:
+    """CPU seconds a scheduler that knew the final front would spend to reach it on these trials.
+
+    It stops every completed trial off the final front at the first rung (``grace_epochs``,
+    the trial's ``cpu_s`` logged to MLflow at that epoch) and runs the front's trials to their
+    end; failed trials cost what they did. The projected-cost pass a stopped trial runs first is
+    left out, so this is a lower bound for any scheduler offered these configurations: when it
+    is above 60% of FIFO's CPU, only other (better) configurations can meet the target.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from search.ranking import front
+
+    client = MlflowClient(record.tracking_uri)
+    grace = record.space.budget.grace
+    kept = {r.number for r in front(done)}
+    saved = 0.0
+    for r in done:
+        at_grace = {m.step: m.value for m in client.get_metric_history(r.run_id, "cpu_s") if m.step > 0}.get(grace)
+        if r.number not in kept and at_grace is not None:
+            saved += r.metrics["cpu_s"] - at_grace
+    return total - saved
 
 
 def reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -70,25 +94,35 @@ def reach(curve: list[tuple[float, float]], target: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=12, help="FIFO's trials")
     parser.add_argument("--more", type=float, default=2.0, help="asha and mo_asha run this many times FIFO's trials")
     parser.add_argument("--epochs", type=int, default=6, help="budget.epochs (per method's training phase)")
     parser.add_argument("--grace", type=int, default=None, help="budget.grace_epochs (default: the space's default)")
     parser.add_argument("--factor", type=int, default=2, help="budget.reduction_factor")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, default=None, help="keep each seed's results folder under this folder (default: a temporary one)")
     parser.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS[1:]), choices=SCHEDULERS[1:], help="compared with fifo")
     args = parser.parse_args()
 
     ratios: dict[str, list[float]] = {s: [] for s in args.schedulers}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        with tempfile.TemporaryDirectory() as tmp:
-            curves = {}
+        with contextlib.ExitStack() as stack:
+            if args.keep is None:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            else:
+                tmp = args.keep / f"seed{seed}"
+                tmp.mkdir(parents=True, exist_ok=True)
+            curves, oracles = {}, {}
             for scheduler in ["fifo", *args.schedulers]:
                 trials = args.trials if scheduler == "fifo" else round(args.trials * args.more)
-                curves[scheduler] = run(scheduler, seed, trials, args.epochs, Path(tmp), args.grace, args.factor)
+                curves[scheduler], oracles[scheduler] = run(scheduler, seed, trials, args.epochs, Path(tmp), args.grace, args.factor)
             fifo_cpu, fifo_hv = curves["fifo"][-1]
-            print(f"seed {seed}: fifo {len(curves['fifo'])} trials, final hypervolume {fifo_hv:.4f} in {fifo_cpu:.1f} trial CPU-s", flush=True)
+            print(
+                f"seed {seed}: fifo {len(curves['fifo'])} trials, final hypervolume {fifo_hv:.4f} in {fifo_cpu:.1f} trial CPU-s; "
+                f"an oracle stopping its trials off that front at the first rung needs {oracles['fifo']:.1f} ({oracles['fifo'] / fifo_cpu:.0%})",
+                flush=True,
+            )
             for scheduler in args.schedulers:
                 curve = curves[scheduler]
                 at = reach(curve, fifo_hv)
