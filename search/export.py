@@ -39,13 +39,14 @@ call in all forms: they are the float emulation of integer activations and depen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,8 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
     out_dir.mkdir(parents=True, exist_ok=True)
     for channels_last in (True, False):
         program, rewrites = export_program(model, example_input, channels_last)
-        torch.export.save(program, out_dir / FORMS["program"])
+        with _storage_groups_quiet():
+            torch.export.save(program, out_dir / FORMS["program"])
         layout = ", channels last" if rewrites.channels_last else ""
         try:
             with _eval_mode(model), torch.no_grad():
@@ -300,6 +302,20 @@ def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
     (Path(out_dir) / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
 
 
+@contextlib.contextmanager
+def _storage_groups_quiet() -> Iterator[None]:
+    """Silence torch.export's save/load warning "No complete tensor found in the group".
+
+    torch.export.save and load look for a contiguous tensor covering each storage and warn when
+    there is none. A channels-last weight (:func:`inference_copy`, CPU only) covers its whole
+    storage but is not contiguous, so every CPU program warned; the storage is saved and
+    restored through that weight itself, whole, which loses nothing.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        yield
+
+
 def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.Module:
     """The exported program as a callable module, moved to ``device`` (None: where it was exported),
     its weight-only computations run once, here.
@@ -314,10 +330,7 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
     the float emulation of integer activations). A program with nothing to fold (an
     unquantized model) is returned as ``torch.export`` loads it.
     """
-    with warnings.catch_warnings():
-        # torch.export.load warns when tensors share storage that none of them covers whole
-        # (views of one buffer); on load it only picks which view to restore first.
-        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+    with _storage_groups_quiet():
         program = torch.export.load(Path(out_dir) / FORMS["program"])
     if device is not None:
         program = move_to_device_pass(program, str(torch.device(device)))
