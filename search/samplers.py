@@ -21,6 +21,7 @@ __all__ = [
     "population_size",
     "config_key",
     "ask_distinct",
+    "space_exhausted",
     "tell_metrics",
     "DUPLICATE_OF",
     "MAX_ASKS",
@@ -137,6 +138,17 @@ def ask_distinct(
         study.sampler = sampler
         for trial in refused:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def space_exhausted(trials: list[optuna.trial.FrozenTrial], max_asks: int = MAX_ASKS) -> bool:
+    """Whether the last :func:`ask_distinct` on a study found the space exhausted.
+
+    Called when a search's trials have ended, to say why it ran fewer than its budget.
+    ``trials`` are the study's trials by number; the asks refused by a call that returned
+    None are its ``max_asks`` newest trials, while a call that found a new configuration ends
+    with that (not refused) trial.
+    """
+    return len(trials) >= max_asks and all(DUPLICATE_OF in t.user_attrs for t in trials[-max_asks:])
 
 
 def tell_metrics(
