@@ -193,15 +193,18 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def report(space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, Any]]]]], baseline: dict[str, float], plot_axes) -> None:
+def report(
+    space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, Any]]]]], stored: list[list[dict[str, Any]]], baseline: dict[str, float], plot_axes
+) -> None:
     """Print the table of one space and draw its curves.
 
     ``runs`` maps a sampler to its (trial budget, finished trials) per seed; a sampler's curves
-    stop at the smallest budget among its seeds.
+    stop at the smallest budget among its seeds. ``stored`` is every run stored for the space
+    (any sampler, seed and budget): their pooled front is the best known, whatever the table shows.
     """
     normalise = normaliser(space, baseline)
     directions, reference = ["min"] * len(space.metric_names), [REFERENCE] * len(space.metric_names)
-    pooled = [normalise(e["metrics"]) for seeds in runs.values() for _, run in seeds for e in run if feasible(space, e)]
+    pooled = [normalise(e["metrics"]) for run in stored for e in run if feasible(space, e)]
     best = hypervolume(pooled, directions, reference)
     hv, cpu = {}, {}
     for name, seeds in runs.items():
@@ -259,7 +262,7 @@ def main() -> None:
     parser.add_argument("--spaces", nargs="+", default=["quickstart", "digits_gal"], help="space names under spaces/, or paths")
     parser.add_argument("--samplers", nargs="+", default=["random", "nsga2", "tpe", "gp"], choices=SAMPLERS)
     parser.add_argument("--seeds", type=int, default=5, help="sampler seeds 0..N-1 (the baseline and training keep the space's seed)")
-    parser.add_argument("--only-seeds", type=int, nargs="+", help="run only these of the seeds (to split a bench across processes)")
+    parser.add_argument("--only-seeds", type=int, nargs="+", help="run and tabulate only these of the seeds (to split a bench across processes)")
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=None, help="running trials (default: the space's budget.concurrent)")
     parser.add_argument("--out", type=Path, default=Path("slimtune_results/search_quality"))
@@ -298,7 +301,7 @@ def main() -> None:
                     if not stored:
                         continue
                     run_file = stored[-1]
-                if not run_file.is_file() and args.only_seeds is not None and seed not in args.only_seeds:
+                if args.only_seeds is not None and seed not in args.only_seeds:
                     continue
                 if not run_file.is_file():
                     start = time.perf_counter()
@@ -310,7 +313,8 @@ def main() -> None:
         if not runs:
             continue
         axes = (figure.add_subplot(len(args.spaces), 2, 2 * row + 1), figure.add_subplot(len(args.spaces), 2, 2 * row + 2)) if figure else None
-        report(space, runs, spec.baseline_metrics, axes)
+        stored = [json.loads(path.read_text()) for path in sorted(folder.glob(f"runs/*_c{space.budget.concurrent}.json"))]
+        report(space, runs, stored, spec.baseline_metrics, axes)
     if figure is not None:
         figure.tight_layout()
         png = args.out / "search_quality.png"
