@@ -235,7 +235,7 @@ def report(
             if at <= min(hv[name].shape[1], random_length):
                 regret = best - hv[name][:, at - 1]
                 ratio = regret.mean() / (best - hv["random"][:, at - 1]).mean()
-                line += f" @{at} {spread(list(regret))} x{ratio:.2f};"
+                line += f" @{at} {spread(list(regret))} x{ratio:.2f} (per seed {' '.join(f'{r:.3f}' for r in regret)});"
         reached = np.nonzero(hv[name].mean(axis=0) >= random_final - 1e-12)[0]
         line += (
             f" reached at trial {reached[0] + 1} ({cpu[name].mean(axis=0)[reached[0]]:.0f} CPU-s)"
@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=None, help="running trials (default: the space's budget.concurrent)")
     parser.add_argument("--out", type=Path, default=Path("slimtune_results/search_quality"))
-    parser.add_argument("--report-only", action="store_true", help="only tabulate the runs stored (the longest of each sampler and seed)")
+    parser.add_argument("--report-only", action="store_true", help="only tabulate the runs stored (of each sampler and seed: the run of --trials trials, else the longest)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -296,11 +296,11 @@ def main() -> None:
             for seed in range(args.seeds):
                 run_file = folder / "runs" / f"{sampler}_seed{seed}_t{args.trials}_c{space.budget.concurrent}.json"
                 if args.report_only:
-                    # The longest run stored for this sampler and seed.
+                    # The run of --trials trials (samplers are sized for the budget), else the longest.
                     stored = sorted(folder.glob(f"runs/{sampler}_seed{seed}_t*_c{space.budget.concurrent}.json"), key=run_length)
                     if not stored:
                         continue
-                    run_file = stored[-1]
+                    run_file = run_file if run_file.is_file() else stored[-1]
                 if args.only_seeds is not None and seed not in args.only_seeds:
                     continue
                 if not run_file.is_file():
