@@ -67,6 +67,7 @@ def test_samplers_are_sized_for_the_budget() -> None:
     tpe = make_sampler("tpe", seed=3, trials=32)
     assert isinstance(tpe, optuna.samplers.TPESampler)
     assert (tpe._multivariate, tpe._group, tpe._constant_liar, tpe._n_startup_trials) == (True, True, True, 8)
+    assert [tpe._gamma(n) for n in (4, 10, 24)] == [1, 3, 6]
     assert isinstance(make_sampler("gp", seed=0, trials=32), optuna.samplers.GPSampler)
     with pytest.raises(ValueError, match="sampler must be one of tpe, nsga2, gp, random, got 'cmaes'"):
         make_sampler("cmaes", seed=0, trials=8)
