@@ -193,15 +193,18 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def report(space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, Any]]]]], baseline: dict[str, float], plot_axes) -> None:
+def report(
+    space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, Any]]]]], stored: list[list[dict[str, Any]]], baseline: dict[str, float], plot_axes
+) -> None:
     """Print the table of one space and draw its curves.
 
     ``runs`` maps a sampler to its (trial budget, finished trials) per seed; a sampler's curves
-    stop at the smallest budget among its seeds.
+    stop at the smallest budget among its seeds. ``stored`` is every run stored for the space
+    (any sampler, seed and budget): their pooled front is the best known, whatever the table shows.
     """
     normalise = normaliser(space, baseline)
     directions, reference = ["min"] * len(space.metric_names), [REFERENCE] * len(space.metric_names)
-    pooled = [normalise(e["metrics"]) for seeds in runs.values() for _, run in seeds for e in run if feasible(space, e)]
+    pooled = [normalise(e["metrics"]) for run in stored for e in run if feasible(space, e)]
     best = hypervolume(pooled, directions, reference)
     hv, cpu = {}, {}
     for name, seeds in runs.items():
@@ -232,7 +235,7 @@ def report(space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, An
             if at <= min(hv[name].shape[1], random_length):
                 regret = best - hv[name][:, at - 1]
                 ratio = regret.mean() / (best - hv["random"][:, at - 1]).mean()
-                line += f" @{at} {spread(list(regret))} x{ratio:.2f};"
+                line += f" @{at} {spread(list(regret))} x{ratio:.2f} (per seed {' '.join(f'{r:.3f}' for r in regret)});"
         reached = np.nonzero(hv[name].mean(axis=0) >= random_final - 1e-12)[0]
         line += (
             f" reached at trial {reached[0] + 1} ({cpu[name].mean(axis=0)[reached[0]]:.0f} CPU-s)"
@@ -259,11 +262,11 @@ def main() -> None:
     parser.add_argument("--spaces", nargs="+", default=["quickstart", "digits_gal"], help="space names under spaces/, or paths")
     parser.add_argument("--samplers", nargs="+", default=["random", "nsga2", "tpe", "gp"], choices=SAMPLERS)
     parser.add_argument("--seeds", type=int, default=5, help="sampler seeds 0..N-1 (the baseline and training keep the space's seed)")
-    parser.add_argument("--only-seeds", type=int, nargs="+", help="run only these of the seeds (to split a bench across processes)")
+    parser.add_argument("--only-seeds", type=int, nargs="+", help="run and tabulate only these of the seeds (to split a bench across processes)")
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=None, help="running trials (default: the space's budget.concurrent)")
     parser.add_argument("--out", type=Path, default=Path("slimtune_results/search_quality"))
-    parser.add_argument("--report-only", action="store_true", help="only tabulate the runs stored (the longest of each sampler and seed)")
+    parser.add_argument("--report-only", action="store_true", help="only tabulate the runs stored (of each sampler and seed: the run of --trials trials, else the longest)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -293,12 +296,12 @@ def main() -> None:
             for seed in range(args.seeds):
                 run_file = folder / "runs" / f"{sampler}_seed{seed}_t{args.trials}_c{space.budget.concurrent}.json"
                 if args.report_only:
-                    # The longest run stored for this sampler and seed.
+                    # The run of --trials trials (samplers are sized for the budget), else the longest.
                     stored = sorted(folder.glob(f"runs/{sampler}_seed{seed}_t*_c{space.budget.concurrent}.json"), key=run_length)
                     if not stored:
                         continue
-                    run_file = stored[-1]
-                if not run_file.is_file() and args.only_seeds is not None and seed not in args.only_seeds:
+                    run_file = run_file if run_file.is_file() else stored[-1]
+                if args.only_seeds is not None and seed not in args.only_seeds:
                     continue
                 if not run_file.is_file():
                     start = time.perf_counter()
@@ -310,7 +313,8 @@ def main() -> None:
         if not runs:
             continue
         axes = (figure.add_subplot(len(args.spaces), 2, 2 * row + 1), figure.add_subplot(len(args.spaces), 2, 2 * row + 2)) if figure else None
-        report(space, runs, spec.baseline_metrics, axes)
+        stored = [json.loads(path.read_text()) for path in sorted(folder.glob(f"runs/*_c{space.budget.concurrent}.json"))]
+        report(space, runs, stored, spec.baseline_metrics, axes)
     if figure is not None:
         figure.tight_layout()
         png = args.out / "search_quality.png"

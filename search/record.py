@@ -284,6 +284,8 @@ class Progress:
         reasons: Failure reason -> how many failed trials gave it (from the run map).
         stopped: Trials an early-stopping scheduler stopped (PRUNED in the study); they count
             against the budget and are never on the front.
+        exhausted: The sampler's last proposals all equalled tried configurations
+            (:func:`search.samplers.space_exhausted`): the search ends with fewer trials.
     """
 
     budget: int
@@ -291,6 +293,7 @@ class Progress:
     failed: int
     reasons: dict[str, int]
     stopped: int = 0
+    exhausted: bool = False
 
     @property
     def done(self) -> int:
@@ -298,7 +301,7 @@ class Progress:
 
     @property
     def finished(self) -> bool:
-        return self.done >= self.budget
+        return self.done >= self.budget or self.exhausted
 
     def common_failure(self) -> str:
         """``"NonFiniteLossError: ... (2 of 2 failed trials)"``: the most frequent reason."""
@@ -316,7 +319,7 @@ def search_progress(record: SearchRecord) -> Progress:
     trials = study.get_trials(deepcopy=False) if study is not None else []
     completed = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     stopped = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
-    from search.samplers import DUPLICATE_OF
+    from search.samplers import DUPLICATE_OF, space_exhausted
 
     # A proposal equal to a tried configuration is closed as FAIL without running: not a failure.
     failed = [
@@ -331,7 +334,7 @@ def search_progress(record: SearchRecord) -> Progress:
         if run.get("status") == "FAILED" and run.get("reason") != INTERRUPTED and trial_number(run.get("name")) in numbers
     )
     reasons.pop("", None)
-    return Progress(budget=record.trials, completed=completed, failed=len(failed), reasons=dict(reasons), stopped=stopped)
+    return Progress(budget=record.trials, completed=completed, failed=len(failed), reasons=dict(reasons), stopped=stopped, exhausted=space_exhausted(trials))
 
 
 def trial_number(trial_name: str | None) -> int | None:

@@ -145,6 +145,7 @@ class Reporter:
             f"\n[slimtune] search '{record.name}' finished: {plural(progress.completed, 'completed trial')}{failed}, "
             f"{len(best)} on the Pareto front, hypervolume {hv:.4f}"
         )
+        self.exhausted(progress)
         if progress.completed == 0:
             self.log(f"[slimtune] every trial failed; the most common reason: {progress.common_failure()}")
             return
@@ -157,6 +158,14 @@ class Reporter:
             self.log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}{results_dir_option(record)}")
         else:
             self.log("Export: no trial is feasible and Pareto-optimal; loosen the constraints to export one.")
+
+    def exhausted(self, progress: Progress) -> None:
+        """Why a search ran fewer trials than its budget, when its space ran out of new configurations."""
+        if progress.exhausted and progress.done < progress.budget:
+            self.say(
+                f"the space is exhausted: {progress.done} of {plural(progress.budget, 'trial')} ran, and every new proposal "
+                "equalled an earlier trial; for more trials, widen the ranges (or add choices) in the space, or run fewer trials"
+            )
 
     def interrupted(self, record: SearchRecord, progress: Progress) -> None:
         """What a stopped search has done and the command that continues it."""

@@ -6,6 +6,7 @@ Used by the Tune searcher (:mod:`search._tune`, :mod:`search._private`) and by
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +19,11 @@ from search.space import SAMPLERS
 __all__ = [
     "make_sampler",
     "startup_trials",
+    "good_trials",
     "population_size",
     "config_key",
     "ask_distinct",
+    "space_exhausted",
     "tell_metrics",
     "DUPLICATE_OF",
     "MAX_ASKS",
@@ -53,6 +56,15 @@ def startup_trials(trials: int) -> int:
     return max(4, min(10, trials // 4))
 
 
+def good_trials(finished: int) -> int:
+    """How many of the ``finished`` trials TPE models as good: a quarter, the best by Pareto rank.
+
+    Optuna's multi-objective default is a tenth (one or two trials at a laptop's budget), which
+    keeps proposals near one or two points of a front that has many; a quarter spreads them along it.
+    """
+    return math.ceil(0.25 * finished)
+
+
 def population_size(trials: int) -> int:
     """NSGA-II's population for a budget of ``trials``: about four generations, 4 to 50."""
     return max(4, min(50, trials // 4))
@@ -64,7 +76,8 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     Called once per search when its study is created (and by the bench for each run).
     TPE is multivariate over groups of parameters that appear together (a method's parameters
     exist only when the method is on) and puts a running trial's configuration among the bad
-    ones while it runs (constant liar), so concurrent trials are steered apart. Constraints
+    ones while it runs (constant liar), so concurrent trials are steered apart; it models a
+    quarter of the finished trials as good (:func:`good_trials`). Constraints
     reach every sampler through ``Trial.set_constraint``.
 
     Raises:
@@ -73,8 +86,15 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     if name == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # ``group``
+            # ``gamma`` is deprecated from Optuna 4.9 and removed in 6; pyproject pins optuna < 6.
+            warnings.simplefilter("ignore", FutureWarning)
             return optuna.samplers.TPESampler(
-                seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=startup_trials(trials)
+                seed=seed,
+                multivariate=True,
+                group=True,
+                constant_liar=True,
+                n_startup_trials=startup_trials(trials),
+                gamma=good_trials,
             )
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=population_size(trials), seed=seed)
@@ -137,6 +157,17 @@ def ask_distinct(
         study.sampler = sampler
         for trial in refused:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def space_exhausted(trials: list[optuna.trial.FrozenTrial], max_asks: int = MAX_ASKS) -> bool:
+    """Whether the last :func:`ask_distinct` on a study found the space exhausted.
+
+    Called when a search's trials have ended, to say why it ran fewer than its budget.
+    ``trials`` are the study's trials by number; the asks refused by a call that returned
+    None are its ``max_asks`` newest trials, while a call that found a new configuration ends
+    with that (not refused) trial.
+    """
+    return len(trials) >= max_asks and all(DUPLICATE_OF in t.user_attrs for t in trials[-max_asks:])
 
 
 def tell_metrics(

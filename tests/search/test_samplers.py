@@ -67,6 +67,7 @@ def test_samplers_are_sized_for_the_budget() -> None:
     tpe = make_sampler("tpe", seed=3, trials=32)
     assert isinstance(tpe, optuna.samplers.TPESampler)
     assert (tpe._multivariate, tpe._group, tpe._constant_liar, tpe._n_startup_trials) == (True, True, True, 8)
+    assert [tpe._gamma(n) for n in (4, 10, 24)] == [1, 3, 6]
     assert isinstance(make_sampler("gp", seed=0, trials=32), optuna.samplers.GPSampler)
     with pytest.raises(ValueError, match="sampler must be one of tpe, nsga2, gp, random, got 'cmaes'"):
         make_sampler("cmaes", seed=0, trials=8)
@@ -112,3 +113,27 @@ def test_a_sampler_stuck_on_a_tried_configuration_is_overruled_by_random_proposa
     # The sampler's three proposals were refused, then random proposals until one was new.
     assert len(refused) >= 3 and all(t.user_attrs[DUPLICATE_OF] == first.number for t in refused)
     assert study.sampler is stuck
+
+
+def test_a_search_that_runs_out_of_configurations_ends_and_says_why() -> None:
+    from search.record import Progress
+    from search.report import Reporter
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("tpe", seed=0, trials=8))
+    for accuracy in (0.7, 0.8, 0.9):
+        trial = ask_distinct(study, bits)
+        # The last configurations are found after refused proposals: not exhausted yet.
+        assert not samplers.space_exhausted(study.get_trials(deepcopy=False))
+        tell_metrics(study, trial.number, {"accuracy": accuracy, "macs": 1.0}, ["accuracy", "macs"], ())
+    assert ask_distinct(study, bits) is None
+    assert samplers.space_exhausted(study.get_trials(deepcopy=False))
+    progress = Progress(budget=8, completed=3, failed=0, reasons={}, exhausted=True)
+    lines: list[str] = []
+    Reporter(lines.append).exhausted(progress)
+    assert progress.finished and lines == [
+        "[slimtune] the space is exhausted: 3 of 8 trials ran, and every new proposal equalled an earlier trial; "
+        "for more trials, widen the ranges (or add choices) in the space, or run fewer trials"
+    ]
+    lines.clear()
+    Reporter(lines.append).exhausted(Progress(budget=3, completed=3, failed=0, reasons={}, exhausted=True))
+    assert lines == []
