@@ -71,7 +71,9 @@ class Search:
         else:
             args = ["resume", "intr", "--results-dir", str(self.results)]
         with log.open("w") as out:
-            driver = subprocess.Popen([*SLIMTUNE, *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            driver = subprocess.Popen(
+                [*SLIMTUNE, *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, preexec_fn=_interruptible
+            )
         return driver, log
 
     def runs(self) -> dict:
@@ -82,6 +84,16 @@ class Search:
 
     def printed(self) -> str:
         return "".join(Path(p).read_text() for p in self.logs)
+
+
+def _interruptible() -> None:
+    """In the driver's process before it starts: SIGINT at its default, so that Python turns it into Ctrl-C.
+
+    A process started in the background by a non-interactive shell (`nohup make test &`, a CI
+    runner) inherits SIGINT ignored, and Python then leaves it ignored: the driver would never
+    see the test's Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(driver: subprocess.Popen, log: Path, ready: Callable[[str], bool], timeout: float = 600) -> None:
