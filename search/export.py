@@ -57,7 +57,7 @@ from torch.export.passes import move_to_device_pass
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from errors import UserError
-from search.measure import _eval_mode  # every module's mode kept and restored, as measuring does
+from search.measure import _eval_mode, latency_ms  # _eval_mode: every module's mode kept and restored, as measuring does
 
 __all__ = [
     "EXPORT_FILES",
@@ -499,7 +499,6 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
     return target
 
 
-
 def deployed_latency(model: nn.Module, out_dir: Path, example_input: torch.Tensor, repeats: int, threads: int) -> dict[str, Any]:
     """``latency_ms`` of the default form exported in ``out_dir``, and what it was measured on.
 
@@ -509,8 +508,6 @@ def deployed_latency(model: nn.Module, out_dir: Path, example_input: torch.Tenso
     batch size (exported at a fixed one because of data-dependent shapes) is replaced by
     ``model`` itself, and ``latency_form`` says ``module``.
     """
-    from search.measure import latency_ms
-
     form, deployed = DEFAULT_FORM, load_form(out_dir, DEFAULT_FORM, example_input.device)
     try:
         with torch.no_grad():
