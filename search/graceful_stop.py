@@ -10,7 +10,9 @@ each trial from the epoch it had just finished. A second SIGINT stops at once
 (``KeyboardInterrupt``): the trials then continue from their previous checkpoint.
 
 The request travels to the trials through a small named Ray actor (:class:`StopFlag`), so it
-reaches trials on every node of a cluster.
+reaches trials on every node of a cluster. A trial that waits also tells the actor so: its last
+report may have reached the driver just before the request, and the driver would otherwise wait
+for a report that never comes.
 """
 
 from __future__ import annotations
@@ -43,8 +45,18 @@ _stop_requested = threading.Event()
 class StopFlag:
     """Created by the driver when the first Ctrl-C arrives: while it exists, trials stop at their next epoch end."""
 
+    def __init__(self) -> None:
+        self.waiting: set[str] = set()
+
     def ping(self) -> bool:
         return True
+
+    def trial_waits(self, trial_id: str) -> None:
+        """Called by a trial that has saved its epoch (or not started training) and now waits."""
+        self.waiting.add(trial_id)
+
+    def waiting_trials(self) -> list[str]:
+        return sorted(self.waiting)
 
 
 class GracefulStop(tune.Callback):
@@ -105,6 +117,9 @@ class GracefulStop(tune.Callback):
                     f"stopping: {waiting} running trial{'' if waiting == 1 else 's'} finish the epoch in progress and save a "
                     "checkpoint first (Ctrl-C again to stop now; that epoch is then redone on resume)"
                 )
+        if not self.running <= self.ready:
+            # A trial whose last report reached us before the request waits without reporting again.
+            self.ready.update(ray.get(self.flag.waiting_trials.remote()))
         if self.running <= self.ready:
             self.triggered = True
             self.stop_tune()
@@ -145,15 +160,19 @@ def stop_requested() -> bool:
     return _stop_requested.is_set()
 
 
-def wait_if_stopping() -> None:
+def wait_if_stopping(trial_id: str | None = None) -> None:
     """In a trial, between epochs: when the driver asked to stop, wait here until Tune ends the trial.
 
     Does nothing outside a search run by the driver (no flag actor), so the trial code also
     runs in benches and tests without Tune.
+
+    Args:
+        trial_id: The waiting trial, as the driver knows it; by default Tune's context says.
     """
     try:
-        ray.get_actor(STOP_FLAG_NAME)
+        flag = ray.get_actor(STOP_FLAG_NAME)
     except ValueError:
         return
+    ray.get(flag.trial_waits.remote(trial_id or tune.get_context().get_trial_id()))
     while True:
         time.sleep(_WAIT_POLL_S)

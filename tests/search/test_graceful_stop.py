@@ -1,0 +1,61 @@
+"""The first Ctrl-C: the driver stops Tune once every running trial has saved an epoch and waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from search import graceful_stop
+from search.graceful_stop import GracefulStop, wait_if_stopping
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from search.runner import _init_ray
+
+    _init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def _step_until_stopped(callback: GracefulStop, stopped: list[bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not stopped and time.monotonic() < deadline:
+        callback.on_step_begin(0, [])
+        time.sleep(0.1)
+
+
+def test_a_trial_whose_last_report_came_before_the_request_still_lets_the_driver_stop(local_ray) -> None:
+    """The report reached the driver, then Ctrl-C, then the trial saw the flag and waits: no hang."""
+    import ray
+
+    stopped: list[bool] = []
+    callback = GracefulStop(say=lambda line: None, stop_tune=lambda: stopped.append(True))
+    trial = SimpleNamespace(trial_id="trial_a")
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"val_accuracy": 0.5})  # before the Ctrl-C
+    graceful_stop._stop_requested.set()
+    try:
+        callback.on_step_begin(0, [])  # creates the flag
+        _step_until_stopped(callback, stopped, timeout_s=1.0)
+        assert not stopped, "the trial has neither reported since the request nor said it waits"
+
+        # The trial's side: its report is done, it finds the flag and waits (a daemon thread here).
+        threading.Thread(target=wait_if_stopping, args=("trial_a",), daemon=True).start()
+        _step_until_stopped(callback, stopped, timeout_s=30.0)
+        assert stopped == [True]
+    finally:
+        graceful_stop._stop_requested.clear()
+        if callback.flag is not None:
+            ray.kill(callback.flag)
+
+
+def test_wait_if_stopping_returns_at_once_without_a_request(local_ray) -> None:
+    started = time.monotonic()
+    wait_if_stopping("trial_b")
+    assert time.monotonic() - started < 5.0
