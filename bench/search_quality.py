@@ -189,6 +189,64 @@ def curves(space: SearchSpace, run: list[dict[str, Any]], normalise, trials: int
     return np.array(hv), np.array(cpu)
 
 
+def structure(space: SearchSpace, recipe: str) -> str:
+    """A recipe without its numeric parameters: its methods and their categorical choices (``l1_filter + minmax_quant(bits=8)``)."""
+    parts = []
+    for step in json.loads(recipe):
+        method = next(m for m in space.methods if m.name == step["name"])
+        choices = [f"{k}={v}" for k, v in sorted(step["params"].items()) if k in method.searched and method.searched[k].choices is not None]
+        parts.append(step["name"] + (f"({', '.join(choices)})" if choices else ""))
+    return " + ".join(parts)
+
+
+def numeric_position(space: SearchSpace, recipe: str) -> np.ndarray:
+    """A recipe's searched numeric parameters, each scaled to [0, 1] over its range (log ranges in log)."""
+    position = []
+    for step in json.loads(recipe):
+        method = next(m for m in space.methods if m.name == step["name"])
+        for name, rng in sorted(method.searched.items()):
+            if rng.choices is None:
+                low, high, value = float(rng.low), float(rng.high), float(step["params"][name])
+                if rng.log:
+                    low, high, value = math.log(low), math.log(high), math.log(value)
+                position.append((value - low) / (high - low) if high > low else 0.0)
+    return np.array(position)
+
+
+def structure_floor(space: SearchSpace, stored: list[list[dict[str, Any]]], normalise, best: float, trials: int, draws: int = 200) -> tuple[str, float, float]:
+    """The regret of a search that knew the best structure and spread its ``trials`` evenly over it.
+
+    The structure (:func:`structure`) is the one whose trials, taken out of the pooled runs,
+    lose the most of the best pooled hypervolume. A draw picks ``trials`` points uniformly in
+    that structure's numeric parameters and, for each, one of the 5 pooled trials of the
+    structure nearest to it (their metrics are what training such a recipe gave). A quality
+    metric that varies between recipes close together (the test split's noise) keeps this
+    floor above 0: the pooled front holds the luckiest of many such recipes.
+
+    Returns:
+        The structure, and the mean and standard deviation of the regret over ``draws`` seeded draws.
+    """
+    directions, reference = ["min"] * len(space.metric_names), [REFERENCE] * len(space.metric_names)
+    entries = {e["recipe"]: e for run in stored for e in run if e["metrics"] is not None}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries.values():
+        groups.setdefault(structure(space, entry["recipe"]), []).append(entry)
+    points = {name: [normalise(e["metrics"]) for e in group if feasible(space, e)] for name, group in groups.items()}
+    loss = {name: best - hypervolume([p for other, pts in points.items() if other != name for p in pts], directions, reference) for name in groups}
+    region = max(loss, key=loss.get)
+    group = groups[region]
+    positions = np.stack([numeric_position(space, e["recipe"]) for e in group])
+    rng = np.random.default_rng(0)
+    regrets = []
+    for _ in range(draws):
+        picks = []
+        for target in rng.uniform(size=(trials, positions.shape[1])):
+            nearest = np.argsort(np.linalg.norm(positions - target, axis=1), kind="stable")[:5]
+            picks.append(group[int(rng.choice(nearest))])
+        regrets.append(best - hypervolume([normalise(e["metrics"]) for e in picks if feasible(space, e)], directions, reference))
+    return region, float(np.mean(regrets)), float(np.std(regrets))
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
@@ -242,6 +300,10 @@ def report(
             if len(reached) else f" not reached in {hv[name].shape[1]} trials"
         )
         print(line)
+    region, floor, floor_sd = structure_floor(space, stored, normalise, best, 32)
+    print(f"floor: a search that knew the best structure ({region}) and spread 32 trials evenly over its numeric "
+          f"parameters has regret {floor:.3f} (sd {floor_sd:.3f}; x{floor / (best - hv['random'][:, 31]).mean():.2f} of random's @32)"
+          if random_length >= 32 else "")
     if plot_axes is not None:
         by_trials, by_cpu = plot_axes
         for name in runs:

@@ -77,6 +77,7 @@ __all__ = [
     "compile_program",
     "output_diff",
     "deployed_latency",
+    "storage_groups_quiet",
 ]
 
 EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json")
@@ -281,7 +282,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
     out_dir.mkdir(parents=True, exist_ok=True)
     for channels_last in (True, False):
         program, rewrites = export_program(model, example_input, channels_last)
-        with _storage_groups_quiet():
+        with storage_groups_quiet():
             torch.export.save(program, out_dir / FORMS["program"])
         layout = ", channels last" if rewrites.channels_last else ""
         try:
@@ -303,7 +304,7 @@ def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _storage_groups_quiet() -> Iterator[None]:
+def storage_groups_quiet() -> Iterator[None]:
     """Silence torch.export's save/load warning "No complete tensor found in the group".
 
     torch.export.save and load look for a contiguous tensor covering each storage and warn when
@@ -330,7 +331,7 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
     the float emulation of integer activations). A program with nothing to fold (an
     unquantized model) is returned as ``torch.export`` loads it.
     """
-    with _storage_groups_quiet():
+    with storage_groups_quiet():
         program = torch.export.load(Path(out_dir) / FORMS["program"])
     if device is not None:
         program = move_to_device_pass(program, str(torch.device(device)))
@@ -486,7 +487,8 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
             "($CXX, g++, c++, clang++); install one (Debian: apt-get install g++) or deploy the plain program model.pt2."
         )
     device = torch.device(device)
-    program = move_to_device_pass(torch.export.load(out_dir / FORMS["program"]), str(device))
+    with storage_groups_quiet():
+        program = move_to_device_pass(torch.export.load(out_dir / FORMS["program"]), str(device))
     target = out_dir / FORMS["compiled"]
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(target))

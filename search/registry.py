@@ -74,7 +74,10 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
 
     if not trial.run_id:
         raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
-    program = torch.export.load(Path(model_dir) / "model.pt2")
+    from search.export import storage_groups_quiet
+
+    with storage_groups_quiet():
+        program = torch.export.load(Path(model_dir) / "model.pt2")
     traced, _ = program.example_inputs
     example = torch.zeros_like(traced[0]).numpy()  # the traced input's shape and dtype (batch 2 when dynamic)
     module = program.module()
@@ -82,7 +85,8 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
         output = module(torch.from_numpy(example)).numpy()
     client = record.tracker().client
     ended = client.get_run(trial.run_id).info
-    with _tracking(record.tracking_uri), mlflow.start_run(run_id=trial.run_id, log_system_metrics=False):
+    # MLflow saves the program (pt2) and loads it back to check it: the same warning as our own save and load.
+    with _tracking(record.tracking_uri), mlflow.start_run(run_id=trial.run_id, log_system_metrics=False), storage_groups_quiet():
         info = mlflow.pytorch.log_model(
             module,
             name=MODEL_NAME,
