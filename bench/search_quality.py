@@ -300,10 +300,10 @@ def report(
             if len(reached) else f" not reached in {hv[name].shape[1]} trials"
         )
         print(line)
-    region, floor, floor_sd = structure_floor(space, stored, normalise, best, 32)
-    print(f"floor: a search that knew the best structure ({region}) and spread 32 trials evenly over its numeric "
-          f"parameters has regret {floor:.3f} (sd {floor_sd:.3f}; x{floor / (best - hv['random'][:, 31]).mean():.2f} of random's @32)"
-          if random_length >= 32 else "")
+    at = min(32, random_length)
+    region, floor, floor_sd = structure_floor(space, stored, normalise, best, at)
+    print(f"floor: a search that knew the best structure ({region}) and spread {at} trials evenly over its numeric "
+          f"parameters has regret {floor:.3f} (sd {floor_sd:.3f}; x{floor / (best - hv['random'][:, at - 1]).mean():.2f} of random's @{at})")
     if plot_axes is not None:
         by_trials, by_cpu = plot_axes
         for name in runs:
