@@ -39,6 +39,7 @@ def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace
     from search.ranking import rank_records, search_hypervolume
     from search.record import completed_records
     from search.runner import run_search
+    from search.samplers import DUPLICATE_OF
 
     data = yaml.safe_load((ROOT / "spaces" / "quickstart.yaml").read_text())
     data["name"] = f"{scheduler}-s{seed}"
@@ -51,7 +52,8 @@ def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace
     with contextlib.redirect_stdout(io.StringIO()):
         record = run_search(space, results_dir=folder / "results", tracking_uri=f"sqlite:///{folder}/mlflow.db", log=lambda line: None)
     study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
-    ended = sorted((t for t in study.trials if t.state.is_finished()), key=lambda t: t.datetime_complete)
+    # A proposal refused as equal to an earlier trial (``duplicate_of``) was never trained.
+    ended = sorted((t for t in study.trials if t.state.is_finished() and DUPLICATE_OF not in t.user_attrs), key=lambda t: t.datetime_complete)
     completed = {r.number: r for r in completed_records(record)}
     curve, cpu, done = [], 0.0, []
     for t in ended:
