@@ -44,6 +44,10 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "psnr": (0.0, math.inf),
     "ssim": (-1.0, 1.0),
     "ssim_drop": (-2.0, 2.0),
+    **{metric: (0.0, 1.0) for metric in ("rank1", "rank5", "rank10", "mAP")},
+    **{f"{metric}_drop": (-1.0, 1.0) for metric in ("rank1", "rank5", "rank10", "mAP")},
+    "mse": (0.0, math.inf),
+    "bpc": (0.0, math.inf),
     **{metric: (0.0, math.inf) for metric in COST_METRICS},
 }
 
@@ -677,7 +681,7 @@ def _objectives(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Objectiv
     return tuple(out)
 
 
-_CONSTRAINT = re.compile(r"^\s*([A-Za-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
 def _constraints(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Constraint, ...]:

@@ -448,6 +448,14 @@ def test_constraint_outside_its_metric_range_warns(tmp_path: Path, constraint: s
         assert warnings[0].startswith(f"constraints[0]: '{constraint.replace('2.0', '2')}' {says}"), warnings[0]
 
 
+def test_two_view_ranges(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "spaces" / "digits_2view.yaml").read_text())
+    data["constraints"] = ["rank1 >= 90", "mAP_drop <= 0.05", "rank10_drop <= 0.02"]  # names with digits parse
+    warnings = _warnings(tmp_path, data)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("constraints[0]: 'rank1 >= 90' never holds") and "(a fraction: write 0.9 for 90%)" in warnings[0]
+
+
 def test_super_resolution_ranges(tmp_path: Path) -> None:
     data = yaml.safe_load((ROOT / "spaces" / "sr_quickstart.yaml").read_text())
     data["objectives"] = {"psnr": "min", "ssim": "max"}
