@@ -22,7 +22,9 @@ floor at the baseline minus the space's ``accuracy_drop`` bound (0.10 without on
 ``value / baseline``; the reference point is 1.1 in every objective and only trials meeting the
 space's constraints count. Regret is the hypervolume of the best front known from every run of
 the space pooled, minus a run's hypervolume. The CPU-seconds axis adds up the CPU time of the
-finished trials and of the sampler's asks.
+finished trials and of the sampler's asks. The report also prints (and draws) a floor for that
+regret: a search that knew the space's best structure and spread its trials evenly over it
+(:func:`structure_floor`).
 
     python bench/search_quality.py --spaces quickstart --seeds 5 --trials 64
     python bench/search_quality.py --spaces quickstart digits_gal --samplers random tpe --seeds 2 --trials 24
@@ -314,6 +316,7 @@ def report(
             by_cpu.plot(cpu[name].mean(axis=0), mean, label=name, color=line.get_color())
         for axis in plot_axes:
             axis.axhline(best, color="black", linestyle=":", linewidth=1, label="best pooled")
+            axis.axhline(best - floor, color="gray", linestyle="--", linewidth=1, label=f"floor @{at} (best structure, even spread)")
         by_trials.set(title=f"{space.name}: hypervolume (mean, min-max band)", xlabel="trials finished", ylabel="hypervolume")
         by_cpu.set(title=f"{space.name}: hypervolume (mean)", xlabel="CPU-seconds (trials + sampler)", ylabel="hypervolume")
         by_trials.legend()
