@@ -4,9 +4,9 @@ The first SIGINT asks every running trial to stop at its next epoch end: the tri
 epoch (its checkpoint is saved with the report, as after every epoch) and then waits, without
 starting the next epoch, until the driver stops Tune. A trial that Tune starts after the
 request waits before it trains. Once every running trial has reported an epoch since the
-request (or started after it, told the flag it waits, or ended), the driver stops Tune the way Tune's own Ctrl-C
-handler does, which saves the experiment state once more, so ``slimtune resume`` continues
-each trial from the epoch it had just finished. A second SIGINT stops at once
+request (or started after it, told the flag it waits, or ended), the driver stops Tune the way
+Tune's own Ctrl-C handler does, which saves the experiment state once more, so ``slimtune
+resume`` continues each trial from the epoch it had just finished. A second SIGINT stops at once
 (``KeyboardInterrupt``): the trials then continue from their previous checkpoint.
 
 The request travels to the trials through a small named Ray actor (:class:`StopFlag`), so it
