@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search.export import export_model, load_form  # noqa: E402
+from search.export import export_model, load_exported, load_form  # noqa: E402
 from search.measure import latency_ms  # noqa: E402
 from search.preflight import first_batch, run_one_batch  # noqa: E402
 from search.space import load_space  # noqa: E402
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_forms(out_dir: Path) -> dict[str, torch.nn.Module]:
     """Each of :data:`FORMS` loaded from an export directory."""
     return {
-        "plain": torch.export.load(out_dir / "model.pt2").module(),
+        "plain": load_exported(out_dir).module(),
         "program": load_form(out_dir, "program"),
         "module": load_form(out_dir, "module"),
     }

@@ -68,6 +68,7 @@ __all__ = [
     "export_program",
     "export_model",
     "write_recipe",
+    "load_exported",
     "load_program",
     "load_module",
     "load_compiled",
@@ -317,6 +318,19 @@ def storage_groups_quiet() -> Iterator[None]:
         yield
 
 
+def load_exported(out_dir: Path, device: str | torch.device | None = None) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program ``model.pt2`` in ``out_dir`` as saved, moved to ``device`` (None: where it was exported).
+
+    Every load of the program goes through here (:func:`load_program`, :func:`compile_program`,
+    the MLflow model log), without torch's storage-group warning (:func:`storage_groups_quiet`).
+    """
+    with storage_groups_quiet():
+        program = torch.export.load(Path(out_dir) / FORMS["program"])
+    if device is not None:
+        program = move_to_device_pass(program, str(torch.device(device)))
+    return program
+
+
 def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.Module:
     """The exported program as a callable module, moved to ``device`` (None: where it was exported),
     its weight-only computations run once, here.
@@ -331,11 +345,7 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
     the float emulation of integer activations). A program with nothing to fold (an
     unquantized model) is returned as ``torch.export`` loads it.
     """
-    with storage_groups_quiet():
-        program = torch.export.load(Path(out_dir) / FORMS["program"])
-    if device is not None:
-        program = move_to_device_pass(program, str(torch.device(device)))
-    module = program.module()
+    module = load_exported(out_dir, device).module()
     _fold_weight_computations(module)
     return module
 
@@ -487,8 +497,7 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
             "($CXX, g++, c++, clang++); install one (Debian: apt-get install g++) or deploy the plain program model.pt2."
         )
     device = torch.device(device)
-    with storage_groups_quiet():
-        program = move_to_device_pass(torch.export.load(out_dir / FORMS["program"]), str(device))
+    program = load_exported(out_dir, device)
     target = out_dir / FORMS["compiled"]
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(target))

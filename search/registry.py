@@ -74,10 +74,9 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
 
     if not trial.run_id:
         raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
-    from search.export import storage_groups_quiet
+    from search.export import load_exported, storage_groups_quiet
 
-    with storage_groups_quiet():
-        program = torch.export.load(Path(model_dir) / "model.pt2")
+    program = load_exported(model_dir)
     traced, _ = program.example_inputs
     example = torch.zeros_like(traced[0]).numpy()  # the traced input's shape and dtype (batch 2 when dynamic)
     module = program.module()
