@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 from methods import MethodContext, create_method  # noqa: E402
 from methods.gal import soft_masks  # noqa: E402
 from models import create_model  # noqa: E402
-from search.export import FORMS, compile_program, export_model, load_form  # noqa: E402
-from search.measure import count_flops, latency_ms  # noqa: E402
+from deploy import FORMS, compile_program, export_model, load_form  # noqa: E402
+from deploy import count_flops, latency_ms  # noqa: E402
 
 SHAPE = (3, 32, 32)
 TARGETS = (2.0, 3.0, 4.0)
@@ -160,7 +160,7 @@ def forms(model: nn.Module, workdir: Path, compile_: bool) -> dict[str, Any]:
 
 def breakdown(program: Any, batch: int, threads: int, repeats: int = 5) -> tuple[float, float]:
     """Milliseconds per pass of ``program`` in convolution ops and in all other ops, under torch.profiler."""
-    from search.measure import torch_threads
+    from deploy import torch_threads
 
     x = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch_threads(threads):

@@ -4,7 +4,7 @@ For each seed, on one baseline trained once:
 
 1. ``gal`` (adversarial phase, label-free) prunes a copy of the baseline; its MACs set the target.
 2. ``l1_filter`` prunes another copy at the ratio whose MACs come closest to GAL's (bisection on
-   the ratio, MACs counted with ``search.measure.count_flops`` on pruned copies).
+   the ratio, MACs counted with ``deploy.count_flops`` on pruned copies).
 3. Both are fine-tuned the same way (cross-entropy, SGD, same epochs and learning rate).
 
 Accuracy is on the task's test split; latency is the median CPU time of one forward pass of one
@@ -110,7 +110,7 @@ def build_space(args: argparse.Namespace):
 def l1_ratio_for_macs(baseline: torch.nn.Module, ctx, target_macs: int) -> tuple[float, int]:
     """The l1_filter ratio whose pruned MACs come closest to ``target_macs`` (bisection, then the closer end)."""
     from methods import create_method
-    from search.measure import count_flops
+    from deploy import count_flops
 
     def macs_at(ratio: float) -> int:
         model = create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(baseline), ctx)

@@ -88,7 +88,7 @@ def build_space(args: argparse.Namespace, model: str):
 def l1_ratio_for_params(baseline: torch.nn.Module, ctx, target: int) -> tuple[float, int]:
     """The l1_filter ratio whose pruned ``params`` come closest to ``target`` (bisection, then the closer end)."""
     from methods import create_method
-    from search.measure import count_params
+    from deploy import count_params
 
     def params_at(ratio: float) -> int:
         return count_params(create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(baseline), ctx))
@@ -116,7 +116,7 @@ def set_path(model: torch.nn.Module, path: str) -> None:
 def path_macs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
     """MACs the counter sees with every clustered layer on each path; the chosen paths are restored."""
     from methods.kse import ClusteredConv2d
-    from search.measure import count_flops
+    from deploy import count_flops
 
     chosen = {m: m.path for m in model.modules() if isinstance(m, ClusteredConv2d)}
     out = {}
@@ -129,7 +129,7 @@ def path_macs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 
 def latencies(model: torch.nn.Module, shape: tuple[int, ...], repeats: int, device: torch.device) -> dict[int, float]:
-    from search.measure import latency_ms
+    from deploy import latency_ms
 
     generator = torch.Generator().manual_seed(0)
     return {batch: latency_ms(model, torch.randn(batch, *shape, generator=generator).to(device), repeats=repeats) for batch in (1, 64)}
@@ -137,7 +137,7 @@ def latencies(model: torch.nn.Module, shape: tuple[int, ...], repeats: int, devi
 
 def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.device) -> list[dict[str, Any]]:
     from methods import Phase, Pipeline, create_method, train_phase
-    from search.measure import count_params, size_bytes
+    from deploy import count_params, size_bytes
     from search.trial import load_task, seed_everything, train_baseline, trainable_student
 
     space = build_space(args, model_name)
@@ -222,7 +222,7 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> None:
     """Random-init resnet20 at 3x32x32: what each KSE path really costs against the dense model."""
     from methods import MethodContext, create_method
     from models import create_model
-    from search.measure import count_params, size_bytes
+    from deploy import count_params, size_bytes
 
     torch.manual_seed(0)
     base = create_model("resnet20", num_classes=10, in_channels=3).to(device).eval()

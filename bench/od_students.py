@@ -9,8 +9,8 @@ briefly trained baseline:
     for the same E epochs; the student with the best validation accuracy is kept.
 
 Both use the same optimizer, learning rate and batches. Printed per run: parameters, MACs
-(``search.measure.count_flops``), test accuracy, CPU latency at batch 1
-(``search.measure.latency_ms``) and, for od, the teacher's test accuracy; then the mean and
+(``deploy.count_flops``), test accuracy, CPU latency at batch 1
+(``deploy.latency_ms``) and, for od, the teacher's test accuracy; then the mean and
 standard deviation per (conv, mode).
 
     python bench/od_students.py --seeds 0 1 2 --epochs 10
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from methods import MethodContext, Phase, create_method, train_phase  # noqa: E402
 from methods._cheap_conv import replace_3x3_convs  # noqa: E402
 from methods._surgery import first_layers  # noqa: E402
-from search.measure import count_flops, count_params, latency_ms  # noqa: E402
+from deploy import count_flops, count_params, latency_ms  # noqa: E402
 from models import create_model  # noqa: E402
 from tasks import Task, create_task  # noqa: E402
 

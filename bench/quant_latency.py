@@ -1,19 +1,19 @@
 """Latency of packed quantized models as trials time it: does quantization still cost time?
 
 A trial's ``latency_ms`` times the exported program (``model.pt2``) loaded by
-``search.export.load_program``. Packed quantized layers store integer codes; the program
+``deploy.load_program``. Packed quantized layers store integer codes; the program
 dequantizes them (shifts, masks, casts, scale). This bench builds the space's model (random
 weights: latency does not depend on their values), quantizes a copy with each of ``--methods``
 (``minmax_quant``: weights and each quantized layer's input; ``minmax_weights``: ``minmax_quant``
 with ``quantize_activations: false``, weights only; ``pams``: weights and the residual blocks'
 activations) at each of ``--bits`` through slimtune's own pipeline trained one step on one
 batch (what the pre-flight does: enough to calibrate and pack), exports each and times, at the
-trial's input shape and ``measure.latency_batch_size``, with ``search.measure.latency_ms`` at
+trial's input shape and ``measure.latency_batch_size``, with ``deploy.latency_ms`` at
 ``--threads``:
 
 - ``plain``: ``torch.export.load(path).module()``, what a user gets without slimtune: the
   weights are unpacked in every call;
-- ``program``: ``search.export.load_program(path)``, what trials time and ``slimtune export``
+- ``program``: ``deploy.load_program(path)``, what trials time and ``slimtune export``
   reports: the weights are unpacked once, at load;
 - ``module``: the pickled ``nn.Module`` (``model.pt``), packed layers' weights cached while timed.
 
@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search.export import export_model, load_exported, load_form  # noqa: E402
-from search.measure import latency_ms  # noqa: E402
+from deploy import export_model, load_exported, load_form  # noqa: E402
+from deploy import latency_ms  # noqa: E402
 from search.preflight import first_batch, run_one_batch  # noqa: E402
 from search.space import load_space  # noqa: E402
 from search.trial import build_model, load_task  # noqa: E402

@@ -12,7 +12,7 @@ same epochs and batches), like the paper's RNN experiments:
 
 Adding problem: test MSE (the variance baseline, predicting the mean, is 0.167). seq_digits:
 test accuracy. The paper-size parameter counts (GRU-512 on adding) are printed from
-``search.measure.count_params``: 791,553 dense, 530,986 ``state``.
+``deploy.count_params``: 791,553 dense, 530,986 ``state``.
 
     python bench/wavelet_rnn.py                              # adding T=30, seq_digits; hidden 64; 3 seeds
     python bench/wavelet_rnn.py --length 60 --hidden 128 --modes state gates
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from methods import MethodContext, Phase, create_method, train_phase  # noqa: E402
 from methods.wavelet import WaveletLinear, wavelet_sites  # noqa: E402
 from models import create_model  # noqa: E402
-from search.measure import count_params  # noqa: E402
+from deploy import count_params  # noqa: E402
 from tasks import create_task  # noqa: E402
 
 

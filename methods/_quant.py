@@ -183,7 +183,7 @@ class QuantMixin:
     def operand_bits(self) -> tuple[int, int]:
         """``(weight bits, input bits)`` of this layer's multiply-accumulates.
 
-        Called by :func:`search.measure.count_flops` to weigh the layer's MACs in ``bops``. The
+        Called by :func:`deploy.count_flops` to weigh the layer's MACs in ``bops``. The
         input is 32-bit float unless this layer's input quantizer or the module before it
         (``quantized_input_bits``) quantizes it.
         """
@@ -202,7 +202,7 @@ class QuantMixin:
     def cache_inference_weight(self, enabled: bool) -> None:
         """Compute the (dequantized) weight once and use it in every eval-mode forward, or stop.
 
-        Called by :func:`search.measure.latency_ms` around its timed passes: a deployed model
+        Called by :func:`deploy.latency_ms` around its timed passes: a deployed model
         unpacks its codes once when it is loaded, not in every forward. Off (the default), each
         forward unpacks, which keeps the unpacking in an exported program (``model.pt2`` stores
         the packed codes) and follows any change of the codes. The cache is never saved.

@@ -440,7 +440,7 @@ def expected_macs(model: nn.Module, loader: Any, device: torch.device | str, sta
 def static_macs(model: nn.Module, example_input: torch.Tensor) -> float:
     """MACs of one eval-mode pass at batch size 1 (``FlopCounterMode``: convolutions and matrix products).
 
-    The trial's FLOP counter (``search.measure.count_flops``) gives the same figure for these
+    The trial's FLOP counter (``deploy.count_flops``) gives the same figure for these
     layers; methods may not import ``search``.
     """
     was_training = model.training

@@ -265,7 +265,7 @@ class ClusteredConv2d(nn.Module):
 
     ``params`` counts the centroids, the full kernels, the bias and one weight per index;
     ``size_bytes`` the float tensors at their size, the packed indices byte for byte and ``kept``
-    at 32 bits (the convention of ``search.measure`` and ``methods._quant``).
+    at 32 bits (the convention of ``deploy.size_bytes`` and ``methods._quant``).
 
     Build with :meth:`from_conv`. ``path`` (``"dense"`` or ``"clustered"``) picks the inference
     computation (module docstring); training always runs the dense path.
@@ -359,11 +359,11 @@ class ClusteredConv2d(nn.Module):
     # --- what it stores ---------------------------------------------------------------------
 
     def storage_bits(self) -> dict[str, int]:
-        """Bits per element of the integer buffers when stored (read by ``search.measure.size_bytes``)."""
+        """Bits per element of the integer buffers when stored (read by ``deploy.size_bytes``)."""
         return {"kept": 32, "indices": 8}
 
     def stored_weight_counts(self) -> dict[str, int]:
-        """Weights each buffer of :meth:`storage_bits` holds (read by ``search.measure.count_params``): an index per (filter, channel)."""
+        """Weights each buffer of :meth:`storage_bits` holds (read by ``deploy.count_params``): an index per (filter, channel)."""
         return {"kept": 0, "indices": self.out_channels * sum(g.channels for g in self.channel_groups if g.bits)}
 
     def flat_index(self) -> torch.Tensor:

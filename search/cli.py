@@ -220,8 +220,8 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from search.checks import check_writable_folder
-    from search.export import DEFAULT_FORM, FORMS, check_round_trip, compile_program, load_form, write_recipe
-    from search.measure import latency_ms
+    from deploy import DEFAULT_FORM, FORMS, check_round_trip, compile_program, load_form, write_recipe
+    from deploy import latency_ms
     from search.ranking import pick_record, rank_records
     from search.record import completed_records, exported_model_dir, load_search
     from search.trial import load_task, trial_threads
@@ -293,7 +293,7 @@ def _register(args: argparse.Namespace, record: SearchRecord, chosen: TrialRecor
     """``export --register``: a new registry version of the exported trial, checked by loading it back."""
     import torch
 
-    from search.export import load_program
+    from deploy import load_program
     from search.registry import load_registered, register_trial
 
     version = register_trial(record, chosen, out, args.register, args.pick)
@@ -376,8 +376,8 @@ def _profile(args: argparse.Namespace) -> int:
 
     import torch
 
-    from search.export import FORMS, deployed_latency, export_model
-    from search.measure import count_flops, count_params, latency_ms, size_bytes
+    from deploy import FORMS, deployed_latency, export_model
+    from deploy import count_flops, count_params, latency_ms, size_bytes
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}.")

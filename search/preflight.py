@@ -22,8 +22,8 @@ import torch
 
 from errors import UserError
 from methods import HyperparameterInfo, MethodContext, Pipeline, Range, check_value_type, create_method, get_method, hyperparameters
-from search.export import check_round_trip, export_model
-from search.measure import count_params
+from deploy import check_round_trip, export_model
+from deploy import count_params
 from search.space import MethodSpace, SearchSpace
 
 __all__ = ["preflight", "PreflightResult", "aggressive_params", "first_batch", "one_batch_context", "run_one_batch"]

@@ -74,7 +74,7 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
 
     if not trial.run_id:
         raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
-    from search.export import load_exported, storage_groups_quiet
+    from deploy import load_exported, storage_groups_quiet
 
     program = load_exported(model_dir)
     traced, _ = program.example_inputs

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from search.export import deployed_latency, export_model, write_recipe
-from search.measure import apply_reported_cost, count_flops, count_params, size_bytes, torch_threads
+from deploy import deployed_latency, export_model, write_recipe
+from deploy import apply_reported_cost, count_flops, count_params, size_bytes, torch_threads
 from models import create_model
 from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
@@ -164,7 +164,7 @@ def measure(
 
     Quality, MACs, FLOPs, parameters and size are measured on ``model`` itself, at the task's
     input shape (``task.example_input``: one sample for MACs and FLOPs). The model is exported
-    (:func:`search.export.export_model`, into a temporary folder without ``export_dir``), and
+    (:func:`deploy.export_model`, into a temporary folder without ``export_dir``), and
     ``latency_ms`` is timed on the form it deploys by default (``latency_form``: the exported
     program, or the module where the program is fixed to another batch size) at
     ``measure.latency_batch_size`` samples (``latency_batch_size``) on ``device``
@@ -173,7 +173,7 @@ def measure(
     ``baseline``'s metrics, also each quality metric's drop from the baseline (``accuracy_drop =
     baseline accuracy - accuracy``; ``mse_drop = mse - baseline mse`` for a minimised metric).
     ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the measured ones staying
-    as ``measured_<metric>`` (:func:`search.measure.apply_reported_cost`).
+    as ``measured_<metric>`` (:func:`deploy.apply_reported_cost`).
     """
     model.eval()
     test = task.evaluate(model, _loader(task.test_set, task.eval_batch_size, False, 0), device)

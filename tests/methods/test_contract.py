@@ -44,8 +44,8 @@ from methods import (
     list_methods,
     register_method,
 )
-from search.export import check_round_trip, export_model
-from search.measure import count_flops, count_params, size_bytes
+from deploy import check_round_trip, export_model
+from deploy import count_flops, count_params, size_bytes
 from search.preflight import aggressive_params
 from search.space import MethodSpace
 

@@ -27,8 +27,8 @@ from methods.decouple import (
     write_report,
     analyse,
 )
-from search.export import check_round_trip, export_model
-from search.measure import apply_reported_cost, count_flops, count_params
+from deploy import check_round_trip, export_model
+from deploy import apply_reported_cost, count_flops, count_params
 
 
 @pytest.fixture(scope="module")

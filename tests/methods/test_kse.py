@@ -25,8 +25,8 @@ from methods.kse import (
     unpack_indices,
 )
 from models import create_model
-from search.export import check_round_trip, export_model
-from search.measure import count_flops, count_params, size_bytes
+from deploy import check_round_trip, export_model
+from deploy import count_flops, count_params, size_bytes
 
 # --- the indicator ------------------------------------------------------------------------------
 

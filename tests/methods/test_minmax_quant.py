@@ -14,7 +14,7 @@ from methods._quant import (
     RunningMaxActivationQuantizer,
     symmetric_quantize,
 )
-from search.measure import count_flops, count_params, latency_ms, size_bytes
+from deploy import count_flops, count_params, latency_ms, size_bytes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

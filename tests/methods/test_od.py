@@ -20,8 +20,8 @@ from methods._cheap_conv import CheapConv, Shift, replace_3x3_convs, shift
 from methods._surgery import first_layers
 from methods.kd import distillation_loss
 from methods.od import OnlineEnsemble, online_distillation_loss
-from search.export import check_round_trip, export_model
-from search.measure import count_flops, count_params
+from deploy import check_round_trip, export_model
+from deploy import count_flops, count_params
 from models import BasicBlock, create_model
 from search.space import load_space
 

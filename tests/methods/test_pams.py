@@ -22,8 +22,8 @@ from methods.pams import (
     pams_layers,
     skt_loss,
 )
-from search.export import check_round_trip, export_model, load_module
-from search.measure import count_flops, count_params, size_bytes
+from deploy import check_round_trip, export_model, load_module
+from deploy import count_flops, count_params, size_bytes
 from models import create_model
 from tasks import Task
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from methods import MethodContext, Phase, Pipeline, TrainingState, create_method, train_phase
 from methods.ssr import apply_mask, find_layers, group_norms, group_prox
 from models import create_model
-from search.measure import count_flops, count_params, size_bytes
+from deploy import count_flops, count_params, size_bytes
 
 from .conftest import TINY_BATCH, frozen, make_context, trainable_copy
 

@@ -12,7 +12,7 @@ from errors import UserError
 from methods import MethodContext, NotApplicable, Phase, Pipeline, Step, create_method, training_loss
 from methods.variational import jensen_shannon, official_kl, variational_kl
 from models import create_model
-from search.measure import count_flops, count_params
+from deploy import count_flops, count_params
 from search.space import load_space
 from tasks import create_task
 

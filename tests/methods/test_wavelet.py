@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from methods import MethodContext, NotApplicable, Pipeline, create_method, train_phase
 from methods.wavelet import WaveletLinear, coefficient_lengths, daubechies, initial_filters, wavelet_loss
 from models import create_model
-from search.export import check_round_trip, export_model
-from search.measure import count_params
+from deploy import check_round_trip, export_model
+from deploy import count_params
 from tasks import create_task
 
 WAVELETS = ("haar", "db2", "db3", "db4", "db5", "db6")

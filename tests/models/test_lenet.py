@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import LeNet, create_model
-from search.measure import count_flops, count_params
+from deploy import count_flops, count_params
 
 
 def test_digits_lenet_shapes_and_size() -> None:

@@ -10,7 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from errors import UserError
-from search.measure import count_flops, count_params
+from deploy import count_flops, count_params
 from models import BasicBlock, create_model, list_models, register_model
 
 

@@ -7,7 +7,7 @@ import torch
 
 from errors import UserError
 from models import create_model
-from search.measure import count_flops, count_params
+from deploy import count_flops, count_params
 
 
 def test_gru_512_on_the_adding_problem_has_the_papers_parameter_count() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from errors import UserError
 from models import create_model
-from search.measure import count_flops, count_params
+from deploy import count_flops, count_params
 from tasks.two_view import with_modality
 
 

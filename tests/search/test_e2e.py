@@ -105,7 +105,7 @@ def test_pareto_and_export_commands(finished_search, capsys, monkeypatch):
     import torch
 
     from search.cli import main
-    from search.export import load_program
+    from deploy import load_program
 
     record, tmp, _ = finished_search
     (tmp / "elsewhere").mkdir(exist_ok=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.export import export_model, load_program
+from deploy import export_model, load_program
 from search.objectives import Objective
 from search.ranking import hypervolume_history, rank_records, search_hypervolume
 from search.record import SearchRecord, TrialRecord, completed_records

@@ -15,7 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch.utils.data import DataLoader
 
 from errors import UserError
-from search.measure import count_params
+from deploy import count_params
 from models import create_model
 from search.space import metrics_of_task, parse_space
 from tasks import create_task, task_kind

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from methods import get_method
-from search.measure import count_flops
+from deploy import count_flops
 from search.space import load_space
 from search.trial import TrialSpec, measure, run_pipeline, train_baseline
 from tasks import Task
@@ -90,7 +90,7 @@ def test_method_artifacts_are_written_next_to_the_exported_model(space, tmp_path
 
 def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(space, tmp_path: Path, monkeypatch) -> None:
     """Both at budget.cpus_per_trial threads (the driver runs at another count), batch and form recorded."""
-    import search.export
+    import deploy._export
     from search.report import latency_note
 
     space = space.with_overrides(budget=dataclasses.replace(space.budget, cpus_per_trial=2.0), latency_batch_size=3)
@@ -100,7 +100,7 @@ def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(spac
         timed.append((type(model).__name__, tuple(x.shape), threads))
         return 1.0
 
-    monkeypatch.setattr(search.export, "latency_ms", spy)
+    monkeypatch.setattr(deploy._export, "latency_ms", spy)
     assert torch.get_num_threads() == 1  # tests run at one thread, as the driver runs at its own default
     baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
     metrics = run_pipeline(TrialSpec(space, baseline.state_dict(), baseline_metrics), [], tmp_path, torch.device("cpu"), seed=0)

@@ -1,4 +1,6 @@
-"""Cost metrics measured on a model itself: FLOPs/MACs, parameters, storage size and latency.
+"""Cost metrics counted on a model itself: FLOPs/MACs, bit operations, parameters and storage size.
+
+Latency is timed by :mod:`deploy._latency`.
 
 FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode`, which has formulas only for
 matrix multiplications, convolutions and attention. Everything else (batch norm, activations,
@@ -26,10 +28,8 @@ constraints on ``macs`` rank trials by what the method says the model really cos
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +38,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from deploy._modes import eval_mode, mha_fastpath_disabled
+
 __all__ = [
     "FlopCount",
     "count_flops",
     "recurrent_macs",
     "count_params",
     "size_bytes",
-    "latency_ms",
-    "torch_threads",
     "REPORTABLE_COSTS",
     "apply_reported_cost",
 ]
@@ -254,7 +254,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     # The recorder goes in first so that it sits below the flop counter and sees exactly the
     # ops the counter executes after its own decompositions (e.g. linear -> t + addmm).
-    with _eval_mode(model), torch.no_grad(), _mha_fastpath_disabled(), recorder, counter:
+    with eval_mode(model), torch.no_grad(), mha_fastpath_disabled(), recorder, counter:
         with _recurrent_by_formula(model, counter, recorder) as corrections:
             model(example_input)
     flops = int(counter.get_total_flops()) + sum(corrections)
@@ -369,60 +369,6 @@ def _storage_bits(module_name: str, module: nn.Module) -> dict[str, int]:
     return bits
 
 
-def latency_ms(
-    model: Callable[[torch.Tensor], Any], example_input: torch.Tensor, repeats: int = 20, warmup: int = 3, threads: int | None = None
-) -> float:
-    """Median wall time of one inference forward pass, in milliseconds.
-
-    Runs on the input's device under ``no_grad``, an ``nn.Module`` in eval mode (an exported
-    program, ``torch.export.load(...).module()``, is traced in eval mode and refuses ``.eval()``;
-    a compiled package is not a module); on CUDA each pass is synchronised so that the time
-    covers the kernels, not just their launch. Packed quantized layers of a module
-    unpack their weights once before the timed passes (``cache_inference_weight``).
-
-    Args:
-        model: The model, an exported program or a compiled package, on the input's device.
-        example_input: The input to time.
-        repeats: Timed passes; the median is returned.
-        warmup: Untimed passes first (allocator, cuDNN autotuning, lazy init).
-        threads: CPU threads torch uses while timing (``torch.set_num_threads``; restored
-            afterwards); None: as set. CPU latency depends on it, so a figure that is to be
-            compared with another must be timed at the same count.
-
-    Returns:
-        Median milliseconds per forward pass.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"latency_ms needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
-    if threads is not None and threads < 1:
-        raise ValueError(f"latency_ms needs threads >= 1 (or None), got threads={threads}.")
-    on_cuda = example_input.device.type == "cuda"
-    times = []
-    switchable = isinstance(model, nn.Module) and "train" not in vars(model)  # torch.export's module replaces train()
-    with _eval_mode(model) if switchable else nullcontext(), torch.no_grad(), torch_threads(threads), _inference_weights(model):
-        for i in range(warmup + repeats):
-            if on_cuda:
-                torch.cuda.synchronize(example_input.device)
-            start = time.perf_counter()
-            model(example_input)
-            if on_cuda:
-                torch.cuda.synchronize(example_input.device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000.0)
-    return float(statistics.median(times))
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` torch intra-op threads (None: as set), then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count or previous)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 #: Cost metrics a method may report through ``Method.cost``: the figures measured on the model
 #: (``artifact_bytes`` is the exported file's size, which nothing can know better than the file).
 REPORTABLE_COSTS = ("macs", "flops", "params", "size_bytes", "latency_ms")
@@ -467,43 +413,3 @@ def apply_reported_cost(measured: dict[str, Any], reported: dict[str, float]) ->
         out[f"measured_{key}"] = measured[key]
         out[key] = value
     return out
-
-
-@contextmanager
-def _mha_fastpath_disabled() -> Iterator[None]:
-    # In eval mode without grad, nn.MultiheadAttention and nn.TransformerEncoderLayer take a
-    # fused kernel that FlopCounterMode has no formula for; the regular path gives the same
-    # result through countable matmuls and attention.
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-@contextmanager
-def _inference_weights(model: nn.Module) -> Iterator[None]:
-    # Layers that store weights packed (quantized codes) unpack them once, as a deployed model
-    # does at load time, instead of in every timed forward: ``cache_inference_weight(bool)``.
-    modules = model.modules() if isinstance(model, nn.Module) else ()  # a compiled package has none
-    layers = [m for m in modules if callable(getattr(m, "cache_inference_weight", None))]
-    for layer in layers:
-        layer.cache_inference_weight(True)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.cache_inference_weight(False)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Remember every module's mode, not just the root's: some callers freeze parts (e.g. BN) in eval.
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.measure import (
+from deploy import (
     FlopCount,
     apply_reported_cost,
     count_flops,

@@ -19,7 +19,7 @@ from torch import nn
 from methods import Phase, Pipeline, train_phase
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
 from errors import UserError
-from search.export import (
+from deploy import (
     EXPORT_FILES,
     check_round_trip,
     compile_program,
@@ -30,7 +30,7 @@ from search.export import (
     load_module,
     load_program,
 )
-from search.measure import size_bytes
+from deploy import size_bytes
 from search.space import load_space
 from search.trial import build_context, build_model, load_task
 

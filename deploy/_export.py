@@ -20,75 +20,45 @@ An export directory holds:
   without slimtune: ``torch._inductor.aoti_load_package(path)`` (:func:`compile_program`).
   Compiling takes tens of seconds to minutes and needs a C++ compiler, so trials do not do it.
 
-Packed quantized layers (:mod:`methods._quant`) are stored in ``model.pt2`` as their integer
-codes and one scale, so their bytes shrink with the bit width; the program's graph turns them back
-into float weights (casts, and below 8 bits shifts and masks) before each convolution:
-
-- ``torch.export.load(path).module()`` runs that unpacking in every call;
-- :func:`load_program`, what trials time and ``slimtune export`` reports, runs it once, at load
-  (:func:`_fold_weight_computations`), so each call runs only what depends on the input;
-- the compiled form (AOTInductor, PyTorch 2.14) does not fold it: the unpacking is compiled into
-  kernels that run in every call, fused with the activations' quantization (also with
-  ``aot_inductor.use_runtime_constant_folding``, whose constant folder leaves the ``arange`` of
-  the shifts, and so the shifts, in the per-call graph; ``freezing`` does not change the AOT
-  kernels).
-
-An activation quantizer's clamp and round (``pams``, ``minmax_quant``'s inputs) stay in every
-call in all forms: they are the float emulation of integer activations and depend on the input.
+Loading the forms back, and what each does with packed quantized weights: :mod:`deploy._loading`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.export.passes import move_to_device_pass
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from errors import UserError
-from search.measure import _eval_mode, latency_ms  # _eval_mode: every module's mode kept and restored, as measuring does
+from deploy._latency import latency_ms
+from deploy._loading import DEFAULT_FORM, FORMS, load_exported, load_form, load_program, storage_groups_quiet
+from deploy._modes import eval_mode
 
 __all__ = [
     "EXPORT_FILES",
-    "FORMS",
-    "DEFAULT_FORM",
     "InferenceRewrites",
     "inference_copy",
     "export_program",
     "export_model",
     "write_recipe",
-    "load_exported",
-    "load_program",
-    "load_module",
-    "load_compiled",
-    "load_form",
     "check_round_trip",
     "cpp_compiler",
     "compile_program",
     "output_diff",
     "deployed_latency",
-    "storage_groups_quiet",
 ]
 
 EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json")
-
-#: Each deployable form and its file: the default ``program``, the eager ``module`` and the
-#: optional ahead-of-time ``compiled`` package.
-FORMS = {"program": "model.pt2", "module": "model.pt", "compiled": "model_compiled.pt2"}
-
-#: The form ``export_model`` always writes, that trials time and users are told to deploy.
-DEFAULT_FORM = "program"
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -163,7 +133,7 @@ def inference_copy(
     probe = _probe(example_input)
     channels_last = channels_last and example_input.device.type == "cpu" and _channels_last(rewritten, True) > 0
     what = "the inference rewrites (batch norms folded, dropout removed{})"
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if channels_last:
             try:
                 diff = output_diff(model, rewritten, probe, rtol, what.format(", channels last"))
@@ -287,7 +257,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
             torch.export.save(program, out_dir / FORMS["program"])
         layout = ", channels last" if rewrites.channels_last else ""
         try:
-            with _eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 output_diff(model, load_program(out_dir), _probe(example_input), 1e-4, f"the reloaded program (batch norms folded, dropout removed{layout})")
             break
         except AssertionError:
@@ -302,152 +272,6 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
 def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
     """Write ``recipe`` as ``out_dir/recipe.json`` (see :mod:`search.recipe` for a trial's)."""
     (Path(out_dir) / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
-
-
-@contextlib.contextmanager
-def storage_groups_quiet() -> Iterator[None]:
-    """Silence torch.export's save/load warning "No complete tensor found in the group".
-
-    torch.export.save and load look for a contiguous tensor covering each storage and warn when
-    there is none. A channels-last weight (:func:`inference_copy`, CPU only) covers its whole
-    storage but is not contiguous, so every CPU program warned; the storage is saved and
-    restored through that weight itself, whole, which loses nothing.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-        yield
-
-
-def load_exported(out_dir: Path, device: str | torch.device | None = None) -> torch.export.ExportedProgram:
-    """The ``torch.export`` program ``model.pt2`` in ``out_dir`` as saved, moved to ``device`` (None: where it was exported).
-
-    Every load of the program goes through here (:func:`load_program`, :func:`compile_program`,
-    the MLflow model log), without torch's storage-group warning (:func:`storage_groups_quiet`).
-    """
-    with storage_groups_quiet():
-        program = torch.export.load(Path(out_dir) / FORMS["program"])
-    if device is not None:
-        program = move_to_device_pass(program, str(torch.device(device)))
-    return program
-
-
-def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.Module:
-    """The exported program as a callable module, moved to ``device`` (None: where it was exported),
-    its weight-only computations run once, here.
-
-    Called by a trial to time ``latency_ms`` and by ``slimtune export``. Moving uses
-    ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported runs on a GPU
-    too. Then :func:`_fold_weight_computations` computes every part of the graph that reads only
-    the program's own tensors, never the input: a packed quantized layer's weight is unpacked
-    (shifts, masks, casts) and scaled once, at load, where ``torch.export.load(path).module()``
-    unpacks it in every call. The file keeps the packed codes; what is computed per call is
-    what depends on the input (the convolutions, and an activation quantizer's clamp and round,
-    the float emulation of integer activations). A program with nothing to fold (an
-    unquantized model) is returned as ``torch.export`` loads it.
-    """
-    module = load_exported(out_dir, device).module()
-    _fold_weight_computations(module)
-    return module
-
-
-def _fold_weight_computations(module: torch.fx.GraphModule) -> int:
-    """Replace every computation of ``module``'s graph that reads only its own tensors by its result.
-
-    Called by :func:`load_program` on the module ``torch.export`` unlifts from a program. A node
-    is computed here when it is an operator call whose inputs are all the module's parameters,
-    buffers or constants that no call changes, or such computed nodes, and it is pure: no
-    mutation, no side effect and no random draw (``Node.is_impure`` with random ops counted
-    impure). Nodes that read the input, its shape (a dynamic batch size), a tensor the graph
-    mutates (a buffer updated in every call) or a random generator stay in the graph. Each
-    computed tensor that a remaining node (or the output) reads becomes a buffer of ``module``,
-    read by a ``get_attr`` node; computations that only fed computed ones are dropped. ``torch.export``'s
-    metadata assertion (``aten._assert_tensor_metadata``) on a computed tensor is checked here,
-    once, since its answer cannot change between calls. The graph is edited in place, so the
-    module keeps its calling convention (inputs and outputs as exported).
-
-    ``torch.fx.experimental.const_fold.split_const_subgraphs`` does the same split but rebuilds
-    the module with ``split_module``, which loses that convention (a single output comes back as
-    a tuple); inductor's ``constant_fold`` (``torch._export.passes``, private) leaves constructors
-    such as the ``arange`` of the shifts in the graph, and with them the unpacking.
-
-    Returns:
-        How many tensors were computed and stored (0: the graph is unchanged).
-    """
-    graph = module.graph
-    check_metadata = torch.ops.aten._assert_tensor_metadata.default
-    # A tensor a call may change (an in-place op, a module call) is no constant.
-    changing = {
-        node.target
-        for node in graph.find_nodes(op="get_attr")
-        for user in node.users
-        if user.op == "call_module" or (user.op == "call_function" and user.target is not check_metadata and user.is_impure(impure_random=False))
-    }
-    values: dict[torch.fx.Node, Any] = {}
-    checks = []
-    with torch.no_grad():
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                value = _attribute(module, node.target)
-                if isinstance(value, torch.Tensor) and node.target not in changing:
-                    values[node] = value
-                continue
-            if node.op != "call_function" or not all(n in values for n in node.all_input_nodes):
-                continue
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
-            if node.target is check_metadata:
-                node.target(*args, **kwargs)
-                checks.append(node)
-            elif not node.is_impure(impure_random=True):
-                values[node] = node.target(*args, **kwargs)
-    for check in checks:
-        graph.erase_node(check)
-    stored = 0
-    for node, value in values.items():
-        if node.op == "get_attr" or not isinstance(value, torch.Tensor) or all(user in values for user in node.users):
-            continue
-        name = f"_folded_weight_{stored}"
-        while hasattr(module, name):
-            name += "_"
-        module.register_buffer(name, value)
-        with graph.inserting_before(node):
-            read = graph.get_attr(name)
-        read.meta = dict(node.meta)
-        node.replace_all_uses_with(read)
-        stored += 1
-    if stored or checks:
-        graph.eliminate_dead_code()
-        graph.lint()
-        module.recompile()
-    return stored
-
-
-def _attribute(module: nn.Module, target: str) -> Any:
-    """What a ``get_attr`` node of ``module``'s graph reads (None where the path does not resolve)."""
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
-def load_module(out_dir: Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The pickled ``nn.Module`` (architecture and weights)."""
-    return torch.load(Path(out_dir) / "model.pt", map_location=map_location, weights_only=False)
-
-
-def load_compiled(out_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The compiled form (``model_compiled.pt2``, :func:`compile_program`) as a callable, on the device it was compiled for."""
-    return torch._inductor.aoti_load_package(str(Path(out_dir) / FORMS["compiled"]))
-
-
-def load_form(out_dir: Path, form: str, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
-    """One of :data:`FORMS` from ``out_dir``, ready to call on inputs on ``device``."""
-    if form == "program":
-        return load_program(out_dir, device)
-    if form == "module":
-        return load_module(out_dir, map_location=device).eval()
-    if form == "compiled":
-        return load_compiled(out_dir)
-    raise ValueError(f"form must be one of {', '.join(FORMS)}, but got {form!r}.")
 
 
 def check_round_trip(out_dir: Path, example_input: torch.Tensor, rtol: float = 1e-4, forms: tuple[str, ...] = ("program",)) -> float:
@@ -483,7 +307,7 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
     moved to ``device``) into native code for that device, batch dimension still dynamic where
     the program's is; on CPU this takes tens of seconds to minutes and needs a C++ compiler.
     Load the package with :func:`load_compiled`. Packed quantized weights are unpacked by
-    compiled kernels in every call (see the module docstring), not folded as
+    compiled kernels in every call (see :mod:`deploy._loading`), not folded as
     :func:`load_program` folds them.
 
     Raises:

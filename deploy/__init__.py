@@ -1,0 +1,78 @@
+"""What a deployed model costs and how it is deployed: counting, timing, exporting and loading.
+
+The layer below ``methods`` and ``search``: a method times, counts, packs and switches modes
+through it, as a trial measures and exports through it, so that both see the same figures.
+
+- counting (:mod:`deploy._counting`): :func:`count_flops` (MACs, FLOPs, bit operations),
+  :func:`count_params`, :func:`size_bytes`, and :func:`apply_reported_cost` for the costs a
+  method reports itself;
+- timing (:mod:`deploy._latency`): :func:`latency_ms`, the one timer, and :func:`torch_threads`;
+- modes (:mod:`deploy._modes`): :func:`eval_mode`, a model in eval mode for a ``with`` block;
+- exporting (:mod:`deploy._export`): the export directory (:func:`export_model`), the inference
+  rewrites, the round-trip check, the ahead-of-time compiled form and :func:`deployed_latency`;
+- loading (:mod:`deploy._loading`): each deployable form of :data:`FORMS` by name;
+- packing (:mod:`deploy._packing`): the bit packer of integer fields narrower than a byte.
+"""
+
+from __future__ import annotations
+
+from deploy._counting import REPORTABLE_COSTS, FlopCount, apply_reported_cost, count_flops, count_params, recurrent_macs, size_bytes
+from deploy._export import (
+    EXPORT_FILES,
+    InferenceRewrites,
+    check_round_trip,
+    compile_program,
+    cpp_compiler,
+    deployed_latency,
+    export_model,
+    export_program,
+    inference_copy,
+    output_diff,
+    write_recipe,
+)
+from deploy._latency import latency_ms, torch_threads
+from deploy._loading import DEFAULT_FORM, FORMS, load_compiled, load_exported, load_form, load_module, load_program, storage_groups_quiet
+from deploy._modes import eval_mode
+from deploy._packing import bit_fields, bit_stream, pack_bits, unpack_bits
+
+__all__ = [
+    # counting
+    "FlopCount",
+    "count_flops",
+    "recurrent_macs",
+    "count_params",
+    "size_bytes",
+    "REPORTABLE_COSTS",
+    "apply_reported_cost",
+    # timing
+    "latency_ms",
+    "torch_threads",
+    # modes
+    "eval_mode",
+    # exporting
+    "EXPORT_FILES",
+    "InferenceRewrites",
+    "inference_copy",
+    "export_program",
+    "export_model",
+    "write_recipe",
+    "output_diff",
+    "check_round_trip",
+    "cpp_compiler",
+    "compile_program",
+    "deployed_latency",
+    # loading
+    "FORMS",
+    "DEFAULT_FORM",
+    "load_exported",
+    "load_program",
+    "load_module",
+    "load_compiled",
+    "load_form",
+    "storage_groups_quiet",
+    # packing
+    "pack_bits",
+    "unpack_bits",
+    "bit_stream",
+    "bit_fields",
+]
