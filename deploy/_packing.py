@@ -57,8 +57,7 @@ def bit_stream(packed: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.
     A buffer that holds several packed streams one after the other (each padded to whole bytes)
     is expanded once here and each stream read with :func:`bit_fields` at its offset.
     """
-    shifts = torch.arange(8, device=packed.device, dtype=dtype)
-    return ((packed.to(dtype).unsqueeze(1) >> shifts) & 1).reshape(-1)
+    return ((packed.to(dtype).unsqueeze(1) >> torch.arange(8, device=packed.device, dtype=dtype)) & 1).reshape(-1)
 
 
 def bit_fields(stream: torch.Tensor, bits: int, numel: int, start: int = 0) -> torch.Tensor:

@@ -8,9 +8,8 @@ reports its weight at its real storage size through ``storage_bits``.
 
 Packed layout (:func:`pack_codes`): at 8 bits the codes are stored as they are, one ``int8`` per
 weight. Below 8 bits each code ``c`` in ``-qmax..qmax`` is stored as the unsigned ``k``-bit field
-``c + qmax`` in a little-endian bit stream of ``uint8`` bytes: code ``i`` occupies bits
-``i*k .. i*k+k-1`` of the stream, bit ``j`` of the stream is bit ``j % 8`` of byte ``j // 8``.
-For 4 and 2 bits that is two (four) codes per byte, low bits first; 3-bit codes straddle bytes.
+``c + qmax`` by the bit packer (:func:`deploy.pack_bits`: a little-endian bit stream of ``uint8``
+bytes, two (four) codes per byte at 4 (2) bits, low bits first; 3-bit codes straddle bytes).
 A tensor of ``n`` weights then takes ``ceil(n*k/8)`` bytes, so the exported program
 (``model.pt2``) shrinks with the bit width. Unpacking uses shifts and masks only, so
 ``torch.export`` traces it.
@@ -23,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deploy import pack_bits, unpack_bits
 
 __all__ = [
     "round_ste",
@@ -78,33 +79,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in -{levels}..{levels} for {bits} bits, but got {int(flat.abs().max())}.")
     if bits == 8:
         return flat.to(torch.int8)
-    fields = flat + levels  # 0 .. 2^bits - 2: fits in `bits` unsigned bits
-    stream = (fields.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1
-    stream = stream.reshape(-1)
-    pad = (-stream.numel()) % 8
-    stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
-    return (stream << torch.arange(8, device=flat.device)).sum(1).to(torch.uint8)
-
-
-def _unsigned_fields(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """The first ``numel`` unsigned ``bits``-bit fields of a packed stream (``bits`` < 8), integer dtype."""
-    if 8 % bits == 0:
-        # Codes never straddle bytes: one shift per field of each byte, in the bytes' own dtype.
-        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        fields = ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)
-    else:
-        data = packed.to(torch.int32)
-        stream = (data.unsqueeze(1) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
-        stream = stream.reshape(-1)[: numel * bits].reshape(numel, bits)
-        fields = (stream << torch.arange(bits, device=packed.device, dtype=torch.int32)).sum(1)
-    return fields if fields.numel() == numel else fields[:numel]
+    return pack_bits(flat + levels, bits)  # 0 .. 2^bits - 2: fits in `bits` unsigned bits
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: the first ``numel`` signed codes, as ``int32``."""
     if bits == 8:
         return packed.to(torch.int32)
-    return _unsigned_fields(packed, bits, numel).to(torch.int32) - qmax(bits)
+    return unpack_bits(packed, bits, numel).to(torch.int32) - qmax(bits)
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, shape: tuple[int, ...], scale: torch.Tensor) -> torch.Tensor:
@@ -116,7 +98,7 @@ def dequantize_packed(packed: torch.Tensor, bits: int, shape: tuple[int, ...], s
     numel = math.prod(shape)
     if bits == 8:
         return packed.to(scale.dtype).reshape(shape) * scale
-    return (_unsigned_fields(packed, bits, numel).to(scale.dtype) - qmax(bits)).reshape(shape) * scale
+    return (unpack_bits(packed, bits, numel).to(scale.dtype) - qmax(bits)).reshape(shape) * scale
 
 
 class MaxAbsWeightQuantizer(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from deploy import eval_mode
+
 __all__ = ["output_layers", "first_layers", "dependency_graph"]
 
 
@@ -18,13 +20,10 @@ def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str
             handles.append(
                 module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, o)))
             )
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return calls
@@ -52,14 +51,12 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
 
     torch-pruning traces the autograd graph, so frozen parameters are unfrozen while it traces.
     """
-    was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    model.eval()
     for p in frozen:
         p.requires_grad_(True)
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        with eval_mode(model):
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     finally:
-        model.train(was_training)
         for p in frozen:
             p.requires_grad_(False)

@@ -95,6 +95,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from deploy import eval_mode
 from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, hyperparameter
 from methods._registry import register_method
 from methods._surgery import dependency_graph, output_layers
@@ -568,17 +569,15 @@ class GAL(Method):
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(2, *ctx.example_input.shape[1:], generator=generator).to(ctx.example_input.device)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            # FISTA keeps masks >= 0; only N(0, 1) masks that no FISTA step has reached yet are not.
-            for m in soft_masks(model):
-                m.mask.clamp_(min=0.0)
-            reference = model(probe)
-        removal = remove_masked_structures(model, self.sites, ctx.example_input)
-        with torch.no_grad():
-            error = float((model(probe) - reference).abs().max())
-        model.train(was_training)
+        with eval_mode(model):
+            with torch.no_grad():
+                # FISTA keeps masks >= 0; only N(0, 1) masks that no FISTA step has reached yet are not.
+                for m in soft_masks(model):
+                    m.mask.clamp_(min=0.0)
+                reference = model(probe)
+            removal = remove_masked_structures(model, self.sites, ctx.example_input)
+            with torch.no_grad():
+                error = float((model(probe) - reference).abs().max())
         self.removal = {
             "zero_mask_fraction": removal.zero_masks / max(removal.masks, 1),
             "blocks": float(removal.blocks),

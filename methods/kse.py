@@ -24,19 +24,14 @@ kept channels' indices. Then a fine-tune trains the centroids, the full kernels 
 model (the indices stay fixed). All layers are decided at once, from the weights the method
 receives (one shot, data-free up to the fine-tune).
 
-:class:`ClusteredConv2d` has two inference paths that compute the same function:
-
-* ``"clustered"``: per group of channels with the same ``q``, one grouped convolution computes
-  every (channel, centroid) map once (``C_g * q * k*k`` MACs per output pixel instead of
-  ``C_g * N * k*k``); each filter's output is then the sum of its channels' maps picked by index
-  (``F.embedding_bag``, ``N * C_g`` additions per pixel, which the FLOP counter lists as
-  uncounted work rather than MACs). Full channels use one ordinary convolution.
-* ``"dense"``: the weight ``N x C_kept x k x k`` is rebuilt from the centroids by index and one
-  convolution runs on the kept channels.
+:class:`ClusteredConv2d` (:mod:`methods._clustered_conv`) has two inference paths that compute
+the same function: ``"clustered"`` (one grouped convolution per group of channels computes every
+(channel, centroid) map once, then each filter sums its channels' maps picked by index) and
+``"dense"`` (the weight rebuilt from the centroids, one convolution).
 
 Training always uses the dense path. Finalize times both paths of each layer on its own input
-shape (``timing_batch_size``) and keeps the faster (``path: auto``), unless ``path`` forces one;
-the method's metrics say how many layers took which. The FLOP counter sees the chosen path's
+shape (``timing_batch_size``) with the trial's timer (``deploy.latency_ms``) and keeps the faster
+(``path: auto``), unless ``path`` forces one; the method's metrics say how many layers took which. The FLOP counter sees the chosen path's
 convolutions as they run, so the measured ``macs`` are the chosen path's and ``Method.cost``
 needs to report nothing; ``layer_macs_clustered`` and ``layer_macs_dense`` give both paths' MACs
 of the KSE layers. On CPU the clustered path runs fewer MACs but more slowly than the dense one
@@ -62,20 +57,16 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
-import time
-import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from deploy import eval_mode, latency_ms
 from methods._base import Method, MethodContext, Phase, Range, check_config_types, check_training_overrides, hyperparameter
+from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401  _Group: models pickled before the move name it here
 from methods._registry import register_method
 from methods._surgery import first_layers
 
@@ -89,8 +80,6 @@ __all__ = [
     "indicator_levels",
     "cluster_counts",
     "cluster_kernels",
-    "pack_indices",
-    "unpack_indices",
     "index_bits",
     "NEIGHBOURS",
 ]
@@ -183,288 +172,6 @@ def cluster_counts(num_filters: int, levels: int, halvings: int) -> list[int | N
     if levels > 1:
         out.append(None)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Doing: k-means, packed indices, the clustered convolution.
-# ----------------------------------------------------------------------------------------------
-
-
-def cluster_kernels(kernels: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means of ``N`` kernels ``(N, k, k)`` into ``q`` centroids (scikit-learn, k-means++, seeded).
-
-    Returns:
-        ``(centroids (q, k, k), index (N,) int64)``; kernel ``n`` belongs to centroid ``index[n]``.
-    """
-    from sklearn.cluster import KMeans
-
-    n = kernels.shape[0]
-    if not 1 <= q <= n:
-        raise ValueError(f"`1 <= q <= N` must hold to cluster {n} kernels, but got q={q}.")
-    points = kernels.detach().reshape(n, -1).double().cpu().numpy()
-    with warnings.catch_warnings():
-        # Fewer distinct kernels than clusters: k-means still returns q centroids (some repeated).
-        warnings.simplefilter("ignore")
-        kmeans = KMeans(n_clusters=q, random_state=seed).fit(points)
-    centroids = torch.from_numpy(kmeans.cluster_centers_).to(kernels.dtype).reshape(q, *kernels.shape[1:])
-    return centroids.to(kernels.device), torch.from_numpy(kmeans.labels_.astype(np.int64)).to(kernels.device)
-
-
-def index_bits(q: int) -> int:
-    """Bits of one index into ``q`` centroids: ``ceil(log2 q)`` (0 for a single centroid)."""
-    return max(q - 1, 0).bit_length()
-
-
-def pack_indices(index: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned integers below ``2^bits`` as a flat little-endian bit stream of ``uint8`` bytes.
-
-    Index ``i`` occupies bits ``i*bits .. i*bits+bits-1`` of the stream, bit ``j`` of the stream is
-    bit ``j % 8`` of byte ``j // 8`` (the layout of ``methods._quant.pack_codes``); ``n`` indices
-    take ``ceil(n * bits / 8)`` bytes.
-    """
-    if not 1 <= bits <= 16:
-        raise ValueError(f"`1 <= bits <= 16` must hold, but got bits={bits}.")
-    flat = index.detach().reshape(-1).to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
-        raise ValueError(f"indices must lie in 0..{2**bits - 1} for {bits} bits, but got {int(flat.min())}..{int(flat.max())}.")
-    stream = ((flat.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1).reshape(-1)
-    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
-    return (stream << torch.arange(8, device=flat.device)).sum(1).to(torch.uint8)
-
-
-def unpack_indices(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_indices`: the first ``numel`` indices, ``int64``. Shifts and masks only (exportable)."""
-    stream = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
-    fields = stream.reshape(-1)[: numel * bits].reshape(numel, bits)
-    return (fields << torch.arange(bits, device=packed.device)).sum(1)
-
-
-@dataclass(frozen=True)
-class _Group:
-    """Input channels clustered with the same number of centroids."""
-
-    q: int
-    channels: int
-
-    @property
-    def bits(self) -> int:
-        return index_bits(self.q)
-
-
-class ClusteredConv2d(nn.Module):
-    """A convolution whose kernels, per input channel, are centroids picked by a packed index.
-
-    Stored: ``kept`` (int32, the kept input channels in the order below), ``weight_full``
-    (``N x C_full x k x k``, the channels kept in full), and per group ``i`` of channels sharing a
-    centroid count ``q``: ``centroids_i`` (``C_i * q x 1 x k x k``, channel ``j``'s centroids are
-    rows ``j*q .. j*q+q-1``). ``indices`` holds, group after group, :func:`pack_indices` of each
-    group's ``N x C_i`` index matrix at ``ceil(log2 q)`` bits (each group's stream padded to whole
-    bytes; nothing for ``q == 1``). ``kept`` lists the full channels first, then each group's
-    channels. The forward unpacks all groups' indices with one chain of shifts and picks every
-    clustered kernel with one gather (few ops: each is a node of the exported program).
-
-    ``params`` counts the centroids, the full kernels, the bias and one weight per index;
-    ``size_bytes`` the float tensors at their size, the packed indices byte for byte and ``kept``
-    at 32 bits (the convention of ``deploy.size_bytes`` and ``methods._quant``).
-
-    Build with :meth:`from_conv`. ``path`` (``"dense"`` or ``"clustered"``) picks the inference
-    computation (module docstring); training always runs the dense path.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int],
-        kept: torch.Tensor,
-        full_channels: int,
-        groups: Sequence[_Group],
-        stride: tuple[int, int],
-        padding: tuple[int, int] | str,
-        dilation: tuple[int, int],
-        bias: bool,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = tuple(kernel_size)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.full_channels = full_channels
-        self.channel_groups = tuple(groups)
-        self.path = "dense"
-        self._cache: dict[str, tuple[tuple[tuple[int, int], ...], Any]] = {}
-        if len(kept) != full_channels + sum(g.channels for g in self.channel_groups):
-            raise ValueError(f"`kept` names {len(kept)} channels, but the full channels and the groups hold {full_channels + sum(g.channels for g in self.channel_groups)}.")
-        self.register_buffer("kept", kept.to(device=device, dtype=torch.int32))
-        # Reading the input as it is when every channel is kept in order saves a copy.
-        self.reads_input_as_is = len(kept) == in_channels and bool((kept.cpu() == torch.arange(in_channels)).all())
-        kh, kw = self.kernel_size
-        factory = {"device": device, "dtype": dtype}
-        self.weight_full = nn.Parameter(torch.zeros(out_channels, full_channels, kh, kw, **factory)) if full_channels else None
-        for i, group in enumerate(self.channel_groups):
-            self.register_parameter(f"centroids_{i}", nn.Parameter(torch.zeros(group.channels * group.q, 1, kh, kw, **factory)))
-        self.index_bytes = [math.ceil(out_channels * g.channels * g.bits / 8) for g in self.channel_groups]
-        self.register_buffer("indices", torch.zeros(sum(self.index_bytes), dtype=torch.uint8, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
-
-    @classmethod
-    @torch.no_grad()
-    def from_conv(cls, conv: nn.Conv2d, clusters: Sequence[int | None], seed: int) -> ClusteredConv2d:
-        """Cluster ``conv``'s kernels: per input channel, 0 removes it, ``q`` clusters it into ``q`` centroids, None keeps it in full.
-
-        Raises:
-            ValueError: ``conv`` is grouped, ``clusters`` does not have one entry per input
-                channel, a count is outside ``0..N``, or every channel is removed.
-        """
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"ClusteredConv2d replaces convolutions with groups=1 and zero padding, but got groups={conv.groups}, padding_mode={conv.padding_mode!r}.")
-        n, c = conv.out_channels, conv.in_channels
-        if len(clusters) != c:
-            raise ValueError(f"`clusters` needs one entry per input channel ({c}), but got {len(clusters)}.")
-        for q in clusters:
-            if q is not None and not 0 <= q <= n:
-                raise ValueError(f"a cluster count must lie in 0..{n} (the filters) or be None (keep all), but got {q}.")
-        if all(q == 0 for q in clusters):
-            raise ValueError("every input channel would be removed; keep at least one.")
-        full = [ch for ch, q in enumerate(clusters) if q is None]
-        counts = sorted({q for q in clusters if q})
-        members = {q: [ch for ch, qc in enumerate(clusters) if qc == q] for q in counts}
-        groups = [_Group(q, len(members[q])) for q in counts]
-        kept = torch.tensor(full + [ch for q in counts for ch in members[q]], dtype=torch.int64)
-        weight = conv.weight.detach()
-        layer = cls(
-            c, n, conv.kernel_size, kept, len(full), groups, conv.stride, conv.padding, conv.dilation, conv.bias is not None,
-            device=weight.device, dtype=weight.dtype,
-        )
-        if full:
-            layer.weight_full.copy_(weight[:, full])
-        streams = []
-        for i, group in enumerate(groups):
-            centroids, indices = [], []
-            for ch in members[group.q]:
-                center, index = cluster_kernels(weight[:, ch], group.q, seed)
-                centroids.append(center)
-                indices.append(index)
-            getattr(layer, f"centroids_{i}").copy_(torch.cat(centroids).unsqueeze(1))
-            if group.bits:
-                streams.append(pack_indices(torch.stack(indices, dim=1), group.bits))
-        if streams:
-            layer.indices.copy_(torch.cat(streams))
-        if conv.bias is not None:
-            layer.bias.copy_(conv.bias)
-        return layer
-
-    # --- what it stores ---------------------------------------------------------------------
-
-    def storage_bits(self) -> dict[str, int]:
-        """Bits per element of the integer buffers when stored (read by ``deploy.size_bytes``)."""
-        return {"kept": 32, "indices": 8}
-
-    def stored_weight_counts(self) -> dict[str, int]:
-        """Weights each buffer of :meth:`storage_bits` holds (read by ``deploy.count_params``): an index per (filter, channel)."""
-        return {"kept": 0, "indices": self.out_channels * sum(g.channels for g in self.channel_groups if g.bits)}
-
-    def flat_index(self) -> torch.Tensor:
-        """``N x C_clustered``: the row of :meth:`centroid_table` that each filter uses on each clustered channel.
-
-        Group ``i``'s channel ``j`` with index ``m`` reads row ``start_i + j * q_i + m``, where
-        ``start_i`` is the number of centroids of the groups before it.
-        """
-        device = self.indices.device
-        if any(g.bits for g in self.channel_groups):  # the whole buffer's bits, least significant first
-            bits = ((self.indices.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=device)) & 1).reshape(-1)
-        parts, byte, row = [], 0, 0
-        for group, size in zip(self.channel_groups, self.index_bytes):
-            rows = torch.arange(row, row + group.channels * group.q, group.q, device=device)
-            if group.bits:
-                fields = bits[8 * byte : 8 * byte + self.out_channels * group.channels * group.bits].view(-1, group.bits)
-                index = (fields << torch.arange(group.bits, device=device)).sum(1).view(self.out_channels, group.channels)
-                parts.append(index + rows)
-            else:
-                parts.append(rows.expand(self.out_channels, group.channels))
-            byte += size
-            row += group.channels * group.q
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def centroid_table(self) -> torch.Tensor:
-        """Every group's centroids, one after the other: ``sum_i C_i * q_i x 1 x k x k``."""
-        tables = [getattr(self, f"centroids_{i}") for i in range(len(self.channel_groups))]
-        return tables[0] if len(tables) == 1 else torch.cat(tables)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The ``N x C_kept x k x k`` weight on the kept channels (in ``kept``'s order), rebuilt by index."""
-        parts = [self.weight_full] if self.weight_full is not None else []
-        if self.channel_groups:
-            parts.append(self.centroid_table().squeeze(1)[self.flat_index()])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def macs(self, path: str, out_pixels: int) -> int:
-        """Multiply-accumulates of ``path`` for one sample whose output has ``out_pixels`` pixels."""
-        kernel = self.kernel_size[0] * self.kernel_size[1]
-        if path == "dense":
-            return out_pixels * self.out_channels * len(self.kept) * kernel
-        clustered = sum(g.channels * g.q for g in self.channel_groups)
-        return out_pixels * kernel * (self.out_channels * self.full_channels + clustered)
-
-    # --- computing --------------------------------------------------------------------------
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.reads_input_as_is:
-            x = x.index_select(1, self.kept)
-        if self.training or self.path == "dense":
-            return F.conv2d(x, self._unpacked("dense", self.dense_weight), self.bias, self.stride, self.padding, self.dilation)
-        return self._clustered(x)
-
-    def _unpacked(self, kind: str, compute: Callable[[], Any]) -> Any:
-        """``compute()``, kept between inference calls until a stored tensor changes.
-
-        A deployed model unpacks its indices once when loaded, not on every call; so does this
-        layer in eval mode. Training and ``torch.export`` compute from the packed form every time
-        (the exported program stores only the packed indices).
-        """
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
-            return compute()
-        key = tuple((t.data_ptr(), t._version) for t in (*self._parameters.values(), *self._buffers.values()) if t is not None)
-        cached = self._cache.get(kind)
-        if cached is None or cached[0] != key:
-            cached = self._cache[kind] = (key, compute())
-        return cached[1]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_cache"] = {}  # derived; pickled models (model.pt) hold the packed form only
-        return state
-
-    def _clustered(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        if self.weight_full is not None:
-            out = F.conv2d(x.narrow(1, 0, self.full_channels), self.weight_full, None, self.stride, self.padding, self.dilation)
-        if self.channel_groups:
-            maps, start = [], self.full_channels
-            for i, group in enumerate(self.channel_groups):
-                maps.append(F.conv2d(
-                    x.narrow(1, start, group.channels), getattr(self, f"centroids_{i}"), None,
-                    self.stride, self.padding, self.dilation, group.channels,
-                ))  # (B, C_i * q, H, W): every (channel, centroid) map once
-                start += group.channels
-            table = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
-            batch, rows, height, width = table.shape
-            table = table.transpose(0, 1).reshape(rows, batch * height * width)
-            summed = F.embedding_bag(self._unpacked("index", self.flat_index), table, mode="sum")  # (N, B*H*W)
-            summed = summed.view(self.out_channels, batch, height, width).transpose(0, 1)
-            out = summed if out is None else out + summed
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
-
-    def extra_repr(self) -> str:
-        groups = ", ".join(f"{g.channels}x{g.q}" for g in self.channel_groups)
-        return (
-            f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, kept={len(self.kept)}, "
-            f"full={self.full_channels}, clustered=[{groups}], path={self.path}"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,40 +312,22 @@ def _layer_inputs(model: nn.Module, example: torch.Tensor, layers: dict[str, nn.
         found.setdefault(name, (args[0], out.shape[2] * out.shape[3]))
 
     handles = [layer.register_forward_hook(functools.partial(record, name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        model(example)
+        with eval_mode(model):
+            model(example)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return found
 
 
-@torch.no_grad()
 def _faster_path(layer: ClusteredConv2d, x: torch.Tensor, repeats: int = 5) -> str:
-    """``"dense"`` or ``"clustered"``, whichever runs ``layer`` on ``x`` faster (median of ``repeats`` after a warm-up)."""
-    was_training = layer.training
-    layer.eval()
+    """``"dense"`` or ``"clustered"``, whichever runs ``layer`` on ``x`` faster (median of ``repeats`` after a warm-up).
+
+    Timed by :func:`deploy.latency_ms`, the trial's timer (eval mode, no grad, synchronised on CUDA).
+    """
     times = {}
-    try:
-        for path in ("dense", "clustered"):
-            layer.path = path
-            runs = []
-            for _ in range(repeats + 1):  # the first is a warm-up
-                _synchronize(x.device)
-                start = time.perf_counter()
-                layer(x)
-                _synchronize(x.device)
-                runs.append(time.perf_counter() - start)
-            runs = runs[1:]
-            times[path] = statistics.median(runs)
-    finally:
-        layer.train(was_training)
+    for path in ("dense", "clustered"):
+        layer.path = path
+        times[path] = latency_ms(layer, x, repeats=repeats, warmup=1)
     return min(times, key=times.get)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

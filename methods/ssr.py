@@ -78,6 +78,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from deploy import eval_mode
 from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
 from methods._registry import register_method
 from methods._surgery import dependency_graph, output_layers
@@ -476,18 +477,16 @@ class SSR(Method):
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(2, *ctx.example_input.shape[1:], generator=generator).to(ctx.example_input.device)
-        was_training = model.training
-        model.eval()
-        for layer in self.layers:
-            apply_mask(model, layer)
-        with torch.no_grad():
-            reference = model(probe)
-        groups = sum(layer.groups for layer in self.layers)
-        zero = sum(int(layer.zero.sum()) for layer in self.layers if layer.zero is not None)
-        removed = remove_zero_groups(model, self.layers, ctx.example_input)
-        with torch.no_grad():
-            error = float((model(probe) - reference).abs().max())
-        model.train(was_training)
+        with eval_mode(model):
+            for layer in self.layers:
+                apply_mask(model, layer)
+            with torch.no_grad():
+                reference = model(probe)
+            groups = sum(layer.groups for layer in self.layers)
+            zero = sum(int(layer.zero.sum()) for layer in self.layers if layer.zero is not None)
+            removed = remove_zero_groups(model, self.layers, ctx.example_input)
+            with torch.no_grad():
+                error = float((model(probe) - reference).abs().max())
         self.removal = {
             "groups": float(groups),
             "zero_groups": float(zero),

@@ -21,8 +21,6 @@ from methods.kse import (
     kernel_entropy,
     kernel_sparsity,
     kse_indicator,
-    pack_indices,
-    unpack_indices,
 )
 from models import create_model
 from deploy import check_round_trip, export_model
@@ -168,19 +166,7 @@ def test_clustered_conv_exports_on_both_paths(tmp_path) -> None:
         assert check_round_trip(tmp_path / path, X) <= 1e-5
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 9, 12])
-def test_packed_indices_round_trip(bits: int) -> None:
-    generator = torch.Generator().manual_seed(bits)
-    for numel in (1, 7, 64, 101):
-        index = torch.randint(0, 2**bits, (numel,), generator=generator)
-        packed = pack_indices(index, bits)
-        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel * bits / 8)
-        assert torch.equal(unpack_indices(packed, bits, numel), index)
-
-
-def test_packing_refuses_indices_that_do_not_fit() -> None:
-    with pytest.raises(ValueError, match=r"indices must lie in 0..3 for 2 bits, but got 0..4"):
-        pack_indices(torch.tensor([0, 4]), 2)
+def test_index_bits_are_ceil_log2_of_the_centroids() -> None:
     assert [index_bits(q) for q in (1, 2, 3, 4, 5, 16, 17)] == [0, 1, 2, 2, 3, 4, 5]
 
 

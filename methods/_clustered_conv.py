@@ -1,0 +1,289 @@
+"""The clustered convolution of KSE (:mod:`methods.kse`): kernels as centroids picked by a packed index.
+
+A :class:`ClusteredConv2d` is built from a convolution by :meth:`ClusteredConv2d.from_conv`: per
+input channel, the channel is removed, kept in full, or its ``N`` kernels are clustered by
+:func:`cluster_kernels` (scikit-learn's ``KMeans``) into ``q`` centroids, each kernel then stored
+as a ``ceil(log2 q)``-bit index (:func:`index_bits`) through the bit packer
+(:func:`deploy.pack_bits`).
+
+It has two inference paths that compute the same function:
+
+* ``"clustered"``: per group of channels with the same ``q``, one grouped convolution computes
+  every (channel, centroid) map once (``C_g * q * k*k`` MACs per output pixel instead of
+  ``C_g * N * k*k``); each filter's output is then the sum of its channels' maps picked by index
+  (``F.embedding_bag``, ``N * C_g`` additions per pixel, which the FLOP counter lists as
+  uncounted work rather than MACs). Full channels use one ordinary convolution.
+* ``"dense"``: the weight ``N x C_kept x k x k`` is rebuilt from the centroids by index and one
+  convolution runs on the kept channels.
+
+Training always uses the dense path; ``path`` picks the inference one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploy import bit_fields, bit_stream, pack_bits
+
+__all__ = ["ClusteredConv2d", "cluster_kernels", "index_bits"]
+
+
+def cluster_kernels(kernels: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of ``N`` kernels ``(N, k, k)`` into ``q`` centroids (scikit-learn, k-means++, seeded).
+
+    Returns:
+        ``(centroids (q, k, k), index (N,) int64)``; kernel ``n`` belongs to centroid ``index[n]``.
+    """
+    from sklearn.cluster import KMeans
+
+    n = kernels.shape[0]
+    if not 1 <= q <= n:
+        raise ValueError(f"`1 <= q <= N` must hold to cluster {n} kernels, but got q={q}.")
+    points = kernels.detach().reshape(n, -1).double().cpu().numpy()
+    with warnings.catch_warnings():
+        # Fewer distinct kernels than clusters: k-means still returns q centroids (some repeated).
+        warnings.simplefilter("ignore")
+        kmeans = KMeans(n_clusters=q, random_state=seed).fit(points)
+    centroids = torch.from_numpy(kmeans.cluster_centers_).to(kernels.dtype).reshape(q, *kernels.shape[1:])
+    return centroids.to(kernels.device), torch.from_numpy(kmeans.labels_.astype(np.int64)).to(kernels.device)
+
+
+def index_bits(q: int) -> int:
+    """Bits of one index into ``q`` centroids: ``ceil(log2 q)`` (0 for a single centroid)."""
+    return max(q - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Input channels clustered with the same number of centroids."""
+
+    q: int
+    channels: int
+
+    @property
+    def bits(self) -> int:
+        return index_bits(self.q)
+
+
+class ClusteredConv2d(nn.Module):
+    """A convolution whose kernels, per input channel, are centroids picked by a packed index.
+
+    Stored: ``kept`` (int32, the kept input channels in the order below), ``weight_full``
+    (``N x C_full x k x k``, the channels kept in full), and per group ``i`` of channels sharing a
+    centroid count ``q``: ``centroids_i`` (``C_i * q x 1 x k x k``, channel ``j``'s centroids are
+    rows ``j*q .. j*q+q-1``). ``indices`` holds, group after group, :func:`deploy.pack_bits` of each
+    group's ``N x C_i`` index matrix at ``ceil(log2 q)`` bits (each group's stream padded to whole
+    bytes; nothing for ``q == 1``). ``kept`` lists the full channels first, then each group's
+    channels. The forward unpacks all groups' indices with one chain of shifts and picks every
+    clustered kernel with one gather (few ops: each is a node of the exported program).
+
+    ``params`` counts the centroids, the full kernels, the bias and one weight per index;
+    ``size_bytes`` the float tensors at their size, the packed indices byte for byte and ``kept``
+    at 32 bits (the convention of ``deploy.size_bytes`` and ``methods._quant``).
+
+    Build with :meth:`from_conv`. ``path`` (``"dense"`` or ``"clustered"``) picks the inference
+    computation (module docstring); training always runs the dense path.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        kept: torch.Tensor,
+        full_channels: int,
+        groups: Sequence[_Group],
+        stride: tuple[int, int],
+        padding: tuple[int, int] | str,
+        dilation: tuple[int, int],
+        bias: bool,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.full_channels = full_channels
+        self.channel_groups = tuple(groups)
+        self.path = "dense"
+        self._cache: dict[str, tuple[tuple[tuple[int, int], ...], Any]] = {}
+        if len(kept) != full_channels + sum(g.channels for g in self.channel_groups):
+            raise ValueError(f"`kept` names {len(kept)} channels, but the full channels and the groups hold {full_channels + sum(g.channels for g in self.channel_groups)}.")
+        self.register_buffer("kept", kept.to(device=device, dtype=torch.int32))
+        # Reading the input as it is when every channel is kept in order saves a copy.
+        self.reads_input_as_is = len(kept) == in_channels and bool((kept.cpu() == torch.arange(in_channels)).all())
+        kh, kw = self.kernel_size
+        factory = {"device": device, "dtype": dtype}
+        self.weight_full = nn.Parameter(torch.zeros(out_channels, full_channels, kh, kw, **factory)) if full_channels else None
+        for i, group in enumerate(self.channel_groups):
+            self.register_parameter(f"centroids_{i}", nn.Parameter(torch.zeros(group.channels * group.q, 1, kh, kw, **factory)))
+        self.index_bytes = [math.ceil(out_channels * g.channels * g.bits / 8) for g in self.channel_groups]
+        self.register_buffer("indices", torch.zeros(sum(self.index_bytes), dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv(cls, conv: nn.Conv2d, clusters: Sequence[int | None], seed: int) -> ClusteredConv2d:
+        """Cluster ``conv``'s kernels: per input channel, 0 removes it, ``q`` clusters it into ``q`` centroids, None keeps it in full.
+
+        Raises:
+            ValueError: ``conv`` is grouped, ``clusters`` does not have one entry per input
+                channel, a count is outside ``0..N``, or every channel is removed.
+        """
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"ClusteredConv2d replaces convolutions with groups=1 and zero padding, but got groups={conv.groups}, padding_mode={conv.padding_mode!r}.")
+        n, c = conv.out_channels, conv.in_channels
+        if len(clusters) != c:
+            raise ValueError(f"`clusters` needs one entry per input channel ({c}), but got {len(clusters)}.")
+        for q in clusters:
+            if q is not None and not 0 <= q <= n:
+                raise ValueError(f"a cluster count must lie in 0..{n} (the filters) or be None (keep all), but got {q}.")
+        if all(q == 0 for q in clusters):
+            raise ValueError("every input channel would be removed; keep at least one.")
+        full = [ch for ch, q in enumerate(clusters) if q is None]
+        counts = sorted({q for q in clusters if q})
+        members = {q: [ch for ch, qc in enumerate(clusters) if qc == q] for q in counts}
+        groups = [_Group(q, len(members[q])) for q in counts]
+        kept = torch.tensor(full + [ch for q in counts for ch in members[q]], dtype=torch.int64)
+        weight = conv.weight.detach()
+        layer = cls(
+            c, n, conv.kernel_size, kept, len(full), groups, conv.stride, conv.padding, conv.dilation, conv.bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )
+        if full:
+            layer.weight_full.copy_(weight[:, full])
+        streams = []
+        for i, group in enumerate(groups):
+            centroids, indices = [], []
+            for ch in members[group.q]:
+                center, index = cluster_kernels(weight[:, ch], group.q, seed)
+                centroids.append(center)
+                indices.append(index)
+            getattr(layer, f"centroids_{i}").copy_(torch.cat(centroids).unsqueeze(1))
+            if group.bits:
+                streams.append(pack_bits(torch.stack(indices, dim=1), group.bits))
+        if streams:
+            layer.indices.copy_(torch.cat(streams))
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+        return layer
+
+    # --- what it stores ---------------------------------------------------------------------
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits per element of the integer buffers when stored (read by ``deploy.size_bytes``)."""
+        return {"kept": 32, "indices": 8}
+
+    def stored_weight_counts(self) -> dict[str, int]:
+        """Weights each buffer of :meth:`storage_bits` holds (read by ``deploy.count_params``): an index per (filter, channel)."""
+        return {"kept": 0, "indices": self.out_channels * sum(g.channels for g in self.channel_groups if g.bits)}
+
+    def flat_index(self) -> torch.Tensor:
+        """``N x C_clustered``: the row of :meth:`centroid_table` that each filter uses on each clustered channel.
+
+        Group ``i``'s channel ``j`` with index ``m`` reads row ``start_i + j * q_i + m``, where
+        ``start_i`` is the number of centroids of the groups before it.
+        """
+        device = self.indices.device
+        if any(g.bits for g in self.channel_groups):  # the whole buffer's bits at once: one chain of shifts
+            stream = bit_stream(self.indices, torch.int64)
+        parts, byte, row = [], 0, 0
+        for group, size in zip(self.channel_groups, self.index_bytes):
+            rows = torch.arange(row, row + group.channels * group.q, group.q, device=device)
+            if group.bits:
+                index = bit_fields(stream, group.bits, self.out_channels * group.channels, start=8 * byte)
+                parts.append(index.view(self.out_channels, group.channels) + rows)
+            else:
+                parts.append(rows.expand(self.out_channels, group.channels))
+            byte += size
+            row += group.channels * group.q
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def centroid_table(self) -> torch.Tensor:
+        """Every group's centroids, one after the other: ``sum_i C_i * q_i x 1 x k x k``."""
+        tables = [getattr(self, f"centroids_{i}") for i in range(len(self.channel_groups))]
+        return tables[0] if len(tables) == 1 else torch.cat(tables)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``N x C_kept x k x k`` weight on the kept channels (in ``kept``'s order), rebuilt by index."""
+        parts = [self.weight_full] if self.weight_full is not None else []
+        if self.channel_groups:
+            parts.append(self.centroid_table().squeeze(1)[self.flat_index()])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def macs(self, path: str, out_pixels: int) -> int:
+        """Multiply-accumulates of ``path`` for one sample whose output has ``out_pixels`` pixels."""
+        kernel = self.kernel_size[0] * self.kernel_size[1]
+        if path == "dense":
+            return out_pixels * self.out_channels * len(self.kept) * kernel
+        clustered = sum(g.channels * g.q for g in self.channel_groups)
+        return out_pixels * kernel * (self.out_channels * self.full_channels + clustered)
+
+    # --- computing --------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reads_input_as_is:
+            x = x.index_select(1, self.kept)
+        if self.training or self.path == "dense":
+            return F.conv2d(x, self._unpacked("dense", self.dense_weight), self.bias, self.stride, self.padding, self.dilation)
+        return self._clustered(x)
+
+    def _unpacked(self, kind: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept between inference calls until a stored tensor changes.
+
+        A deployed model unpacks its indices once when loaded, not on every call; so does this
+        layer in eval mode. Training and ``torch.export`` compute from the packed form every time
+        (the exported program stores only the packed indices).
+        """
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            return compute()
+        key = tuple((t.data_ptr(), t._version) for t in (*self._parameters.values(), *self._buffers.values()) if t is not None)
+        cached = self._cache.get(kind)
+        if cached is None or cached[0] != key:
+            cached = self._cache[kind] = (key, compute())
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # derived; pickled models (model.pt) hold the packed form only
+        return state
+
+    def _clustered(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        if self.weight_full is not None:
+            out = F.conv2d(x.narrow(1, 0, self.full_channels), self.weight_full, None, self.stride, self.padding, self.dilation)
+        if self.channel_groups:
+            maps, start = [], self.full_channels
+            for i, group in enumerate(self.channel_groups):
+                maps.append(F.conv2d(
+                    x.narrow(1, start, group.channels), getattr(self, f"centroids_{i}"), None,
+                    self.stride, self.padding, self.dilation, group.channels,
+                ))  # (B, C_i * q, H, W): every (channel, centroid) map once
+                start += group.channels
+            table = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
+            batch, rows, height, width = table.shape
+            table = table.transpose(0, 1).reshape(rows, batch * height * width)
+            summed = F.embedding_bag(self._unpacked("index", self.flat_index), table, mode="sum")  # (N, B*H*W)
+            summed = summed.view(self.out_channels, batch, height, width).transpose(0, 1)
+            out = summed if out is None else out + summed
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        groups = ", ".join(f"{g.channels}x{g.q}" for g in self.channel_groups)
+        return (
+            f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, kept={len(self.kept)}, "
+            f"full={self.full_channels}, clustered=[{groups}], path={self.path}"
+        )
