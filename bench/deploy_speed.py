@@ -48,11 +48,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deploy import FORMS, compile_program, count_flops, export_model, latency_ms, load_form  # noqa: E402
 from methods import MethodContext, create_method  # noqa: E402
 from methods.gal import soft_masks  # noqa: E402
 from models import create_model  # noqa: E402
-from deploy import FORMS, compile_program, export_model, load_form  # noqa: E402
-from deploy import count_flops, latency_ms  # noqa: E402
 
 SHAPE = (3, 32, 32)
 TARGETS = (2.0, 3.0, 4.0)

@@ -109,8 +109,8 @@ def build_space(args: argparse.Namespace):
 
 def l1_ratio_for_macs(baseline: torch.nn.Module, ctx, target_macs: int) -> tuple[float, int]:
     """The l1_filter ratio whose pruned MACs come closest to ``target_macs`` (bisection, then the closer end)."""
-    from methods import create_method
     from deploy import count_flops
+    from methods import create_method
 
     def macs_at(ratio: float) -> int:
         model = create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(baseline), ctx)

@@ -87,8 +87,8 @@ def build_space(args: argparse.Namespace, model: str):
 
 def l1_ratio_for_params(baseline: torch.nn.Module, ctx, target: int) -> tuple[float, int]:
     """The l1_filter ratio whose pruned ``params`` come closest to ``target`` (bisection, then the closer end)."""
-    from methods import create_method
     from deploy import count_params
+    from methods import create_method
 
     def params_at(ratio: float) -> int:
         return count_params(create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(baseline), ctx))
@@ -115,8 +115,8 @@ def set_path(model: torch.nn.Module, path: str) -> None:
 
 def path_macs(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
     """MACs the counter sees with every clustered layer on each path; the chosen paths are restored."""
-    from methods.kse import ClusteredConv2d
     from deploy import count_flops
+    from methods.kse import ClusteredConv2d
 
     chosen = {m: m.path for m in model.modules() if isinstance(m, ClusteredConv2d)}
     out = {}
@@ -136,8 +136,8 @@ def latencies(model: torch.nn.Module, shape: tuple[int, ...], repeats: int, devi
 
 
 def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.device) -> list[dict[str, Any]]:
-    from methods import Phase, Pipeline, create_method, train_phase
     from deploy import count_params, size_bytes
+    from methods import Phase, Pipeline, create_method, train_phase
     from search.trial import load_task, seed_everything, train_baseline, trainable_student
 
     space = build_space(args, model_name)
@@ -220,9 +220,9 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
 
 def speed_part(args: argparse.Namespace, device: torch.device) -> None:
     """Random-init resnet20 at 3x32x32: what each KSE path really costs against the dense model."""
+    from deploy import count_params, size_bytes
     from methods import MethodContext, create_method
     from models import create_model
-    from deploy import count_params, size_bytes
 
     torch.manual_seed(0)
     base = create_model("resnet20", num_classes=10, in_channels=3).to(device).eval()

@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deploy import count_flops, count_params, latency_ms  # noqa: E402
 from methods import MethodContext, Phase, create_method, train_phase  # noqa: E402
 from methods._cheap_conv import replace_3x3_convs  # noqa: E402
 from methods._surgery import first_layers  # noqa: E402
-from deploy import count_flops, count_params, latency_ms  # noqa: E402
 from models import create_model  # noqa: E402
 from tasks import Task, create_task  # noqa: E402
 

@@ -47,9 +47,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deploy import count_params, export_model, size_bytes  # noqa: E402
 from methods import MethodContext, Phase, Pipeline, create_method, train_phase  # noqa: E402
-from deploy import export_model  # noqa: E402
-from deploy import count_params, size_bytes  # noqa: E402
 from models import create_model  # noqa: E402
 from tasks import create_task  # noqa: E402
 from tasks.sr import SRTask, bicubic_baseline  # noqa: E402

@@ -43,8 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deploy import export_model, load_exported, load_form  # noqa: E402
-from deploy import latency_ms  # noqa: E402
+from deploy import export_model, latency_ms, load_exported, load_form  # noqa: E402
 from search.preflight import first_batch, run_one_batch  # noqa: E402
 from search.space import load_space  # noqa: E402
 from search.trial import build_model, load_task  # noqa: E402

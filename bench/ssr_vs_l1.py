@@ -145,8 +145,8 @@ def match_macs(run: Run, low: float, high: float, target: float, tolerance: floa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from methods import Phase, Pipeline, create_method, train_phase
     from deploy import count_flops
+    from methods import Phase, Pipeline, create_method, train_phase
     from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
 
     device = torch.device(args.device)

@@ -39,10 +39,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deploy import count_params  # noqa: E402
 from methods import MethodContext, Phase, create_method, train_phase  # noqa: E402
 from methods.wavelet import WaveletLinear, wavelet_sites  # noqa: E402
 from models import create_model  # noqa: E402
-from deploy import count_params  # noqa: E402
 from tasks import create_task  # noqa: E402
 
 

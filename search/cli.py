@@ -219,9 +219,8 @@ def _export(args: argparse.Namespace) -> int:
 
     import torch
 
+    from deploy import DEFAULT_FORM, FORMS, check_round_trip, compile_program, latency_ms, load_form, write_recipe
     from search.checks import check_writable_folder
-    from deploy import DEFAULT_FORM, FORMS, check_round_trip, compile_program, load_form, write_recipe
-    from deploy import latency_ms
     from search.ranking import pick_record, rank_records
     from search.record import completed_records, exported_model_dir, load_search
     from search.trial import load_task, trial_threads
@@ -376,8 +375,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     import torch
 
-    from deploy import FORMS, deployed_latency, export_model
-    from deploy import count_flops, count_params, latency_ms, size_bytes
+    from deploy import FORMS, count_flops, count_params, deployed_latency, export_model, latency_ms, size_bytes
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}.")

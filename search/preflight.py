@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
+from deploy import check_round_trip, count_params, export_model
 from errors import UserError
 from methods import HyperparameterInfo, MethodContext, Pipeline, Range, check_value_type, create_method, get_method, hyperparameters
-from deploy import check_round_trip, export_model
-from deploy import count_params
 from search.space import MethodSpace, SearchSpace
 
 __all__ = ["preflight", "PreflightResult", "aggressive_params", "first_batch", "one_batch_context", "run_one_batch"]

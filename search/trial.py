@@ -23,10 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deploy import apply_reported_cost, count_flops, count_params, deployed_latency, export_model, size_bytes, torch_threads, write_recipe
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from deploy import deployed_latency, export_model, write_recipe
-from deploy import apply_reported_cost, count_flops, count_params, size_bytes, torch_threads
 from models import create_model
 from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace

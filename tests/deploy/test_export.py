@@ -16,9 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-from methods import Phase, Pipeline, train_phase
-from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
-from errors import UserError
 from deploy import (
     EXPORT_FILES,
     check_round_trip,
@@ -29,8 +26,11 @@ from deploy import (
     load_compiled,
     load_module,
     load_program,
+    size_bytes,
 )
-from deploy import size_bytes
+from methods import Phase, Pipeline, train_phase
+from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
+from errors import UserError
 from search.space import load_space
 from search.trial import build_context, build_model, load_task
 

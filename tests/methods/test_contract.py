@@ -29,6 +29,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import methods._registry
+from deploy import check_round_trip, count_flops, count_params, export_model, size_bytes
 from methods import (
     HyperparameterInfo,
     Method,
@@ -44,8 +45,6 @@ from methods import (
     list_methods,
     register_method,
 )
-from deploy import check_round_trip, export_model
-from deploy import count_flops, count_params, size_bytes
 from search.preflight import aggressive_params
 from search.space import MethodSpace
 

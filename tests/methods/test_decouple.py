@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from deploy import apply_reported_cost, check_round_trip, count_flops, count_params, export_model
 from methods import Pipeline, create_method
 from methods.decouple import (
     ArchitectureControl,
@@ -27,8 +28,6 @@ from methods.decouple import (
     write_report,
     analyse,
 )
-from deploy import check_round_trip, export_model
-from deploy import apply_reported_cost, count_flops, count_params
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploy import count_flops, count_params
 from methods import MethodContext, Pipeline, Step, TrainingState, create_method, train_phase
 from methods.gal import Discriminator, RemovedBlock, SoftMask, find_mask_sites, fista_step, insert_masks, lam_from_official, soft_masks
-from deploy import count_flops, count_params
 from models import create_model
 
 from .conftest import frozen, trainable_copy

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from deploy import check_round_trip, count_flops, count_params, export_model, size_bytes
 from methods import Pipeline, TrainingState, check_pipeline, create_method, get_method
 from methods.kse import (
     ClusteredConv2d,
@@ -23,8 +24,6 @@ from methods.kse import (
     kse_indicator,
 )
 from models import create_model
-from deploy import check_round_trip, export_model
-from deploy import count_flops, count_params, size_bytes
 
 # --- the indicator ------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from methods import create_method
 from deploy import count_flops, count_params
+from methods import create_method
 
 # digits_cnn at 1x8x8, MACs by hand: conv 1->16 3x3 at 8x8, conv 16->32 at 8x8, max pool,
 # conv 32->64 at 4x4, linear 64->10 (batch norm, ReLU and pooling count no MACs).

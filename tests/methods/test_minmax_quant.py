@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from deploy import count_flops, count_params, latency_ms, size_bytes
 from methods import create_method
 from methods._quant import (
     MaxAbsWeightQuantizer,
@@ -14,7 +15,6 @@ from methods._quant import (
     RunningMaxActivationQuantizer,
     symmetric_quantize,
 )
-from deploy import count_flops, count_params, latency_ms, size_bytes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deploy import check_round_trip, count_flops, count_params, export_model
 from methods import Pipeline, Step, TrainingState, create_method, train_phase, training_loss
 from methods._cheap_conv import CheapConv, Shift, replace_3x3_convs, shift
 from methods._surgery import first_layers
 from methods.kd import distillation_loss
 from methods.od import OnlineEnsemble, online_distillation_loss
-from deploy import check_round_trip, export_model
-from deploy import count_flops, count_params
 from models import BasicBlock, create_model
 from search.space import load_space
 

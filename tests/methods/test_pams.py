@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from deploy import check_round_trip, count_flops, count_params, export_model, load_module, size_bytes
 from methods import Pipeline, create_method, training_loss
 from methods._quant import QuantConv2d, quantized_layers
 from methods.pams import (
@@ -22,8 +23,6 @@ from methods.pams import (
     pams_layers,
     skt_loss,
 )
-from deploy import check_round_trip, export_model, load_module
-from deploy import count_flops, count_params, size_bytes
 from models import create_model
 from tasks import Task
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from deploy import count_flops, count_params, size_bytes
 from methods import MethodContext, Phase, Pipeline, TrainingState, create_method, train_phase
 from methods.ssr import apply_mask, find_layers, group_norms, group_prox
 from models import create_model
-from deploy import count_flops, count_params, size_bytes
 
 from .conftest import TINY_BATCH, frozen, make_context, trainable_copy
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from deploy import count_flops, count_params
 from errors import UserError
 from methods import MethodContext, NotApplicable, Phase, Pipeline, Step, create_method, training_loss
 from methods.variational import jensen_shannon, official_kl, variational_kl
 from models import create_model
-from deploy import count_flops, count_params
 from search.space import load_space
 from tasks import create_task
 

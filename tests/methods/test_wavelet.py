@@ -8,11 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from deploy import check_round_trip, count_params, export_model
 from methods import MethodContext, NotApplicable, Pipeline, create_method, train_phase
 from methods.wavelet import WaveletLinear, coefficient_lengths, daubechies, initial_filters, wavelet_loss
 from models import create_model
-from deploy import check_round_trip, export_model
-from deploy import count_params
 from tasks import create_task
 
 WAVELETS = ("haar", "db2", "db3", "db4", "db5", "db6")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import LeNet, create_model
 from deploy import count_flops, count_params
+from models import LeNet, create_model
 
 
 def test_digits_lenet_shapes_and_size() -> None:

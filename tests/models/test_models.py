@@ -9,8 +9,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from errors import UserError
 from deploy import count_flops, count_params
+from errors import UserError
 from models import BasicBlock, create_model, list_models, register_model
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deploy import count_flops, count_params
 from errors import UserError
 from models import create_model
-from deploy import count_flops, count_params
 
 
 def test_gru_512_on_the_adding_problem_has_the_papers_parameter_count() -> None:

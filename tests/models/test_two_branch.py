@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deploy import count_flops, count_params
 from errors import UserError
 from models import create_model
-from deploy import count_flops, count_params
 from tasks.two_view import with_modality
 
 

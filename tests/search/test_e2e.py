@@ -104,8 +104,8 @@ def test_front_matches_optuna_best_trials(finished_search):
 def test_pareto_and_export_commands(finished_search, capsys, monkeypatch):
     import torch
 
-    from search.cli import main
     from deploy import load_program
+    from search.cli import main
 
     record, tmp, _ = finished_search
     (tmp / "elsewhere").mkdir(exist_ok=True)

@@ -14,8 +14,8 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch.utils.data import DataLoader
 
-from errors import UserError
 from deploy import count_params
+from errors import UserError
 from models import create_model
 from search.space import metrics_of_task, parse_space
 from tasks import create_task, task_kind

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from methods import get_method
 from deploy import count_flops
+from methods import get_method
 from search.space import load_space
 from search.trial import TrialSpec, measure, run_pipeline, train_baseline
 from tasks import Task
