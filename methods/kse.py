@@ -31,10 +31,10 @@ the same function: ``"clustered"`` (one grouped convolution per group of channel
 
 Training always uses the dense path. Finalize times both paths of each layer on its own input
 shape (``timing_batch_size``) with the trial's timer (``deploy.latency_ms``) and keeps the faster
-(``path: auto``), unless ``path`` forces one; the method's metrics say how many layers took which. The FLOP counter sees the chosen path's
-convolutions as they run, so the measured ``macs`` are the chosen path's and ``Method.cost``
-needs to report nothing; ``layer_macs_clustered`` and ``layer_macs_dense`` give both paths' MACs
-of the KSE layers. On CPU the clustered path runs fewer MACs but more slowly than the dense one
+(``path: auto``), unless ``path`` forces one; the method's metrics say how many layers took which.
+The FLOP counter sees the chosen path's convolutions as they run, so the measured ``macs`` are
+the chosen path's and ``Method.cost`` needs to report nothing; ``layer_macs_clustered`` and
+``layer_macs_dense`` give both paths' MACs of the KSE layers. On CPU the clustered path runs fewer MACs but more slowly than the dense one
 (oneDNN's grouped convolution and the index sum do far less per second than a dense convolution;
 ``bench/kse_vs_l1.py`` measures it), so ``auto`` mostly keeps the dense path there.
 
@@ -66,7 +66,8 @@ from torch import nn
 
 from deploy import eval_mode, latency_ms
 from methods._base import Method, MethodContext, Phase, Range, check_config_types, check_training_overrides, hyperparameter
-from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401  _Group: models pickled before the move name it here
+# _Group: models pickled (model.pt) before the clustered convolution had its own module name it here.
+from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401
 from methods._registry import register_method
 from methods._surgery import first_layers
 

@@ -507,7 +507,7 @@ def _profile_model(args: argparse.Namespace, options: dict[str, dict[str, Any]])
     scale = 2 if args.scale is None else args.scale
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(map(str, SCALES))}, but got {scale}.")
-    # The size a search measures at with the sr task's defaults: the LR side of a training patch.
+    # The size a search's trials measure at with the sr task's defaults: the LR side of a training patch.
     lr_side = inspect.signature(sr).parameters["patch_size"].default // scale
     _refuse_task_decided(model_options, ["num_classes", "in_channels", "scale"], task)
     shape = (3, lr_side, lr_side)

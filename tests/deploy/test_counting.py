@@ -1,4 +1,4 @@
-"""Cost metrics: FLOP counting, parameter counting, storage size and latency."""
+"""Cost metrics: FLOP counting, parameter counting, storage size and reported costs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from deploy import (
     apply_reported_cost,
     count_flops,
     count_params,
-    latency_ms,
     recurrent_macs,
     size_bytes,
 )
@@ -124,31 +123,6 @@ def test_size_bytes_rejects_unknown_storage_bits_name() -> None:
 
     with pytest.raises(ValueError, match="weigth"):
         size_bytes(Typo())
-
-
-def test_latency_is_positive_and_restores_mode() -> None:
-    model = _small_cnn().train()
-    ms = latency_ms(model, torch.randn(1, 3, 4, 4), repeats=3, warmup=1)
-    assert isinstance(ms, float) and ms > 0
-    assert model.training
-
-
-def test_latency_runs_at_the_given_thread_count_and_restores_it() -> None:
-    seen = []
-
-    class Spy(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(torch.get_num_threads())
-            return x
-
-    before = torch.get_num_threads()
-    latency_ms(Spy(), torch.zeros(1), repeats=2, warmup=1, threads=before + 1)
-    assert seen == [before + 1] * 3 and torch.get_num_threads() == before
-
-
-def test_latency_times_an_exported_program_which_refuses_eval() -> None:
-    program = torch.export.export(_small_cnn().eval(), (torch.randn(2, 3, 4, 4),)).module()
-    assert latency_ms(program, torch.randn(2, 3, 4, 4), repeats=1, warmup=0) > 0
 
 
 # ---------------------------------------------------------------------------------------------
