@@ -12,9 +12,10 @@ An export directory holds:
   shapes, swapped layers), unfolded, loadable with slimtune installed:
   ``torch.load(path, weights_only=False)``;
 - ``state_dict.pt``: the module's weights alone, for users who rebuild the architecture themselves;
-- ``recipe.json``: everything in effect when the trial ran (task, data, model, baseline, training,
-  pipeline with every hyperparameter, versions) and its metrics; ``slimtune replay`` retrains
-  from it (:mod:`search.recipe`);
+- ``recipe.json``: the ``recipe`` the caller passes (:func:`write_recipe`); a trial's holds
+  everything in effect when it ran (task, data, model, baseline, training, pipeline with every
+  hyperparameter, versions) and its metrics; ``slimtune replay`` retrains from it
+  (:mod:`search.recipe`);
 - ``model_compiled.pt2``, only from ``slimtune export --compile``: the **compiled** form, the
   program compiled ahead of time by AOTInductor into native code for one device, loadable
   without slimtune: ``torch._inductor.aoti_load_package(path)`` (:func:`compile_program`).
@@ -39,10 +40,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from errors import UserError
 from deploy._latency import latency_ms
 from deploy._loading import DEFAULT_FORM, FORMS, load_exported, load_form, load_program, storage_groups_quiet
 from deploy._modes import eval_mode
+from errors import UserError
 
 __all__ = [
     "EXPORT_FILES",
