@@ -220,7 +220,7 @@ def _init_ray(address: str | None) -> None:
     if address:
         if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
             keep_ray_on_loopback()
-        kwargs["runtime_env"] = {"py_modules": [str(root / package) for package in ("errors", "models", "tasks", "methods", "search")]}
+        kwargs["runtime_env"] = {"py_modules": [str(root / package) for package in ("errors", "models", "tasks", "deploy", "methods", "search")]}
         ray.init(address=address, **kwargs)
     else:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

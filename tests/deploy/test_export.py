@@ -234,9 +234,9 @@ def test_the_default_program_loads_without_slimtune_and_matches(tmp_path: Path, 
     with torch.no_grad():
         expected = model(x)
     # Loading and running it imports nothing of slimtune: its packages are made unimportable.
-    for name in [n for n in sys.modules if n.split(".")[0] in ("errors", "models", "tasks", "methods", "search")]:
+    for name in [n for n in sys.modules if n.split(".")[0] in ("errors", "models", "tasks", "deploy", "methods", "search")]:
         monkeypatch.delitem(sys.modules, name)
-    for name in ("errors", "models", "tasks", "methods", "search"):
+    for name in ("errors", "models", "tasks", "deploy", "methods", "search"):
         monkeypatch.setitem(sys.modules, name, None)
     program = torch.export.load(tmp_path / "model.pt2")
     with torch.no_grad():
