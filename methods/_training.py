@@ -3,10 +3,11 @@
 :class:`Step` is one batch as the loss terms and hooks see it (the model's and the teacher's
 outputs and captured features, each computed once); :class:`Phase` is a stretch of training a
 method owns, with its loss, optimizer groups and hooks; :class:`Update` is an optimizer step on
-parameters the method owns outside the model. They live apart from :mod:`methods._base` because
-two readers need them without the method's lifecycle: the loop (:mod:`methods._pipeline`) builds
-steps and runs phases, and a method's phase code builds them; :class:`methods.Method` only names
-them in its hooks' signatures.
+parameters the method owns outside the model. They are the vocabulary of the training loop
+(:mod:`methods._pipeline`), which builds the steps and runs the phases, and live apart from the
+method's lifecycle (:mod:`methods._base`), which only returns phases and reads steps: a reader of
+the loop finds here everything it exchanges, and a reader of :class:`methods.Method` is not
+walked through feature capture.
 """
 
 from __future__ import annotations
