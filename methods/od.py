@@ -1,11 +1,12 @@
 """Online distillation with cheap convolutions (Xie, Lin, Zhang, Luo, arXiv 1909.13063).
 
 "Training CNNs with cheap convolutions and online distillation"; written from the paper's
-description, not from the official code (which has no license). ``prepare`` builds ``students`` copies of the incoming model whose 3x3 convolutions
-are replaced by cheap ones (:mod:`methods._cheap_conv`: depthwise, shift or grouped, each
-followed by a 1x1) and an online teacher, built without pretraining: the students' final
-features (the input of each student's classifier) concatenated, then BN, ReLU and a new linear
-classifier. All of them train together with
+description, not from the official code (which has no license). ``prepare`` builds ``students``
+copies of the incoming model whose 3x3 convolutions are replaced by cheap ones
+(:mod:`methods._cheap_conv`: depthwise, shift or grouped, each followed by a 1x1) and an online
+teacher, built without pretraining: the students' final features (the input of each student's
+classifier) concatenated, then BN, ReLU and a new linear classifier. All of them train together
+with
 
     L = CE(teacher) + sum_j [ CE(student_j) + T^2 KL(softmax(teacher / T) || softmax(student_j / T)) ]
 

@@ -1,12 +1,13 @@
 """Variational distillation: VSD, VCD and VML (Tian et al., CVPR 2021, arXiv 2104.02862).
 
 Written from the paper, "Farewell to Mutual Information: Variational Distillation for Cross-Modal
-Person Re-Identification", not from the official code (which has no license). The model is a two-branch model (:class:`models.two_branch.TwoBranch`): each branch's
-observation ``v`` has a classifier p(y|v), and its information-bottleneck representation ``z``
-another, p(y|z). In training mode the model outputs every head's logits, so each term reads the
-step's outputs on the batch's two views (:class:`methods.Step`: view 0 an image, view 1 the same
-identity in the other modality). With ``KL_T(p || q) = T^2 KL(softmax(p / T) || softmax(q / T))``
-averaged over the batch (``batchmean``) and the observations detached (they teach):
+Person Re-ID", not from the official code (which has no license). The model is a two-branch model
+(:class:`models.two_branch.TwoBranch`): each branch's observation ``v`` has a classifier p(y|v),
+and its information-bottleneck representation ``z`` another, p(y|z). In training mode the model
+outputs every head's logits, so each term reads the step's outputs on the batch's two views
+(:class:`methods.Step`: view 0 an image, view 1 the same identity in the other modality). With
+``KL_T(p || q) = T^2 KL(softmax(p / T) || softmax(q / T))`` averaged over the batch (``batchmean``)
+and the observations detached (they teach):
 
 * ``vsd`` (Variational Self-Distillation): in the modality-specific and the shared branch, on
   view 0, ``KL_T(v || z)``: the representation keeps what the observation knows of the identity
