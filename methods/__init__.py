@@ -4,8 +4,9 @@ Importing this package registers every method below; adding a method is one new 
 import line here.
 """
 
-from methods._base import LOSS_SCOPES, Method, NotApplicable, MethodContext, Phase, Range, Step, Update, hyperparameter, hyperparameters
-from methods._base import HyperparameterInfo, check_config_types, check_training_overrides, check_value_type
+from methods._base import LOSS_SCOPES, Method, NotApplicable, MethodContext
+from methods._hyperparameters import Bounds, HyperparameterInfo, Range, check_value_type, hyperparameter, hyperparameters
+from methods._training import Phase, Step, Update
 from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check_pipeline, train_phase, training_loss
 from methods._registry import create_method, get_method, list_methods, register_method
 
@@ -21,11 +22,10 @@ __all__ = [
     "Step",
     "Update",
     "LOSS_SCOPES",
+    "Bounds",
     "hyperparameter",
     "hyperparameters",
     "HyperparameterInfo",
-    "check_config_types",
-    "check_training_overrides",
     "check_value_type",
     "Pipeline",
     "TrainingState",

@@ -1,7 +1,7 @@
 """Cheap convolutions: replace every 3x3 convolution of a model by a cheap spatial op plus a 1x1.
 
 From "Training CNNs with cheap convolutions and online distillation" (Xie et al., arXiv
-1909.13063), written from the description in ``reference/methods.md`` section 4. A 3x3
+1909.13063), written from the paper's description. A 3x3
 convolution ``C_in -> C_out`` becomes :class:`CheapConv`: a spatial op that keeps ``C_in``
 channels followed by a 1x1 convolution ``C_in -> C_out`` that carries the channel change:
 

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from errors import plural
-from methods._base import Method, MethodContext, Phase, Step, trainable_parameters
+from methods._base import Method, MethodContext
 from methods._registry import create_method
+from methods._training import Phase, Step, trainable_parameters
 
 __all__ = ["Pipeline", "TrainingState", "NonFiniteLossError", "check_pipeline", "train_phase", "training_loss"]
 

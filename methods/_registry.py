@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from errors import did_you_mean
-from methods._base import Method, hyperparameters
+from errors import did_you_mean, unknown_name
+from methods._base import Method
+from methods._hyperparameters import hyperparameters
 
 __all__ = ["register_method", "get_method", "list_methods", "create_method"]
 
@@ -15,7 +16,8 @@ _METHODS: dict[str, type[Method]] = {}
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available under ``cls.name``.
 
-    Its config's annotations are read here, so an unsupported field type fails on import.
+    Its config's declarations are read here, so an unsupported field type, or a default or
+    search range that breaks its own declaration, fails on import.
     """
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"method name '{cls.name}' is registered twice ({_METHODS[cls.name]} and {cls}).")
@@ -30,26 +32,35 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[Method]:
-    """Return the method class registered as ``name``; ValueError with close matches otherwise."""
+    """Return the method class registered as ``name``.
+
+    Raises:
+        errors.UserError: No method has that name (the message suggests close matches).
+    """
     if name not in _METHODS:
-        known = list_methods()
-        raise ValueError(f"unknown method '{name}'.{did_you_mean(name, known)} Known methods: {', '.join(known)}.")
+        raise unknown_name("method", name, _METHODS)
     return _METHODS[name]
 
 
 def create_method(name: str, params: dict[str, Any] | None = None) -> Method:
-    """Build method ``name`` with ``params`` over its defaults; ValueError names a bad key or value.
+    """Build method ``name`` with ``params`` over its defaults.
 
-    The config checks and converts the values' types when it is built (see
-    :func:`methods._base.check_config_types`), then its own ranges.
+    Each value is checked against its field's declared type and bounds, and converted where
+    JSON and YAML make it necessary (:meth:`methods.HyperparameterInfo.check`), before the
+    config is built; the config's ``__post_init__`` then checks rules between its fields.
+
+    Raises:
+        errors.UserError: No method has that name.
+        ValueError: A key is not one of the method's hyperparameters, or a value is not valid
+            for it (the message names the field and states the rule).
     """
     cls = get_method(name)
+    infos = {h.name: h for h in hyperparameters(cls.Config)}
     params = dict(params or {})
-    known = [h.name for h in hyperparameters(cls.Config)]
     for key in params:
-        if key not in known:
+        if key not in infos:
             raise ValueError(
-                f"method '{name}' has no hyperparameter '{key}'.{did_you_mean(key, known)} "
-                f"Its hyperparameters: {', '.join(known)}."
+                f"method '{name}' has no hyperparameter '{key}'.{did_you_mean(key, infos)} "
+                f"Its hyperparameters: {', '.join(infos)}."
             )
-    return cls(cls.Config(**params))
+    return cls(cls.Config(**{key: infos[key].check(value) for key, value in params.items()}))

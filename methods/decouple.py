@@ -1,8 +1,8 @@
 """Architecture decoupling: input-dependent channel gating trained to make paths class-specific.
 
-After Li et al., "Dynamic / Interpretable Neural Network Decoupling" (arXiv 1906.01166). No
-official code exists; this is written from ``reference/methods.md`` section 5, which separates
-what the paper's abstract states from a reconstruction of its details.
+After Li et al., "Dynamic / Interpretable Neural Network Decoupling" (arXiv 1906.01166; ECCV 2020
+as "Interpretable Neural Network Decoupling"). No official code exists; what follows separates what
+the paper's abstract states from our reconstruction of its details.
 
 **From the abstract.** An *architecture controlling module* (ACM) in each convolution maps the
 layer's input to an *architecture encoding* a_l in {0, 1}^C_out that switches the layer's output
@@ -11,7 +11,7 @@ encodings are trained to carry information about the input's class (mutual infor
 "decouples" the architecture into class-specific paths) and to be sparse, so that inactive
 filters can be skipped at inference (acceleration) and atypical paths reveal adversarial inputs.
 
-**Reconstructed (``reference/methods.md``, marked [unverified] there) and our choices:**
+**Reconstructed (not verified against the paper's text) and our choices:**
 
 * ACM: global average pool of the conv's input -> ``Linear(C_in, h)`` -> ReLU ->
   ``Linear(h, C_out)`` -> sigmoid -> ``s``; the encoding is ``s > threshold`` in the forward
@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, check_training_overrides, hyperparameter
+from methods._base import Method, MethodContext
 from methods._decouple_analysis import (
     Analysis,
     analyse,
@@ -102,7 +102,9 @@ from methods._gated_conv import (
     set_dynamic,
     static_macs,
 )
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
+from methods._training import Phase, Step, Update
 
 __all__ = [
     "Decouple",
@@ -136,30 +138,16 @@ Form = Literal["static", "dynamic"]
 
 @dataclass(frozen=True)
 class DecoupleConfig:
-    lambda_s: float = hyperparameter(1e-3, "weight of the L1 norm of the encodings (open gates per sample)", Range(1e-4, 1e-2, log=True), compresses="high")
-    lambda_mi: float = hyperparameter(1.0, "weight of the auxiliary classifier's CE on the encodings (mutual-information bound)", Range(0.1, 1.0))
+    lambda_s: float = hyperparameter(1e-3, "weight of the L1 norm of the encodings (open gates per sample)", Range(1e-4, 1e-2, log=True), at_least=0.0, compresses="high")
+    lambda_mi: float = hyperparameter(1.0, "weight of the auxiliary classifier's CE on the encodings (mutual-information bound)", Range(0.1, 1.0), at_least=0.0)
     acm_reduction: Literal[4, 8, 16] = hyperparameter(4, "ACM hidden width: max(4, C_out // acm_reduction)", Range(choices=(4, 8, 16)), compresses="high")
-    threshold: float = hyperparameter(0.5, "a gate is open where the ACM's sigmoid exceeds this", Range(0.3, 0.7), compresses="high")
-    prune_below: float = hyperparameter(0.0, "filters open on at most this fraction of validation inputs are removed at finalize", Range(0.0, 0.1), compresses="high")
+    threshold: float = hyperparameter(0.5, "a gate is open where the ACM's sigmoid exceeds this", Range(0.3, 0.7), above=0.0, below=1.0, compresses="high")
+    prune_below: float = hyperparameter(0.0, "filters open on at most this fraction of validation inputs are removed at finalize", Range(0.0, 0.1), at_least=0.0, below=1.0, compresses="high")
     form: Form = hyperparameter("dynamic", "the trial's model: static (dense, pruned) or dynamic (skips closed filters per input)", Range(choices=("static", "dynamic")), compresses="high")
-    epochs: int | None = hyperparameter(None, "epochs of gated training; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
-    lr: float = hyperparameter(1e-3, "learning rate of the network's weights (Adam)", Range(1e-4, 1e-2, log=True))
-    acm_lr: float = hyperparameter(0.01, "learning rate of the ACMs and the auxiliary classifier (Adam)", Range(1e-3, 0.05, log=True))
-    fgsm_epsilon: float = hyperparameter(0.25, "FGSM step (input units) of the adversarial-detection figures and report")
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        for name in ("lambda_s", "lambda_mi"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}.")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"`0 < threshold < 1` must hold, but got threshold={self.threshold}.")
-        if not 0.0 <= self.prune_below < 1.0:
-            raise ValueError(f"`0 <= prune_below < 1` must hold, but got prune_below={self.prune_below}.")
-        for name in ("lr", "acm_lr", "fgsm_epsilon"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name} > 0` must hold, but got {name}={getattr(self, name)}.")
-        check_training_overrides(self)
+    epochs: int | None = hyperparameter(None, "epochs of gated training; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    lr: float = hyperparameter(1e-3, "learning rate of the network's weights (Adam)", Range(1e-4, 1e-2, log=True), above=0.0)
+    acm_lr: float = hyperparameter(0.01, "learning rate of the ACMs and the auxiliary classifier (Adam)", Range(1e-3, 0.05, log=True), above=0.0)
+    fgsm_epsilon: float = hyperparameter(0.25, "FGSM step (input units) of the adversarial-detection figures and report", above=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +157,8 @@ class DecoupleConfig:
 
 @register_method
 class Decouple(Method):
+    """Input-dependent channel gating that decouples a CNN into class-specific paths (arXiv 1906.01166)."""
+
     name = "decouple"
     Config = DecoupleConfig
     kind = "pruning"

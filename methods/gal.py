@@ -1,7 +1,7 @@
 """GAL: label-free structured pruning by generative adversarial learning (Lin et al., CVPR 2019).
 
-arXiv 1903.09291; written from the description in ``reference/methods.md`` section 6, not from the
-official code (which has no license).
+"Towards Optimal Structured CNN Pruning via Generative Adversarial Learning", arXiv 1903.09291;
+written from the paper's description, not from the official code (which has no license).
 
 The baseline is the frozen teacher. The student is the same network with **soft masks**: learnable
 scales that multiply the output of a prunable structure. Which structures get masks depends on the
@@ -96,9 +96,11 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext, Phase, Range, Step, Update, check_config_types, hyperparameter
+from methods._base import Method, MethodContext
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import dependency_graph, output_layers
+from methods._training import Phase, Step, Update
 
 __all__ = [
     "GAL",
@@ -123,33 +125,17 @@ MaskInit = Literal["ones", "normal"]
 
 @dataclass(frozen=True)
 class GALConfig:
-    lam: float = hyperparameter(0.1, "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam); twice the official code's lambda (GAL-0.6 is lam 1.2)", Range(1e-3, 10.0, log=True), compresses="high")
-    mu: float = hyperparameter(1.0, "weight of the MSE between baseline and student logits", Range(0.1, 1.0, log=True))
-    mask_step: int = hyperparameter(1, "iterations between FISTA steps of the masks", Range(1, 200, log=True), compresses="low")
-    lr: float = hyperparameter(1e-3, "learning rate of the student's weights (SGD)", Range(1e-4, 1e-2, log=True))
-    mask_lr: float = hyperparameter(0.01, "FISTA step size of the masks", Range(1e-3, 0.05, log=True), compresses="high")
-    disc_lr: float = hyperparameter(0.01, "learning rate of the discriminator (SGD)", Range(1e-3, 0.1, log=True))
-    adversarial_epochs: int | None = hyperparameter(None, "epochs of the adversarial phase; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
-    finetune_epochs: int = hyperparameter(0, "epochs of the labelled cross-entropy fine-tune after removal; 0 skips it", Range(0, 30), budget=True)
-    finetune_lr: float = hyperparameter(0.01, "learning rate of the fine-tune (SGD)", Range(1e-4, 0.1, log=True))
+    lam: float = hyperparameter(0.1, "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam); twice the official code's lambda (GAL-0.6 is lam 1.2)", Range(1e-3, 10.0, log=True), at_least=0.0, compresses="high")
+    mu: float = hyperparameter(1.0, "weight of the MSE between baseline and student logits", Range(0.1, 1.0, log=True), at_least=0.0)
+    mask_step: int = hyperparameter(1, "iterations between FISTA steps of the masks", Range(1, 200, log=True), at_least=1, compresses="low")
+    lr: float = hyperparameter(1e-3, "learning rate of the student's weights (SGD)", Range(1e-4, 1e-2, log=True), above=0.0)
+    mask_lr: float = hyperparameter(0.01, "FISTA step size of the masks", Range(1e-3, 0.05, log=True), above=0.0, compresses="high")
+    disc_lr: float = hyperparameter(0.01, "learning rate of the discriminator (SGD)", Range(1e-3, 0.1, log=True), above=0.0)
+    adversarial_epochs: int | None = hyperparameter(None, "epochs of the adversarial phase; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    finetune_epochs: int = hyperparameter(0, "epochs of the labelled cross-entropy fine-tune after removal; 0 skips it", Range(0, 30), at_least=0, budget=True)
+    finetune_lr: float = hyperparameter(0.01, "learning rate of the fine-tune (SGD)", Range(1e-4, 0.1, log=True), above=0.0)
     structure: Structure = hyperparameter("auto", "what a mask scales: block, channel, joint (both) or auto (block for residual models)", Range(choices=("channel", "block", "joint")), compresses="high")
     mask_init: MaskInit = hyperparameter("ones", "initial masks: ones (student = baseline) or normal (the official code's N(0, 1))", Range(choices=("ones", "normal")), compresses="high")
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        for name in ("lam", "mu", "finetune_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}.")
-        for name in ("lr", "mask_lr", "disc_lr", "finetune_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name} > 0` must hold, but got {name}={getattr(self, name)}.")
-        if self.mask_step < 1:
-            raise ValueError(f"`mask_step >= 1` must hold, but got mask_step={self.mask_step}.")
-        if self.adversarial_epochs is not None and self.adversarial_epochs < 0:
-            raise ValueError(
-                f"`adversarial_epochs >= 0` must hold, but got adversarial_epochs={self.adversarial_epochs}; "
-                "leave it unset (null) to use the space's budget.epochs."
-            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,6 +461,8 @@ def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
 
 @register_method
 class GAL(Method):
+    """Label-free pruning of blocks and channels by soft masks trained against a discriminator (arXiv 1903.09291)."""
+
     name = "gal"
     Config = GALConfig
     kind = "pruning"

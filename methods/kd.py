@@ -1,4 +1,4 @@
-"""Knowledge distillation from the uncompressed baseline (Hinton et al., 2015).
+"""Knowledge distillation from the uncompressed baseline (Hinton et al., 2015, arXiv 1503.02531).
 
 Adds ``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (batch mean) to the
 loss of every training phase of every method in the pipeline (``loss_scope = "pipeline"``), so
@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from methods._base import Method, Range, Step, check_config_types, hyperparameter
+from methods._base import Method
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
+from methods._training import Step
 
 __all__ = ["KD", "KDConfig", "distillation_loss"]
 
@@ -31,19 +33,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 @dataclass(frozen=True)
 class KDConfig:
-    temperature: float = hyperparameter(4.0, "softmax temperature T", Range(1.0, 8.0))
-    weight: float = hyperparameter(1.0, "weight of the distillation term next to the task loss", Range(0.1, 2.0, log=True))
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        if self.temperature <= 0:
-            raise ValueError(f"`temperature > 0` must hold, but got temperature={self.temperature}.")
-        if self.weight < 0:
-            raise ValueError(f"`weight >= 0` must hold, but got weight={self.weight}.")
+    temperature: float = hyperparameter(4.0, "softmax temperature T", Range(1.0, 8.0), above=0.0)
+    weight: float = hyperparameter(1.0, "weight of the distillation term next to the task loss", Range(0.1, 2.0, log=True), at_least=0.0)
 
 
 @register_method
 class KD(Method):
+    """Knowledge distillation: a temperature-softened KL term towards the frozen baseline (arXiv 1503.02531)."""
+
     name = "kd"
     Config = KDConfig
     kind = "distillation"

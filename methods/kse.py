@@ -1,7 +1,7 @@
 """KSE: kernel sparsity and entropy (Li et al., "Exploiting Kernel Sparsity and Entropy for Interpretable CNN Compression", CVPR 2019).
 
-arXiv 1812.04368; written from the description in ``reference/methods.md`` section 8, not from the
-official code (which has no license).
+arXiv 1812.04368; written from the paper's description, not from the official code (which has no
+license).
 
 Deciding, per input channel ``c`` of every eligible convolution (weight ``N x C x k x k``):
 
@@ -65,11 +65,13 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode, latency_ms
-from methods._base import Method, MethodContext, Phase, Range, check_config_types, check_training_overrides, hyperparameter
+from methods._base import Method, MethodContext
+from methods._hyperparameters import Range, hyperparameter
 # _Group: models pickled (model.pt) before the clustered convolution had its own module name it here.
 from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401
 from methods._registry import register_method
 from methods._surgery import first_layers
+from methods._training import Phase
 
 __all__ = [
     "KSE",
@@ -93,22 +95,12 @@ Path = Literal["auto", "dense", "clustered"]
 
 @dataclass(frozen=True)
 class KSEConfig:
-    levels: int = hyperparameter(4, "G, levels of the indicator: level 0 removes a channel, G-1 keeps it, the rest cluster it", Range(3, 6), compresses="high")
-    halvings: int = hyperparameter(0, "T: halves the cluster count of every clustered level T more times", Range(0, 1), compresses="high")
-    epochs: int | None = hyperparameter(None, "epochs of the fine-tune of the centroids and the model; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of the fine-tune; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True))
+    levels: int = hyperparameter(4, "G, levels of the indicator: level 0 removes a channel, G-1 keeps it, the rest cluster it", Range(3, 6), at_least=2, compresses="high")
+    halvings: int = hyperparameter(0, "T: halves the cluster count of every clustered level T more times", Range(0, 1), at_least=0, compresses="high")
+    epochs: int | None = hyperparameter(None, "epochs of the fine-tune of the centroids and the model; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    lr: float | None = hyperparameter(None, "learning rate of the fine-tune; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True), above=0.0)
     path: Path = hyperparameter("auto", "inference path of each clustered layer: auto (the faster, timed at finalize), dense or clustered")
-    timing_batch_size: int = hyperparameter(1, "batch size at which path auto times both paths (match measure.latency_batch_size)")
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        if self.levels < 2:
-            raise ValueError(f"`levels >= 2` must hold (level 0 removes, level G-1 keeps), but got levels={self.levels}.")
-        if self.halvings < 0:
-            raise ValueError(f"`halvings >= 0` must hold, but got halvings={self.halvings}.")
-        check_training_overrides(self)
-        if self.timing_batch_size < 1:
-            raise ValueError(f"`timing_batch_size >= 1` must hold, but got timing_batch_size={self.timing_batch_size}.")
+    timing_batch_size: int = hyperparameter(1, "batch size at which path auto times both paths (match measure.latency_batch_size)", at_least=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +213,8 @@ def _remove_upstream(model: nn.Module, example_input: torch.Tensor, removed: dic
 
 @register_method
 class KSE(Method):
+    """Kernel sparsity and entropy: removes or clusters each convolution's input channels (arXiv 1812.04368)."""
+
     name = "kse"
     Config = KSEConfig
     kind = "pruning"

@@ -1,4 +1,4 @@
-"""L1-norm filter pruning (Li et al., "Pruning Filters for Efficient ConvNets", 2017).
+"""L1-norm filter pruning (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017, arXiv 1608.08710).
 
 Deciding: a filter's importance is the L1 norm of its own weights (torch-pruning's
 ``MagnitudeImportance(p=1, group_reduction="first")``). Doing: the lowest-scoring ``ratio`` of the
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch_pruning as tp
 from torch import nn
 
-from methods._base import Method, MethodContext, Range, check_config_types, hyperparameter
+from methods._base import Method, MethodContext
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import output_layers
 
@@ -24,19 +25,14 @@ __all__ = ["L1Filter", "L1FilterConfig"]
 
 @dataclass(frozen=True)
 class L1FilterConfig:
-    ratio: float = hyperparameter(0.5, "fraction of output channels removed from every prunable layer", Range(0.1, 0.8), compresses="high")
-    round_to: int = hyperparameter(1, "keep channel counts a multiple of this (hardware-friendly sizes)", Range(choices=(1, 4, 8)), compresses="low")
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"`0 <= ratio < 1` must hold, but got ratio={self.ratio}.")
-        if self.round_to < 1:
-            raise ValueError(f"`round_to >= 1` must hold, but got round_to={self.round_to}.")
+    ratio: float = hyperparameter(0.5, "fraction of output channels removed from every prunable layer", Range(0.1, 0.8), at_least=0.0, below=1.0, compresses="high")
+    round_to: int = hyperparameter(1, "keep channel counts a multiple of this (hardware-friendly sizes)", Range(choices=(1, 4, 8)), at_least=1, compresses="low")
 
 
 @register_method
 class L1Filter(Method):
+    """One-shot removal of the output channels with the smallest L1 norm, then a fine-tune (arXiv 1608.08710)."""
+
     name = "l1_filter"
     Config = L1FilterConfig
     kind = "pruning"

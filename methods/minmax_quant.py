@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods._base import Method, MethodContext, Range, check_config_types, hyperparameter
+from methods._base import Method, MethodContext
+from methods._hyperparameters import Range, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, RunningMaxActivationQuantizer, quantized_layers, swap_to_quantized
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
@@ -23,18 +24,15 @@ __all__ = ["MinMaxQuant", "MinMaxQuantConfig"]
 
 @dataclass(frozen=True)
 class MinMaxQuantConfig:
-    bits: int = hyperparameter(8, "bit width of weights and activations", Range(choices=(2, 3, 4, 8)), compresses="low")
+    bits: int = hyperparameter(8, "bit width of weights and activations", Range(choices=(2, 3, 4, 8)), at_least=2, at_most=8, compresses="low")
     quantize_activations: bool = hyperparameter(True, "also quantize the input of every quantized layer")
     quantize_first_last: bool = hyperparameter(False, "also quantize the first and the last layer")
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"`2 <= bits <= 8` must hold, but got bits={self.bits}.")
 
 
 @register_method
 class MinMaxQuant(Method):
+    """Symmetric uniform k-bit quantization-aware training of weights and activations with min-max ranges."""
+
     name = "minmax_quant"
     Config = MinMaxQuantConfig
     kind = "quantization"

@@ -1,11 +1,12 @@
 """Online distillation with cheap convolutions (Xie, Lin, Zhang, Luo, arXiv 1909.13063).
 
-Written from the description in ``reference/methods.md`` section 4 (the official code has no
-license). ``prepare`` builds ``students`` copies of the incoming model whose 3x3 convolutions
-are replaced by cheap ones (:mod:`methods._cheap_conv`: depthwise, shift or grouped, each
-followed by a 1x1) and an online teacher, built without pretraining: the students' final
-features (the input of each student's classifier) concatenated, then BN, ReLU and a new linear
-classifier. All of them train together with
+"Training CNNs with cheap convolutions and online distillation"; written from the paper's
+description, not from the official code (which has no license). ``prepare`` builds ``students``
+copies of the incoming model whose 3x3 convolutions are replaced by cheap ones
+(:mod:`methods._cheap_conv`: depthwise, shift or grouped, each followed by a 1x1) and an online
+teacher, built without pretraining: the students' final features (the input of each student's
+classifier) concatenated, then BN, ReLU and a new linear classifier. All of them train together
+with
 
     L = CE(teacher) + sum_j [ CE(student_j) + T^2 KL(softmax(teacher / T) || softmax(student_j / T)) ]
 
@@ -41,10 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
+from methods._base import Method, MethodContext
 from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, replace_3x3_convs
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
+from methods._training import Phase, Step
 
 __all__ = ["OD", "ODConfig", "OnlineEnsemble", "TeacherHead", "online_distillation_loss"]
 
@@ -131,30 +134,22 @@ class ODConfig:
     conv: CheapConvKind = hyperparameter(
         "dw", "cheap convolution that replaces every 3x3 one: shift, dw (depthwise) or group", Range(choices=CHEAP_CONVS), compresses="low"
     )
-    groups: int = hyperparameter(2, "groups of the 'group' convolution (reduced to a divisor of the channels)", Range(choices=(2, 4, 8, 16)), compresses="high")
-    students: int = hyperparameter(4, "number of students trained together (2 to 4)", Range(2, 4))
-    temperature: float = hyperparameter(4.0, "softmax temperature T of the teacher-to-student KL", Range(1.0, 8.0))
-    epochs: int | None = hyperparameter(None, "epochs of the joint training; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of the joint training; unset (null): the space's training.lr", Range(0.01, 0.2, log=True))
+    groups: int = hyperparameter(2, "groups of the 'group' convolution (reduced to a divisor of the channels)", Range(choices=(2, 4, 8, 16)), at_least=1, compresses="high")
+    students: int = hyperparameter(4, "number of students trained together (2 to 4)", Range(2, 4), at_least=2, at_most=4)
+    temperature: float = hyperparameter(4.0, "softmax temperature T of the teacher-to-student KL", Range(1.0, 8.0), above=0.0)
+    epochs: int | None = hyperparameter(None, "epochs of the joint training; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    lr: float | None = hyperparameter(None, "learning rate of the joint training; unset (null): the space's training.lr", Range(0.01, 0.2, log=True), above=0.0)
     replace_stem: bool = hyperparameter(False, "also make the convolutions that read the raw input cheap (the reference keeps them)")
     from_baseline: bool = hyperparameter(
         True, "students keep the incoming model's weights where their layers are unchanged; false: all weights random"
     )
     detach_teacher: bool = hyperparameter(False, "stop the KL gradient at the teacher (the reference lets it flow)")
 
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        if self.groups < 1:
-            raise ValueError(f"`groups >= 1` must hold, but got groups={self.groups}.")
-        if not 2 <= self.students <= 4:
-            raise ValueError(f"`2 <= students <= 4` must hold, but got students={self.students}.")
-        if self.temperature <= 0:
-            raise ValueError(f"`temperature > 0` must hold, but got temperature={self.temperature}.")
-        check_training_overrides(self)
-
 
 @register_method
 class OD(Method):
+    """Online distillation of students with cheap convolutions; the best student is kept (arXiv 1909.13063)."""
+
     name = "od"
     Config = ODConfig
     kind = "distillation"

@@ -1,7 +1,7 @@
 """PAMS: quantization with a learned clipping bound and structured knowledge transfer.
 
 Li et al., "PAMS: Quantized Super-Resolution via Parameterized Max Scale" (ECCV 2020,
-arXiv 2011.04212), written from the description in the project's method notes.
+arXiv 2011.04212), written from the paper's description.
 
 Deciding (:func:`pams_layers`): which layers are quantized and where the activation quantizers
 sit, and (:func:`feature_module_name`) which features the transfer compares.
@@ -65,10 +65,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
+from methods._base import Method, MethodContext
+from methods._hyperparameters import Range, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantMixin, qmax, quantized_layers, round_ste, symmetric_quantize
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
+from methods._training import Phase, Step
 
 __all__ = [
     "PAMS",
@@ -237,26 +239,19 @@ def skt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PAMSConfig:
-    bits: int = hyperparameter(4, "bit width of the weights and activations inside the residual blocks", Range(choices=(2, 3, 4, 8)), compresses="low")
-    skt_weight: float = hyperparameter(1e3, "weight of the structured knowledge transfer (attention-map MSE to the teacher); 0 turns it off", Range(1.0, 1e4, log=True))
-    alpha_lr: float = hyperparameter(1e-2, "learning rate of the activation clipping bounds alpha (1e-2 in the paper's 30k steps; short runs need more)", Range(1e-3, 1.0, log=True))
-    lr: float = hyperparameter(1e-4, "learning rate of the weights", Range(1e-5, 1e-3, log=True))
-    epochs: int | None = hyperparameter(None, "epochs of quantization-aware training after calibration; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
-    stats_epochs: int = hyperparameter(1, "first epochs in which alpha follows the activations' max statistic, unclipped (calibration)", budget=True)
+    bits: int = hyperparameter(4, "bit width of the weights and activations inside the residual blocks", Range(choices=(2, 3, 4, 8)), at_least=2, at_most=8, compresses="low")
+    skt_weight: float = hyperparameter(1e3, "weight of the structured knowledge transfer (attention-map MSE to the teacher); 0 turns it off", Range(1.0, 1e4, log=True), at_least=0.0)
+    alpha_lr: float = hyperparameter(1e-2, "learning rate of the activation clipping bounds alpha (1e-2 in the paper's 30k steps; short runs need more)", Range(1e-3, 1.0, log=True), at_least=0.0)
+    lr: float = hyperparameter(1e-4, "learning rate of the weights", Range(1e-5, 1e-3, log=True), above=0.0)
+    epochs: int | None = hyperparameter(None, "epochs of quantization-aware training after calibration; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    stats_epochs: int = hyperparameter(1, "first epochs in which alpha follows the activations' max statistic, unclipped (calibration)", at_least=0, budget=True)
     optimizer: Literal["adam", "sgd"] = hyperparameter("adam", "optimizer of both phases: adam (the paper) or sgd")
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"`2 <= bits <= 8` must hold, but got bits={self.bits}.")
-        for name in ("skt_weight", "alpha_lr", "stats_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name} >= 0` must hold, but got {name}={getattr(self, name)}.")
-        check_training_overrides(self)
 
 
 @register_method
 class PAMS(Method):
+    """Quantization of residual blocks with a learned clipping bound and structured knowledge transfer (arXiv 2011.04212)."""
+
     name = "pams"
     Config = PAMSConfig
     kind = "quantization"

@@ -1,9 +1,9 @@
 """SSR: structured-sparsity filter pruning solved by AULM (Lin et al., IEEE TNNLS 2020).
 
-arXiv 1901.07827; written from the description in ``reference/methods.md`` section 7, not from the
-official code (TensorFlow 1, LeNet/MNIST and L2,1 only, no license). This version works on any CNN
-torch-pruning can trace (CIFAR ResNets, VGG, digits models, torchvision ResNets) and has both
-regularisers.
+"Towards Compact ConvNets via Structure-Sparsity Regularized Filter Pruning", arXiv 1901.07827;
+written from the paper's description, not from the official code (TensorFlow 1, LeNet/MNIST and
+L2,1 only, no license). This version works on any CNN torch-pruning can trace (CIFAR ResNets, VGG,
+digits models, torchvision ResNets) and has both regularisers.
 
 Objective: ``min_W L(W) + sum_l lam_l R(W_l)`` where every **group** is one output channel: the row
 of its convolution or linear layer (weights and bias), and the channel's batch-norm scale and shift.
@@ -79,9 +79,11 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext, Phase, Range, Step, check_config_types, hyperparameter
+from methods._base import Method, MethodContext
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import dependency_graph, output_layers
+from methods._training import Phase, Step
 
 __all__ = ["SSR", "SSRConfig", "Layer", "find_layers", "group_norms", "group_prox", "remove_zero_groups"]
 
@@ -91,31 +93,16 @@ Schedule = Literal["global", "layerwise"]
 
 @dataclass(frozen=True)
 class SSRConfig:
-    lam: float = hyperparameter(0.2, "regularisation weight lambda, times each layer's mean filter norm (one value, scaled per layer)", Range(0.05, 1.0, log=True), compresses="high")
-    rho: float = hyperparameter(1.0, "AULM penalty rho: W-step term (rho/2)||W - F + Y/rho||^2, F-step threshold lam/rho", Range(0.5, 5.0, log=True), compresses="low")
-    update_period: int = hyperparameter(20, "K: iterations between F- and Y-steps (much shorter periods oscillate)", Range(10, 200, log=True), compresses="low")
+    lam: float = hyperparameter(0.2, "regularisation weight lambda, times each layer's mean filter norm (one value, scaled per layer)", Range(0.05, 1.0, log=True), at_least=0.0, compresses="high")
+    rho: float = hyperparameter(1.0, "AULM penalty rho: W-step term (rho/2)||W - F + Y/rho||^2, F-step threshold lam/rho", Range(0.5, 5.0, log=True), above=0.0, compresses="low")
+    update_period: int = hyperparameter(20, "K: iterations between F- and Y-steps (much shorter periods oscillate)", Range(10, 200, log=True), at_least=1, compresses="low")
     variant: Variant = hyperparameter("l21", "regulariser: l21 (group lasso, soft threshold) or l20 (group count, hard threshold)", Range(choices=("l21", "l20")))
     schedule: Schedule = hyperparameter("global", "global (all layers in one AULM phase) or layerwise (one layer at a time, each followed by a fine-tune)", Range(choices=("global", "layerwise")))
-    aulm_epochs: int | None = hyperparameter(None, "epochs of each AULM phase; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
-    layer_finetune_epochs: int = hyperparameter(1, "layerwise: epochs of the fine-tune after each layer's AULM, its mask fixed", Range(0, 10), budget=True)
-    finetune_epochs: int | None = hyperparameter(None, "epochs of the labelled fine-tune after removal; unset (null): the space's budget.epochs", Range(0, 30), budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of the AULM phases and layer fine-tunes; unset (null): the space's training.lr", Range(1e-3, 0.1, log=True))
-    finetune_lr: float | None = hyperparameter(None, "learning rate of the fine-tune after removal; unset (null): the space's training.lr", Range(1e-3, 0.1, log=True))
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
-        if self.lam < 0:
-            raise ValueError(f"`lam >= 0` must hold, but got lam={self.lam}.")
-        if self.update_period < 1:
-            raise ValueError(f"`update_period >= 1` must hold, but got update_period={self.update_period}.")
-        for name in ("rho", "lr", "finetune_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"`{name} > 0` must hold, but got {name}={value}.")
-        for name in ("aulm_epochs", "layer_finetune_epochs", "finetune_epochs"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"`{name} >= 0` must hold, but got {name}={value}.")
+    aulm_epochs: int | None = hyperparameter(None, "epochs of each AULM phase; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    layer_finetune_epochs: int = hyperparameter(1, "layerwise: epochs of the fine-tune after each layer's AULM, its mask fixed", Range(0, 10), at_least=0, budget=True)
+    finetune_epochs: int | None = hyperparameter(None, "epochs of the labelled fine-tune after removal; unset (null): the space's budget.epochs", Range(0, 30), at_least=0, budget=True)
+    lr: float | None = hyperparameter(None, "learning rate of the AULM phases and layer fine-tunes; unset (null): the space's training.lr", Range(1e-3, 0.1, log=True), above=0.0)
+    finetune_lr: float | None = hyperparameter(None, "learning rate of the fine-tune after removal; unset (null): the space's training.lr", Range(1e-3, 0.1, log=True), above=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +353,8 @@ def remove_zero_groups(model: nn.Module, layers: list[Layer], example_input: tor
 
 @register_method
 class SSR(Method):
+    """Filter pruning by a structured-sparsity regulariser (L2,1 or L2,0) solved with AULM (arXiv 1901.07827)."""
+
     name = "ssr"
     Config = SSRConfig
     kind = "pruning"

@@ -1,12 +1,13 @@
 """Variational distillation: VSD, VCD and VML (Tian et al., CVPR 2021, arXiv 2104.02862).
 
-Written from the description in ``reference/methods.md`` section 1 (the official code has no
-license). The model is a two-branch model (:class:`models.two_branch.TwoBranch`): each branch's
-observation ``v`` has a classifier p(y|v), and its information-bottleneck representation ``z``
-another, p(y|z). In training mode the model outputs every head's logits, so each term reads the
-step's outputs on the batch's two views (:class:`methods.Step`: view 0 an image, view 1 the same
-identity in the other modality). With ``KL_T(p || q) = T^2 KL(softmax(p / T) || softmax(q / T))``
-averaged over the batch (``batchmean``) and the observations detached (they teach):
+Written from the paper, "Farewell to Mutual Information: Variational Distillation for Cross-Modal
+Person Re-ID", not from the official code (which has no license). The model is a two-branch model
+(:class:`models.two_branch.TwoBranch`): each branch's observation ``v`` has a classifier p(y|v),
+and its information-bottleneck representation ``z`` another, p(y|z). In training mode the model
+outputs every head's logits, so each term reads the step's outputs on the batch's two views
+(:class:`methods.Step`: view 0 an image, view 1 the same identity in the other modality). With
+``KL_T(p || q) = T^2 KL(softmax(p / T) || softmax(q / T))`` averaged over the batch (``batchmean``)
+and the observations detached (they teach):
 
 * ``vsd`` (Variational Self-Distillation): in the modality-specific and the shared branch, on
   view 0, ``KL_T(v || z)``: the representation keeps what the observation knows of the identity
@@ -49,8 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, NotApplicable, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
+from methods._base import Method, MethodContext, NotApplicable
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
+from methods._training import Phase, Step
 from models.two_branch import HEADS, TwoBranch
 
 __all__ = [
@@ -85,7 +88,7 @@ def official_kl(observation_logits: torch.Tensor, representation_logits: torch.T
 
     ``kl_div(input=softmax(v.detach()), target=softmax(z))`` with the default ``mean``
     reduction computes ``mean over batch x classes of p_z log p_z - p_z p_v``: an entropy term
-    plus a linear alignment term at about 1/classes of a real KL's scale (reference section 1).
+    plus a linear alignment term at about 1/classes of a real KL's scale.
     """
     # reduction="none" then .mean() is the "mean" reduction, without torch's warning about it.
     return F.kl_div(F.softmax(observation_logits.detach(), dim=1), F.softmax(representation_logits, dim=1), reduction="none").mean()
@@ -100,15 +103,6 @@ def jensen_shannon(first_logits: torch.Tensor, second_logits: torch.Tensor, temp
         F.kl_div(log_mean, log_p, reduction="batchmean", log_target=True) + F.kl_div(log_mean, log_q, reduction="batchmean", log_target=True)
     )
     return divergence * temperature**2
-
-
-def _check_config(config: Any) -> None:
-    check_config_types(config)
-    if config.weight < 0:
-        raise ValueError(f"`weight >= 0` must hold, but got weight={config.weight}.")
-    if config.temperature <= 0:
-        raise ValueError(f"`temperature > 0` must hold, but got temperature={config.temperature}.")
-    check_training_overrides(config)
 
 
 # A term of weight w at temperature T weighs about w * T against the task loss: weight 3.2 at
@@ -153,22 +147,19 @@ class _VariationalTerm(Method):
 
 @dataclass(frozen=True)
 class VSDConfig:
-    weight: float = hyperparameter(2.0, "weight of the self-distillation term next to the task loss", _WEIGHT)
-    temperature: float = hyperparameter(1.0, "softmax temperature T of KL(p(y|v) || p(y|z))", _TEMPERATURE)
+    weight: float = hyperparameter(2.0, "weight of the self-distillation term next to the task loss", _WEIGHT, at_least=0.0)
+    temperature: float = hyperparameter(1.0, "softmax temperature T of KL(p(y|v) || p(y|z))", _TEMPERATURE, above=0.0)
     bottleneck: int | None = hyperparameter(
-        None, "width of every branch's representation z, rebuilt that narrow; unset (null): keep the model's", Range(4, 256, log=True), compresses="low"
+        None, "width of every branch's representation z, rebuilt that narrow; unset (null): the model's width", Range(4, 256, log=True), at_least=1, compresses="low"
     )
-    epochs: int | None = hyperparameter(None, _EPOCHS_HELP, Range(1, 30), budget=True)
-    lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True))
-
-    def __post_init__(self) -> None:
-        _check_config(self)
-        if self.bottleneck is not None and self.bottleneck < 1:
-            raise ValueError(f"`bottleneck >= 1` must hold, but got bottleneck={self.bottleneck}; leave it unset (null) to keep the model's.")
+    epochs: int | None = hyperparameter(None, _EPOCHS_HELP, Range(1, 30), at_least=0, budget=True)
+    lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True), above=0.0)
 
 
 @register_method
 class VSD(_VariationalTerm):
+    """Variational self-distillation of each branch's representation; narrows the bottleneck (arXiv 2104.02862)."""
+
     name = "vsd"
     Config = VSDConfig
     changes_architecture = True
@@ -207,17 +198,16 @@ class VSD(_VariationalTerm):
 
 @dataclass(frozen=True)
 class VCDConfig:
-    weight: float = hyperparameter(2.0, "weight of the cross-distillation term next to the task loss", _WEIGHT)
-    temperature: float = hyperparameter(1.0, "softmax temperature T of the cross-view KLs", _TEMPERATURE)
-    epochs: int | None = hyperparameter(None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), budget=True)
-    lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True))
-
-    def __post_init__(self) -> None:
-        _check_config(self)
+    weight: float = hyperparameter(2.0, "weight of the cross-distillation term next to the task loss", _WEIGHT, at_least=0.0)
+    temperature: float = hyperparameter(1.0, "softmax temperature T of the cross-view KLs", _TEMPERATURE, above=0.0)
+    epochs: int | None = hyperparameter(None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), at_least=0, budget=True)
+    lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True), above=0.0)
 
 
 @register_method
 class VCD(_VariationalTerm):
+    """Variational cross-distillation: each view's observation teaches the other view's representation (arXiv 2104.02862)."""
+
     name = "vcd"
     Config = VCDConfig
     loss_only = True
@@ -231,17 +221,16 @@ class VCD(_VariationalTerm):
 
 @dataclass(frozen=True)
 class VMLConfig:
-    weight: float = hyperparameter(2.0, "weight of the mutual-learning (Jensen-Shannon) term next to the task loss", _WEIGHT)
-    temperature: float = hyperparameter(1.0, "softmax temperature T of the Jensen-Shannon divergence", _TEMPERATURE)
-    epochs: int | None = hyperparameter(None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), budget=True)
-    lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True))
-
-    def __post_init__(self) -> None:
-        _check_config(self)
+    weight: float = hyperparameter(2.0, "weight of the mutual-learning (Jensen-Shannon) term next to the task loss", _WEIGHT, at_least=0.0)
+    temperature: float = hyperparameter(1.0, "softmax temperature T of the Jensen-Shannon divergence", _TEMPERATURE, above=0.0)
+    epochs: int | None = hyperparameter(None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), at_least=0, budget=True)
+    lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True), above=0.0)
 
 
 @register_method
 class VML(_VariationalTerm):
+    """Variational mutual learning: the two views' representations agree under a Jensen-Shannon term (arXiv 2104.02862)."""
+
     name = "vml"
     Config = VMLConfig
     loss_only = True

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, NotApplicable, Phase, Range, Step, check_config_types, check_training_overrides, hyperparameter
+from methods._base import Method, MethodContext, NotApplicable
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
+from methods._training import Phase, Step
 from models.recurrent import GRU_GATES, GRULayer, LSTMLayer
 
 __all__ = [
@@ -267,28 +269,21 @@ class WaveletConfig:
         "state", "which GRU/LSTM hidden-to-hidden gate maps become wavelet layers (square nn.Linear layers always do)",
         Range(choices=("state", "state_reset", "gates", "full")), compresses="high",
     )
-    levels: int = hyperparameter(4, "levels (scales) of the wavelet transform", Range(1, 6))
+    levels: int = hyperparameter(4, "levels (scales) of the wavelet transform", Range(1, 6), at_least=1)
     filter_length: int = hyperparameter(6, "taps of each of the four learnt filters (even)", Range(choices=(6, 8, 12)))
     init: Init = hyperparameter("haar", "filter init: haar or db2..db6 zero-padded to filter_length, or random in [-1, 1]", Range(choices=("haar", "db2", "db3", "random")))
-    wave_loss_weight: float = hyperparameter(1.0, "weight of ACL + PRL in the training loss", Range(0.1, 10.0, log=True))
-    dropout: float = hyperparameter(0.0, "dropout on the three diagonals while training (the paper: 0 for RNNs)", Range(0.0, 0.3))
-    epochs: int | None = hyperparameter(None, "epochs of training the wavelet layers; unset (null): the space's budget.epochs", Range(1, 30), budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of that training; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True))
+    wave_loss_weight: float = hyperparameter(1.0, "weight of ACL + PRL in the training loss", Range(0.1, 10.0, log=True), at_least=0.0)
+    dropout: float = hyperparameter(0.0, "dropout on the three diagonals while training (the paper: 0 for RNNs)", Range(0.0, 0.3), at_least=0.0, below=1.0)
+    epochs: int | None = hyperparameter(None, "epochs of training the wavelet layers; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    lr: float | None = hyperparameter(None, "learning rate of that training; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True), above=0.0)
 
     def __post_init__(self) -> None:
-        check_config_types(self)
-        if self.levels < 1:
-            raise ValueError(f"`levels >= 1` must hold, but got levels={self.levels}.")
+        # Rules no bound states: an even length, and one that holds the init's taps.
         if self.filter_length < 2 or self.filter_length % 2:
             raise ValueError(f"`filter_length` must be even and >= 2, but got filter_length={self.filter_length}.")
         taps = {"haar": 2, "random": 2}.get(self.init) or 2 * int(self.init[2:])
         if taps > self.filter_length:
             raise ValueError(f"init '{self.init}' has {taps} taps, but filter_length={self.filter_length}; set filter_length >= {taps}.")
-        if self.wave_loss_weight < 0:
-            raise ValueError(f"`wave_loss_weight >= 0` must hold, but got wave_loss_weight={self.wave_loss_weight}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`0 <= dropout < 1` must hold, but got dropout={self.dropout}.")
-        check_training_overrides(self)
 
 
 def wavelet_sites(model: nn.Module, mode: str) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -325,6 +320,8 @@ def wavelet_sites(model: nn.Module, mode: str) -> list[tuple[nn.Module, str, nn.
 
 @register_method
 class Wavelet(Method):
+    """Replaces square linear maps (RNN gates, MLPs) by learnable fast wavelet transforms (arXiv 2004.09569)."""
+
     name = "wavelet"
     Config = WaveletConfig
     kind = "reparameterisation"

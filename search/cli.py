@@ -537,7 +537,7 @@ def _task_model(args: argparse.Namespace, task_name: str, options: dict[str, dic
     if args.method is not None:
         try:
             method = create_method(args.method, options["method"])
-        except ValueError as exc:
+        except (UserError, ValueError) as exc:
             raise UserError(f"--method {args.method}: {exc}") from None
         ctx = one_batch_context(space, task, copy.deepcopy(model), first_batch(space, task))
         try:
@@ -554,7 +554,8 @@ def _methods(args: argparse.Namespace) -> int:
     listing = []
     for name in list_methods():
         cls = get_method(name)
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        # The class's own docstring: one module may hold several methods (vsd, vcd, vml).
+        doc = (cls.__dict__.get("__doc__") or "").strip().partition("\n")[0]
         listing.append(
             {
                 "name": name,

@@ -18,8 +18,7 @@ from typing import Any
 
 import yaml
 
-from methods import check_pipeline, create_method, get_method, hyperparameters, list_methods
-from methods._base import Range
+from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
 from errors import UserError, did_you_mean
 from search.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
 

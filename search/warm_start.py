@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import UserError
-from methods import get_method, hyperparameters
-from methods._base import Range
+from methods import Range, get_method, hyperparameters
 from search.space import MethodSpace, SearchSpace
 
 __all__ = ["warm_start_points"]

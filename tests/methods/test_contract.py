@@ -30,13 +30,14 @@ import torch.nn.functional as F
 
 import methods._registry
 from deploy import check_round_trip, count_flops, count_params, export_model, size_bytes
+from errors import UserError
 from methods import (
+    Bounds,
     HyperparameterInfo,
     Method,
     NotApplicable,
     Pipeline,
     Range,
-    check_config_types,
     check_pipeline,
     create_method,
     get_method,
@@ -165,8 +166,46 @@ def test_value_of_the_wrong_type_is_a_value_error_naming_the_field(name: str) ->
         message = re.escape(f"`{info.name}` must be ") + expected_type_error(info) + re.escape(f", but got {wrong!r}.")
         with pytest.raises(ValueError, match=message):
             create_method(name, {info.name: wrong})
-        with pytest.raises(ValueError, match=message):  # the config checks itself when built
-            cls.Config(**{info.name: wrong})
+
+
+def just_outside(info: HyperparameterInfo) -> list[Any]:
+    """A value past each declared end of a field's bounds: the end itself where it is strict, one past it otherwise."""
+    b = info.bounds
+    values = []
+    if b.low is not None:
+        values.append(b.low if b.low_strict else b.low - 1)
+    if b.high is not None:
+        values.append(b.high if b.high_strict else b.high + 1)
+    return [info.type(v) for v in values]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_value_outside_the_declared_bounds_is_refused_with_the_rule(name: str) -> None:
+    bounded = [info for info in hyperparameters(get_method(name).Config) if info.bounds is not None]
+    for info in bounded:
+        for value in just_outside(info):
+            with pytest.raises(ValueError) as raised:
+                create_method(name, {info.name: value})
+            message = str(raised.value)
+            assert message.startswith(f"`{info.bounds.rule(info.name)}` must hold, but got {info.name}={value}"), message
+            if info.default is None:
+                assert "; leave it unset (null) to use " in message, f"{name}.{info.name}: {message}"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_class_has_its_own_one_line_summary(name: str) -> None:
+    """``slimtune methods`` shows it; methods that share a module (vsd, vcd, vml) still differ."""
+    summaries = {m: (get_method(m).__dict__.get("__doc__") or "").strip().partition("\n")[0] for m in METHODS}
+    assert summaries[name], f"{get_method(name).__name__} has no docstring of its own"
+    others = [m for m in METHODS if m != name and summaries[m] == summaries[name]]
+    assert not others, f"{name} shares its summary with {others}"
+
+
+def test_unknown_method_is_a_user_error_with_close_matches() -> None:
+    with pytest.raises(UserError, match=r"^unknown method 'l1_filtr'\. Did you mean 'l1_filter'\? Known methods: decouple, "):
+        get_method("l1_filtr")
+    with pytest.raises(UserError, match="unknown method 'kdd'"):
+        create_method("kdd", {})
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -205,9 +244,6 @@ class TypedConfig:
     pool: Pool = hyperparameter(Pool.MAX, "pooling", Range(choices=("avg", "max")), compresses="low")
     mode: Literal["fast", "exact"] = hyperparameter("fast", "mode", Range(choices=("exact", "fast")), compresses="high")
     width: Literal[8, 16, 32] | None = hyperparameter(None, "width")
-
-    def __post_init__(self) -> None:
-        check_config_types(self)
 
 
 class Typed(Method):
@@ -296,6 +332,106 @@ def test_unsupported_field_type_is_refused_where_the_method_registers() -> None:
 def test_compresses_must_name_an_end() -> None:
     with pytest.raises(ValueError, match="`compresses` must be 'high', 'low' or None, but got 'more'"):
         hyperparameter(1, "x", compresses="more")
+
+
+# --- declared bounds, on a toy method ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoundedConfig:
+    """No ``__post_init__``: create_method alone checks each value's type and bounds."""
+
+    ratio: float = hyperparameter(0.5, "a fraction", Range(0.1, 0.9), at_least=0.0, below=1.0)
+    gate: float = hyperparameter(0.5, "an open interval", above=0.0, below=1.0)
+    count: int = hyperparameter(1, "a count", at_least=1)
+    bits: int = hyperparameter(8, "bits", at_least=2, at_most=8)
+    cap: float = hyperparameter(1.0, "at most 2", at_most=2.0)
+    lr: float | None = hyperparameter(None, "a learning rate; unset (null): the space's training.lr", above=0.0)
+    width: int | None = hyperparameter(None, "a width; unset (null): the model's width", Range(4, 64), at_least=1)
+
+
+class Bounded(Method):
+    name = "bounded_toy"
+    Config = BoundedConfig
+    kind = "reparameterisation"
+
+
+@pytest.fixture
+def bounded_toy(monkeypatch):
+    """``bounded_toy`` in the registry for one test."""
+    monkeypatch.setitem(methods._registry._METHODS, Bounded.name, Bounded)
+    return Bounded.name
+
+
+OUT_OF_BOUNDS = [
+    ({"ratio": 1}, "`0 <= ratio < 1` must hold, but got ratio=1.0."),
+    ({"ratio": -0.5}, "`0 <= ratio < 1` must hold, but got ratio=-0.5."),
+    ({"gate": 0.0}, "`0 < gate < 1` must hold, but got gate=0.0."),
+    ({"count": 0}, "`count >= 1` must hold, but got count=0."),
+    ({"bits": 9.0}, "`2 <= bits <= 8` must hold, but got bits=9."),
+    ({"cap": 2.5}, "`cap <= 2` must hold, but got cap=2.5."),
+    ({"lr": 0}, "`lr > 0` must hold, but got lr=0.0; leave it unset (null) to use the space's training.lr."),
+    ({"width": 0}, "`width >= 1` must hold, but got width=0; leave it unset (null) to use the model's width."),
+]
+
+
+@pytest.mark.parametrize(("params", "message"), OUT_OF_BOUNDS, ids=[next(iter(p)) + "=" + repr(next(iter(p.values()))) for p, _ in OUT_OF_BOUNDS])
+def test_declared_bounds_give_the_rule_in_the_message(bounded_toy: str, params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        create_method(bounded_toy, params)
+    assert str(raised.value) == message
+
+
+def test_create_method_checks_types_and_bounds_of_a_config_that_checks_nothing(bounded_toy: str) -> None:
+    with pytest.raises(ValueError, match=re.escape("`count` must be of type int, but got 'two'.")):
+        create_method(bounded_toy, {"count": "two"})
+    with pytest.raises(ValueError, match=re.escape("`count >= 1` must hold")):
+        create_method(bounded_toy, {"count": -3})
+    config = create_method(bounded_toy, {"ratio": 0, "gate": 0.999, "count": 5.0, "bits": 2, "cap": 2, "lr": None, "width": 1}).config
+    assert config == BoundedConfig(ratio=0.0, gate=0.999, count=5, bits=2, cap=2.0, lr=None, width=1)
+    assert (type(config.ratio), type(config.count), type(config.cap)) == (float, int, float)
+    assert BoundedConfig(count=-3).count == -3  # the bounds are the registry's to check, not the dataclass's
+
+
+def test_bounds_are_read_from_the_declaration() -> None:
+    infos = {h.name: h for h in hyperparameters(BoundedConfig)}
+    assert infos["ratio"].bounds == Bounds(low=0.0, high=1.0, low_strict=False, high_strict=True)
+    assert infos["gate"].bounds == Bounds(low=0.0, high=1.0, low_strict=True, high_strict=True)
+    assert infos["cap"].bounds == Bounds(high=2.0)
+    assert infos["lr"].bounds.rule("lr") == "lr > 0"
+    assert 0.0 in infos["ratio"].bounds and 1.0 not in infos["ratio"].bounds and 0.0 not in infos["gate"].bounds
+
+
+def test_a_declaration_that_breaks_its_own_bounds_is_refused_where_the_method_registers() -> None:
+    @dataclass(frozen=True)
+    class BadDefault:
+        ratio: float = hyperparameter(1.0, "a fraction", at_least=0.0, below=1.0)
+
+    @dataclass(frozen=True)
+    class BadRange:
+        ratio: float = hyperparameter(0.5, "a fraction", Range(0.5, 1.5), at_least=0.0, below=1.0)
+
+    @dataclass(frozen=True)
+    class BadType:
+        mode: str = hyperparameter("a", "a name", at_least=0)
+
+    for config, message in [
+        (BadDefault, "BadDefault.ratio: the default breaks the field's declaration: `0 <= ratio < 1` must hold, but got ratio=1.0."),
+        (BadRange, "BadRange.ratio: the search range breaks the field's declaration: `0 <= ratio < 1` must hold, but got ratio=1.5."),
+        (BadType, "BadType.mode: bounds (at_least, above, at_most, below) need an int or float field, but got <class 'str'>."),
+    ]:
+        cls = type(f"{config.__name__}Method", (Method,), {"name": f"{config.__name__.lower()}_toy", "Config": config, "kind": "pruning"})
+        with pytest.raises(TypeError) as raised:
+            register_method(cls)
+        assert str(raised.value) == message
+        assert cls.name not in list_methods()
+
+
+def test_an_end_is_inclusive_or_strict_not_both() -> None:
+    with pytest.raises(ValueError, match="give `at_least` or `above`, not both, but got at_least=0, above=0"):
+        hyperparameter(1, "x", at_least=0, above=0)
+    with pytest.raises(ValueError, match="give `at_most` or `below`, not both, but got at_most=1, below=2"):
+        hyperparameter(1, "x", at_most=1, below=2)
 
 
 # --- running each method ----------------------------------------------------------------------

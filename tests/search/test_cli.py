@@ -58,6 +58,14 @@ def test_methods_json_has_hyperparameters_with_defaults(capsys) -> None:
     assert (od["conv"]["type"], od["conv"]["choices"], od["conv"]["compresses"]) == ("str", ["shift", "dw", "group"], "low")
 
 
+def test_methods_summary_is_the_first_line_of_each_class_docstring(capsys) -> None:
+    """vsd, vcd and vml share a module but not a summary."""
+    assert main(["methods", "--json"]) == 0
+    summaries = {entry["name"]: entry["summary"] for entry in json.loads(capsys.readouterr().out)}
+    assert summaries == {name: get_method(name).__doc__.strip().splitlines()[0] for name in list_methods()}
+    assert len({summaries["vsd"], summaries["vcd"], summaries["vml"]}) == 3
+
+
 def test_methods_text_shows_types_choices_and_what_compresses(capsys) -> None:
     assert main(["methods"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("    ") and "default" in line}
