@@ -10,6 +10,8 @@ through it, as a trial measures and exports through it, so that both see the sam
 - modes (:mod:`deploy._modes`): :func:`eval_mode`, a model in eval mode for a ``with`` block;
 - exporting (:mod:`deploy._export`): the export directory (:func:`export_model`), the inference
   rewrites, the round-trip check, the ahead-of-time compiled form and :func:`deployed_latency`;
+- the ONNX form (:mod:`deploy._onnx`): ``model.onnx``, an integer QDQ model where the model is
+  quantized, run in ONNX Runtime;
 - loading (:mod:`deploy._loading`): each deployable form of :data:`FORMS` by name;
 - packing (:mod:`deploy._packing`): the bit packer of integer fields narrower than a byte.
 """
@@ -33,6 +35,7 @@ from deploy._export import (
 from deploy._latency import latency_ms, torch_threads
 from deploy._loading import DEFAULT_FORM, FORMS, load_compiled, load_exported, load_form, load_module, load_program, storage_groups_quiet
 from deploy._modes import eval_mode
+from deploy._onnx import OnnxExport, check_onnx, export_onnx, integer_copy, load_onnx, optimized_op_types
 from deploy._packing import bit_fields, bit_stream, pack_bits, unpack_bits
 
 __all__ = [
@@ -61,6 +64,13 @@ __all__ = [
     "cpp_compiler",
     "compile_program",
     "deployed_latency",
+    # the onnx form
+    "OnnxExport",
+    "export_onnx",
+    "integer_copy",
+    "load_onnx",
+    "check_onnx",
+    "optimized_op_types",
     # loading
     "FORMS",
     "DEFAULT_FORM",

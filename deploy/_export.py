@@ -16,6 +16,9 @@ An export directory holds:
   everything in effect when it ran (task, data, model, baseline, training, pipeline with every
   hyperparameter, versions) and its metrics; ``slimtune replay`` retrains from it
   (:mod:`search.recipe`);
+- ``model.onnx``, when asked for (``onnx=True``: trials, ``slimtune check``, ``export`` and
+  ``profile``): the **onnx** form for ONNX Runtime and ONNX serving stacks, a QDQ model on integer
+  kernels where the model is quantized (:mod:`deploy._onnx`);
 - ``model_compiled.pt2``, only from ``slimtune export --compile``: the **compiled** form, the
   program compiled ahead of time by AOTInductor into native code for one device, loadable
   without slimtune: ``torch._inductor.aoti_load_package(path)`` (:func:`compile_program`).
@@ -43,6 +46,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from deploy._latency import latency_ms
 from deploy._loading import DEFAULT_FORM, FORMS, load_exported, load_form, load_program, storage_groups_quiet
 from deploy._modes import eval_mode
+from deploy._onnx import check_onnx, export_onnx
 from errors import UserError
 
 __all__ = [
@@ -174,11 +178,15 @@ def _module_path(node: torch.fx.Node) -> tuple[str, str] | None:
     return tuple(list(stack.values())[-1]) if stack else None
 
 
-def _conv_batch_norm_pairs(model: nn.Module, program: torch.export.ExportedProgram) -> list[tuple[str, str]]:
-    """``(conv, batch norm)`` module paths of ``model`` that fold exactly (see :func:`inference_copy`)."""
+def _conv_batch_norm_pairs(model: nn.Module, program: torch.export.ExportedProgram, convs: tuple[type, ...] = _CONVS) -> list[tuple[str, str]]:
+    """``(conv, batch norm)`` module paths of ``model`` that fold exactly (see :func:`inference_copy`).
+
+    ``convs``: the module types (exactly) that a batch norm may fold into.
+    """
     calls: Counter[str] = Counter()
-    for node in program.graph.nodes:
-        where = _module_path(node) if node.op == "call_function" else None
+    for node in program.graph.nodes:  # how often each module runs a convolution or batch norm
+        counted = node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _CONV_OPS | _BATCH_NORM_OPS
+        where = _module_path(node) if counted else None
         if where is not None:
             calls[where[0]] += 1
     # A weight shared by two layers would change both when folded into one.
@@ -194,7 +202,7 @@ def _conv_batch_norm_pairs(model: nn.Module, program: torch.export.ExportedProgr
         if conv_at is None or bn_at is None or calls[conv_at[0]] != 1 or calls[bn_at[0]] != 1:
             continue
         conv, bn = model.get_submodule(conv_at[0]), model.get_submodule(bn_at[0])
-        if type(conv) not in _CONVS or type(bn) not in _BATCH_NORMS or bn.running_mean is None:
+        if type(conv) not in convs or type(bn) not in _BATCH_NORMS or bn.running_mean is None:
             continue
         if any(uses[id(p)] > 1 for p in (*conv.parameters(), *bn.parameters())):
             continue
@@ -237,7 +245,9 @@ def export_program(model: nn.Module, example_input: torch.Tensor, channels_last:
     return _trace(rewritten, example_input), rewrites
 
 
-def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, recipe: dict[str, Any] | None = None) -> dict[str, int]:
+def export_model(
+    model: nn.Module, example_input: torch.Tensor, out_dir: Path, recipe: dict[str, Any] | None = None, onnx: bool = False
+) -> dict[str, int]:
     """Write the export files into ``out_dir`` and return each file's size in bytes.
 
     Called by the trial (and the baseline's measurement) once the model is final. ``model.pt2``
@@ -247,13 +257,20 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
     holds ``recipe`` (``{}`` without one); a trial writes its full recipe once its metrics are
     known (:func:`write_recipe`). ``model``'s modes are left as they were.
 
+    With ``onnx``, ``model.onnx`` too (:func:`deploy._onnx.export_onnx`: an integer QDQ model
+    where ``model`` is quantized), run in ONNX Runtime and checked against ``model`` as the
+    program is (:func:`check_onnx`). Off by default because the dynamo exporter takes seconds per
+    model; the trial, ``slimtune check``, ``export`` and ``profile`` ask for it, except for a
+    pipeline with a method that declares it cannot export (``Method.onnx_unsupported``).
+
     Raises:
-        AssertionError: The reloaded program's outputs differ from the model's (a slimtune bug).
+        AssertionError: The reloaded program's (or ONNX model's) outputs differ from the model's (a slimtune bug).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for channels_last in (True, False):
-        program, rewrites = export_program(model, example_input, channels_last)
+        rewritten, rewrites = inference_copy(model, example_input, channels_last=channels_last)
+        program = _trace(rewritten, example_input)
         with storage_groups_quiet():
             torch.export.save(program, out_dir / FORMS["program"])
         layout = ", channels last" if rewrites.channels_last else ""
@@ -264,10 +281,15 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: Path, r
         except AssertionError:
             if not rewrites.channels_last:
                 raise
+    files = list(EXPORT_FILES)
+    if onnx:
+        export_onnx(model, example_input, out_dir / FORMS["onnx"], rewritten)
+        check_onnx(model, out_dir / FORMS["onnx"], _probe(example_input))
+        files.append(FORMS["onnx"])
     torch.save(model, out_dir / "model.pt")
     torch.save(model.state_dict(), out_dir / "state_dict.pt")
     write_recipe(out_dir, recipe or {})
-    return {name: (out_dir / name).stat().st_size for name in EXPORT_FILES}
+    return {name: (out_dir / name).stat().st_size for name in files}
 
 
 def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
@@ -278,7 +300,8 @@ def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
 def check_round_trip(out_dir: Path, example_input: torch.Tensor, rtol: float = 1e-4, forms: tuple[str, ...] = ("program",)) -> float:
     """Reload the module and each of ``forms`` and return their largest output difference.
 
-    The program is the module after the inference rewrites, so the two agree up to rounding.
+    The program is the module after the inference rewrites, so the two agree up to rounding;
+    so does the ONNX model, run with ONNX Runtime's graph optimisation off (:func:`deploy._onnx.check_onnx`).
 
     Raises:
         AssertionError: A reloaded form differs from the module by more than
@@ -287,7 +310,8 @@ def check_round_trip(out_dir: Path, example_input: torch.Tensor, rtol: float = 1
     module = load_form(out_dir, "module", example_input.device)
     with torch.no_grad():
         return max(
-            output_diff(module, load_form(out_dir, form, example_input.device), example_input, rtol, f"the exported {form} ({FORMS[form]}) against the saved module")
+            check_onnx(module, Path(out_dir) / FORMS[form], example_input, rtol) if form == "onnx"
+            else output_diff(module, load_form(out_dir, form, example_input.device), example_input, rtol, f"the exported {form} ({FORMS[form]}) against the saved module")
             for form in forms
         )
 

@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 #: Each deployable form and its file: the default ``program``, the eager ``module`` and the
-#: optional ahead-of-time ``compiled`` package.
-FORMS = {"program": "model.pt2", "module": "model.pt", "compiled": "model_compiled.pt2"}
+#: optional ahead-of-time ``compiled`` package, and ``onnx`` for ONNX Runtime (:mod:`deploy._onnx`).
+FORMS = {"program": "model.pt2", "module": "model.pt", "compiled": "model_compiled.pt2", "onnx": "model.onnx"}
 
 #: The form ``export_model`` always writes, that trials time and users are told to deploy.
 DEFAULT_FORM = "program"
@@ -186,12 +186,22 @@ def load_compiled(out_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return torch._inductor.aoti_load_package(str(Path(out_dir) / FORMS["compiled"]))
 
 
-def load_form(out_dir: Path, form: str, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
-    """One of :data:`FORMS` from ``out_dir``, ready to call on inputs on ``device``."""
+def load_form(out_dir: Path, form: str, device: str | torch.device = "cpu", threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One of :data:`FORMS` from ``out_dir``, ready to call on inputs on ``device``.
+
+    ``threads``: the CPU threads of an ONNX Runtime session (``onnx``; None: all cores), set
+    when the session is made; the torch forms take theirs from :func:`deploy.latency_ms`.
+    """
     if form == "program":
         return load_program(out_dir, device)
     if form == "module":
         return load_module(out_dir, map_location=device).eval()
     if form == "compiled":
         return load_compiled(out_dir)
+    if form == "onnx":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the onnx form runs on ONNX Runtime's CPU provider here, but got device {device!r}.")
+        from deploy._onnx import load_onnx
+
+        return load_onnx(Path(out_dir) / FORMS["onnx"], threads)
     raise ValueError(f"form must be one of {', '.join(FORMS)}, but got {form!r}.")

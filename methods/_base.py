@@ -135,6 +135,10 @@ class Method:
         task_kinds: The kinds of task it applies to (``"classification"``,
             ``"super_resolution"``); None for any. A space pairing it with another kind of task
             is rejected when loaded.
+        onnx_unsupported: Why its models cannot be exported to ONNX (``model.onnx``,
+            :mod:`deploy._onnx`), or None when they can. Every registered method's models export
+            today; a method that adds an op without an ONNX function says so here, and trials of
+            a pipeline holding it deploy the program alone (``slimtune check`` shows the reason).
     """
 
     name: ClassVar[str]
@@ -148,6 +152,7 @@ class Method:
     loss_only: ClassVar[bool] = False
     loss_scope: ClassVar[str] = "own"
     task_kinds: ClassVar[tuple[str, ...] | None] = None
+    onnx_unsupported: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

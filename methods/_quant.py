@@ -130,6 +130,14 @@ class RunningMaxActivationQuantizer(nn.Module):
         # A Python flag, not a buffer: torch.export cannot branch on a tensor's value.
         self.observed = False
 
+    def integer_grid(self) -> tuple[torch.Tensor, int] | None:
+        """``(bound, bits)`` of the symmetric grid it rounds to in eval mode; None before the first observation.
+
+        Read by the ONNX form (:mod:`deploy._onnx`), which quantizes with this bound, not a new
+        calibration.
+        """
+        return (self.running_bound.detach(), self.bits) if self.observed else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             batch_max = x.detach().abs().max()
@@ -236,15 +244,27 @@ class QuantMixin:
         """
         if self.packed:
             return
-        bound = self.weight_quantizer.bound(self.weight).clamp_min(1e-8)
-        scale = bound / qmax(self.bits)
-        codes = torch.round(torch.clamp(self.weight, -bound, bound) / scale)
+        codes, scale = self.integer_weight()
         self.weight_shape = tuple(self.weight.shape)
         del self.weight
         packed = pack_codes(codes, self.bits)
         self.register_buffer(self._packed_name, packed.reshape(self.weight_shape) if self.bits == 8 else packed)
         self.register_buffer("weight_scale", scale.reshape(()).to(torch.float32))
         self.packed = True
+
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's signed integer codes (``int8``, the weight's shape) and their one scale ``max|W| / qmax``.
+
+        What :meth:`pack` stores, and what the ONNX form (:mod:`deploy._onnx`) writes as
+        ``int8`` initializers dequantized by ``DequantizeLinear``: below 8 bits, the same trained
+        codes in ``-qmax..qmax``, run by ``int8`` kernels.
+        """
+        if self.packed:
+            return self.weight_codes, self.weight_scale
+        bound = self.weight_quantizer.bound(self.weight).clamp_min(1e-8)
+        scale = bound / qmax(self.bits)
+        return torch.round(torch.clamp(self.weight, -bound, bound) / scale).to(torch.int8), scale
 
     def storage_bits(self) -> dict[str, int]:
         """Bits per element of this layer's low-precision tensors when stored for deployment.

@@ -114,6 +114,13 @@ class PAMSActivationQuantizer(nn.Module):
             return round_ste(x / step) * step
         return symmetric_quantize(x, self.alpha, self.bits, ste=self.training)
 
+    def integer_grid(self) -> tuple[torch.Tensor, int]:
+        """``(alpha, bits)``: the learned clipping bound and width it quantizes with in eval mode.
+
+        Read by the ONNX form (:mod:`deploy._onnx`), whose ``QuantizeLinear`` uses this bound.
+        """
+        return self.alpha.detach(), self.bits
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, alpha={self.alpha.item():.4g}, calibrating={self.calibrating}"
 

@@ -252,7 +252,7 @@ def _export(args: argparse.Namespace) -> int:
     space = record.space
     task = load_task(space)
     device = torch.device(args.device)
-    forms = ["program", "module"]
+    forms = ["program", "module"] + (["onnx"] if (out / FORMS["onnx"]).exists() else [])
     if args.compile:
         print(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...", flush=True)
         try:
@@ -265,7 +265,7 @@ def _export(args: argparse.Namespace) -> int:
     batch = args.batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
     threads = args.threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
     x = task.example_input(batch).to(device)
-    latency = {form: latency_ms(load_form(out, form, device), x, repeats=space.latency_repeats, threads=threads) for form in forms}
+    latency = {form: latency_ms(load_form(out, form, device, threads=threads), x, repeats=space.latency_repeats, threads=threads) for form in forms}
     # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
     recipe = json.loads((out / "recipe.json").read_text())
     recipe.update({

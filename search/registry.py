@@ -96,6 +96,10 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             tags={"slimtune.search": record.name, "slimtune.trial": trial.name, "slimtune.pipeline": trial.pipeline},
         )
+        # The ONNX form beside it, as the file itself: mlflow.onnx.log_model would load it with
+        # onnx and pin requirements for a second logged model; the file is what serving stacks take.
+        if (model_dir / "model.onnx").exists():
+            mlflow.log_artifact(str(model_dir / "model.onnx"), artifact_path="onnx")
     client.set_terminated(trial.run_id, status=ended.status, end_time=ended.end_time)
     return info.model_id
 
