@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from deploy import apply_reported_cost, count_flops, count_params, deployed_latency, export_model, size_bytes, torch_threads, write_recipe
 from errors import UserError, plural
-from methods import MethodContext, Phase, Pipeline, TrainingState, get_method, train_phase
+from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from models import create_model
 from search.recipe import recipe_document, space_from_recipe, state_digest
 from search.space import SearchSpace
@@ -192,9 +192,7 @@ def measure(
     })
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(export_dir) if export_dir is not None else Path(tmp)
-        # model.onnx beside the program, unless a method of the space declares it cannot export.
-        onnx = all(get_method(m.name).onnx_unsupported is None for m in space.methods)
-        metrics["artifact_bytes"] = float(export_model(model, example, out_dir, onnx=onnx)["model.pt2"])
+        metrics["artifact_bytes"] = float(export_model(model, example, out_dir)["model.pt2"])
         x = task.example_input(space.latency_batch_size).to(device)
         metrics.update(deployed_latency(model, out_dir, x, repeats=space.latency_repeats, threads=trial_threads(space)))
     directions = task_metrics(space.task)
