@@ -14,7 +14,7 @@ from typing import Any
 
 from errors import plural
 from search.objectives import COST_METRICS
-from search.ranking import front, pareto_table, rank_records, search_hypervolume
+from search.ranking import describe_reference, front, hypervolume_reference, pareto_table, rank_records, search_hypervolume
 from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
 __all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option"]
@@ -143,7 +143,7 @@ class Reporter:
         failed += f", {progress.stopped} stopped early" if progress.stopped else ""
         self.log(
             f"\n[slimtune] search '{record.name}' finished: {plural(progress.completed, 'completed trial')}{failed}, "
-            f"{len(best)} on the Pareto front, hypervolume {hv:.4f}"
+            f"{len(best)} on the Pareto front, hypervolume {hv:.4f} ({describe_reference(hypervolume_reference(record, records))})"
         )
         self.exhausted(progress)
         if progress.completed == 0:
