@@ -159,13 +159,13 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
 
 def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter) -> None:
     """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest."""
-    from search.baselines import cached_baseline, store_baseline
+    from search.baselines import cached_baseline, describe_key, store_baseline
 
     space = record.space
     cached = cached_baseline(record.folder.parent, space)
     if cached is not None:
         baseline_state, baseline_metrics, folder, trained_by = cached
-        reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} (same task, model, baseline and training settings, seed)")
+        reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} ({describe_key(folder)})")
     else:
         baseline_state, baseline_metrics = _baseline(space, address, reporter)
         store_baseline(record.folder.parent, space, baseline_state, baseline_metrics, record.name)
