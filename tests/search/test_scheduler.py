@@ -196,7 +196,7 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
     folder = cached_baseline(tmp_path, spaces["a"])[2]
     assert [line for line in lines if "reused" in line] == [
         f"[slimtune] reused the baseline trained by search 'a' from {folder} (same task and options, package versions "
-        f"numpy {metadata.version('numpy')}, scikit-learn {metadata.version('scikit-learn')}, torch {metadata.version("torch")}, task and model code, model options, "
+        f"numpy {metadata.version('numpy')}, scikit-learn {metadata.version('scikit-learn')}, torch {metadata.version('torch')}, task and model code, model options, "
         "baseline and training settings, seed)"
     ]
 
