@@ -606,12 +606,13 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from search.checks import check_methods, check_resources, check_storage, local_resources
+    from search.checks import check_files, check_methods, check_resources, check_storage, local_resources
 
     space = _overridden_space(args)
     print(f"{args.space}: valid ({space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)})")
     _print_warnings(space)
     check_storage(space, space.results_dir, space.tracking_uri)
+    check_files(space)
     count = check_methods(space, log=print)
     # Last, so that a space meant for a GPU cluster still gets its pre-flight on a laptop.
     check_resources(space, local_resources())
