@@ -18,13 +18,21 @@ def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:
     if not records:
         return
     points = [[r.metrics[m] for m in record.metric_names] for r in records]
-    violations = [sum(c.violation(r.metrics) for c in record.constraints) for r in records]
-    ranks = pareto.pareto_ranks(points, record.modes, violations if record.constraints else None)
+    # A diverged trial or one at chance (search.trial.trial_quality) counts as infeasible.
+    violations = [sum(c.violation(r.metrics) for c in record.constraints) + (0.0 if untrusted(r) is None else 1.0) for r in records]
+    ranks = pareto.pareto_ranks(points, record.modes, violations if any(violations) or record.constraints else None)
     for r, rank, v in zip(records, ranks, violations):
         r.rank = rank
         r.feasible = v == 0
         if not r.feasible:
             r.rank = max(rank, 1)
+
+
+def untrusted(r: TrialRecord) -> str | None:
+    """Why a completed trial's result cannot be trusted (``"diverged"``, ``"at chance"``), or None."""
+    if r.metrics.get("diverged"):
+        return "diverged"
+    return "at chance" if r.metrics.get("at_chance") else None
 
 
 def front(records: list[TrialRecord]) -> list[TrialRecord]:
@@ -134,6 +142,8 @@ def pareto_table(record: SearchRecord, records: list[TrialRecord], only_front: b
         if only_front and not (r.rank == 0 and r.feasible):
             continue
         row = {"trial": r.name, "run_id": r.run_id, "rank": r.rank, "feasible": r.feasible, "pipeline": r.pipeline}
+        if untrusted(r) is not None:
+            row["quality"] = untrusted(r)
         for metric in record.task_metrics:
             if metric in r.metrics:
                 row[metric] = r.metrics[metric]

@@ -36,7 +36,7 @@ from search.registry import log_trial_model, logged_model_ids
 from search.report import Reporter, print_now
 from search.space import SearchSpace, load_space
 from search.tracking import create_sqlite_aside
-from search.trial import train_baseline
+from search.trial import refuse_chance_baseline, train_baseline
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
 
@@ -168,6 +168,7 @@ def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Repor
         reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} ({describe_key(folder)})")
     else:
         baseline_state, baseline_metrics = _baseline(space, address, reporter)
+        refuse_chance_baseline(space, baseline_metrics)
         store_baseline(record.folder.parent, space, baseline_state, baseline_metrics, record.name)
     torch.save(baseline_state, record.folder / "baseline.pt")
     record.baseline_metrics = baseline_metrics
