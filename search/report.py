@@ -123,8 +123,8 @@ class Reporter:
         pipeline = pipeline_text(json.loads(result.get("recipe", "[]")))
         shown = "  ".join(f"{m} {format_metric(m, result[m])}" for m in record.metric_names if m in result)
         quality = result.get("quality", "ok")
-        done = "done" if quality == "ok" else f"done ({quality}; never on the front)"
-        self.say(f"{name} {done} ({progress.done}/{record.trials})  {pipeline}  |  {shown}  |  front {len(front(records))}, hypervolume {hv:.4f}")
+        mark = "" if quality == "ok" else f", {quality}: never on the front"
+        self.say(f"{name} done ({progress.done}/{record.trials}{mark})  {pipeline}  |  {shown}  |  front {len(front(records))}, hypervolume {hv:.4f}")
 
     def trial_failed(self, record: SearchRecord, name: str, reason: str, progress: Progress) -> None:
         self.say(f"{name} FAILED ({progress.done}/{record.trials} done): {reason}")
