@@ -102,14 +102,25 @@ def dequantize_packed(packed: torch.Tensor, bits: int, shape: tuple[int, ...], s
 
 
 class MaxAbsWeightQuantizer(nn.Module):
-    """Symmetric per-tensor weight quantizer with scale max|W| (no learned parameters)."""
+    """Symmetric per-tensor weight quantizer with scale max|W| (no learned parameters).
+
+    At 2 bits (ternary codes -1, 0, 1) the bound is at most 1.4 x mean|W|, so that codes are
+    nonzero above 0.7 x mean|W|, the threshold of Ternary Weight Networks (arXiv 1605.04711). With
+    max|W| alone one large weight rounds every weight under half of it to 0: whole channels went
+    to 0, the BatchNorm after a constant channel multiplies its gradient by 1/sqrt(eps), its
+    weights jump, raise the max and zero more channels, until the loss is NaN (or the model stays
+    at chance).
+    """
 
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = bits
 
     def bound(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.detach().abs().max()
+        magnitude = weight.detach().abs()
+        if self.bits == 2:
+            return torch.minimum(magnitude.max(), 1.4 * magnitude.mean())
+        return magnitude.max()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return symmetric_quantize(weight, self.bound(weight), self.bits, ste=self.training)

@@ -1,7 +1,8 @@
 """Symmetric uniform k-bit quantization-aware training (min-max ranges) of weights and activations.
 
 Every ``nn.Conv2d`` and ``nn.Linear`` (except the first and the last layer, which stay in floating
-point unless ``quantize_first_last``) quantizes its weight per tensor with scale ``max|W|`` and its
+point unless ``quantize_first_last``) quantizes its weight per tensor with scale ``max|W|`` (at 2 bits
+at most ``1.4 mean|W|``: :class:`methods._quant.MaxAbsWeightQuantizer`) and its
 input with a bound tracked as a running average of the batch ``max|x|``. Rounding uses a
 straight-through estimator. Finalize packs each weight into int8 codes and one scale (so the
 exported file shrinks); ``size_bytes`` counts the weights at ``bits`` bits.

@@ -7,7 +7,9 @@ and leaves nothing behind: folders that do not exist yet are not created, only p
 - :func:`check_storage`: the results folder, the MLflow store and Optuna's can be written;
 - :func:`check_methods`: the model accepts the task's input and every method works on it (the
   pre-flight of :mod:`search.preflight`, on a real batch);
-- :func:`check_before_baseline`: the last two, in that order, as ``slimtune search`` runs them.
+- :func:`check_files`: the user's files load: the baseline checkpoint (a state dict of the
+  space's model) and a sample of every split of the task's data;
+- :func:`check_before_baseline`: the last three, in that order, as ``slimtune search`` runs them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from search.space import SearchSpace
 
 __all__ = [
     "check_before_baseline",
+    "check_files",
     "check_methods",
     "check_resources",
     "check_storage",
@@ -36,6 +39,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "
 
 #: Seconds to wait for a tracking server to accept a connection.
 CONNECT_TIMEOUT_S = 5.0
+
+#: Examples read from each split by :func:`check_files`, evenly spaced over the split.
+SAMPLE_PER_SPLIT = 32
 
 
 def local_resources() -> dict[str, float]:
@@ -164,11 +170,79 @@ def check_methods(space: SearchSpace, log: Callable[[str], None] = print) -> int
     return len(results)
 
 
+def check_files(space: SearchSpace) -> None:
+    """Refuse a space whose baseline checkpoint or data files cannot be read.
+
+    Called by ``slimtune check`` and by ``slimtune search`` before it writes anything. The
+    checkpoint is loaded as ``torch.load(weights_only=True)`` loads it in the search, and into the
+    space's model (the missing and unexpected keys are named); then :data:`SAMPLE_PER_SPLIT`
+    examples of each split, evenly spaced, are read. A bad file met later, in a trial's
+    training, fails that trial with the file's name (``tasks.imagefolder.read_image``).
+    """
+    import numpy as np
+
+    from search.trial import build_model, load_task
+
+    task = load_task(space)
+    if space.baseline_checkpoint:
+        _check_checkpoint(space, build_model(space, task))
+    for split in ("train", "val", "test"):
+        dataset = getattr(task, f"{split}_set")
+        n = len(dataset)
+        for i in sorted({int(i) for i in np.linspace(0, n - 1, min(n, SAMPLE_PER_SPLIT))}):
+            try:
+                dataset[i]
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001  any failure here would end the search later
+                raise UserError(
+                    f"task '{space.task}': reading example {i} of the {split} split failed "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). Check the task's data files."
+                ) from None
+
+
+def _check_checkpoint(space: SearchSpace, model) -> None:
+    """The checkpoint must be a state dict that the space's model loads (strictly)."""
+    import pickle
+
+    import torch
+
+    path = space.baseline_checkpoint
+    fix = f"Save the trained {space.model}'s weights with torch.save(model.state_dict(), path)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = " ".join(str(exc).split())
+        what = "a pickled object other than tensors (a whole model?)" if "weights_only" in text or "global" in text.lower() else "not a PyTorch checkpoint"
+        raise UserError(f"{space.path}: baseline.checkpoint {path}: {what} ({text[:160]}). {fix}.") from None
+    except Exception as exc:  # noqa: BLE001  a text file, a truncated file: all unreadable
+        raise UserError(
+            f"{space.path}: baseline.checkpoint {path}: not a PyTorch checkpoint ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:160]}). {fix}."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{space.path}: baseline.checkpoint {path}: holds a {type(state).__name__}, not a state dict of tensors. {fix}.")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+        options = f" with options {space.model_options}" if space.model_options else ""
+        raise UserError(
+            f"{space.path}: baseline.checkpoint {path}: not a state dict of model '{space.model}'{options} on task "
+            f"'{space.task}': keys {'; '.join(parts)}. Point baseline.checkpoint at weights of this model, or set model to the one it was saved from."
+        )
+
+
 def check_before_baseline(space: SearchSpace, results_dir: str | Path, tracking_uri: str, log: Callable[[str], None] = print) -> None:
     """Every check that ``slimtune search`` runs before it creates anything or trains the baseline.
 
-    Storage first (instant), then the model and methods pre-flight (seconds). The resources of
-    the cluster are checked apart, once Ray is up (:func:`check_resources`).
+    Storage first (instant), then the user's files, then the model and methods pre-flight
+    (seconds). The resources of the cluster are checked apart, once Ray is up
+    (:func:`check_resources`).
     """
     check_storage(space, results_dir, tracking_uri)
+    check_files(space)
     check_methods(space, log)

@@ -198,7 +198,7 @@ def _exit_code(record: SearchRecord) -> int:
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from search.ranking import pareto_document, rank_records
+    from search.ranking import describe_reference, pareto_document, rank_records
     from search.record import completed_records, load_search
     from search.report import format_table, plural
 
@@ -209,7 +209,7 @@ def _pareto(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {doc['hypervolume']:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
+        print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {doc['hypervolume']:.4f} ({describe_reference(doc['hypervolume_reference'])}); objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
         print(format_table(record, doc["trials"], record.baseline_metrics))
     return 0
 
@@ -605,12 +605,13 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from search.checks import check_methods, check_resources, check_storage, local_resources
+    from search.checks import check_files, check_methods, check_resources, check_storage, local_resources
 
     space = _overridden_space(args)
     print(f"{args.space}: valid ({space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)})")
     _print_warnings(space)
     check_storage(space, space.results_dir, space.tracking_uri)
+    check_files(space)
     count = check_methods(space, log=print)
     # Last, so that a space meant for a GPU cluster still gets its pre-flight on a laptop.
     check_resources(space, local_resources())

@@ -10,7 +10,7 @@ from errors import UserError, did_you_mean
 from search import pareto
 from search.record import SearchRecord, TrialRecord
 
-__all__ = ["rank_records", "front", "search_hypervolume", "hypervolume_history", "pick_record", "pareto_table", "pareto_document"]
+__all__ = ["rank_records", "front", "search_hypervolume", "hypervolume_reference", "describe_reference", "hypervolume_history", "pick_record", "pareto_table", "pareto_document"]
 
 
 def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:
@@ -18,8 +18,9 @@ def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:
     if not records:
         return
     points = [[r.metrics[m] for m in record.metric_names] for r in records]
-    violations = [sum(c.violation(r.metrics) for c in record.constraints) for r in records]
-    ranks = pareto.pareto_ranks(points, record.modes, violations if record.constraints else None)
+    # A diverged trial or one at chance (search.trial.trial_quality) counts as infeasible.
+    violations = [sum(c.violation(r.metrics) for c in record.constraints) + (0.0 if untrusted(r) is None else 1.0) for r in records]
+    ranks = pareto.pareto_ranks(points, record.modes, violations if any(violations) or record.constraints else None)
     for r, rank, v in zip(records, ranks, violations):
         r.rank = rank
         r.feasible = v == 0
@@ -27,37 +28,71 @@ def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:
             r.rank = max(rank, 1)
 
 
+def untrusted(r: TrialRecord) -> str | None:
+    """Why a completed trial's result cannot be trusted (``"diverged"``, ``"at chance"``), or None."""
+    if r.metrics.get("diverged"):
+        return "diverged"
+    return "at chance" if r.metrics.get("at_chance") else None
+
+
 def front(records: list[TrialRecord]) -> list[TrialRecord]:
     """The ranked trials that are Pareto-optimal and feasible."""
     return [r for r in records if r.rank == 0 and r.feasible]
 
 
-def search_hypervolume(record: SearchRecord, records: list[TrialRecord]) -> float:
+def hypervolume_reference(record: SearchRecord, records: list[TrialRecord]) -> dict[str, float]:
+    """The reference point of :func:`search_hypervolume`, in each objective's own units.
+
+    From the baseline: 0 for a maximised metric; for a minimised one the score of a model that
+    learns nothing where the task knows it (``reference_mse`` in the baseline's metrics:
+    ``tasks.Task.reference``), else 1.1 x the baseline (a model must cost less than 110% of the
+    baseline to count), or 1 where the baseline is 0 (``accuracy_drop``). Where a trial of the
+    feasible front of ``records`` is worse than that in an objective (an 8-bit model slower than
+    the baseline), the reference moves past it by a tenth of the baseline's value (1 where that
+    is 0), so that every front point adds volume: a front never reads 0.
+    """
+    baseline = record.baseline_metrics
+    best = front(records)
+    reference: dict[str, float] = {}
+    for objective in record.objectives:
+        metric = objective.metric
+        base = float(baseline.get(metric, 0.0))
+        margin = 0.1 * abs(base) if base != 0 else 1.0
+        values = [float(r.metrics[metric]) for r in best]
+        if objective.direction == "max":
+            own = 0.0
+            reference[metric] = min(values) - margin if values and min(values) <= own else own
+        else:
+            own = float(baseline[f"reference_{metric}"]) if f"reference_{metric}" in baseline else base + margin
+            reference[metric] = max(values) + margin if values and max(values) >= own else own
+    return reference
+
+
+def describe_reference(reference: dict[str, float]) -> str:
+    """What a hypervolume is relative to, for the line that prints it: ``reference point psnr 0, ...``."""
+    point = ", ".join(f"{metric} {value:.4g}" for metric, value in reference.items())
+    return f"reference point {point}, each objective divided by the baseline's"
+
+
+def search_hypervolume(record: SearchRecord, records: list[TrialRecord], reference: dict[str, float] | None = None) -> float:
     """Hypervolume of the feasible front with every objective divided by the baseline's value.
 
-    Reference point: 0 for maximised metrics, 1.1 x the baseline for minimised ones (a model
-    must cost less than 110% of the baseline to count); for a minimised metric whose baseline is
-    0 (``accuracy_drop``) the reference is 1 in its own units. A minimised quality metric with a
-    known score of a model that learns nothing (``reference_mse`` in the baseline's metrics:
-    ``tasks.Task.reference``) uses that score, as accuracy's reference is its worst value.
+    The volume is bounded by ``reference`` (objective units; :func:`hypervolume_reference` of
+    ``records`` when None). Dividing by the baseline (by 1 where the baseline's value is 0 or
+    negative) makes objectives of different units comparable; the figure is still relative to
+    the reference point, which is printed beside it (:func:`describe_reference`).
     """
     best = front(records)
     if not best:
         return 0.0
+    reference = reference if reference is not None else hypervolume_reference(record, records)
     baseline = record.baseline_metrics
-    scales, reference = [], []
+    scales = []
     for objective in record.objectives:
         base = float(baseline.get(objective.metric, 0.0))
-        scale = base if base > 0 else 1.0
-        scales.append(scale)
-        if objective.direction == "max":
-            reference.append(0.0)
-        elif f"reference_{objective.metric}" in baseline:
-            reference.append(float(baseline[f"reference_{objective.metric}"]) / scale)
-        else:
-            reference.append(1.1 if base > 0 else 1.0)
+        scales.append(base if base > 0 else 1.0)
     points = [[r.metrics[m] / s for m, s in zip(record.metric_names, scales)] for r in best]
-    return pareto.hypervolume(points, record.modes, reference)
+    return pareto.hypervolume(points, record.modes, [reference[m] / s for m, s in zip(record.metric_names, scales)])
 
 
 def hypervolume_history(record: SearchRecord, records: list[TrialRecord]) -> list[dict[str, Any]]:
@@ -67,6 +102,10 @@ def hypervolume_history(record: SearchRecord, records: list[TrialRecord]) -> lis
     ``hv`` is :func:`search_hypervolume` of the first ``k`` trials to complete (so the last entry
     is the search's hypervolume). ``records`` are not modified.
     """
+    # One reference point for every entry (the whole search's), so that the history never falls.
+    ranked = [dataclasses.replace(r) for r in records]
+    rank_records(record, ranked)
+    reference = hypervolume_reference(record, ranked)
     history: list[dict[str, Any]] = []
     best: list[TrialRecord] = []
     for k, trial in enumerate(sorted(records, key=lambda r: (r.completed_at or 0.0, r.number)), start=1):
@@ -74,7 +113,7 @@ def hypervolume_history(record: SearchRecord, records: list[TrialRecord]) -> lis
         best = [dataclasses.replace(r) for r in [*best, trial]]
         rank_records(record, best)
         best = front(best)
-        history.append({"completed": k, "trial": trial.name, "hypervolume": search_hypervolume(record, best)})
+        history.append({"completed": k, "trial": trial.name, "hypervolume": search_hypervolume(record, best, reference)})
     return history
 
 
@@ -103,6 +142,8 @@ def pareto_table(record: SearchRecord, records: list[TrialRecord], only_front: b
         if only_front and not (r.rank == 0 and r.feasible):
             continue
         row = {"trial": r.name, "run_id": r.run_id, "rank": r.rank, "feasible": r.feasible, "pipeline": r.pipeline}
+        if untrusted(r) is not None:
+            row["quality"] = untrusted(r)
         for metric in record.task_metrics:
             if metric in r.metrics:
                 row[metric] = r.metrics[metric]
@@ -117,6 +158,7 @@ def pareto_document(record: SearchRecord, records: list[TrialRecord], only_front
         "search": record.name,
         "objectives": {o.metric: o.direction for o in record.objectives},
         "hypervolume": search_hypervolume(record, records),
+        "hypervolume_reference": hypervolume_reference(record, records),
         "baseline": baseline,
         "trials": pareto_table(record, records, only_front=only_front),
     }

@@ -14,7 +14,7 @@ from typing import Any
 
 from errors import plural
 from search.objectives import COST_METRICS
-from search.ranking import front, pareto_table, rank_records, search_hypervolume
+from search.ranking import describe_reference, front, hypervolume_reference, pareto_table, rank_records, search_hypervolume
 from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
 __all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option"]
@@ -122,7 +122,9 @@ class Reporter:
         hv = search_hypervolume(record, records)
         pipeline = pipeline_text(json.loads(result.get("recipe", "[]")))
         shown = "  ".join(f"{m} {format_metric(m, result[m])}" for m in record.metric_names if m in result)
-        self.say(f"{name} done ({progress.done}/{record.trials})  {pipeline}  |  {shown}  |  front {len(front(records))}, hypervolume {hv:.4f}")
+        quality = result.get("quality", "ok")
+        mark = "" if quality == "ok" else f", {quality}: never on the front"
+        self.say(f"{name} done ({progress.done}/{record.trials}{mark})  {pipeline}  |  {shown}  |  front {len(front(records))}, hypervolume {hv:.4f}")
 
     def trial_failed(self, record: SearchRecord, name: str, reason: str, progress: Progress) -> None:
         self.say(f"{name} FAILED ({progress.done}/{record.trials} done): {reason}")
@@ -143,7 +145,7 @@ class Reporter:
         failed += f", {progress.stopped} stopped early" if progress.stopped else ""
         self.log(
             f"\n[slimtune] search '{record.name}' finished: {plural(progress.completed, 'completed trial')}{failed}, "
-            f"{len(best)} on the Pareto front, hypervolume {hv:.4f}"
+            f"{len(best)} on the Pareto front, hypervolume {hv:.4f} ({describe_reference(hypervolume_reference(record, records))})"
         )
         self.exhausted(progress)
         if progress.completed == 0:

@@ -36,7 +36,7 @@ from search.registry import log_trial_model, logged_model_ids
 from search.report import Reporter, print_now
 from search.space import SearchSpace, load_space
 from search.tracking import create_sqlite_aside
-from search.trial import train_baseline
+from search.trial import refuse_chance_baseline, train_baseline
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
 
@@ -159,15 +159,16 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
 
 def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter) -> None:
     """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest."""
-    from search.baselines import cached_baseline, store_baseline
+    from search.baselines import cached_baseline, describe_key, store_baseline
 
     space = record.space
     cached = cached_baseline(record.folder.parent, space)
     if cached is not None:
         baseline_state, baseline_metrics, folder, trained_by = cached
-        reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} (same task, model, baseline and training settings, seed)")
+        reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} ({describe_key(folder)})")
     else:
         baseline_state, baseline_metrics = _baseline(space, address, reporter)
+        refuse_chance_baseline(space, baseline_metrics)
         store_baseline(record.folder.parent, space, baseline_state, baseline_metrics, record.name)
     torch.save(baseline_state, record.folder / "baseline.pt")
     record.baseline_metrics = baseline_metrics

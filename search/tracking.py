@@ -45,7 +45,7 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 #: Figures of a trial that are text, logged as tags (MLflow metrics are numbers).
-_TEXT_METRICS = ("uncounted_ops", "latency_form", "latency_device")
+_TEXT_METRICS = ("uncounted_ops", "latency_form", "latency_device", "quality")
 
 
 # Bookkeeping fields Tune adds to every result; they are not the trial's metrics.

@@ -245,11 +245,89 @@ def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: 
         log(f"training the baseline {space.model} on {space.task} for {plural(space.baseline_epochs, 'epoch')}")
         train_phase(model, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
     metrics = measure(model, space, task, device, baseline=None)
+    chance = chance_accuracy(task)
+    if chance is not None:
+        # Kept with the baseline: a trial within the margin of chance is marked (trial_quality).
+        metrics["chance_accuracy"] = chance
+        metrics["chance_margin"] = chance_margin(chance, len(task.test_set))
     for metric, value in task.reference.items():
         # Kept with the baseline: the hypervolume's reference point for a minimised quality metric.
         metrics[f"reference_{metric}"] = float(value)
         log(f"reference: a model that learns nothing scores {metric} {value:.4g} on {task.name} (the baseline: {metrics[metric]:.4g})")
     return model, metrics
+
+
+#: A trial whose last epoch's training loss is this many times its lowest (and 1 above it) diverged.
+DIVERGED_FACTOR = 10.0
+
+
+def chance_accuracy(task: Task) -> float | None:
+    """What a classifier that learns nothing scores on the test split; None where accuracy is not a metric.
+
+    The larger of ``1 / num_classes`` and the share of the test split's most frequent class
+    (always predicting it), or the task's own reference (``Task.reference``) where it names one.
+    """
+    if "accuracy" not in task.metrics:
+        return None
+    if "accuracy" in task.reference:
+        return float(task.reference["accuracy"])
+    if task.num_classes < 2:
+        return None
+    labels = _labels(task.test_set)
+    majority = float(np.bincount(labels).max() / len(labels)) if labels is not None and len(labels) else 0.0
+    return max(1.0 / task.num_classes, majority)
+
+
+def _labels(dataset) -> np.ndarray | None:
+    """The integer labels of a dataset, where they can be read without loading its inputs."""
+    if hasattr(dataset, "tensors") and len(dataset.tensors) == 2 and dataset.tensors[1].dim() == 1:
+        return dataset.tensors[1].numpy().astype(np.int64)
+    if hasattr(dataset, "targets"):
+        return np.asarray(dataset.targets, dtype=np.int64)
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+        inner = _labels(dataset.dataset)
+        return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
+    return None
+
+
+def chance_margin(chance: float, examples: int) -> float:
+    """How far above chance an accuracy must be to count as learnt: 2 standard errors of chance, at least 0.01."""
+    return max(0.01, 2.0 * float(np.sqrt(chance * (1.0 - chance) / max(examples, 1))))
+
+
+def at_chance(metrics: dict[str, Any], baseline: dict[str, Any]) -> bool:
+    """Whether ``metrics`` (a trial's or the baseline's) hold an accuracy within the margin of chance."""
+    chance = baseline.get("chance_accuracy")
+    return chance is not None and "accuracy" in metrics and metrics["accuracy"] <= chance + baseline.get("chance_margin", 0.01)
+
+
+def refuse_chance_baseline(space: SearchSpace, metrics: dict[str, Any]) -> None:
+    """Refuse a baseline that learnt nothing: every trial would compress noise.
+
+    Called by the driver once the baseline is trained, before it is cached or any trial starts.
+    """
+    if at_chance(metrics, metrics):
+        chance, margin = metrics["chance_accuracy"], metrics["chance_margin"]
+        how = (
+            f"baseline.checkpoint {space.baseline_checkpoint} does not fit this task; point it at weights trained on it"
+            if space.baseline_checkpoint
+            else f"train it longer (baseline.epochs, now {space.baseline_epochs}), change training.lr (now {space.lr:g}) "
+            "or the model's options, or start from baseline.checkpoint"
+        )
+        raise UserError(
+            f"{space.path}: the baseline {space.model} scores accuracy {metrics['accuracy']:.4f} on {space.task}: at chance "
+            f"({chance:.4f}, the larger of 1/number of classes and the most frequent class's share, within {margin:.4f}), "
+            f"so it learnt nothing to compress; {how}."
+        )
+
+
+def trial_quality(metrics: dict[str, Any], baseline: dict[str, Any], train_losses: list[float]) -> str:
+    """``"diverged"``, ``"at chance"`` or ``"ok"``: whether a finished trial's result can be trusted."""
+    if len(train_losses) >= 2:
+        lowest, last = min(train_losses), train_losses[-1]
+        if last > DIVERGED_FACTOR * lowest and last > lowest + 1.0:
+            return "diverged"
+    return "at chance" if at_chance(metrics, baseline) else "ok"
 
 
 def train_baseline_task(space: SearchSpace) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
@@ -304,13 +382,20 @@ def run_pipeline(
             raise TrialTimeLimitError(
                 f"the trial ran {time.monotonic() - started:.1f} s, past budget.time_limit_s={space.budget.time_limit_s:g}."
             )
+        if "train_loss" in metrics:
+            train_losses.append(float(metrics["train_loss"]))
         if on_epoch_end is not None:
             on_epoch_end(state, metrics)
 
+    train_losses: list[float] = []
     model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
     metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx), export_dir=out_dir)
     metrics.update(pipeline.metrics())
+    # The word for the progress line and MLflow's tag; the figures for the study (numbers only).
+    metrics["quality"] = trial_quality(metrics, spec.baseline_metrics, train_losses)
+    metrics["diverged"] = float(metrics["quality"] == "diverged")
+    metrics["at_chance"] = float(metrics["quality"] == "at chance")
     # Reports and plots of the methods (Method.artifacts) travel with the exported model.
     pipeline.artifacts(model, ctx, out_dir / "artifacts")
     write_recipe(out_dir, recipe_document(space, task, pipeline.recipe(), device, spec.baseline_state, spec.baseline_metrics, metrics))

@@ -15,6 +15,21 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def read_image(path: str):
+    """An image file as RGB; a file that cannot be read is a UserError that names it.
+
+    Used as the folders' loader: met by the pre-flight's sample it stops the search before it
+    starts, met later in training it fails that trial with the file's name.
+    """
+    try:
+        return datasets.folder.default_loader(path)
+    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise UserError(
+            f"cannot read the image '{path}' ({type(err).__name__}: {' '.join(str(err).split())}). "
+            "Replace or remove the file."
+        ) from None
+
+
 def _load_folder(path: Path, root: str, option: str) -> datasets.ImageFolder:
     """Open one split folder, turning a missing or empty folder into a UserError that shows the layout."""
     layout = f"'{root}/{path.name}/<class>/*.jpg' (one subfolder per class)"
@@ -24,7 +39,7 @@ def _load_folder(path: Path, root: str, option: str) -> datasets.ImageFolder:
             f"folder that holds it, or task.options.{option} to the name of the split folder."
         )
     try:
-        return datasets.ImageFolder(str(path))
+        return datasets.ImageFolder(str(path), loader=read_image)
     except FileNotFoundError as err:
         # ImageFolder raises this when there are no class subfolders or no image files in them.
         raise UserError(f"no images found in '{path}' ({err}). Expected the layout {layout}.") from err

@@ -175,3 +175,42 @@ def test_latency_unpacks_each_packed_weight_once_and_keeps_no_copy(digits_contex
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
     assert all(layer._inference_weight is None for layer in quant.quantized_layers(copy.deepcopy(model)))
+
+
+def test_2_bit_weights_keep_every_channel_when_one_weight_dominates_the_tensor() -> None:
+    # With the bound max|W|, a 2-bit (ternary) code is nonzero only above max|W| / 2: one large
+    # weight zeroed every other channel, the BatchNorm after a constant channel multiplied its
+    # gradient by 1/sqrt(eps), its weights jumped, raised the max and zeroed more channels, until
+    # the running variance overflowed and the loss became NaN.
+    torch.manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3) * 0.1
+    weight[0, 0, 1, 1] = 3.0 * weight.abs().max()
+    q = MaxAbsWeightQuantizer(2).eval()(weight)
+    assert (q.flatten(1).abs().amax(dim=1) > 0).all()
+    # The bound is TWN's (arXiv 1605.04711): codes are nonzero above 0.7 x mean|W|.
+    bound = 1.4 * weight.abs().mean()
+    torch.testing.assert_close(q, symmetric_quantize(weight, bound, 2, ste=False))
+    # Other widths keep the max|W| bound.
+    torch.testing.assert_close(MaxAbsWeightQuantizer(4).eval()(weight).abs().max(), weight.abs().max())
+
+
+@pytest.mark.slow
+def test_2_bit_quickstart_trial_that_ended_in_nan_trains_to_finite_loss() -> None:
+    """The quickstart's baseline and 2-bit trial (seed 3): NaN in epoch 2 in a search, at chance here, before the fix."""
+    from search.space import load_space
+    from search.trial import build_context, build_model, load_task, seed_everything, trainable_student
+    from methods import Phase, Pipeline, train_phase
+    from pathlib import Path
+
+    space = load_space(Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml")
+    task = load_task(space)
+    seed_everything(0)
+    baseline = build_model(space, task)
+    ctx = build_context(space, task, teacher=baseline, device=torch.device("cpu"), seed=0, log=lambda m: None)
+    train_phase(baseline, Phase("baseline", space.baseline_epochs), ctx, loss_terms=[], stage_name="baseline")
+    baseline.eval().requires_grad_(False)
+    seed_everything(3)
+    model, ctx = trainable_student(space, task, baseline, torch.device("cpu"), 3)
+    model = Pipeline.from_recipe([{"name": "minmax_quant", "params": {"bits": 2}}]).run(model, ctx)
+    # Before the fix: NonFiniteLossError in the search's trial, at chance (0.097) here.
+    assert task.evaluate(model, ctx.val_loader, "cpu")["accuracy"] > 0.5

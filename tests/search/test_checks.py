@@ -165,3 +165,79 @@ def test_method_that_fails_on_the_model_is_refused() -> None:
     assert message.startswith("sr.yaml: 1 of 1 pre-flight check failed, so the trials that use it would fail too: l1_filter: IndexError: ")
     assert "\n" not in message
     assert len(lines) == 1 and lines[0].startswith("  [FAIL] l1_filter")
+
+
+# -- the user's files ---------------------------------------------------------------------------
+
+
+def _file_space(tmp_path: Path, checkpoint: Path | None = None, images: Path | None = None):
+    import yaml
+
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["output"] = {"results_dir": str(tmp_path / "results"), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    data["methods"] = {"l1_filter": {"optional": False, "params": {"ratio": 0.5}}}
+    if checkpoint is not None:
+        data["baseline"] = {"checkpoint": str(checkpoint)}
+    if images is not None:
+        data["task"] = {"name": "imagefolder", "options": {"root": str(images), "image_size": 16, "resize": 16}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_space(path)
+
+
+def _refused(space) -> str:
+    from search.checks import check_files
+
+    with pytest.raises(UserError) as info:
+        check_files(space)
+    return str(info.value)
+
+
+def test_a_text_file_as_baseline_checkpoint_is_refused(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_text("epoch 1: loss 0.3\n")
+    message = _refused(_file_space(tmp_path, checkpoint))
+    assert f"baseline.checkpoint {checkpoint}: not a PyTorch checkpoint" in message
+    assert message.endswith("Save the trained digits_cnn's weights with torch.save(model.state_dict(), path).")
+
+
+def test_a_whole_pickled_model_as_baseline_checkpoint_is_refused(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), checkpoint)
+    assert f"baseline.checkpoint {checkpoint}: a pickled object other than tensors (a whole model?)" in _refused(_file_space(tmp_path, checkpoint))
+
+
+def test_a_state_dict_of_another_model_is_refused_with_its_keys(tmp_path: Path) -> None:
+    from models import create_model
+
+    checkpoint = tmp_path / "resnet.pt"
+    torch.save(create_model("digits_resnet", num_classes=10, in_channels=1).state_dict(), checkpoint)
+    message = _refused(_file_space(tmp_path, checkpoint))
+    assert f"baseline.checkpoint {checkpoint}: not a state dict of model 'digits_cnn' on task 'digits': keys missing " in message
+    assert "unexpected " in message and ", ...)" in message
+    # The matching state dict passes.
+    torch.save(create_model("digits_cnn", num_classes=10, in_channels=1).state_dict(), checkpoint)
+    from search.checks import check_files
+
+    check_files(_file_space(tmp_path, checkpoint))
+
+
+def test_a_corrupt_image_is_refused_by_check_and_by_search_before_anything_is_written(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from search.runner import run_search
+
+    images = tmp_path / "shapes"
+    for split in ("train", "val"):
+        for name in ("circle", "square"):
+            (images / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((12, 12, 3), 40 * i, dtype=np.uint8)).save(images / split / name / f"{i}.png")
+    bad = images / "val" / "square" / "1.png"
+    bad.write_bytes(b"not a png")
+    space = _file_space(tmp_path, images=images)
+    assert _refused(space).startswith(f"cannot read the image '{bad}' (UnidentifiedImageError: ")
+    with pytest.raises(UserError, match="cannot read the image"):
+        run_search(tmp_path / "space.yaml", log=lambda line: None)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()

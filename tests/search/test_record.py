@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -122,3 +123,34 @@ def test_the_manifest_holds_the_resolved_space_read_alike_from_any_folder(tmp_pa
     assert loaded.path == str(started / "space.yaml") and loaded.methods == space.methods
     stored = yaml.safe_load(json.loads(record.manifest.read_text())["space_yaml"])
     assert stored["baseline"]["checkpoint"] == str(started / "base.pt") and stored["task"]["options"]["root"] == str(started / "data")
+
+
+def test_a_front_that_beats_the_baseline_somewhere_never_has_hypervolume_0(tmp_path: Path) -> None:
+    """sr_quickstart's case: an 8-bit trial beats the baseline on PSNR and size but is slower than 1.1 x its latency."""
+    from search.ranking import describe_reference, hypervolume_history, hypervolume_reference, rank_records, search_hypervolume
+    from search.record import TrialRecord
+
+    record = SearchRecord(
+        name="sr", folder=tmp_path / "sr", space_yaml="", space_path="sr.yaml", trials=2,
+        objectives=(Objective("psnr", "max"), Objective("size_bytes", "min"), Objective("latency_ms", "min")), constraints=(),
+        task_metrics=("psnr", "size_bytes", "latency_ms"), tracking_uri="sqlite:///unused.db", optuna_storage="sqlite:///unused.db",
+        baseline_metrics={"psnr": 30.0, "size_bytes": 100_000.0, "latency_ms": 2.0},
+    )  # fmt: skip
+    eight_bit = TrialRecord(0, "t0", None, [], {"psnr": 30.5, "size_bytes": 30_000.0, "latency_ms": 5.0}, None, completed_at=1.0)
+    records = [eight_bit]
+    rank_records(record, records)
+    reference = hypervolume_reference(record, records)
+    # Latency's reference moves past the trial by a tenth of the baseline's (5 + 0.2); the others are the baseline's.
+    assert reference == pytest.approx({"psnr": 0.0, "size_bytes": 110_000.0, "latency_ms": 5.2})
+    # Normalised by the baseline: psnr 30.5/30 over 0, size 0.3 under 1.1, latency 2.5 under 2.6.
+    assert search_hypervolume(record, records) == pytest.approx((30.5 / 30) * (1.1 - 0.3) * (2.6 - 2.5))
+    assert describe_reference(reference) == "reference point psnr 0, size_bytes 1.1e+05, latency_ms 5.2, each objective divided by the baseline's"
+    # A front inside the baseline's box keeps the baseline's reference point.
+    fast = TrialRecord(1, "t1", None, [], {"psnr": 29.0, "size_bytes": 50_000.0, "latency_ms": 1.0}, None, completed_at=2.0)
+    rank_records(record, [fast])
+    assert hypervolume_reference(record, [fast]) == pytest.approx({"psnr": 0.0, "size_bytes": 110_000.0, "latency_ms": 2.2})
+    # The history uses the whole search's reference point: it never falls and ends at the search's figure.
+    both = [dataclasses.replace(eight_bit), dataclasses.replace(fast)]
+    history = [h["hypervolume"] for h in hypervolume_history(record, both)]
+    rank_records(record, both)
+    assert 0 < history[0] <= history[1] == pytest.approx(search_hypervolume(record, both))

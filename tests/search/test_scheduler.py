@@ -166,6 +166,8 @@ class _Tracker:
 
 def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, monkeypatch) -> None:
     import search.runner
+    from importlib import metadata
+
     from search.baselines import cached_baseline
     from search.record import SearchRecord
     from search.report import Reporter
@@ -193,7 +195,9 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
     assert (records["a"].baseline_metrics, records["b"].baseline_metrics, records["c"].baseline_metrics) == ({"accuracy": 0.6}, {"accuracy": 0.6}, {"accuracy": 0.7})
     folder = cached_baseline(tmp_path, spaces["a"])[2]
     assert [line for line in lines if "reused" in line] == [
-        f"[slimtune] reused the baseline trained by search 'a' from {folder} (same task, model, baseline and training settings, seed)"
+        f"[slimtune] reused the baseline trained by search 'a' from {folder} (same task and options, package versions "
+        f"numpy {metadata.version('numpy')}, scikit-learn {metadata.version('scikit-learn')}, torch {metadata.version('torch')}, task and model code, model options, "
+        "baseline and training settings, seed)"
     ]
 
 

@@ -109,3 +109,54 @@ def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(spac
         assert latency_note(figures) == "program, batch 3, 2 CPU threads, cpu"  # printed with the baseline and the table
     # Both timed the exported program (a torch.export graph module), never the eager model.
     assert [(name.startswith("GraphModule"), shape, threads) for name, shape, threads in timed] == [(True, (3, 1, 8, 8), 2)] * 2
+
+
+# -- results that cannot be trusted -------------------------------------------------------------
+
+
+def test_a_baseline_at_chance_is_refused_with_what_chance_is_and_what_to_change() -> None:
+    from pathlib import Path
+
+    from errors import UserError
+    from search.space import load_space
+    from search.trial import chance_accuracy, chance_margin, load_task, refuse_chance_baseline
+
+    space = load_space(Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml")
+    task = load_task(space)
+    labels = task.test_set.tensors[1]
+    # Digits' test split is stratified: its most frequent class is a little above 1/10.
+    assert chance_accuracy(task) == pytest.approx(max(0.1, labels.bincount().max().item() / len(labels)))
+    chance = chance_accuracy(task)
+    margin = chance_margin(chance, len(labels))
+    assert margin == pytest.approx(2 * (chance * (1 - chance) / len(labels)) ** 0.5)
+    with pytest.raises(UserError, match=r"scores accuracy 0\.1000 on digits: at chance .*train it longer \(baseline\.epochs, now 15\), change training\.lr \(now 0\.05\)"):
+        refuse_chance_baseline(space, {"accuracy": 0.1, "chance_accuracy": chance, "chance_margin": margin})
+    refuse_chance_baseline(space, {"accuracy": chance + margin + 0.01, "chance_accuracy": chance, "chance_margin": margin})
+    # A task without accuracy (super-resolution) has no chance level: nothing is refused.
+    refuse_chance_baseline(space, {"psnr": 10.0})
+
+
+def test_a_diverged_trial_or_one_at_chance_is_marked_and_never_on_the_front() -> None:
+    from search.objectives import Objective
+    from search.ranking import front, pareto_table, rank_records
+    from search.record import SearchRecord, TrialRecord
+    from search.trial import trial_quality
+
+    baseline = {"accuracy": 0.97, "chance_accuracy": 0.1, "chance_margin": 0.03}
+    # digits_ssr's ssr > kd: train loss 3.15 -> 199.
+    assert trial_quality({"accuracy": 0.6}, baseline, [3.15, 40.0, 199.0]) == "diverged"
+    # minmax_quant(bits=2) at 0.1000.
+    assert trial_quality({"accuracy": 0.1}, baseline, [2.3, 2.3, 2.3]) == "at chance"
+    assert trial_quality({"accuracy": 0.9}, baseline, [0.5, 0.2, 0.3]) == "ok"
+    record = SearchRecord(
+        name="q", folder=None, space_yaml="", space_path="q.yaml", trials=3, objectives=(Objective("accuracy", "max"), Objective("macs", "min")),
+        constraints=(), task_metrics=("accuracy", "macs"), tracking_uri="sqlite:///unused.db", optuna_storage="sqlite:///unused.db", baseline_metrics=baseline,
+    )  # fmt: skip
+    good = TrialRecord(0, "t0", None, [], {"accuracy": 0.9, "macs": 500.0, "diverged": 0.0, "at_chance": 0.0}, None)
+    chance = TrialRecord(1, "t1", None, [], {"accuracy": 0.1, "macs": 10.0, "diverged": 0.0, "at_chance": 1.0}, None)
+    diverged = TrialRecord(2, "t2", None, [], {"accuracy": 0.95, "macs": 400.0, "diverged": 1.0, "at_chance": 0.0}, None)
+    records = [good, chance, diverged]
+    rank_records(record, records)
+    assert front(records) == [good]
+    assert {row["trial"]: row.get("quality") for row in pareto_table(record, records, only_front=False)} == {
+        "trial_000": None, "trial_001": "at chance", "trial_002": "diverged"}

@@ -299,3 +299,15 @@ def test_task_is_a_dataclass_with_accuracy_metric() -> None:
     task = create_task("digits")
     assert isinstance(task, Task)
     assert task.metric == "accuracy"
+
+
+def test_imagefolder_unreadable_image_is_user_error_naming_the_file(tmp_path: Path) -> None:
+    # Met in a trial's training, the error fails that trial with the file's name, not the search.
+    _write_image_tree(tmp_path)
+    bad = tmp_path / "train" / "dog" / "2.png"
+    bad.write_text("truncated")
+    task = create_task("imagefolder", root=str(tmp_path), image_size=32, resize=36)
+    dataset = task.train_set.dataset
+    index = next(i for i, (path, _) in enumerate(dataset.samples) if path == str(bad))
+    with pytest.raises(UserError, match=rf"^cannot read the image '{bad}' \(UnidentifiedImageError: .*\)\. Replace or remove the file\.$"):
+        dataset[index]
