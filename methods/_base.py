@@ -685,6 +685,8 @@ class Method:
         task_kinds: The kinds of task it applies to (``"classification"``,
             ``"super_resolution"``); None for any. A space pairing it with another kind of task
             is rejected when loaded.
+        example_models: Registered models it compresses, the first the smallest: the method
+            contract suite (``tests/methods/test_contract.py``) checks the method on each.
     """
 
     name: ClassVar[str]
@@ -698,6 +700,7 @@ class Method:
     loss_only: ClassVar[bool] = False
     loss_scope: ClassVar[str] = "own"
     task_kinds: ClassVar[tuple[str, ...] | None] = None
+    example_models: ClassVar[tuple[str, ...]] = ("digits_cnn", "resnet20")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
