@@ -647,7 +647,8 @@ class NotApplicable(ValueError):
     """Raised by :meth:`Method.prepare` for a model the method cannot compress (nothing it acts on).
 
     The message names the method, what it acts on and a model that has it ("wavelet found no
-    square linear map ..."). The contract suite skips such a model for that method.
+    square linear map ..."). The contract suite runs a method only on the models it names in
+    :attr:`Method.example_models`, and fails it where it raises this for one of them.
     """
 
 
@@ -685,8 +686,9 @@ class Method:
         task_kinds: The kinds of task it applies to (``"classification"``,
             ``"super_resolution"``); None for any. A space pairing it with another kind of task
             is rejected when loaded.
-        example_models: Registered models it compresses, the first the smallest: the method
-            contract suite (``tests/methods/test_contract.py``) checks the method on each.
+        example_models: Registered models it compresses: the method contract suite
+            (``tests/methods/test_contract.py``) checks the method on each, its one-step and
+            resume checks on the first.
     """
 
     name: ClassVar[str]

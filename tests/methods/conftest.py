@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from methods import MethodContext, Phase, train_phase
 from models import create_model
-from tasks import Task, create_task
+from tasks import Task, create_task, task_kind
 from tasks.sequence import SequenceTask
 
 #: (model, context) built fresh on every call.
@@ -112,9 +112,10 @@ def digits_context(digits_task: Task, digits_baseline: nn.Module) -> ContextFact
 
 
 def random_context(task: Task, model_name: str, **options) -> ContextFactory:
-    """``make(epochs=1, lr=0.01, shuffle=False) -> (model, ctx)``: a random ``model_name`` on random data of ``task``'s shape, 2 batches of 8.
+    """``make(epochs=1, lr=0.01, shuffle=False) -> (model, ctx)``: a random ``model_name`` on random data.
 
-    Random data is enough to test structure (shapes, export), not accuracy.
+    Two batches of 8 examples of ``task``'s input shape and classes. Random data is enough to
+    test structure (shapes, export), not accuracy.
     """
     torch.manual_seed(0)
     teacher = frozen(create_model(model_name, **task.model_kwargs(), **options))
@@ -138,9 +139,10 @@ def cifar_context() -> ContextFactory:
 
 @pytest.fixture(scope="session")
 def sequence_context() -> ContextFactory:
-    """``make(epochs=1, lr=0.01, shuffle=False) -> (model, ctx)``: a random 16-unit ``gru`` on random sequences of 2 steps of 4 features.
+    """``make(epochs=1, lr=0.01, shuffle=False) -> (model, ctx)``: a random 16-unit ``gru`` on random sequences.
 
-    Two steps: the hidden state runs through the gates once, and an export unrolls little.
+    Two steps of 4 features (as ``seq_digits``, shorter): the hidden state runs through the gates
+    once, and an export unrolls little.
     """
     task = SequenceTask("random_sequence", 10, (2, 4), train_set=None, val_set=None, test_set=None, output="class")
     return random_context(task, "gru", hidden_size=16)
@@ -173,7 +175,7 @@ class ExampleModels:
     """``(model, ctx)`` for every model a method may name in ``Method.example_models``.
 
     Attributes:
-        factories: Model name -> (the kind of the task it runs on here, its context factory).
+        factories: Model name -> (the registered task whose kind its data has, its context factory).
     """
 
     factories: dict[str, tuple[str, ContextFactory]]
@@ -183,7 +185,8 @@ class ExampleModels:
         return self.factories[model_name][1](epochs=epochs, shuffle=shuffle)
 
     def task_kind(self, model_name: str) -> str:
-        return self.factories[model_name][0]
+        """The kind of task the model runs on here (``"classification"``, ``"two_view"``)."""
+        return task_kind(self.factories[model_name][0])
 
 
 @pytest.fixture(scope="session")
@@ -191,9 +194,9 @@ def example_models(digits_context, cifar_context, sequence_context, two_view_con
     """The models of the method contract: trained ``digits_cnn``, random ``resnet20``, ``gru`` and ``two_branch_digits``."""
     return ExampleModels(
         {
-            "digits_cnn": ("classification", digits_context),
-            "resnet20": ("classification", cifar_context),
-            "gru": ("classification", sequence_context),
-            "two_branch_digits": ("two_view", two_view_context),
+            "digits_cnn": ("digits", digits_context),
+            "resnet20": ("cifar10", cifar_context),
+            "gru": ("seq_digits", sequence_context),
+            "two_branch_digits": ("digits_2view", two_view_context),
         }
     )
