@@ -96,7 +96,8 @@ class NotApplicable(ValueError):
     """Raised by :meth:`Method.prepare` for a model the method cannot compress (nothing it acts on).
 
     The message names the method, what it acts on and a model that has it ("wavelet found no
-    square linear map ..."). The contract suite skips such a model for that method.
+    square linear map ..."). The contract suite runs a method only on the models it names in
+    :attr:`Method.example_models`, and fails it where it raises this for one of them.
     """
 
 
@@ -139,6 +140,9 @@ class Method:
             :mod:`deploy._onnx`), or None when they can. Every registered method's models export
             today; a method that adds an op without an ONNX function says so here, and trials of
             a pipeline holding it deploy the program alone (``slimtune check`` shows the reason).
+        example_models: Registered models it compresses: the method contract suite
+            (``tests/methods/test_contract.py``) checks the method on each, its one-step and
+            resume checks on the first.
     """
 
     name: ClassVar[str]
@@ -153,6 +157,7 @@ class Method:
     loss_scope: ClassVar[str] = "own"
     task_kinds: ClassVar[tuple[str, ...] | None] = None
     onnx_unsupported: ClassVar[str | None] = None
+    example_models: ClassVar[tuple[str, ...]] = ("digits_cnn", "resnet20")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -48,6 +48,7 @@ class KD(Method):
     loss_only = True
     loss_scope = "pipeline"
     task_kinds = ("classification",)
+    example_models = ("digits_cnn", "resnet20", "gru")
 
     def loss(self, step: Step) -> torch.Tensor:
         if step.outputs.dim() != 2:

@@ -39,6 +39,7 @@ class MinMaxQuant(Method):
     kind = "quantization"
     changes_architecture = True
     must_be_last = True
+    example_models = ("digits_cnn", "resnet20", "gru", "two_branch_digits")
 
     def __init__(self, config: MinMaxQuantConfig | None = None) -> None:
         super().__init__(config)

@@ -119,6 +119,7 @@ class _VariationalTerm(Method):
     kind = "distillation"
     loss_scope = "pipeline"
     task_kinds = ("two_view",)
+    example_models = ("two_branch_digits",)
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         if not isinstance(model, TwoBranch):

@@ -327,6 +327,7 @@ class Wavelet(Method):
     kind = "reparameterisation"
     changes_architecture = True
     loss_scope = "later"  # the filters must stay a wavelet in every phase where the layers exist
+    example_models = ("gru",)
 
     def __init__(self, config: WaveletConfig | None = None) -> None:
         super().__init__(config)

@@ -2,14 +2,17 @@
 
 Like timm's model tests and Optuna's sampler test suite: a method added to the registry is
 tested here without touching this file. Each method is run alone in a pipeline at its defaults
-and at its aggressive end (the setting ``slimtune check`` pre-flights) on ``digits_cnn`` (a
-briefly trained baseline, real digits) and on ``resnet20`` (random CIFAR-shaped data). Its
-capability flags are held to what it does (a method without ``needs_teacher`` runs beside a
-teacher that raises, one without ``needs_labels`` on labels that raise when read, one that
-``changes_architecture`` compresses at its aggressive end), and every ordered pair of methods
-runs a step and exports, or is refused by :func:`methods.check_pipeline` with a reason. A method
-that raises :class:`methods.NotApplicable` for a model (``wavelet`` on models without a square
-linear map) is skipped there, its message naming it.
+and at its aggressive end (the setting ``slimtune check`` pre-flights) on every model it names in
+``Method.example_models``, each on its task (``tests/methods/conftest.py``, ``ExampleModels``):
+``digits_cnn`` (a briefly trained baseline, real digits), ``resnet20`` (random CIFAR-shaped
+data), ``gru`` (random sequences) and ``two_branch_digits`` (``digits_2view``). Its capability
+flags are held to what it does on its first model (a method without ``needs_teacher`` runs beside
+a teacher that raises, one without ``needs_labels`` on labels that raise when read, one that
+``changes_architecture`` compresses at its aggressive end), and every ordered pair of methods is
+refused by :func:`methods.check_pipeline` with a reason, or runs a step and exports on the first
+model both name. Only the models a method names are generated, so nothing is skipped: a method
+that raises :class:`methods.NotApplicable` for one of them fails, and so does a method that
+names no model the suite builds.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from methods import (
     list_methods,
     register_method,
 )
+from models import list_models
 from search.preflight import aggressive_params
 from search.space import MethodSpace
 
@@ -53,8 +57,7 @@ METHODS = list_methods()
 KINDS = {"pruning", "quantization", "distillation", "reparameterisation"}
 FLAGS = ("needs_teacher", "needs_labels", "changes_architecture", "must_be_last", "loss_only")
 SETTINGS = ("default", "aggressive")
-MODELS = {"digits_cnn": (1, 8, 8), "resnet20": (3, 32, 32)}
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # of every example model's task
 
 
 def aggressive(name: str) -> dict[str, Any]:
@@ -76,14 +79,22 @@ def range_values(info) -> list[Any]:
     return [int(v) for v in ends] if info.type is int else [float(v) for v in ends]
 
 
-def run_or_skip(pipeline: Pipeline, model: nn.Module, ctx) -> nn.Module:
-    """``pipeline.run(model, ctx)``; a skip when a method says it does not apply to the model (naming itself)."""
+def examples(name: str) -> tuple[str, ...]:
+    """The models the contract runs method ``name`` on."""
+    return get_method(name).example_models
+
+
+def run_declared(pipeline: Pipeline, model: nn.Module, ctx, model_name: str) -> nn.Module:
+    """``pipeline.run(model, ctx)``; a failure naming the model when a method refuses a model it names as an example."""
     try:
         return pipeline.run(model, ctx)
     except NotApplicable as refusal:
         names = [m.name for m in pipeline.methods]
-        assert any(name in str(refusal) for name in names), f"a NotApplicable of {names} does not name the method: {refusal}"
-        pytest.skip(f"not applicable: {refusal}")
+        pytest.fail(f"{names} name '{model_name}' in `example_models`, but refuse it: {refusal}")
+
+
+def input_shape(ctx) -> tuple[int, ...]:
+    return tuple(ctx.example_input.shape[1:])
 
 
 # --- what can be checked without training -----------------------------------------------------
@@ -206,6 +217,21 @@ def test_unknown_method_is_a_user_error_with_close_matches() -> None:
         get_method("l1_filtr")
     with pytest.raises(UserError, match="unknown method 'kdd'"):
         create_method("kdd", {})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_names_example_models_the_suite_runs_it_on(example_models, name: str) -> None:
+    """So no method goes unchecked: each names registered models that the suite builds, on a task of a kind it accepts."""
+    cls = get_method(name)
+    assert type(cls.example_models) is tuple and cls.example_models, f"{name} names no example model: the contract checks it on none"
+    for model_name in cls.example_models:
+        assert model_name in list_models(), f"{name} names '{model_name}' in `example_models`, which is no registered model"
+        assert model_name in example_models.factories, (
+            f"{name} names '{model_name}' in `example_models`, but the suite cannot build it: add its context to "
+            f"ExampleModels in tests/methods/conftest.py (it builds {sorted(example_models.factories)})"
+        )
+        kind = example_models.task_kind(model_name)
+        assert cls.task_kinds is None or kind in cls.task_kinds, f"{name} applies to {cls.task_kinds} tasks, but its example '{model_name}' runs on a {kind} task"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -443,30 +469,30 @@ class Compressed:
     params_before: int
     shapes_before: dict[str, tuple[int, ...]]
     metrics: dict[str, Any]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
 
 
 @pytest.fixture(scope="module")
-def compressed(digits_context, cifar_context):
+def compressed(example_models):
     """``compressed(method, setting, model_name) -> Compressed``, each combination run once."""
     cache: dict[tuple[str, str, str], Compressed] = {}
 
     def get(name: str, setting: str, model_name: str) -> Compressed:
         key = (name, setting, model_name)
         if key not in cache:
-            model, ctx = (digits_context if model_name == "digits_cnn" else cifar_context)()
+            model, ctx = example_models(model_name)
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             before = count_params(model)
             pipeline = Pipeline([create_method(name, params_for(name, setting))])
             torch.manual_seed(0)
-            out = run_or_skip(pipeline, model, ctx).eval()
-            cache[key] = Compressed(out, before, shapes, pipeline.methods[0].metrics(), MODELS[model_name])
+            out = run_declared(pipeline, model, ctx, model_name).eval()
+            cache[key] = Compressed(out, before, shapes, pipeline.methods[0].metrics(), input_shape(ctx))
         return cache[key]
 
     return get
 
 
-RUNS = [(m, s, model) for m in METHODS for s in SETTINGS for model in MODELS]
+RUNS = [(m, s, model) for m in METHODS for s in SETTINGS for model in examples(m)]
 RUN_IDS = [f"{m}-{s}-{model}" for m, s, model in RUNS]
 
 
@@ -479,9 +505,10 @@ def test_compressed_model_outputs_one_logit_per_class(compressed, name: str, set
     assert torch.isfinite(out).all()
 
 
-# resnet20 exports at the aggressive end only: the defaults' layer types and bit widths export on
-# digits_cnn here and in every pair below (an export costs a second; the suite stays quick).
-EXPORT_RUNS = [r for r in RUNS if not (r[1] == "default" and r[2] == "resnet20")]
+# A method's further models (resnet20 after digits_cnn) export at the aggressive end only: the
+# defaults' layer types and bit widths export on its first model here and in the pairs below (an
+# export costs a second; the suite stays quick).
+EXPORT_RUNS = [r for r in RUNS if r[1] == "aggressive" or r[2] == examples(r[0])[0]]
 
 
 @pytest.mark.parametrize(("name", "setting", "model_name"), EXPORT_RUNS, ids=[f"{m}-{s}-{model}" for m, s, model in EXPORT_RUNS])
@@ -516,16 +543,16 @@ def test_method_that_keeps_the_architecture_keeps_every_parameter_shape(compress
     assert {n: tuple(p.shape) for n, p in result.model.named_parameters()} == result.shapes_before
 
 
-ARCHITECTURE_CHANGING = [(m, model) for m in METHODS if get_method(m).changes_architecture for model in MODELS]
+ARCHITECTURE_CHANGING = [(m, model) for m in METHODS if get_method(m).changes_architecture for model in examples(m)]
 
 
 @pytest.mark.parametrize(("name", "model_name"), ARCHITECTURE_CHANGING, ids=[f"{m}-{model}" for m, model in ARCHITECTURE_CHANGING])
 def test_method_that_changes_the_architecture_compresses_at_its_aggressive_end(
-    compressed, digits_context, cifar_context, name: str, model_name: str
+    compressed, example_models, name: str, model_name: str
 ) -> None:
     """Fewer parameters or MACs; a quantizer keeps both (its layers compute in fewer bits) and stores fewer bytes."""
     result = compressed(name, "aggressive", model_name)
-    before, _ = (digits_context if model_name == "digits_cnn" else cifar_context)()
+    before, _ = example_models(model_name)
     if get_method(name).kind == "quantization":
         assert size_bytes(result.model) < size_bytes(before)
         return
@@ -580,9 +607,9 @@ def test_poisoned_labels_and_raising_teacher_fail_when_used() -> None:
         RaisingTeacher()(torch.zeros(1, 1, 8, 8))
 
 
-def _one_step(digits_context):
-    """``(model, ctx)`` on digits whose train loader holds one batch: each phase is one step."""
-    model, ctx = digits_context()
+def _one_step(example_models, model_name: str):
+    """``(model, ctx)`` of ``model_name`` whose train loader holds one batch: each phase is one step."""
+    model, ctx = example_models(model_name)
     ctx.train_loader = ctx.train_loader[:1]
     return model, ctx
 
@@ -591,50 +618,75 @@ WITHOUT_TEACHER = [(m, s) for m in METHODS if not get_method(m).needs_teacher fo
 
 
 @pytest.mark.parametrize(("name", "setting"), WITHOUT_TEACHER, ids=[f"{m}-{s}" for m, s in WITHOUT_TEACHER])
-def test_method_without_needs_teacher_never_runs_the_teacher(digits_context, name: str, setting: str) -> None:
-    model, ctx = _one_step(digits_context)
+def test_method_without_needs_teacher_never_runs_the_teacher(example_models, name: str, setting: str) -> None:
+    """On the method's first example model."""
+    model_name = examples(name)[0]
+    model, ctx = _one_step(example_models, model_name)
     ctx.teacher = RaisingTeacher()
     torch.manual_seed(0)
-    out = run_or_skip(Pipeline([create_method(name, params_for(name, setting))]), model, ctx).eval()
-    assert out(torch.zeros(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
+    out = run_declared(Pipeline([create_method(name, params_for(name, setting))]), model, ctx, model_name).eval()
+    assert out(torch.zeros(2, *input_shape(ctx))).shape == (2, NUM_CLASSES)
 
 
 WITHOUT_LABELS = [m for m in METHODS if not get_method(m).needs_labels]
 
 
 @pytest.mark.parametrize("name", WITHOUT_LABELS)
-def test_method_without_needs_labels_never_reads_them(digits_context, name: str) -> None:
-    """At its defaults (an optional labelled fine-tune, as gal's, is off there)."""
-    model, ctx = _one_step(digits_context)
+def test_method_without_needs_labels_never_reads_them(example_models, name: str) -> None:
+    """On the method's first example model, at its defaults (an optional labelled fine-tune, as gal's, is off there)."""
+    model_name = examples(name)[0]
+    model, ctx = _one_step(example_models, model_name)
     ctx.train_loader = [(inputs, PoisonedLabels()) for inputs, _ in ctx.train_loader]
     torch.manual_seed(0)
-    out = run_or_skip(Pipeline([create_method(name, {})]), model, ctx).eval()
-    assert out(torch.zeros(2, 1, 8, 8)).shape == (2, NUM_CLASSES)
+    out = run_declared(Pipeline([create_method(name, {})]), model, ctx, model_name).eval()
+    assert out(torch.zeros(2, *input_shape(ctx))).shape == (2, NUM_CLASSES)
 
 
 # --- every ordered pair ---------------------------------------------------------------------------
 
-PAIRS = [(a, b) for a in METHODS for b in METHODS if a != b]
 
-
-@pytest.mark.parametrize(("first", "second"), PAIRS, ids=[f"{a}-then-{b}" for a, b in PAIRS])
-def test_every_ordered_pair_runs_a_step_and_exports_or_is_refused_with_a_reason(digits_context, tmp_path, first: str, second: str) -> None:
+def _refused(first: str, second: str) -> bool:
     try:
         check_pipeline([get_method(first), get_method(second)])
-    except ValueError as refusal:
-        reason = str(refusal)
-        assert f"'{first}'" in reason and f"'{second}'" in reason, reason
-        with pytest.raises(ValueError) as built:
-            Pipeline([create_method(first), create_method(second)])
-        assert str(built.value) == reason
-        return
-    model, ctx = _one_step(digits_context)
+    except ValueError:
+        return True
+    return False
+
+
+def _shared_model(first: str, second: str) -> str | None:
+    """The first of ``first``'s example models that ``second`` names too; None when they share none."""
+    return next((model for model in examples(first) if model in examples(second)), None)
+
+
+PAIRS = [(a, b) for a in METHODS for b in METHODS if a != b]
+REFUSED_PAIRS = [(a, b) for a, b in PAIRS if _refused(a, b)]
+# A pair that may be built runs on a model both methods name; a pair without one (wavelet, on
+# recurrent models, and l1_filter, on convolutional ones) has no model to run on.
+RUNNABLE_PAIRS = [(a, b, _shared_model(a, b)) for a, b in PAIRS if not _refused(a, b) and _shared_model(a, b) is not None]
+
+
+@pytest.mark.parametrize(("first", "second"), REFUSED_PAIRS, ids=[f"{a}-then-{b}" for a, b in REFUSED_PAIRS])
+def test_ordered_pair_that_cannot_work_is_refused_with_a_reason_naming_both(first: str, second: str) -> None:
+    with pytest.raises(ValueError) as checked:
+        check_pipeline([get_method(first), get_method(second)])
+    reason = str(checked.value)
+    assert f"'{first}'" in reason and f"'{second}'" in reason, reason
+    with pytest.raises(ValueError) as built:
+        Pipeline([create_method(first), create_method(second)])
+    assert str(built.value) == reason
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "model_name"), RUNNABLE_PAIRS, ids=[f"{a}-then-{b}-{model}" for a, b, model in RUNNABLE_PAIRS]
+)
+def test_ordered_pair_runs_a_step_and_exports(example_models, tmp_path, first: str, second: str, model_name: str) -> None:
+    model, ctx = _one_step(example_models, model_name)
     torch.manual_seed(0)
     pipeline = Pipeline([create_method(first), create_method(second)])
-    out = run_or_skip(pipeline, model, ctx).eval()
-    batch = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    out = run_declared(pipeline, model, ctx, model_name).eval()
+    batch = torch.randn(3, *input_shape(ctx), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert out(batch).shape == (3, NUM_CLASSES)
     assert all(type(v) is float and math.isfinite(v) for v in pipeline.metrics().values())
-    export_model(out, torch.zeros(1, 1, 8, 8), tmp_path, {"recipe": [{"name": first}, {"name": second}]})
+    export_model(out, ctx.example_input, tmp_path, {"recipe": [{"name": first}, {"name": second}]})
     check_round_trip(tmp_path, batch, rtol=1e-5)  # folded batch norms: equal up to rounding (raises otherwise)
