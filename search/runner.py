@@ -131,7 +131,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
     from search import _tune
 
     try:
-        _init_ray(address)
+        started = _init_ray(address)
         try:
             import ray
 
@@ -143,7 +143,8 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
             _tune.fit(record, reporter, restore=restore)
         finally:
-            _shutdown_ray()
+            if started:
+                _shutdown_ray()
         if not search_progress(record).finished:
             # Tune returns early only when the first SIGINT stopped it.
             raise KeyboardInterrupt
@@ -199,14 +200,19 @@ def _baseline(space: SearchSpace, address: str | None, reporter: Reporter) -> tu
 # ----------------------------------------------------------------------------------------------
 
 
-def _init_ray(address: str | None) -> None:
-    """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``."""
+def _init_ray(address: str | None) -> bool:
+    """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``.
+
+    Returns:
+        Whether this call started (or connected) Ray; False when the process already had a Ray
+        (started by its caller, e.g. a test session), which the search then leaves running.
+    """
     import ray
 
     from search._private import keep_ray_on_loopback
 
     if ray.is_initialized():
-        return
+        return False
     kwargs: dict[str, Any] = dict(
         include_dashboard=False,
         logging_level=logging.ERROR,
@@ -226,6 +232,7 @@ def _init_ray(address: str | None) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    return True
 
 
 def _shutdown_ray() -> None:
