@@ -233,7 +233,7 @@ def test_check_prints_warnings_and_plurals(capsys, tmp_path: Path) -> None:
     data = yaml.safe_load(QUICKSTART.read_text())
     data["methods"] = {"l1_filter": {}}
     data["objectives"] = {"accuracy": "min", "macs": "min"}
-    data["constraints"] = ["accuracy >= 2.0"]
+    data["constraints"] = ["accuracy <= 1.5"]
     path = tmp_path / "warn.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["check", str(path), "--results-dir", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
@@ -246,8 +246,21 @@ def test_check_prints_warnings_and_plurals(capsys, tmp_path: Path) -> None:
         ["slimtune", "warning", str(path)],
     ]
     assert "objectives.accuracy: min minimises accuracy" in warnings[0]
-    assert "constraints[0]: 'accuracy >= 2' never holds" in warnings[1]
+    assert "constraints[0]: 'accuracy <= 1.5' always holds" in warnings[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["warn.yaml"]
+
+
+@pytest.mark.parametrize("command", ["check", "search"])
+@pytest.mark.parametrize("constraint", ["accuracy >= 2.0", "macs <= -5"])
+def test_an_impossible_constraint_is_one_line_and_leaves_nothing(capsys, monkeypatch, tmp_path: Path, command: str, constraint: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["constraints"] = [constraint]
+    path = tmp_path / "impossible.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main([command, str(path)]) == 2
+    assert _one_error_line(capsys).startswith(f"{path}: constraints[0]: '{constraint.replace('2.0', '2')}' never holds: no trial could be feasible")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["impossible.yaml"]
 
 
 def test_export_into_an_unwritable_folder_is_one_line(capsys, tmp_path: Path) -> None:
