@@ -199,8 +199,8 @@ def _exit_code(record: SearchRecord) -> int:
 
 def _pareto(args: argparse.Namespace) -> int:
     from search.ranking import pareto_document, rank_records
-    from search.record import completed_records, load_search
-    from search.report import format_table, plural
+    from search.record import completed_records, load_search, search_progress
+    from search.report import format_table, plural, unfinished_lines
 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
@@ -210,6 +210,8 @@ def _pareto(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {doc['hypervolume']:.4f}; objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
+        for line in unfinished_lines(search_progress(record)):
+            print(line)
         print(format_table(record, doc["trials"], record.baseline_metrics))
     return 0
 

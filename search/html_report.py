@@ -241,10 +241,13 @@ document.addEventListener("click", e => { if (!tip.contains(e.target)) { pinned 
 
 // -- header ----------------------------------------------------------------------------------
 document.getElementById("title").textContent = `slimtune search '${S.name}'`;
-const completed = DATA.trials.length, onFront = P.trials.length;
+const completed = DATA.trials.length, onFront = P.trials.length, U = P.unfinished || {};
 document.getElementById("meta").innerHTML = [
   `${esc(S.task)} / ${esc(S.model)}: ${completed} completed trial${completed === 1 ? "" : "s"} of ${S.budget}, ` +
     `${onFront} on the front, hypervolume <b>${P.hypervolume.toFixed(4)}</b>`,
+  ...(U.failed ? [`<b>${U.failed} failed trial${U.failed === 1 ? "" : "s"}</b>: ` + (Object.entries(U.failure_reasons)
+    .sort((a, b) => b[1] - a[1]).map(([reason, n]) => `<code>${esc(reason)}</code> (${n})`).join("; ") || "no reason recorded")] : []),
+  ...(U.stopped ? [`${U.stopped} trial${U.stopped === 1 ? "" : "s"} stopped early by the scheduler (budget.scheduler): counted in the budget, never on the front`] : []),
   "objectives: " + OBJ.map(m => `${esc(m)} (${P.objectives[m]})`).join(", ") +
     (S.constraints.length ? "; constraints: " + S.constraints.map(esc).join(", ") : ""),
   `MLflow: <code>${esc(S.tracking_uri)}</code>, experiment ${esc(S.experiment_id)}` +

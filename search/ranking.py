@@ -111,12 +111,18 @@ def pareto_table(record: SearchRecord, records: list[TrialRecord], only_front: b
 
 
 def pareto_document(record: SearchRecord, records: list[TrialRecord], only_front: bool = True) -> dict[str, Any]:
-    """What ``slimtune pareto --json`` prints: objectives, hypervolume, baseline and the table of ``records`` (ranked)."""
+    """What ``slimtune pareto --json`` prints: objectives, hypervolume, baseline, the table of ``records`` (ranked)
+    and ``unfinished``: how many trials failed (``failed``, and ``failure_reasons``: reason -> count) and how many
+    the scheduler stopped early (``stopped``)."""
+    from search.record import search_progress
+
     baseline = {k: v for k, v in record.baseline_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    progress = search_progress(record)
     return {
         "search": record.name,
         "objectives": {o.metric: o.direction for o in record.objectives},
         "hypervolume": search_hypervolume(record, records),
         "baseline": baseline,
         "trials": pareto_table(record, records, only_front=only_front),
+        "unfinished": {"failed": progress.failed, "failure_reasons": progress.reasons, "stopped": progress.stopped},
     }

@@ -17,7 +17,7 @@ from search.objectives import COST_METRICS
 from search.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
-__all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option"]
+__all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option", "unfinished_lines"]
 
 #: The results folder the CLI's ``resume``, ``pareto`` and ``export`` look in by default.
 DEFAULT_RESULTS_DIR = "slimtune_results"
@@ -71,6 +71,24 @@ def format_table(record: SearchRecord, rows: list[dict[str, Any]], baseline: dic
     if "latency_ms" in metrics and note:
         out.append(f"latency_ms: the exported {note} (the baseline's and every trial's alike)")
     return "\n".join(out)
+
+
+def unfinished_lines(progress: Progress) -> list[str]:
+    """What became of the trials without a result: the failed ones by reason, the stopped ones.
+
+    Called by ``slimtune pareto`` and at a search's end; ``[]`` when every trial completed.
+    """
+    lines = []
+    if progress.failed:
+        reasons = sorted(progress.reasons.items(), key=lambda item: -item[1])
+        told = sum(count for _, count in reasons)
+        parts = [f"{reason} ({count})" for reason, count in reasons]
+        if told < progress.failed:
+            parts.append(f"no reason recorded ({progress.failed - told}; see the trials' error.txt under tune/)")
+        lines.append(f"{plural(progress.failed, 'failed trial')}: " + "; ".join(parts))
+    if progress.stopped:
+        lines.append(f"{plural(progress.stopped, 'trial')} stopped early by the scheduler (budget.scheduler): counted in the budget, never on the front")
+    return lines
 
 
 def print_now(line: str) -> None:
@@ -149,6 +167,8 @@ class Reporter:
         if progress.completed == 0:
             self.log(f"[slimtune] every trial failed; the most common reason: {progress.common_failure()}")
             return
+        for line in unfinished_lines(progress):
+            self.say(line)
         self.log(format_table(record, pareto_table(record, records), record.baseline_metrics))
         self.log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
         # MLflow 3.x decides GenAI vs model-training pages by a UI-wide switch, not by the

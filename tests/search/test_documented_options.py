@@ -51,8 +51,8 @@ task: {name: adding, options: {length: 8, train_size: 256, val_size: 64, test_si
 model: {name: gru, options: {hidden_size: 8}}
 training: {batch_size: 64, lr: 0.01, weight_decay: 0.0}
 methods:
-  l1_filter: {optional: false, params: {ratio: {low: 0.2, high: 0.7}}}
-objectives: {mse: min, params: min}
+  minmax_quant: {optional: false, params: {bits: {choices: [4, 8]}}}
+objectives: {mse: min, size_bytes: min}
 """,
     ),
     "opt_copy": dict(
