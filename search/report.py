@@ -164,11 +164,13 @@ class Reporter:
             f"{len(best)} on the Pareto front, hypervolume {hv:.4f}"
         )
         self.exhausted(progress)
-        if progress.completed == 0:
+        if progress.completed == 0 and not progress.stopped:
             self.log(f"[slimtune] every trial failed; the most common reason: {progress.common_failure()}")
             return
         for line in unfinished_lines(progress):
             self.say(line)
+        if progress.completed == 0:
+            return
         self.log(format_table(record, pareto_table(record, records), record.baseline_metrics))
         self.log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
         # MLflow 3.x decides GenAI vs model-training pages by a UI-wide switch, not by the
