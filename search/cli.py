@@ -136,8 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimtune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("slimtune: interrupted; continue with `slimtune resume NAME`.", file=sys.stderr)
+        # Only a search can be continued, and only under its own name (search prints its hints itself).
+        hint = f"; continue with: slimtune resume {args.name} --results-dir {args.results_dir}" if args.command == "resume" else ""
+        print(f"slimtune: interrupted{hint}.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output has closed it (`slimtune pareto NAME --json | head`): stop
+        # quietly, as a command killed by SIGPIPE does; stdout goes nowhere so that the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -248,46 +256,65 @@ def _export(args: argparse.Namespace) -> int:
         chosen = matches[0]
     else:
         chosen = pick_record(record, records, args.pick)
-    with exported_model_dir(chosen.checkpoint) as source:
-        if source is None:
-            raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
-        shutil.copytree(source, out, dirs_exist_ok=True)
-    space = record.space
-    task = load_task(space)
-    device = torch.device(args.device)
-    forms = ["program", "module"]
-    if args.compile:
-        print(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...", flush=True)
-        try:
-            compile_program(out, device)
-            forms.append("compiled")
-        except UserError as exc:
-            print(f"slimtune: warning: {exc}", file=sys.stderr)
-    diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
-    # The same batch and threads as the trial's latency_ms, unless asked otherwise.
-    batch = args.batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
-    threads = args.threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
-    x = task.example_input(batch).to(device)
-    latency = {form: latency_ms(load_form(out, form, device), x, repeats=space.latency_repeats, threads=threads) for form in forms}
-    # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
-    recipe = json.loads((out / "recipe.json").read_text())
-    recipe.update({
-        "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
-        "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
-    })  # fmt: skip
-    write_recipe(out, recipe)
-    print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
-    print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
-    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(f for f in forms if f != 'module')} match the module (max diff {diff:.2g})")
-    print(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
-    for form in forms:
-        note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
-        print(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
-    print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
-    if "compiled" in forms:
-        print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
-    if args.register:
-        _register(args, record, chosen, out, task.example_input(2))
+    # The topmost folder this export creates (None: --out exists, empty): what a failure removes,
+    # so that the same command can run again.
+    created = None
+    for folder in (out, *out.absolute().parents):
+        if folder.exists():
+            break
+        created = folder
+    try:
+        with exported_model_dir(chosen.checkpoint) as source:
+            if source is None:
+                raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
+            shutil.copytree(source, out, dirs_exist_ok=True)
+        space = record.space
+        task = load_task(space)
+        device = torch.device(args.device)
+        forms = ["program", "module"]
+        if args.compile:
+            print(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...", flush=True)
+            try:
+                compile_program(out, device)
+                forms.append("compiled")
+            except UserError as exc:
+                print(f"slimtune: warning: {exc}", file=sys.stderr)
+        diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
+        # The same batch and threads as the trial's latency_ms, unless asked otherwise.
+        batch = args.batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
+        threads = args.threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
+        x = task.example_input(batch).to(device)
+        latency = {form: latency_ms(load_form(out, form, device), x, repeats=space.latency_repeats, threads=threads) for form in forms}
+        # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
+        recipe = json.loads((out / "recipe.json").read_text())
+        recipe.update({
+            "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
+            "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
+        })  # fmt: skip
+        write_recipe(out, recipe)
+        print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
+        print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
+        checked = [f for f in forms if f != "module"]
+        print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
+        print(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
+        for form in forms:
+            note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
+            print(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
+        print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
+        if "compiled" in forms:
+            print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
+        if args.register:
+            _register(args, record, chosen, out, task.example_input(2))
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif out.is_dir():
+            for path in out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        raise
     return 0
 
 
@@ -389,6 +416,14 @@ def _profile(args: argparse.Namespace) -> int:
         raise UserError("--method-option sets a hyperparameter of --method, but no --method was given; add --method NAME.")
     options = {kind: _options(getattr(args, f"{kind}_option"), f"--{kind}-option") for kind in ("task", "model", "method")}
     task, shape, model = _profile_model(args, options)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except Exception as exc:  # noqa: BLE001  any failure here means the model does not fit the task
+        raise UserError(
+            f"{args.model} does not accept task '{task}' input of shape {(1, *shape)} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). "
+            "Choose the task the model is made for with --task (e.g. adding or seq_digits for gru and lstm), or --model-option / --task-option to fit them."
+        ) from None
     flops = count_flops(model, torch.zeros(1, *shape))
     x = torch.zeros(args.batch_size, *shape)
     if args.form == "program":  # timed as a trial times it
@@ -611,13 +646,14 @@ def _check(args: argparse.Namespace) -> int:
     from search.checks import check_methods, check_resources, check_storage, local_resources
 
     space = _overridden_space(args)
-    print(f"{args.space}: valid ({space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)})")
+    # "valid" only once every check has passed: any of them may still refuse the space.
+    print(f"{args.space}: {space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)}")
     _print_warnings(space)
     check_storage(space, space.results_dir, space.tracking_uri)
     count = check_methods(space, log=print)
     # Last, so that a space meant for a GPU cluster still gets its pre-flight on a laptop.
     check_resources(space, local_resources())
-    print(f"{'all ' if count > 1 else ''}{plural(count, 'pre-flight check')} passed")
+    print(f"{args.space}: valid ({'all ' if count > 1 else ''}{plural(count, 'pre-flight check')} passed)")
     return 0
 
 

@@ -25,16 +25,12 @@ from typing import Any
 
 from search.ranking import hypervolume_history, pareto_document, pareto_table, rank_records
 from search.record import SearchRecord, completed_records
-from search.report import results_dir_option
+from search.report import mlflow_ui, results_dir_option
 
 __all__ = ["report_data", "write_report", "log_report", "REPORT_ARTIFACT"]
 
 #: Name of the report among the parent run's artifacts.
 REPORT_ARTIFACT = "report.html"
-
-#: Where ``mlflow ui`` serves a database store by default (what the links of such a store open).
-LOCAL_UI = "http://127.0.0.1:5000"
-
 
 def report_data(record: SearchRecord) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (see the module docstring for the keys)."""
@@ -44,8 +40,7 @@ def report_data(record: SearchRecord) -> dict[str, Any]:
     rank_records(record, records)
     tracker = record.tracker()
     experiment_id = tracker.experiment_id
-    remote = record.tracking_uri.startswith(("http://", "https://"))
-    ui = record.tracking_uri.rstrip("/") if remote else LOCAL_UI
+    ui, start_ui = mlflow_ui(record.tracking_uri)
     space = yaml.safe_load(record.space_yaml)
     space = space if isinstance(space, dict) else {}
     links = {
@@ -72,7 +67,7 @@ def report_data(record: SearchRecord) -> dict[str, Any]:
             "experiment_id": experiment_id,
             "parent_run_id": record.parent_run_id,
             "parent_run": f"{ui}/#/experiments/{experiment_id}/runs/{record.parent_run_id}" if record.parent_run_id else None,
-            "mlflow_ui": None if remote else f"mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000",
+            "mlflow_ui": start_ui,
             "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         },
     }

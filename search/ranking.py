@@ -86,9 +86,10 @@ def pick_record(record: SearchRecord, records: list[TrialRecord], pick: str) -> 
     if pick == "knee":
         index = pareto.knee_index([[r.metrics[m] for m in record.metric_names] for r in best], record.modes)
         return best[index]
-    match = re.fullmatch(r"(min|max)-([a-z_]+)", pick)
+    # Metric names hold capitals and digits too (mAP, rank1).
+    match = re.fullmatch(r"(min|max)-(\w+)", pick)
     if not match:
-        raise UserError(f"--pick must be knee, max-accuracy or min-<objective> (e.g. min-macs), but got '{pick}'.")
+        raise UserError(f"--pick must be knee, max-<metric> (e.g. max-accuracy) or min-<metric> (e.g. min-macs), but got '{pick}'.")
     direction, metric = match.groups()
     if metric not in best[0].metrics:
         raise UserError(f"--pick {pick}: no metric '{metric}'.{did_you_mean(metric, best[0].metrics)}")

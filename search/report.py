@@ -17,10 +17,25 @@ from search.objectives import COST_METRICS
 from search.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
-__all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option", "unfinished_lines"]
+__all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option", "unfinished_lines", "mlflow_ui", "UI_PORT"]
 
 #: The results folder the CLI's ``resume``, ``pareto`` and ``export`` look in by default.
 DEFAULT_RESULTS_DIR = "slimtune_results"
+
+
+#: The port of the MLflow UI for a database store: the one ``make ui`` serves it on.
+UI_PORT = 5000
+
+
+def mlflow_ui(tracking_uri: str) -> tuple[str, str | None]:
+    """The address of the MLflow UI that shows ``tracking_uri``, and the command that starts it.
+
+    An MLflow server (``http(s)://``) is its own UI (no command: it runs already); a database
+    store is shown by ``mlflow ui`` on 127.0.0.1 at :data:`UI_PORT`.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/"), None
+    return f"http://127.0.0.1:{UI_PORT}", f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {UI_PORT}"
 
 
 def results_dir_option(record: SearchRecord) -> str:
@@ -172,10 +187,15 @@ class Reporter:
         if progress.completed == 0:
             return
         self.log(format_table(record, pareto_table(record, records), record.baseline_metrics))
-        self.log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
+        ui, start = mlflow_ui(record.tracking_uri)
         # MLflow 3.x decides GenAI vs model-training pages by a UI-wide switch, not by the
         # experiment's tag; this URL opens the runs table of this search directly.
-        self.log(f"        then open http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning")
+        url = f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        if start:
+            self.log(f"\nBrowse: {start}")
+            self.log(f"        then open {url}")
+        else:
+            self.log(f"\nBrowse: {url}")
         if best:
             self.log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}{results_dir_option(record)}")
         else:

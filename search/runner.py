@@ -366,7 +366,10 @@ def finish_search(record: SearchRecord, reporter: Reporter | None = None) -> Sea
         tracker.client.log_artifact(record.parent_run_id, str(png_path))
     log_report(record, write_report(record, record.folder / REPORT_ARTIFACT))
     tracker.client.log_batch(record.parent_run_id, metrics=tracker._metric_entities({"hypervolume": hv, "front_size": float(len(best)), "completed_trials": float(len(records))}, step=0))
-    tracker.client.set_terminated(record.parent_run_id, status="FINISHED")
+    # A search resumed after it had finished keeps the end time it finished at (MLflow shows the
+    # run's duration as end - start).
+    ended = tracker.client.get_run(record.parent_run_id).info
+    tracker.client.set_terminated(record.parent_run_id, status="FINISHED", end_time=ended.end_time if ended.status == "FINISHED" else None)
     reporter.finished(record, records, search_progress(record), tracker.experiment_id)
     return record
 

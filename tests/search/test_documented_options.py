@@ -27,7 +27,7 @@ SEARCHES = {
         body="""
 task: digits
 model: digits_cnn
-training: {batch_size: 128, lr: 0.05}
+training: {batch_size: 32, lr: 0.05}
 methods:
   l1_filter: {optional: false, params: {ratio: {low: 0.2, high: 0.7}}}
 objectives: {accuracy: max, macs: min}
@@ -47,20 +47,21 @@ objectives: {psnr: max, size_bytes: min}
     "opt_adding": dict(
         sampler="random", scheduler="mo_asha", optimizer="adam",
         body="""
-task: {name: adding, options: {length: 8, train_size: 256, val_size: 64, test_size: 64}}
+task: {name: adding, options: {length: 8, train_size: 1024, val_size: 64, test_size: 64}}
 model: {name: gru, options: {hidden_size: 8}}
-training: {batch_size: 64, lr: 0.01, weight_decay: 0.0}
+training: {batch_size: 16, lr: 0.01, weight_decay: 0.0}
 methods:
   minmax_quant: {optional: false, params: {bits: {choices: [4, 8]}}}
 objectives: {mse: min, size_bytes: min}
 """,
     ),
     "opt_copy": dict(
-        sampler="tpe", scheduler="fifo", optimizer="sgd",
+        sampler="tpe", scheduler="fifo", optimizer="adam",
         body="""
-task: {name: copy_memory, options: {delay: 4, length: 3, train_size: 256, val_size: 64, test_size: 64}}
-model: {name: lstm, options: {hidden_size: 8}}
-training: {batch_size: 64, lr: 0.05}
+task: {name: copy_memory, options: {delay: 4, length: 3, train_size: 1024, val_size: 64, test_size: 64}}
+model: {name: lstm, options: {hidden_size: 16}}
+baseline: {epochs: 3}
+training: {batch_size: 16, lr: 0.02, weight_decay: 0.0}
 methods:
   minmax_quant: {optional: false, params: {bits: {choices: [4, 8]}}}
 objectives: {accuracy: max, size_bytes: min}
@@ -70,8 +71,9 @@ objectives: {accuracy: max, size_bytes: min}
         sampler="tpe", scheduler="fifo", optimizer="sgd",
         body="""
 task: digits_2view
-model: {name: two_branch_digits, options: {width: 16, bottleneck: 8}}
-training: {batch_size: 128, lr: 0.05}
+model: {name: two_branch_digits, options: {width: 32, bottleneck: 8}}
+baseline: {epochs: 3}
+training: {batch_size: 32, lr: 0.05}
 methods:
   vsd: {optional: false, params: {bottleneck: {choices: [4, 8]}}}
 objectives: {rank1: max, macs: min}
@@ -88,11 +90,12 @@ def _space(name: str, spec: dict, tmp: Path) -> str:
 
     body = yaml.safe_load(spec["body"])
     body["training"]["optimizer"] = spec["optimizer"]
+    baseline = {"epochs": 1, **body.pop("baseline", {})}
     return yaml.safe_dump(
         {
             "name": name,
             **body,
-            "baseline": {"epochs": 1},
+            "baseline": baseline,
             "budget": {"trials": 2, "concurrent": 2, "epochs": 1, "cpus_per_trial": 1, "scheduler": spec["scheduler"], "grace_epochs": 1},
             "sampler": {"name": spec["sampler"], "seed": 0},
             "measure": {"latency_repeats": 2},
@@ -111,8 +114,7 @@ def test_every_documented_value_is_used_by_a_search_here() -> None:
     assert chosen == {"sampler": set(SAMPLERS), "scheduler": set(SCHEDULERS), "optimizer": set(OPTIMIZERS)}
     tasks = {spec_task["name"] if isinstance(spec_task, dict) else spec_task for spec_task in (yaml.safe_load(s["body"])["task"] for s in SEARCHES.values())}
     assert {task_kind(t) for t in tasks} == set(TASK_KINDS)
-    # ``export --compile`` writes every form (test_export_writes_and_times_every_form).
-    assert set(FORMS) == {"program", "module", "compiled"}
+    # Every export form: test_export_writes_and_times_every_form asks for each one of FORMS.
     profile = next(a for a in _parser()._subparsers._group_actions[0].choices["profile"]._actions if a.dest == "form")
     assert set(profile.choices) == set(LATENCY_FORMS)
 
@@ -170,6 +172,48 @@ def test_each_search_completes_both_trials_with_its_choices(searches, name: str)
     children = client.search_runs([parent.info.experiment_id], filter_string="tags.`slimtune.role` = 'trial'")
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     assert {c.data.tags["latency_form"] for c in children} == {"program"}
+
+
+@pytest.mark.slow
+def test_a_failed_export_leaves_nothing_and_the_same_command_then_runs(searches, monkeypatch) -> None:
+    from search.cli import main
+
+    tmp, _ = searches
+    out = tmp / "new" / "export"
+    command = ["export", "opt_sr", "--pick", "max-psnr", "--out", str(out), "--results-dir", str(tmp / "results")]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the reloaded program differs")
+
+    monkeypatch.setattr("search.export.check_round_trip", broken)
+    with pytest.raises(RuntimeError), contextlib.redirect_stdout(io.StringIO()):
+        main(command)
+    assert not (tmp / "new").exists()
+    monkeypatch.undo()
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(command) == 0
+    assert "; reloaded program matches the module (max diff" in stdout.getvalue()
+
+
+@pytest.mark.slow
+def test_report_register_and_resume_keep_the_search_run_s_end_time(searches) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from search.cli import main
+    from search.runner import resume_search
+
+    tmp, done = searches
+    record = done["opt_2view"]
+    client = MlflowClient(tracking_uri=record.tracking_uri)
+    ended = client.get_run(record.parent_run_id).info
+    results = str(tmp / "results")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", "opt_2view", "--results-dir", results]) == 0
+        assert main(["export", "opt_2view", "--pick", "max-rank1", "--register", "two-view", "--out", str(tmp / "reg"), "--results-dir", results]) == 0
+        resume_search("opt_2view", results_dir=results, log=lambda line: None)
+    after = client.get_run(record.parent_run_id).info
+    assert (after.status, after.start_time, after.end_time) == ("FINISHED", ended.start_time, ended.end_time)
 
 
 @pytest.mark.slow
