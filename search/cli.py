@@ -225,6 +225,28 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """``export``; on failure (or Ctrl-C) what it wrote into ``--out`` is removed, so the same command can run again."""
+    import shutil
+
+    out = Path(args.out)
+    # The topmost folder the export creates; None when --out exists (then, if empty, its contents go).
+    created = None if out.exists() else next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.parent.exists())
+    was_empty = out.is_dir() and not any(out.iterdir())
+    try:
+        return _write_export(args)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif was_empty:
+            for path in out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        raise
+
+
+def _write_export(args: argparse.Namespace) -> int:
     import shutil
 
     import torch
@@ -256,65 +278,47 @@ def _export(args: argparse.Namespace) -> int:
         chosen = matches[0]
     else:
         chosen = pick_record(record, records, args.pick)
-    # The topmost folder this export creates (None: --out exists, empty): what a failure removes,
-    # so that the same command can run again.
-    created = None
-    for folder in (out, *out.absolute().parents):
-        if folder.exists():
-            break
-        created = folder
-    try:
-        with exported_model_dir(chosen.checkpoint) as source:
-            if source is None:
-                raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
-            shutil.copytree(source, out, dirs_exist_ok=True)
-        space = record.space
-        task = load_task(space)
-        device = torch.device(args.device)
-        forms = ["program", "module"]
-        if args.compile:
-            print(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...", flush=True)
-            try:
-                compile_program(out, device)
-                forms.append("compiled")
-            except UserError as exc:
-                print(f"slimtune: warning: {exc}", file=sys.stderr)
-        diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
-        # The same batch and threads as the trial's latency_ms, unless asked otherwise.
-        batch = args.batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
-        threads = args.threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
-        x = task.example_input(batch).to(device)
-        latency = {form: latency_ms(load_form(out, form, device), x, repeats=space.latency_repeats, threads=threads) for form in forms}
-        # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
-        recipe = json.loads((out / "recipe.json").read_text())
-        recipe.update({
-            "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
-            "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
-        })  # fmt: skip
-        write_recipe(out, recipe)
-        print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
-        print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
-        checked = [f for f in forms if f != "module"]
-        print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
-        print(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
-        for form in forms:
-            note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
-            print(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
-        print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
-        if "compiled" in forms:
-            print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
-        if args.register:
-            _register(args, record, chosen, out, task.example_input(2))
-    except BaseException:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        elif out.is_dir():
-            for path in out.iterdir():
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        raise
+    with exported_model_dir(chosen.checkpoint) as source:
+        if source is None:
+            raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
+        shutil.copytree(source, out, dirs_exist_ok=True)
+    space = record.space
+    task = load_task(space)
+    device = torch.device(args.device)
+    forms = ["program", "module"]
+    if args.compile:
+        print(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...", flush=True)
+        try:
+            compile_program(out, device)
+            forms.append("compiled")
+        except UserError as exc:
+            print(f"slimtune: warning: {exc}", file=sys.stderr)
+    diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
+    # The same batch and threads as the trial's latency_ms, unless asked otherwise.
+    batch = args.batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
+    threads = args.threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
+    x = task.example_input(batch).to(device)
+    latency = {form: latency_ms(load_form(out, form, device), x, repeats=space.latency_repeats, threads=threads) for form in forms}
+    # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
+    recipe = json.loads((out / "recipe.json").read_text())
+    recipe.update({
+        "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
+        "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
+    })  # fmt: skip
+    write_recipe(out, recipe)
+    print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
+    print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
+    checked = [f for f in forms if f != "module"]
+    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
+    print(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
+    for form in forms:
+        note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
+        print(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
+    print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
+    if "compiled" in forms:
+        print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
+    if args.register:
+        _register(args, record, chosen, out, task.example_input(2))
     return 0
 
 
