@@ -96,7 +96,7 @@ def _space(name: str, spec: dict, tmp: Path) -> str:
             "name": name,
             **body,
             "baseline": baseline,
-            "budget": {"trials": 2, "concurrent": 2, "epochs": 1, "cpus_per_trial": 1, "scheduler": spec["scheduler"], "grace_epochs": 1},
+            "budget": {"trials": 2, "concurrent": 1, "epochs": 1, "cpus_per_trial": 1, "scheduler": spec["scheduler"], "grace_epochs": 1},
             "sampler": {"name": spec["sampler"], "seed": 0},
             "measure": {"latency_repeats": 2},
             "output": {"results_dir": str(tmp / "results"), "tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
