@@ -15,7 +15,6 @@ from typing import Any
 import optuna
 
 from search.objectives import Constraint, constraint_values
-from search.space import SAMPLERS
 
 __all__ = [
     "make_sampler",
@@ -141,6 +140,9 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    # Imported here: ``slimtune pareto`` counts trials through this module without torch, which search.space loads.
+    from search.space import SAMPLERS
+
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}.")
 
 
