@@ -225,7 +225,7 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """``export``; on failure (or Ctrl-C) what it wrote into ``--out`` is removed, so the same command can run again."""
+    """``export``: what a failure (or Ctrl-C) leaves in ``--out`` is removed, so the same command can run again."""
     import shutil
 
     out = Path(args.out)
@@ -233,7 +233,7 @@ def _export(args: argparse.Namespace) -> int:
     created = None if out.exists() else next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.parent.exists())
     was_empty = out.is_dir() and not any(out.iterdir())
     try:
-        return _write_export(args)
+        record, chosen, example = _write_export(args)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
@@ -244,9 +244,14 @@ def _export(args: argparse.Namespace) -> int:
                 else:
                     path.unlink()
         raise
+    if args.register:
+        # The export is written: it stays when the registry refuses the model.
+        _register(args, record, chosen, out, example)
+    return 0
 
 
-def _write_export(args: argparse.Namespace) -> int:
+def _write_export(args: argparse.Namespace) -> tuple[SearchRecord, TrialRecord, Any]:
+    """Write the export into ``--out`` and print it; return the search, the trial and an example input."""
     import shutil
 
     import torch
@@ -317,9 +322,7 @@ def _write_export(args: argparse.Namespace) -> int:
     print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
     if "compiled" in forms:
         print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
-    if args.register:
-        _register(args, record, chosen, out, task.example_input(2))
-    return 0
+    return record, chosen, task.example_input(2)
 
 
 def _register(args: argparse.Namespace, record: SearchRecord, chosen: TrialRecord, out: Path, example: Any) -> None:
