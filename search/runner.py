@@ -82,7 +82,9 @@ def run_search(
     """Train the baseline, run every trial, write MLflow, print and return the search's record.
 
     ``warm_start`` names an earlier search of the same results folder whose Pareto recipes run
-    as the first trials (:func:`search.warm_start.warm_start_points`).
+    as the first trials (:func:`search.warm_start.warm_start_points`). A Ray this process has
+    already started (a test session's, say) is used and left running; otherwise the search starts
+    (or connects to) Ray and stops (or leaves) it at the end.
 
     Raises:
         SearchInterrupted: SIGINT stopped the search before its budget was met.
