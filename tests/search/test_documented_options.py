@@ -22,9 +22,9 @@ from tasks import TASK_KINDS, task_kind
 
 #: The searches: what each one chooses, and its space's task, model, methods and objectives.
 SEARCHES = {
-    "opt_digits": dict(
-        sampler="nsga2", scheduler="asha", optimizer="sgd",
-        body="""
+    "opt_digits": {
+        "sampler": "nsga2", "scheduler": "asha", "optimizer": "sgd",
+        "body": """
 task: digits
 model: digits_cnn
 training: {batch_size: 32, lr: 0.05}
@@ -32,10 +32,10 @@ methods:
   l1_filter: {optional: false, params: {ratio: {low: 0.2, high: 0.7}}}
 objectives: {accuracy: max, macs: min}
 """,
-    ),
-    "opt_sr": dict(
-        sampler="gp", scheduler="fifo", optimizer="adam",
-        body="""
+    },
+    "opt_sr": {
+        "sampler": "gp", "scheduler": "fifo", "optimizer": "adam",
+        "body": """
 task: {name: sr, options: {scale: 2, patch_size: 16, patches_per_epoch: 32}}
 model: edsr_small
 training: {batch_size: 16, lr: 0.001, weight_decay: 0.0}
@@ -43,10 +43,10 @@ methods:
   minmax_quant: {optional: false, params: {bits: {choices: [4, 8]}, quantize_activations: false}}
 objectives: {psnr: max, size_bytes: min}
 """,
-    ),
-    "opt_adding": dict(
-        sampler="random", scheduler="mo_asha", optimizer="adam",
-        body="""
+    },
+    "opt_adding": {
+        "sampler": "random", "scheduler": "mo_asha", "optimizer": "adam",
+        "body": """
 task: {name: adding, options: {length: 8, train_size: 1024, val_size: 64, test_size: 64}}
 model: {name: gru, options: {hidden_size: 8}}
 training: {batch_size: 16, lr: 0.01, weight_decay: 0.0}
@@ -54,10 +54,10 @@ methods:
   minmax_quant: {optional: false, params: {bits: {choices: [4, 8]}}}
 objectives: {mse: min, size_bytes: min}
 """,
-    ),
-    "opt_copy": dict(
-        sampler="tpe", scheduler="fifo", optimizer="adam",
-        body="""
+    },
+    "opt_copy": {
+        "sampler": "tpe", "scheduler": "fifo", "optimizer": "adam",
+        "body": """
 task: {name: copy_memory, options: {delay: 4, length: 3, train_size: 1024, val_size: 64, test_size: 64}}
 model: {name: lstm, options: {hidden_size: 16}}
 baseline: {epochs: 3}
@@ -66,10 +66,10 @@ methods:
   minmax_quant: {optional: false, params: {bits: {choices: [4, 8]}}}
 objectives: {accuracy: max, size_bytes: min}
 """,
-    ),
-    "opt_2view": dict(
-        sampler="tpe", scheduler="fifo", optimizer="sgd",
-        body="""
+    },
+    "opt_2view": {
+        "sampler": "tpe", "scheduler": "fifo", "optimizer": "sgd",
+        "body": """
 task: digits_2view
 model: {name: two_branch_digits, options: {width: 32, bottleneck: 8}}
 baseline: {epochs: 3}
@@ -78,7 +78,7 @@ methods:
   vsd: {optional: false, params: {bottleneck: {choices: [4, 8]}}}
 objectives: {rank1: max, macs: min}
 """,
-    ),
+    },
 }
 
 #: The values of ``slimtune profile --form``, the forms a ``latency_ms`` can be timed on.
@@ -160,6 +160,7 @@ def test_each_search_completes_both_trials_with_its_choices(searches, name: str)
     tmp, done = searches
     spec = SEARCHES[name]
     record = load_search(name, tmp / "results")
+    assert record.parent_run_id == done[name].parent_run_id
     assert (record.space.sampler, record.space.budget.scheduler, record.space.optimizer) == (spec["sampler"], spec["scheduler"], spec["optimizer"])
     progress = search_progress(record)
     assert (progress.completed, progress.budget) == (2, 2)

@@ -71,7 +71,7 @@ def test_the_report_holds_failed_and_stopped_trials_with_their_reasons(capsys, t
     out = tmp_path / "report.html"
     assert main(["report", "broken", "--out", str(out), "--results-dir", str(tmp_path / "results")]) == 0
     page = out.read_text()
-    data = json.loads(re.search(r'<script type="application/json" id="slimtune-data">(.*?)</script>', page, flags=re.S).group(1).replace("<\\/", "</"))
+    data = json.loads(re.search(r'<script type="application/json" id="slimtune-data">(.*?)</script>', page, flags=re.DOTALL).group(1).replace("<\\/", "</"))
     assert data["trials"] == []
     assert data["pareto"]["unfinished"] == {
         "failed": 3,
