@@ -135,14 +135,22 @@ class MultiObjectiveASHA(FIFOScheduler):
 
 
 class ScalarASHA(ASHAScheduler):
-    """Tune's ASHA on one per-epoch metric; a trial it stops ends PRUNED in the study."""
+    """Tune's ASHA on one per-epoch metric; a trial it stops ends PRUNED in the study.
+
+    A trial that has trained ``max_t`` epochs (the longest pipeline) has no epoch left to save:
+    it goes on to its final result, where Tune's ASHA would stop it (and a search whose every
+    pipeline is that long would end with no completed trial).
+    """
 
     def __init__(self, stops: StoppedTrials, **kwargs) -> None:
         super().__init__(**kwargs)
         self.stops = stops
+        self.last_epoch = kwargs["max_t"]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         """Called by Tune with every result a trial reports."""
+        if result.get("epoch", 0) >= self.last_epoch:
+            return self.stops.settle(trial, result, True)
         decision = super().on_trial_result(tune_controller, trial, result)
         return self.stops.settle(trial, result, decision != TrialScheduler.STOP)
 

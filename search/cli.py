@@ -136,8 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimtune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("slimtune: interrupted; continue with `slimtune resume NAME`.", file=sys.stderr)
+        # Only a search can be continued, and only under its own name (search prints its hints itself).
+        hint = f"; continue with: slimtune resume {args.name} --results-dir {args.results_dir}" if args.command == "resume" else ""
+        print(f"slimtune: interrupted{hint}.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output has closed it (`slimtune pareto NAME --json | head`): stop
+        # quietly, as a command killed by SIGPIPE does; stdout goes nowhere so that the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -199,8 +207,8 @@ def _exit_code(record: SearchRecord) -> int:
 
 def _pareto(args: argparse.Namespace) -> int:
     from search.ranking import describe_reference, pareto_document, rank_records
-    from search.record import completed_records, load_search
-    from search.report import format_table, plural
+    from search.record import completed_records, load_search, search_progress
+    from search.report import format_table, plural, unfinished_lines
 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
@@ -210,11 +218,40 @@ def _pareto(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {doc['hypervolume']:.4f} ({describe_reference(doc['hypervolume_reference'])}); objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
+        for line in unfinished_lines(search_progress(record)):
+            print(line)
         print(format_table(record, doc["trials"], record.baseline_metrics))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    """``export``: what a failure (or Ctrl-C) leaves in ``--out`` is removed, so the same command can run again."""
+    import shutil
+
+    out = Path(args.out)
+    # The topmost folder the export creates; None when --out exists (then, if empty, its contents go).
+    created = None if out.exists() else next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.parent.exists())
+    was_empty = out.is_dir() and not any(out.iterdir())
+    try:
+        record, chosen, example = _write_export(args)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif was_empty:
+            for path in out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        raise
+    if args.register:
+        # The export is written: it stays when the registry refuses the model.
+        _register(args, record, chosen, out, example)
+    return 0
+
+
+def _write_export(args: argparse.Namespace) -> tuple[SearchRecord, TrialRecord, Any]:
+    """Write the export into ``--out`` and print it; return the search, the trial and an example input."""
     import shutil
 
     import torch
@@ -275,7 +312,8 @@ def _export(args: argparse.Namespace) -> int:
     write_recipe(out, recipe)
     print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
     print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
-    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(f for f in forms if f != 'module')} match the module (max diff {diff:.2g})")
+    checked = [f for f in forms if f != "module"]
+    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
     print(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
     for form in forms:
         note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
@@ -283,9 +321,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
     if "compiled" in forms:
         print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
-    if args.register:
-        _register(args, record, chosen, out, task.example_input(2))
-    return 0
+    return record, chosen, task.example_input(2)
 
 
 def _register(args: argparse.Namespace, record: SearchRecord, chosen: TrialRecord, out: Path, example: Any) -> None:
@@ -385,6 +421,14 @@ def _profile(args: argparse.Namespace) -> int:
         raise UserError("--method-option sets a hyperparameter of --method, but no --method was given; add --method NAME.")
     options = {kind: _options(getattr(args, f"{kind}_option"), f"--{kind}-option") for kind in ("task", "model", "method")}
     task, shape, model = _profile_model(args, options)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except Exception as exc:  # noqa: BLE001  any failure here means the model does not fit the task
+        raise UserError(
+            f"{args.model} does not accept task '{task}' input of shape {(1, *shape)} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). "
+            "Choose the task the model is made for with --task (e.g. adding or seq_digits for gru and lstm), or --model-option / --task-option to fit them."
+        ) from None
     flops = count_flops(model, torch.zeros(1, *shape))
     x = torch.zeros(args.batch_size, *shape)
     if args.form == "program":  # timed as a trial times it
@@ -608,14 +652,15 @@ def _check(args: argparse.Namespace) -> int:
     from search.checks import check_files, check_methods, check_resources, check_storage, local_resources
 
     space = _overridden_space(args)
-    print(f"{args.space}: valid ({space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)})")
+    # "valid" only once every check has passed: any of them may still refuse the space.
+    print(f"{args.space}: {space.task} / {space.model}, {plural(len(space.methods), 'method')}, objectives {', '.join(space.metric_names)}")
     _print_warnings(space)
     check_storage(space, space.results_dir, space.tracking_uri)
     check_files(space)
     count = check_methods(space, log=print)
     # Last, so that a space meant for a GPU cluster still gets its pre-flight on a laptop.
     check_resources(space, local_resources())
-    print(f"{'all ' if count > 1 else ''}{plural(count, 'pre-flight check')} passed")
+    print(f"{args.space}: valid ({'all ' if count > 1 else ''}{plural(count, 'pre-flight check')} passed)")
     return 0
 
 

@@ -114,7 +114,7 @@ class GracefulStop(tune.Callback):
             waiting = len(self.running)
             if waiting:
                 self.say(
-                    f"stopping: {waiting} running trial{'' if waiting == 1 else 's'} finish the epoch in progress and save a "
+                    f"stopping: {waiting} running trial{'' if waiting == 1 else 's'} {'finishes' if waiting == 1 else 'finish'} the epoch in progress and save{'s' if waiting == 1 else ''} a "
                     "checkpoint first (Ctrl-C again to stop now; that epoch is then redone on resume)"
                 )
         if not self.running <= self.ready:

@@ -25,16 +25,12 @@ from typing import Any
 
 from search.ranking import hypervolume_history, pareto_document, pareto_table, rank_records
 from search.record import SearchRecord, completed_records
-from search.report import results_dir_option
+from search.report import mlflow_ui, results_dir_option
 
 __all__ = ["report_data", "write_report", "log_report", "REPORT_ARTIFACT"]
 
 #: Name of the report among the parent run's artifacts.
 REPORT_ARTIFACT = "report.html"
-
-#: Where ``mlflow ui`` serves a database store by default (what the links of such a store open).
-LOCAL_UI = "http://127.0.0.1:5000"
-
 
 def report_data(record: SearchRecord) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (see the module docstring for the keys)."""
@@ -44,8 +40,7 @@ def report_data(record: SearchRecord) -> dict[str, Any]:
     rank_records(record, records)
     tracker = record.tracker()
     experiment_id = tracker.experiment_id
-    remote = record.tracking_uri.startswith(("http://", "https://"))
-    ui = record.tracking_uri.rstrip("/") if remote else LOCAL_UI
+    ui, start_ui = mlflow_ui(record.tracking_uri)
     space = yaml.safe_load(record.space_yaml)
     space = space if isinstance(space, dict) else {}
     links = {
@@ -72,7 +67,7 @@ def report_data(record: SearchRecord) -> dict[str, Any]:
             "experiment_id": experiment_id,
             "parent_run_id": record.parent_run_id,
             "parent_run": f"{ui}/#/experiments/{experiment_id}/runs/{record.parent_run_id}" if record.parent_run_id else None,
-            "mlflow_ui": None if remote else f"mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000",
+            "mlflow_ui": start_ui,
             "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         },
     }
@@ -241,10 +236,13 @@ document.addEventListener("click", e => { if (!tip.contains(e.target)) { pinned 
 
 // -- header ----------------------------------------------------------------------------------
 document.getElementById("title").textContent = `slimtune search '${S.name}'`;
-const completed = DATA.trials.length, onFront = P.trials.length;
+const completed = DATA.trials.length, onFront = P.trials.length, U = P.unfinished || {};
 document.getElementById("meta").innerHTML = [
   `${esc(S.task)} / ${esc(S.model)}: ${completed} completed trial${completed === 1 ? "" : "s"} of ${S.budget}, ` +
     `${onFront} on the front, hypervolume <b>${P.hypervolume.toFixed(4)}</b>`,
+  ...(U.failed ? [`<b>${U.failed} failed trial${U.failed === 1 ? "" : "s"}</b>: ` + (Object.entries(U.failure_reasons)
+    .sort((a, b) => b[1] - a[1]).map(([reason, n]) => `<code>${esc(reason)}</code> (${n})`).join("; ") || "no reason recorded")] : []),
+  ...(U.stopped ? [`${U.stopped} trial${U.stopped === 1 ? "" : "s"} stopped early by the scheduler (budget.scheduler): counted in the budget, never on the front`] : []),
   "objectives: " + OBJ.map(m => `${esc(m)} (${P.objectives[m]})`).join(", ") +
     (S.constraints.length ? "; constraints: " + S.constraints.map(esc).join(", ") : ""),
   `MLflow: <code>${esc(S.tracking_uri)}</code>, experiment ${esc(S.experiment_id)}` +

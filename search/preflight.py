@@ -105,7 +105,8 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
         result = _check_one(label, recipe, space, task, baseline, batch, expected_shape)
         status = "ok  " if result.ok else "FAIL"
         detail = f"params {result.params_before:,} -> {result.params_after:,}" if result.ok else result.reason
-        log(f"  [{status}] {label} {json_params(recipe) if len(recipe) == 1 else ''}: {detail}")
+        params = json_params(recipe) if len(recipe) == 1 else ""
+        log(f"  [{status}] {label}{' ' + params if params else ''}: {detail}")
         results.append(result)
     return results
 
@@ -136,7 +137,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def json_params(recipe: list[dict[str, Any]]) -> str:
-    return "(" + ", ".join(f"{k}={v}" for k, v in recipe[0]["params"].items()) + ")"
+    """``(ratio=0.7, round_to=1)``: the parameters of the recipe's one step; ``""`` when it has none."""
+    params = recipe[0]["params"]
+    return "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else ""
 
 
 def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> PreflightResult:

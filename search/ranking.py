@@ -125,9 +125,10 @@ def pick_record(record: SearchRecord, records: list[TrialRecord], pick: str) -> 
     if pick == "knee":
         index = pareto.knee_index([[r.metrics[m] for m in record.metric_names] for r in best], record.modes)
         return best[index]
-    match = re.fullmatch(r"(min|max)-([a-z_]+)", pick)
+    # Metric names hold capitals and digits too (mAP, rank1).
+    match = re.fullmatch(r"(min|max)-(\w+)", pick)
     if not match:
-        raise UserError(f"--pick must be knee, max-accuracy or min-<objective> (e.g. min-macs), but got '{pick}'.")
+        raise UserError(f"--pick must be knee, max-<metric> (e.g. max-accuracy) or min-<metric> (e.g. min-macs), but got '{pick}'.")
     direction, metric = match.groups()
     if metric not in best[0].metrics:
         raise UserError(f"--pick {pick}: no metric '{metric}'.{did_you_mean(metric, best[0].metrics)}")
@@ -152,8 +153,13 @@ def pareto_table(record: SearchRecord, records: list[TrialRecord], only_front: b
 
 
 def pareto_document(record: SearchRecord, records: list[TrialRecord], only_front: bool = True) -> dict[str, Any]:
-    """What ``slimtune pareto --json`` prints: objectives, hypervolume, baseline and the table of ``records`` (ranked)."""
+    """What ``slimtune pareto --json`` prints: objectives, hypervolume, baseline, the table of ``records`` (ranked)
+    and ``unfinished``: how many trials failed (``failed``, and ``failure_reasons``: reason -> count) and how many
+    the scheduler stopped early (``stopped``)."""
+    from search.record import search_progress
+
     baseline = {k: v for k, v in record.baseline_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    progress = search_progress(record)
     return {
         "search": record.name,
         "objectives": {o.metric: o.direction for o in record.objectives},
@@ -161,4 +167,5 @@ def pareto_document(record: SearchRecord, records: list[TrialRecord], only_front
         "hypervolume_reference": hypervolume_reference(record, records),
         "baseline": baseline,
         "trials": pareto_table(record, records, only_front=only_front),
+        "unfinished": {"failed": progress.failed, "failure_reasons": progress.reasons, "stopped": progress.stopped},
     }

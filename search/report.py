@@ -17,10 +17,25 @@ from search.objectives import COST_METRICS
 from search.ranking import describe_reference, front, hypervolume_reference, pareto_table, rank_records, search_hypervolume
 from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
-__all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option"]
+__all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option", "unfinished_lines", "mlflow_ui", "UI_PORT"]
 
 #: The results folder the CLI's ``resume``, ``pareto`` and ``export`` look in by default.
 DEFAULT_RESULTS_DIR = "slimtune_results"
+
+
+#: The port of the MLflow UI for a database store: the one ``make ui`` serves it on.
+UI_PORT = 5000
+
+
+def mlflow_ui(tracking_uri: str) -> tuple[str, str | None]:
+    """The address of the MLflow UI that shows ``tracking_uri``, and the command that starts it.
+
+    An MLflow server (``http(s)://``) is its own UI (no command: it runs already); a database
+    store is shown by ``mlflow ui`` on 127.0.0.1 at :data:`UI_PORT`.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/"), None
+    return f"http://127.0.0.1:{UI_PORT}", f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {UI_PORT}"
 
 
 def results_dir_option(record: SearchRecord) -> str:
@@ -71,6 +86,24 @@ def format_table(record: SearchRecord, rows: list[dict[str, Any]], baseline: dic
     if "latency_ms" in metrics and note:
         out.append(f"latency_ms: the exported {note} (the baseline's and every trial's alike)")
     return "\n".join(out)
+
+
+def unfinished_lines(progress: Progress) -> list[str]:
+    """What became of the trials without a result: the failed ones by reason, the stopped ones.
+
+    Called by ``slimtune pareto`` and at a search's end; ``[]`` when every trial completed.
+    """
+    lines = []
+    if progress.failed:
+        reasons = sorted(progress.reasons.items(), key=lambda item: -item[1])
+        told = sum(count for _, count in reasons)
+        parts = [f"{reason} ({count})" for reason, count in reasons]
+        if told < progress.failed:
+            parts.append(f"no reason recorded ({progress.failed - told}; see the trials' error.txt under tune/)")
+        lines.append(f"{plural(progress.failed, 'failed trial')}: " + "; ".join(parts))
+    if progress.stopped:
+        lines.append(f"{plural(progress.stopped, 'trial')} stopped early by the scheduler (budget.scheduler): counted in the budget, never on the front")
+    return lines
 
 
 def print_now(line: str) -> None:
@@ -148,14 +181,23 @@ class Reporter:
             f"{len(best)} on the Pareto front, hypervolume {hv:.4f} ({describe_reference(hypervolume_reference(record, records))})"
         )
         self.exhausted(progress)
-        if progress.completed == 0:
+        if progress.completed == 0 and not progress.stopped:
             self.log(f"[slimtune] every trial failed; the most common reason: {progress.common_failure()}")
             return
+        for line in unfinished_lines(progress):
+            self.say(line)
+        if progress.completed == 0:
+            return
         self.log(format_table(record, pareto_table(record, records), record.baseline_metrics))
-        self.log(f"\nBrowse: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
+        ui, start = mlflow_ui(record.tracking_uri)
         # MLflow 3.x decides GenAI vs model-training pages by a UI-wide switch, not by the
         # experiment's tag; this URL opens the runs table of this search directly.
-        self.log(f"        then open http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning")
+        url = f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        if start:
+            self.log(f"\nBrowse: {start}")
+            self.log(f"        then open {url}")
+        else:
+            self.log(f"\nBrowse: {url}")
         if best:
             self.log(f"Export: slimtune export {record.name} --pick knee --out exports/{record.name}{results_dir_option(record)}")
         else:

@@ -82,7 +82,9 @@ def run_search(
     """Train the baseline, run every trial, write MLflow, print and return the search's record.
 
     ``warm_start`` names an earlier search of the same results folder whose Pareto recipes run
-    as the first trials (:func:`search.warm_start.warm_start_points`).
+    as the first trials (:func:`search.warm_start.warm_start_points`). A Ray this process has
+    already started (a test session's, say) is used and left running; otherwise the search starts
+    (or connects to) Ray and stops (or leaves) it at the end.
 
     Raises:
         SearchInterrupted: SIGINT stopped the search before its budget was met.
@@ -131,7 +133,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
     from search import _tune
 
     try:
-        _init_ray(address)
+        started = _init_ray(address)
         try:
             import ray
 
@@ -143,7 +145,8 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
             _tune.fit(record, reporter, restore=restore)
         finally:
-            _shutdown_ray()
+            if started:
+                _shutdown_ray()
         if not search_progress(record).finished:
             # Tune returns early only when the first SIGINT stopped it.
             raise KeyboardInterrupt
@@ -200,14 +203,19 @@ def _baseline(space: SearchSpace, address: str | None, reporter: Reporter) -> tu
 # ----------------------------------------------------------------------------------------------
 
 
-def _init_ray(address: str | None) -> None:
-    """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``."""
+def _init_ray(address: str | None) -> bool:
+    """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``.
+
+    Returns:
+        Whether this call started (or connected) Ray; False when the process already had a Ray
+        (started by its caller, e.g. a test session), which the search then leaves running.
+    """
     import ray
 
     from search._private import keep_ray_on_loopback
 
     if ray.is_initialized():
-        return
+        return False
     kwargs: dict[str, Any] = dict(
         include_dashboard=False,
         logging_level=logging.ERROR,
@@ -227,6 +235,7 @@ def _init_ray(address: str | None) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    return True
 
 
 def _shutdown_ray() -> None:
@@ -360,7 +369,10 @@ def finish_search(record: SearchRecord, reporter: Reporter | None = None) -> Sea
         tracker.client.log_artifact(record.parent_run_id, str(png_path))
     log_report(record, write_report(record, record.folder / REPORT_ARTIFACT))
     tracker.client.log_batch(record.parent_run_id, metrics=tracker._metric_entities({"hypervolume": hv, "front_size": float(len(best)), "completed_trials": float(len(records))}, step=0))
-    tracker.client.set_terminated(record.parent_run_id, status="FINISHED")
+    # A search resumed after it had finished keeps the end time it finished at (MLflow shows the
+    # run's duration as end - start).
+    ended = tracker.client.get_run(record.parent_run_id).info
+    tracker.client.set_terminated(record.parent_run_id, status="FINISHED", end_time=ended.end_time if ended.status == "FINISHED" else None)
     reporter.finished(record, records, search_progress(record), tracker.experiment_id)
     return record
 

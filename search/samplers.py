@@ -7,6 +7,7 @@ Used by the Tune searcher (:mod:`search._tune`, :mod:`search._private`) and by
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,10 +15,10 @@ from typing import Any
 import optuna
 
 from search.objectives import Constraint, constraint_values
-from search.space import SAMPLERS
 
 __all__ = [
     "make_sampler",
+    "PicklableNSGAIISampler",
     "startup_trials",
     "good_trials",
     "population_size",
@@ -70,6 +71,41 @@ def population_size(trials: int) -> int:
     return max(4, min(50, trials // 4))
 
 
+#: The types of the locks a sampler may hold (``threading.Lock()`` and ``threading.RLock()``).
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler that pickles without its locks and makes new ones when unpickled.
+
+    Tune pickles the searcher, and with it the sampler, into its experiment state; Optuna's
+    NSGA-II sampler holds a lock (Optuna 5.1), which cannot be pickled. A lock guards only the
+    process it lives in, so a fresh one is what an unpickled sampler needs.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Called by pickle: every attribute, each lock replaced by the name of its type."""
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if isinstance(value, _LOCK_TYPES):
+                state[key] = _LockPlaceholder(reentrant=not isinstance(value, _LOCK_TYPES[0]))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Called by pickle: the attributes back, each lock a new one of its type."""
+        for key, value in state.items():
+            if isinstance(value, _LockPlaceholder):
+                state[key] = threading.RLock() if value.reentrant else threading.Lock()
+        self.__dict__.update(state)
+
+
+class _LockPlaceholder:
+    """Where a pickled sampler had a lock: whether it was reentrant."""
+
+    def __init__(self, reentrant: bool) -> None:
+        self.reentrant = reentrant
+
+
 def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
     """The sampler ``name`` (``tpe``, ``nsga2``, ``gp`` or ``random``), seeded and sized for ``trials``.
 
@@ -97,13 +133,16 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
                 gamma=good_trials,
             )
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=population_size(trials), seed=seed)
+        return PicklableNSGAIISampler(population_size=population_size(trials), seed=seed)
     if name == "gp":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    # Imported here: ``slimtune pareto`` counts trials through this module without torch, which search.space loads.
+    from search.space import SAMPLERS
+
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}.")
 
 

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: The values a metric can take (accuracy and SSIM are fractions; costs are never negative). A
-#: constraint outside its metric's range never holds, or always holds; both draw a warning.
+#: constraint outside its metric's range never holds (refused) or always holds (a warning).
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "accuracy": (0.0, 1.0),
     "accuracy_drop": (-1.0, 1.0),
@@ -706,7 +706,11 @@ def _constraints(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Constra
 
 
 def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[Constraint, ...], known: dict[str, str]) -> tuple[str, ...]:
-    """What is valid but probably not meant: an objective against its metric's nature, a constraint outside its metric's range."""
+    """What is valid but probably not meant: an objective against its metric's nature, a constraint that always holds.
+
+    Raises:
+        UserError: a constraint that never holds (its bound lies outside its metric's range).
+    """
     out = []
     for o in objectives:
         natural = known[o.metric]
@@ -724,10 +728,10 @@ def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[
         never = c.bound > high if c.op == ">=" else c.bound < low
         always = c.bound <= low if c.op == ">=" else c.bound >= high
         if never or always:
-            effect = "never holds: no trial will be feasible and the Pareto front will be empty" if never else "always holds: it constrains nothing"
-            out.append(r.message(
-                f"constraints[{i}]",
-                f"'{c}' {effect}, since {c.metric} lies within [{low:g}, {high:g}]"
-                + (" (a fraction: write 0.9 for 90%)." if high == 1.0 else "."),
-            ))
+            effect = "never holds: no trial could be feasible and the Pareto front would be empty" if never else "always holds: it constrains nothing"
+            text = f"'{c}' {effect}, since {c.metric} lies within [{low:g}, {high:g}]" + (" (a fraction: write 0.9 for 90%)." if high == 1.0 else ".")
+            if never:
+                # The whole budget would be spent on trials that cannot count: refused up front.
+                raise r.error(f"constraints[{i}]", text)
+            out.append(r.message(f"constraints[{i}]", text))
     return tuple(out)

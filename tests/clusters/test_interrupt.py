@@ -201,7 +201,7 @@ def check_epoch_saved(before: dict, search: Search, text: str) -> None:
         if run.get("status") == "RUNNING":
             after = search.runs()[trial_id]
             assert after["status"] == "FINISHED" or after["last_epoch"] > run["last_epoch"], (run, after, text)
-            assert after["status"] == "FINISHED" or "stopping: 1 running trial finish the epoch in progress" in text, text
+            assert after["status"] == "FINISHED" or "stopping: 1 running trial finishes the epoch in progress" in text, text
 
 
 def fresh_epoch(search: Search) -> Callable[[str, Search], bool]:

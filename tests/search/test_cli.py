@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -241,21 +242,34 @@ def test_check_prints_warnings_and_plurals(capsys, tmp_path: Path) -> None:
     data = yaml.safe_load(QUICKSTART.read_text())
     data["methods"] = {"l1_filter": {}}
     data["objectives"] = {"accuracy": "min", "macs": "min"}
-    data["constraints"] = ["accuracy >= 2.0"]
+    data["constraints"] = ["accuracy <= 1.5"]
     path = tmp_path / "warn.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["check", str(path), "--results-dir", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines()[0] == f"{path}: valid (digits / digits_cnn, 1 method, objectives accuracy, macs)"
-    assert captured.out.splitlines()[-1] == "1 pre-flight check passed"
+    assert captured.out.splitlines()[0] == f"{path}: digits / digits_cnn, 1 method, objectives accuracy, macs"
+    assert captured.out.splitlines()[-1] == f"{path}: valid (1 pre-flight check passed)"
     warnings = captured.err.splitlines()
     assert [w.split(": ")[:3] for w in warnings] == [
         ["slimtune", "warning", str(path)],
         ["slimtune", "warning", str(path)],
     ]
     assert "objectives.accuracy: min minimises accuracy" in warnings[0]
-    assert "constraints[0]: 'accuracy >= 2' never holds" in warnings[1]
+    assert "constraints[0]: 'accuracy <= 1.5' always holds" in warnings[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["warn.yaml"]
+
+
+@pytest.mark.parametrize("command", ["check", "search"])
+@pytest.mark.parametrize("constraint", ["accuracy >= 2.0", "macs <= -5"])
+def test_an_impossible_constraint_is_one_line_and_leaves_nothing(capsys, monkeypatch, tmp_path: Path, command: str, constraint: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["constraints"] = [constraint]
+    path = tmp_path / "impossible.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main([command, str(path)]) == 2
+    assert _one_error_line(capsys).startswith(f"{path}: constraints[0]: '{constraint.replace('2.0', '2')}' never holds: no trial could be feasible")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["impossible.yaml"]
 
 
 def test_export_into_an_unwritable_folder_is_one_line(capsys, tmp_path: Path) -> None:
@@ -290,3 +304,71 @@ def test_search_refuses_gpu_trials_on_a_cluster_without_gpus_before_training(cap
     assert message.startswith(f"{path}: budget.gpus_per_trial: each trial asks for 1 GPU, but the cluster has "), message
     assert "0 GPUs" in message
     assert [p.name for p in tmp_path.iterdir()] == ["gpu.yaml"]
+
+
+# ----------------------------------------------------------------------------------------------
+# What the command line says is true.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_profile_of_a_model_that_rejects_the_task_input_is_one_line(capsys) -> None:
+    assert main(["profile", "gru", "--task", "digits"]) == 2
+    assert _one_error_line(capsys).startswith("gru does not accept task 'digits' input of shape (1, 1, 8, 8) (RuntimeError: ")
+
+
+def test_check_says_valid_only_after_every_check_passed(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("search.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["budget"]["gpus_per_trial"] = 1
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert ": valid" not in captured.out and "[ok  ]" in captured.out
+    assert "budget.gpus_per_trial" in captured.err
+
+
+def test_a_method_without_parameters_shows_no_empty_brackets(capsys, tmp_path: Path) -> None:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["methods"] = {"kd": {"params": {}}, "minmax_quant": {"params": {"bits": 8}}}
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check", str(path), "--results-dir", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
+    checks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")]
+    assert [line.split(":")[0] for line in checks] == ["  [ok  ] kd", "  [ok  ] minmax_quant (bits=8)", "  [ok  ] pipeline kd > minmax_quant"]
+
+
+@pytest.mark.parametrize(("command", "interrupted"), [
+    (["export", "s", "--pick", "knee", "--out", "x"], "search.record.load_search"),
+    (["check", str(QUICKSTART)], "search.space.load_space"),
+    (["profile", "digits_cnn"], "search.cli._profile_model"),
+])  # fmt: skip
+def test_ctrl_c_outside_a_search_hints_no_resume(capsys, monkeypatch, tmp_path: Path, command: list[str], interrupted: str) -> None:
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(interrupted, ctrl_c)
+    assert main(command) == 130
+    assert capsys.readouterr().err == "slimtune: interrupted.\n"
+
+
+def test_ctrl_c_in_resume_hints_resume_with_the_search_name(capsys, monkeypatch) -> None:
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("search.runner.resume_search", ctrl_c)
+    assert main(["resume", "digits-7", "--results-dir", "r"]) == 130
+    assert capsys.readouterr().err == "slimtune: interrupted; continue with: slimtune resume digits-7 --results-dir r.\n"
+
+
+def test_pareto_json_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    from tests.search.test_unfinished_trials import _stored_search
+
+    _stored_search(tmp_path, completed=True)
+    command = [sys.executable, "-m", "search.cli", "pareto", "broken", "--json", "--results-dir", str(tmp_path / "results")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process.stdout.close()  # the reader is gone before the command writes (`| head` that has read enough)
+    _, err = process.communicate(timeout=120)
+    assert err.decode() == ""
+    assert process.returncode == 141

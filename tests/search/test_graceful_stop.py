@@ -59,3 +59,21 @@ def test_wait_if_stopping_returns_at_once_without_a_request(local_ray) -> None:
     started = time.monotonic()
     wait_if_stopping("trial_b")
     assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize(("running", "says"), [(1, "1 running trial finishes the epoch in progress and saves a checkpoint"), (2, "2 running trials finish the epoch in progress and save a checkpoint")])
+def test_the_stopping_line_agrees_with_the_number_of_trials(local_ray, running: int, says: str) -> None:
+    import ray
+
+    lines: list[str] = []
+    callback = GracefulStop(say=lines.append, stop_tune=lambda: None)
+    for n in range(running):
+        callback.on_trial_start(0, [], SimpleNamespace(trial_id=f"trial_{n}"))
+    graceful_stop._stop_requested.set()
+    try:
+        callback.on_step_begin(0, [])
+    finally:
+        graceful_stop._stop_requested.clear()
+        if callback.flag is not None:
+            ray.kill(callback.flag)
+    assert lines[0].startswith(f"stopping: {says} first"), lines

@@ -137,3 +137,18 @@ def test_a_search_that_runs_out_of_configurations_ends_and_says_why() -> None:
     lines.clear()
     Reporter(lines.append).exhausted(Progress(budget=3, completed=3, failed=0, reasons={}, exhausted=True))
     assert lines == []
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_pickles_and_proposes_after_unpickling(name: str) -> None:
+    # Tune pickles the searcher, sampler included, into its experiment state.
+    import pickle
+
+    sampler = pickle.loads(pickle.dumps(make_sampler(name, seed=0, trials=8)))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    for _ in range(5):
+        trial = ask_distinct(study, bits, max_asks=10)
+        if trial is None:
+            break
+        tell_metrics(study, trial.number, {"accuracy": 0.5, "macs": 1.0 * trial.params["minmax_quant/bits"]}, ["accuracy", "macs"], ())
+    assert {t.params["minmax_quant/bits"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE} == {2, 4, 8}

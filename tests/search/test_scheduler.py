@@ -241,3 +241,28 @@ def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> N
     runs = json.loads((record.folder / "runs.json").read_text())
     assert {r["name"] for r in runs.values() if r["status"] == "STOPPED_EARLY"} == stopped
     assert sum("stopped early after 1 epoch" in line for line in lines) == len(pruned), lines
+
+
+def test_asha_lets_a_trial_at_the_longest_pipeline_s_last_epoch_reach_its_final_result() -> None:
+    """Tune's ASHA stops every trial that reaches ``max_t``, before its final result arrives."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from search._private import TRIAL_NUMBER
+    from search._tune import ScalarASHA, StoppedTrials
+
+    scheduler = ScalarASHA(
+        StoppedTrials("unused", "sqlite://"), time_attr="epoch", metric="val_accuracy", mode="max", max_t=2, grace_period=1, reduction_factor=2
+    )
+    trials = [SimpleNamespace(trial_id=name, config={TRIAL_NUMBER: n}) for n, name in enumerate(("good", "worse"))]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    # Epoch 1 is a rung both pass; at epoch 2 (max_t) "worse" is worse, but its training is over.
+    accuracies = {1: (0.9, 0.95), 2: (0.9, 0.5)}
+    decisions = [
+        scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_accuracy": accuracy})
+        for epoch in (1, 2)
+        for trial, accuracy in zip(trials, accuracies[epoch])
+    ]
+    assert decisions == [TrialScheduler.CONTINUE] * 4

@@ -439,27 +439,39 @@ CONSTRAINTS = [
 
 
 @pytest.mark.parametrize(("constraint", "says"), CONSTRAINTS)
-def test_constraint_outside_its_metric_range_warns(tmp_path: Path, constraint: str, says: str | None) -> None:
+def test_constraint_outside_its_metric_range_is_refused_or_warns(tmp_path: Path, constraint: str, says: str | None) -> None:
+    expected = f"constraints[0]: '{constraint.replace('2.0', '2')}' {says}"
+    if says == "never holds":
+        # No trial could be feasible: refused before any budget is spent.
+        with pytest.raises(UserError) as info:
+            _warnings(tmp_path, _edit(_set("constraints", [constraint])))
+        assert str(info.value).startswith(f"{tmp_path / 'warn.yaml'}: {expected}"), str(info.value)
+        assert "\n" not in str(info.value)
+        return
     warnings = _warnings(tmp_path, _edit(_set("constraints", [constraint])))
     if says is None:
         assert warnings == ()
     else:
         assert len(warnings) == 1
-        assert warnings[0].startswith(f"constraints[0]: '{constraint.replace('2.0', '2')}' {says}"), warnings[0]
+        assert warnings[0].startswith(expected), warnings[0]
 
 
 def test_two_view_ranges(tmp_path: Path) -> None:
     data = yaml.safe_load((ROOT / "spaces" / "digits_2view.yaml").read_text())
     data["constraints"] = ["rank1 >= 90", "mAP_drop <= 0.05", "rank10_drop <= 0.02"]  # names with digits parse
-    warnings = _warnings(tmp_path, data)
-    assert len(warnings) == 1
-    assert warnings[0].startswith("constraints[0]: 'rank1 >= 90' never holds") and "(a fraction: write 0.9 for 90%)" in warnings[0]
+    with pytest.raises(UserError, match=r"constraints\[0\]: 'rank1 >= 90' never holds.*\(a fraction: write 0.9 for 90%\)"):
+        _warnings(tmp_path, data)
+    data["constraints"] = ["rank1 >= 0.9", "mAP_drop <= 0.05", "rank10_drop <= 0.02"]
+    assert _warnings(tmp_path, data) == ()
 
 
 def test_super_resolution_ranges(tmp_path: Path) -> None:
     data = yaml.safe_load((ROOT / "spaces" / "sr_quickstart.yaml").read_text())
     data["objectives"] = {"psnr": "min", "ssim": "max"}
-    data["constraints"] = ["ssim >= 1.5", "psnr >= 30", "psnr <= -1"]
+    data["constraints"] = ["ssim >= -1.5", "psnr >= 30", "psnr <= 1e9"]
     warnings = _warnings(tmp_path, data)
-    assert [w.split(":")[0] for w in warnings] == ["objectives.psnr", "constraints[0]", "constraints[2]"]
-    assert "ssim lies within [-1, 1]" in warnings[1] and "psnr lies within [0, inf]" in warnings[2]
+    assert [w.split(":")[0] for w in warnings] == ["objectives.psnr", "constraints[0]"]
+    assert "ssim lies within [-1, 1]" in warnings[1]
+    data["constraints"] = ["psnr <= -1"]
+    with pytest.raises(UserError, match=r"constraints\[0\]: 'psnr <= -1' never holds.*psnr lies within \[0, inf\]"):
+        _warnings(tmp_path, data)
