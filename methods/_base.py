@@ -38,7 +38,7 @@ method, ``slimtune methods`` and a space's checks need only the declarations).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -220,6 +220,15 @@ class Method:
         writes nothing.
         """
         return []
+
+    def recipe_params(self) -> dict[str, Any]:
+        """This method is called when the pipeline's recipe is written (``Pipeline.recipe``), also after the run.
+
+        It returns the hyperparameters in effect, JSON-serialisable, which :func:`create_method`
+        accepts back. A method that makes a decision a replay must not make again (one timed on
+        the machine) adds it here as a hyperparameter. The default is the config as it is.
+        """
+        return asdict(self.config)
 
     def state_dict(self) -> dict[str, Any]:
         """This method is called at every checkpoint; it returns what the method has learnt so far.

@@ -15,7 +15,6 @@ it as its checkpoint, and ``Pipeline.run(resume=state)`` continues from it bit-e
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -174,7 +173,7 @@ class Pipeline:
 
     def recipe(self) -> list[dict[str, Any]]:
         """The JSON-serialisable description that :meth:`from_recipe` rebuilds."""
-        return [{"name": m.name, "params": dataclasses.asdict(m.config)} for m in self.methods]
+        return [{"name": m.name, "params": m.recipe_params()} for m in self.methods]
 
     def _ordered_phases(self, method: Method, ctx: MethodContext) -> tuple[list[Phase], int]:
         """The method's phases, before-finalize first, and the index where finalize runs."""

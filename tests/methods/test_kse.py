@@ -16,6 +16,7 @@ from methods import Pipeline, TrainingState, check_pipeline, create_method, get_
 from methods.kse import (
     ClusteredConv2d,
     cluster_counts,
+    cluster_kernels,
     eligible_convs,
     index_bits,
     indicator_levels,
@@ -165,6 +166,21 @@ def test_clustered_conv_exports_on_both_paths(tmp_path) -> None:
         assert check_round_trip(tmp_path / path, X) <= 1e-5
 
 
+def test_kmeans_restarts_reach_the_best_clustering_one_start_misses() -> None:
+    # 16 random 3x3 kernels into 4 centroids: one k-means++ start (seed 0) ends 12% above the best
+    # within-cluster sum of squares that 50 single starts find; the paper's ten restarts reach it.
+    from sklearn.cluster import KMeans
+
+    kernels = torch.randn(16, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    centroids, index = cluster_kernels(kernels, 4, seed=0)
+    inertia = float((kernels - centroids[index]).pow(2).sum())
+    points = kernels.reshape(16, -1).numpy()
+    best = min(KMeans(n_clusters=4, n_init=1, random_state=seed).fit(points).inertia_ for seed in range(50))
+    one_start = KMeans(n_clusters=4, n_init=1, random_state=0).fit(points).inertia_
+    assert one_start > 1.1 * best
+    assert inertia == pytest.approx(best, rel=1e-9)
+
+
 def test_index_bits_are_ceil_log2_of_the_centroids() -> None:
     assert [index_bits(q) for q in (1, 2, 3, 4, 5, 16, 17)] == [0, 1, 2, 2, 3, 4, 5]
 
@@ -295,6 +311,32 @@ def test_only_quantization_may_change_the_architecture_after_kse() -> None:
         with pytest.raises(ValueError, match=f"after method 'kse' only quantization methods may change the architecture, but '{later}'"):
             check_pipeline([get_method("kse"), get_method(later)])
     check_pipeline([get_method("l1_filter"), get_method("kse"), get_method("kd"), get_method("pams")])
+
+
+def test_path_auto_records_its_choice_in_the_recipe_and_a_replay_reuses_it(digits_context, monkeypatch) -> None:
+    """The timed choice depends on the machine's load: a replay must not time again."""
+    import json
+
+    import methods.kse
+
+    def run(recipe: list[dict], faster: str) -> tuple[Pipeline, nn.Module]:
+        monkeypatch.setattr(methods.kse, "_faster_path", lambda layer, x: faster)
+        model, ctx = digits_context()
+        pipeline = Pipeline.from_recipe(recipe)
+        method = pipeline.methods[0]
+        return pipeline, method.finalize(method.prepare(model, ctx), ctx)
+
+    pipeline, model = run([{"name": "kse", "params": {"epochs": 0}}], faster="clustered")
+    recipe = json.loads(json.dumps(pipeline.recipe()))
+    assert recipe[0]["params"]["path"] == "auto"
+    assert recipe[0]["params"]["layer_paths"] == ["clustered", "clustered"]
+    # Replayed where the dense path times faster: the recorded paths, the same MACs.
+    replayed, again = run(recipe, faster="dense")
+    assert [m.path for m in again.modules() if isinstance(m, ClusteredConv2d)] == ["clustered", "clustered"]
+    assert replayed.metrics() == pipeline.metrics()
+    assert count_flops(again, torch.zeros(1, 1, 8, 8)).macs == count_flops(model, torch.zeros(1, 1, 8, 8)).macs
+    with pytest.raises(ValueError, match=r"`layer_paths` must name one path per clustered layer \(2\), but got 1"):
+        run([{"name": "kse", "params": {"epochs": 0, "layer_paths": ["dense"]}}], faster="dense")
 
 
 def test_the_flop_counter_sees_the_macs_of_the_chosen_path(digits_context) -> None:
