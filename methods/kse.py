@@ -224,9 +224,13 @@ class KSE(Method):
     Config = KSEConfig
     kind = "pruning"
     changes_architecture = True
-    # Pruning and cheap-convolution methods find their layers by type and trace channels with
-    # torch-pruning, which cannot see through a ClusteredConv2d; quantization and kd can follow.
-    restructured_only_by = ("quantization",)
+    # kd (which keeps the architecture) may follow; nothing that changes it.
+    restructured_only_by = ()
+    restructured_only_by_reason = (
+        "its clustered convolutions hold the weights as centroids picked by packed indices: pruning and cheap "
+        "convolutions cannot trace through them, and minmax_quant and pams would quantize only the plain layers "
+        "(the stem and the classifier), leaving the centroids in float"
+    )
 
     def __init__(self, config: KSEConfig | None = None) -> None:
         super().__init__(config)
