@@ -6,8 +6,12 @@ terms at their defaults (weights 2, T = 1), through the lifecycle's training loo
 (:func:`methods.train_phase`, the trial's loaders and optimizer). Measured on the test split as
 a trial measures (:func:`search.trial.measure`): cross-modal retrieval (digit -> edge-map
 modality, cosine distance on the shared representation z) Rank-1 and mAP, and the bottleneck
-width, parameters and MACs of the deployed model. Also the val KL(p(y|v) || p(y|z)) summed
-over the specific and shared branches, the gap VSD closes.
+width, parameters and MACs of the deployed model (the shared branch, all that evaluation runs;
+``training params`` counts every branch). Also the val KL(p(y|v) || p(y|z)) summed over the
+specific and shared branches (in eval mode), the gap VSD closes.
+
+The tables below were measured before two corrections (issue 29): ``params`` then counted every
+branch (now ``training params``) and the val KL ran in training mode.
 
 Target (issue 15): VCD+VML improves cross-modal Rank-1 over CE only. Measured with the default
 command below (3 seeds, 15 epochs, 1 thread; 59 s of CPU, 5m48s on the shared 2-core machine):
@@ -77,14 +81,18 @@ def build_space(args: argparse.Namespace):
 
 
 def val_kl(model: torch.nn.Module, ctx) -> float:
-    """KL(p(y|v) || p(y|z)) of the specific plus the shared branch over the val examples."""
+    """KL(p(y|v) || p(y|z)) of the specific plus the shared branch over the val examples, in eval mode.
+
+    (Training mode would normalise each batch norm by the validation batch and update its running
+    statistics with validation data.)
+    """
     from methods.variational import variational_kl
 
     was_training = model.training
     total, count = 0.0, 0
     with torch.no_grad():
         for inputs, _ in ctx.val_loader:
-            heads = model.train().heads(inputs)
+            heads = model.eval().heads(inputs)
             total += (variational_kl(heads[:, 0], heads[:, 1]) + variational_kl(heads[:, 2], heads[:, 3])).item() * len(inputs)
             count += len(inputs)
     model.train(was_training)
@@ -94,6 +102,7 @@ def val_kl(model: torch.nn.Module, ctx) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from deploy import count_params
     from methods import Phase, create_method, train_phase
     from search.trial import build_context, build_model, load_task, measure, seed_everything
 
@@ -116,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             train_phase(model, Phase("train", args.epochs), ctx, [t.loss for t in terms])
             kl = val_kl(model, ctx)
             metrics = measure(model.eval(), space, task, device, baseline=None)
+            # The deployed network is the shared branch (what evaluation runs); every branch trains.
             row = {"rank1": metrics["rank1"], "mAP": metrics["mAP"], "kl": kl, "bottleneck": float(model.bottleneck_width),
-                   "params": metrics["params"], "macs": metrics["macs"]}  # fmt: skip
+                   "params": float(count_params(model.shared)), "training_params": metrics["params"], "macs": metrics["macs"]}  # fmt: skip
             results[name].append(row)
             print(f"  seed {seed} {name:<14} rank1 {row['rank1']:.4f} mAP {row['mAP']:.4f} val KL {kl:.3f}", flush=True)
     print()
-    print(f"{'setting':<14} {'Rank-1 (mean +- sd)':>20} {'mAP (mean +- sd)':>18} {'val KL(v||z)':>13} {'bottleneck':>10} {'params':>8} {'MACs':>7}")
+    print(f"{'setting':<14} {'Rank-1 (mean +- sd)':>20} {'mAP (mean +- sd)':>18} {'val KL(v||z)':>13} {'bottleneck':>10} {'params':>8} {'MACs':>7} {'training params':>15}")
     for name, rows in results.items():
 
         def stat(key: str) -> str:
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return f"{100 * statistics.mean(values):.2f} +- {100 * sd:.2f}"
 
         kl = statistics.mean(r["kl"] for r in rows)
-        print(f"{name:<14} {stat('rank1'):>20} {stat('mAP'):>18} {kl:>13.3f} {rows[0]['bottleneck']:>10.0f} {rows[0]['params']:>8.0f} {rows[0]['macs']:>7.0f}")
+        print(f"{name:<14} {stat('rank1'):>20} {stat('mAP'):>18} {kl:>13.3f} {rows[0]['bottleneck']:>10.0f} {rows[0]['params']:>8.0f} {rows[0]['macs']:>7.0f} {rows[0]['training_params']:>15.0f}")
     base = statistics.mean(r["rank1"] for r in results["CE only"])
     full = statistics.mean(r["rank1"] for r in results["+VSD+VCD+VML"])
     print(f"\nRank-1 +VSD+VCD+VML - CE only: {100 * (full - base):+.2f} points (target: > 0); {time.perf_counter() - started:.0f} s")
