@@ -10,21 +10,23 @@ width, parameters and MACs of the deployed model (the shared branch, all that ev
 ``training params`` counts every branch). Also the val KL(p(y|v) || p(y|z)) summed over the
 specific and shared branches (in eval mode), the gap VSD closes.
 
-The tables below were measured before two corrections (issue 29): ``params`` then counted every
-branch (now ``training params``) and the val KL ran in training mode.
+The ``--bottleneck 4`` table below was measured before two corrections (issue 29): its
+``params`` counted every branch (now ``training params``) and its val KL ran in training mode.
 
 Target (issue 15): VCD+VML improves cross-modal Rank-1 over CE only. Measured with the default
 command below (3 seeds, 15 epochs, 1 thread; 59 s of CPU, 5m48s on the shared 2-core machine):
 
-    setting         Rank-1 (mean +- sd)   mAP (mean +- sd)  val KL(v||z) bottleneck   params    MACs
-    CE only               76.85 +- 2.97      59.58 +- 0.67         0.164         16    60012   19744
-    +VSD                  83.43 +- 2.33      67.02 +- 1.27         0.015         16    60012   19744
-    +VSD+VCD              91.30 +- 1.25      75.20 +- 0.42         0.024         16    60012   19744
-    +VSD+VCD+VML          90.28 +- 0.56      75.25 +- 0.52         0.024         16    60012   19744
+    setting         Rank-1 (mean +- sd)   mAP (mean +- sd)  val KL(v||z) bottleneck   params    MACs training params
+    CE only               76.85 +- 2.97      59.58 +- 0.67         0.164         16    20004   19744           60012
+    +VSD                  83.43 +- 2.33      67.02 +- 1.27         0.015         16    20004   19744           60012
+    +VSD+VCD              91.11 +- 1.11      75.19 +- 0.43         0.024         16    20004   19744           60012
+    +VSD+VCD+VML          90.37 +- 0.42      75.21 +- 0.55         0.024         16    20004   19744           60012
 
-+VSD+VCD+VML - CE only: +13.4 Rank-1 points (every seed: +13.3, +10.3, +16.7). VCD brings most of
-it; VML adds nothing measurable on top (-1.0 Rank-1, +0.05 mAP, within the seeds' spread).
-With ``--bottleneck 4`` (58,464 params, 19,240 MACs; 45 s of CPU):
+(rerun after the issue-29 corrections: ``params`` is the deployed shared branch, the KL in eval
+mode; 65 s.) +VSD+VCD+VML - CE only: +13.5 Rank-1 points (before the corrections: +13.4; every
+seed: +13.3, +10.3, +16.7). VCD brings most of it; VML adds nothing measurable on top (-0.7
+Rank-1, +0.02 mAP, within the seeds' spread). With ``--bottleneck 4`` (58,464 training params,
+19,240 MACs; 45 s of CPU; not rerun):
 
     CE only               70.56 +- 0.83      56.33 +- 0.29         0.468          4    58464   19240
     +VSD                  79.35 +- 3.94      67.04 +- 1.23         0.104          4    58464   19240
