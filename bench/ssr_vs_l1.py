@@ -9,7 +9,15 @@ divided by ``--levels``):
 2. ``l1_filter`` prunes another copy at the ratio whose MACs are closest to SSR's (bisection on the
    ratio), and ``gal`` (label-free, adversarial) at the ``lam`` whose MACs are closest (log
    bisection); a match within 2% stops the bisection early.
-3. All are fine-tuned the same way (cross-entropy, SGD, same epochs and learning rate).
+3. All are fine-tuned the same way (cross-entropy, SGD, same learning rate), and every method gets
+   the same number of labelled epochs in total: SSR's AULM phases (and layerwise fine-tunes) train
+   on labels, so ``l1_filter`` and ``gal`` (whose adversarial phase uses no labels) fine-tune for
+   that many epochs more than SSR does.
+
+Every row shows how far its MACs are from SSR's (``dMACs``); a row beyond 2% is marked ``!``.
+The summary gives each method's mean and standard deviation over seeds, and the paired difference
+of SSR and ``l1_filter`` after fine-tuning (mean and standard deviation over seeds): a difference
+within one standard deviation is not a win.
 
 Accuracy is on the task's test split, before and after that fine-tune; latency is the median CPU
 time of one forward pass of one example, one thread.
@@ -70,8 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--levels", type=float, nargs="+", help="MACs reduction factors to reach (digits: 2 5)")
     parser.add_argument("--variants", nargs="+", default=["l21", "l20"], choices=["l21", "l20"])
-    parser.add_argument("--level-tolerance", type=float, default=0.05, help="SSR's MACs within this fraction of each level")
-    parser.add_argument("--bisection-steps", type=int, default=8)
+    parser.add_argument("--level-tolerance", type=float, default=MATCH, help="SSR's MACs within this fraction of each level")
+    parser.add_argument("--bisection-steps", type=int, default=10)
     parser.add_argument("--skip-gal", action="store_true")
     parser.add_argument("--baseline-epochs", type=int)
     parser.add_argument("--baseline-lr", type=float)
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from deploy import count_flops
     from methods import Phase, Pipeline, create_method, train_phase
+    from methods.ssr import find_layers
     from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
 
     device = torch.device(args.device)
@@ -164,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         "layer_finetune_epochs": args.layer_finetune_epochs, "lr": args.ssr_lr, "finetune_epochs": 0,
     }  # fmt: skip
     gal_params = {"adversarial_epochs": args.gal_epochs, "finetune_epochs": 0}
+    ssr_layers = len(find_layers(baseline, task.example_input(1).to(device))) if args.schedule == "layerwise" else 1
+    ssr_labelled = args.aulm_epochs * ssr_layers + (args.layer_finetune_epochs * ssr_layers if args.schedule == "layerwise" else 0)
+    finetune_epochs = {"ssr": args.finetune_epochs, "l1_filter": args.finetune_epochs + ssr_labelled, "gal": args.finetune_epochs + ssr_labelled}
     print(f"task {args.task}, model {args.model}, device {device}, seeds {args.seeds}, levels {args.levels}, torch {torch.__version__}")
-    print(f"ssr {ssr_params}; gal {gal_params}; fine-tune of all: {args.finetune_epochs} epochs, SGD lr {args.finetune_lr}, cross-entropy")
+    print(f"ssr {ssr_params}; gal {gal_params}; fine-tune: SGD lr {args.finetune_lr}, cross-entropy, epochs {finetune_epochs}")
+    print(f"labelled epochs in total: {ssr_labelled + args.finetune_epochs} for every method (ssr: {ssr_labelled} in AULM)")
     print(f"baseline: accuracy {base_metrics['accuracy']:.4f}, {base_metrics['macs'] / 1e3:.1f}K MACs, {base_metrics['params'] / 1e3:.1f}K params ({time.perf_counter() - started:.0f} s)")
 
     def student(seed: int):
@@ -182,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     def finetune_and_measure(result: tuple[Any, Any], row: dict[str, Any]) -> dict[str, Any]:
         model, ctx = result
         before = measure(model, space, task, device, None)
-        train_phase(model, Phase("finetune", args.finetune_epochs, lr=args.finetune_lr, optimizer="sgd"), ctx, loss_terms=[])
+        epochs = finetune_epochs[row["method"].split("-")[0]]
+        train_phase(model, Phase("finetune", epochs, lr=args.finetune_lr, optimizer="sgd"), ctx, loss_terms=[])
         after = measure(model, space, task, device, None)
-        return {**row, "macs": before["macs"], "params": before["params"], "acc_before": before["accuracy"],
+        return {**row, "ft_epochs": epochs, "macs": before["macs"], "params": before["params"], "acc_before": before["accuracy"],
                 "acc_after": after["accuracy"], "latency_ms": after["latency_ms"]}  # fmt: skip
 
     rows = []
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda lam: pruned(seed, "ssr", {**ssr_params, "variant": variant, "lam": lam}),
                     0.02, 2.0, target, args.level_tolerance, args.bisection_steps, log=True,
                 )  # fmt: skip
-                common = {"seed": seed, "level": level, "variant": variant}
+                common = {"seed": seed, "level": level, "variant": variant, "ssr_macs": macs}
                 rows.append(finetune_and_measure(result, {**common, "method": f"ssr-{variant}", "setting": f"lam={lam:.3f}"}))
                 ratio, _, result = match_macs(
                     lambda ratio: pruned(seed, "l1_filter", {"ratio": ratio}), 0.0, 0.95, macs, MATCH, 16, log=False
@@ -211,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed}, {level:g}x, {variant}: {time.perf_counter() - t0:.0f} s", flush=True)
 
     print()
-    header = f"{'method':<10} {'level':>5} {'vs':>4} {'seed':>4}  {'setting':<12} {'MACs':>9} {'x':>5} {'params':>8} {'acc before FT':>13} {'acc after FT':>12} {'latency ms':>10}"
+    header = f"{'method':<10} {'level':>5} {'vs':>4} {'seed':>4}  {'setting':<12} {'MACs':>9} {'dMACs':>7} {'x':>5} {'params':>8} {'FT ep':>5} {'acc before FT':>13} {'acc after FT':>12} {'latency ms':>10}"
     print(header)
     print("-" * len(header))
-    base_row = f"{'baseline':<10} {'-':>5} {'-':>4} {'-':>4}  {'-':<12} {base_metrics['macs']:>9,.0f} {1:>5.2f} {base_metrics['params']:>8,.0f} {base_metrics['accuracy']:>13.4f} {base_metrics['accuracy']:>12.4f} {base_metrics['latency_ms']:>10.3f}"
+    base_row = f"{'baseline':<10} {'-':>5} {'-':>4} {'-':>4}  {'-':<12} {base_metrics['macs']:>9,.0f} {'-':>7} {1:>5.2f} {base_metrics['params']:>8,.0f} {'-':>5} {base_metrics['accuracy']:>13.4f} {base_metrics['accuracy']:>12.4f} {base_metrics['latency_ms']:>10.3f}"
     print(base_row)
     for r in rows:
         x = base_metrics["macs"] / r["macs"]
-        print(f"{r['method']:<10} {r['level']:>5g} {r['variant']:>4} {r['seed']:>4}  {r['setting']:<12} {r['macs']:>9,.0f} {x:>5.2f} {r['params']:>8,.0f} {r['acc_before']:>13.4f} {r['acc_after']:>12.4f} {r['latency_ms']:>10.3f}")
+        gap = r["macs"] / r["ssr_macs"] - 1
+        flag = f"{gap:+.1%}" + ("!" if abs(gap) > MATCH else " ")
+        print(f"{r['method']:<10} {r['level']:>5g} {r['variant']:>4} {r['seed']:>4}  {r['setting']:<12} {r['macs']:>9,.0f} {flag:>7} {x:>5.2f} {r['params']:>8,.0f} {r['ft_epochs']:>5} {r['acc_before']:>13.4f} {r['acc_after']:>12.4f} {r['latency_ms']:>10.3f}")
     print("-" * len(header))
     print("means over seeds (matched against the SSR variant in 'vs'):")
     for level in args.levels:
@@ -230,7 +246,16 @@ def main(argv: list[str] | None = None) -> int:
                 mean = {k: statistics.fmean(r[k] for r in mine) for k in ("macs", "params", "acc_before", "acc_after", "latency_ms")}
                 spread = statistics.pstdev(r["acc_after"] for r in mine)
                 x = base_metrics["macs"] / mean["macs"]
-                print(f"{method:<10} {level:>5g} {variant:>4} {'mean':>4}  {f'sd {spread:.4f}':<12} {mean['macs']:>9,.0f} {x:>5.2f} {mean['params']:>8,.0f} {mean['acc_before']:>13.4f} {mean['acc_after']:>12.4f} {mean['latency_ms']:>10.3f}")
+                print(f"{method:<10} {level:>5g} {variant:>4} {'mean':>4}  {f'sd {spread:.4f}':<12} {mean['macs']:>9,.0f} {'':>7} {x:>5.2f} {mean['params']:>8,.0f} {'':>5} {mean['acc_before']:>13.4f} {mean['acc_after']:>12.4f} {mean['latency_ms']:>10.3f}")
+    print("paired differences after fine-tuning, ssr minus l1_filter (same seed, level and matched MACs):")
+    for level in args.levels:
+        for variant in args.variants:
+            ssr = {r["seed"]: r["acc_after"] for r in rows if r["level"] == level and r["method"] == f"ssr-{variant}"}
+            l1 = {r["seed"]: r["acc_after"] for r in rows if r["level"] == level and r["variant"] == variant and r["method"] == "l1_filter"}
+            diffs = [ssr[s] - l1[s] for s in ssr if s in l1]
+            if diffs:
+                sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+                print(f"  {level:g}x {variant}: {statistics.fmean(diffs):+.4f} (sd {sd:.4f}, {len(diffs)} seeds)")
     if args.task == "mnist":
         print(PAPER_ROW)
     print(f"total {time.perf_counter() - started:.0f} s")

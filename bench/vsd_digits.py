@@ -6,21 +6,27 @@ terms at their defaults (weights 2, T = 1), through the lifecycle's training loo
 (:func:`methods.train_phase`, the trial's loaders and optimizer). Measured on the test split as
 a trial measures (:func:`search.trial.measure`): cross-modal retrieval (digit -> edge-map
 modality, cosine distance on the shared representation z) Rank-1 and mAP, and the bottleneck
-width, parameters and MACs of the deployed model. Also the val KL(p(y|v) || p(y|z)) summed
-over the specific and shared branches, the gap VSD closes.
+width, parameters and MACs of the deployed model (the shared branch, all that evaluation runs;
+``training params`` counts every branch). Also the val KL(p(y|v) || p(y|z)) summed over the
+specific and shared branches (in eval mode), the gap VSD closes.
+
+The ``--bottleneck 4`` table below was measured before two corrections (issue 29): its
+``params`` counted every branch (now ``training params``) and its val KL ran in training mode.
 
 Target (issue 15): VCD+VML improves cross-modal Rank-1 over CE only. Measured with the default
 command below (3 seeds, 15 epochs, 1 thread; 59 s of CPU, 5m48s on the shared 2-core machine):
 
-    setting         Rank-1 (mean +- sd)   mAP (mean +- sd)  val KL(v||z) bottleneck   params    MACs
-    CE only               76.85 +- 2.97      59.58 +- 0.67         0.164         16    60012   19744
-    +VSD                  83.43 +- 2.33      67.02 +- 1.27         0.015         16    60012   19744
-    +VSD+VCD              91.30 +- 1.25      75.20 +- 0.42         0.024         16    60012   19744
-    +VSD+VCD+VML          90.28 +- 0.56      75.25 +- 0.52         0.024         16    60012   19744
+    setting         Rank-1 (mean +- sd)   mAP (mean +- sd)  val KL(v||z) bottleneck   params    MACs training params
+    CE only               76.85 +- 2.97      59.58 +- 0.67         0.164         16    20004   19744           60012
+    +VSD                  83.43 +- 2.33      67.02 +- 1.27         0.015         16    20004   19744           60012
+    +VSD+VCD              91.11 +- 1.11      75.19 +- 0.43         0.024         16    20004   19744           60012
+    +VSD+VCD+VML          90.37 +- 0.42      75.21 +- 0.55         0.024         16    20004   19744           60012
 
-+VSD+VCD+VML - CE only: +13.4 Rank-1 points (every seed: +13.3, +10.3, +16.7). VCD brings most of
-it; VML adds nothing measurable on top (-1.0 Rank-1, +0.05 mAP, within the seeds' spread).
-With ``--bottleneck 4`` (58,464 params, 19,240 MACs; 45 s of CPU):
+(rerun after the issue-29 corrections: ``params`` is the deployed shared branch, the KL in eval
+mode; 65 s.) +VSD+VCD+VML - CE only: +13.5 Rank-1 points (before the corrections: +13.4; every
+seed: +13.3, +10.3, +16.7). VCD brings most of it; VML adds nothing measurable on top (-0.7
+Rank-1, +0.02 mAP, within the seeds' spread). With ``--bottleneck 4`` (58,464 training params,
+19,240 MACs; 45 s of CPU; not rerun):
 
     CE only               70.56 +- 0.83      56.33 +- 0.29         0.468          4    58464   19240
     +VSD                  79.35 +- 3.94      67.04 +- 1.23         0.104          4    58464   19240
@@ -77,14 +83,18 @@ def build_space(args: argparse.Namespace):
 
 
 def val_kl(model: torch.nn.Module, ctx) -> float:
-    """KL(p(y|v) || p(y|z)) of the specific plus the shared branch over the val examples."""
+    """KL(p(y|v) || p(y|z)) of the specific plus the shared branch over the val examples, in eval mode.
+
+    (Training mode would normalise each batch norm by the validation batch and update its running
+    statistics with validation data.)
+    """
     from methods.variational import variational_kl
 
     was_training = model.training
     total, count = 0.0, 0
     with torch.no_grad():
         for inputs, _ in ctx.val_loader:
-            heads = model.train().heads(inputs)
+            heads = model.eval().heads(inputs)
             total += (variational_kl(heads[:, 0], heads[:, 1]) + variational_kl(heads[:, 2], heads[:, 3])).item() * len(inputs)
             count += len(inputs)
     model.train(was_training)
@@ -94,6 +104,7 @@ def val_kl(model: torch.nn.Module, ctx) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from deploy import count_params
     from methods import Phase, create_method, train_phase
     from search.trial import build_context, build_model, load_task, measure, seed_everything
 
@@ -116,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             train_phase(model, Phase("train", args.epochs), ctx, [t.loss for t in terms])
             kl = val_kl(model, ctx)
             metrics = measure(model.eval(), space, task, device, baseline=None)
+            # The deployed network is the shared branch (what evaluation runs); every branch trains.
             row = {"rank1": metrics["rank1"], "mAP": metrics["mAP"], "kl": kl, "bottleneck": float(model.bottleneck_width),
-                   "params": metrics["params"], "macs": metrics["macs"]}  # fmt: skip
+                   "params": float(count_params(model.shared)), "training_params": metrics["params"], "macs": metrics["macs"]}  # fmt: skip
             results[name].append(row)
             print(f"  seed {seed} {name:<14} rank1 {row['rank1']:.4f} mAP {row['mAP']:.4f} val KL {kl:.3f}", flush=True)
     print()
-    print(f"{'setting':<14} {'Rank-1 (mean +- sd)':>20} {'mAP (mean +- sd)':>18} {'val KL(v||z)':>13} {'bottleneck':>10} {'params':>8} {'MACs':>7}")
+    print(f"{'setting':<14} {'Rank-1 (mean +- sd)':>20} {'mAP (mean +- sd)':>18} {'val KL(v||z)':>13} {'bottleneck':>10} {'params':>8} {'MACs':>7} {'training params':>15}")
     for name, rows in results.items():
 
         def stat(key: str) -> str:
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             return f"{100 * statistics.mean(values):.2f} +- {100 * sd:.2f}"
 
         kl = statistics.mean(r["kl"] for r in rows)
-        print(f"{name:<14} {stat('rank1'):>20} {stat('mAP'):>18} {kl:>13.3f} {rows[0]['bottleneck']:>10.0f} {rows[0]['params']:>8.0f} {rows[0]['macs']:>7.0f}")
+        print(f"{name:<14} {stat('rank1'):>20} {stat('mAP'):>18} {kl:>13.3f} {rows[0]['bottleneck']:>10.0f} {rows[0]['params']:>8.0f} {rows[0]['macs']:>7.0f} {rows[0]['training_params']:>15.0f}")
     base = statistics.mean(r["rank1"] for r in results["CE only"])
     full = statistics.mean(r["rank1"] for r in results["+VSD+VCD+VML"])
     print(f"\nRank-1 +VSD+VCD+VML - CE only: {100 * (full - base):+.2f} points (target: > 0); {time.perf_counter() - started:.0f} s")

@@ -38,7 +38,7 @@ method, ``slimtune methods`` and a space's checks need only the declarations).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -120,9 +120,11 @@ class Method:
         changes_architecture: Changes the model's structure (shapes or module types).
         must_be_last: Nothing may follow it in a pipeline (quantized weights are final).
         restructured_only_by: The kinds of method that may change the architecture after it
-            (None: any). A method whose layers later pruning cannot see into (kse's clustered
-            convolutions) admits only quantization; methods that keep the architecture (kd)
-            may always follow.
+            (None: any; empty: none). A method whose layers later methods cannot see into (kse's
+            clustered convolutions) admits none; methods that keep the architecture (kd) may
+            always follow.
+        restructured_only_by_reason: Why, for :func:`check_pipeline`'s message (None: no
+            reason beyond the rule).
         loss_scope: Where :meth:`loss` applies: ``"own"`` (the method's own phases: a penalty on
             its own variables), ``"later"`` (its own phases and those of every method after it:
             a term that keeps structures it leaves in the model valid), ``"pipeline"`` (every
@@ -153,6 +155,7 @@ class Method:
     changes_architecture: ClassVar[bool] = False
     must_be_last: ClassVar[bool] = False
     restructured_only_by: ClassVar[tuple[str, ...] | None] = None
+    restructured_only_by_reason: ClassVar[str | None] = None
     loss_only: ClassVar[bool] = False
     loss_scope: ClassVar[str] = "own"
     task_kinds: ClassVar[tuple[str, ...] | None] = None
@@ -220,6 +223,15 @@ class Method:
         writes nothing.
         """
         return []
+
+    def recipe_params(self) -> dict[str, Any]:
+        """This method is called when the pipeline's recipe is written (``Pipeline.recipe``), also after the run.
+
+        It returns the hyperparameters in effect, JSON-serialisable, which :func:`create_method`
+        accepts back. A method that makes a decision a replay must not make again (one timed on
+        the machine) adds it here as a hyperparameter. The default is the config as it is.
+        """
+        return asdict(self.config)
 
     def state_dict(self) -> dict[str, Any]:
         """This method is called at every checkpoint; it returns what the method has learnt so far.

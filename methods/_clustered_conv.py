@@ -37,8 +37,15 @@ from deploy import bit_fields, bit_stream, pack_bits
 __all__ = ["ClusteredConv2d", "cluster_kernels", "index_bits"]
 
 
+#: k-means restarts per clustered channel (the paper's code: scikit-learn's default of its day, 10).
+KMEANS_RESTARTS = 10
+
+
 def cluster_kernels(kernels: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means of ``N`` kernels ``(N, k, k)`` into ``q`` centroids (scikit-learn, k-means++, seeded).
+
+    Ten restarts, the best (lowest within-cluster sum of squares) kept, as the paper's code does
+    (scikit-learn's default there was ten; today's ``n_init='auto'`` runs k-means++ once).
 
     Returns:
         ``(centroids (q, k, k), index (N,) int64)``; kernel ``n`` belongs to centroid ``index[n]``.
@@ -52,7 +59,7 @@ def cluster_kernels(kernels: torch.Tensor, q: int, seed: int) -> tuple[torch.Ten
     with warnings.catch_warnings():
         # Fewer distinct kernels than clusters: k-means still returns q centroids (some repeated).
         warnings.simplefilter("ignore")
-        kmeans = KMeans(n_clusters=q, random_state=seed).fit(points)
+        kmeans = KMeans(n_clusters=q, n_init=KMEANS_RESTARTS, random_state=seed).fit(points)
     centroids = torch.from_numpy(kmeans.cluster_centers_).to(kernels.dtype).reshape(q, *kernels.shape[1:])
     return centroids.to(kernels.device), torch.from_numpy(kmeans.labels_.astype(np.int64)).to(kernels.device)
 

@@ -28,6 +28,7 @@ __all__ = [
     "auroc",
     "fgsm",
     "fgsm_path_distances",
+    "detection_auroc",
     "Analysis",
     "analyse",
     "write_report",
@@ -80,6 +81,16 @@ def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
+def detection_auroc(clean: torch.Tensor, adversarial: torch.Tensor, changed: torch.Tensor) -> float:
+    """AUROC of the path distance telling successful FGSM examples from clean inputs.
+
+    Only the adversarial examples that changed the prediction (``changed``) are positives: an
+    attack that failed leaves an input the model still reads as its class, and counting it
+    would charge the detector for inputs that are not adversarial in effect. 0.5 when none did.
+    """
+    return auroc(clean, adversarial[changed])
+
+
 def fgsm(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
     """FGSM examples (Goodfellow et al.): ``inputs + epsilon * sign(grad of the CE)``, the model in eval mode."""
     x = inputs.clone().requires_grad_(True)
@@ -98,7 +109,10 @@ class Analysis:
         knn_accuracy: :func:`knn_accuracy` of the queries among the reference inputs.
         clean_distances, adversarial_distances: each query's (and its FGSM example's) path's L1
             distance to the mean reference path of the class the model predicts for it.
-        fgsm_auroc: How well that distance separates FGSM examples from clean inputs.
+        fgsm_changed: Which FGSM examples change the model's prediction.
+        fgsm_auroc: How well that distance separates the successful FGSM examples (those in
+            ``fgsm_changed``) from clean inputs (:func:`detection_auroc`).
+        fgsm_auroc_all: The same over every FGSM example, failed attacks included.
         fgsm_success: Fraction of FGSM examples that change the model's prediction.
         epsilon: The FGSM step, in input units.
     """
@@ -109,7 +123,9 @@ class Analysis:
     knn_accuracy: float
     clean_distances: torch.Tensor
     adversarial_distances: torch.Tensor
+    fgsm_changed: torch.Tensor
     fgsm_auroc: float
+    fgsm_auroc_all: float
     fgsm_success: float
     epsilon: float
 
@@ -119,6 +135,7 @@ class Analysis:
             "inter_class_hamming": self.inter,
             "knn_accuracy": self.knn_accuracy,
             "fgsm_auroc": self.fgsm_auroc,
+            "fgsm_auroc_all": self.fgsm_auroc_all,
             "fgsm_success": self.fgsm_success,
         }
 
@@ -136,10 +153,10 @@ def _first_examples(loader: Any, limit: int) -> Any:
 
 def fgsm_path_distances(
     model: nn.Module, reference: Encodings, loader: Any, device: torch.device | str, epsilon: float, limit: int = 1000
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Path distances of clean inputs and of their FGSM examples to the mean path of the predicted class.
 
-    Returns ``(clean distances, adversarial distances, fraction of FGSM examples that change the prediction)``.
+    Returns ``(clean distances, adversarial distances, which FGSM examples change the prediction)``.
     """
     num_classes = int(reference.targets.max()) + 1
     means = torch.stack([reference.paths[reference.targets == c].mean(0) if (reference.targets == c).any() else reference.paths.mean(0) for c in range(num_classes)])
@@ -153,8 +170,7 @@ def fgsm_path_distances(
         predicted = enc.predictions.clamp_max(num_classes - 1)
         return (enc.paths - means[predicted]).abs().sum(1)
 
-    success = float((adversarial.predictions != clean.predictions).float().mean())
-    return distance(clean), distance(adversarial), success
+    return distance(clean), distance(adversarial), adversarial.predictions != clean.predictions
 
 
 def analyse(model: nn.Module, reference_loader: Any, query_loader: Any, device: torch.device | str, epsilon: float, limit: int = 1000) -> Analysis:
@@ -171,11 +187,14 @@ def analyse(model: nn.Module, reference_loader: Any, query_loader: Any, device: 
         num_classes = int(max(reference.targets.max(), queries.targets.max())) + 1
         intra, inter = hamming_distances(queries.paths, queries.targets)
         knn = knn_accuracy(reference.paths, reference.targets, queries.paths, queries.targets)
-        clean, adversarial, success = fgsm_path_distances(model, reference, query_loader, device, epsilon, limit)
+        clean, adversarial, changed = fgsm_path_distances(model, reference, query_loader, device, epsilon, limit)
     finally:
         for name, m in gated_convs(model).items():
             m.dynamic = dynamic[name]
-    return Analysis(filter_paths(reference, num_classes), intra, inter, knn, clean, adversarial, auroc(clean, adversarial), success, epsilon)
+    return Analysis(
+        filter_paths(reference, num_classes), intra, inter, knn, clean, adversarial, changed,
+        detection_auroc(clean, adversarial, changed), auroc(clean, adversarial), float(changed.float().mean()), epsilon,
+    )  # fmt: skip
 
 
 def write_report(analysis: Analysis, folder: Path, figures: dict[str, float] | None = None) -> list[Path]:
@@ -205,7 +224,7 @@ def write_report(analysis: Analysis, folder: Path, figures: dict[str, float] | N
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = 30
     ax.hist(analysis.clean_distances.numpy(), bins=bins, alpha=0.6, label="clean")
-    ax.hist(analysis.adversarial_distances.numpy(), bins=bins, alpha=0.6, label=f"FGSM (eps {analysis.epsilon:g})")
+    ax.hist(analysis.adversarial_distances[analysis.fgsm_changed].numpy(), bins=bins, alpha=0.6, label=f"successful FGSM (eps {analysis.epsilon:g})")
     ax.set_xlabel("L1 distance of the path to the predicted class's mean path")
     ax.set_ylabel("inputs")
     ax.legend()
@@ -221,8 +240,9 @@ def write_report(analysis: Analysis, folder: Path, figures: dict[str, float] | N
 <h1>Architecture decoupling: calculation paths</h1>
 <p>Intra-class Hamming distance between two inputs' paths: {analysis.intra:.2f}; inter-class: {analysis.inter:.2f}.
 kNN (k=5) on the paths predicts the class with accuracy {analysis.knn_accuracy:.3f}.
-FGSM examples (eps {analysis.epsilon:g}, {analysis.fgsm_success:.1%} change the prediction) are told from clean inputs by
-their path's distance to the predicted class's mean path with AUROC {analysis.fgsm_auroc:.3f}.</p>
+FGSM examples (eps {analysis.epsilon:g}) change the prediction {analysis.fgsm_success:.1%} of the time; those successful
+attacks are told from clean inputs by their path's distance to the predicted class's mean path with AUROC
+{analysis.fgsm_auroc:.3f} ({analysis.fgsm_auroc_all:.3f} counting the failed attacks too).</p>
 <table border="1" cellpadding="3"><tr><th>figure</th><th>value</th></tr>
 {table}
 </table>

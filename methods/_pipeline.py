@@ -15,7 +15,6 @@ it as its checkpoint, and ``Pipeline.run(resume=state)`` continues from it bit-e
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,9 +57,12 @@ def check_pipeline(methods: Sequence[type[Method]]) -> None:
         allowed = cls.restructured_only_by
         for later in methods[i + 1 :] if allowed is not None else ():
             if later.changes_architecture and later.kind not in allowed:
+                which = f"only {' or '.join(allowed)} methods" if allowed else "no method"
+                why = f" ({cls.restructured_only_by_reason})" if cls.restructured_only_by_reason else ""
+                fix = "leave it out" if later.must_be_last else f"put '{later.name}' before '{cls.name}'"
                 raise ValueError(
-                    f"after method '{cls.name}' only {' or '.join(allowed)} methods may change the architecture, but "
-                    f"'{later.name}' ({later.kind}) follows it in {names}. Put '{later.name}' before '{cls.name}'."
+                    f"after method '{cls.name}' {which} may change the architecture{why}, but "
+                    f"'{later.name}' ({later.kind}) follows it in {names}. {fix[0].upper()}{fix[1:]}."
                 )
     trainers = [m for m in methods if not m.loss_only]
     for i, cls in enumerate(methods):
@@ -174,7 +176,7 @@ class Pipeline:
 
     def recipe(self) -> list[dict[str, Any]]:
         """The JSON-serialisable description that :meth:`from_recipe` rebuilds."""
-        return [{"name": m.name, "params": dataclasses.asdict(m.config)} for m in self.methods]
+        return [{"name": m.name, "params": m.recipe_params()} for m in self.methods]
 
     def _ordered_phases(self, method: Method, ctx: MethodContext) -> tuple[list[Phase], int]:
         """The method's phases, before-finalize first, and the index where finalize runs."""

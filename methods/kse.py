@@ -17,8 +17,8 @@ Deciding, per input channel ``c`` of every eligible convolution (weight ``N x C 
 
 Doing: channels are removed (and, where the channel feeds only this convolution, the previous
 layer's output channel and batch norm go too, with torch-pruning); each clustered channel's
-kernels are clustered by scikit-learn's ``KMeans`` (k-means++ initialisation, its default number
-of restarts, seeded with the trial's seed), and the layer becomes a :class:`ClusteredConv2d` that
+kernels are clustered by scikit-learn's ``KMeans`` (k-means++ initialisation, ten restarts as in
+the paper's code, seeded with the trial's seed), and the layer becomes a :class:`ClusteredConv2d` that
 stores the centroids, one ``ceil(log2 q)``-bit index per (filter, channel) bit-packed, and the
 kept channels' indices. Then a fine-tune trains the centroids, the full kernels and the rest of the
 model (the indices stay fixed). All layers are decided at once, from the weights the method
@@ -32,6 +32,9 @@ the same function: ``"clustered"`` (one grouped convolution per group of channel
 Training always uses the dense path. Finalize times both paths of each layer on its own input
 shape (``timing_batch_size``) with the trial's timer (``deploy.latency_ms``) and keeps the faster
 (``path: auto``), unless ``path`` forces one; the method's metrics say how many layers took which.
+The choice depends on the machine and its load, so it is recorded: :meth:`KSE.recipe_params`
+adds ``layer_paths`` (each clustered layer's path, in module order) to the recipe, and a method
+built with ``layer_paths`` set (``slimtune replay``) takes those paths instead of timing.
 The FLOP counter sees the chosen path's convolutions as they run, so the measured ``macs`` are
 the chosen path's and ``Method.cost`` needs to report nothing; ``layer_macs_clustered`` and
 ``layer_macs_dense`` give both paths' MACs of the KSE layers. On CPU the clustered path runs fewer MACs but more slowly than the dense one
@@ -91,6 +94,7 @@ __all__ = [
 NEIGHBOURS = 5
 
 Path = Literal["auto", "dense", "clustered"]
+LayerPath = Literal["dense", "clustered"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class KSEConfig:
     lr: float | None = hyperparameter(None, "learning rate of the fine-tune; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True), above=0.0)
     path: Path = hyperparameter("auto", "inference path of each clustered layer: auto (the faster, timed at finalize), dense or clustered")
     timing_batch_size: int = hyperparameter(1, "batch size at which path auto times both paths (match measure.latency_batch_size)", at_least=1)
+    layer_paths: tuple[LayerPath, ...] | None = hyperparameter(None, "path auto's choice for each clustered layer in module order, recorded in the recipe so a replay reuses it; unset (null): time them")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,9 +224,13 @@ class KSE(Method):
     Config = KSEConfig
     kind = "pruning"
     changes_architecture = True
-    # Pruning and cheap-convolution methods find their layers by type and trace channels with
-    # torch-pruning, which cannot see through a ClusteredConv2d; quantization and kd can follow.
-    restructured_only_by = ("quantization",)
+    # kd (which keeps the architecture) may follow; nothing that changes it.
+    restructured_only_by = ()
+    restructured_only_by_reason = (
+        "its clustered convolutions hold the weights as centroids picked by packed indices: pruning and cheap "
+        "convolutions cannot trace through them, and minmax_quant and pams would quantize only the plain layers "
+        "(the stem and the classifier), leaving the centroids in float"
+    )
 
     def __init__(self, config: KSEConfig | None = None) -> None:
         super().__init__(config)
@@ -262,12 +271,17 @@ class KSE(Method):
         layers = {name: m for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
         inputs = _layer_inputs(model, ctx.example_input, layers)
         macs = {"dense": 0, "clustered": 0}
+        recorded = self.config.layer_paths
+        if self.config.path == "auto" and recorded is not None and len(recorded) != len(layers):
+            raise ValueError(f"`layer_paths` must name one path per clustered layer ({len(layers)}), but got {len(recorded)}: {list(recorded)}.")
         self.paths = {}
         for name, layer in layers.items():
             x, out_pixels = inputs[name]
             for path in macs:
                 macs[path] += layer.macs(path, out_pixels)
-            if self.config.path == "auto":
+            if self.config.path == "auto" and recorded is not None:
+                layer.path = recorded[len(self.paths)]
+            elif self.config.path == "auto":
                 shape = (self.config.timing_batch_size, *x.shape[1:])
                 layer.path = _faster_path(layer, torch.randn(shape, device=x.device, dtype=x.dtype, generator=_generator(ctx.seed, x.device)))
             else:
@@ -285,6 +299,13 @@ class KSE(Method):
 
     def metrics(self) -> dict[str, float]:
         return dict(self.figures)
+
+    def recipe_params(self) -> dict[str, Any]:
+        """The hyperparameters, with ``layer_paths`` set to the paths finalize chose (once it has run)."""
+        params = super().recipe_params()
+        if self.config.path == "auto" and self.paths:
+            params["layer_paths"] = list(self.paths.values())
+        return params
 
     def state_dict(self) -> dict[str, Any]:
         return {"figures": dict(self.figures), "paths": dict(self.paths)}

@@ -47,14 +47,23 @@ Choices and approximations, and why:
   beta with the filter lets AULM drive that constant to zero too, so removal changes nothing (the
   paper's LeNet has no batch norm).
 * One ``lam``, scaled per layer (the paper tunes one lambda per layer: 0.4, 0.15, 0.02 on LeNet's
-  conv1, conv2, fc1): each layer's weight is ``lam_l = lam s_l`` with ``s_l`` the layer's mean group
-  norm when its AULM starts, so one value suits layers of any width and scale. The first F-step
-  (Y = 0) then zeroes the groups with ``||W_i|| <= lam s_l / rho`` (L2,1) or
-  ``||W_i||^2 <= 2 lam s_l / rho`` (L2,0). Later F-steps differ more: the L2,1 multipliers of the
-  surviving groups settle at ``lam_l`` times their direction, a pull towards zero that only a loss
-  gradient of that size resists, while L2,0 resets them to zero. On digits_lenet (15 AULM epochs)
-  L2,1 reaches about 2x fewer MACs at ``lam`` 0.15 and 4x at 0.2; L2,0 needs about twice the
-  ``lam`` (4.7x at 0.5).
+  conv1, conv2, fc1): with ``s_l`` the layer's mean group norm when its AULM starts, L2,1 uses
+  ``lam_l = lam s_l`` and L2,0 ``lam_l = lam s_l^2``, so one value suits layers of any width and
+  scale in both variants. The first F-step (Y = 0) then zeroes the groups with
+  ``||W_i|| / s_l <= lam / rho`` (L2,1) or ``||W_i|| / s_l <= sqrt(2 lam / rho)`` (L2,0): a cut
+  relative to the layer's own scale, so a layer whose weights are 10x smaller loses the same
+  groups (L2,0 thresholds the *squared* norm, so ``lam s_l`` would prune small-weight layers
+  harder). Later F-steps differ more: the L2,1 multipliers of the surviving groups settle at
+  ``lam_l`` times their direction, a pull towards zero that only a loss gradient of that size
+  resists, while L2,0 resets them to zero. On digits_lenet (15 AULM epochs) L2,1 reaches about 2x
+  fewer MACs at ``lam`` 0.15 and 4x at 0.2; L2,0 needs about twice the ``lam`` (4.7x at 0.5,
+  measured with ``lam s_l``; ``s_l`` is 0.8-1.0 on that model, so ``lam s_l^2`` moves it little).
+* Batch norm after a convolution makes the convolution's weights scale-invariant: shrinking a
+  filter changes nothing the batch norm does not undo, so the task loss offers no resistance to
+  the group penalty in those weights, and whether a group survives rests on the batch-norm scale
+  ``gamma`` (and shift) in the same group. The penalty then acts as a network-slimming-style
+  penalty on ``gamma`` with the filter pulled along; the paper's LeNet has no batch norm.
+  ``bench/ssr_vs_l1.py --model digits_cnn`` measures one batch-norm model.
 * The L2,0 constant ``2 lam/rho``: it is the exact proximal point of
   ``lam 1[F_i != 0] + (rho/2) ||F_i - T_i||^2``: keeping ``T_i`` costs ``lam``, zeroing it costs
   ``(rho/2) ||T_i||^2``; ``T_i`` is kept when the second is larger.
@@ -93,7 +102,7 @@ Schedule = Literal["global", "layerwise"]
 
 @dataclass(frozen=True)
 class SSRConfig:
-    lam: float = hyperparameter(0.2, "regularisation weight lambda, times each layer's mean filter norm (one value, scaled per layer)", Range(0.05, 1.0, log=True), at_least=0.0, compresses="high")
+    lam: float = hyperparameter(0.2, "regularisation weight lambda, times each layer's mean filter norm s (l21) or s^2 (l20): one value, scaled per layer", Range(0.05, 1.0, log=True), at_least=0.0, compresses="high")
     rho: float = hyperparameter(1.0, "AULM penalty rho: W-step term (rho/2)||W - F + Y/rho||^2, F-step threshold lam/rho", Range(0.5, 5.0, log=True), above=0.0, compresses="low")
     update_period: int = hyperparameter(20, "K: iterations between F- and Y-steps (much shorter periods oscillate)", Range(10, 200, log=True), at_least=1, compresses="low")
     variant: Variant = hyperparameter("l21", "regulariser: l21 (group lasso, soft threshold) or l20 (group count, hard threshold)", Range(choices=("l21", "l20")))
@@ -409,7 +418,8 @@ class SSR(Method):
             for layer in self._active():
                 weights = [w.detach().clone() for w in layer.weights(model)]
                 scale = float(group_norms(weights, layer.group_of_row, layer.groups).mean())
-                layer.lam = self.config.lam * scale
+                # L2,0 thresholds the squared norm: lam s^2 keeps its cut relative to the layer's scale.
+                layer.lam = self.config.lam * (scale if self.config.variant == "l21" else scale**2)
                 layer.f = weights
                 layer.y = [torch.zeros_like(w) for w in weights]
 

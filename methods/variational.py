@@ -9,9 +9,9 @@ outputs every head's logits, so each term reads the step's outputs on the batch'
 ``KL_T(p || q) = T^2 KL(softmax(p / T) || softmax(q / T))`` averaged over the batch (``batchmean``)
 and the observations detached (they teach):
 
-* ``vsd`` (Variational Self-Distillation): in the modality-specific and the shared branch, on
-  view 0, ``KL_T(v || z)``: the representation keeps what the observation knows of the identity
-  (sufficiency). ``vsd`` also owns the bottleneck width: ``bottleneck`` rebuilds every branch's
+* ``vsd`` (Variational Self-Distillation): in the modality-specific branch, and by default in the
+  shared branch too (``shared_branch``), on view 0, ``KL_T(v || z)``: the representation keeps
+  what the observation knows of the identity (sufficiency). ``vsd`` also owns the bottleneck width: ``bottleneck`` rebuilds every branch's
   bottleneck that narrow (``2048 -> 512`` in the paper), which is how these methods compress
   (fewer parameters and MACs), and its fine-tune restores the representation under VSD.
 * ``vcd`` (Variational Cross-Distillation), shared branch: ``KL_T(v(view 1) || z(view 0)) +
@@ -26,7 +26,17 @@ Each term is added, times its ``weight``, to every training phase of the pipelin
 fine-tunes (``epochs``); ``vcd`` and ``vml`` only add their term, so ``vsd > vcd > vml`` is one
 fine-tune with all three terms, and ``vcd > vml`` alone one fine-tune of ``vcd``'s.
 
-Differences from the official code, with the reasons:
+What is deployed: in evaluation mode the model runs the shared branch alone (its encoder,
+bottleneck and classifier: :class:`models.two_branch.TwoBranch`), so that branch is what the trial
+counts and exports. The modality-specific branches exist only to train it; :meth:`Method.cost`
+reports ``params`` and ``size_bytes`` of the shared branch, and each method's metrics give the
+training-time model's apart (``training_params``, ``training_size_bytes``).
+
+Differences from the paper and the official code, with the reasons:
+
+* ``vsd`` on the shared branch (``shared_branch: true``, the default) is a deviation: the paper
+  applies self-distillation to the modality-specific branches and shapes the shared one through
+  VCD and VML only. ``shared_branch: false`` follows the paper.
 
 * The KL is the correct one (:func:`variational_kl`). The official VSD/VCD call passes
   probabilities where ``kl_div`` expects log-probabilities and swaps the roles, and its ``mean``
@@ -50,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploy import count_params, size_bytes
 from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
@@ -129,9 +140,33 @@ class _VariationalTerm(Method):
             )
         return model
 
+    def __init__(self, config: Any | None = None) -> None:
+        super().__init__(config)
+        self.training_size: dict[str, float] = {}
+
     def phases(self, ctx: MethodContext) -> list[Phase]:
         epochs = ctx.epochs if self.config.epochs is None else self.config.epochs
         return [Phase(name="distill", epochs=epochs, lr=self.config.lr)]
+
+    def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        """Record the training-time model's size (every branch); the deployed one is :meth:`cost`'s."""
+        self.training_size = {"training_params": float(count_params(model)), "training_size_bytes": float(size_bytes(model))}
+        return model
+
+    def cost(self, model: nn.Module, ctx: MethodContext) -> dict[str, float]:
+        """``params`` and ``size_bytes`` of the deployed network: the shared branch, all that evaluation runs."""
+        if not isinstance(model, TwoBranch):
+            return {}
+        return {"params": float(count_params(model.shared)), "size_bytes": float(size_bytes(model.shared))}
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.training_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"training_size": dict(self.training_size)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.training_size = dict(state["training_size"])
 
     def heads(self, step: Step, view: int = 0) -> torch.Tensor:
         """The model's ``(batch, 4, classes)`` training output on ``view``; NotApplicable for a model without those heads."""
@@ -155,6 +190,9 @@ class VSDConfig:
     )
     epochs: int | None = hyperparameter(None, _EPOCHS_HELP, Range(1, 30), at_least=0, budget=True)
     lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True), above=0.0)
+    shared_branch: bool = hyperparameter(
+        True, "also self-distil the shared branch (a deviation: the paper shapes it through vcd and vml only; false follows the paper)"
+    )
 
 
 @register_method
@@ -182,19 +220,22 @@ class VSD(_VariationalTerm):
     def loss(self, step: Step) -> torch.Tensor:
         heads = self.heads(step)
         t = self.config.temperature
-        term = variational_kl(heads[:, _SPECIFIC_V], heads[:, _SPECIFIC_Z], t) + variational_kl(heads[:, _SHARED_V], heads[:, _SHARED_Z], t)
+        term = variational_kl(heads[:, _SPECIFIC_V], heads[:, _SPECIFIC_Z], t)
+        if self.config.shared_branch:
+            term = term + variational_kl(heads[:, _SHARED_V], heads[:, _SHARED_Z], t)
         return self.config.weight * term
 
     def metrics(self) -> dict[str, float]:
         if self.widths is None:
-            return {}
-        return {"bottleneck_before": float(self.widths[0]), "bottleneck": float(self.widths[1])}
+            return super().metrics()
+        return {"bottleneck_before": float(self.widths[0]), "bottleneck": float(self.widths[1]), **super().metrics()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"widths": self.widths}
+        return {"widths": self.widths, **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.widths = None if state["widths"] is None else tuple(state["widths"])
+        super().load_state_dict(state)
 
 
 @dataclass(frozen=True)

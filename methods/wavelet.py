@@ -14,8 +14,14 @@ Which maps: the hidden-to-hidden gate maps of the ``gru``/``lstm`` models (:mod:
 chosen by ``mode`` (GRU: ``state``, ``reset``, ``update``, ``gates`` = reset and update,
 ``state_reset``, ``state_update``, ``full``; LSTM: ``state`` = the cell candidate, ``gates`` = input,
 forget and output, ``full``), and every square ``nn.Linear`` outside recurrent layers (the paper's
-MNIST CNN ``fc1``; its bias is kept). ``torch.nn.GRU``/``LSTM`` fuse their gates in one native
-kernel and are refused, as is a model with no square map (``digits_cnn``, ``resnet20``).
+MNIST CNN ``fc1``; its bias is kept) but the classifier (the layer whose output is the model's:
+a ``gru`` with as many classes as hidden units keeps its head). ``torch.nn.GRU``/``LSTM`` fuse
+their gates in one native kernel and are refused, as is a model with no square map
+(``digits_cnn``, ``resnet20``).
+
+``P`` is stored as int16 indices (int32 past 32,767 coefficients), and ``deploy.size_bytes``
+counts them (``WaveletLinear.storage_bits``): at ``n = 512`` and 4 levels the 529 indices take
+1,058 bytes beside the layer's 6,308 bytes of floats (as int64 they took 4,232, uncounted).
 
 Decomposition and reconstruction use running (cumulative) offsets into the coefficient vector;
 the official code (EUPL) restarts each slice at the previous level's length, which misaligns the
@@ -36,6 +42,7 @@ from torch import nn
 from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
+from methods._surgery import output_layers
 from methods._training import Phase, Step
 from models.recurrent import GRU_GATES, GRULayer, LSTMLayer
 
@@ -193,7 +200,7 @@ class WaveletLinear(nn.Module):
         self.scale_coefficients = nn.Parameter(torch.ones(self.coefficients))
         self.scale_out = nn.Parameter(torch.ones(features))
         order = torch.randperm(self.coefficients, generator=generator) if permute else torch.arange(self.coefficients)
-        self.register_buffer("permutation", order)
+        self.register_buffer("permutation", order.to(self._index_dtype(self.coefficients)))
         for level in range(1, levels + 1):
             # Coefficient k of a level reads input positions 2k + 1 - i for filter tap i (odd
             # samples of the full convolution); in window order that is 2k + j - (L - 2).
@@ -202,6 +209,18 @@ class WaveletLinear(nn.Module):
             window[(window < 0) | (window >= length)] = length
             self.register_buffer(f"window_{level}", window, persistent=False)
         self.bias = nn.Parameter(torch.zeros(features)) if bias else None
+
+    @staticmethod
+    def _index_dtype(count: int) -> torch.dtype:
+        return torch.int16 if count <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits per element of the permutation when stored (read by ``deploy.size_bytes``)."""
+        return {"permutation": torch.iinfo(self.permutation.dtype).bits}
+
+    def stored_weight_counts(self) -> dict[str, int]:
+        """The permutation is an index, not weights (read by ``deploy.count_params``)."""
+        return {"permutation": 0}
 
     def extra_repr(self) -> str:
         return f"features={self.features}, levels={self.levels}, filter_length={len(self.dec_lo)}, coefficients={self.coefficients}"
@@ -248,7 +267,7 @@ class WaveletLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.features) * self._diagonal(self.scale_in)
-        coefficients = self.analysis(flat).index_select(1, self.permutation) * self._diagonal(self.scale_coefficients)
+        coefficients = self.analysis(flat).index_select(1, self.permutation.long()) * self._diagonal(self.scale_coefficients)
         out = self.synthesis(coefficients) * self._diagonal(self.scale_out)
         if self.bias is not None:
             out = out + self.bias
@@ -286,8 +305,11 @@ class WaveletConfig:
             raise ValueError(f"init '{self.init}' has {taps} taps, but filter_length={self.filter_length}; set filter_length >= {taps}.")
 
 
-def wavelet_sites(model: nn.Module, mode: str) -> list[tuple[nn.Module, str, nn.Linear]]:
+def wavelet_sites(model: nn.Module, mode: str, example_input: torch.Tensor | None = None) -> list[tuple[nn.Module, str, nn.Linear]]:
     """``(parent, attribute, linear)`` of every map the method replaces in ``model`` (module docstring).
+
+    With ``example_input``, the classifier (the layer whose output is the model's) is left alone
+    when it is a square ``nn.Linear``.
 
     Raises:
         NotApplicable: The model uses ``torch.nn`` recurrent layers or has no map to replace.
@@ -299,7 +321,7 @@ def wavelet_sites(model: nn.Module, mode: str) -> list[tuple[nn.Module, str, nn.
             f"wavelet cannot reach the gate matrices of torch.nn recurrent layers ({', '.join(fused)}: fused weights); "
             "build the model with slimtune's 'gru' or 'lstm' models, whose gates are separate modules."
         )
-    sites = []
+    sites, square = [], []
     recurrent = {name for name, m in model.named_modules() if isinstance(m, (GRULayer, LSTMLayer))}
     for name, module in model.named_modules():
         if name in recurrent:
@@ -309,7 +331,11 @@ def wavelet_sites(model: nn.Module, mode: str) -> list[tuple[nn.Module, str, nn.
             continue
         for child_name, child in module.named_children():
             if type(child) is nn.Linear and child.in_features == child.out_features:
-                sites.append((module, child_name, child))
+                square.append((f"{name}.{child_name}" if name else child_name, (module, child_name, child)))
+    if square and example_input is not None:
+        classifier = set(output_layers(model, example_input))
+        square = [entry for entry in square if entry[0] not in classifier]
+    sites += [site for _, site in square]
     if not sites:
         raise NotApplicable(
             "wavelet found no square linear map in the model: it replaces the hidden-to-hidden gate maps of the "
@@ -337,7 +363,7 @@ class Wavelet(Method):
         """Swap every chosen map for a fresh :class:`WaveletLinear` (on the model's device)."""
         config = self.config
         replaced = stored = 0
-        for index, (parent, attribute, linear) in enumerate(wavelet_sites(model, config.mode)):
+        for index, (parent, attribute, linear) in enumerate(wavelet_sites(model, config.mode, ctx.example_input)):
             layer = WaveletLinear(
                 linear.in_features, config.levels, config.filter_length, config.init, config.dropout,
                 bias=linear.bias is not None, seed=ctx.seed + index,

@@ -16,6 +16,7 @@ from methods.decouple import (
     GatedConv,
     auroc,
     collect_encodings,
+    detection_auroc,
     expected_macs,
     find_gate_sites,
     gated_convs,
@@ -161,6 +162,15 @@ def test_analysis_functions_on_known_values(tmp_path) -> None:
     assert auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 1.0])) == 0.875
 
 
+def test_fgsm_detection_counts_only_the_attacks_that_changed_the_prediction() -> None:
+    clean = torch.tensor([1.0, 2.0, 3.0])
+    adversarial = torch.tensor([5.0, 6.0, 0.5, 0.4])  # the two failed attacks stay close to their class
+    changed = torch.tensor([True, True, False, False])
+    assert detection_auroc(clean, adversarial, changed) == 1.0
+    assert auroc(clean, adversarial) == 0.5  # every perturbed input as a positive: the failures drag it down
+    assert detection_auroc(clean, adversarial, torch.zeros(4, dtype=torch.bool)) == 0.5
+
+
 def test_report_is_written(trained, tmp_path) -> None:
     model, pipeline, ctx = trained(form="dynamic")
     files = pipeline.artifacts(model, ctx, tmp_path)
@@ -169,4 +179,5 @@ def test_report_is_written(trained, tmp_path) -> None:
     page = (tmp_path / "decouple" / "report.html").read_text()
     assert "AUROC" in page and "paths.png" in page
     figures = pipeline.metrics()
-    assert 0.0 <= figures["decouple.fgsm_auroc"] <= 1.0 and math.isfinite(figures["decouple.fgsm_success"])
+    assert 0.0 <= figures["decouple.fgsm_auroc"] <= 1.0 and 0.0 <= figures["decouple.fgsm_auroc_all"] <= 1.0
+    assert 0.0 <= figures["decouple.fgsm_success"] <= 1.0

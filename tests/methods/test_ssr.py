@@ -177,6 +177,31 @@ def test_l20_shrinks_the_surviving_filters_less_than_l21_at_the_same_sparsity(le
     assert kept_l20 > kept_l21 + 0.05, (kept_l20, kept_l21)
 
 
+@pytest.mark.parametrize("variant", ["l21", "l20"])
+def test_one_lambda_prunes_the_same_share_of_layers_differing_only_in_weight_scale(variant: str) -> None:
+    # Two layers whose group norms are the same numbers, the second's times 10: each layer's
+    # lam_l (lam s_l for L2,1, lam s_l^2 for L2,0, s_l the mean group norm) makes the first
+    # F-step's cut relative to the layer's scale, so both lose the same groups.
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    norms = torch.linspace(0.1, 1.0, 8)
+    with torch.no_grad():
+        for conv, scale in ((model[0], 1.0), (model[2], 10.0)):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.weight[:, 0, 0, 0] = scale * norms
+    ctx = MethodContext(
+        teacher=model, train_loader=[], val_loader=[], task_loss=F.cross_entropy, evaluate=lambda model: {},
+        example_input=torch.zeros(1, 1, 8, 8), device=torch.device("cpu"), log=lambda message: None,
+    )  # fmt: skip
+    method = create_method("ssr", {"variant": variant, "lam": 0.3, "rho": 1.0})
+    model = method.prepare(model, ctx)
+    assert [layer.name for layer in method.layers] == ["0", "2"]
+    method.start_aulm(model, [0, 1])
+    method.update_f_and_y(model)
+    first, second = (layer.zero.tolist() for layer in method.layers)
+    assert 0 < sum(first) < 8 and first == second, (first, second)
+
+
 # --- doing: removal -------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from deploy import count_flops, count_params
+from deploy import count_flops, count_params, size_bytes
 from errors import UserError
 from methods import MethodContext, NotApplicable, Phase, Pipeline, Step, create_method, training_loss
 from methods.variational import jensen_shannon, official_kl, variational_kl
@@ -116,7 +116,9 @@ def test_vsd_bottleneck_shrinks_params_and_macs_and_the_three_share_one_fine_tun
     ctx.log = lambda message: phases.append(message) if "phase" in message else None
     pipeline = Pipeline([create_method("vsd", {"bottleneck": 4}), create_method("vcd"), create_method("vml")])
     out = pipeline.run(model, ctx).eval()
-    assert out.bottleneck_width == 4 and pipeline.metrics() == {"vsd.bottleneck_before": 16.0, "vsd.bottleneck": 4.0}
+    training = {"training_params": float(count_params(out)), "training_size_bytes": float(size_bytes(out))}
+    assert out.bottleneck_width == 4
+    assert pipeline.metrics() == {"vsd.bottleneck_before": 16.0, "vsd.bottleneck": 4.0, **{f"{m}.{k}": v for m in ("vsd", "vcd", "vml") for k, v in training.items()}}
     assert count_params(out) < params and count_flops(out, example).macs < macs
     assert phases == ["[vsd] phase 'distill': 1 epoch"]
     assert out(example).shape == (1, 10)
@@ -124,6 +126,31 @@ def test_vsd_bottleneck_shrinks_params_and_macs_and_the_three_share_one_fine_tun
     phases.clear()
     Pipeline([create_method("vcd"), create_method("vml")]).run(create_model("two_branch_digits", **task.model_kwargs()), ctx)
     assert phases == ["[vcd] phase 'distill': 1 epoch"]
+
+
+@pytest.mark.parametrize("name", ["vsd", "vcd", "vml"])
+def test_the_deployed_shared_branch_is_counted_and_the_training_size_reported_apart(task, name: str) -> None:
+    torch.manual_seed(0)
+    model, ctx = two_view_context(task, epochs=0)
+    pipeline = Pipeline([create_method(name)])
+    out = pipeline.run(model, ctx).eval()
+    cost = pipeline.cost(out, ctx)
+    # Evaluation runs the shared branch alone: the specific branches are training-time only.
+    assert cost == {"params": float(count_params(out.shared)), "size_bytes": float(size_bytes(out.shared))}
+    assert 2.5 * cost["params"] < count_params(out) == pipeline.metrics()[f"{name}.training_params"]
+    assert pipeline.metrics()[f"{name}.training_size_bytes"] == size_bytes(out)
+
+
+def test_vsd_on_the_shared_branch_is_an_option_off_in_the_paper(task) -> None:
+    torch.manual_seed(0)
+    model, ctx = two_view_context(task)
+    inputs, targets = next(iter(ctx.train_loader))
+    step = Step(model.train(), inputs, targets, ctx, [], 0)
+    heads = step.view_outputs(0)
+    specific = variational_kl(heads[:, 0], heads[:, 1])
+    both = specific + variational_kl(heads[:, 2], heads[:, 3])
+    torch.testing.assert_close(create_method("vsd", {"shared_branch": False}).loss(step), 2.0 * specific)
+    torch.testing.assert_close(create_method("vsd").loss(step), 2.0 * both)
 
 
 @pytest.mark.parametrize("name", ["vsd", "vcd", "vml"])

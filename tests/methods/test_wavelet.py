@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from deploy import check_round_trip, count_params, export_model
+from deploy import check_round_trip, count_params, export_model, size_bytes
 from methods import MethodContext, NotApplicable, Pipeline, create_method, train_phase
 from methods.wavelet import WaveletLinear, coefficient_lengths, daubechies, initial_filters, wavelet_loss
 from models import create_model
@@ -80,6 +80,16 @@ def test_parameter_count_is_2n_plus_coefficients_plus_4l(features: int, levels: 
     assert count_params(layer) == 2 * features + coefficients + 4 * 6 == params
 
 
+def test_size_counts_the_permutation_stored_as_int16() -> None:
+    layer = WaveletLinear(512, 4, 6)
+    assert layer.permutation.dtype == torch.int16
+    assert sorted(layer.permutation.tolist()) == list(range(529))
+    # 1,577 float32 weights and 529 two-byte indices; the indices are no weights.
+    assert size_bytes(layer) == 4 * 1577 + 2 * 529 == 7366
+    assert count_params(layer) == 1577
+    assert layer.state_dict()["permutation"].dtype == torch.int16
+
+
 def _context(loader, task_loss, epochs: int = 1, lr: float = 0.01, optimizer: str = "sgd") -> MethodContext:
     return MethodContext(
         teacher=None, train_loader=loader, val_loader=loader[:1], task_loss=task_loss,
@@ -110,6 +120,14 @@ def test_modes_replace_the_named_gates() -> None:
     assert type(lstm.head) is nn.Linear  # 16 -> 1 is not square
     with pytest.raises(ValueError, match="wavelet mode 'reset' names GRU gates; an LSTM takes mode state, gates, full"):
         _prepared("lstm", "reset", num_classes=1, in_channels=2, hidden_size=16)
+
+
+def test_a_square_classifier_is_kept_whatever_the_mode() -> None:
+    # 16 hidden units and 16 classes: the head is square, but no mode names it.
+    for mode in ("state", "full"):
+        gru = _prepared("gru", mode, num_classes=16, in_channels=2, hidden_size=16)
+        assert type(gru.head) is nn.Linear
+        assert isinstance(gru.layers[0].hh_state, WaveletLinear)
 
 
 def test_square_linear_layers_of_a_feed_forward_model_are_replaced_keeping_their_bias() -> None:
