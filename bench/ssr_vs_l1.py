@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_space(args: argparse.Namespace):
-    from search.space import parse_space
+    from search.space.spec import parse_space
 
     task: Any = "digits"
     if args.task == "cifar10":
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from deploy import count_flops
     from methods import Phase, Pipeline, create_method, train_phase
-    from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
+    from search.trial.body import measure, train_baseline, trainable_student
+    from search.trial.context import load_task, seed_everything
 
     device = torch.device(args.device)
     if device.type == "cpu":
