@@ -341,7 +341,7 @@ def test_a_method_without_parameters_shows_no_empty_brackets(capsys, tmp_path: P
 @pytest.mark.parametrize(("command", "interrupted"), [
     (["export", "s", "--pick", "knee", "--out", "x"], "search.results.record.load_search"),
     (["check", str(QUICKSTART)], "search.space.spec.load_space"),
-    (["profile", "digits_cnn"], "search.cli._profile_model"),
+    (["profile", "digits_cnn"], "search.trial.profile.profiled_model"),
 ])  # fmt: skip
 def test_ctrl_c_outside_a_search_hints_no_resume(capsys, monkeypatch, tmp_path: Path, command: list[str], interrupted: str) -> None:
     def ctrl_c(*args, **kwargs):

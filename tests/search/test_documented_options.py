@@ -186,7 +186,7 @@ def test_a_failed_export_leaves_nothing_and_the_same_command_then_runs(searches,
     def broken(*args, **kwargs):
         raise RuntimeError("the reloaded program differs")
 
-    monkeypatch.setattr("deploy.check_round_trip", broken)
+    monkeypatch.setattr("search.results.export.check_round_trip", broken)
     with pytest.raises(RuntimeError), contextlib.redirect_stdout(io.StringIO()):
         main(command)
     assert not (tmp / "new").exists()
