@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_space(model: str, args: argparse.Namespace):
-    from search.space import parse_space
+    from search.space.spec import parse_space
 
     return parse_space(
         {
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from gal_vs_l1 import l1_ratio_for_macs
 
     from methods import Pipeline, create_method
-    from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
+    from search.trial.body import measure, train_baseline, trainable_student
+    from search.trial.context import load_task, seed_everything
 
     device = torch.device(args.device)
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ Each seed runs ``spaces/quickstart.yaml`` three times with more epochs per trial
 and the random sampler (so every scheduler is offered the same configurations in the same
 order): ``fifo`` with ``--trials`` trials, ``asha`` and ``mo_asha`` with ``--more`` times as many
 (a stopped trial costs less, so the same CPU buys more of them). All runs of a seed share one
-results folder, so the baseline is trained once and reused (``search.baselines``).
+results folder, so the baseline is trained once and reused (``search.driver.baselines``).
 
 CPU time is the sum of the CPU seconds each trial's process spent on it (``cpu_s``, reported
 by the trial: the projected-cost pass, training, measuring and exporting; a stopped trial up
@@ -36,10 +36,10 @@ def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace
     """One search; returns (cumulative trial CPU seconds, hypervolume) after each trial ended, and for fifo :func:`oracle_cpu`."""
     import optuna
 
-    from search.ranking import rank_records, search_hypervolume
-    from search.record import completed_records
-    from search.runner import run_search
-    from search.samplers import DUPLICATE_OF
+    from search.results.ranking import rank_records, search_hypervolume
+    from search.results.record import completed_records
+    from search.driver.runner import run_search
+    from search.driver.samplers import DUPLICATE_OF
 
     data = yaml.safe_load((ROOT / "spaces" / "quickstart.yaml").read_text())
     data["name"] = f"{scheduler}-s{seed}"
@@ -76,7 +76,7 @@ def oracle_cpu(record, done: list, total: float) -> float:
     """
     from mlflow.tracking import MlflowClient
 
-    from search.ranking import front
+    from search.results.ranking import front
 
     client = MlflowClient(record.tracking_uri)
     grace = record.space.budget.grace

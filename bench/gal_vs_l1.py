@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_space(args: argparse.Namespace):
-    from search.space import parse_space
+    from search.space.spec import parse_space
 
     task: Any = "digits" if args.task == "digits" else {"name": "cifar10", "options": {"root": str(Path(args.cifar_root).resolve()), "download": False}}
     baseline: dict[str, Any] = {"epochs": args.baseline_epochs}
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from methods import Phase, Pipeline, create_method, train_phase
     from methods.gal import lam_from_official
-    from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
+    from search.trial.body import measure, train_baseline, trainable_student
+    from search.trial.context import load_task, seed_everything
 
     if args.paper_lambda is not None:
         args.lam = lam_from_official(args.paper_lambda)

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_space(args: argparse.Namespace, model: str):
-    from search.space import parse_space
+    from search.space.spec import parse_space
 
     task: Any = "digits" if args.task == "digits" else {"name": "cifar10", "options": {"root": str(Path(args.cifar_root).resolve()), "download": False}}
     baseline: dict[str, Any] = {"epochs": args.baseline_epochs}
@@ -138,7 +138,8 @@ def latencies(model: torch.nn.Module, shape: tuple[int, ...], repeats: int, devi
 def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.device) -> list[dict[str, Any]]:
     from deploy import count_params, size_bytes
     from methods import Phase, Pipeline, create_method, train_phase
-    from search.trial import load_task, seed_everything, train_baseline, trainable_student
+    from search.trial.body import train_baseline, trainable_student
+    from search.trial.context import load_task, seed_everything
 
     space = build_space(args, model_name)
     task = load_task(space)

@@ -39,7 +39,7 @@ methods:
     params: {{ratio: 0.5}}
   kd:
     optional: false
-    # A search trains a configuration once (search.samplers.ask_distinct): a temperature range
+    # A search trains a configuration once (search.driver.samplers.ask_distinct): a temperature range
     # this narrow gives each trial its own configuration at the same cost.
     params: {{temperature: {{low: 3.99, high: 4.01}}, weight: 1.0}}
 objectives: {{accuracy: max, macs: min, size_bytes: min}}
@@ -50,7 +50,7 @@ sampler: {{name: random, seed: 0}}
 
 def plain_loop(space, trials: int, tmp: Path) -> tuple[float, list[float]]:
     """Baseline seconds (driver's thread count) and seconds of each plain trial (1 thread)."""
-    from search.trial import TrialSpec, recipe_from_config, run_pipeline, train_baseline
+    from search.trial.body import TrialSpec, recipe_from_config, run_pipeline, train_baseline
 
     threads = torch.get_num_threads()
     start = time.perf_counter()
@@ -73,7 +73,7 @@ def plain_loop(space, trials: int, tmp: Path) -> tuple[float, list[float]]:
 
 def search_run(space_path: Path, trials: int, tmp: Path) -> dict[str, float]:
     """Wall times of one `run_search`, split at its log lines."""
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     # Every line of the search (progress included) reaches `log`, with the time it was written.
     marks: list[tuple[float, str]] = []
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root))
-    from search.space import load_space
+    from search.space.spec import load_space
 
     with tempfile.TemporaryDirectory(prefix="slimtune-bench-") as name:
         tmp = Path(name)

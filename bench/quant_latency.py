@@ -44,9 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deploy import export_model, latency_ms, load_exported, load_form  # noqa: E402
-from search.preflight import first_batch, run_one_batch  # noqa: E402
-from search.space import load_space  # noqa: E402
-from search.trial import build_model, load_task  # noqa: E402
+from search.trial.context import first_batch, run_one_batch  # noqa: E402
+from search.space.spec import load_space  # noqa: E402
+from search.trial.context import build_model, load_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Each ``--methods`` choice: the registered method and the parameters it adds to ``bits``.

@@ -1,11 +1,11 @@
 """Search quality of each sampler: hypervolume against trials and against CPU-seconds.
 
 For every space, sampler and seed, one search of ``--trials`` trials is simulated in this
-process: the study is asked through :func:`search.samplers.ask_distinct` with the search's own
-define-by-run space (:class:`search._tune.SpaceDefinition`) and sampler
-(:func:`search.samplers.make_sampler`), every trial is trained and measured for real by
-:func:`search.trial.run_pipeline` (the code a Ray trial runs, one torch thread), and results are
-told through :func:`search.samplers.tell_metrics`. It is not a Ray search: ``--concurrent``
+process: the study is asked through :func:`search.driver.samplers.ask_distinct` with the search's own
+define-by-run space (:class:`search.driver._tune.SpaceDefinition`) and sampler
+(:func:`search.driver.samplers.make_sampler`), every trial is trained and measured for real by
+:func:`search.trial.body.run_pipeline` (the code a Ray trial runs, one torch thread), and results are
+told through :func:`search.driver.samplers.tell_metrics`. It is not a Ray search: ``--concurrent``
 trials are kept running by asking that many up front and telling each when its simulated
 finish time comes (start + its measured CPU-seconds), so a sampler proposes while other trials
 are still unknown to it, as in ``slimtune search``. Ray, MLflow and checkpoints are left out.
@@ -52,12 +52,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from search import samplers  # noqa: E402
-from search.samplers import DUPLICATE_OF  # noqa: E402
-from search._tune import SpaceDefinition  # noqa: E402
-from search.pareto import hypervolume  # noqa: E402
-from search.space import SAMPLERS, SearchSpace, load_space  # noqa: E402
-from search.trial import TrialSpec, recipe_from_config, run_pipeline, train_baseline  # noqa: E402
+from search.driver import samplers  # noqa: E402
+from search.driver.samplers import DUPLICATE_OF  # noqa: E402
+from search.driver._tune import SpaceDefinition  # noqa: E402
+from search.results.pareto import hypervolume  # noqa: E402
+from search.space.spec import SAMPLERS, SearchSpace, load_space  # noqa: E402
+from search.trial.body import TrialSpec, recipe_from_config, run_pipeline, train_baseline  # noqa: E402
 
 #: Trial counts the table reports.
 CHECKPOINTS = (8, 16, 24, 32, 48, 64)

@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_space(args: argparse.Namespace):
-    from search.space import parse_space
+    from search.space.spec import parse_space
 
     task: Any = "digits"
     if args.task == "cifar10":
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     from deploy import count_flops
     from methods import Phase, Pipeline, create_method, train_phase
     from methods.ssr import find_layers
-    from search.trial import load_task, measure, seed_everything, train_baseline, trainable_student
+    from search.trial.body import measure, train_baseline, trainable_student
+    from search.trial.context import load_task, seed_everything
 
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -1,6 +1,6 @@
 """Trials per minute of one search on a one-node Ray cluster versus a two-node cluster.
 
-Both clusters run on this machine on 127.0.0.1 (``search.local_cluster``), each node with one
+Both clusters run on this machine on 127.0.0.1 (``search.driver.local_cluster``), each node with one
 CPU, so the two-node cluster has twice the trial slots. The search is the same (digits,
 ``l1_filter`` then ``kd`` at fixed settings, so every trial does the same work); the figure is
 counted from the end of the baseline to the end of the last trial.
@@ -22,7 +22,7 @@ model: digits_cnn
 baseline: {{epochs: 2}}
 training: {{batch_size: 32}}
 methods:
-  # A search trains a configuration once (search.samplers.ask_distinct): this narrow range gives
+  # A search trains a configuration once (search.driver.samplers.ask_distinct): this narrow range gives
   # each trial its own configuration at the same cost.
   l1_filter: {{optional: false, params: {{ratio: {{low: 0.49, high: 0.51}}}}}}
   kd: {{optional: false}}
@@ -34,8 +34,8 @@ measure: {{latency_repeats: 5}}
 
 
 def run(nodes: int, trials: int, epochs: int, workdir: Path) -> dict[str, float]:
-    from search.local_cluster import local_cluster
-    from search.runner import run_search
+    from search.driver.local_cluster import local_cluster
+    from search.driver.runner import run_search
 
     space = workdir / f"space{nodes}.yaml"
     space.write_text(SPACE.format(trials=trials, epochs=epochs))

@@ -4,7 +4,7 @@ For each seed and each setting, ``two_branch_digits`` is trained from scratch fo
 on ``digits_2view`` with the task loss (cross-entropy on all four heads) plus the setting's
 terms at their defaults (weights 2, T = 1), through the lifecycle's training loop
 (:func:`methods.train_phase`, the trial's loaders and optimizer). Measured on the test split as
-a trial measures (:func:`search.trial.measure`): cross-modal retrieval (digit -> edge-map
+a trial measures (:func:`search.trial.body.measure`): cross-modal retrieval (digit -> edge-map
 modality, cosine distance on the shared representation z) Rank-1 and mAP, and the bottleneck
 width, parameters and MACs of the deployed model (the shared branch, all that evaluation runs;
 ``training params`` counts every branch). Also the val KL(p(y|v) || p(y|z)) summed over the
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_space(args: argparse.Namespace):
-    from search.space import parse_space
+    from search.space.spec import parse_space
 
     return parse_space(
         {
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from deploy import count_params
     from methods import Phase, create_method, train_phase
-    from search.trial import build_context, build_model, load_task, measure, seed_everything
+    from search.trial.body import measure
+    from search.trial.context import build_context, build_model, load_task, seed_everything
 
     torch.set_num_threads(1)
     device = torch.device("cpu")

@@ -21,21 +21,19 @@ from __future__ import annotations
 from deploy._counting import REPORTABLE_COSTS, FlopCount, apply_reported_cost, count_flops, count_params, recurrent_macs, size_bytes
 from deploy._export import (
     EXPORT_FILES,
-    InferenceRewrites,
     check_round_trip,
     compile_program,
     cpp_compiler,
     deployed_latency,
     export_model,
     export_program,
-    inference_copy,
-    output_diff,
     write_recipe,
 )
 from deploy._latency import latency_ms, torch_threads
 from deploy._loading import DEFAULT_FORM, FORMS, load_compiled, load_exported, load_form, load_module, load_program, storage_groups_quiet
 from deploy._modes import eval_mode
 from deploy._onnx import OnnxExport, check_onnx, export_onnx, integer_copy, load_onnx, optimized_op_types
+from deploy._rewrites import InferenceRewrites, inference_copy, output_diff
 from deploy._packing import bit_fields, bit_stream, pack_bits, unpack_bits
 
 __all__ = [

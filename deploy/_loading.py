@@ -9,7 +9,7 @@ into float weights (casts, and below 8 bits shifts and masks) before each convol
 
 - ``torch.export.load(path).module()`` runs that unpacking in every call;
 - :func:`load_program`, what trials time and ``slimtune export`` reports, runs it once, at load
-  (:func:`_fold_weight_computations`), so each call runs only what depends on the input;
+  (:func:`fold_weight_computations`), so each call runs only what depends on the input;
 - the compiled form (AOTInductor, PyTorch 2.14) does not fold it: the unpacking is compiled into
   kernels that run in every call, fused with the activations' quantization (also with
   ``aot_inductor.use_runtime_constant_folding``, whose constant folder leaves the ``arange`` of
@@ -26,11 +26,13 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.export.passes import move_to_device_pass
+
+from deploy._onnx import load_onnx
+from deploy._rewrites import fold_weight_computations
 
 __all__ = [
     "FORMS",
@@ -84,7 +86,7 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
 
     Called by a trial to time ``latency_ms`` and by ``slimtune export``. Moving uses
     ``torch.export.passes.move_to_device_pass``, so a program a CPU trial exported runs on a GPU
-    too. Then :func:`_fold_weight_computations` computes every part of the graph that reads only
+    too. Then :func:`fold_weight_computations` computes every part of the graph that reads only
     the program's own tensors, never the input: a packed quantized layer's weight is unpacked
     (shifts, masks, casts) and scaled once, at load, where ``torch.export.load(path).module()``
     unpacks it in every call. The file keeps the packed codes; what is computed per call is
@@ -93,87 +95,8 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
     unquantized model) is returned as ``torch.export`` loads it.
     """
     module = load_exported(out_dir, device).module()
-    _fold_weight_computations(module)
+    fold_weight_computations(module)
     return module
-
-
-def _fold_weight_computations(module: torch.fx.GraphModule) -> int:
-    """Replace every computation of ``module``'s graph that reads only its own tensors by its result.
-
-    Called by :func:`load_program` on the module ``torch.export`` unlifts from a program. A node
-    is computed here when it is an operator call whose inputs are all the module's parameters,
-    buffers or constants that no call changes, or such computed nodes, and it is pure: no
-    mutation, no side effect and no random draw (``Node.is_impure`` with random ops counted
-    impure). Nodes that read the input, its shape (a dynamic batch size), a tensor the graph
-    mutates (a buffer updated in every call) or a random generator stay in the graph. Each
-    computed tensor that a remaining node (or the output) reads becomes a buffer of ``module``,
-    read by a ``get_attr`` node; computations that only fed computed ones are dropped. ``torch.export``'s
-    metadata assertion (``aten._assert_tensor_metadata``) on a computed tensor is checked here,
-    once, since its answer cannot change between calls. The graph is edited in place, so the
-    module keeps its calling convention (inputs and outputs as exported).
-
-    ``torch.fx.experimental.const_fold.split_const_subgraphs`` does the same split but rebuilds
-    the module with ``split_module``, which loses that convention (a single output comes back as
-    a tuple); inductor's ``constant_fold`` (``torch._export.passes``, private) leaves constructors
-    such as the ``arange`` of the shifts in the graph, and with them the unpacking.
-
-    Returns:
-        How many tensors were computed and stored (0: the graph is unchanged).
-    """
-    graph = module.graph
-    check_metadata = torch.ops.aten._assert_tensor_metadata.default
-    # A tensor a call may change (an in-place op, a module call) is no constant.
-    changing = {
-        node.target
-        for node in graph.find_nodes(op="get_attr")
-        for user in node.users
-        if user.op == "call_module" or (user.op == "call_function" and user.target is not check_metadata and user.is_impure(impure_random=False))
-    }
-    values: dict[torch.fx.Node, Any] = {}
-    checks = []
-    with torch.no_grad():
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                value = _attribute(module, node.target)
-                if isinstance(value, torch.Tensor) and node.target not in changing:
-                    values[node] = value
-                continue
-            if node.op != "call_function" or not all(n in values for n in node.all_input_nodes):
-                continue
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
-            if node.target is check_metadata:
-                node.target(*args, **kwargs)
-                checks.append(node)
-            elif not node.is_impure(impure_random=True):
-                values[node] = node.target(*args, **kwargs)
-    for check in checks:
-        graph.erase_node(check)
-    stored = 0
-    for node, value in values.items():
-        if node.op == "get_attr" or not isinstance(value, torch.Tensor) or all(user in values for user in node.users):
-            continue
-        name = f"_folded_weight_{stored}"
-        while hasattr(module, name):
-            name += "_"
-        module.register_buffer(name, value)
-        with graph.inserting_before(node):
-            read = graph.get_attr(name)
-        read.meta = dict(node.meta)
-        node.replace_all_uses_with(read)
-        stored += 1
-    if stored or checks:
-        graph.eliminate_dead_code()
-        graph.lint()
-        module.recompile()
-    return stored
-
-
-def _attribute(module: nn.Module, target: str) -> Any:
-    """What a ``get_attr`` node of ``module``'s graph reads (None where the path does not resolve)."""
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def load_module(out_dir: Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -201,7 +124,5 @@ def load_form(out_dir: Path, form: str, device: str | torch.device = "cpu", thre
     if form == "onnx":
         if torch.device(device).type != "cpu":
             raise ValueError(f"the onnx form runs on ONNX Runtime's CPU provider here, but got device {device!r}.")
-        from deploy._onnx import load_onnx
-
         return load_onnx(Path(out_dir) / FORMS["onnx"], threads)
     raise ValueError(f"form must be one of {', '.join(FORMS)}, but got {form!r}.")

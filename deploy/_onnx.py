@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploy._modes import eval_mode
+from deploy._rewrites import conv_batch_norm_pairs, fold_weight_computations, inference_copy, output_diff, trace_program
 
 __all__ = ["ONNX_FILE", "OnnxExport", "export_onnx", "load_onnx", "check_onnx", "integer_copy", "optimized_op_types"]
 
@@ -174,9 +175,7 @@ def integer_copy(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Modu
             rewritten.set_submodule(name, _IntegerActivation(*grid))
             quantizers += 1
     if layers:
-        from deploy._export import _conv_batch_norm_pairs, _trace
-
-        for conv_name, bn_name in _conv_batch_norm_pairs(rewritten, _trace(rewritten, example_input), convs=(_IntegerLayer,)):
+        for conv_name, bn_name in conv_batch_norm_pairs(rewritten, trace_program(rewritten, example_input), convs=(_IntegerLayer,)):
             conv = rewritten.get_submodule(conv_name)
             if conv.conv:
                 conv.fold_batch_norm(rewritten.get_submodule(bn_name))
@@ -200,19 +199,14 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, rewri
     """
     import onnx
 
-    from deploy._export import inference_copy
-
     if rewritten is None:
         rewritten, _ = inference_copy(model, example_input, channels_last=False)
     rewritten, layers, quantizers = integer_copy(rewritten, example_input)
     try:
         proto, dynamic = _to_onnx(rewritten, example_input)
     except Exception:  # noqa: BLE001  an op without an ONNX function: is it only in weight computations?
-        from deploy._export import _trace
-        from deploy._loading import _fold_weight_computations
-
-        folded = _trace(rewritten, example_input).module()
-        if not _fold_weight_computations(folded):
+        folded = trace_program(rewritten, example_input).module()
+        if not fold_weight_computations(folded):
             raise
         proto, dynamic = _to_onnx(folded, example_input)
     quantized_outputs = _quantize_layer_outputs(proto) if layers else 0
@@ -373,7 +367,5 @@ def check_onnx(model: nn.Module, path: Path, x: torch.Tensor, rtol: float = 1e-4
     Raises:
         AssertionError: The difference is more than ``rtol * max(1, max |output|)``.
     """
-    from deploy._export import output_diff
-
     with eval_mode(model), torch.no_grad():
         return output_diff(model, load_onnx(path, optimize=False), x, rtol, f"the exported ONNX model ({Path(path).name}) against the module")

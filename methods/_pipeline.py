@@ -42,7 +42,7 @@ def check_pipeline(methods: Sequence[type[Method]]) -> None:
     Rules: a method appears once; a method that must be last is last; a method that changes the
     architecture after another is of a kind that one admits (``restructured_only_by``); a loss-only method's term
     reaches another method's phases (its own phases do not run beside a method that trains).
-    :class:`Pipeline` calls this when built, and ``search.space`` on every pipeline a space can
+    :class:`Pipeline` calls this when built, and ``search.space.spec`` on every pipeline a space can
     sample, so a space with an impossible combination is rejected when loaded.
     """
     names = [m.name for m in methods]

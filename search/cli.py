@@ -2,6 +2,10 @@
 
 A user error (bad space, unknown name, missing search) prints one message to stderr and exits
 with code 2; no traceback.
+
+Each command imports what it needs inside its own function, so that ``slimtune pareto`` and
+``slimtune report`` start without torch, Ray or MLflow (``tests/search/test_record.py`` checks
+it); this is the one module whose function-level imports carry no comment each.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from errors import UserError, plural
 
 if TYPE_CHECKING:
-    from search.record import SearchRecord, TrialRecord
-    from search.space import SearchSpace
+    from search.results.record import SearchRecord, TrialRecord
+    from search.space.spec import SearchSpace
 
 __all__ = ["main"]
 
@@ -118,7 +122,7 @@ def _add_space_overrides(p: argparse.ArgumentParser) -> None:
 
 def _overridden_space(args: argparse.Namespace) -> SearchSpace:
     """The space of ``args.space`` with the command line's overrides, checked like the YAML."""
-    from search.space import load_space
+    from search.space.spec import load_space
 
     return load_space(args.space).with_overrides(name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
 
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     try:
-        from search.runner import SearchInterrupted, run_search
+        from search.driver.runner import SearchInterrupted, run_search
     except KeyboardInterrupt:
         print("slimtune: interrupted before the search started; nothing to resume.", file=sys.stderr)
         _exit_at_once(130)
@@ -169,7 +173,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     try:
-        from search.runner import SearchInterrupted, resume_search
+        from search.driver.runner import SearchInterrupted, resume_search
     except KeyboardInterrupt:
         print(f"slimtune: interrupted; continue with: slimtune resume {args.name} --results-dir {args.results_dir}", file=sys.stderr)
         _exit_at_once(130)
@@ -196,7 +200,7 @@ def _exit_code(record: SearchRecord) -> int:
     """0 when the budget completed with at least one completed trial; 1 when every trial failed."""
     import signal
 
-    from search.record import search_progress
+    from search.results.record import search_progress
 
     # The search has finished and said so: a Ctrl-C now has nothing left to stop, and must not
     # turn the exit status into "killed by SIGINT" while the interpreter shuts down.
@@ -206,9 +210,9 @@ def _exit_code(record: SearchRecord) -> int:
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from search.ranking import describe_reference, pareto_document, rank_records
-    from search.record import completed_records, load_search, search_progress
-    from search.report import format_table, plural, unfinished_lines
+    from search.results.ranking import describe_reference, pareto_document, rank_records
+    from search.results.record import completed_records, load_search, search_progress
+    from search.results.report import format_table, plural, unfinished_lines
 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
@@ -252,15 +256,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _write_export(args: argparse.Namespace) -> tuple[SearchRecord, TrialRecord, Any]:
     """Write the export into ``--out`` and print it; return the search, the trial and an example input."""
-    import shutil
-
     import torch
 
-    from deploy import DEFAULT_FORM, FORMS, check_round_trip, compile_program, latency_ms, load_form, write_recipe
-    from search.checks import check_writable_folder
-    from search.ranking import pick_record, rank_records
-    from search.record import completed_records, exported_model_dir, load_search
-    from search.trial import load_task, trial_threads
+    from search.driver.checks import check_writable_folder
+    from search.results.export import chosen_trial, write_export
+    from search.results.ranking import rank_records
+    from search.results.record import completed_records, load_search
 
     for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -274,77 +275,25 @@ def _write_export(args: argparse.Namespace) -> tuple[SearchRecord, TrialRecord, 
     record = load_search(args.name, args.results_dir)
     records = completed_records(record)
     rank_records(record, records)
-    if args.run:
-        matches = [r for r in records if r.run_id and r.run_id.startswith(args.run)]
-        if len(matches) != 1:
-            known = ", ".join(r.run_id[:12] for r in records if r.run_id)
-            raise UserError(f"--run {args.run}: {'no' if not matches else 'more than one'} completed trial of '{args.name}' has that run id. Run ids: {known}.")
-        chosen = matches[0]
-    else:
-        chosen = pick_record(record, records, args.pick)
-    with exported_model_dir(chosen.checkpoint) as source:
-        if source is None:
-            raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
-        shutil.copytree(source, out, dirs_exist_ok=True)
-    space = record.space
-    task = load_task(space)
-    device = torch.device(args.device)
-    forms = ["program", "module"] + (["onnx"] if (out / FORMS["onnx"]).exists() else [])
-    if args.compile:
-        print(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...", flush=True)
-        try:
-            compile_program(out, device)
-            forms.append("compiled")
-        except UserError as exc:
-            print(f"slimtune: warning: {exc}", file=sys.stderr)
-    diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
-    # The same batch and threads as the trial's latency_ms, unless asked otherwise.
-    batch = args.batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
-    threads = args.threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
-    x = task.example_input(batch).to(device)
-    latency = {form: latency_ms(load_form(out, form, device, threads=threads), x, repeats=space.latency_repeats, threads=threads) for form in forms}
-    # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
-    recipe = json.loads((out / "recipe.json").read_text())
-    recipe.update({
-        "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
-        "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
-    })  # fmt: skip
-    write_recipe(out, recipe)
-    print(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
-    print("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
-    checked = [f for f in forms if f != "module"]
-    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
-    print(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
-    for form in forms:
-        note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
-        print(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
-    print(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
-    if "compiled" in forms:
-        print(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
-    return record, chosen, task.example_input(2)
+    chosen = chosen_trial(record, records, args.run, args.pick)
+    example = write_export(
+        record, chosen, out, torch.device(args.device), batch_size=args.batch_size, threads=args.threads, compile=args.compile,
+        log=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    return record, chosen, example
 
 
 def _register(args: argparse.Namespace, record: SearchRecord, chosen: TrialRecord, out: Path, example: Any) -> None:
     """``export --register``: a new registry version of the exported trial, checked by loading it back."""
-    import torch
+    from search.results.export import register_export
 
-    from deploy import load_program
-    from search.registry import load_registered, register_trial
-
-    version = register_trial(record, chosen, out, args.register, args.pick)
-    uri = f"models:/{args.register}@{args.pick}" if args.pick else f"models:/{args.register}/{version.version}"
-    with torch.no_grad():
-        diff = (load_registered(record.tracking_uri, uri)(example) - load_program(out)(example)).abs().max().item()
-    if diff > 1e-5:
-        raise AssertionError(f"{uri} differs from the exported program by {diff:.3g} (> 1e-5).")
-    print(f"registered as {args.register} version {version.version}" + (f" with alias @{args.pick}" if args.pick else " (no alias: picked by --run)"))
-    print(f"  load with: mlflow.pytorch.load_model('{uri}')  (tracking URI {record.tracking_uri}); it matches the export (max diff {diff:.2g})")
+    register_export(record, chosen, out, args.register, args.pick, example)
 
 
 def _report(args: argparse.Namespace) -> int:
-    # No search.checks here: it imports the methods and torch, which the report does without.
-    from search.html_report import REPORT_ARTIFACT, log_report, write_report
-    from search.record import load_search
+    # No search.driver.checks here: it imports the methods and torch, which the report does without.
+    from search.results.html_report import REPORT_ARTIFACT, log_report, write_report
+    from search.results.record import load_search
 
     record = load_search(args.name, args.results_dir)
     path = Path(args.out) if args.out else record.folder / REPORT_ARTIFACT
@@ -366,8 +315,8 @@ _TIMINGS = ("latency_ms", "measured_latency_ms")
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from search.recipe import read_recipe, versions
-    from search.trial import replay
+    from search.trial.recipe import read_recipe, versions
+    from search.trial.body import replay
 
     doc = read_recipe(args.recipe)
     out = Path(args.out)
@@ -407,11 +356,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    import tempfile
-
-    import torch
-
-    from deploy import FORMS, count_flops, count_params, deployed_latency, export_model, latency_ms, size_bytes
+    from deploy import FORMS
+    from search.trial.profile import profile, profiled_model
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, but got {args.batch_size}.")
@@ -420,44 +366,23 @@ def _profile(args: argparse.Namespace) -> int:
     if args.method_option and args.method is None:
         raise UserError("--method-option sets a hyperparameter of --method, but no --method was given; add --method NAME.")
     options = {kind: _options(getattr(args, f"{kind}_option"), f"--{kind}-option") for kind in ("task", "model", "method")}
-    task, shape, model = _profile_model(args, options)
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *shape))
-    except Exception as exc:  # noqa: BLE001  any failure here means the model does not fit the task
-        raise UserError(
-            f"{args.model} does not accept task '{task}' input of shape {(1, *shape)} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). "
-            "Choose the task the model is made for with --task (e.g. adding or seq_digits for gru and lstm), or --model-option / --task-option to fit them."
-        ) from None
-    flops = count_flops(model, torch.zeros(1, *shape))
-    x = torch.zeros(args.batch_size, *shape)
-    if args.form == "program":  # timed as a trial times it
-        with tempfile.TemporaryDirectory() as tmp:
-            artifact_bytes = export_model(model, torch.zeros(1, *shape), Path(tmp))[FORMS["program"]]
-            latency = deployed_latency(model, Path(tmp), x, repeats=20, threads=args.threads)
-    else:
-        artifact_bytes, latency = None, {"latency_ms": latency_ms(model, x, repeats=20, threads=args.threads), "latency_form": "module"}
+    task, shape, model = profiled_model(args.model, args.task, options, PROFILE_SHAPES, scale=args.scale, method=args.method)
+    figures = profile(args.model, task, shape, model, args.batch_size, args.threads, args.form)
     report = {
         "model": args.model,
         "task": task,
         "input_shape": list(shape),
-        "params": count_params(model),
-        "macs": flops.macs,
-        "flops": flops.flops,
-        "bops": flops.bops,
-        "size_bytes": size_bytes(model),
-        "artifact_bytes": artifact_bytes,
-        "latency_ms": latency["latency_ms"],
-        "latency_form": latency["latency_form"],
+        **{key: figures[key] for key in ("params", "macs", "flops", "bops", "size_bytes", "artifact_bytes", "latency_ms", "latency_form")},
         "latency_threads": args.threads,
         "latency_batch_size": args.batch_size,
         "device": "cpu",
-        "uncounted_ops": list(flops.uncounted_ops),
+        "uncounted_ops": figures["uncounted_ops"],
         "model_options": options["model"],
         "task_options": options["task"],
         "method": args.method,
         "method_options": options["method"],
     }
+    artifact_bytes = report["artifact_bytes"]
     if task == "sr":
         report["scale"] = model.scale
     if args.json:
@@ -497,99 +422,8 @@ def _options(pairs: list[str], flag: str) -> dict[str, Any]:
     return options
 
 
-def _refuse_task_decided(model_options: dict[str, Any], decided: list[str], task: str) -> None:
-    """Refuse a ``--model-option`` that the task sets itself (its classes, input channels, ...)."""
-    clash = sorted(set(model_options) & set(decided))
-    if clash:
-        raise UserError(f"--model-option {', '.join(clash)}: task {task} decides {', '.join(sorted(decided))} for the model; drop that option.")
-
-
 def _listed(options: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{key}={value}" for key, value in options.items()) + ")" if options else ""
-
-
-def _profile_model(args: argparse.Namespace, options: dict[str, dict[str, Any]]) -> tuple[str, tuple[int, ...], Any]:
-    """The task ``profile`` measures at, the input shape of one sample and the model built for it.
-
-    ``options`` holds the parsed ``--task-option``, ``--model-option`` and ``--method-option``
-    pairs under ``"task"``, ``"model"`` and ``"method"``.
-
-    Without ``--task``: ``digits*`` models at digits, other registered classifiers at CIFAR-10,
-    registered super-resolution models at sr, torchvision models at ImageNet. The tasks of
-    :data:`PROFILE_SHAPES` and sr are measured by input shape alone, without their data, unless
-    ``--task-option`` or ``--method`` is given; every other task is built as a search builds it.
-    """
-    import inspect
-
-    from models import create_model, list_models
-    from tasks.sr import SCALES, sr
-
-    model_options = options["model"]
-    task = args.task
-    if task is None:
-        if args.model.startswith("digits"):
-            task = "digits"
-        elif args.model not in list_models():
-            task = "imagenet"
-        else:
-            try:
-                # A classifier is refused before it is built (it needs num_classes).
-                create_model(args.model, num_classes=None)
-                task = "sr"
-            except UserError:
-                task = "cifar10"
-    if args.scale is not None and task != "sr":
-        raise UserError(f"--scale applies to super-resolution models (--task sr), but the task is {task}; drop --scale.")
-    if task not in [*PROFILE_SHAPES, "sr"] or options["task"] or args.method is not None:
-        if args.scale is not None:
-            raise UserError("--scale sets the shape-only sr profile, but with --task-option or --method the sr task is built; use --task-option scale=N.")
-        return _task_model(args, task, options)
-    if task != "sr":
-        shape, classes = PROFILE_SHAPES[task]
-        _refuse_task_decided(model_options, ["num_classes", "in_channels"], task)
-        return task, shape, create_model(args.model, num_classes=classes, in_channels=shape[0], **model_options).eval()
-    scale = 2 if args.scale is None else args.scale
-    if scale not in SCALES:
-        raise UserError(f"--scale must be one of {', '.join(map(str, SCALES))}, but got {scale}.")
-    # The size a search's trials measure at with the sr task's defaults: the LR side of a training patch.
-    lr_side = inspect.signature(sr).parameters["patch_size"].default // scale
-    _refuse_task_decided(model_options, ["num_classes", "in_channels", "scale"], task)
-    shape = (3, lr_side, lr_side)
-    return task, shape, create_model(args.model, num_classes=None, in_channels=3, scale=scale, **model_options).eval()
-
-
-def _task_model(args: argparse.Namespace, task_name: str, options: dict[str, dict[str, Any]]) -> tuple[str, tuple[int, ...], Any]:
-    """The task loaded and the model built as a search builds them, then ``--method`` prepared and finalized.
-
-    The method sees the pre-flight's one-batch context (:func:`search.preflight.one_batch_context`)
-    and is not trained: the profile is the architecture the method deploys.
-    """
-    import copy
-
-    from methods import NotApplicable, create_method
-    from search.preflight import first_batch, one_batch_context
-    from search.space import Budget, SearchSpace
-    from search.trial import build_model, load_task
-
-    space = SearchSpace(
-        name="profile", task=task_name, task_options=options["task"], model=args.model, model_options=options["model"],
-        baseline_epochs=0, baseline_checkpoint=None, methods=(), objectives=(), constraints=(), budget=Budget(),
-    )  # fmt: skip
-    task = load_task(space)
-    _refuse_task_decided(options["model"], list(task.model_kwargs()), task_name)
-    model = build_model(space, task).eval()
-    if args.method is not None:
-        try:
-            method = create_method(args.method, options["method"])
-        except (UserError, ValueError) as exc:
-            raise UserError(f"--method {args.method}: {exc}") from None
-        ctx = one_batch_context(space, task, copy.deepcopy(model), first_batch(space, task))
-        try:
-            model = method.prepare(model, ctx)
-        except NotApplicable as exc:
-            raise UserError(f"--method {args.method} does not apply to {args.model} on {task_name}: {exc}") from None
-        model = method.finalize(model, ctx).eval()
-    return task_name, tuple(task.input_shape), model
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -649,7 +483,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from search.checks import check_files, check_methods, check_resources, check_storage, local_resources
+    from search.driver.checks import check_files, check_methods, check_resources, check_storage, local_resources
 
     space = _overridden_space(args)
     # "valid" only once every check has passed: any of them may still refuse the space.

@@ -26,8 +26,8 @@ def test_installed_version_is_in_the_declared_range(requirement: Requirement) ->
 
 
 def test_private_api_libraries_have_an_upper_bound() -> None:
-    """search/_private.py uses private Ray and Optuna APIs: a new release must be checked before it is allowed."""
-    from search._private import CHECKED_PACKAGES
+    """search/driver/_private.py uses private Ray and Optuna APIs: a new release must be checked before it is allowed."""
+    from search.driver._private import CHECKED_PACKAGES
 
     by_name = {r.name: r for r in REQUIREMENTS}
     for name in CHECKED_PACKAGES:
@@ -36,7 +36,7 @@ def test_private_api_libraries_have_an_upper_bound() -> None:
 
 def test_import_check_names_the_package_the_version_and_the_range(monkeypatch) -> None:
     from errors import UserError
-    from search import _private
+    from search.driver import _private
 
     monkeypatch.setattr(_private.metadata, "requires", lambda name: ["ray[tune]>=2.44,<2.61", "optuna>=5.0,<6"])
     monkeypatch.setattr(_private.metadata, "version", lambda name: {"ray": "2.70.0", "optuna": "5.0.0"}[name])

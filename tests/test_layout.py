@@ -107,3 +107,119 @@ def test_the_check_finds_a_timer_and_a_hand_written_restore(tmp_path: Path) -> N
     found = own_timers_and_mode_restores(source, tmp_path)
     # The clock import (2), the saved mode (4), both clock reads (6, 10) and the restore (8); not line 9.
     assert sorted(int(line.split(" ", 1)[0].split(":")[1]) for line in found) == [2, 4, 6, 8, 10]
+
+
+#: The rooms of ``search/`` and the rooms each may import: the space at the bottom, then one
+#: trial, then what a search leaves (exporting a trial of it uses the trial's context), then the
+#: driver that runs many trials; the CLI on top.
+ROOMS: dict[str, set[str]] = {
+    "space": set(),
+    "trial": {"space"},
+    "results": {"space", "trial"},
+    "driver": {"space", "trial", "results"},
+    "cli": {"space", "trial", "results", "driver"},
+}
+
+
+def _room(module: str) -> str | None:
+    """The room of a dotted module name under ``search`` (``search.cli`` is the CLI's)."""
+    parts = module.split(".")
+    if parts[0] != "search" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in ROOMS else None
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _our_modules() -> dict[str, Path]:
+    return {_module_name(path): path for package in ALLOWED for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imported_modules(path: Path, modules: dict[str, Path]) -> set[tuple[str, int]]:
+    """Our modules that ``path`` imports anywhere in it (functions too), with the line of each.
+
+    ``from package import name`` counts as importing ``package.name`` when that is a module.
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    # Imports for type hints alone (under ``if TYPE_CHECKING:``) never run, so they make no circle.
+    hints = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in hints:
+            continue
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module for alias in node.names]
+        else:
+            continue
+        out.update((name, node.lineno) for name in names if name in modules)
+    return out
+
+
+def test_search_rooms_import_only_the_rooms_below_them() -> None:
+    modules = _our_modules()
+    wrong = []
+    for name, path in modules.items():
+        room = _room(name)
+        if room is None:
+            continue
+        for imported, line in imported_modules(path, modules):
+            other = _room(imported)
+            if other is not None and other != room and other not in ROOMS[room]:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} ({room}) imports {imported} ({other})")
+    assert not wrong, "search's rooms import one way (space <- trial <- results <- driver <- cli), but:\n" + "\n".join(wrong)
+
+
+def test_no_import_circle() -> None:
+    """No module of ours reaches itself through imports, function-level imports included."""
+    modules = _our_modules()
+    graph = {name: {imported for imported, _ in imported_modules(path, modules)} - {name} for name, path in modules.items()}
+    # A package's __init__ importing its own modules is how it re-exports them, not a circle.
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not (m.startswith(name + ".") and modules[name].name == "__init__.py")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (circle := visit(nxt)):
+                return circle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (circle := visit(start)):
+            pytest.fail("import circle: " + " -> ".join(circle))
+
+
+def function_level_imports_without_reason(path: Path) -> list[str]:
+    """Imports inside a function of ``path`` with no comment on their line or the line above.
+
+    A function-level import is the exception (it keeps ``slimtune pareto`` free of torch and Ray,
+    or a module light for a command that does not need it); the comment says which.
+    """
+    lines = path.read_text().splitlines()
+    found = []
+    for fn in ast.walk(ast.parse("\n".join(lines), filename=str(path))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                here, above = lines[node.lineno - 1], lines[node.lineno - 2] if node.lineno > 1 else ""
+                if "#" not in here and not above.lstrip().startswith("#"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {here.strip()}")
+    return sorted(set(found))
+
+
+def test_function_level_imports_say_why() -> None:
+    found = [line for path in sorted((ROOT / "search").rglob("*.py")) if path.name != "cli.py" for line in function_level_imports_without_reason(path)]
+    assert not found, "a function-level import in search/ carries a comment saying why it is not at the top:\n" + "\n".join(found)

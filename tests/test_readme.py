@@ -32,3 +32,23 @@ def test_imagefolder_layout_and_option_defaults_match_the_task() -> None:
         written = re.search(rf"`{option}` \(`?([^):`]+)", text)
         assert written, f"README does not document imagefolder option {option}"
         assert written.group(1) == str(defaults[option]), option
+
+
+def test_layout_names_every_package_and_module_group() -> None:
+    """The Layout block names every package (``name/``) and every module of deploy, search and methods' private parts."""
+    block = re.search(r"^## Layout\n\n```\n(.*?)```", README, flags=re.S | re.M)
+    assert block, "README has no ```-block under '## Layout'"
+    text = block.group(1)
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for init in sorted(root.glob("*/**/__init__.py")):
+        package = init.parent.relative_to(root)
+        if package.parts[0] in ("tests", "bench", "spaces") or ".venv" in package.parts:
+            continue
+        if f"{package.name}/" not in text:
+            missing.append(f"package {package}/")
+        for module in sorted(init.parent.glob("*.py")):
+            named = package.parts[0] in ("deploy", "search", "models", "tasks") or module.name.startswith("_")
+            if module.name != "__init__.py" and named and module.name not in text:
+                missing.append(f"module {package}/{module.name}")
+    assert not missing, "README's Layout does not name:\n" + "\n".join(missing)

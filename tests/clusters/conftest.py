@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from search.local_cluster import LocalCluster, local_cluster
+from search.driver.local_cluster import LocalCluster, local_cluster
 
 #: A driver of its own that holds one CPU of a node with an actor until its stdin closes.
 _HOLD = """

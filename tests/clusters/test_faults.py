@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from search.samplers import DUPLICATE_OF
+from search.driver.samplers import DUPLICATE_OF
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def _check_failed(tmp: Path, record, expected: str, count: int) -> None:
 
 
 def test_time_limit_fails_the_trial_and_the_search_goes_on(tmp_path):
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     space = _limits_space(tmp_path, "time_limit_s: 1")
     out = io.StringIO()
@@ -128,7 +128,7 @@ def test_a_trial_killed_like_by_the_oom_killer_fails_and_the_search_goes_on(tmp_
     """The kernel's OOM killer ends a process with SIGKILL; so does this test, to the first trial."""
     import threading
 
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     space = _limits_space(tmp_path, "time_limit_s: 600")
     runs_file = tmp_path / "results" / "limits" / "runs.json"
@@ -161,7 +161,7 @@ def test_a_trial_killed_like_by_the_oom_killer_fails_and_the_search_goes_on(tmp_
 def test_out_of_memory_errors_are_named():
     import torch
 
-    from search.trial import is_out_of_memory
+    from search.trial.body import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4194304 bytes"))

@@ -41,7 +41,7 @@ def _children(tracking_uri: str, name: str):
 
 
 def _search(tmp: Path, name: str, address: str, **fmt):
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     space = tmp / f"{name}.yaml"
     space.write_text(SPACE.format(name=name, **fmt))

@@ -31,8 +31,8 @@ from deploy import (
 from methods import Phase, Pipeline, train_phase
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
 from errors import UserError
-from search.space import load_space
-from search.trial import build_context, build_model, load_task
+from search.space.spec import load_space
+from search.trial.context import build_context, build_model, load_task
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = [{"name": "l1_filter", "params": {"ratio": 0.5}}, {"name": "minmax_quant", "params": {"bits": 8}}]

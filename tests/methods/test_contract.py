@@ -50,8 +50,8 @@ from methods import (
     register_method,
 )
 from models import list_models
-from search.preflight import aggressive_params
-from search.space import MethodSpace
+from search.trial.preflight import aggressive_params
+from search.space.spec import MethodSpace
 
 METHODS = list_methods()
 KINDS = {"pruning", "quantization", "distillation", "reparameterisation"}

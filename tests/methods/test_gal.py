@@ -308,8 +308,8 @@ def _saved(state: TrainingState) -> bytes:
 def test_gal_trial_of_the_bundled_space(tmp_path) -> None:
     from pathlib import Path
 
-    from search.space import load_space
-    from search.trial import TrialSpec, recipe_from_config, run_pipeline, train_baseline
+    from search.space.spec import load_space
+    from search.trial.body import TrialSpec, recipe_from_config, run_pipeline, train_baseline
 
     space = load_space(Path(__file__).parents[2] / "spaces" / "digits_gal.yaml").with_overrides(baseline_epochs=4)
     assert [m.name for m in space.methods] == ["gal", "kd", "minmax_quant"]

@@ -22,7 +22,7 @@ from methods._surgery import first_layers
 from methods.kd import distillation_loss
 from methods.od import OnlineEnsemble, online_distillation_loss
 from models import BasicBlock, create_model
-from search.space import load_space
+from search.space.spec import load_space
 
 # --- the shift --------------------------------------------------------------------------------
 

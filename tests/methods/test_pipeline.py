@@ -359,7 +359,7 @@ def test_batches_with_two_views(digits_context) -> None:
 def test_space_that_can_sample_a_refused_pipeline_is_rejected_when_loaded(monkeypatch) -> None:
     from errors import UserError
     from methods import _registry
-    from search.space import parse_space
+    from search.space.spec import parse_space
 
     monkeypatch.setitem(_registry._METHODS, "probe", _probe("later", loss_only=True))
     data = {

@@ -1,7 +1,7 @@
 """The resume contract, over ``methods.list_methods()``: a run resumed from any checkpoint ends as an uninterrupted one.
 
 A trial checkpoints the :class:`methods.TrainingState` that :meth:`methods.Pipeline.run` hands
-to ``on_epoch_end`` after every epoch (``search/trial.py`` writes it with ``torch.save``) and,
+to ``on_epoch_end`` after every epoch (``search/trial/body.py`` writes it with ``torch.save``) and,
 when retried, passes it back as ``resume``. Here each method runs alone on its first example
 model (``Method.example_models``) with every training budget at 2 epochs, so that each of its
 phases has a checkpoint inside it and one at its end; the run is then resumed from every

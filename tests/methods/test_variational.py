@@ -13,7 +13,7 @@ from errors import UserError
 from methods import MethodContext, NotApplicable, Phase, Pipeline, Step, create_method, training_loss
 from methods.variational import jensen_shannon, official_kl, variational_kl
 from models import create_model
-from search.space import load_space
+from search.space.spec import load_space
 from tasks import create_task
 
 TRAIN_PAIRS = 256

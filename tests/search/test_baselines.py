@@ -11,8 +11,8 @@ import torch
 import yaml
 from PIL import Image
 
-from search.baselines import cached_baseline, describe_key, store_baseline
-from search.space import parse_space
+from search.driver.baselines import cached_baseline, describe_key, store_baseline
+from search.space.spec import parse_space
 
 SPACE = {
     "name": "shapes",

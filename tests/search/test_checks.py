@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from errors import UserError
-from search.checks import check_methods, check_resources, check_storage, check_writable_folder, local_resources
-from search.space import load_space, parse_space
+from search.driver.checks import check_methods, check_resources, check_storage, check_writable_folder, local_resources
+from search.space.spec import load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "spaces" / "quickstart.yaml"
@@ -186,7 +186,7 @@ def _file_space(tmp_path: Path, checkpoint: Path | None = None, images: Path | N
 
 
 def _refused(space) -> str:
-    from search.checks import check_files
+    from search.driver.checks import check_files
 
     with pytest.raises(UserError) as info:
         check_files(space)
@@ -217,7 +217,7 @@ def test_a_state_dict_of_another_model_is_refused_with_its_keys(tmp_path: Path) 
     assert "unexpected " in message and ", ...)" in message
     # The matching state dict passes.
     torch.save(create_model("digits_cnn", num_classes=10, in_channels=1).state_dict(), checkpoint)
-    from search.checks import check_files
+    from search.driver.checks import check_files
 
     check_files(_file_space(tmp_path, checkpoint))
 
@@ -226,7 +226,7 @@ def test_a_corrupt_image_is_refused_by_check_and_by_search_before_anything_is_wr
     import numpy as np
     from PIL import Image
 
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     images = tmp_path / "shapes"
     for split in ("train", "val"):

@@ -221,7 +221,7 @@ def test_check_refuses_an_unwritable_results_folder(capsys, tmp_path: Path) -> N
 
 
 def test_check_refuses_gpu_trials_without_a_gpu(capsys, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("search.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    monkeypatch.setattr("search.driver.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
     data = yaml.safe_load(QUICKSTART.read_text())
     data["budget"]["gpus_per_trial"] = 1
     path = tmp_path / "gpu.yaml"
@@ -317,7 +317,7 @@ def test_profile_of_a_model_that_rejects_the_task_input_is_one_line(capsys) -> N
 
 
 def test_check_says_valid_only_after_every_check_passed(capsys, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("search.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    monkeypatch.setattr("search.driver.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
     data = yaml.safe_load(QUICKSTART.read_text())
     data["budget"]["gpus_per_trial"] = 1
     path = tmp_path / "gpu.yaml"
@@ -339,9 +339,9 @@ def test_a_method_without_parameters_shows_no_empty_brackets(capsys, tmp_path: P
 
 
 @pytest.mark.parametrize(("command", "interrupted"), [
-    (["export", "s", "--pick", "knee", "--out", "x"], "search.record.load_search"),
-    (["check", str(QUICKSTART)], "search.space.load_space"),
-    (["profile", "digits_cnn"], "search.cli._profile_model"),
+    (["export", "s", "--pick", "knee", "--out", "x"], "search.results.record.load_search"),
+    (["check", str(QUICKSTART)], "search.space.spec.load_space"),
+    (["profile", "digits_cnn"], "search.trial.profile.profiled_model"),
 ])  # fmt: skip
 def test_ctrl_c_outside_a_search_hints_no_resume(capsys, monkeypatch, tmp_path: Path, command: list[str], interrupted: str) -> None:
     def ctrl_c(*args, **kwargs):
@@ -357,7 +357,7 @@ def test_ctrl_c_in_resume_hints_resume_with_the_search_name(capsys, monkeypatch)
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("search.runner.resume_search", ctrl_c)
+    monkeypatch.setattr("search.driver.runner.resume_search", ctrl_c)
     assert main(["resume", "digits-7", "--results-dir", "r"]) == 130
     assert capsys.readouterr().err == "slimtune: interrupted; continue with: slimtune resume digits-7 --results-dir r.\n"
 

@@ -1,6 +1,6 @@
 """Every documented value of every key that chooses behaviour runs end to end through the real driver.
 
-A few tiny searches (2 trials, 1 epoch) through ``search.runner.run_search`` (Ray, Tune,
+A few tiny searches (2 trials, 1 epoch) through ``search.driver.runner.run_search`` (Ray, Tune,
 Optuna, MLflow) share one Ray instance; together they use each sampler, scheduler, optimizer and
 task kind, and the export and the profile use each export and latency form. The coverage test
 reads the lists from the code's constants, so a new value fails it until a search here uses it.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from search.export import FORMS
-from search.space import OPTIMIZERS, SAMPLERS, SCHEDULERS
+from deploy import FORMS
+from search.space.spec import OPTIMIZERS, SAMPLERS, SCHEDULERS
 from tasks import TASK_KINDS, task_kind
 
 #: The searches: what each one chooses, and its space's task, model, methods and objectives.
@@ -58,8 +58,8 @@ objectives: {mse: min, size_bytes: min}
     "opt_copy": {
         "sampler": "tpe", "scheduler": "fifo", "optimizer": "adam",
         "body": """
-task: {name: copy_memory, options: {delay: 4, length: 3, train_size: 1024, val_size: 64, test_size: 64}}
-model: {name: lstm, options: {hidden_size: 16}}
+task: {name: copy_memory, options: {delay: 2, length: 3, train_size: 1024, val_size: 64, test_size: 256}}
+model: {name: lstm, options: {hidden_size: 32}}
 baseline: {epochs: 3}
 training: {batch_size: 16, lr: 0.02, weight_decay: 0.0}
 methods:
@@ -124,7 +124,7 @@ def shared_ray():
     """One local Ray on 127.0.0.1 for every search of this module, started as the driver starts it."""
     import ray
 
-    from search.runner import _init_ray
+    from search.driver.runner import _init_ray
 
     assert not ray.is_initialized(), "another test left Ray running"
     assert _init_ray(None)
@@ -136,7 +136,7 @@ def shared_ray():
 def searches(shared_ray, tmp_path_factory):
     import ray
 
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     tmp = tmp_path_factory.mktemp("options")
     done = {}
@@ -155,7 +155,7 @@ def searches(shared_ray, tmp_path_factory):
 def test_each_search_completes_both_trials_with_its_choices(searches, name: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from search.record import completed_records, load_search, search_progress
+    from search.results.record import completed_records, load_search, search_progress
 
     tmp, done = searches
     spec = SEARCHES[name]
@@ -186,7 +186,7 @@ def test_a_failed_export_leaves_nothing_and_the_same_command_then_runs(searches,
     def broken(*args, **kwargs):
         raise RuntimeError("the reloaded program differs")
 
-    monkeypatch.setattr("search.export.check_round_trip", broken)
+    monkeypatch.setattr("search.results.export.check_round_trip", broken)
     with pytest.raises(RuntimeError), contextlib.redirect_stdout(io.StringIO()):
         main(command)
     assert not (tmp / "new").exists()
@@ -202,7 +202,7 @@ def test_report_register_and_resume_keep_the_search_run_s_end_time(searches) -> 
     from mlflow.tracking import MlflowClient
 
     from search.cli import main
-    from search.runner import resume_search
+    from search.driver.runner import resume_search
 
     tmp, done = searches
     record = done["opt_2view"]

@@ -33,7 +33,7 @@ measure: {latency_repeats: 3}
 
 @pytest.fixture(scope="module")
 def finished_search(tmp_path_factory):
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     tmp = tmp_path_factory.mktemp("e2e")
     space = tmp / "e2e.yaml"
@@ -88,8 +88,8 @@ def test_mlflow_holds_one_parent_and_four_children(finished_search):
 def test_front_matches_optuna_best_trials(finished_search):
     import optuna
 
-    from search.ranking import rank_records
-    from search.record import completed_records
+    from search.results.ranking import rank_records
+    from search.results.record import completed_records
 
     record, _, _ = finished_search
     study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
@@ -165,12 +165,12 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch
     import optuna
     from mlflow.tracking import MlflowClient
 
-    import search.runner
-    from search.runner import run_search
+    import search.driver.runner
+    from search.driver.runner import run_search
 
     # `search`'s pre-flight refuses this space up front (its own test is in test_checks.py); this
     # test is about trials that fail while they run, so the driver skips it here.
-    monkeypatch.setattr(search.runner, "check_before_baseline", lambda *args, **kwargs: None)
+    monkeypatch.setattr(search.driver.runner, "check_before_baseline", lambda *args, **kwargs: None)
 
     space = tmp_path / "failing.yaml"
     space.write_text(FAILING_SPACE)

@@ -8,15 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from search import graceful_stop
-from search.graceful_stop import GracefulStop, wait_if_stopping
+from search.trial import graceful_stop
+from search.trial.graceful_stop import GracefulStop, wait_if_stopping
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
 
-    from search.runner import _init_ray
+    from search.driver.runner import _init_ray
 
     _init_ray(None)
     yield

@@ -1,4 +1,4 @@
-"""Tests for search.pareto: hand-computed cases, Monte Carlo estimates and Optuna as a reference."""
+"""Tests for search.results.pareto: hand-computed cases, Monte Carlo estimates and Optuna as a reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import optuna
 import pytest
 from optuna._hypervolume import compute_hypervolume
 
-from search.pareto import (
+from search.results.pareto import (
     dominates,
     hypervolume,
     knee_index,

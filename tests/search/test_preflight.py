@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from methods import Range
-from search.preflight import _short_training, aggressive_params
-from search.space import MethodSpace
+from search.trial.preflight import aggressive_params
+from search.trial.context import _short_training
+from search.space.spec import MethodSpace
 
 
 def most_aggressive(name: str, **searched: Range) -> dict[str, Any]:

@@ -12,8 +12,8 @@ import optuna
 import pytest
 import yaml
 
-from search.objectives import Constraint, Objective
-from search.record import INTERRUPTED, SearchRecord, completed_records, load_search, search_progress
+from search.space.objectives import Constraint, Objective
+from search.results.record import INTERRUPTED, SearchRecord, completed_records, load_search, search_progress
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +100,7 @@ def test_pareto_imports_neither_torch_nor_ray_and_matches_optuna(stored_search: 
 def test_the_manifest_holds_the_resolved_space_read_alike_from_any_folder(tmp_path: Path, monkeypatch) -> None:
     import torch
 
-    from search.space import load_space
+    from search.space.spec import load_space
 
     started, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (started / "data").mkdir(parents=True)
@@ -127,8 +127,8 @@ def test_the_manifest_holds_the_resolved_space_read_alike_from_any_folder(tmp_pa
 
 def test_a_front_that_beats_the_baseline_somewhere_never_has_hypervolume_0(tmp_path: Path) -> None:
     """sr_quickstart's case: an 8-bit trial beats the baseline on PSNR and size but is slower than 1.1 x its latency."""
-    from search.ranking import describe_reference, hypervolume_history, hypervolume_reference, rank_records, search_hypervolume
-    from search.record import TrialRecord
+    from search.results.ranking import describe_reference, hypervolume_history, hypervolume_reference, rank_records, search_hypervolume
+    from search.results.record import TrialRecord
 
     record = SearchRecord(
         name="sr", folder=tmp_path / "sr", space_yaml="", space_path="sr.yaml", trials=2,

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from deploy import export_model, load_program
-from search.objectives import Objective
-from search.ranking import hypervolume_history, rank_records, search_hypervolume
-from search.record import SearchRecord, TrialRecord, completed_records
+from search.space.objectives import Objective
+from search.results.ranking import hypervolume_history, rank_records, search_hypervolume
+from search.results.record import SearchRecord, TrialRecord, completed_records
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE = {"accuracy": 0.97, "macs": 600.0, "params": 24000.0}
@@ -41,8 +41,8 @@ def _tiny(width: int, seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """The search's record, its three models and the folder it lives in, after ``finish_search``."""
-    from search.report import Reporter
-    from search.runner import finish_search
+    from search.results.report import Reporter
+    from search.driver.runner import finish_search
 
     tmp = tmp_path_factory.mktemp("registry")
     space_yaml = (ROOT / "spaces" / "quickstart.yaml").read_text().replace("  size_bytes: min\n", "")  # objectives: accuracy, macs

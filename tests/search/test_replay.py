@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from search.cli import main
-from search.space import load_space
-from search.trial import TrialSpec, run_pipeline, train_baseline
+from search.space.spec import load_space
+from search.trial.body import TrialSpec, run_pipeline, train_baseline
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLED = [
@@ -137,7 +137,7 @@ measure: {latency_repeats: 2}
 @pytest.mark.slow
 def test_a_searched_and_exported_trial_replays_to_its_metrics(tmp_path: Path, capsys) -> None:
     """The real path: the baseline in the driver, the trial in a Ray worker, `slimtune export`, then replay."""
-    from search.runner import run_search
+    from search.driver.runner import run_search
 
     space = tmp_path / "replayed.yaml"
     space.write_text(SPACE)
@@ -155,8 +155,8 @@ def test_a_searched_and_exported_trial_replays_to_its_metrics(tmp_path: Path, ca
 
 
 def test_recipe_model_options_include_the_factorys_defaults_but_not_what_the_task_supplies() -> None:
-    from search.recipe import recipe_document
-    from search.trial import load_task
+    from search.trial.recipe import recipe_document
+    from search.trial.context import load_task
 
     space = load_space(ROOT / "spaces" / "quickstart.yaml").with_overrides(model="digits_resnet")
     task = load_task(space)

@@ -7,8 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.runner import _create_optuna_tables
-from search.tracking import create_sqlite_aside
+from search.driver.runner import _create_optuna_tables
+from search.results.tracking import create_sqlite_aside
 
 
 def test_optuna_storage_is_created_whole_and_existing_files_are_kept(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ import math
 import optuna
 import pytest
 
-from search import samplers
-from search.objectives import Constraint
-from search.samplers import DUPLICATE_OF, ask_distinct, make_sampler, tell_metrics
-from search.space import parse_space
+from search.driver import samplers
+from search.space.objectives import Constraint
+from search.driver.samplers import DUPLICATE_OF, ask_distinct, make_sampler, tell_metrics
+from search.space.spec import parse_space
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -76,8 +76,8 @@ def test_samplers_are_sized_for_the_budget() -> None:
 def test_the_tune_searcher_ends_the_search_when_every_configuration_is_taken() -> None:
     from ray.tune.search import Searcher
 
-    from search._private import SlimtuneOptunaSearch
-    from search._tune import SpaceDefinition
+    from search.driver._private import SlimtuneOptunaSearch
+    from search.driver._tune import SpaceDefinition
 
     space = parse_space({
         "name": "dedupe",
@@ -116,8 +116,8 @@ def test_a_sampler_stuck_on_a_tried_configuration_is_overruled_by_random_proposa
 
 
 def test_a_search_that_runs_out_of_configurations_ends_and_says_why() -> None:
-    from search.record import Progress
-    from search.report import Reporter
+    from search.results.record import Progress
+    from search.results.report import Reporter
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("tpe", seed=0, trials=8))
     for accuracy in (0.7, 0.8, 0.9):

@@ -1,6 +1,6 @@
 """Early stopping (budget.scheduler), warm start and the baseline cache.
 
-The promotion rule is tested without Ray (``search.halving``); one small search shows a stopped
+The promotion rule is tested without Ray (``search.driver.halving``); one small search shows a stopped
 trial ending PRUNED in the study, KILLED and tagged ``stopped_early`` in MLflow, counted in the
 budget and never ranked.
 """
@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from errors import UserError
-from search.halving import Rungs, milestones
-from search.objectives import Constraint, Objective
-from search.pareto import best_first, crowding_distances
-from search.space import parse_space
+from search.driver.halving import Rungs, milestones
+from search.space.objectives import Constraint, Objective
+from search.results.pareto import best_first, crowding_distances
+from search.space.spec import parse_space
 
 SPACE = {
     "name": "early",
@@ -113,7 +113,7 @@ def test_budget_scheduler_is_validated() -> None:
 
 def _earlier_search(root: Path, ratios: list[float], accuracies: list[float]) -> None:
     """A finished search 'first' in ``root``: manifest and a study of l1_filter trials."""
-    from search.record import SearchRecord
+    from search.results.record import SearchRecord
 
     space = _space()
     storage = f"sqlite:///{root}/optuna.db"
@@ -127,8 +127,8 @@ def _earlier_search(root: Path, ratios: list[float], accuracies: list[float]) ->
 
 
 def test_warm_start_enqueues_the_pareto_recipes_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
-    from search._tune import make_searcher
-    from search.warm_start import warm_start_points
+    from search.driver._tune import make_searcher
+    from search.driver.warm_start import warm_start_points
 
     # Trial 2 (ratio 0.3, accuracy 0.8) is dominated by trial 0 (ratio 0.3 too, accuracy 0.9).
     _earlier_search(tmp_path, [0.3, 0.6, 0.3], [0.9, 0.7, 0.8])
@@ -165,12 +165,12 @@ class _Tracker:
 
 
 def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, monkeypatch) -> None:
-    import search.runner
+    import search.driver.runner
     from importlib import metadata
 
-    from search.baselines import cached_baseline
-    from search.record import SearchRecord
-    from search.report import Reporter
+    from search.driver.baselines import cached_baseline
+    from search.results.record import SearchRecord
+    from search.results.report import Reporter
 
     trained = []
 
@@ -178,7 +178,7 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
         trained.append(space.lr)
         return {"w": torch.full((2,), float(len(trained)))}, {"accuracy": 0.5 + len(trained) / 10}
 
-    monkeypatch.setattr(search.runner, "_baseline", train)
+    monkeypatch.setattr(search.driver.runner, "_baseline", train)
     lines: list[str] = []
     spaces = {"a": _space(), "b": _space(), "c": _space().with_overrides(lr=0.01)}
     records = {}
@@ -186,7 +186,7 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
         record = SearchRecord.from_space(name, tmp_path / name, space, "sqlite:///unused.db", "sqlite:///unused-optuna.db")
         record.tracker = _Tracker
         record.save()
-        search.runner._prepare_baseline(record, None, Reporter(lines.append))
+        search.driver.runner._prepare_baseline(record, None, Reporter(lines.append))
         records[name] = record
     # b has a's key and reuses a's baseline; c trains with another learning rate.
     assert trained == [0.05, 0.01]
@@ -210,8 +210,8 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
 def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from search.record import completed_records, search_progress
-    from search.runner import run_search
+    from search.results.record import completed_records, search_progress
+    from search.driver.runner import run_search
 
     space = tmp_path / "early.yaml"
     space.write_text(yaml.safe_dump(SPACE))
@@ -249,8 +249,8 @@ def test_asha_lets_a_trial_at_the_longest_pipeline_s_last_epoch_reach_its_final_
 
     from ray.tune.schedulers import TrialScheduler
 
-    from search._private import TRIAL_NUMBER
-    from search._tune import ScalarASHA, StoppedTrials
+    from search.driver._private import TRIAL_NUMBER
+    from search.driver._tune import ScalarASHA, StoppedTrials
 
     scheduler = ScalarASHA(
         StoppedTrials("unused", "sqlite://"), time_attr="epoch", metric="val_accuracy", mode="max", max_t=2, grace_period=1, reduction_factor=2

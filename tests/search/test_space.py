@@ -11,7 +11,7 @@ import yaml
 
 from methods import list_methods
 from errors import UserError
-from search.space import load_space
+from search.space.spec import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "spaces" / "quickstart.yaml"
@@ -381,7 +381,7 @@ OVERRIDES = [
 
 @pytest.mark.parametrize(("edit", "changes", "says"), [o[1:] for o in OVERRIDES], ids=[o[0] for o in OVERRIDES])
 def test_overrides_are_refused_with_the_yaml_error(tmp_path: Path, edit, changes: dict, says: str) -> None:
-    from search.space import Budget
+    from search.space.spec import Budget
 
     from_yaml = _yaml_error(tmp_path, edit)
     if "budget" in changes:

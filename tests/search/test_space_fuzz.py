@@ -3,7 +3,7 @@
 A seeded mutator (no hypothesis: it is not a dependency) changes either the text (bytes
 flipped, lines dropped, doubled or swapped, YAML syntax inserted) or the parsed document (a
 value at a random key path replaced by a value of another type, a key renamed or removed), then
-loads the file as ``slimtune check`` does (:func:`search.space.load_space` and the command
+loads the file as ``slimtune check`` does (:func:`search.space.spec.load_space` and the command
 line's overrides), without the pre-flight training.
 """
 
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from errors import UserError
-from search.space import load_space
+from search.space.spec import load_space
 
 SPACES = sorted((Path(__file__).resolve().parents[2] / "spaces").glob("*.yaml"))
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from deploy import count_params
 from errors import UserError
 from models import create_model
-from search.space import metrics_of_task, parse_space
+from search.space.spec import metrics_of_task, parse_space
 from tasks import create_task, task_kind
 from tasks.sr import (
     BicubicUpsampler,
@@ -267,8 +267,8 @@ def test_sr_quickstart_space_parses() -> None:
 
 
 def test_an_sr_trial_reports_psnr_ssim_and_a_packed_size(tmp_path: Path) -> None:
-    from search.preflight import preflight
-    from search.trial import TrialSpec, run_pipeline, train_baseline
+    from search.trial.preflight import preflight
+    from search.trial.body import TrialSpec, run_pipeline, train_baseline
 
     space = parse_space(_space({"pams": {"optional": False, "params": {"bits": 4, "stats_epochs": 1}}}), "sr.yaml")
     assert all(r.ok for r in preflight(space, log=lambda m: None))

@@ -12,8 +12,8 @@ from torch.utils.data import TensorDataset
 
 from deploy import count_flops
 from methods import get_method
-from search.space import load_space
-from search.trial import TrialSpec, measure, run_pipeline, train_baseline
+from search.space.spec import load_space
+from search.trial.body import TrialSpec, measure, run_pipeline, train_baseline
 from tasks import Task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_method_artifacts_are_written_next_to_the_exported_model(space, tmp_path
 def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(space, tmp_path: Path, monkeypatch) -> None:
     """Both at budget.cpus_per_trial threads (the driver runs at another count), batch and form recorded."""
     import deploy._export
-    from search.report import latency_note
+    from search.results.report import latency_note
 
     space = space.with_overrides(budget=dataclasses.replace(space.budget, cpus_per_trial=2.0), latency_batch_size=3)
     timed = []
@@ -118,8 +118,9 @@ def test_a_baseline_at_chance_is_refused_with_what_chance_is_and_what_to_change(
     from pathlib import Path
 
     from errors import UserError
-    from search.space import load_space
-    from search.trial import chance_accuracy, chance_margin, load_task, refuse_chance_baseline
+    from search.space.spec import load_space
+    from search.trial.body import chance_accuracy, chance_margin, refuse_chance_baseline
+    from search.trial.context import load_task
 
     space = load_space(Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml")
     task = load_task(space)
@@ -137,10 +138,10 @@ def test_a_baseline_at_chance_is_refused_with_what_chance_is_and_what_to_change(
 
 
 def test_a_diverged_trial_or_one_at_chance_is_marked_and_never_on_the_front() -> None:
-    from search.objectives import Objective
-    from search.ranking import front, pareto_table, rank_records
-    from search.record import SearchRecord, TrialRecord
-    from search.trial import trial_quality
+    from search.space.objectives import Objective
+    from search.results.ranking import front, pareto_table, rank_records
+    from search.results.record import SearchRecord, TrialRecord
+    from search.trial.body import trial_quality
 
     baseline = {"accuracy": 0.97, "chance_accuracy": 0.1, "chance_margin": 0.03}
     # digits_ssr's ssr > kd: train loss 3.15 -> 199.

@@ -10,8 +10,8 @@ import optuna
 import pytest
 
 from search.cli import main
-from search.objectives import Constraint, Objective
-from search.record import SearchRecord
+from search.space.objectives import Constraint, Objective
+from search.results.record import SearchRecord
 
 REASONS = ["NonFiniteLossError: the loss became inf", "NonFiniteLossError: the loss became inf", "TrialTimeLimitError: over 60 s"]
 

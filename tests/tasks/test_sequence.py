@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from errors import UserError
-from search.space import metrics_of_task
+from search.space.spec import metrics_of_task
 from tasks import create_task, task_kind, task_metrics
 from tasks.sequence import ADDING_VARIANCE
 
@@ -112,8 +112,8 @@ def test_char_text_errors_name_the_option(tmp_path) -> None:
 
 
 def test_a_minimised_metric_drops_by_rising_and_its_spaces_load_without_warnings() -> None:
-    from search.space import load_space
-    from search.trial import measure
+    from search.space.spec import load_space
+    from search.trial.body import measure
 
     root = Path(__file__).resolve().parents[2]
     space = load_space(root / "spaces" / "adding_wavelet.yaml").with_overrides(latency_repeats=1)
@@ -127,9 +127,9 @@ def test_a_minimised_metric_drops_by_rising_and_its_spaces_load_without_warnings
 
 
 def test_hypervolume_of_a_minimised_quality_metric_reaches_to_what_learning_nothing_scores(tmp_path: Path) -> None:
-    from search.ranking import search_hypervolume
-    from search.record import SearchRecord, TrialRecord
-    from search.space import load_space
+    from search.results.ranking import search_hypervolume
+    from search.results.record import SearchRecord, TrialRecord
+    from search.space.spec import load_space
 
     space = load_space(Path(__file__).resolve().parents[2] / "spaces" / "adding_wavelet.yaml")
     search = SearchRecord.from_space("adding", tmp_path, space, "sqlite:///unused.db", "sqlite:///unused.db")

@@ -8,12 +8,12 @@ Layout of a search's results folder (``<results_dir>/<name>/``):
 - ``baseline.pt``: the uncompressed model's weights, trained once, shared by every trial;
 - ``runs.json``: Tune trial id -> MLflow run id, status and final checkpoint;
 - ``../baselines/``: trained baselines shared by the searches of the results folder
-  (``search.baselines``);
+  (``search.driver.baselines``);
 - ``tune/``: Tune's experiment (trial checkpoints; the final one holds the exported model).
 
 The Optuna study is the source of truth for which trials ran and how they ended: a trial is
 COMPLETE there before its ``done`` line is printed, and MLflow and ``runs.json`` are brought in
-line with it (``search.runner.finish_search``). Everything here reads the manifest and the study
+line with it (``search.driver.runner.finish_search``). Everything here reads the manifest and the study
 only, so ``slimtune pareto`` starts without importing torch, Ray or any method.
 """
 
@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from errors import UserError, did_you_mean
-from search.objectives import Constraint, Objective
-from search.tracking import SearchTracker
+from search.space.objectives import Constraint, Objective
+from search.results.tracking import SearchTracker
+import optuna
+import tempfile
+import yaml
 
 if TYPE_CHECKING:
-    from search.space import SearchSpace
+    from search.space.spec import SearchSpace
 
 __all__ = [
     "SearchRecord",
@@ -79,7 +82,7 @@ class SearchRecord:
     @classmethod
     def from_space(cls, name: str, folder: Path, space: SearchSpace, tracking_uri: str, optuna_storage: str) -> SearchRecord:
         """The record of a new search (nothing trained yet)."""
-        from search.space import metrics_of_task
+        from search.space.spec import metrics_of_task  # the parser imports torch and the methods; pareto stays free of them
 
         return cls(
             name=name,
@@ -100,9 +103,7 @@ class SearchRecord:
     def space(self) -> SearchSpace:
         """The full search space, parsed from the stored text on first use (imports the methods)."""
         if self._space is None:
-            import yaml
-
-            from search.space import parse_space
+            from search.space.spec import parse_space  # the parser imports torch and the methods; pareto stays free of them
 
             space = parse_space(yaml.safe_load(self.space_yaml), self.space_path or "<stored space>", self.space_yaml)
             self._space = space.with_overrides(budget=dataclasses.replace(space.budget, trials=self.trials))
@@ -182,7 +183,7 @@ def load_search(name: str, results_dir: str | Path = "slimtune_results") -> Sear
     )
     if not record.objectives or not record.task_metrics:
         # A manifest written before objectives were stored: read them from the space.
-        from search.space import metrics_of_task
+        from search.space.spec import metrics_of_task  # the parser imports torch and the methods; pareto stays free of them
 
         space = record.space
         record.objectives, record.constraints = tuple(space.objectives), tuple(space.constraints)
@@ -237,8 +238,6 @@ def _short(value: Any) -> str:
 
 def _study(record: SearchRecord):
     """The search's Optuna study, or None when no trial was ever asked for."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.load_study(study_name=record.name, storage=record.optuna_storage)
@@ -248,8 +247,6 @@ def _study(record: SearchRecord):
 
 def completed_records(record: SearchRecord) -> list[TrialRecord]:
     """Every completed trial of the search, from the Optuna study joined with the run map."""
-    import optuna
-
     study = _study(record)
     if study is None:
         return []
@@ -285,7 +282,7 @@ class Progress:
         stopped: Trials an early-stopping scheduler stopped (PRUNED in the study); they count
             against the budget and are never on the front.
         exhausted: The sampler's last proposals all equalled tried configurations
-            (:func:`search.samplers.space_exhausted`): the search ends with fewer trials.
+            (:func:`search.driver.samplers.space_exhausted`): the search ends with fewer trials.
     """
 
     budget: int
@@ -313,14 +310,10 @@ class Progress:
 
 def search_progress(record: SearchRecord) -> Progress:
     """Completed and failed trials of the search (the study), with the failure reasons (run map)."""
-    import optuna
-
     study = _study(record)
     trials = study.get_trials(deepcopy=False) if study is not None else []
     completed = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     stopped = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
-    from search.samplers import DUPLICATE_OF, space_exhausted
-
     # A proposal equal to a tried configuration is closed as FAIL without running: not a failure.
     failed = [
         t
@@ -354,9 +347,8 @@ def exported_model_dir(checkpoint: str | None):
         folder = Path(checkpoint) / "model"
         yield folder if folder.is_dir() else None
         return
-    import tempfile
 
-    import pyarrow.fs
+    import pyarrow.fs  # only for a checkpoint in cloud storage (s3://, gs://)
 
     filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
@@ -379,3 +371,25 @@ def trial_state(record: SearchRecord, number: int) -> str | None:
     study = _study(record)
     trials = study.get_trials(deepcopy=False) if study is not None else []
     return trials[number].state.name if 0 <= number < len(trials) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# What the sampler leaves in the study (search.driver.samplers writes it, progress reads it).
+# ----------------------------------------------------------------------------------------------
+
+#: User attribute of a study trial that was asked, found equal to trial ``DUPLICATE_OF`` and
+#: closed as FAIL without being trained (samplers skip failed trials).
+DUPLICATE_OF = "duplicate_of"
+
+#: Asks per new trial before the search counts the space as exhausted.
+MAX_ASKS = 20
+
+def space_exhausted(trials: list[optuna.trial.FrozenTrial], max_asks: int = MAX_ASKS) -> bool:
+    """Whether the last :func:`ask_distinct` on a study found the space exhausted.
+
+    Called when a search's trials have ended, to say why it ran fewer than its budget.
+    ``trials`` are the study's trials by number; the asks refused by a call that returned
+    None are its ``max_asks`` newest trials, while a call that found a new configuration ends
+    with that (not refused) trial.
+    """
+    return len(trials) >= max_asks and all(DUPLICATE_OF in t.user_attrs for t in trials[-max_asks:])

@@ -3,7 +3,7 @@
 The earlier search (in the same results folder) must have compressed the same model on the
 same task, both with the same options; each of its feasible Pareto-optimal recipes becomes the
 Optuna parameters of one trial (``method/use`` and ``method/param``, as
-``search._tune.SpaceDefinition`` names them), which the searcher enqueues before its first
+``search.driver._tune.SpaceDefinition`` names them), which the searcher enqueues before its first
 trial. A recipe this space cannot sample is refused, naming the trial, the method or parameter
 and why.
 """
@@ -16,7 +16,9 @@ from typing import Any
 
 from errors import UserError
 from methods import Range, get_method, hyperparameters
-from search.space import MethodSpace, SearchSpace
+from search.space.spec import MethodSpace, SearchSpace
+from search.results.ranking import front, rank_records
+from search.results.record import completed_records, load_search
 
 __all__ = ["warm_start_points"]
 
@@ -30,9 +32,6 @@ def warm_start_points(space: SearchSpace, name: str, results_dir: str | Path) ->
         UserError: The search does not exist, ran another task or model (or other options), has
             no feasible Pareto-optimal trial, or a recipe does not fit this space.
     """
-    from search.ranking import front, rank_records
-    from search.record import completed_records, load_search
-
     try:
         record = load_search(name, results_dir)
     except UserError as exc:

@@ -22,11 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import UserError
+import mlflow
+import torch
+from mlflow.models import infer_signature
+from deploy import load_exported, storage_groups_quiet
+from mlflow.exceptions import MlflowException
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-    from search.record import SearchRecord, TrialRecord
+    from search.results.record import SearchRecord, TrialRecord
 
 __all__ = ["MODEL_NAME", "logged_model_ids", "log_trial_model", "register_trial", "load_registered"]
 
@@ -37,8 +42,6 @@ MODEL_NAME = "program"
 @contextlib.contextmanager
 def _tracking(tracking_uri: str) -> Iterator[None]:
     """MLflow's fluent API (``log_model``, ``load_model``) pointed at ``tracking_uri`` for the block."""
-    import mlflow
-
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -68,13 +71,8 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
     Called for each Pareto trial when a search finishes, and by ``export --register``. The run's
     status and end time are kept as they were (MLflow reopens the run to attach the model).
     """
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
     if not trial.run_id:
         raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
-    from deploy import load_exported, storage_groups_quiet
 
     program = load_exported(model_dir)
     traced, _ = program.example_inputs
@@ -117,8 +115,6 @@ def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, na
     Raises:
         UserError: When the tracking store has no model registry or refuses the name or alias.
     """
-    from mlflow.exceptions import MlflowException
-
     client = record.tracker().client
     model_id = logged_model_ids(record).get(trial.run_id or "") or log_trial_model(record, trial, model_dir)
     metrics = ", ".join(f"{m} {trial.metrics[m]:.6g}" for m in record.metric_names)
@@ -152,7 +148,5 @@ def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, na
 
 def load_registered(tracking_uri: str, uri: str):
     """``mlflow.pytorch.load_model(uri)`` against ``tracking_uri`` (``models:/NAME@alias``)."""
-    import mlflow
-
     with _tracking(tracking_uri):
         return mlflow.pytorch.load_model(uri)

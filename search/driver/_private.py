@@ -16,10 +16,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from errors import UserError
-from search.samplers import ask_distinct, tell_metrics
+from search.driver.samplers import ask_distinct, tell_metrics
+from packaging.requirements import Requirement
+import ray._private.ray_constants as ray_constants
+import os
+import signal
 
 if TYPE_CHECKING:
-    from search.space import SearchSpace
+    from search.space.spec import SearchSpace
 
 __all__ = ["check_versions", "keep_ray_on_loopback", "stop_tune_run", "fail_open_trials", "prune_trial", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
 
@@ -37,8 +41,6 @@ def check_versions(packages: tuple[str, ...] = CHECKED_PACKAGES) -> None:
     checkout that is not installed has no metadata and is not checked here (the test suite
     checks ``pyproject.toml`` itself).
     """
-    from packaging.requirements import Requirement
-
     try:
         requirements = [Requirement(text) for text in metadata.requires("slimtune") or []]
     except metadata.PackageNotFoundError:
@@ -65,8 +67,6 @@ def keep_ray_on_loopback() -> None:
     off; the constant is read by this already-imported driver (the environment variable
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does the same for the processes Ray starts).
     """
-    import ray._private.ray_constants as ray_constants
-
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
@@ -78,9 +78,6 @@ def stop_tune_run() -> None:
     thread, whatever ``TUNE_DISABLE_SIGINT_HANDLER`` says) sets it. Trials still running stay
     RUNNING in the saved state and continue from their last checkpoint on restore.
     """
-    import os
-    import signal
-
     os.kill(os.getpid(), signal.SIGUSR1)
 
 
@@ -140,7 +137,7 @@ class SlimtuneOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | str | None:
         """Called by Tune for each new trial: a configuration no running or finished trial has.
 
-        Ends the search (Tune's ``FINISHED``) when :func:`search.samplers.ask_distinct` finds
+        Ends the search (Tune's ``FINISHED``) when :func:`search.driver.samplers.ask_distinct` finds
         only tried configurations, as in a small discrete space with more trials than members.
         """
         if trial_id not in self._ot_trials:

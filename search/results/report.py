@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from errors import plural
-from search.objectives import COST_METRICS
-from search.ranking import describe_reference, front, hypervolume_reference, pareto_table, rank_records, search_hypervolume
-from search.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
+from search.space.objectives import COST_METRICS
+from search.results.ranking import describe_reference, front, hypervolume_reference, pareto_table, rank_records, search_hypervolume
+from search.results.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
 
 __all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option", "unfinished_lines", "mlflow_ui", "UI_PORT"]
 

@@ -8,7 +8,7 @@ stopped exactly, also when the caller fails::
         run_search(space, address=cluster.address)
         cluster.nodes[1].kill()
 
-Run as ``python -m search.local_cluster start ...`` it is Ray's own command line, except that
+Run as ``python -m search.driver.local_cluster start ...`` it is Ray's own command line, except that
 Ray's "which address do I have" question is answered with 127.0.0.1: Ray otherwise replaces a
 loopback ``--node-ip-address`` with the machine's network address in cluster mode, and refuses a
 second node when cluster mode is off.
@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from ray._raylet import AuthenticationTokenLoader
 
 __all__ = ["local_cluster", "LocalCluster", "LocalNode"]
 
@@ -106,8 +107,6 @@ class LocalCluster:
 
 def _forget_cached_token() -> None:
     """Make this process read the token from the environment again (Ray caches the first one)."""
-    from ray._raylet import AuthenticationTokenLoader
-
     AuthenticationTokenLoader.instance().reset_cache()
 
 
@@ -115,7 +114,7 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
     """Run ``ray start`` in a new session and return that session's process group id."""
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "search.local_cluster", "start", *args],
+            [sys.executable, "-m", "search.driver.local_cluster", "start", *args],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     if proc.wait(timeout=180) != 0:
@@ -138,7 +137,7 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
         env = dict(os.environ)
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN, "RAY_USAGE_STATS_ENABLED": "0"})
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        # Run `python -m search.local_cluster` with this package importable.
+        # Run `python -m search.driver.local_cluster` with this package importable.
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
         gcs_port = free_port()
         common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
@@ -177,10 +176,11 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
 
 
 def _main() -> None:
+    # This process is a node of its own: the address Ray reports is patched before its CLI loads.
     import ray._private.services as services
 
     services.node_ip_address_from_perspective = lambda *args, **kwargs: "127.0.0.1"
-    from ray.scripts.scripts import main
+    from ray.scripts.scripts import main  # after the patch above
 
     sys.argv = ["ray", *sys.argv[1:]]
     main()

@@ -1,9 +1,9 @@
 """The ``recipe.json`` of an exported trial: everything in effect when it ran, enough to replay it.
 
-The trial writes it into its exported model's folder (:func:`search.trial.run_pipeline`);
+The trial writes it into its exported model's folder (:func:`search.trial.body.run_pipeline`);
 ``slimtune export`` adds which search, trial and MLflow run it came from; ``slimtune replay``
 reads it back (:func:`space_from_recipe`) and retrains the same baseline and pipeline with the
-trial's own functions (:func:`search.trial.replay`).
+trial's own functions (:func:`search.trial.body.replay`).
 
 Keys (``format`` 1):
 
@@ -38,8 +38,11 @@ from typing import Any
 import torch
 
 from errors import UserError
-from search.space import Budget, SearchSpace
+from search.space.spec import Budget, SearchSpace
 from tasks import Task
+import torchvision
+from models import model_factory
+from tasks import task_factory
 
 __all__ = ["RECIPE_FORMAT", "recipe_document", "read_recipe", "space_from_recipe", "state_digest", "versions"]
 
@@ -48,8 +51,6 @@ RECIPE_FORMAT = 1
 
 def versions() -> dict[str, str]:
     """Versions of Python and of the packages whose arithmetic the metrics depend on."""
-    import torchvision
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -120,9 +121,6 @@ def recipe_document(
         baseline_metrics: The baseline's metrics (they include ``torch_threads``).
         metrics: The trial's final metrics.
     """
-    from models import model_factory
-    from tasks import task_factory
-
     factory = task_factory(space.task)
     task_arguments = task.model_kwargs()
     model_fn = model_factory(space.model)
@@ -207,7 +205,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def space_from_recipe(doc: dict[str, Any], path: str = "recipe.json") -> SearchSpace:
-    """The one-trial search space a recipe (checked by :func:`read_recipe`) describes, for :func:`search.trial.replay`."""
+    """The one-trial search space a recipe (checked by :func:`read_recipe`) describes, for :func:`search.trial.body.replay`."""
     training, run, baseline = doc["training"], doc["run"], doc["baseline"]
     return SearchSpace(
         name=str(doc.get("search") or "replay"),

@@ -1,9 +1,9 @@
 """The driver: run a search (baseline once, trials through Ray Tune + Optuna), resume it, finish it.
 
-What a search keeps on disk is described in ``search.record``; the Optuna study is the source of
+What a search keeps on disk is described in ``search.results.record``; the Optuna study is the source of
 truth for how each trial ended, and the close-out (``finish_search``) brings MLflow and the run
 map in line with it. The first SIGINT lets running trials checkpoint the epoch in progress and
-then stops Tune (``search.graceful_stop``); they continue from there on ``slimtune resume``. A
+then stops Tune (``search.trial.graceful_stop``); they continue from there on ``slimtune resume``. A
 second SIGINT stops at once. Either way :class:`SearchInterrupted` says how far the search got.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from errors import UserError
-from search.checks import check_before_baseline, check_resources
-from search.html_report import REPORT_ARTIFACT, log_report, write_report
-from search.ranking import front, pareto_table, rank_records, search_hypervolume
-from search.record import (
+from search.driver.checks import check_before_baseline, check_resources
+from search.results.html_report import REPORT_ARTIFACT, log_report, write_report
+from search.results.ranking import front, pareto_table, rank_records, search_hypervolume
+from search.results.record import (
     INTERRUPTED,
     Progress,
     SearchRecord,
@@ -32,11 +32,21 @@ from search.record import (
     search_progress,
     trial_number,
 )
-from search.registry import log_trial_model, logged_model_ids
-from search.report import Reporter, print_now
-from search.space import SearchSpace, load_space
-from search.tracking import create_sqlite_aside
-from search.trial import refuse_chance_baseline, train_baseline
+from search.results.registry import log_trial_model, logged_model_ids
+from search.results.report import Reporter, print_now
+from search.space.spec import SearchSpace, load_space
+from search.results.tracking import create_sqlite_aside
+from search.trial.body import refuse_chance_baseline, train_baseline
+import optuna
+from search.driver.warm_start import warm_start_points
+from search.driver import _tune
+import ray
+from search.driver.baselines import cached_baseline, describe_key, store_baseline
+from search.trial.body import train_baseline_task
+from search.driver._private import keep_ray_on_loopback
+import dataclasses
+from search.driver._private import fail_open_trials
+import csv
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
 
@@ -64,8 +74,6 @@ def default_optuna_storage(tracking_uri: str, results_dir: Path) -> str:
 
 
 def _create_optuna_tables(url: str) -> None:
-    import optuna
-
     optuna.storages.RDBStorage(url).engine.dispose()
 
 
@@ -82,7 +90,7 @@ def run_search(
     """Train the baseline, run every trial, write MLflow, print and return the search's record.
 
     ``warm_start`` names an earlier search of the same results folder whose Pareto recipes run
-    as the first trials (:func:`search.warm_start.warm_start_points`). A Ray this process has
+    as the first trials (:func:`search.driver.warm_start.warm_start_points`). A Ray this process has
     already started (a test session's, say) is used and left running; otherwise the search starts
     (or connects to) Ray and stops (or leaves) it at the end.
 
@@ -102,8 +110,6 @@ def run_search(
     folder = root / name
     record = SearchRecord.from_space(name, folder, space, tracking, space.optuna_storage or default_optuna_storage(tracking, folder))
     if warm_start is not None:
-        from search.warm_start import warm_start_points
-
         record.warm_start_points = warm_start_points(space, warm_start, root)
     reporter.started(record, space.task, space.model)
     if warm_start is not None:
@@ -130,13 +136,9 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
 
 def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool) -> SearchRecord:
     """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end."""
-    from search import _tune
-
     try:
         started = _init_ray(address)
         try:
-            import ray
-
             check_resources(record.space, ray.cluster_resources())
             # Saved before anything trains: a search stopped during its baseline can be resumed.
             record.save()
@@ -162,8 +164,6 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
 
 def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter) -> None:
     """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest."""
-    from search.baselines import cached_baseline, describe_key, store_baseline
-
     space = record.space
     cached = cached_baseline(record.folder.parent, space)
     if cached is not None:
@@ -186,9 +186,7 @@ def _baseline(space: SearchSpace, address: str | None, reporter: Reporter) -> tu
     if address is None:
         model, metrics = train_baseline(space, _driver_device(space), log=reporter.say)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
-    import ray
 
-    from search.trial import train_baseline_task
 
     reporter.say(f"training the baseline on the cluster ({space.baseline_epochs} epochs, {space.budget.gpus_per_trial:g} GPU)")
     task = ray.remote(num_cpus=space.budget.cpus_per_trial, num_gpus=space.budget.gpus_per_trial)(train_baseline_task)
@@ -210,9 +208,6 @@ def _init_ray(address: str | None) -> bool:
         Whether this call started (or connected) Ray; False when the process already had a Ray
         (started by its caller, e.g. a test session), which the search then leaves running.
     """
-    import ray
-
-    from search._private import keep_ray_on_loopback
 
     if ray.is_initialized():
         return False
@@ -240,8 +235,6 @@ def _init_ray(address: str | None) -> bool:
 
 def _shutdown_ray() -> None:
     """Stop the local Ray, or disconnect from the cluster (which keeps running)."""
-    import ray
-
     ray.shutdown()
 
 
@@ -256,7 +249,6 @@ def _quiet_logging() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100000")
     for name in ("ray", "ray.tune", "ray.train", "ray.air", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -267,8 +259,6 @@ def _quiet_logging() -> None:
 
 
 def _budget_with_trials(space: SearchSpace, trials: int):
-    import dataclasses
-
     return dataclasses.replace(space.budget, trials=trials)
 
 
@@ -306,9 +296,6 @@ def reconcile(record: SearchRecord) -> None:
     may have died between telling the study and writing MLflow), PRUNED (stopped by the
     early-stopping scheduler) -> KILLED and tagged ``stopped_early``, anything else -> FAILED.
     """
-    import optuna
-
-    from search._private import fail_open_trials
 
     study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
     fail_open_trials(study, INTERRUPTED)
@@ -387,8 +374,6 @@ def _log_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, report
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    import csv
-
     keys = list(dict.fromkeys(k for row in rows for k in row)) or ["trial"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -398,10 +383,10 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def plot_front(record: SearchRecord, records: list[TrialRecord], path: Path) -> None:
     """Scatter of the first objective against each other one; the front is joined and labelled."""
-    import matplotlib
+    import matplotlib  # the plot is drawn once, at close-out: the Agg back end is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the back end is chosen
 
     baseline = record.baseline_metrics
     first, others = record.objectives[0], record.objectives[1:]

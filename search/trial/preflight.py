@@ -22,10 +22,12 @@ import torch
 
 from deploy import check_round_trip, count_params, export_model
 from errors import UserError
-from methods import HyperparameterInfo, MethodContext, Pipeline, Range, check_value_type, create_method, get_method, hyperparameters
-from search.space import MethodSpace, SearchSpace
+from methods import HyperparameterInfo, Range, check_value_type, get_method, hyperparameters
+from search.space.spec import MethodSpace, SearchSpace
+from search.trial.context import build_model, first_batch, load_task, run_one_batch
+import copy
 
-__all__ = ["preflight", "PreflightResult", "aggressive_params", "first_batch", "one_batch_context", "run_one_batch"]
+__all__ = ["preflight", "PreflightResult", "aggressive_params"]
 
 
 @dataclass
@@ -70,19 +72,6 @@ def _order(info: HyperparameterInfo, rng: Range, value: Any) -> Any:
     return rng.choices.index(value)
 
 
-class _OneBatch:
-    """A loader of a single batch: one step per epoch is all a pre-flight trains."""
-
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.batch = batch
-
-    def __iter__(self):
-        return iter([self.batch])
-
-    def __len__(self) -> int:
-        return 1
-
-
 def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[PreflightResult]:
     """Run the pre-flight checks; each result says what failed and why.
 
@@ -90,8 +79,6 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
         UserError: If the model cannot be built for the task or rejects the task's input; no
             method could run then.
     """
-    from search.trial import load_task
-
     task = load_task(space)
     baseline, expected_shape = _baseline_on_task_input(space, task)
     batch = first_batch(space, task)
@@ -113,8 +100,6 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
 
 def _baseline_on_task_input(space: SearchSpace, task) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """Build the space's model, randomly initialised, and run it on the task's example input."""
-    from search.trial import build_model
-
     torch.manual_seed(0)
     example = task.example_input(2)
     try:
@@ -143,8 +128,6 @@ def json_params(recipe: list[dict[str, Any]]) -> str:
 
 
 def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> PreflightResult:
-    import copy
-
     model = copy.deepcopy(baseline)
     before = count_params(model)
     try:
@@ -165,58 +148,3 @@ def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> P
     return PreflightResult(label, True, "", before, after)
 
 
-def run_one_batch(
-    recipe: list[dict[str, Any]],
-    space: SearchSpace,
-    task,
-    model: torch.nn.Module,
-    teacher: torch.nn.Module,
-    batch: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[torch.nn.Module, Pipeline, MethodContext]:
-    """Apply ``recipe`` to ``model`` (changed in place) with every phase trained one step on ``batch``, on CPU.
-
-    Called by each pre-flight check, and by a trial for the cost its model will have
-    (``search.trial.projected_cost``).
-
-    Returns:
-        The finalized model (in eval mode), the pipeline and its context.
-    """
-    pipeline = Pipeline([create_method(step["name"], _short_training(step)) for step in recipe])
-    ctx = one_batch_context(space, task, teacher, batch)
-    model = pipeline.run(model, ctx).eval()
-    return model, pipeline, ctx
-
-
-def first_batch(space: SearchSpace, task) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first (at most 8) training examples of ``task``, in order: the one batch a pre-flight trains on."""
-    loader = torch.utils.data.DataLoader(task.train_set, batch_size=min(8, space.batch_size), shuffle=False)
-    return next(iter(loader))
-
-
-def one_batch_context(space: SearchSpace, task, teacher: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> MethodContext:
-    """A CPU context whose loaders and evaluation see only ``batch`` and whose phases last one epoch.
-
-    Built for each pre-flight check, and by ``slimtune profile --method`` to prepare and
-    finalize a method without training.
-    """
-    from search.trial import build_context
-
-    ctx = build_context(space, task, teacher=teacher, device=torch.device("cpu"), seed=0, log=lambda m: None)
-    ctx.train_loader = _OneBatch(batch)
-    ctx.val_loader = _OneBatch(batch)
-    ctx.evaluate = lambda m: task.evaluate(m, [batch], "cpu")
-    ctx.epochs = 1
-    return ctx
-
-
-def _short_training(step: dict[str, Any]) -> dict[str, Any]:
-    """Cap every budget field of a method (epochs, iterations) at 1 so the pre-flight takes seconds.
-
-    A field left to the space's setting (None) trains the pre-flight context's one epoch.
-    """
-    params = dict(step["params"])
-    for info in hyperparameters(get_method(step["name"]).Config):
-        value = params.get(info.name, info.default)
-        if info.budget and value is not None and value > 1:
-            params[info.name] = 1
-    return params

@@ -2,12 +2,12 @@
 
 A trial reaches a rung when it has trained ``grace * reduction_factor**k`` epochs. There its
 per-epoch objective vector is compared with every vector recorded at that rung so far (ASHA's
-asynchronous rule: no waiting for a full rung), ordered by :func:`search.pareto.best_first`
+asynchronous rule: no waiting for a full rung), ordered by :func:`search.results.pareto.best_first`
 (constrained non-dominated rank, then crowding distance); it goes on when it is among the best
 ``ceil(n / reduction_factor)`` of the ``n`` recorded, or when no vector recorded there dominates
 it and it meets the constraints, and stops otherwise. The first trial at a rung always goes on.
 Without the second rule a trade-off point that dominates nothing would stop whenever the rung's
-earlier points fill the quota (between equal ranks and crowding distances, arrival decides). ``search._tune.MultiObjectiveASHA`` is the Ray Tune scheduler that uses it.
+earlier points fill the quota (between equal ranks and crowding distances, arrival decides). ``search.driver._tune.MultiObjectiveASHA`` is the Ray Tune scheduler that uses it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from search import pareto
-from search.objectives import Constraint, Objective, epoch_key
+from search.results import pareto
+from search.space.objectives import Constraint, Objective, epoch_key
 
 __all__ = ["Rungs", "milestones"]
 
@@ -36,7 +36,7 @@ class Rungs:
     """The rungs of one search and the vectors recorded at each.
 
     Attributes:
-        objectives: The search's objectives (their per-epoch keys: :func:`search.objectives.epoch_key`).
+        objectives: The search's objectives (their per-epoch keys: :func:`search.space.objectives.epoch_key`).
         constraints: The search's constraints; a vector that breaks one ranks after every feasible one.
         quality: The task's quality metrics (``accuracy``), for the per-epoch keys.
         milestones: Epochs at which trials are compared (:func:`milestones`).

@@ -7,8 +7,9 @@ import re
 from typing import Any
 
 from errors import UserError, did_you_mean
-from search import pareto
-from search.record import SearchRecord, TrialRecord
+from search.results import pareto
+from search.results.record import SearchRecord, TrialRecord
+from search.results.record import search_progress
 
 __all__ = ["rank_records", "front", "search_hypervolume", "hypervolume_reference", "describe_reference", "hypervolume_history", "pick_record", "pareto_table", "pareto_document"]
 
@@ -18,7 +19,7 @@ def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:
     if not records:
         return
     points = [[r.metrics[m] for m in record.metric_names] for r in records]
-    # A diverged trial or one at chance (search.trial.trial_quality) counts as infeasible.
+    # A diverged trial or one at chance (search.trial.body.trial_quality) counts as infeasible.
     violations = [sum(c.violation(r.metrics) for c in record.constraints) + (0.0 if untrusted(r) is None else 1.0) for r in records]
     ranks = pareto.pareto_ranks(points, record.modes, violations if any(violations) or record.constraints else None)
     for r, rank, v in zip(records, ranks, violations):
@@ -156,8 +157,6 @@ def pareto_document(record: SearchRecord, records: list[TrialRecord], only_front
     """What ``slimtune pareto --json`` prints: objectives, hypervolume, baseline, the table of ``records`` (ranked)
     and ``unfinished``: how many trials failed (``failed``, and ``failure_reasons``: reason -> count) and how many
     the scheduler stopped early (``stopped``)."""
-    from search.record import search_progress
-
     baseline = {k: v for k, v in record.baseline_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     progress = search_progress(record)
     return {

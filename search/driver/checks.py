@@ -6,7 +6,7 @@ and leaves nothing behind: folders that do not exist yet are not created, only p
 - :func:`check_resources`: the cluster can run one trial (GPUs, CPUs per trial);
 - :func:`check_storage`: the results folder, the MLflow store and Optuna's can be written;
 - :func:`check_methods`: the model accepts the task's input and every method works on it (the
-  pre-flight of :mod:`search.preflight`, on a real batch);
+  pre-flight of :mod:`search.trial.preflight`, on a real batch);
 - :func:`check_files`: the user's files load: the baseline checkpoint (a state dict of the
   space's model) and a sample of every split of the task's data;
 - :func:`check_before_baseline`: the last three, in that order, as ``slimtune search`` runs them.
@@ -22,7 +22,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from errors import UserError, plural
-from search.space import SearchSpace
+from search.space.spec import SearchSpace
+import torch
+from search.trial.preflight import preflight
+import numpy as np
+from search.trial.context import build_model, load_task
+import pickle
 
 __all__ = [
     "check_before_baseline",
@@ -46,8 +51,6 @@ SAMPLE_PER_SPLIT = 32
 
 def local_resources() -> dict[str, float]:
     """This machine's CPUs and GPUs, in the form of ``ray.cluster_resources()``, without starting Ray."""
-    import torch
-
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
@@ -150,14 +153,12 @@ def check_storage(space: SearchSpace, results_dir: str | Path, tracking_uri: str
 def check_methods(space: SearchSpace, log: Callable[[str], None] = print) -> int:
     """Refuse a space whose model rejects the task's input or whose methods fail on the model.
 
-    Runs :func:`search.preflight.preflight` (each method alone at its most aggressive setting,
+    Runs :func:`search.trial.preflight.preflight` (each method alone at its most aggressive setting,
     then the whole pipeline, on one real batch; seconds on a CPU) and logs one line per check.
 
     Returns:
         How many pre-flight checks ran (all passed).
     """
-    from search.preflight import preflight
-
     results = preflight(space, log=log)
     failed = [r for r in results if not r.ok]
     if failed:
@@ -179,9 +180,6 @@ def check_files(space: SearchSpace) -> None:
     examples of each split, evenly spaced, are read. A bad file met later, in a trial's
     training, fails that trial with the file's name (``tasks.imagefolder.read_image``).
     """
-    import numpy as np
-
-    from search.trial import build_model, load_task
 
     task = load_task(space)
     if space.baseline_checkpoint:
@@ -203,9 +201,6 @@ def check_files(space: SearchSpace) -> None:
 
 def _check_checkpoint(space: SearchSpace, model) -> None:
     """The checkpoint must be a state dict that the space's model loads (strictly)."""
-    import pickle
-
-    import torch
 
     path = space.baseline_checkpoint
     fix = f"Save the trained {space.model}'s weights with torch.save(model.state_dict(), path)"

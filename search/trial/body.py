@@ -8,9 +8,7 @@ The same code runs in a Ray worker (``run_trial``, called by Tune) and in a plai
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,29 +19,28 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from deploy import apply_reported_cost, count_flops, count_params, deployed_latency, export_model, size_bytes, torch_threads, write_recipe
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from models import create_model
-from search.recipe import recipe_document, space_from_recipe, state_digest
-from search.space import SearchSpace
-from tasks import Task, create_task, task_metrics
+from search.trial.context import build_context, build_model, first_batch, load_task, run_one_batch, seed_everything, seeded_loader, trial_threads
+from search.trial.recipe import recipe_document, space_from_recipe, state_digest
+from search.space.spec import SearchSpace
+from tasks import Task, task_metrics
+from ray import tune
+import ray
+from search.trial.graceful_stop import wait_if_stopping
 
 __all__ = [
     "TrialSpec",
     "TrialTimeLimitError",
     "TrialOutOfMemoryError",
     "recipe_from_config",
-    "build_context",
-    "trial_threads",
     "measure",
     "train_baseline",
     "run_pipeline",
     "run_trial",
     "replay",
-    "load_task",
 ]
 
 
@@ -67,8 +64,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
-
-
 @dataclass(frozen=True)
 class TrialSpec:
     """What every trial of a search needs; shipped once to the workers through Ray's object store."""
@@ -76,26 +71,6 @@ class TrialSpec:
     space: SearchSpace
     baseline_state: dict[str, torch.Tensor]
     baseline_metrics: dict[str, float]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_task(name: str, options_json: str) -> Task:
-    return create_task(name, **json.loads(options_json))
-
-
-def load_task(space: SearchSpace) -> Task:
-    """The space's task, built once per process (reused Ray actors skip reloading the data)."""
-    return _cached_task(space.task, json.dumps(space.task_options, sort_keys=True))
-
-
-def build_model(space: SearchSpace, task: Task) -> nn.Module:
-    return create_model(space.model, **task.model_kwargs(), **space.model_options)
 
 
 def recipe_from_config(space: SearchSpace, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,42 +87,6 @@ def recipe_from_config(space: SearchSpace, config: dict[str, Any]) -> list[dict[
             continue
         recipe.append({"name": method.name, "params": {**method.fixed, **chosen}})
     return recipe
-
-
-def _loader(dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
-
-
-def build_context(
-    space: SearchSpace, task: Task, teacher: nn.Module, device: torch.device, seed: int, log: Callable[[str], None]
-) -> MethodContext:
-    val_loader = _loader(task.val_set, task.eval_batch_size, False, seed)
-    return MethodContext(
-        teacher=teacher,
-        train_loader=_loader(task.train_set, space.batch_size, True, seed),
-        val_loader=val_loader,
-        task_loss=task.loss,
-        evaluate=lambda model: task.evaluate(model, val_loader, device),
-        example_input=task.example_input(1).to(device),
-        device=device,
-        metric=task.metric,
-        metric_direction=task_metrics(space.task)[task.metric],
-        epochs=space.budget.epochs,
-        lr=space.lr,
-        optimizer=space.optimizer,
-        weight_decay=space.weight_decay,
-        seed=seed,
-        log=log,
-    )
-
-
-def trial_threads(space: SearchSpace) -> int:
-    """CPU threads a trial runs torch with (``budget.cpus_per_trial``, at least 1).
-
-    The baseline's latency is timed at this count too, so that it and every trial's compare.
-    """
-    return max(1, int(space.budget.cpus_per_trial))
 
 
 def measure(
@@ -175,7 +114,7 @@ def measure(
     as ``measured_<metric>`` (:func:`deploy.apply_reported_cost`).
     """
     model.eval()
-    test = task.evaluate(model, _loader(task.test_set, task.eval_batch_size, False, 0), device)
+    test = task.evaluate(model, seeded_loader(task.test_set, task.eval_batch_size, False, 0), device)
     example = task.example_input(1).to(device)
     flops = count_flops(model, example)
     metrics: dict[str, Any] = {m: test[m] for m in task.metrics}
@@ -207,17 +146,15 @@ def quality_drop(value: float, baseline: float, direction: str) -> float:
 
 
 def projected_cost(spec: TrialSpec, recipe: list[dict[str, Any]]) -> dict[str, float]:
-    """The cost figures of :data:`search.objectives.EPOCH_COSTS` that the trial's final model will have.
+    """The cost figures of :data:`search.space.objectives.EPOCH_COSTS` that the trial's final model will have.
 
     Called by :func:`run_trial` before training when an early-stopping scheduler compares trials
     from their first epoch. The recipe runs as in a pre-flight check (every phase one step on one
-    batch, on CPU, :func:`search.preflight.run_one_batch`) on a copy of the baseline, and the
+    batch, on CPU, :func:`search.trial.context.run_one_batch`) on a copy of the baseline, and the
     result is measured as :func:`measure` does, with the methods' reported cost. Exact for methods
     whose size is set by their hyperparameters (pruning ratios, bit widths); for methods that
     learn what to remove it is the cost before they have learnt anything (an upper bound).
     """
-    from search.preflight import first_batch, run_one_batch
-
     space = spec.space
     task = load_task(space)
     baseline = build_model(space, task)
@@ -360,7 +297,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Compress a copy of the baseline with ``recipe``, measure it and export it into ``out_dir``.
 
-    The export's ``recipe.json`` (:mod:`search.recipe`) holds everything in effect and the metrics.
+    The export's ``recipe.json`` (:mod:`search.trial.recipe`) holds everything in effect and the metrics.
 
     Returns:
         The final metrics (objectives, cost figures and each method's own figures).
@@ -410,7 +347,7 @@ def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = prin
     and versions the metrics come out the same.
 
     Args:
-        doc: A recipe (:func:`search.recipe.read_recipe`).
+        doc: A recipe (:func:`search.trial.recipe.read_recipe`).
         out_dir: Where the replayed model and its own ``recipe.json`` go.
         log: Receives the training log lines.
 
@@ -446,8 +383,6 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     A retried trial continues from its last checkpoint (the model, every method's state and the
     optimizer's) instead of starting over.
     """
-    from ray import tune
-
     space = spec.space
     recipe = recipe_from_config(space, config)
     device = torch.device("cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
@@ -468,9 +403,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             if state_file.is_file():
                 resume = torch.load(state_file, map_location=device, weights_only=False)
 
-    import ray
 
-    from search.graceful_stop import wait_if_stopping
 
     wait_if_stopping()  # started just after a Ctrl-C: do not train
     # Which node ran each epoch: a trial retried after a node failure shows both.

@@ -8,7 +8,7 @@ it), the hypervolume after each completed trial, and the table of the front. The
 
 - ``pareto``: exactly what ``slimtune pareto NAME --json`` prints;
 - ``trials``: what ``slimtune pareto NAME --json --all`` prints under ``trials`` (every completed trial);
-- ``hypervolume_history``: :func:`search.ranking.hypervolume_history`;
+- ``hypervolume_history``: :func:`search.results.ranking.hypervolume_history`;
 - ``links``: trial name -> ``{"mlflow": URL of its run, "export": the export command}``;
 - ``search``: name, task, model, tracking URI, MLflow experiment and parent run, the ``mlflow ui``
   command the links need for a database store, and when the report was made.
@@ -23,9 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from search.ranking import hypervolume_history, pareto_document, pareto_table, rank_records
-from search.record import SearchRecord, completed_records
-from search.report import mlflow_ui, results_dir_option
+from search.results.ranking import hypervolume_history, pareto_document, pareto_table, rank_records
+from search.results.record import SearchRecord, completed_records
+from search.results.report import mlflow_ui, results_dir_option
+import yaml
+import shutil
 
 __all__ = ["report_data", "write_report", "log_report", "REPORT_ARTIFACT"]
 
@@ -34,8 +36,6 @@ REPORT_ARTIFACT = "report.html"
 
 def report_data(record: SearchRecord) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (see the module docstring for the keys)."""
-    import yaml
-
     records = completed_records(record)
     rank_records(record, records)
     tracker = record.tracker()
@@ -94,8 +94,6 @@ def write_report(record: SearchRecord, path: Path) -> Path:
 
 def log_report(record: SearchRecord, path: Path) -> None:
     """Log the report at ``path`` on the search's parent run as ``report.html`` (replacing an older one)."""
-    import shutil
-
     if not record.parent_run_id:
         return
     with tempfile.TemporaryDirectory() as tmp:

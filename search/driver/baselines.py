@@ -20,19 +20,25 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+import torch
+import inspect
+from tasks import task_factory
+import ast
+from importlib import metadata
+from models import model_factory
+from models.torchvision_models import create_torchvision_model
+import torchvision
 
 if TYPE_CHECKING:
     import torch
 
-    from search.space import SearchSpace
+    from search.space.spec import SearchSpace
 
 __all__ = ["baseline_key", "cached_baseline", "describe_key", "store_baseline"]
 
 
 def baseline_key(space: SearchSpace) -> dict[str, Any]:
     """Everything a search's trained baseline and its metrics depend on."""
-    import torch
-
     checkpoint = space.baseline_checkpoint
     return {
         "task": space.task,
@@ -69,9 +75,6 @@ def describe_key(folder: Path) -> str:
 
 def _data_key(space: SearchSpace) -> dict[str, Any]:
     """The task's data as far as it can be known cheaply: listings of its paths, its code, its packages."""
-    import inspect
-
-    from tasks import task_factory
 
     factory = task_factory(space.task)
     # The defaults count too: cifar10's root is ./data unless the space names another.
@@ -101,9 +104,6 @@ def _file_digest(path: str | None) -> str | None:
 
 def _imported_versions(source: str | None) -> dict[str, str]:
     """The versions of the installed distributions whose modules ``source`` imports (in functions too)."""
-    import ast
-    from importlib import metadata
-
     if not source:
         return {}
     modules = set()
@@ -124,15 +124,9 @@ def _imported_versions(source: str | None) -> dict[str, str]:
 
 def _model_code(name: str) -> dict[str, Any]:
     """The model's code: the source file of its factory, or torchvision's version for its models."""
-    import inspect
-
-    from models import model_factory
-    from models.torchvision_models import create_torchvision_model
 
     factory = model_factory(name)
     if factory is None:
-        import torchvision
-
         return {"torchvision": torchvision.__version__, "wrapper": _file_digest(inspect.getsourcefile(create_torchvision_model))}
     return {"source": _file_digest(inspect.getsourcefile(factory))}
 
@@ -151,8 +145,6 @@ def cached_baseline(results_dir: Path, space: SearchSpace) -> tuple[dict[str, to
         The weights, the metrics, the cache folder and the name of the search that trained it;
         None when no baseline with this key is stored.
     """
-    import torch
-
     folder = _folder(results_dir, baseline_key(space))
     if not (folder / "key.json").is_file():
         return None
@@ -166,8 +158,6 @@ def store_baseline(results_dir: Path, space: SearchSpace, state: dict[str, torch
 
     ``key.json`` is written last (and atomically): a folder without it is not a cached baseline.
     """
-    import torch
-
     key = baseline_key(space)
     folder = _folder(results_dir, key)
     folder.mkdir(parents=True, exist_ok=True)

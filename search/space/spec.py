@@ -20,7 +20,10 @@ import yaml
 
 from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
 from errors import UserError, did_you_mean
-from search.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
+from search.space.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
+from tasks import task_metrics
+from tasks import list_tasks
+from tasks import task_kind
 
 __all__ = [
     "SearchSpace",
@@ -50,11 +53,11 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     **{metric: (0.0, math.inf) for metric in COST_METRICS},
 }
 
-#: The samplers a space can name (``sampler.name``), the default first; :mod:`search.samplers` builds them.
+#: The samplers a space can name (``sampler.name``), the default first; :mod:`search.driver.samplers` builds them.
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 
 #: Early stopping (``budget.scheduler``): none, Tune's ASHA on the first objective, or successive
-#: halving on the whole objective vector (:mod:`search.halving`).
+#: halving on the whole objective vector (:mod:`search.driver.halving`).
 SCHEDULERS = ("fifo", "asha", "mo_asha")
 
 #: URI schemes of the MLflow stores slimtune writes to (``postgresql+psycopg2`` counts as ``postgresql``).
@@ -67,8 +70,6 @@ def metrics_of_task(task: str) -> dict[str, str]:
     The task's quality metrics (``accuracy``; ``psnr``, ``ssim`` for super-resolution), their
     drops from the baseline (``accuracy_drop``) and the cost metrics.
     """
-    from tasks import task_metrics
-
     out: dict[str, str] = {}
     for metric, direction in task_metrics(task).items():
         out[metric] = direction
@@ -383,7 +384,6 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
             raise r.error(required, "is missing; every space names a task, a model, methods and objectives.")
 
     task, task_options = _named(r, top["task"], "task")
-    from tasks import list_tasks
 
     if task not in list_tasks():
         raise r.error("task", f"unknown task '{task}'.{did_you_mean(task, list_tasks())} Known tasks: {', '.join(list_tasks())}.")
@@ -489,10 +489,8 @@ def _check_scheduler(r: _Reader, budget: Budget, objectives: tuple[Objective, ..
     """An early-stopping scheduler compares trials on what they report each epoch.
 
     ``asha`` needs the first objective to be a quality metric (or its drop), ``mo_asha`` every
-    objective and constraint to be known per epoch (:func:`search.objectives.epoch_key`).
+    objective and constraint to be known per epoch (:func:`search.space.objectives.epoch_key`).
     """
-    from tasks import task_metrics
-
     quality = tuple(task_metrics(task))
     if budget.scheduler == "asha":
         first = objectives[0].metric
@@ -639,8 +637,6 @@ def _check_pipelines(r: _Reader, methods: list[MethodSpace]) -> None:
 
 
 def _check_task_kinds(r: _Reader, methods: tuple[MethodSpace, ...], task: str) -> None:
-    from tasks import task_kind
-
     kind = task_kind(task)
     for m in methods:
         kinds = get_method(m.name).task_kinds

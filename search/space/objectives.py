@@ -22,7 +22,7 @@ COST_METRICS: dict[str, str] = {
 }
 
 #: The cost metrics a trial knows from its first epoch: the pipeline's methods prepared and
-#: finalized on a copy of the baseline, untrained (``search.trial.projected_cost``). Artifact
+#: finalized on a copy of the baseline, untrained (``search.trial.body.projected_cost``). Artifact
 #: size and latency need the exported, final model.
 EPOCH_COSTS = ("macs", "flops", "params", "size_bytes")
 

@@ -1,6 +1,6 @@
 """The Optuna samplers a space can name, and asking a study for a configuration not tried yet.
 
-Used by the Tune searcher (:mod:`search._tune`, :mod:`search._private`) and by
+Used by the Tune searcher (:mod:`search.driver._tune`, :mod:`search.driver._private`) and by
 ``bench/search_quality.py``, which measured the default: see README's "Choosing a sampler".
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 
 import optuna
 
-from search.objectives import Constraint, constraint_values
+from search.space.objectives import Constraint, constraint_values
+from search.results.record import DUPLICATE_OF, MAX_ASKS
 
 __all__ = [
     "make_sampler",
@@ -24,19 +25,9 @@ __all__ = [
     "population_size",
     "config_key",
     "ask_distinct",
-    "space_exhausted",
     "tell_metrics",
-    "DUPLICATE_OF",
-    "MAX_ASKS",
     "SAMPLER_ASKS",
 ]
-
-#: User attribute of a study trial that was asked, found equal to trial ``DUPLICATE_OF`` and
-#: closed as FAIL without being trained (samplers skip failed trials).
-DUPLICATE_OF = "duplicate_of"
-
-#: Asks per new trial before the search counts the space as exhausted.
-MAX_ASKS = 20
 
 #: Of those, the asks answered by the study's sampler; the rest sample at random.
 SAMPLER_ASKS = 3
@@ -140,8 +131,8 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
             return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    # Imported here: ``slimtune pareto`` counts trials through this module without torch, which search.space loads.
-    from search.space import SAMPLERS
+    # Imported here: ``slimtune pareto`` counts trials through this module without torch, which search.space.spec loads.
+    from search.space.spec import SAMPLERS
 
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}.")
 
@@ -196,17 +187,6 @@ def ask_distinct(
         study.sampler = sampler
         for trial in refused:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-
-def space_exhausted(trials: list[optuna.trial.FrozenTrial], max_asks: int = MAX_ASKS) -> bool:
-    """Whether the last :func:`ask_distinct` on a study found the space exhausted.
-
-    Called when a search's trials have ended, to say why it ran fewer than its budget.
-    ``trials`` are the study's trials by number; the asks refused by a call that returned
-    None are its ``max_asks`` newest trials, while a call that found a new configuration ends
-    with that (not refused) trial.
-    """
-    return len(trials) >= max_asks and all(DUPLICATE_OF in t.user_attrs for t in trials[-max_asks:])
 
 
 def tell_metrics(

@@ -2,7 +2,7 @@
 
 Everything here is a module-level class so Tune can pickle it into its experiment state,
 which is what lets ``slimtune resume`` continue after the driver dies. Private Ray and Optuna
-APIs stay in ``search._private``.
+APIs stay in ``search.driver._private``.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from methods import get_method, hyperparameters
-from search import samplers
-from search._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial, stop_tune_run
-from search.graceful_stop import GracefulStop, sigint_stops_gracefully
-from search.halving import Rungs, milestones
-from search.objectives import epoch_key
-from search.record import SearchRecord, exported_model_dir, search_progress, study_trials, trial_state
-from search.report import Reporter
-from search.space import SearchSpace
-from search.trial import TrialSpec, recipe_from_config, run_trial
+from search.driver import samplers
+from search.driver._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial, stop_tune_run
+from search.trial.graceful_stop import GracefulStop, sigint_stops_gracefully
+from search.driver.halving import Rungs, milestones
+from search.space.objectives import epoch_key
+from search.results.record import SearchRecord, exported_model_dir, search_progress, study_trials, trial_state
+from search.results.report import Reporter
+from search.space.spec import SearchSpace
+from search.trial.body import TrialSpec, recipe_from_config, run_trial
 from tasks import task_metrics
 
 __all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "make_scheduler", "MultiObjectiveASHA", "ScalarASHA", "TrialTracker", "fit"]
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The space's sampler, seeded and sized for its budget (:func:`search.samplers.make_sampler`)."""
+    """The space's sampler, seeded and sized for its budget (:func:`search.driver.samplers.make_sampler`)."""
     return samplers.make_sampler(space.sampler, space.seed, space.budget.trials)
 
 
@@ -72,7 +72,7 @@ class SpaceDefinition:
 def make_searcher(space: SearchSpace, study_name: str, storage_url: str, first_points: list[dict] | None = None) -> SlimtuneOptunaSearch:
     """The searcher over a persistent Optuna study named after the search.
 
-    ``first_points`` (Optuna parameters, as :func:`search.warm_start.warm_start_points` makes
+    ``first_points`` (Optuna parameters, as :func:`search.driver.warm_start.warm_start_points` makes
     them) are enqueued in the study and become its first trials.
     """
     return SlimtuneOptunaSearch(
@@ -121,7 +121,7 @@ class StoppedTrials:
 
 
 class MultiObjectiveASHA(FIFOScheduler):
-    """Asynchronous successive halving on each epoch's objective vector (:class:`search.halving.Rungs`)."""
+    """Asynchronous successive halving on each epoch's objective vector (:class:`search.driver.halving.Rungs`)."""
 
     def __init__(self, rungs: Rungs, stops: StoppedTrials) -> None:
         super().__init__()
@@ -254,7 +254,7 @@ def fit(record: SearchRecord, reporter: Reporter, restore: bool) -> None:
     """Run (or, with ``restore``, continue) the trials on the Ray that the driver reached.
 
     Returns when every trial has ended or when Tune stopped on the first SIGINT (after the
-    running trials saved a checkpoint at the end of their epoch; see ``search.graceful_stop``).
+    running trials saved a checkpoint at the end of their epoch; see ``search.trial.graceful_stop``).
     Those trials stay RUNNING in the study and continue on ``resume``; a second SIGINT raises
     KeyboardInterrupt at once.
     """

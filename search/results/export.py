@@ -1,0 +1,119 @@
+"""``slimtune export``: one trial of a finished search copied out, checked, timed and optionally registered.
+
+The trial's exported model (its checkpoint's ``model`` folder: :mod:`deploy`'s export
+directory) is copied into the output folder; every deployable form found there is checked
+against the module and timed at the trial's batch and threads, and the recipe records where it
+came from and what each form costs. The ONNX form is written here from the trial's module
+when the trial did not write it (trials deploy the program), unless a method of its pipeline
+declares that its models cannot be exported to ONNX (``Method.onnx_unsupported``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from deploy import DEFAULT_FORM, FORMS, check_round_trip, compile_program, export_onnx, latency_ms, load_form, load_module, load_program, write_recipe
+from errors import UserError
+from methods import get_method
+from search.results.ranking import pick_record
+from search.results.record import SearchRecord, TrialRecord, exported_model_dir
+from search.results.registry import load_registered, register_trial
+from search.trial.context import load_task, trial_threads
+
+__all__ = ["chosen_trial", "write_export", "register_export"]
+
+
+def chosen_trial(record: SearchRecord, records: list[TrialRecord], run: str | None, pick: str | None) -> TrialRecord:
+    """The trial whose MLflow run id starts with ``run``, or else the one ``pick`` picks (:func:`search.results.ranking.pick_record`)."""
+    if not run:
+        return pick_record(record, records, pick)
+    matches = [r for r in records if r.run_id and r.run_id.startswith(run)]
+    if len(matches) != 1:
+        known = ", ".join(r.run_id[:12] for r in records if r.run_id)
+        raise UserError(f"--run {run}: {'no' if not matches else 'more than one'} completed trial of '{record.name}' has that run id. Run ids: {known}.")
+    return matches[0]
+
+
+def write_export(
+    record: SearchRecord,
+    chosen: TrialRecord,
+    out: Path,
+    device: torch.device,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    compile: bool = False,
+    log: Callable[[str], None] = print,
+) -> torch.Tensor:
+    """Copy ``chosen``'s exported model into ``out``, check and time its forms, and say so through ``log``.
+
+    ``batch_size`` and ``threads`` default to those the trial's ``latency_ms`` was timed at;
+    ``compile`` adds the ahead-of-time compiled form (a failure to compile is a warning).
+
+    Returns:
+        An example input of the task (batch 2), for checks of the exported model.
+    """
+    with exported_model_dir(chosen.checkpoint) as source:
+        if source is None:
+            raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
+        shutil.copytree(source, out, dirs_exist_ok=True)
+    space = record.space
+    task = load_task(space)
+    forms = ["program", "module"]
+    onnx_refused = [f"{step['name']}: {get_method(step['name']).onnx_unsupported}" for step in chosen.recipe if get_method(step["name"]).onnx_unsupported]
+    if onnx_refused:
+        print(f"slimtune: warning: no ONNX form ({'; '.join(onnx_refused)})", file=sys.stderr)
+    else:
+        # Trials deploy the program; the ONNX form is written here, from the trial's module.
+        if not (out / FORMS["onnx"]).exists():
+            export_onnx(load_module(out), task.example_input(1), out / FORMS["onnx"])
+        forms.append("onnx")
+    if compile:
+        log(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...")
+        try:
+            compile_program(out, device)
+            forms.append("compiled")
+        except UserError as exc:
+            print(f"slimtune: warning: {exc}", file=sys.stderr)
+    diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
+    # The same batch and threads as the trial's latency_ms, unless asked otherwise.
+    batch = batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
+    threads = threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
+    x = task.example_input(batch).to(device)
+    latency = {form: latency_ms(load_form(out, form, device, threads=threads), x, repeats=space.latency_repeats, threads=threads) for form in forms}
+    # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
+    recipe = json.loads((out / "recipe.json").read_text())
+    recipe.update({
+        "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
+        "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
+    })  # fmt: skip
+    write_recipe(out, recipe)
+    log(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
+    log("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
+    checked = [f for f in forms if f != "module"]
+    log(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
+    log(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
+    for form in forms:
+        note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
+        log(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
+    log(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
+    if "compiled" in forms:
+        log(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
+    return task.example_input(2)
+
+
+def register_export(record: SearchRecord, chosen: TrialRecord, out: Path, name: str, alias: str | None, example: torch.Tensor, log: Callable[[str], None] = print) -> None:
+    """A new registry version ``name`` of the exported trial (with ``alias``), checked by loading it back."""
+    version = register_trial(record, chosen, out, name, alias)
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
+    with torch.no_grad():
+        diff = (load_registered(record.tracking_uri, uri)(example) - load_program(out)(example)).abs().max().item()
+    if diff > 1e-5:
+        raise AssertionError(f"{uri} differs from the exported program by {diff:.3g} (> 1e-5).")
+    log(f"registered as {name} version {version.version}" + (f" with alias @{alias}" if alias else " (no alias: picked by --run)"))
+    log(f"  load with: mlflow.pytorch.load_model('{uri}')  (tracking URI {record.tracking_uri}); it matches the export (max diff {diff:.2g})")
