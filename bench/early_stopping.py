@@ -39,7 +39,7 @@ def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace
     from search.results.ranking import rank_records, search_hypervolume
     from search.results.record import completed_records
     from search.driver.runner import run_search
-    from search.driver.samplers import DUPLICATE_OF
+    from search.results.record import DUPLICATE_OF
 
     data = yaml.safe_load((ROOT / "spaces" / "quickstart.yaml").read_text())
     data["name"] = f"{scheduler}-s{seed}"

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from search.driver import samplers  # noqa: E402
-from search.driver.samplers import DUPLICATE_OF  # noqa: E402
+from search.results.record import DUPLICATE_OF  # noqa: E402
 from search.driver._tune import SpaceDefinition  # noqa: E402
 from search.results.pareto import hypervolume  # noqa: E402
 from search.space.spec import SAMPLERS, SearchSpace, load_space  # noqa: E402

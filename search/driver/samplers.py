@@ -27,7 +27,12 @@ __all__ = [
     "ask_distinct",
     "tell_metrics",
     "SAMPLER_ASKS",
+    "QUALITY_CONSTRAINT",
 ]
+
+#: The constraint every finished trial carries in the study: 1 when its result cannot be
+#: trusted (diverged, or at chance), else 0.
+QUALITY_CONSTRAINT = "quality"
 
 #: Of those, the asks answered by the study's sampler; the rest sample at random.
 SAMPLER_ASKS = 3
@@ -208,6 +213,9 @@ def tell_metrics(
         trial.set_user_attr("recipe", metrics.get("recipe", "[]"))
         for constraint, value in zip(constraints, constraint_values(constraints, numbers)):
             trial.set_constraint(str(constraint), value)
+        # A diverged trial or one at chance (search.trial.body.trial_quality) is infeasible, as
+        # the ranking counts it, so samplers and best_trials never take it for a good result.
+        trial.set_constraint(QUALITY_CONSTRAINT, 1.0 if numbers.get("diverged") or numbers.get("at_chance") else 0.0)
         # Optuna ends a trial with a missing or non-finite objective as FAIL (with a warning).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

@@ -282,7 +282,7 @@ class Progress:
         stopped: Trials an early-stopping scheduler stopped (PRUNED in the study); they count
             against the budget and are never on the front.
         exhausted: The sampler's last proposals all equalled tried configurations
-            (:func:`search.driver.samplers.space_exhausted`): the search ends with fewer trials.
+            (:func:`space_exhausted`): the search ends with fewer trials.
     """
 
     budget: int

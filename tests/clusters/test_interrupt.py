@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from search.driver.samplers import DUPLICATE_OF
+from search.results.record import DUPLICATE_OF
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import pytest
 
 from search.driver import samplers
 from search.space.objectives import Constraint
-from search.driver.samplers import DUPLICATE_OF, ask_distinct, make_sampler, tell_metrics
+from search.driver.samplers import ask_distinct, make_sampler, tell_metrics
+from search.results.record import DUPLICATE_OF, space_exhausted
 from search.space.spec import parse_space
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -57,8 +58,19 @@ def test_tell_metrics_stores_constraints_and_fails_a_non_finite_objective() -> N
     assert not tell_metrics(study, bad.number, {**metrics, "macs": math.nan}, ["accuracy", "macs"], (drop,))
     stored = study.trials
     assert stored[good.number].values == [0.8, 5.0]
-    assert stored[good.number].constraints == pytest.approx({"accuracy_drop <= 0.1": 0.05})
+    assert stored[good.number].constraints == pytest.approx({"accuracy_drop <= 0.1": 0.05, "quality": 0.0})
     assert stored[bad.number].state == optuna.trial.TrialState.FAIL
+
+
+@pytest.mark.parametrize("mark", ["diverged", "at_chance"])
+def test_a_trial_whose_result_cannot_be_trusted_is_infeasible_for_optuna(mark: str) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("random", seed=0, trials=4))
+    trusted, marked = ask_distinct(study, bits), ask_distinct(study, bits)
+    assert tell_metrics(study, trusted.number, {"accuracy": 0.8, "macs": 5.0}, ["accuracy", "macs"], ())
+    # Better on both objectives, but marked: Optuna's front must not hold it, as slimtune's does not.
+    assert tell_metrics(study, marked.number, {"accuracy": 0.9, "macs": 1.0, mark: 1.0}, ["accuracy", "macs"], ())
+    assert study.trials[marked.number].constraints == {"quality": 1.0}
+    assert [t.number for t in study.best_trials] == [trusted.number]
 
 
 def test_samplers_are_sized_for_the_budget() -> None:
@@ -123,10 +135,10 @@ def test_a_search_that_runs_out_of_configurations_ends_and_says_why() -> None:
     for accuracy in (0.7, 0.8, 0.9):
         trial = ask_distinct(study, bits)
         # The last configurations are found after refused proposals: not exhausted yet.
-        assert not samplers.space_exhausted(study.get_trials(deepcopy=False))
+        assert not space_exhausted(study.get_trials(deepcopy=False))
         tell_metrics(study, trial.number, {"accuracy": accuracy, "macs": 1.0}, ["accuracy", "macs"], ())
     assert ask_distinct(study, bits) is None
-    assert samplers.space_exhausted(study.get_trials(deepcopy=False))
+    assert space_exhausted(study.get_trials(deepcopy=False))
     progress = Progress(budget=8, completed=3, failed=0, reasons={}, exhausted=True)
     lines: list[str] = []
     Reporter(lines.append).exhausted(progress)
