@@ -37,6 +37,7 @@ method, ``slimtune methods`` and a space's checks need only the declarations).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from torch import nn
 
 from methods._training import Phase, Step
 
-__all__ = ["LOSS_SCOPES", "NotApplicable", "Method", "MethodContext"]
+__all__ = ["LOSS_SCOPES", "NotApplicable", "Method", "MethodContext", "Touches"]
 
 
 @dataclass
@@ -101,6 +102,23 @@ class NotApplicable(ValueError):
     """
 
 
+@dataclass(frozen=True)
+class Touches:
+    """What a method will change on a model and what it leaves alone (:meth:`Method.touches`).
+
+    Attributes:
+        changed: Names of the layers the method changes (prunes, swaps, wraps, quantizes).
+        left_alone: ``(layer, why)`` for each layer of a kind the method acts on that it leaves as it is.
+    """
+
+    changed: tuple[str, ...]
+    left_alone: tuple[tuple[str, str], ...] = ()
+
+
+def _layer_signature(module: nn.Module) -> tuple[Any, ...]:
+    return (type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
+
+
 #: Where a method's :meth:`Method.loss` term applies (:attr:`Method.loss_scope`).
 LOSS_SCOPES = ("own", "later", "pipeline")
 
@@ -140,6 +158,7 @@ class Method:
             :mod:`deploy._onnx`), or None when they can. Every registered method's models export
             today; a method that adds an op without an ONNX function says so here, and trials of
             a pipeline holding it deploy the program alone (``slimtune check`` shows the reason).
+        applies_to: The kinds of layer it changes, in a few words (``slimtune methods`` shows it).
         example_models: Registered models it compresses: the method contract suite
             (``tests/methods/test_contract.py``) checks the method on each, its one-step and
             resume checks on the first.
@@ -157,6 +176,7 @@ class Method:
     loss_scope: ClassVar[str] = "own"
     task_kinds: ClassVar[tuple[str, ...] | None] = None
     onnx_unsupported: ClassVar[str | None] = None
+    applies_to: ClassVar[str] = "no layer (it changes how the model is trained)"
     example_models: ClassVar[tuple[str, ...]] = ("digits_cnn", "resnet20")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -170,6 +190,29 @@ class Method:
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         """This method is called once before the method's phases; it returns the model to train."""
         return model
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """This method is called by ``slimtune check`` before any trial; it says which layers the method will change.
+
+        ``model`` is left as it is. The default prepares a copy of ``model`` with a fresh method
+        of the same config and compares the two: a layer (a module with parameters of its own)
+        whose type or parameter shapes differ, or that is gone, is changed; the others are left
+        alone. A method that decides later than :meth:`prepare` (during training or in
+        :meth:`finalize`), or that can say why it leaves a layer alone, overrides this.
+
+        Raises:
+            NotApplicable: The method cannot compress ``model`` (as :meth:`prepare` would raise).
+        """
+        prepared = dict(type(self)(self.config).prepare(copy.deepcopy(model), ctx).named_modules())
+        changed, left = [], []
+        for name, module in model.named_modules():
+            if not name or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            if name not in prepared or _layer_signature(prepared[name]) != _layer_signature(module):
+                changed.append(name)
+            else:
+                left.append((name, f"not a layer {self.name} changes ({self.applies_to})"))
+        return Touches(tuple(changed), tuple(left))
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
         """This method is called after :meth:`prepare`; it lists the training the method owns.
