@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, RunningMaxActivationQuantizer, quantized_layers, swap_to_quantized
 from methods._registry import register_method
@@ -56,6 +56,11 @@ class MinMaxQuant(Method):
             return MaxAbsWeightQuantizer(bits), act
 
         self.swapped = swap_to_quantized(model, make_quantizers, skip)
+        if not self.swapped:
+            raise NotApplicable(
+                f"minmax_quant found no Conv2d or Linear layer of {type(model).__name__} to quantize besides the first and the "
+                "classifier; set `quantize_first_last: true`."
+            )
         ctx.log(f"[minmax_quant] {len(self.swapped)} layers quantized to {bits} bits")
         return model
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable
 from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, replace_3x3_convs
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
@@ -170,7 +170,7 @@ class OD(Method):
         example = ctx.example_input
         outputs = output_layers(model, example)
         if not outputs:
-            raise ValueError("od needs a model with a final conv or linear classifier, but found none.")
+            raise NotApplicable("od needs a model with a final Conv2d or Linear classifier, but found none; use kd.")
         skip = [] if config.replace_stem else first_layers(model, example)
         students = []
         for _ in range(config.students):
@@ -180,8 +180,8 @@ class OD(Method):
                 _reinitialise(student)
             students.append(student)
         if not replaced:
-            raise ValueError(
-                "od found no 3x3 convolution (groups=1) to make cheap"
+            raise NotApplicable(
+                "od found no 3x3 Conv2d (groups=1) to make cheap"
                 + (" outside the stem; set `replace_stem: true` or use" if skip else "; use")
                 + " a model with 3x3 convolutions."
             )

@@ -79,10 +79,10 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
-from methods._surgery import dependency_graph, output_layers
+from methods._surgery import dependency_graph, output_layers, shared_layers
 from methods._training import Phase, Step
 
 __all__ = ["SSR", "SSRConfig", "Layer", "find_layers", "group_norms", "group_prox", "remove_zero_groups"]
@@ -369,7 +369,16 @@ class SSR(Method):
         self.removal: dict[str, float] = {}
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        shared = shared_layers(model, ctx.example_input)
+        if shared:
+            name, calls = next(iter(shared.items()))
+            raise NotApplicable(
+                f"ssr cannot prune {type(model).__name__}: '{name}' runs {calls} times per forward pass (shared weights or a "
+                "recurrent step), which torch-pruning's groups remove channels from once per call; use kse, od or minmax_quant."
+            )
         self.layers = find_layers(model, ctx.example_input)
+        if not self.layers:
+            raise NotApplicable(f"ssr found no output channels of {type(model).__name__} to prune outside the classifier; use minmax_quant.")
         ctx.log(f"[ssr] {sum(layer.groups for layer in self.layers)} groups in {len(self.layers)} layers")
         return model
 
