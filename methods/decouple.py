@@ -163,6 +163,7 @@ class Decouple(Method):
     Config = DecoupleConfig
     kind = "pruning"
     changes_architecture = True
+    applies_to = "Conv2d filters (groups=1) whose channels can be removed on their own: gated per input, the never-used ones removed"
     # Later methods would rebuild or quantize the gated convs, whose dynamic form reads their
     # weights directly: the gated architecture is final.
     must_be_last = True

@@ -470,6 +470,7 @@ class GAL(Method):
     needs_teacher = True
     needs_labels = False
     changes_architecture = True
+    applies_to = "residual blocks and Conv2d output channels that can be removed on their own; not the classifier"
     # The discriminator reads a vector of class logits per example, (batch, classes).
     task_kinds = ("classification",)
 

@@ -219,6 +219,7 @@ class KSE(Method):
     Config = KSEConfig
     kind = "pruning"
     changes_architecture = True
+    applies_to = "Conv2d layers with kernels larger than 1x1 and groups=1 past the first: input channels removed, kernels clustered"
     # Pruning and cheap-convolution methods find their layers by type and trace channels with
     # torch-pruning, which cannot see through a ClusteredConv2d; quantization and kd can follow.
     restructured_only_by = ("quantization",)

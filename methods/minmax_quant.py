@@ -40,6 +40,7 @@ class MinMaxQuant(Method):
     changes_architecture = True
     must_be_last = True
     example_models = ("digits_cnn", "resnet20", "gru", "two_branch_digits")
+    applies_to = "every Conv2d and Linear layer, weights and inputs; the first and the classifier only with quantize_first_last"
 
     def __init__(self, config: MinMaxQuantConfig | None = None) -> None:
         super().__init__(config)

@@ -156,6 +156,7 @@ class OD(Method):
     needs_teacher = False  # the frozen baseline is not used: the teacher is built online
     needs_labels = True
     changes_architecture = True
+    applies_to = "3x3 Conv2d layers (groups=1), replaced by cheap convolutions; the stem only with replace_stem"
     # The students share a classifier's input features and learn from the teacher's class
     # distribution (softmax over logits of shape (batch, classes)).
     task_kinds = ("classification",)

@@ -266,6 +266,7 @@ class PAMS(Method):
     changes_architecture = True
     must_be_last = True
     loss_scope = "own"
+    applies_to = "Conv2d layers (and EDSR blocks), weights and inputs; not the first layer or the classifier"
 
     def __init__(self, config: PAMSConfig | None = None) -> None:
         super().__init__(config)

@@ -359,6 +359,7 @@ class SSR(Method):
     Config = SSRConfig
     kind = "pruning"
     changes_architecture = True
+    applies_to = "output channels of Conv2d and Linear layers; not the classifier or channels coupled to other kinds of layer"
 
     def __init__(self, config: SSRConfig | None = None) -> None:
         super().__init__(config)
