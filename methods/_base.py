@@ -38,7 +38,7 @@ method, ``slimtune methods`` and a space's checks need only the declarations).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -113,6 +113,22 @@ class Touches:
 
     changed: tuple[str, ...]
     left_alone: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def split(cls, model: nn.Module, changed: Iterable[str], why: Callable[[str, nn.Module], str]) -> Touches:
+        """``changed`` as given, and every other layer of ``model`` left alone for the reason ``why(name, layer)``.
+
+        A layer is a module with a weight matrix or kernel of its own (convolution, linear,
+        embedding, attention), not a batch norm or an activation.
+        """
+        changed = tuple(changed)
+        done = set(changed)
+        left = tuple((name, why(name, m)) for name, m in model.named_modules() if name and name not in done and _is_layer(m))
+        return cls(changed, left)
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or any(p.dim() >= 2 for p in module.parameters(recurse=False))
 
 
 def _layer_signature(module: nn.Module) -> tuple[Any, ...]:
@@ -195,24 +211,19 @@ class Method:
         """This method is called by ``slimtune check`` before any trial; it says which layers the method will change.
 
         ``model`` is left as it is. The default prepares a copy of ``model`` with a fresh method
-        of the same config and compares the two: a layer (a module with parameters of its own)
-        whose type or parameter shapes differ, or that is gone, is changed; the others are left
-        alone. A method that decides later than :meth:`prepare` (during training or in
+        of the same config and compares the two: a layer (:meth:`Touches.split`) whose type or
+        parameter shapes differ, or that is gone, is changed; the others are left alone. A method that decides later than :meth:`prepare` (during training or in
         :meth:`finalize`), or that can say why it leaves a layer alone, overrides this.
 
         Raises:
             NotApplicable: The method cannot compress ``model`` (as :meth:`prepare` would raise).
         """
         prepared = dict(type(self)(self.config).prepare(copy.deepcopy(model), ctx).named_modules())
-        changed, left = [], []
-        for name, module in model.named_modules():
-            if not name or not any(True for _ in module.parameters(recurse=False)):
-                continue
-            if name not in prepared or _layer_signature(prepared[name]) != _layer_signature(module):
-                changed.append(name)
-            else:
-                left.append((name, f"not a layer {self.name} changes ({self.applies_to})"))
-        return Touches(tuple(changed), tuple(left))
+        changed = [
+            name for name, m in model.named_modules()
+            if _is_layer(m) and (name not in prepared or _layer_signature(prepared[name]) != _layer_signature(m))
+        ]  # fmt: skip
+        return Touches.split(model, changed, lambda name, m: f"not a layer {self.name} changes ({self.applies_to})")
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
         """This method is called after :meth:`prepare`; it lists the training the method owns.

@@ -10,7 +10,7 @@ from torch import nn
 
 from deploy import eval_mode
 
-__all__ = ["output_layers", "first_layers", "dependency_graph", "layer_calls", "shared_layers", "ChannelPlan", "channel_plan"]
+__all__ = ["output_layers", "first_layers", "dependency_graph", "layer_calls", "shared_layers", "ChannelPlan", "channel_plan", "holds_method_layers"]
 
 
 def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
@@ -62,6 +62,15 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+def holds_method_layers(model: nn.Module) -> bool:
+    """Whether an earlier method of the pipeline put its own layers into ``model`` (clustered, cheap, quantized ones).
+
+    A method that finds nothing of its kind on such a model leaves it as it is: the pipeline's order
+    is checked by :func:`methods.check_pipeline`, and the user's model did have layers of its kind.
+    """
+    return any(type(m).__module__.startswith("methods.") for m in model.modules())
 
 
 def layer_calls(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

@@ -96,7 +96,7 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext, NotApplicable
+from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import dependency_graph, output_layers
@@ -479,6 +479,17 @@ class GAL(Method):
         self.sites = MaskSites((), ())
         self.discriminator: Discriminator | None = None
         self.removal: dict[str, float] = {}
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The convolutions whose channels get masks and the residual blocks that do (training decides what goes)."""
+        sites = find_mask_sites(model, ctx.example_input, self.config.structure)
+        classifier = set(output_layers(model, ctx.example_input))
+        coupled = "its output channels are coupled to other layers' (a residual addition, a depthwise convolution, attention or a layer called twice)"
+        return Touches.split(
+            model,
+            [block for block, _ in sites.blocks] + [conv for conv, _ in sites.channels],
+            lambda name, m: "the classifier: its outputs are the classes" if name in classifier else coupled if isinstance(m, nn.Conv2d) else "gal prunes Conv2d channels and residual blocks only",
+        )
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         structure = resolve_structure(self.config.structure, model)

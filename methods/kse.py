@@ -70,7 +70,7 @@ from methods._hyperparameters import Range, hyperparameter
 # _Group: models pickled (model.pt) before the clustered convolution had its own module name it here.
 from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401
 from methods._registry import register_method
-from methods._surgery import first_layers
+from methods._surgery import first_layers, holds_method_layers
 from methods._training import Phase
 
 __all__ = [
@@ -233,7 +233,7 @@ class KSE(Method):
         """Decide every eligible layer's levels from its weights, remove channels, cluster the rest."""
         example = ctx.example_input
         names = eligible_convs(model, example)
-        if not names:
+        if not names and not holds_method_layers(model):
             raise NotApplicable(
                 f"kse clusters Conv2d layers with kernels larger than 1x1 and groups=1 past the first, but {type(model).__name__} "
                 "has none (depthwise, 1x1 and patch convolutions are left alone); use l1_filter or minmax_quant."

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods._base import Method, MethodContext, NotApplicable
+from methods._base import Method, MethodContext, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, RunningMaxActivationQuantizer, quantized_layers, swap_to_quantized
 from methods._registry import register_method
@@ -57,13 +57,18 @@ class MinMaxQuant(Method):
             return MaxAbsWeightQuantizer(bits), act
 
         self.swapped = swap_to_quantized(model, make_quantizers, skip)
-        if not self.swapped:
-            raise NotApplicable(
-                f"minmax_quant found no Conv2d or Linear layer of {type(model).__name__} to quantize besides the first and the "
-                "classifier; set `quantize_first_last: true`."
-            )
         ctx.log(f"[minmax_quant] {len(self.swapped)} layers quantized to {bits} bits")
         return model
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The layers swapped for quantized ones; the first and the classifier stay in floating point unless ``quantize_first_last``."""
+        ends = set(first_layers(model, ctx.example_input)) | set(output_layers(model, ctx.example_input))
+        return Touches.split(
+            model,
+            super().touches(model, ctx).changed,
+            lambda name, m: "the first layer or the classifier: kept in floating point (set `quantize_first_last: true`)"
+            if name in ends else f"a {type(m).__name__}, not an nn.Conv2d or nn.Linear it swaps",
+        )
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         for layer in quantized_layers(model):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext, NotApplicable
+from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, replace_3x3_convs
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
@@ -165,6 +165,16 @@ class OD(Method):
         super().__init__(config)
         self.params: tuple[int, int] | None = None  # (incoming model, one student)
         self.scores: dict[str, float] = {}
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The 3x3 convolutions each student replaces by cheap ones (the students train from scratch unless ``from_baseline``)."""
+        skip = [] if self.config.replace_stem else first_layers(model, ctx.example_input)
+        replaced = replace_3x3_convs(copy.deepcopy(model), self.config.conv, self.config.groups, skip=skip)
+        if not replaced:
+            self.prepare(copy.deepcopy(model), ctx)  # raises its refusal
+        return Touches.split(
+            model, replaced, lambda name, m: "the stem (set `replace_stem: true`)" if name in skip else "not a 3x3 Conv2d with groups=1"
+        )
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         config = self.config

@@ -69,7 +69,7 @@ from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantMixin, qmax, quantized_layers, round_ste, symmetric_quantize
 from methods._registry import register_method
-from methods._surgery import first_layers, output_layers
+from methods._surgery import first_layers, holds_method_layers, output_layers
 from methods._training import Phase, Step
 
 __all__ = [
@@ -285,7 +285,7 @@ class PAMS(Method):
                     f"pams compares the features of '{self._feature}', which the teacher lacks; "
                     "set skt_weight: 0 or put pams before the method that renamed it."
                 ) from None
-        if pams_layers(model, ctx.example_input) == ([], []):
+        if pams_layers(model, ctx.example_input) == ([], []) and not holds_method_layers(model):
             raise NotApplicable(
                 f"pams quantizes Conv2d layers other than the first and the classifier, but {type(model).__name__} has none; "
                 "use minmax_quant, which quantizes Linear layers too."

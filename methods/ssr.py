@@ -79,7 +79,7 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext, NotApplicable
+from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import dependency_graph, output_layers, shared_layers
@@ -368,6 +368,18 @@ class SSR(Method):
         self.since_update = 0
         self.gaps: list[float] = []
         self.removal: dict[str, float] = {}
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The layers whose output channels SSR groups (training decides which groups are removed)."""
+        probe = type(self)(self.config)
+        probe.prepare(model, ctx)  # refuses as a trial would; it only reads the model
+        grouped = {p.rpartition(".")[0] for layer in probe.layers for p in layer.params}
+        classifier = set(output_layers(model, ctx.example_input))
+        return Touches.split(
+            model,
+            [name for name, m in model.named_modules() if name in grouped and isinstance(m, (nn.Conv2d, nn.Linear))],
+            lambda name, m: "the classifier: its outputs are the classes" if name in classifier else "its channels are coupled to the classifier or to a layer of another kind",
+        )
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         shared = shared_layers(model, ctx.example_input)
