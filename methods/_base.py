@@ -94,10 +94,12 @@ class MethodContext:
 
 
 class NotApplicable(ValueError):
-    """Raised by :meth:`Method.prepare` for a model the method cannot compress (nothing it acts on).
+    """Raised by :meth:`Method.prepare` and :meth:`Method.touches` for a model the method cannot compress.
 
-    The message names the method, what it acts on and a model that has it ("wavelet found no
-    square linear map ..."). The contract suite runs a method only on the models it names in
+    One line that starts with the method's name and names the layer or op it cannot handle (or
+    that it finds nothing it acts on) and what would work instead ("wavelet found no square
+    linear map ..."); a method never silently leaves a model unchanged. ``tests/methods/
+    test_foreign.py`` holds every method to this on models outside the registry. The contract suite runs a method only on the models it names in
     :attr:`Method.example_models`, and fails it where it raises this for one of them.
     """
 
@@ -212,8 +214,9 @@ class Method:
 
         ``model`` is left as it is. The default prepares a copy of ``model`` with a fresh method
         of the same config and compares the two: a layer (:meth:`Touches.split`) whose type or
-        parameter shapes differ, or that is gone, is changed; the others are left alone. A method that decides later than :meth:`prepare` (during training or in
-        :meth:`finalize`), or that can say why it leaves a layer alone, overrides this.
+        parameter shapes differ, or that is gone, is changed; the others are left alone. A
+        method that decides later than :meth:`prepare` (during training or in :meth:`finalize`),
+        or that can say why it leaves a layer alone, overrides this.
 
         Raises:
             NotApplicable: The method cannot compress ``model`` (as :meth:`prepare` would raise).

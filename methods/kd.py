@@ -11,9 +11,8 @@ distillation loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -4,9 +4,9 @@ Deciding: a filter's importance is the L1 norm of its own weights (torch-pruning
 ``MagnitudeImportance(p=1, group_reduction="first")``). Doing: the lowest-scoring ``ratio`` of the
 output channels of every prunable layer are physically removed with torch-pruning, together with
 every channel coupled to them (the next layer's inputs, BatchNorm, residual additions). The
-classifier keeps its outputs, and layers coupled to attention, recurrent layers or shared weights
-keep theirs (:func:`methods._surgery.channel_plan` says why for each). One-shot, then a fine-tune (shaped by any distillation method in
-the pipeline).
+classifier keeps its outputs, and so do layers coupled to attention, recurrent layers or shared
+weights (:func:`methods._surgery.channel_plan` says why for each). One-shot, then a fine-tune
+(shaped by any distillation method in the pipeline).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class L1Filter(Method):
         before = sum(p.numel() for p in model.parameters())
         plan = self.touches(model, ctx)
         prunable = set(plan.changed)
-        ignored = [m for name, m in model.named_modules() if name in dict(plan.left_alone) or (isinstance(m, (nn.Conv2d, nn.Linear)) and name not in prunable)]
+        left = {name for name, _ in plan.left_alone}
+        ignored = [m for name, m in model.named_modules() if name in left or (isinstance(m, (nn.Conv2d, nn.Linear)) and name not in prunable)]
         with eval_mode(model):  # traced without updating batch-norm statistics
             pruner = tp.pruner.MagnitudePruner(
                 model,

@@ -12,6 +12,7 @@ a model fails here until the table says so.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -106,6 +107,25 @@ def test_method_works_on_foreign_model_or_refuses_in_one_line(foreign, tmp_path,
         assert count_params(out) < before, f"{name} is one-shot but removed nothing from {model_name}"
     export_model(out, ctx.example_input, tmp_path, {"recipe": pipeline.recipe()})
     check_round_trip(tmp_path, x, rtol=1e-5)  # raises when the reloaded program's outputs differ
+
+
+@pytest.mark.parametrize(("name", "model_name"), CASES, ids=[f"{m}-{model}" for m, model in CASES])
+def test_touches_refuses_where_the_run_does_and_names_the_layers_it_changes(foreign, name: str, model_name: str) -> None:
+    """What ``slimtune check`` shows: the same refusal without training, or the layers changed and those left alone, each with a reason."""
+    model, ctx = foreign(model_name)
+    method = create_method(name, one_step(name))
+    if (name, model_name) in REFUSED:
+        with pytest.raises(NotApplicable, match=re.escape(REFUSED[name, model_name])):
+            method.touches(model, ctx)
+        return
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    touched = method.touches(model, ctx)
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes  # the model is left as it was
+    modules = dict(model.named_modules())
+    left = [layer for layer, _ in touched.left_alone]
+    assert set(touched.changed) <= set(modules) and set(left) <= set(modules)
+    assert not set(touched.changed) & set(left) and all(why for _, why in touched.left_alone)
+    assert bool(touched.changed) == get_method(name).changes_architecture, touched
 
 
 TWO_VIEW_ONLY = [m for m in METHODS if m not in CLASSIFIERS]
