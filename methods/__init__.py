@@ -4,7 +4,7 @@ Importing this package registers every method below; adding a method is one new 
 import line here.
 """
 
-from methods._base import LOSS_SCOPES, Method, NotApplicable, MethodContext
+from methods._base import LOSS_SCOPES, Method, NotApplicable, MethodContext, Touches
 from methods._hyperparameters import Bounds, HyperparameterInfo, Range, check_value_type, hyperparameter, hyperparameters
 from methods._training import Phase, Step, Update
 from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check_pipeline, train_phase, training_loss
@@ -17,6 +17,7 @@ __all__ = [
     "Method",
     "NotApplicable",
     "MethodContext",
+    "Touches",
     "Phase",
     "Range",
     "Step",

@@ -37,7 +37,8 @@ method, ``slimtune methods`` and a space's checks need only the declarations).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,7 +48,7 @@ from torch import nn
 
 from methods._training import Phase, Step
 
-__all__ = ["LOSS_SCOPES", "NotApplicable", "Method", "MethodContext"]
+__all__ = ["LOSS_SCOPES", "NotApplicable", "Method", "MethodContext", "Touches"]
 
 
 @dataclass
@@ -93,12 +94,47 @@ class MethodContext:
 
 
 class NotApplicable(ValueError):
-    """Raised by :meth:`Method.prepare` for a model the method cannot compress (nothing it acts on).
+    """Raised by :meth:`Method.prepare` and :meth:`Method.touches` for a model the method cannot compress.
 
-    The message names the method, what it acts on and a model that has it ("wavelet found no
-    square linear map ..."). The contract suite runs a method only on the models it names in
+    One line that starts with the method's name and names the layer or op it cannot handle (or
+    that it finds nothing it acts on) and what would work instead ("wavelet found no square
+    linear map ..."); a method never silently leaves a model unchanged. ``tests/methods/
+    test_foreign.py`` holds every method to this on models outside the registry. The contract suite runs a method only on the models it names in
     :attr:`Method.example_models`, and fails it where it raises this for one of them.
     """
+
+
+@dataclass(frozen=True)
+class Touches:
+    """What a method will change on a model and what it leaves alone (:meth:`Method.touches`).
+
+    Attributes:
+        changed: Names of the layers the method changes (prunes, swaps, wraps, quantizes).
+        left_alone: ``(layer, why)`` for each layer of a kind the method acts on that it leaves as it is.
+    """
+
+    changed: tuple[str, ...]
+    left_alone: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def split(cls, model: nn.Module, changed: Iterable[str], why: Callable[[str, nn.Module], str]) -> Touches:
+        """``changed`` as given, and every other layer of ``model`` left alone for the reason ``why(name, layer)``.
+
+        A layer is a module with a weight matrix or kernel of its own (convolution, linear,
+        embedding, attention), not a batch norm or an activation.
+        """
+        changed = tuple(changed)
+        done = set(changed)
+        left = tuple((name, why(name, m)) for name, m in model.named_modules() if name and name not in done and _is_layer(m))
+        return cls(changed, left)
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or any(p.dim() >= 2 for p in module.parameters(recurse=False))
+
+
+def _layer_signature(module: nn.Module) -> tuple[Any, ...]:
+    return (type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
 
 
 #: Where a method's :meth:`Method.loss` term applies (:attr:`Method.loss_scope`).
@@ -142,6 +178,7 @@ class Method:
             :mod:`deploy._onnx`), or None when they can. Every registered method's models export
             today; a method that adds an op without an ONNX function says so here, and trials of
             a pipeline holding it deploy the program alone (``slimtune check`` shows the reason).
+        applies_to: The kinds of layer it changes, in a few words (``slimtune methods`` shows it).
         example_models: Registered models it compresses: the method contract suite
             (``tests/methods/test_contract.py``) checks the method on each, its one-step and
             resume checks on the first.
@@ -160,6 +197,7 @@ class Method:
     loss_scope: ClassVar[str] = "own"
     task_kinds: ClassVar[tuple[str, ...] | None] = None
     onnx_unsupported: ClassVar[str | None] = None
+    applies_to: ClassVar[str] = "no layer (it changes how the model is trained)"
     example_models: ClassVar[tuple[str, ...]] = ("digits_cnn", "resnet20")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -173,6 +211,25 @@ class Method:
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         """This method is called once before the method's phases; it returns the model to train."""
         return model
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """This method is called by ``slimtune check`` before any trial; it says which layers the method will change.
+
+        ``model`` is left as it is. The default prepares a copy of ``model`` with a fresh method
+        of the same config and compares the two: a layer (:meth:`Touches.split`) whose type or
+        parameter shapes differ, or that is gone, is changed; the others are left alone. A
+        method that decides later than :meth:`prepare` (during training or in :meth:`finalize`),
+        or that can say why it leaves a layer alone, overrides this.
+
+        Raises:
+            NotApplicable: The method cannot compress ``model`` (as :meth:`prepare` would raise).
+        """
+        prepared = dict(type(self)(self.config).prepare(copy.deepcopy(model), ctx).named_modules())
+        changed = [
+            name for name, m in model.named_modules()
+            if _is_layer(m) and (name not in prepared or _layer_signature(prepared[name]) != _layer_signature(m))
+        ]  # fmt: skip
+        return Touches.split(model, changed, lambda name, m: f"not a layer {self.name} changes ({self.applies_to})")
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
         """This method is called after :meth:`prepare`; it lists the training the method owns.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
 
-__all__ = ["output_layers", "first_layers", "dependency_graph"]
+__all__ = ["output_layers", "first_layers", "dependency_graph", "layer_calls", "shared_layers", "ChannelPlan", "channel_plan", "holds_method_layers"]
 
 
 def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
@@ -60,3 +62,108 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+def holds_method_layers(model: nn.Module) -> bool:
+    """Whether an earlier method of the pipeline put its own layers into ``model`` (clustered, cheap, quantized ones).
+
+    A method that finds nothing of its kind on such a model leaves it as it is: the pipeline's order
+    is checked by :func:`methods.check_pipeline`, and the user's model did have layers of its kind.
+    """
+    return any(type(m).__module__.startswith("methods.") for m in model.modules())
+
+
+def layer_calls(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """How many times each module holding parameters of its own runs in one eval-mode pass on ``example_input``.
+
+    A module missing from the result is not reached by that pass (a branch taken only in
+    training mode, or for another input); one counted more than once shares its weights
+    between several places of the network (a layer called twice, a recurrent step).
+    """
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name and any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(lambda m, i, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def shared_layers(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """The modules with parameters that one forward pass runs more than once (shared weights), with their call counts."""
+    return {name: n for name, n in layer_calls(model, example_input).items() if n > 1}
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """Which conv/linear layers lose output channels under torch-pruning, and why the others do not.
+
+    Attributes:
+        prunable: Layers whose output channels can be removed (with every channel coupled to them).
+        left_alone: ``(layer, reason)`` for every other conv/linear layer and attention module.
+    """
+
+    prunable: tuple[str, ...]
+    left_alone: tuple[tuple[str, str], ...]
+
+
+def _kind_of_trouble(module: nn.Module) -> str | None:
+    if isinstance(module, nn.MultiheadAttention):
+        return "multi-head attention (its heads split the embedding, so its width is left as it is)"
+    if isinstance(module, nn.RNNBase):
+        return "a torch.nn recurrent layer"
+    return None
+
+
+def channel_plan(model: nn.Module, example_input: torch.Tensor) -> ChannelPlan:
+    """Decide which layers' output channels torch-pruning may remove safely on ``model``.
+
+    Left alone: the classifier (its outputs are the classes); every layer whose channel group
+    (torch-pruning's dependency graph) holds a module that one forward pass runs more than once
+    (shared weights, a recurrent step: the graph couples its calls inconsistently and removes
+    their channels once per call), an attention module or a ``torch.nn`` recurrent layer; and
+    every layer when the traced pass does not reach some of them (a forward that branches on
+    the mode or the input), since what their channels are coupled to cannot be seen.
+    """
+    calls = layer_calls(model, example_input)
+    troubles = {name: why for name, m in model.named_modules() if (why := _kind_of_trouble(m)) is not None}
+    left: dict[str, str] = {name: why for name, why in troubles.items()}
+    layers = {}
+    for name, m in model.named_modules():
+        owner = next((t for t in troubles if name.startswith(t + ".")), None)
+        if owner is not None:  # its weights are read by the module that holds it (attention's out_proj)
+            left[name] = f"part of '{owner}', {troubles[owner]}"
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            layers[name] = m
+    unreached = [name for name in layers if name not in calls]
+    if unreached:
+        shown = ", ".join(f"'{n}'" for n in unreached[:3]) + (f" and {len(unreached) - 3} more" if len(unreached) > 3 else "")
+        why = f"one forward pass does not reach {shown}, so what their channels are coupled to cannot be traced"
+        return ChannelPlan((), tuple((name, why) for name in layers) + tuple(left.items()))
+    for name in output_layers(model, example_input):
+        left[name] = "the classifier: its outputs are the classes"
+    names = {m: n for n, m in model.named_modules()}
+    graph = dependency_graph(model, example_input)
+    prunable = []
+    for name, layer in layers.items():
+        if name in left:
+            continue
+        if layer not in graph.module2node:
+            left[name] = "not in torch-pruning's traced graph"
+            continue
+        prune = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        coupled = [names[dep.target.module] for dep, _ in graph.get_pruning_group(layer, prune, idxs=[0]) if dep.target.module in names]
+        shared = [n for n in coupled if calls.get(n, 0) > 1]
+        trouble = [n for n in coupled if n in troubles]
+        if trouble:
+            left[name] = f"its channels are coupled to '{trouble[0]}', {troubles[trouble[0]]}"
+        elif shared:
+            left[name] = f"its channels are coupled to '{shared[0]}', which runs {calls[shared[0]]} times per forward pass (shared weights or a recurrent step)"
+        else:
+            prunable.append(name)
+    return ChannelPlan(tuple(prunable), tuple(left.items()))

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable
 from methods._decouple_analysis import (
     Analysis,
     analyse,
@@ -165,6 +165,7 @@ class Decouple(Method):
     Config = DecoupleConfig
     kind = "pruning"
     changes_architecture = True
+    applies_to = "Conv2d filters (groups=1) whose channels can be removed on their own: gated per input, the never-used ones removed"
     # Later methods would rebuild or quantize the gated convs, whose dynamic form reads their
     # weights directly: the gated architecture is final.
     must_be_last = True
@@ -178,8 +179,10 @@ class Decouple(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         self.sites = find_gate_sites(model, ctx.example_input)
         if not self.sites:
-            ctx.log(f"[decouple] {type(model).__name__} has no conv whose filters can be gated on their own; nothing is gated")
-            return model
+            raise NotApplicable(
+                f"decouple found no Conv2d of {type(model).__name__} (groups=1) whose filters can be gated on their own "
+                "(each is coupled to a residual addition, attention or a layer called twice, or there is none); use l1_filter or minmax_quant."
+            )
         with eval_mode(model), torch.no_grad():
             classes = model(ctx.example_input).shape[1]
         with torch.random.fork_rng(devices=[]):  # the ACMs' initial weights, without moving the trial's random stream

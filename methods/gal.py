@@ -96,7 +96,7 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import dependency_graph, output_layers
@@ -248,7 +248,7 @@ def find_mask_sites(model: nn.Module, example_input: torch.Tensor, structure: st
     """Choose where masks go for ``structure`` (``"auto"``, ``"block"``, ``"channel"`` or ``"joint"``).
 
     Raises:
-        ValueError: The model has no structure of the requested kind.
+        NotApplicable: The model has no structure of the requested kind.
     """
     structure = resolve_structure(structure, model)
     blocks: list[tuple[str, str]] = []
@@ -258,17 +258,18 @@ def find_mask_sites(model: nn.Module, example_input: torch.Tensor, structure: st
             if end is not None:
                 blocks.append((name, f"{name}.{end}"))
         if not blocks and structure == "block":
-            raise ValueError(
-                f"structure 'block' needs residual blocks, but {type(model).__name__} has none "
+            raise NotApplicable(
+                f"gal structure 'block' needs residual blocks, but {type(model).__name__} has none "
                 "(known: slimtune's BasicBlock, torchvision's BasicBlock and Bottleneck); use 'channel' or 'auto'."
             )
     channels: list[tuple[str, str]] = []
     if structure in ("channel", "joint"):
         channels = _independent_channel_units(model, example_input)
-        if not channels and structure == "channel":
-            raise ValueError(
-                f"structure 'channel' found no convolution of {type(model).__name__} whose output channels "
-                "can be removed on their own; use 'block' for residual models."
+        if not channels and not blocks:
+            raise NotApplicable(
+                f"gal found no Conv2d of {type(model).__name__} whose output channels can be removed on their own "
+                "(none, or each is coupled to a residual addition, a depthwise convolution, attention or a layer called "
+                "twice); use structure 'block' for a residual model, or l1_filter or minmax_quant."
             )
     return MaskSites(tuple(blocks), tuple(channels))
 
@@ -469,6 +470,7 @@ class GAL(Method):
     needs_teacher = True
     needs_labels = False
     changes_architecture = True
+    applies_to = "residual blocks and Conv2d output channels that can be removed on their own; not the classifier"
     # The discriminator reads a vector of class logits per example, (batch, classes).
     task_kinds = ("classification",)
 
@@ -477,6 +479,17 @@ class GAL(Method):
         self.sites = MaskSites((), ())
         self.discriminator: Discriminator | None = None
         self.removal: dict[str, float] = {}
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The convolutions whose channels get masks and the residual blocks that do (training decides what goes)."""
+        sites = find_mask_sites(model, ctx.example_input, self.config.structure)
+        classifier = set(output_layers(model, ctx.example_input))
+        coupled = "its output channels are coupled to other layers' (a residual addition, a depthwise convolution, attention or a layer called twice)"
+        return Touches.split(
+            model,
+            [block for block, _ in sites.blocks] + [conv for conv, _ in sites.channels],
+            lambda name, m: "the classifier: its outputs are the classes" if name in classifier else coupled if isinstance(m, nn.Conv2d) else "gal prunes Conv2d channels and residual blocks only",
+        )
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         structure = resolve_structure(self.config.structure, model)

@@ -11,12 +11,14 @@ distillation loss.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from methods._base import Method
+from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._training import Step
@@ -29,6 +31,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
     return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
+
+
+def _check_logits(model: str, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2:
+        raise NotApplicable(
+            f"kd distils class logits of shape (batch, classes), but {model} outputs {shape} in training; "
+            "it applies to classification models only (for a two-branch model use vcd, vml or vsd)."
+        )
 
 
 @dataclass(frozen=True)
@@ -50,10 +60,14 @@ class KD(Method):
     task_kinds = ("classification",)
     example_models = ("digits_cnn", "resnet20", "gru")
 
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        """Refuse a model whose training output is not class logits (a two-branch model's heads)."""
+        probe = copy.deepcopy(model).train()  # a copy: batch-norm statistics and the random stream stay untouched
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            shape = tuple(probe(torch.cat([ctx.example_input, ctx.example_input])).shape)
+        _check_logits(type(model).__name__, shape)
+        return model
+
     def loss(self, step: Step) -> torch.Tensor:
-        if step.outputs.dim() != 2:
-            raise ValueError(
-                f"kd distils class logits of shape (batch, classes), but the model outputs {tuple(step.outputs.shape)}; "
-                "it applies to classification tasks only."
-            )
+        _check_logits(type(step.model).__name__, tuple(step.outputs.shape))
         return self.config.weight * distillation_loss(step.outputs, step.teacher_outputs, self.config.temperature)

@@ -68,12 +68,12 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode, latency_ms
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 # _Group: models pickled (model.pt) before the clustered convolution had its own module name it here.
 from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401
 from methods._registry import register_method
-from methods._surgery import first_layers
+from methods._surgery import first_layers, holds_method_layers
 from methods._training import Phase
 
 __all__ = [
@@ -224,6 +224,7 @@ class KSE(Method):
     Config = KSEConfig
     kind = "pruning"
     changes_architecture = True
+    applies_to = "Conv2d layers with kernels larger than 1x1 and groups=1 past the first: input channels removed, kernels clustered"
     # kd (which keeps the architecture) may follow; nothing that changes it.
     restructured_only_by = ()
     restructured_only_by_reason = (
@@ -241,6 +242,11 @@ class KSE(Method):
         """Decide every eligible layer's levels from its weights, remove channels, cluster the rest."""
         example = ctx.example_input
         names = eligible_convs(model, example)
+        if not names and not holds_method_layers(model):
+            raise NotApplicable(
+                f"kse clusters Conv2d layers with kernels larger than 1x1 and groups=1 past the first, but {type(model).__name__} "
+                "has none (depthwise, 1x1 and patch convolutions are left alone); use l1_filter or minmax_quant."
+            )
         levels = {name: indicator_levels(kse_indicator(model.get_submodule(name).weight), self.config.levels) for name in names}
         removed = {name: [c for c, g in enumerate(lv) if g == 0] for name, lv in levels.items()}
         upstream = _remove_upstream(model, example, removed)

@@ -4,8 +4,9 @@ Deciding: a filter's importance is the L1 norm of its own weights (torch-pruning
 ``MagnitudeImportance(p=1, group_reduction="first")``). Doing: the lowest-scoring ``ratio`` of the
 output channels of every prunable layer are physically removed with torch-pruning, together with
 every channel coupled to them (the next layer's inputs, BatchNorm, residual additions). The
-classifier keeps its outputs. One-shot, then a fine-tune (shaped by any distillation method in
-the pipeline).
+classifier keeps its outputs, and so do layers coupled to attention, recurrent layers or shared
+weights (:func:`methods._surgery.channel_plan` says why for each). One-shot, then a fine-tune
+(shaped by any distillation method in the pipeline).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 import torch_pruning as tp
 from torch import nn
 
-from methods._base import Method, MethodContext
+from deploy import eval_mode
+from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
-from methods._surgery import output_layers
+from methods._surgery import channel_plan
 
 __all__ = ["L1Filter", "L1FilterConfig"]
 
@@ -37,6 +39,7 @@ class L1Filter(Method):
     Config = L1FilterConfig
     kind = "pruning"
     changes_architecture = True
+    applies_to = "output channels of Conv2d and Linear layers (with the channels coupled to them); not the classifier, attention, recurrent or shared layers"
 
     def __init__(self, config: L1FilterConfig | None = None) -> None:
         super().__init__(config)
@@ -45,21 +48,41 @@ class L1Filter(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         example = ctx.example_input
         before = sum(p.numel() for p in model.parameters())
-        keep = set(output_layers(model, example))
-        ignored = [m for name, m in model.named_modules() if name in keep]
-        pruner = tp.pruner.MagnitudePruner(
-            model,
-            example,
-            importance=tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None),
-            pruning_ratio=self.config.ratio,
-            ignored_layers=ignored,
-            round_to=self.config.round_to if self.config.round_to > 1 else None,
-        )
-        pruner.step()
+        plan = self.touches(model, ctx)
+        prunable = set(plan.changed)
+        left = {name for name, _ in plan.left_alone}
+        ignored = [m for name, m in model.named_modules() if name in left or (isinstance(m, (nn.Conv2d, nn.Linear)) and name not in prunable)]
+        with eval_mode(model):  # traced without updating batch-norm statistics
+            pruner = tp.pruner.MagnitudePruner(
+                model,
+                example,
+                importance=tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None),
+                pruning_ratio=self.config.ratio,
+                ignored_layers=ignored,
+                round_to=self.config.round_to if self.config.round_to > 1 else None,
+            )
+            pruner.step()
         after = sum(p.numel() for p in model.parameters())
         self.removed_fraction = 1.0 - after / before
         ctx.log(f"[l1_filter] removed {before - after} of {before} parameters")
         return model
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The layers whose output channels are removed, and why each other layer keeps them.
+
+        Raises:
+            NotApplicable: No layer's output channels can be removed safely.
+        """
+        plan = channel_plan(model, ctx.example_input)
+        if not plan.prunable:
+            reasons = [r for r in plan.left_alone if not r[1].startswith("the classifier")] or list(plan.left_alone)
+            layer, why = reasons[0] if reasons else ("(none)", "the model has no Conv2d or Linear layer")
+            raise NotApplicable(
+                f"l1_filter found no layer of {type(model).__name__} whose output channels can be removed safely: "
+                f"'{layer}' is left alone ({why}), and so is every other; use minmax_quant (quantization), kd "
+                "or a model of plain convolution or linear stacks."
+            )
+        return Touches(plan.prunable, plan.left_alone)
 
     def metrics(self) -> dict[str, float]:
         return {"params_removed_fraction": self.removed_fraction}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, RunningMaxActivationQuantizer, quantized_layers, swap_to_quantized
 from methods._registry import register_method
@@ -40,6 +40,7 @@ class MinMaxQuant(Method):
     changes_architecture = True
     must_be_last = True
     example_models = ("digits_cnn", "resnet20", "gru", "two_branch_digits")
+    applies_to = "every Conv2d and Linear layer, weights and inputs; the first and the classifier only with quantize_first_last"
 
     def __init__(self, config: MinMaxQuantConfig | None = None) -> None:
         super().__init__(config)
@@ -58,6 +59,16 @@ class MinMaxQuant(Method):
         self.swapped = swap_to_quantized(model, make_quantizers, skip)
         ctx.log(f"[minmax_quant] {len(self.swapped)} layers quantized to {bits} bits")
         return model
+
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The layers swapped for quantized ones; the first and the classifier stay in floating point unless ``quantize_first_last``."""
+        ends = set(first_layers(model, ctx.example_input)) | set(output_layers(model, ctx.example_input))
+        return Touches.split(
+            model,
+            super().touches(model, ctx).changed,
+            lambda name, m: "the first layer or the classifier: kept in floating point (set `quantize_first_last: true`)"
+            if name in ends else f"a {type(m).__name__}, not an nn.Conv2d or nn.Linear it swaps",
+        )
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         for layer in quantized_layers(model):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, replace_3x3_convs
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
@@ -156,6 +156,7 @@ class OD(Method):
     needs_teacher = False  # the frozen baseline is not used: the teacher is built online
     needs_labels = True
     changes_architecture = True
+    applies_to = "3x3 Conv2d layers (groups=1), replaced by cheap convolutions; the stem only with replace_stem"
     # The students share a classifier's input features and learn from the teacher's class
     # distribution (softmax over logits of shape (batch, classes)).
     task_kinds = ("classification",)
@@ -165,12 +166,22 @@ class OD(Method):
         self.params: tuple[int, int] | None = None  # (incoming model, one student)
         self.scores: dict[str, float] = {}
 
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The 3x3 convolutions each student replaces by cheap ones (the students train from scratch unless ``from_baseline``)."""
+        skip = [] if self.config.replace_stem else first_layers(model, ctx.example_input)
+        replaced = replace_3x3_convs(copy.deepcopy(model), self.config.conv, self.config.groups, skip=skip)
+        if not replaced:
+            self.prepare(copy.deepcopy(model), ctx)  # raises its refusal
+        return Touches.split(
+            model, replaced, lambda name, m: "the stem (set `replace_stem: true`)" if name in skip else "not a 3x3 Conv2d with groups=1"
+        )
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         config = self.config
         example = ctx.example_input
         outputs = output_layers(model, example)
         if not outputs:
-            raise ValueError("od needs a model with a final conv or linear classifier, but found none.")
+            raise NotApplicable("od needs a model with a final Conv2d or Linear classifier, but found none; use kd.")
         skip = [] if config.replace_stem else first_layers(model, example)
         students = []
         for _ in range(config.students):
@@ -180,8 +191,8 @@ class OD(Method):
                 _reinitialise(student)
             students.append(student)
         if not replaced:
-            raise ValueError(
-                "od found no 3x3 convolution (groups=1) to make cheap"
+            raise NotApplicable(
+                "od found no 3x3 Conv2d (groups=1) to make cheap"
                 + (" outside the stem; set `replace_stem: true` or use" if skip else "; use")
                 + " a model with 3x3 convolutions."
             )

@@ -65,11 +65,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable
 from methods._hyperparameters import Range, hyperparameter
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantMixin, qmax, quantized_layers, round_ste, symmetric_quantize
 from methods._registry import register_method
-from methods._surgery import first_layers, output_layers
+from methods._surgery import first_layers, holds_method_layers, output_layers
 from methods._training import Phase, Step
 
 __all__ = [
@@ -208,7 +208,7 @@ def feature_module_name(model: nn.Module) -> str:
         return "features"
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError("PAMS needs a convolutional model: no Conv2d found for the knowledge transfer's feature map.")
+        raise NotApplicable("pams quantizes Conv2d layers, but the model has none; use minmax_quant, which quantizes Linear layers too.")
     return convs[-1]
 
 
@@ -266,6 +266,7 @@ class PAMS(Method):
     changes_architecture = True
     must_be_last = True
     loss_scope = "own"
+    applies_to = "Conv2d layers (and EDSR blocks), weights and inputs; not the first layer or the classifier"
 
     def __init__(self, config: PAMSConfig | None = None) -> None:
         super().__init__(config)
@@ -284,6 +285,11 @@ class PAMS(Method):
                     f"pams compares the features of '{self._feature}', which the teacher lacks; "
                     "set skt_weight: 0 or put pams before the method that renamed it."
                 ) from None
+        if pams_layers(model, ctx.example_input) == ([], []) and not holds_method_layers(model):
+            raise NotApplicable(
+                f"pams quantizes Conv2d layers other than the first and the classifier, but {type(model).__name__} has none; "
+                "use minmax_quant, which quantizes Linear layers too."
+            )
         self._layers = quantize_for_pams(model, self.config.bits, ctx.example_input)
         for quantizer in activation_quantizers(model):
             quantizer.calibrating = self.config.stats_epochs > 0

@@ -88,10 +88,10 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import eval_mode
-from methods._base import Method, MethodContext
+from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
-from methods._surgery import dependency_graph, output_layers
+from methods._surgery import dependency_graph, output_layers, shared_layers
 from methods._training import Phase, Step
 
 __all__ = ["SSR", "SSRConfig", "Layer", "find_layers", "group_norms", "group_prox", "remove_zero_groups"]
@@ -368,6 +368,7 @@ class SSR(Method):
     Config = SSRConfig
     kind = "pruning"
     changes_architecture = True
+    applies_to = "output channels of Conv2d and Linear layers; not the classifier or channels coupled to other kinds of layer"
 
     def __init__(self, config: SSRConfig | None = None) -> None:
         super().__init__(config)
@@ -377,8 +378,29 @@ class SSR(Method):
         self.gaps: list[float] = []
         self.removal: dict[str, float] = {}
 
+    def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
+        """The layers whose output channels SSR groups (training decides which groups are removed)."""
+        probe = type(self)(self.config)
+        probe.prepare(model, ctx)  # refuses as a trial would; it only reads the model
+        grouped = {p.rpartition(".")[0] for layer in probe.layers for p in layer.params}
+        classifier = set(output_layers(model, ctx.example_input))
+        return Touches.split(
+            model,
+            [name for name, m in model.named_modules() if name in grouped and isinstance(m, (nn.Conv2d, nn.Linear))],
+            lambda name, m: "the classifier: its outputs are the classes" if name in classifier else "its channels are coupled to the classifier or to a layer of another kind",
+        )
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        shared = shared_layers(model, ctx.example_input)
+        if shared:
+            name, calls = next(iter(shared.items()))
+            raise NotApplicable(
+                f"ssr cannot prune {type(model).__name__}: '{name}' runs {calls} times per forward pass (shared weights or a "
+                "recurrent step), which torch-pruning's groups remove channels from once per call; use kse, od or minmax_quant."
+            )
         self.layers = find_layers(model, ctx.example_input)
+        if not self.layers:
+            raise NotApplicable(f"ssr found no output channels of {type(model).__name__} to prune outside the classifier; use minmax_quant.")
         ctx.log(f"[ssr] {sum(layer.groups for layer in self.layers)} groups in {len(self.layers)} layers")
         return model
 

@@ -202,6 +202,7 @@ class VSD(_VariationalTerm):
     name = "vsd"
     Config = VSDConfig
     changes_architecture = True
+    applies_to = "the bottleneck of every branch of a two-branch model (two_branch_digits, two_branch_resnet)"
 
     def __init__(self, config: VSDConfig | None = None) -> None:
         super().__init__(config)

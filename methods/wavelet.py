@@ -354,6 +354,7 @@ class Wavelet(Method):
     changes_architecture = True
     loss_scope = "later"  # the filters must stay a wavelet in every phase where the layers exist
     example_models = ("gru",)
+    applies_to = "square nn.Linear maps and the hidden-to-hidden gate maps of gru/lstm models, replaced by wavelet layers"
 
     def __init__(self, config: WaveletConfig | None = None) -> None:
         super().__init__(config)

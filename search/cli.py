@@ -439,6 +439,8 @@ def _methods(args: argparse.Namespace) -> int:
                 "name": name,
                 "kind": cls.kind,
                 "summary": doc,
+                "task_kinds": list(cls.task_kinds) if cls.task_kinds is not None else None,
+                "applies_to": cls.applies_to,
                 "needs_teacher": cls.needs_teacher,
                 "needs_labels": cls.needs_labels,
                 "changes_architecture": cls.changes_architecture,
@@ -469,6 +471,7 @@ def _methods(args: argparse.Namespace) -> int:
             flags.append("label-free")
         print(f"{entry['name']}  [{entry['kind']}{', ' + ', '.join(flags) if flags else ''}]")
         print(f"    {entry['summary']}")
+        print(f"    tasks: {', '.join(entry['task_kinds']) if entry['task_kinds'] else 'any'}; changes: {entry['applies_to']}")
         for h in entry["hyperparameters"]:
             typ = h["type"] + (" | null" if h["optional"] else "")
             notes = [f"one of {', '.join(map(str, h['choices']))}"] if h["choices"] else []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from methods import get_method, hyperparameters, list_methods
+from methods import Method, get_method, hyperparameters, list_methods
 from search.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +65,18 @@ def test_methods_summary_is_the_first_line_of_each_class_docstring(capsys) -> No
     summaries = {entry["name"]: entry["summary"] for entry in json.loads(capsys.readouterr().out)}
     assert summaries == {name: get_method(name).__doc__.strip().splitlines()[0] for name in list_methods()}
     assert len({summaries["vsd"], summaries["vcd"], summaries["vml"]}) == 3
+
+
+def test_methods_say_which_task_kinds_and_layers_each_method_applies_to(capsys) -> None:
+    assert main(["methods", "--json"]) == 0
+    listing = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert (listing["kd"]["task_kinds"], listing["vcd"]["task_kinds"], listing["l1_filter"]["task_kinds"]) == (["classification"], ["two_view"], None)
+    default = Method.applies_to
+    assert {name for name, entry in listing.items() if entry["applies_to"] == default} == {"kd", "vcd", "vml"}  # the loss-only methods
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "    tasks: any; changes: output channels of Conv2d and Linear layers" in out
+    assert "    tasks: two_view; changes: no layer (it changes how the model is trained)" in out
 
 
 def test_methods_text_shows_types_choices_and_what_compresses(capsys) -> None:
