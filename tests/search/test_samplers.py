@@ -9,7 +9,8 @@ import pytest
 
 from search.driver import samplers
 from search.space.objectives import Constraint
-from search.driver.samplers import DUPLICATE_OF, ask_distinct, make_sampler, tell_metrics
+from search.driver._private import tell_metrics
+from search.driver.samplers import DUPLICATE_OF, ask_distinct, make_sampler
 from search.space.spec import parse_space
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
