@@ -20,7 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy import apply_reported_cost, count_flops, count_params, deployed_latency, export_model, size_bytes, torch_threads, write_recipe
+from deploy import (
+    apply_reported_cost,
+    count_flops,
+    count_params,
+    deployed_latency,
+    export_model,
+    record_checksum,
+    size_bytes,
+    torch_threads,
+    verify_checksum,
+    write_recipe,
+)
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from search.trial.context import build_context, build_model, first_batch, load_task, run_one_batch, seed_everything, seeded_loader, trial_threads
@@ -407,6 +418,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
                 return
             state_file = Path(directory) / "state.pt"
             if state_file.is_file():
+                # The trial's own pickle (methods' state, the optimizer's), written below: loaded only if unchanged.
+                verify_checksum(state_file)
                 resume = torch.load(state_file, map_location=device, weights_only=False)
                 cpu_file = Path(directory) / CPU_FILE
                 cpu_before = json.loads(cpu_file.read_text())["cpu_s"] if cpu_file.is_file() else 0.0
@@ -433,6 +446,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         epoch = {**metrics, **drops, **epoch_cost, "cpu_s": cpu_s()}
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "state.pt")
+            record_checksum(Path(tmp) / "state.pt")
             (Path(tmp) / CPU_FILE).write_text(json.dumps({"cpu_s": epoch["cpu_s"]}))
             tune.report({**epoch, "recipe": json.dumps(recipe), "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
         # After a Ctrl-C the trial stops here, its epoch saved, until the driver stops Tune.

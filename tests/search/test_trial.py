@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from deploy import count_flops
+from deploy import count_flops, record_checksum
 from methods import get_method
 from search.space.spec import load_space
 from search.trial.body import TrialSpec, measure, run_pipeline, train_baseline
@@ -176,6 +176,7 @@ def test_a_retried_trial_carries_its_cpu_seconds_over(space, tmp_path: Path, mon
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     torch.save({"epoch": 3}, earlier / "state.pt")
+    record_checksum(earlier / "state.pt")
     (earlier / body.CPU_FILE).write_text(json.dumps({"cpu_s": 1000.0}))
     reports: list[tuple[dict, Path]] = []
 
@@ -210,3 +211,27 @@ def test_a_retried_trial_carries_its_cpu_seconds_over(space, tmp_path: Path, mon
     assert 1000.0 <= epoch["cpu_s"] <= final["cpu_s"] < 1000.0 + 60.0
     assert final["final"] is True
     assert json.loads((epoch_dir / body.CPU_FILE).read_text())["cpu_s"] == epoch["cpu_s"]
+
+
+def test_a_retried_trial_refuses_a_state_pt_changed_since_it_was_written(space, tmp_path: Path, monkeypatch) -> None:
+    """``state.pt`` is a pickle: a retry unpickles it only when its checksum is the one the trial recorded."""
+    import contextlib
+    import types
+
+    from errors import UserError
+    from search.trial import body
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    torch.save({"epoch": 3}, earlier / "state.pt")
+    record_checksum(earlier / "state.pt")
+    torch.save({"epoch": 4}, earlier / "state.pt")
+
+    class Checkpoint:
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(earlier)
+
+    monkeypatch.setattr(body, "tune", types.SimpleNamespace(get_checkpoint=lambda: Checkpoint()))
+    with pytest.raises(UserError, match=r"state.pt: SHA-256 .* differs from the .* slimtune recorded in .*checksums.json"):
+        body.run_trial({}, TrialSpec(space, {}, {"accuracy": 0.6}))
