@@ -30,7 +30,7 @@ from deploy._export import (
     write_recipe,
 )
 from deploy._latency import latency_ms, torch_threads
-from deploy._loading import DEFAULT_FORM, FORMS, load_compiled, load_exported, load_form, load_module, load_program, storage_groups_quiet
+from deploy._loading import CHECKSUMS, DEFAULT_FORM, FORMS, load_compiled, load_exported, load_form, load_module, load_program, record_checksum, storage_groups_quiet, verify_checksum
 from deploy._modes import eval_mode
 from deploy._onnx import OnnxExport, check_onnx, export_onnx, integer_copy, load_onnx, optimized_op_types
 from deploy._rewrites import InferenceRewrites, inference_copy, output_diff
@@ -75,6 +75,9 @@ __all__ = [
     "load_exported",
     "load_program",
     "load_module",
+    "CHECKSUMS",
+    "record_checksum",
+    "verify_checksum",
     "load_compiled",
     "load_form",
     "storage_groups_quiet",

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from deploy._latency import latency_ms
-from deploy._loading import DEFAULT_FORM, FORMS, load_exported, load_form, load_program, storage_groups_quiet
+from deploy._loading import CHECKSUMS, DEFAULT_FORM, FORMS, load_exported, load_form, load_program, record_checksum, storage_groups_quiet
 from deploy._modes import eval_mode
 from deploy._onnx import check_onnx, export_onnx
 from deploy._rewrites import InferenceRewrites, trace_program, inference_copy, output_diff, probe_input
@@ -56,7 +56,7 @@ __all__ = [
     "deployed_latency",
 ]
 
-EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json")
+EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json", CHECKSUMS)
 
 
 def export_program(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True) -> tuple[torch.export.ExportedProgram, InferenceRewrites]:
@@ -111,6 +111,7 @@ def export_model(
         check_onnx(model, out_dir / FORMS["onnx"], probe_input(example_input))
         files.append(FORMS["onnx"])
     torch.save(model, out_dir / "model.pt")
+    record_checksum(out_dir / "model.pt")
     torch.save(model.state_dict(), out_dir / "state_dict.pt")
     write_recipe(out_dir, recipe or {})
     return {name: (out_dir / name).stat().st_size for name in files}

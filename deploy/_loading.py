@@ -23,6 +23,8 @@ call in all forms: they are the float emulation of integer activations and depen
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,9 +34,13 @@ from torch import nn
 from torch.export.passes import move_to_device_pass
 
 from deploy._onnx import load_onnx
+from errors import UserError
 from deploy._rewrites import fold_weight_computations
 
 __all__ = [
+    "CHECKSUMS",
+    "record_checksum",
+    "verify_checksum",
     "FORMS",
     "DEFAULT_FORM",
     "load_exported",
@@ -99,9 +105,61 @@ def load_program(out_dir: Path, device: str | torch.device | None = None) -> nn.
     return module
 
 
+#: Beside every pickle slimtune writes and later unpickles: ``{file name: SHA-256}`` of each.
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_checksum(path: Path) -> None:
+    """Record the SHA-256 of ``path``, a pickle slimtune just wrote, in :data:`CHECKSUMS` beside it."""
+    path = Path(path)
+    listing = path.parent / CHECKSUMS
+    sums = json.loads(listing.read_text()) if listing.is_file() else {}
+    sums[path.name] = _sha256(path)
+    listing.write_text(json.dumps(sums, indent=2, sort_keys=True))
+
+
+def verify_checksum(path: Path) -> None:
+    """Refuse to unpickle ``path`` unless it is the file slimtune wrote (its :data:`CHECKSUMS` entry matches).
+
+    Unpickling runs whatever code the file names, so a pickle is loaded only when slimtune wrote
+    it: called before every ``torch.load(weights_only=False)``.
+
+    Raises:
+        UserError: One line: the file, what does not match, and the fix.
+    """
+    path = Path(path)
+    listing = path.parent / CHECKSUMS
+    sums = json.loads(listing.read_text()) if listing.is_file() else {}
+    if path.name not in sums:
+        raise UserError(
+            f"{path}: no checksum in {listing}, so slimtune cannot tell that it wrote this pickle, and unpickling "
+            "runs the code a file names; it is refused. Export the model again with this slimtune (slimtune search or replay)."
+        )
+    found = _sha256(path)
+    if found != sums[path.name]:
+        raise UserError(
+            f"{path}: SHA-256 {found[:16]}... differs from the {sums[path.name][:16]}... slimtune recorded in {listing}: the file "
+            "changed after slimtune wrote it, and unpickling runs the code a file names; it is refused. Export the model again."
+        )
+
+
 def load_module(out_dir: Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The pickled ``nn.Module`` (architecture and weights)."""
-    return torch.load(Path(out_dir) / "model.pt", map_location=map_location, weights_only=False)
+    """The pickled ``nn.Module`` (architecture and weights), once its checksum shows slimtune wrote it.
+
+    ``model.pt`` is a whole-module pickle (``weights_only=True`` cannot load it), trusted only as
+    a file slimtune exported: :func:`verify_checksum` refuses it otherwise.
+    """
+    path = Path(out_dir) / "model.pt"
+    verify_checksum(path)
+    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 def load_compiled(out_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -7,6 +7,7 @@ the direction fails here before it becomes a circle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,42 @@ def function_level_imports_without_reason(path: Path) -> list[str]:
 def test_function_level_imports_say_why() -> None:
     found = [line for path in sorted((ROOT / "search").rglob("*.py")) if path.name != "cli.py" for line in function_level_imports_without_reason(path)]
     assert not found, "a function-level import in search/ carries a comment saying why it is not at the top:\n" + "\n".join(found)
+
+
+#: Private Ray and Optuna APIs: a private module or attribute of either library, and the
+#: underscore attributes of their objects that slimtune reads (Optuna's trial ids and storage,
+#: the state of Ray's OptunaSearch).
+PRIVATE_API = re.compile(
+    r"\b(?:ray|optuna)(?:\.\w+)*\._(?!_)\w+"
+    r"|\.(?:_trial_id|_study_id|_storage|_ot_\w+|_completed_trials|_suggest_from_define_by_run_func|_raylet)\b"
+)
+
+
+def private_api_uses(source: str) -> list[tuple[int, str]]:
+    """The lines of ``source`` that use a private Ray or Optuna API, with their numbers."""
+    return [(i, line.strip()) for i, line in enumerate(source.splitlines(), 1) if PRIVATE_API.search(line)]
+
+
+def test_private_ray_and_optuna_apis_stay_in_search_driver_private() -> None:
+    """Only ``search/driver/_private.py`` is under the version check; a private API anywhere
+    else could break silently with the next Ray or Optuna."""
+    found = [
+        f"{path.relative_to(ROOT)}:{i}: {line}"
+        for path in sorted((ROOT / "search").rglob("*.py"))
+        if path.name != "_private.py"
+        for i, line in private_api_uses(path.read_text())
+    ]
+    assert not found, "private Ray/Optuna APIs outside search/driver/_private.py:\n" + "\n".join(found)
+
+
+def test_the_private_api_check_finds_each_form() -> None:
+    lines = [
+        "import ray._private.services as services",
+        "from ray._raylet import AuthenticationTokenLoader",
+        "code = 'import ray, ray._private.ray_constants as c'",
+        "trial = optuna.Trial(study, frozen._trial_id)",
+        "study._storage.set_trial_user_attr(1, 'a', 2)",
+        "from optuna.samplers._tpe import sampler",
+    ]
+    public = ["from search.driver._private import open_trial", "ray.nodes()", "self._space = space"]
+    assert [line for _, line in private_api_uses("\n".join([*lines, *public]))] == lines

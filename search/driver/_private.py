@@ -16,16 +16,32 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from errors import UserError
-from search.driver.samplers import ask_distinct, tell_metrics
+from search.driver.samplers import QUALITY_CONSTRAINT, ask_distinct
+from search.space.objectives import Constraint, constraint_values
 from packaging.requirements import Requirement
 import ray._private.ray_constants as ray_constants
+import ray._private.services as ray_services
+from ray._raylet import AuthenticationTokenLoader
+import warnings
 import os
 import signal
 
 if TYPE_CHECKING:
     from search.space.spec import SearchSpace
 
-__all__ = ["check_versions", "keep_ray_on_loopback", "stop_tune_run", "fail_open_trials", "prune_trial", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
+__all__ = [
+    "check_versions",
+    "keep_ray_on_loopback",
+    "answer_loopback_as_node_address",
+    "forget_cached_ray_token",
+    "stop_tune_run",
+    "open_trial",
+    "tell_metrics",
+    "fail_open_trials",
+    "prune_trial",
+    "SlimtuneOptunaSearch",
+    "TRIAL_NUMBER",
+]
 
 #: The config key (set by the space definition) that carries the Optuna trial number to Tune.
 TRIAL_NUMBER = "trial_number"
@@ -70,6 +86,20 @@ def keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def answer_loopback_as_node_address() -> None:
+    """Make this process's Ray answer "which address do I have" with 127.0.0.1.
+
+    Called by a node started with ``python -m search.driver.local_cluster start`` before Ray's
+    command line loads, so that a node given ``--node-ip-address=127.0.0.1`` stays there.
+    """
+    ray_services.node_ip_address_from_perspective = lambda *args, **kwargs: "127.0.0.1"
+
+
+def forget_cached_ray_token() -> None:
+    """Make this process read Ray's authentication token from the environment again (Ray caches the first one)."""
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def stop_tune_run() -> None:
     """End the running ``Tuner.fit`` as its own Ctrl-C handler does: the loop stops, the state is saved.
 
@@ -79,6 +109,43 @@ def stop_tune_run() -> None:
     RUNNING in the saved state and continue from their last checkpoint on restore.
     """
     os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def open_trial(study: optuna.Study, number: int) -> optuna.Trial:
+    """Trial ``number`` of ``study`` as an :class:`optuna.Trial`, to set its attributes (Optuna has no public lookup)."""
+    return optuna.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
+
+
+def tell_metrics(
+    study: optuna.Study, number: int, metrics: dict[str, Any] | None, objectives: list[str], constraints: tuple[Constraint, ...]
+) -> bool:
+    """End trial ``number`` with a trial's final ``metrics``, or as FAIL when there are none.
+
+    Called once per trial when it ends. The study keeps the numeric metrics, the recipe and one
+    constraint value per constraint (<= 0 when it holds), plus
+    :data:`search.driver.samplers.QUALITY_CONSTRAINT`, which samplers and ``best_trials`` read.
+    A missing or non-finite objective fails the trial: it is never a point of the front.
+
+    Returns:
+        Whether the trial ended COMPLETE.
+    """
+    trial = open_trial(study, number)
+    if metrics is not None:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        trial.set_user_attr("metrics", numbers)
+        trial.set_user_attr("recipe", metrics.get("recipe", "[]"))
+        for constraint, value in zip(constraints, constraint_values(constraints, numbers)):
+            trial.set_constraint(str(constraint), value)
+        # A diverged trial or one at chance (search.trial.body.trial_quality) is infeasible, as
+        # the ranking counts it, so samplers and best_trials never take it for a good result.
+        trial.set_constraint(QUALITY_CONSTRAINT, 1.0 if numbers.get("diverged") or numbers.get("at_chance") else 0.0)
+        # Optuna ends a trial with a missing or non-finite objective as FAIL (with a warning).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ended = study.tell(number, [numbers.get(m) for m in objectives])
+        return ended.state == optuna.trial.TrialState.COMPLETE
+    study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return False
 
 
 def fail_open_trials(study: optuna.Study, reason: str) -> list[int]:
@@ -129,7 +196,7 @@ class SlimtuneOptunaSearch(OptunaSearch):
         stored = self._ot_study.get_trials(deepcopy=False)[number]
         if stored.state.is_finished():
             return
-        optuna.Trial(self._ot_study, stored._trial_id).set_user_attr("tune_trial_id", trial_id)
+        open_trial(self._ot_study, number).set_user_attr("tune_trial_id", trial_id)
         final = result if result and not error and result.get("final") else None
         space = self._slimtune_space
         tell_metrics(self._ot_study, number, final, space.metric_names, space.constraints)

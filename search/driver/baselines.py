@@ -114,7 +114,7 @@ def _imported_versions(source: str | None) -> dict[str, str]:
             modules.add(node.module.split(".")[0])
     distributions = metadata.packages_distributions()
     # This repository's packages are covered by their source files, not by a version.
-    own = Path(__file__).resolve().parents[1]
+    own = Path(__file__).resolve().parents[2]
     versions = {}
     for module in sorted(m for m in modules if not (own / m).is_dir()):
         for dist in distributions.get(module, []):

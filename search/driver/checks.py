@@ -3,7 +3,7 @@
 Each check raises :class:`~errors.UserError` with one line (the rule, what was found, the fix)
 and leaves nothing behind: folders that do not exist yet are not created, only probed.
 
-- :func:`check_resources`: the cluster can run one trial (GPUs, CPUs per trial);
+- :func:`check_resources`: a node of the cluster can run one trial (GPUs, CPUs per trial);
 - :func:`check_storage`: the results folder, the MLflow store and Optuna's can be written;
 - :func:`check_methods`: the model accepts the task's input and every method works on it (the
   pre-flight of :mod:`search.trial.preflight`, on a real batch);
@@ -37,6 +37,7 @@ __all__ = [
     "check_storage",
     "check_writable_folder",
     "local_resources",
+    "node_resources",
 ]
 
 #: Default ports of the database servers an MLflow or Optuna URI may name.
@@ -49,36 +50,56 @@ CONNECT_TIMEOUT_S = 5.0
 SAMPLE_PER_SPLIT = 32
 
 
-def local_resources() -> dict[str, float]:
-    """This machine's CPUs and GPUs, in the form of ``ray.cluster_resources()``, without starting Ray."""
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+def local_resources() -> list[dict[str, float]]:
+    """This machine as a one-node cluster, in the form of :func:`node_resources`, without starting Ray."""
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
 
 
-def check_resources(space: SearchSpace, resources: dict[str, float]) -> None:
-    """Refuse a space whose trials ask for more than the cluster has; otherwise Tune waits forever.
+def node_resources(nodes: list[dict]) -> list[dict[str, float]]:
+    """Each live node's resources, from ``ray.nodes()`` (Ray must be up), e.g. ``[{"CPU": 1.0, ...}, ...]``."""
+    return [dict(node["Resources"]) for node in nodes if node.get("Alive")]
 
-    Called once the cluster is known: by ``slimtune search`` after Ray starts (with
-    ``ray.cluster_resources()``) and by ``slimtune check`` (with :func:`local_resources`).
+
+def check_resources(space: SearchSpace, nodes: list[dict[str, float]]) -> None:
+    """Refuse a space whose trials ask for more than any one node has; otherwise Tune waits forever.
+
+    A trial runs on one node, so what counts is the largest node, not the cluster's total: two
+    1-CPU nodes cannot place a trial that asks for 2 CPUs. Called once the cluster is known: by
+    ``slimtune search`` after Ray starts (with :func:`node_resources` of ``ray.nodes()``) and by
+    ``slimtune check`` (with :func:`local_resources`).
 
     Args:
         space: The validated space; its ``budget.cpus_per_trial`` and ``budget.gpus_per_trial`` are checked.
-        resources: The cluster's total resources, e.g. ``{"CPU": 16.0, "GPU": 2.0, ...}``.
+        nodes: Each node's resources, e.g. ``[{"CPU": 16.0, "GPU": 2.0, ...}, ...]``.
     """
-    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-    has = f"the cluster has {plural(cpus, 'CPU')} and {plural(gpus, 'GPU')}"
-    asked = space.budget.gpus_per_trial
-    if asked > gpus:
-        fix = "Set budget.gpus_per_trial: 0 to train on CPUs" if gpus == 0 else f"Set budget.gpus_per_trial to at most {gpus:g}"
+    cpus_asked, gpus_asked = space.budget.cpus_per_trial, space.budget.gpus_per_trial
+    sizes = [(float(n.get("CPU", 0.0)), float(n.get("GPU", 0.0))) for n in nodes]
+    if any(cpus >= cpus_asked and gpus >= gpus_asked for cpus, gpus in sizes):
+        return
+    most_cpus = max((cpus for cpus, _ in sizes), default=0.0)
+    most_gpus = max((gpus for _, gpus in sizes), default=0.0)
+    if len(sizes) == 1:
+        has = f"the cluster has {plural(most_cpus, 'CPU')} and {plural(most_gpus, 'GPU')}"
+    else:
+        total = sum(cpus for cpus, _ in sizes), sum(gpus for _, gpus in sizes)
+        has = (f"the largest of the cluster's {len(sizes)} nodes has {plural(most_cpus, 'CPU')} and {plural(most_gpus, 'GPU')} "
+               f"({plural(total[0], 'CPU')} and {plural(total[1], 'GPU')} in all, but a trial runs on one node)")
+    if gpus_asked > most_gpus:
+        fix = "Set budget.gpus_per_trial: 0 to train on CPUs" if most_gpus == 0 else f"Set budget.gpus_per_trial to at most {most_gpus:g}"
         raise UserError(
-            f"{space.path}: budget.gpus_per_trial: each trial asks for {plural(asked, 'GPU')}, but {has}; "
+            f"{space.path}: budget.gpus_per_trial: each trial asks for {plural(gpus_asked, 'GPU')}, but {has}; "
             f"no trial could ever start. {fix}, or run on a cluster with GPUs (--address)."
         )
-    asked = space.budget.cpus_per_trial
-    if asked > cpus:
+    if cpus_asked > most_cpus:
         raise UserError(
-            f"{space.path}: budget.cpus_per_trial: each trial asks for {plural(asked, 'CPU')}, but {has}; no trial could "
-            f"ever start. Set budget.cpus_per_trial to at most {cpus:g}, or run on a larger cluster (--address)."
+            f"{space.path}: budget.cpus_per_trial: each trial asks for {plural(cpus_asked, 'CPU')}, but {has}; no trial could "
+            f"ever start. Set budget.cpus_per_trial to at most {most_cpus:g}, or run on a larger cluster (--address)."
         )
+    fits = ", ".join(f"{plural(cpus, 'CPU')} and {plural(gpus, 'GPU')}" for cpus, gpus in sizes)
+    raise UserError(
+        f"{space.path}: budget: each trial asks for {plural(cpus_asked, 'CPU')} and {plural(gpus_asked, 'GPU')} on one node, "
+        f"but no node has both (nodes: {fits}); no trial could ever start. Lower budget.cpus_per_trial or budget.gpus_per_trial."
+    )
 
 
 def check_writable_folder(folder: str | Path, what: str) -> None:

@@ -29,7 +29,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from ray._raylet import AuthenticationTokenLoader
+
+from search.driver._private import answer_loopback_as_node_address, forget_cached_ray_token
 
 __all__ = ["local_cluster", "LocalCluster", "LocalNode"]
 
@@ -96,18 +97,13 @@ class LocalCluster:
     def node_ids(self) -> dict[str, str]:
         """Ray node id -> node name ('head', 'worker1', ...) of the nodes alive now."""
         code = (
-            "import json, ray, ray._private.ray_constants as c; c.ENABLE_RAY_CLUSTER = False; "
+            "import json, ray; from search.driver._private import keep_ray_on_loopback; keep_ray_on_loopback(); "
             "ray.init(address=%r, logging_level='ERROR'); "
             "print(json.dumps([[n['NodeID'], n['NodeManagerPort']] for n in ray.nodes() if n['Alive']]))"
         ) % self.address
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=120, check=True)
         by_port = {node.manager_port: node.name for node in self.nodes}
         return {node_id: by_port.get(port, "?") for node_id, port in json.loads(out.stdout.strip().splitlines()[-1])}
-
-
-def _forget_cached_token() -> None:
-    """Make this process read the token from the environment again (Ray caches the first one)."""
-    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
@@ -138,7 +134,7 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN, "RAY_USAGE_STATS_ENABLED": "0"})
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         # Run `python -m search.driver.local_cluster` with this package importable.
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
         gcs_port = free_port()
         common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
         started: list[LocalNode] = []
@@ -160,7 +156,7 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
                 time.sleep(1)
             saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
             os.environ.update({key: env[key] for key in saved})
-            _forget_cached_token()
+            forget_cached_ray_token()
             try:
                 yield cluster
             finally:
@@ -169,7 +165,7 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
                         os.environ.pop(key, None)
                     else:
                         os.environ[key] = value
-                _forget_cached_token()
+                forget_cached_ray_token()
         finally:
             for node in started:
                 node.kill()
@@ -177,9 +173,7 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
 
 def _main() -> None:
     # This process is a node of its own: the address Ray reports is patched before its CLI loads.
-    import ray._private.services as services
-
-    services.node_ip_address_from_perspective = lambda *args, **kwargs: "127.0.0.1"
+    answer_loopback_as_node_address()
     from ray.scripts.scripts import main  # after the patch above
 
     sys.argv = ["ray", *sys.argv[1:]]

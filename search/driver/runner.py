@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from errors import UserError
-from search.driver.checks import check_before_baseline, check_resources
+from search.driver.checks import check_before_baseline, check_resources, node_resources
 from search.results.html_report import REPORT_ARTIFACT, log_report, write_report
 from search.results.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.results.record import (
@@ -139,7 +139,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
     try:
         started = _init_ray(address)
         try:
-            check_resources(record.space, ray.cluster_resources())
+            check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
             record.save()
             if not record.has_baseline:
@@ -218,7 +218,7 @@ def _init_ray(address: str | None) -> bool:
         configure_logging=True,
     )
     # The trial code (this repository's packages) travels to every worker of a cluster.
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     # A local Ray and a cluster reached at a loopback address (a multi-node cluster on one
     # machine) must stay on 127.0.0.1.
     if address:

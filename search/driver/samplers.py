@@ -1,6 +1,7 @@
 """The Optuna samplers a space can name, and asking a study for a configuration not tried yet.
 
-Used by the Tune searcher (:mod:`search.driver._tune`, :mod:`search.driver._private`) and by
+Used by the Tune searcher (:mod:`search.driver._tune`, :mod:`search.driver._private`, which also
+ends trials with their metrics: ``tell_metrics``) and by
 ``bench/search_quality.py``, which measured the default: see README's "Choosing a sampler".
 """
 
@@ -14,7 +15,6 @@ from typing import Any
 
 import optuna
 
-from search.space.objectives import Constraint, constraint_values
 from search.results.record import DUPLICATE_OF, MAX_ASKS
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "population_size",
     "config_key",
     "ask_distinct",
-    "tell_metrics",
     "SAMPLER_ASKS",
     "QUALITY_CONSTRAINT",
 ]
@@ -192,34 +191,3 @@ def ask_distinct(
         study.sampler = sampler
         for trial in refused:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-
-def tell_metrics(
-    study: optuna.Study, number: int, metrics: dict[str, Any] | None, objectives: list[str], constraints: tuple[Constraint, ...]
-) -> bool:
-    """End trial ``number`` with a trial's final ``metrics``, or as FAIL when there are none.
-
-    Called once per trial when it ends. The study keeps the numeric metrics, the recipe and one
-    constraint value per constraint (<= 0 when it holds), which samplers and ``best_trials``
-    read. A missing or non-finite objective fails the trial: it is never a point of the front.
-
-    Returns:
-        Whether the trial ended COMPLETE.
-    """
-    trial = optuna.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
-    if metrics is not None:
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        trial.set_user_attr("metrics", numbers)
-        trial.set_user_attr("recipe", metrics.get("recipe", "[]"))
-        for constraint, value in zip(constraints, constraint_values(constraints, numbers)):
-            trial.set_constraint(str(constraint), value)
-        # A diverged trial or one at chance (search.trial.body.trial_quality) is infeasible, as
-        # the ranking counts it, so samplers and best_trials never take it for a good result.
-        trial.set_constraint(QUALITY_CONSTRAINT, 1.0 if numbers.get("diverged") or numbers.get("at_chance") else 0.0)
-        # Optuna ends a trial with a missing or non-finite objective as FAIL (with a warning).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ended = study.tell(number, [numbers.get(m) for m in objectives])
-        return ended.state == optuna.trial.TrialState.COMPLETE
-    study.tell(number, state=optuna.trial.TrialState.FAIL)
-    return False

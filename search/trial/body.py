@@ -20,7 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy import apply_reported_cost, count_flops, count_params, deployed_latency, export_model, size_bytes, torch_threads, write_recipe
+from deploy import (
+    apply_reported_cost,
+    count_flops,
+    count_params,
+    deployed_latency,
+    export_model,
+    record_checksum,
+    size_bytes,
+    torch_threads,
+    verify_checksum,
+    write_recipe,
+)
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from search.trial.context import build_context, build_model, first_batch, load_task, run_one_batch, seed_everything, seeded_loader, trial_threads
@@ -377,6 +388,10 @@ def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = prin
     return baseline_metrics, metrics, same_baseline
 
 
+#: Beside ``state.pt`` in each epoch's checkpoint: the trial's CPU seconds so far, which a retry continues.
+CPU_FILE = "cpu.json"
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """Tune's function trainable: one trial, with a checkpoint every epoch.
 
@@ -387,8 +402,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     recipe = recipe_from_config(space, config)
     device = torch.device("cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(trial_threads(space))
-    # CPU seconds of this trial's process (a reused actor's earlier trials are not counted).
+    # CPU seconds of this trial's process (a reused actor's earlier trials are not counted), plus
+    # those of its earlier attempts when it is retried from a checkpoint.
     cpu_start = time.process_time()
+    cpu_before = 0.0
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -401,9 +418,14 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
                 return
             state_file = Path(directory) / "state.pt"
             if state_file.is_file():
+                # The trial's own pickle (methods' state, the optimizer's), written below: loaded only if unchanged.
+                verify_checksum(state_file)
                 resume = torch.load(state_file, map_location=device, weights_only=False)
+                cpu_file = Path(directory) / CPU_FILE
+                cpu_before = json.loads(cpu_file.read_text())["cpu_s"] if cpu_file.is_file() else 0.0
 
-
+    def cpu_s() -> float:
+        return cpu_before + time.process_time() - cpu_start
 
     wait_if_stopping()  # started just after a Ctrl-C: do not train
     # Which node ran each epoch: a trial retried after a node failure shows both.
@@ -421,9 +443,11 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             for m, direction in directions.items()
             if f"val_{m}" in metrics and m in spec.baseline_metrics
         }
-        epoch = {**metrics, **drops, **epoch_cost, "cpu_s": time.process_time() - cpu_start}
+        epoch = {**metrics, **drops, **epoch_cost, "cpu_s": cpu_s()}
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "state.pt")
+            record_checksum(Path(tmp) / "state.pt")
+            (Path(tmp) / CPU_FILE).write_text(json.dumps({"cpu_s": epoch["cpu_s"]}))
             tune.report({**epoch, "recipe": json.dumps(recipe), "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
         # After a Ctrl-C the trial stops here, its epoch saved, until the driver stops Tune.
         wait_if_stopping()
@@ -439,7 +463,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
                     "Lower training.batch_size, or run fewer trials per GPU (budget.gpus_per_trial)."
                 ) from exc
             raise
-        metrics["cpu_s"] = time.process_time() - cpu_start
+        metrics["cpu_s"] = cpu_s()
         metrics["recipe"] = json.dumps(recipe)
         metrics["node_id"] = node_id
         metrics["final"] = True

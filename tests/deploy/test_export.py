@@ -366,3 +366,23 @@ def test_load_program_never_folds_a_buffer_that_calls_change(tmp_path: Path) -> 
     torch.export.save(torch.export.export(_Counter(), (torch.zeros(2),)), tmp_path / "model.pt2")
     loaded = load_program(tmp_path)
     assert [loaded(torch.zeros(2))[0].item() for _ in range(3)] == [1.0, 3.0, 7.0]
+
+
+def test_model_pt_is_unpickled_only_as_slimtune_wrote_it(tmp_path: Path) -> None:
+    """``model.pt`` is a whole-module pickle: loaded when its SHA-256 is the one the export recorded,
+    refused (one line) when the file changed since or has no recorded checksum."""
+    from deploy import CHECKSUMS, load_module
+    from errors import UserError
+
+    model = _Residual().eval()
+    x = torch.randn(3, 2, 5, 5)
+    export_model(model, x[:1], tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_module(tmp_path)(x), model(x))
+    torch.save(nn.Linear(2, 2), tmp_path / "model.pt")
+    with pytest.raises(UserError, match=r"model.pt: SHA-256 .* differs from the .* slimtune recorded in .*checksums.json") as info:
+        load_module(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / CHECKSUMS).unlink()
+    with pytest.raises(UserError, match=r"model.pt: no checksum in .*checksums.json, so slimtune cannot tell that it wrote this pickle"):
+        load_module(tmp_path)

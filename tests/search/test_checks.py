@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from errors import UserError
-from search.driver.checks import check_methods, check_resources, check_storage, check_writable_folder, local_resources
+from search.driver.checks import check_methods, check_resources, check_storage, check_writable_folder, local_resources, node_resources
 from search.space.spec import load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,12 +40,12 @@ def _tree(folder: Path) -> list[str]:
 
 
 def test_local_resources_are_this_machines() -> None:
-    assert local_resources() == {"CPU": float(os.cpu_count()), "GPU": float(torch.cuda.device_count())}
+    assert local_resources() == [{"CPU": float(os.cpu_count()), "GPU": float(torch.cuda.device_count())}]
 
 
 def test_gpu_trials_on_a_cluster_without_gpus_are_refused(space) -> None:
     with pytest.raises(UserError) as info:
-        check_resources(_with_budget(space, gpus_per_trial=1), {"CPU": 4.0, "GPU": 0.0, "memory": 1e9})
+        check_resources(_with_budget(space, gpus_per_trial=1), [{"CPU": 4.0, "GPU": 0.0, "memory": 1e9}])
     assert str(info.value) == (
         f"{QUICKSTART}: budget.gpus_per_trial: each trial asks for 1 GPU, but the cluster has 4 CPUs and 0 GPUs; "
         "no trial could ever start. Set budget.gpus_per_trial: 0 to train on CPUs, or run on a cluster with GPUs (--address)."
@@ -54,15 +54,38 @@ def test_gpu_trials_on_a_cluster_without_gpus_are_refused(space) -> None:
 
 def test_more_gpus_per_trial_than_the_cluster_has_are_refused(space) -> None:
     with pytest.raises(UserError, match=r"asks for 2 GPUs, but the cluster has 8 CPUs and 1 GPU;.*at most 1,"):
-        check_resources(_with_budget(space, gpus_per_trial=2), {"CPU": 8.0, "GPU": 1.0})
+        check_resources(_with_budget(space, gpus_per_trial=2), [{"CPU": 8.0, "GPU": 1.0}])
 
 
 def test_more_cpus_per_trial_than_the_cluster_has_are_refused(space) -> None:
     with pytest.raises(UserError, match=r"budget.cpus_per_trial: each trial asks for 4 CPUs, but the cluster has 2 CPUs and 0 GPUs;.*at most 2,"):
-        check_resources(_with_budget(space, cpus_per_trial=4), {"CPU": 2.0})
+        check_resources(_with_budget(space, cpus_per_trial=4), [{"CPU": 2.0}])
 
 
-@pytest.mark.parametrize(("cpus", "gpus", "cluster"), [(1, 0, {"CPU": 1.0}), (2, 0.5, {"CPU": 2.0, "GPU": 1.0}), (0.5, 1, {"CPU": 16.0, "GPU": 1.0})])
+def test_a_trial_larger_than_every_node_is_refused_though_the_cluster_has_enough(space) -> None:
+    # Two 1-CPU nodes: 2 CPUs in all, but a trial that asks for 2 can be placed on neither.
+    with pytest.raises(UserError) as info:
+        check_resources(_with_budget(space, cpus_per_trial=2), [{"CPU": 1.0, "memory": 1e9}, {"CPU": 1.0}])
+    assert str(info.value) == (
+        f"{QUICKSTART}: budget.cpus_per_trial: each trial asks for 2 CPUs, but the largest of the cluster's 2 nodes has "
+        "1 CPU and 0 GPUs (2 CPUs and 0 GPUs in all, but a trial runs on one node); no trial could ever start. "
+        "Set budget.cpus_per_trial to at most 1, or run on a larger cluster (--address)."
+    )
+
+
+def test_a_trial_needs_its_cpus_and_gpus_on_the_same_node(space) -> None:
+    nodes = [{"CPU": 8.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}]
+    with pytest.raises(UserError, match=r"asks for 2 CPUs and 1 GPU on one node, but no node has both \(nodes: 8 CPUs and 0 GPUs, 1 CPU and 1 GPU\)"):
+        check_resources(_with_budget(space, cpus_per_trial=2, gpus_per_trial=1), nodes)
+    assert check_resources(_with_budget(space, cpus_per_trial=1, gpus_per_trial=1), nodes) is None
+
+
+def test_node_resources_keeps_the_live_nodes_of_ray_nodes() -> None:
+    nodes = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}}]
+    assert node_resources(nodes) == [{"CPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+
+
+@pytest.mark.parametrize(("cpus", "gpus", "cluster"), [(1, 0, [{"CPU": 1.0}]), (2, 0.5, [{"CPU": 2.0, "GPU": 1.0}]), (0.5, 1, [{"CPU": 16.0, "GPU": 1.0}]), (2, 0, [{"CPU": 1.0}, {"CPU": 2.0}])])
 def test_trials_that_fit_pass(space, cpus: float, gpus: float, cluster: dict[str, float]) -> None:
     assert check_resources(_with_budget(space, cpus_per_trial=cpus, gpus_per_trial=gpus), cluster) is None
 

@@ -233,7 +233,7 @@ def test_check_refuses_an_unwritable_results_folder(capsys, tmp_path: Path) -> N
 
 
 def test_check_refuses_gpu_trials_without_a_gpu(capsys, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("search.driver.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    monkeypatch.setattr("search.driver.checks.local_resources", lambda: [{"CPU": 2.0, "GPU": 0.0}])
     data = yaml.safe_load(QUICKSTART.read_text())
     data["budget"]["gpus_per_trial"] = 1
     path = tmp_path / "gpu.yaml"
@@ -329,7 +329,7 @@ def test_profile_of_a_model_that_rejects_the_task_input_is_one_line(capsys) -> N
 
 
 def test_check_says_valid_only_after_every_check_passed(capsys, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("search.driver.checks.local_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    monkeypatch.setattr("search.driver.checks.local_resources", lambda: [{"CPU": 2.0, "GPU": 0.0}])
     data = yaml.safe_load(QUICKSTART.read_text())
     data["budget"]["gpus_per_trial"] = 1
     path = tmp_path / "gpu.yaml"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from deploy import count_flops
+from deploy import count_flops, record_checksum
 from methods import get_method
 from search.space.spec import load_space
 from search.trial.body import TrialSpec, measure, run_pipeline, train_baseline
@@ -161,3 +161,77 @@ def test_a_diverged_trial_or_one_at_chance_is_marked_and_never_on_the_front() ->
     assert front(records) == [good]
     assert {row["trial"]: row.get("quality") for row in pareto_table(record, records, only_front=False)} == {
         "trial_000": None, "trial_001": "at chance", "trial_002": "diverged"}
+
+
+def test_a_retried_trial_carries_its_cpu_seconds_over(space, tmp_path: Path, monkeypatch) -> None:
+    """Tune retries a trial from its last epoch's checkpoint: its ``cpu_s`` goes on from the
+    seconds that checkpoint recorded, in every report and in the next checkpoint, not from zero."""
+    import contextlib
+    import json
+    import shutil
+    import types
+
+    from search.trial import body
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    torch.save({"epoch": 3}, earlier / "state.pt")
+    record_checksum(earlier / "state.pt")
+    (earlier / body.CPU_FILE).write_text(json.dumps({"cpu_s": 1000.0}))
+    reports: list[tuple[dict, Path]] = []
+
+    class Checkpoint:
+        def __init__(self, directory: Path) -> None:
+            self.directory = directory
+
+        @classmethod
+        def from_directory(cls, directory: str) -> "Checkpoint":
+            kept = tmp_path / f"reported{len(reports)}"
+            shutil.copytree(directory, kept)  # Tune copies the folder before the trial removes it
+            return cls(kept)
+
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(self.directory)
+
+    def report(metrics: dict, checkpoint: Checkpoint) -> None:
+        reports.append((metrics, checkpoint.directory))
+
+    def fake_pipeline(spec, recipe, out_dir, device, seed, on_epoch_end=None, resume=None, log=None):
+        assert resume == {"epoch": 3}
+        on_epoch_end(resume, {"val_accuracy": 0.5})
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr(body, "tune", types.SimpleNamespace(get_checkpoint=lambda: Checkpoint(earlier), report=report, Checkpoint=Checkpoint))
+    monkeypatch.setattr(body, "ray", types.SimpleNamespace(get_runtime_context=lambda: types.SimpleNamespace(get_node_id=lambda: "node")))
+    monkeypatch.setattr(body, "run_pipeline", fake_pipeline)
+    body.run_trial({}, TrialSpec(space, {}, {"accuracy": 0.6}))
+
+    (epoch, epoch_dir), (final, _) = reports
+    assert 1000.0 <= epoch["cpu_s"] <= final["cpu_s"] < 1000.0 + 60.0
+    assert final["final"] is True
+    assert json.loads((epoch_dir / body.CPU_FILE).read_text())["cpu_s"] == epoch["cpu_s"]
+
+
+def test_a_retried_trial_refuses_a_state_pt_changed_since_it_was_written(space, tmp_path: Path, monkeypatch) -> None:
+    """``state.pt`` is a pickle: a retry unpickles it only when its checksum is the one the trial recorded."""
+    import contextlib
+    import types
+
+    from errors import UserError
+    from search.trial import body
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    torch.save({"epoch": 3}, earlier / "state.pt")
+    record_checksum(earlier / "state.pt")
+    torch.save({"epoch": 4}, earlier / "state.pt")
+
+    class Checkpoint:
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield str(earlier)
+
+    monkeypatch.setattr(body, "tune", types.SimpleNamespace(get_checkpoint=lambda: Checkpoint()))
+    with pytest.raises(UserError, match=r"state.pt: SHA-256 .* differs from the .* slimtune recorded in .*checksums.json"):
+        body.run_trial({}, TrialSpec(space, {}, {"accuracy": 0.6}))
