@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from search.driver._private import answer_loopback_as_node_address, forget_cached_ray_token
 
 __all__ = ["local_cluster", "LocalCluster", "LocalNode"]
 
@@ -156,6 +155,10 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
                 time.sleep(1)
             saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
             os.environ.update({key: env[key] for key in saved})
+            # Ray reads RAY_AUTH_MODE when it is imported: this module imports it only once the
+            # cluster's token is in the environment (the driver of a two-node test imports it here).
+            from search.driver._private import forget_cached_ray_token
+
             forget_cached_ray_token()
             try:
                 yield cluster
@@ -173,6 +176,8 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
 
 def _main() -> None:
     # This process is a node of its own: the address Ray reports is patched before its CLI loads.
+    from search.driver._private import answer_loopback_as_node_address  # imports Ray, as the patch must precede its CLI
+
     answer_loopback_as_node_address()
     from ray.scripts.scripts import main  # after the patch above
 

@@ -85,8 +85,8 @@ sampler: {name: random, seed: 2}
 def _limits_space(tmp: Path, budget: str) -> Path:
     # resnet20 on large batches: many slow epochs on a CPU.
     return _space(tmp, "limits", f"""
-baseline: {{epochs: 0}}
-training: {{batch_size: 512}}
+baseline: {{epochs: 2}}  # 2 quick epochs: a baseline at chance is refused before any trial
+training: {{batch_size: 512, lr: 0.1}}
 methods:
   kd: {{optional: false}}
 objectives: {{accuracy: max, macs: min}}

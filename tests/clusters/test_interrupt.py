@@ -155,7 +155,7 @@ def check_nothing_lost(search: Search) -> None:
     front = sorted(int(row["trial"][-3:]) for row in rows if row["rank"] == 0 and row["feasible"])
     assert front == sorted(t.number for t in study.best_trials)
 
-    client = MlflowClient(tracking_uri=search.results.tracking)
+    client = MlflowClient(tracking_uri=search.tracking)
     children = [r for r in client.search_runs([client.get_experiment_by_name("intr").experiment_id], max_results=100) if r.data.tags.get("slimtune.role") == "trial"]
     assert len({c.data.tags["slimtune.trial_id"] for c in children}) == len(children)  # one run per trial
     finished = {c.info.run_name for c in children if c.info.status == "FINISHED"}
