@@ -366,3 +366,20 @@ def test_load_program_never_folds_a_buffer_that_calls_change(tmp_path: Path) -> 
     torch.export.save(torch.export.export(_Counter(), (torch.zeros(2),)), tmp_path / "model.pt2")
     loaded = load_program(tmp_path)
     assert [loaded(torch.zeros(2))[0].item() for _ in range(3)] == [1.0, 3.0, 7.0]
+
+
+def test_deployed_latency_refuses_a_batch_its_form_refuses_instead_of_timing_another_form(tmp_path: Path) -> None:
+    """A program exported at a fixed batch size is never swapped for the module (issue 30, item 4)."""
+    from deploy import deployed_latency, storage_groups_quiet
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    export_model(model, torch.zeros(1, 1, 8, 8), tmp_path)
+    # What trace_program falls back to for a model with data-dependent shapes: the example's batch only.
+    with storage_groups_quiet():
+        torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 8, 8),)), tmp_path / "model.pt2")
+    assert deployed_latency(tmp_path, torch.zeros(1, 1, 8, 8), repeats=1, threads=1)["latency_form"] == "program"
+    with pytest.raises(UserError) as info:
+        deployed_latency(tmp_path, torch.zeros(3, 1, 8, 8), repeats=1, threads=1)
+    message = str(info.value)
+    assert message.startswith("measure.latency_batch_size: the exported program (model.pt2) runs only at the batch size it was exported at")
+    assert "not at 3" in message and "set measure.latency_batch_size: 1" in message and "\n" not in message
