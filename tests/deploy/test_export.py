@@ -383,3 +383,19 @@ def test_deployed_latency_refuses_a_batch_its_form_refuses_instead_of_timing_ano
     message = str(info.value)
     assert message.startswith("measure.latency_batch_size: the exported program (model.pt2) runs only at the batch size it was exported at")
     assert "not at 3" in message and "set measure.latency_batch_size: 1" in message and "\n" not in message
+
+
+def test_a_smaller_bit_width_never_gives_a_larger_file() -> None:
+    """Issue 26: the 3-bit program was larger than the 8-bit one (its unpacking graph outweighed its packed codes)."""
+    import tempfile
+
+    from search.trial.profile import profiled_model
+
+    sizes = {}
+    for bits in (8, 4, 3, 2):
+        _, shape, model = profiled_model("digits_cnn", None, {"task": {}, "model": {}, "method": {"bits": bits}}, {"digits": ((1, 8, 8), 10)}, method="minmax_quant")
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes[bits] = export_model(model, torch.zeros(1, *shape), Path(tmp), onnx=True)
+    for name in ("model.pt2", "model.pt", "model.onnx"):
+        assert [sizes[bits][name] for bits in (8, 4, 3, 2)] == sorted((sizes[bits][name] for bits in (8, 4, 3, 2)), reverse=True), (name, sizes)
+    assert sizes[2]["model.pt2"] < sizes[8]["model.pt2"]

@@ -204,7 +204,7 @@ def test_a_failed_export_leaves_nothing_and_the_same_command_then_runs(searches,
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(command) == 0
-    assert "; reloaded program matches the module (max diff" in stdout.getvalue()
+    assert "; reloaded program and onnx match the module (max diff" in stdout.getvalue()
 
 
 @pytest.mark.slow
