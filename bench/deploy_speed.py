@@ -18,7 +18,11 @@ Every model, the baseline too, is timed in each form:
   rewrites);
 - ``program``: what ``export_model`` writes as ``model.pt2``, the default deployable form that a
   trial's ``latency_ms`` times (batch norms folded into convolutions, dropout removed);
-- ``compiled`` (``--compile``): that program compiled by AOTInductor (``model_compiled.pt2``).
+- ``compiled`` (``--compile``): that program compiled by AOTInductor (``model_compiled.pt2``);
+- ``ort`` and ``ort_int8`` (``--onnx``): ``model.onnx`` in ONNX Runtime at ``--threads``, of the
+  model as it is and of the model after ``minmax_quant`` at 8 bits (weights per tensor,
+  activations at running maxima from one random batch), an integer QDQ model on ONNX Runtime's
+  integer kernels; the int8 speed-up is over the float baseline's ``ort``.
 
 Speed-up = the baseline's latency in the same form / the model's; "of MACs" = speed-up / MACs
 ratio. Target (issue 18): the ``program`` form's speed-up >= 0.9 x the MACs ratio at batch 64 on
@@ -27,6 +31,7 @@ CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads.
     python bench/deploy_speed.py                      # 2 threads, batch 64 and 1 (a few minutes on a quiet machine)
     python bench/deploy_speed.py --compile            # adds AOTInductor (tens of seconds to minutes per model)
     python bench/deploy_speed.py --methods l1_filter --repeats 3      # a quick check
+    python bench/deploy_speed.py --onnx --methods l1_filter --repeats 3    # adds ONNX Runtime fp32 and int8
     python bench/deploy_speed.py --breakdown          # adds where the program's time goes (convolutions or other ops)
 """
 
@@ -48,7 +53,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy import FORMS, compile_program, count_flops, export_model, latency_ms, load_form  # noqa: E402
+from deploy import FORMS, compile_program, count_flops, export_model, export_onnx, latency_ms, load_form, load_onnx  # noqa: E402
 from methods import MethodContext, create_method  # noqa: E402
 from methods.gal import soft_masks  # noqa: E402
 from models import create_model  # noqa: E402
@@ -64,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every latency (default 2)")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1], help="batch sizes timed (default 64 1)")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per latency at the largest batch; 5x as many at batch 1 (default 10)")
+    parser.add_argument("--onnx", action="store_true", help="also time model.onnx in ONNX Runtime, float and 8-bit integer (ort, ort_int8)")
     parser.add_argument("--compile", action="store_true", help="also time the AOTInductor-compiled program (needs a C++ compiler; slow to build)")
     parser.add_argument(
         "--breakdown", action="store_true",
@@ -142,7 +148,17 @@ def at_macs_ratio(build: Callable[[nn.Module, float], nn.Module], base: nn.Modul
     return best[0], best[2]
 
 
-def forms(model: nn.Module, workdir: Path, compile_: bool) -> dict[str, Any]:
+def int8(model: nn.Module) -> nn.Module:
+    """``model`` after ``minmax_quant`` at 8 bits, its activations' running maxima from one random batch."""
+    method = create_method("minmax_quant", {"bits": 8})
+    ctx = context(model)
+    quantized = method.prepare(copy.deepcopy(model), ctx)
+    with torch.no_grad():
+        quantized.train()(torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(1)))
+    return method.finalize(quantized, ctx).eval()
+
+
+def forms(model: nn.Module, workdir: Path, compile_: bool, onnx: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Each form of ``model`` as a callable (see the module docstring)."""
     model = model.eval()
     out: dict[str, Any] = {"eager": model}
@@ -154,6 +170,10 @@ def forms(model: nn.Module, workdir: Path, compile_: bool) -> dict[str, Any]:
     if compile_:
         compile_program(workdir)
         out["compiled"] = load_form(workdir, "compiled")
+    if onnx:
+        for name, version in (("ort", model), ("ort_int8", int8(model))):
+            export_onnx(version, torch.zeros(1, *SHAPE), workdir / f"{name}.onnx")
+            out[name] = load_onnx(workdir / f"{name}.onnx", threads)
     return out
 
 
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
     base_macs = macs(base)
-    names = ["eager", "unfolded", "program"] + (["compiled"] if args.compile else [])
+    names = ["eager", "unfolded", "program"] + (["compiled"] if args.compile else []) + (["ort", "ort_int8"] if args.onnx else [])
     print(
         f"resnet56 at {SHAPE}, {base_macs / 1e6:.1f}M MACs; {args.threads} CPU threads, batches {args.batches}, median of {args.repeats} "
         f"(x5 at batch 1); torch {torch.__version__}; forms: {', '.join(names)} ({FORMS['program']} is the default 'program')"
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(method: str, setting: str, model: nn.Module, batches: list[int]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            callables = forms(model, Path(tmp), args.compile)
+            callables = forms(model, Path(tmp), args.compile, args.onnx, args.threads)
             times = time_forms(callables, batches, args.repeats, args.threads)
             largest = max(args.batches)  # the breakdown table's batch; kse's rows timed at another have none
             split = breakdown(callables["program"], largest, args.threads) if args.breakdown and largest in batches else None
@@ -246,7 +266,7 @@ def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], thr
             cells = []
             for name in names:
                 ms = row["times"][name, batch]
-                speedup = base["times"][name, batch] / ms
+                speedup = base["times"]["ort" if name == "ort_int8" else name, batch] / ms  # int8 against the float model
                 cells.append(f"{ms:8.2f} ({speedup:4.2f}x; {speedup / ratio:4.2f})")
             print(f"{row['method']:<9} {row['setting']:<14} {ratio:>10.2f}  " + "  ".join(f"{c:>24}" for c in cells))
     if base["breakdown"] is not None:

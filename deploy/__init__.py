@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from deploy._counting import REPORTABLE_COSTS, FlopCount, apply_reported_cost, count_flops, count_params, recurrent_macs, size_bytes
 from deploy._export import (
+    DEFAULT_LATENCY_RUNTIME,
     EXPORT_FILES,
+    LATENCY_RUNTIMES,
     check_round_trip,
     compile_program,
     cpp_compiler,
@@ -62,6 +64,8 @@ __all__ = [
     "cpp_compiler",
     "compile_program",
     "deployed_latency",
+    "LATENCY_RUNTIMES",
+    "DEFAULT_LATENCY_RUNTIME",
     # the onnx form
     "OnnxExport",
     "export_onnx",

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from deploy._latency import latency_ms
-from deploy._loading import CHECKSUMS, DEFAULT_FORM, FORMS, load_exported, load_form, load_program, record_checksum, storage_groups_quiet
+from deploy._loading import CHECKSUMS, FORMS, load_exported, load_form, load_program, record_checksum, storage_groups_quiet
 from deploy._modes import eval_mode
 from deploy._onnx import check_onnx, export_onnx
 from deploy._rewrites import InferenceRewrites, trace_program, inference_copy, output_diff, probe_input
@@ -54,6 +54,8 @@ __all__ = [
     "cpp_compiler",
     "compile_program",
     "deployed_latency",
+    "LATENCY_RUNTIMES",
+    "DEFAULT_LATENCY_RUNTIME",
 ]
 
 EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json", CHECKSUMS)
@@ -184,25 +186,51 @@ def compile_program(out_dir: Path, device: str | torch.device = "cpu") -> Path:
     return target
 
 
-def deployed_latency(model: nn.Module, out_dir: Path, example_input: torch.Tensor, repeats: int, threads: int) -> dict[str, Any]:
-    """``latency_ms`` of the default form exported in ``out_dir``, and what it was measured on.
+#: What ``measure.latency_runtime`` may name, and the form of :data:`FORMS` each times:
+#: ``program``, the ``torch.export`` program in torch (:func:`load_program`); ``onnxruntime``,
+#: ``model.onnx`` in an ONNX Runtime CPU session at the trial's threads (:func:`deploy.load_onnx`).
+#: The ``compiled`` form is not offered: AOTInductor takes tens of seconds to minutes per model
+#: (:func:`compile_program`), more than most trials train.
+LATENCY_RUNTIMES = {"program": "program", "onnxruntime": "onnx"}
 
-    Called by the trial (and the baseline's measurement) after :func:`export_model`, and by
-    ``slimtune profile``. Times :data:`DEFAULT_FORM` loaded as a deployment loads it, on
-    ``example_input``'s device at ``threads`` CPU threads. A program that refuses the input's
-    batch size (exported at a fixed one because of data-dependent shapes) is replaced by
-    ``model`` itself, and ``latency_form`` says ``module``.
+#: The default runtime. On this 2-core machine ONNX Runtime ran digits_cnn 7x and ResNet-20
+#: 3.7x faster than the program at batch 1 (1 thread, ``bench/deploy_speed.py``), but writing
+#: ``model.onnx`` (the dynamo exporter) adds 2 to 15 s to every trial and baseline, so the program
+#: stays the default and ``onnxruntime`` is asked for where it is deployed.
+DEFAULT_LATENCY_RUNTIME = "program"
+
+
+def deployed_latency(out_dir: Path, example_input: torch.Tensor, repeats: int, threads: int, runtime: str = DEFAULT_LATENCY_RUNTIME) -> dict[str, Any]:
+    """``latency_ms`` of the form ``runtime`` runs (:data:`LATENCY_RUNTIMES`) in ``out_dir``, and what it was measured on.
+
+    Called by the trial (and the baseline's measurement) after :func:`export_model` (with
+    ``onnx=True`` for ``onnxruntime``), and by ``slimtune profile``. Times the form loaded as a
+    deployment loads it, on ``example_input``'s device at ``threads`` CPU threads (torch's, or
+    the ONNX Runtime session's). A form is never swapped for another: a baseline and a trial
+    timed on different forms would not compare.
+
+    Raises:
+        UserError: The form refuses the input's batch size (a model with data-dependent shapes
+            exports at a fixed batch size only); the message names ``measure.latency_batch_size``.
     """
-    form, deployed = DEFAULT_FORM, load_form(out_dir, DEFAULT_FORM, example_input.device)
+    if runtime not in LATENCY_RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(LATENCY_RUNTIMES)}, but got {runtime!r}.")
+    form = LATENCY_RUNTIMES[runtime]
+    deployed = load_form(out_dir, form, example_input.device, threads=threads)
+    batch = example_input.shape[0]
     try:
         with torch.no_grad():
             deployed(example_input)
-    except Exception:  # noqa: BLE001  a program exported at a fixed batch size refuses others
-        form, deployed = "module", model
+    except Exception as exc:  # noqa: BLE001  a form exported at a fixed batch size refuses others
+        raise UserError(
+            f"measure.latency_batch_size: the exported {form} ({FORMS[form]}) runs only at the batch size it was exported at "
+            f"(the model's shapes depend on the data), not at {batch} ({type(exc).__name__}); set measure.latency_batch_size: 1 "
+            "so that the baseline and every trial are timed on the same form."
+        ) from None
     return {
         "latency_ms": latency_ms(deployed, example_input, repeats=repeats, threads=threads),
         "latency_form": form,
         "latency_threads": float(threads),
-        "latency_batch_size": float(example_input.shape[0]),
+        "latency_batch_size": float(batch),
         "latency_device": example_input.device.type,
     }

@@ -130,9 +130,15 @@ def trace_program(model: nn.Module, example_input: torch.Tensor) -> torch.export
     traced_input = example_input if example_input.shape[0] > 1 else torch.cat([example_input, example_input])
     with torch.no_grad():
         try:
-            return torch.export.export(model, (traced_input,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            program = torch.export.export(model, (traced_input,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
         except Exception:  # noqa: BLE001  some models (e.g. with data-dependent shapes) only export statically
-            return torch.export.export(model, (example_input,))
+            program = torch.export.export(model, (example_input,))
+    # Each node's Python stack trace (slimtune's source lines and this checkout's paths) is saved
+    # with the program, about half a kilobyte a node; a deployment has no use for it, and it made
+    # a quantized layer's few unpacking ops outweigh the bytes its packed codes save.
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    return program
 
 
 def _module_path(node: torch.fx.Node) -> tuple[str, str] | None:

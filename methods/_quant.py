@@ -12,7 +12,9 @@ weight. Below 8 bits each code ``c`` in ``-qmax..qmax`` is stored as the unsigne
 bytes, two (four) codes per byte at 4 (2) bits, low bits first; 3-bit codes straddle bytes).
 A tensor of ``n`` weights then takes ``ceil(n*k/8)`` bytes, so the exported program
 (``model.pt2``) shrinks with the bit width. Unpacking uses shifts and masks only, so
-``torch.export`` traces it.
+``torch.export`` traces it. Its ops are bytes of the program too: a layer too small for packing
+to pay for them stores its codes at a wider width, up to 8 bits (:func:`packed_width`), so a
+smaller width never gives a larger file.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "symmetric_quantize",
     "pack_codes",
     "unpack_codes",
+    "packed_width",
     "dequantize_packed",
     "MaxAbsWeightQuantizer",
     "RunningMaxActivationQuantizer",
@@ -99,6 +102,27 @@ def dequantize_packed(packed: torch.Tensor, bits: int, shape: tuple[int, ...], s
     if bits == 8:
         return packed.to(scale.dtype).reshape(shape) * scale
     return (unpack_bits(packed, bits, numel).to(scale.dtype) - qmax(bits)).reshape(shape) * scale
+
+
+#: Upper bounds of the bytes that unpacking one layer's codes adds to the exported program's
+#: graph (``model.pt2``, stack traces stripped), measured on ``digits_cnn`` with ``minmax_quant``:
+#: about 2.9 KB where fields fill whole bytes (2 and 4 bits: one shift and mask), 6.5 KB where
+#: they straddle bytes (3, 5, 6, 7 bits: through the bit stream).
+UNPACK_GRAPH_BYTES = {"aligned": 4096, "straddling": 8192}
+
+
+def packed_width(bits: int, numel: int) -> int:
+    """The width that ``numel`` codes of ``bits`` bits are stored at: of ``bits .. 8``, the one
+    whose packed bytes plus unpacking ops (:data:`UNPACK_GRAPH_BYTES`; none at 8) are fewest.
+
+    Codes in ``-qmax..qmax`` of ``bits`` fit every wider width. Each width chooses among the
+    widths of every larger one as well, so a smaller width never stores a layer in more bytes.
+    """
+    def stored_bytes(width: int) -> int:
+        graph = 0 if width == 8 else UNPACK_GRAPH_BYTES["aligned" if 8 % width == 0 else "straddling"]
+        return math.ceil(numel * width / 8) + graph
+
+    return min(range(min(bits, 8), 9), key=lambda width: (stored_bytes(width), width))
 
 
 class MaxAbsWeightQuantizer(nn.Module):
@@ -196,7 +220,7 @@ class QuantMixin:
         if self._inference_weight is not None and not self.training:
             return self._inference_weight
         if self.packed:
-            return dequantize_packed(self._buffers[self._packed_name], self.bits, self.weight_shape, self.weight_scale)
+            return dequantize_packed(self._buffers[self._packed_name], self.stored_bits, self.weight_shape, self.weight_scale)
         return self.weight_quantizer(self.weight)
 
     @torch.no_grad()
@@ -225,9 +249,14 @@ class QuantMixin:
         self.__dict__.setdefault("quantized_input_bits", None)
 
     @property
+    def stored_bits(self) -> int:
+        """Bits per code as stored: the width, or a wider one where that gives a smaller exported file (:func:`packed_width`)."""
+        return self.__dict__.get("_stored_bits", self.bits)
+
+    @property
     def _packed_name(self) -> str:
         # 8 bits keep the int8 codes in the weight's shape under their historical name.
-        return "weight_codes" if self.bits == 8 else "weight_packed"
+        return "weight_codes" if self.stored_bits == 8 else "weight_packed"
 
     @property
     def weight_codes(self) -> torch.Tensor:
@@ -238,9 +267,9 @@ class QuantMixin:
         """
         if not self.packed:
             raise AttributeError("weight_codes exists only after pack()")
-        if self.bits == 8:
+        if self.stored_bits == 8:
             return self._buffers["weight_codes"]
-        return unpack_codes(self.weight_packed, self.bits, math.prod(self.weight_shape)).reshape(self.weight_shape).to(torch.int8)
+        return unpack_codes(self.weight_packed, self.stored_bits, math.prod(self.weight_shape)).reshape(self.weight_shape).to(torch.int8)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -250,16 +279,20 @@ class QuantMixin:
         """Replace the float weight by packed codes and one scale; the outputs stay the same.
 
         8 bits: buffer ``weight_codes``, int8 in the weight's shape. Fewer bits: buffer
-        ``weight_packed``, the flat bit stream of the module docstring. The scale
-        ``max|W| / qmax`` goes into ``weight_scale``.
+        ``weight_packed``, the flat bit stream of the module docstring, at the width of
+        :func:`packed_width`: a layer too small for packing to pay for its unpacking ops keeps
+        its codes (in ``-qmax..qmax`` of its width) at a wider width, or as at 8 bits, so that a
+        smaller width never gives a larger file. The scale ``max|W| / qmax``
+        goes into ``weight_scale``.
         """
         if self.packed:
             return
         codes, scale = self.integer_weight()
         self.weight_shape = tuple(self.weight.shape)
         del self.weight
-        packed = pack_codes(codes, self.bits)
-        self.register_buffer(self._packed_name, packed.reshape(self.weight_shape) if self.bits == 8 else packed)
+        self._stored_bits = packed_width(self.bits, codes.numel())
+        packed = pack_codes(codes, self.stored_bits)
+        self.register_buffer(self._packed_name, packed.reshape(self.weight_shape) if self.stored_bits == 8 else packed)
         self.register_buffer("weight_scale", scale.reshape(()).to(torch.float32))
         self.packed = True
 

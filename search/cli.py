@@ -98,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1, as a trial with budget.cpus_per_trial: 1)")
     p.add_argument(
         "--form", choices=["program", "module"], default="program",
-        help="what latency times: program (default), the exported model.pt2 as trials time it; module, the nn.Module without exporting "
-        "(exporting a long recurrent network takes tens of seconds)",
+        help="program (default): export the model and time every form side by side (program model.pt2 as trials time it, module, "
+        "onnx in ONNX Runtime); module: the nn.Module alone, without exporting (exporting a long recurrent network takes tens of seconds)",
     )
     p.add_argument("--json", action="store_true")
 
@@ -372,7 +372,7 @@ def _profile(args: argparse.Namespace) -> int:
         "model": args.model,
         "task": task,
         "input_shape": list(shape),
-        **{key: figures[key] for key in ("params", "macs", "flops", "bops", "size_bytes", "artifact_bytes", "latency_ms", "latency_form")},
+        **{key: figures[key] for key in ("params", "macs", "flops", "bops", "size_bytes", "artifact_bytes", "latency_ms", "latency_form", "forms")},
         "latency_threads": args.threads,
         "latency_batch_size": args.batch_size,
         "device": "cpu",
@@ -382,7 +382,6 @@ def _profile(args: argparse.Namespace) -> int:
         "method": args.method,
         "method_options": options["method"],
     }
-    artifact_bytes = report["artifact_bytes"]
     if task == "sr":
         report["scale"] = model.scale
     if args.json:
@@ -398,10 +397,11 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"  FLOPs       {report['flops']:,} (= 2 x MACs)")
         print(f"  BOPs        {report['bops']:,} (MACs x weight bits x input bits)")
         print(f"  size        {report['size_bytes']:,} bytes (parameters and buffers at their stored bits)")
-        if artifact_bytes is not None:
-            print(f"  artifact    {artifact_bytes:,} bytes ({FORMS['program']}, the exported program)")
-        form = f"{report['latency_form']} ({FORMS[report['latency_form']]})"
-        print(f"  latency     {report['latency_ms']:.3f} ms (median of 20; {form}, batch {args.batch_size}, {plural(args.threads, 'CPU thread')})")
+        print(f"  latency     median of 20 at batch {args.batch_size}, {plural(args.threads, 'CPU thread')}; file size:")
+        for form, figures in report["forms"].items():
+            size = f"{figures['artifact_bytes']:>12,} bytes" if figures["artifact_bytes"] is not None else "   (not exported)"
+            note = " (what a trial times by default)" if form == "program" else ""
+            print(f"    {form:<8} {FORMS[form]:<10} {figures['latency_ms']:9.3f} ms {size}{note}")
         print(f"  not counted {', '.join(report['uncounted_ops']) or '(none)'} (ops without a FLOP formula, e.g. elementwise)")
     return 0
 

@@ -3,8 +3,9 @@
 The trial's exported model (its checkpoint's ``model`` folder: :mod:`deploy`'s export
 directory) is copied into the output folder; every deployable form found there is checked
 against the module and timed at the trial's batch and threads, and the recipe records where it
-came from and what each form costs. The ONNX form is written here from the trial's module
-when the trial did not write it (trials deploy the program), unless a method of its pipeline
+came from and what each form costs (``export_latency``, ``export_bytes``). The ONNX form is
+written here from the trial's module when the trial did not write it (only trials timed with
+``measure.latency_runtime: onnxruntime`` write it), unless a method of its pipeline
 declares that its models cannot be exported to ONNX (``Method.onnx_unsupported``).
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deploy import DEFAULT_FORM, FORMS, check_round_trip, compile_program, export_onnx, latency_ms, load_form, load_module, load_program, write_recipe
+from deploy import FORMS, LATENCY_RUNTIMES, check_round_trip, compile_program, export_onnx, latency_ms, load_form, load_module, load_program, write_recipe
 from errors import UserError
 from methods import get_method
 from search.results.ranking import pick_record
@@ -69,7 +70,7 @@ def write_export(
     if onnx_refused:
         print(f"slimtune: warning: no ONNX form ({'; '.join(onnx_refused)})", file=sys.stderr)
     else:
-        # Trials deploy the program; the ONNX form is written here, from the trial's module.
+        # A trial writes model.onnx only when timed on it (measure.latency_runtime: onnxruntime); else it is written here.
         if not (out / FORMS["onnx"]).exists():
             export_onnx(load_module(out), task.example_input(1), out / FORMS["onnx"])
         forms.append("onnx")
@@ -91,6 +92,7 @@ def write_export(
     recipe.update({
         "search": record.name, "trial": chosen.name, "mlflow_run_id": chosen.run_id,
         "export_latency": {"device": device.type, "threads": threads, "batch_size": batch, "repeats": space.latency_repeats, "ms": latency},
+        "export_bytes": {form: (out / FORMS[form]).stat().st_size for form in forms},
     })  # fmt: skip
     write_recipe(out, recipe)
     log(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
@@ -98,9 +100,11 @@ def write_export(
     checked = [f for f in forms if f != "module"]
     log(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
     log(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
+    # The form the trial's latency_ms timed (measure.latency_runtime), at the same batch and threads.
+    timed = chosen.metrics.get("latency_form", LATENCY_RUNTIMES[space.latency_runtime])
     for form in forms:
-        note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
-        log(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms{note}")
+        note = f" (what the trial's latency_ms timed, measure.latency_runtime: {space.latency_runtime})" if form == timed else ""
+        log(f"    {form:<9} {FORMS[form]:<19} {latency[form]:9.3f} ms {(out / FORMS[form]).stat().st_size:>12,} bytes{note}")
     log(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
     if "compiled" in forms:
         log(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from deploy import DEFAULT_LATENCY_RUNTIME, LATENCY_RUNTIMES
 from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
 from errors import UserError, did_you_mean
 from search.space.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
@@ -151,6 +152,7 @@ class SearchSpace:
     weight_decay: float = 5e-4
     latency_batch_size: int = 1
     latency_repeats: int = 20
+    latency_runtime: str = DEFAULT_LATENCY_RUNTIME  # one of deploy.LATENCY_RUNTIMES
     results_dir: str = "slimtune_results"
     tracking_uri: str = "sqlite:///mlflow.db"
     optuna_storage: str | None = None
@@ -417,7 +419,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     if isinstance(sampler_map, str):
         sampler_map = {"name": sampler_map}
     sampler_map = r.mapping(sampler_map, "sampler", {"name", "seed"})
-    measure = r.mapping(top.get("measure"), "measure", {"latency_batch_size", "latency_repeats"})
+    measure = r.mapping(top.get("measure"), "measure", {"latency_batch_size", "latency_repeats", "latency_runtime"})
     output = r.mapping(top.get("output"), "output", {"results_dir", "tracking_uri", "optuna_storage", "checkpoint_storage"})
     storage = _storage(r, output)
     # What a search stores (its manifest): the document with every path made absolute above,
@@ -443,6 +445,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         "budget": {field: budget_map.get(field, getattr(defaults, field)) for field in (*_BUDGET_NUMBERS, "scheduler")},
     })  # fmt: skip
     _check_scheduler(r, settings["budget"], objectives, constraints, task)
+    latency_runtime = _latency_runtime(r, measure.get("latency_runtime", SearchSpace.latency_runtime), methods, settings["budget"])
 
     return SearchSpace(
         task=task,
@@ -455,6 +458,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         constraints=constraints,
         sampler=r.choice(sampler_map.get("name", SearchSpace.sampler), "sampler.name", SAMPLERS),
         optimizer=r.choice(training.get("optimizer", "sgd"), "training.optimizer", OPTIMIZERS),
+        latency_runtime=latency_runtime,
         optuna_storage=storage["optuna_storage"],
         checkpoint_storage=storage["checkpoint_storage"],
         source=source,
@@ -463,6 +467,30 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         warnings=_warnings(r, objectives, constraints, known_metrics),
         **settings,
     )
+
+
+def _latency_runtime(r: _Reader, value: Any, methods: tuple[MethodSpace, ...], budget: Budget) -> str:
+    """``measure.latency_runtime``: one of :data:`deploy.LATENCY_RUNTIMES`, and one the trials can time.
+
+    ``onnxruntime`` times ``model.onnx`` on ONNX Runtime's CPU provider, so it refuses GPU trials
+    and a method whose models cannot be exported to ONNX (``Method.onnx_unsupported``).
+    """
+    runtime = r.choice(value, "measure.latency_runtime", tuple(LATENCY_RUNTIMES))
+    if LATENCY_RUNTIMES[runtime] != "onnx":
+        return runtime
+    if budget.gpus_per_trial > 0:
+        raise r.error(
+            "measure.latency_runtime", f"onnxruntime times model.onnx on ONNX Runtime's CPU provider, but budget.gpus_per_trial is "
+            f"{budget.gpus_per_trial:g}; set budget.gpus_per_trial: 0 or measure.latency_runtime: program."
+        )
+    for method in methods:
+        reason = get_method(method.name).onnx_unsupported
+        if reason:
+            raise r.error(
+                "measure.latency_runtime", f"onnxruntime times model.onnx, but method {method.name} cannot be exported to ONNX ({reason}); "
+                "set measure.latency_runtime: program or drop the method."
+            )
+    return runtime
 
 
 def _storage(r: _Reader, output: dict[str, Any]) -> dict[str, str | None]:

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from deploy import (
+    FORMS,
+    LATENCY_RUNTIMES,
     apply_reported_cost,
     count_flops,
     count_params,
@@ -114,11 +116,13 @@ def measure(
     Quality, MACs, FLOPs, parameters and size are measured on ``model`` itself, at the task's
     input shape (``task.example_input``: one sample for MACs and FLOPs). The model is exported
     (:func:`deploy.export_model`, into a temporary folder without ``export_dir``), and
-    ``latency_ms`` is timed on the form it deploys by default (``latency_form``: the exported
-    program, or the module where the program is fixed to another batch size) at
+    ``latency_ms`` is timed on the form ``measure.latency_runtime`` runs (``latency_form``: the
+    exported program in torch, or ``model.onnx`` in ONNX Runtime, written only then) at
     ``measure.latency_batch_size`` samples (``latency_batch_size``) on ``device``
     (``latency_device``) with :func:`trial_threads` CPU threads (``latency_threads``), the
-    baseline's as every trial's. ``artifact_bytes`` is the program's file size. With the
+    baseline's as every trial's: a form that refuses that batch size is refused, never swapped
+    for another (:func:`deploy.deployed_latency`). ``artifact_bytes`` is that form's file size,
+    ``artifact_bytes_<form>`` each written form's (:func:`artifact_sizes`). With the
     ``baseline``'s metrics, also each quality metric's drop from the baseline (``accuracy_drop =
     baseline accuracy - accuracy``; ``mse_drop = mse - baseline mse`` for a minimised metric).
     ``reported_cost`` (``Pipeline.cost``) replaces measured cost figures, the measured ones staying
@@ -142,13 +146,24 @@ def measure(
     })
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(export_dir) if export_dir is not None else Path(tmp)
-        metrics["artifact_bytes"] = float(export_model(model, example, out_dir)["model.pt2"])
+        form = LATENCY_RUNTIMES[space.latency_runtime]
+        sizes = export_model(model, example, out_dir, onnx=form == "onnx")
+        metrics.update(artifact_sizes(sizes, form))
         x = task.example_input(space.latency_batch_size).to(device)
-        metrics.update(deployed_latency(model, out_dir, x, repeats=space.latency_repeats, threads=trial_threads(space)))
+        metrics.update(deployed_latency(out_dir, x, repeats=space.latency_repeats, threads=trial_threads(space), runtime=space.latency_runtime))
     directions = task_metrics(space.task)
     for m in task.metrics:
         metrics[f"{m}_drop"] = 0.0 if baseline is None else quality_drop(metrics[m], baseline[m], directions[m])
     return apply_reported_cost(metrics, reported_cost or {})
+
+
+def artifact_sizes(sizes: dict[str, int], deployed: str) -> dict[str, float]:
+    """``artifact_bytes``, the file size of the ``deployed`` form, and ``artifact_bytes_<form>`` of each form in ``sizes``.
+
+    ``sizes``: :func:`deploy.export_model`'s file sizes, by file name.
+    """
+    figures = {f"artifact_bytes_{form}": float(sizes[name]) for form, name in FORMS.items() if name in sizes}
+    return {"artifact_bytes": figures[f"artifact_bytes_{deployed}"], **figures}
 
 
 def quality_drop(value: float, baseline: float, direction: str) -> float:

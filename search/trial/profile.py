@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploy import FORMS, count_flops, count_params, deployed_latency, export_model, latency_ms, size_bytes
+from deploy import FORMS, LATENCY_RUNTIMES, count_flops, count_params, deployed_latency, export_model, latency_ms, load_form, size_bytes
 from errors import UserError
 from methods import NotApplicable, create_method
 from models import create_model, list_models
@@ -117,8 +117,9 @@ def _task_model(model_name: str, task_name: str, options: dict[str, dict[str, An
 def profile(model_name: str, task: str, shape: tuple[int, ...], model: nn.Module, batch_size: int, threads: int, form: str) -> dict[str, Any]:
     """Count and time ``model`` at one sample of ``shape``; latency at ``batch_size`` on ``threads``.
 
-    ``form`` ``program`` exports the model and times the program, as a trial does; ``module``
-    times the module itself.
+    ``form`` ``program`` exports the model (the ONNX form too) and times every form side by side
+    (``forms``: each one's ``latency_ms`` and ``artifact_bytes``), the program as a trial times
+    it; ``module`` times the module itself, without exporting.
 
     Raises:
         UserError: The model does not accept the task's input.
@@ -134,20 +135,24 @@ def profile(model_name: str, task: str, shape: tuple[int, ...], model: nn.Module
         ) from None
     flops = count_flops(model, example)
     x = torch.zeros(batch_size, *shape)
-    if form == "program":  # timed as a trial times it
+    if form == "program":  # timed as a trial times it, beside the other forms
         with tempfile.TemporaryDirectory() as tmp:
-            artifact_bytes = export_model(model, example, Path(tmp))[FORMS["program"]]
-            latency = deployed_latency(model, Path(tmp), x, repeats=20, threads=threads)
+            sizes = export_model(model, example, Path(tmp), onnx=True)
+            # The runtimes' forms as a trial times them (a form refusing the batch is one error line), the module as it is.
+            timed = {form: deployed_latency(Path(tmp), x, repeats=20, threads=threads, runtime=runtime)["latency_ms"] for runtime, form in LATENCY_RUNTIMES.items()}
+            timed["module"] = latency_ms(load_form(Path(tmp), "module"), x, repeats=20, threads=threads)
+            forms = {name: {"latency_ms": timed[name], "artifact_bytes": sizes[FORMS[name]]} for name in ("program", "module", "onnx")}
     else:
-        artifact_bytes, latency = None, {"latency_ms": latency_ms(model, x, repeats=20, threads=threads), "latency_form": "module"}
+        forms = {"module": {"latency_ms": latency_ms(model, x, repeats=20, threads=threads), "artifact_bytes": None}}
     return {
         "params": count_params(model),
         "macs": flops.macs,
         "flops": flops.flops,
         "bops": flops.bops,
         "size_bytes": size_bytes(model),
-        "artifact_bytes": artifact_bytes,
-        "latency_ms": latency["latency_ms"],
-        "latency_form": latency["latency_form"],
+        "artifact_bytes": forms[form]["artifact_bytes"],
+        "latency_ms": forms[form]["latency_ms"],
+        "latency_form": form,
+        "forms": forms,
         "uncounted_ops": list(flops.uncounted_ops),
     }

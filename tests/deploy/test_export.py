@@ -386,3 +386,36 @@ def test_model_pt_is_unpickled_only_as_slimtune_wrote_it(tmp_path: Path) -> None
     (tmp_path / CHECKSUMS).unlink()
     with pytest.raises(UserError, match=r"model.pt: no checksum in .*checksums.json, so slimtune cannot tell that it wrote this pickle"):
         load_module(tmp_path)
+
+
+def test_deployed_latency_refuses_a_batch_its_form_refuses_instead_of_timing_another_form(tmp_path: Path) -> None:
+    """A program exported at a fixed batch size is never swapped for the module (issue 30, item 4)."""
+    from deploy import deployed_latency, storage_groups_quiet
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    export_model(model, torch.zeros(1, 1, 8, 8), tmp_path)
+    # What trace_program falls back to for a model with data-dependent shapes: the example's batch only.
+    with storage_groups_quiet():
+        torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 8, 8),)), tmp_path / "model.pt2")
+    assert deployed_latency(tmp_path, torch.zeros(1, 1, 8, 8), repeats=1, threads=1)["latency_form"] == "program"
+    with pytest.raises(UserError) as info:
+        deployed_latency(tmp_path, torch.zeros(3, 1, 8, 8), repeats=1, threads=1)
+    message = str(info.value)
+    assert message.startswith("measure.latency_batch_size: the exported program (model.pt2) runs only at the batch size it was exported at")
+    assert "not at 3" in message and "set measure.latency_batch_size: 1" in message and "\n" not in message
+
+
+def test_a_smaller_bit_width_never_gives_a_larger_file() -> None:
+    """Issue 26: the 3-bit program was larger than the 8-bit one (its unpacking graph outweighed its packed codes)."""
+    import tempfile
+
+    from search.trial.profile import profiled_model
+
+    sizes = {}
+    for bits in (8, 4, 3, 2):
+        _, shape, model = profiled_model("digits_cnn", None, {"task": {}, "model": {}, "method": {"bits": bits}}, {"digits": ((1, 8, 8), 10)}, method="minmax_quant")
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes[bits] = export_model(model, torch.zeros(1, *shape), Path(tmp), onnx=True)
+    for name in ("model.pt2", "model.pt", "model.onnx"):
+        assert [sizes[bits][name] for bits in (8, 4, 3, 2)] == sorted((sizes[bits][name] for bits in (8, 4, 3, 2)), reverse=True), (name, sizes)
+    assert sizes[2]["model.pt2"] < sizes[8]["model.pt2"]

@@ -76,7 +76,7 @@ def test_packed_layer_outputs_equal_fake_quantized_outputs(kind: str, bits: int)
     assert (fake_weight - float_layer.weight).abs().max().item() > 1e-4
 
 
-def test_size_bytes_counts_the_packed_weight_at_its_bit_width() -> None:
+def test_size_bytes_counts_the_packed_weight_at_its_stored_bit_width() -> None:
     torch.manual_seed(0)
     layer = QuantLinear.from_float(nn.Linear(5, 3), MaxAbsWeightQuantizer(3), RunningMaxActivationQuantizer(3))
     _observed(layer, torch.randn(4, 5))
@@ -84,10 +84,15 @@ def test_size_bytes_counts_the_packed_weight_at_its_bit_width() -> None:
     assert size_bytes(nn.Linear(5, 3)) == float_bytes
     params_before = count_params(layer)
     layer.pack()
-    # 15 weights at 3 bits = 45 bits -> 6 bytes; bias 3 float32 = 12; one float32 scale = 4;
-    # the activation quantizer's float32 running bound = 4.
-    assert size_bytes(layer) == 6 + 12 + 4 + 4
+    # 15 weights are too few for packing to pay for its unpacking ops: int8 codes, 15 bytes;
+    # bias 3 float32 = 12; one float32 scale = 4; the activation quantizer's float32 running bound = 4.
+    assert (layer.stored_bits, size_bytes(layer)) == (8, 15 + 12 + 4 + 4)
     assert count_params(layer) == params_before == 15 + 3
+    large = QuantLinear.from_float(nn.Linear(256, 256), MaxAbsWeightQuantizer(3), RunningMaxActivationQuantizer(3))
+    _observed(large, torch.randn(4, 256))
+    large.pack()
+    # 65,536 weights at 3 bits = 24,576 bytes; bias 256 float32; scale; running bound.
+    assert (large.stored_bits, size_bytes(large)) == (3, 24_576 + 256 * 4 + 4 + 4)
 
 
 def test_size_bytes_of_an_8_bit_linear() -> None:
@@ -129,9 +134,11 @@ def test_finalize_packs_every_quantized_layer_and_keeps_outputs(digits_context) 
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
     assert count_params(model) == params
-    # conv2 (16*32*9) and conv3 (32*64*9) weights stored at 4 bits instead of 32.
+    # conv3's 32*64*9 weights stored at 4 bits instead of 32; conv2's 16*32*9 as int8 codes, since
+    # packing them would save fewer bytes (2,304) than their unpacking ops add to the program.
+    assert (model.features[3].stored_bits, model.features[7].stored_bits) == (8, 4)
     float_model, _ = digits_context()
-    saved = (16 * 32 * 9 + 32 * 64 * 9) * (4 - 0.5)
+    saved = 16 * 32 * 9 * (4 - 1) + 32 * 64 * 9 * (4 - 0.5)
     added = 2 * 4 + 2 * 4  # two float32 scales, two float32 running bounds
     assert size_bytes(float_model) - size_bytes(model) == saved - added
 
@@ -215,3 +222,17 @@ def test_2_bit_quickstart_trial_that_ended_in_nan_trains_to_finite_loss() -> Non
     model = Pipeline.from_recipe([{"name": "minmax_quant", "params": {"bits": 2}}]).run(model, ctx)
     # Before the fix: NonFiniteLossError in the search's trial, at chance (0.097) here.
     assert task.evaluate(model, ctx.val_loader, "cpu")["accuracy"] > 0.5
+
+
+def test_packed_width_stores_a_layer_at_the_width_of_fewest_bytes_and_never_more_for_fewer_bits() -> None:
+    from methods._quant import UNPACK_GRAPH_BYTES, packed_width
+
+    # A large layer packs at its width; a small one keeps int8 codes (its unpacking ops outweigh the saving).
+    assert [packed_width(bits, 1_000_000) for bits in (2, 3, 4, 8)] == [2, 3, 4, 8]
+    assert [packed_width(bits, 1000) for bits in (2, 3, 4, 8)] == [8, 8, 8, 8]
+    # Between them, 3-bit codes store at 4 bits where the straddling unpack costs more than the bit saved.
+    numel = 20_000
+    assert numel * 3 // 8 + UNPACK_GRAPH_BYTES["straddling"] > numel * 4 // 8 + UNPACK_GRAPH_BYTES["aligned"]
+    assert packed_width(3, numel) == 4
+    for numel in (10, 5_000, 20_000, 40_000, 100_000, 1_000_000):
+        assert all(packed_width(bits, numel) >= bits for bits in range(2, 9)), numel

@@ -13,7 +13,7 @@ from torch import nn
 
 from deploy import check_round_trip, count_flops, count_params, export_model, load_module, size_bytes
 from methods import Pipeline, create_method, training_loss
-from methods._quant import QuantConv2d, quantized_layers
+from methods._quant import QuantConv2d, packed_width, quantized_layers
 from methods.pams import (
     PAMSActivationQuantizer,
     QuantResBlock,
@@ -245,9 +245,12 @@ def test_packed_export_round_trips_and_size_bytes_counts_the_packed_bytes(sr_con
     for layer in layers:
         codes = layer.weight_codes
         assert codes.dtype == torch.int8 and codes.abs().max().item() <= 2 ** (bits - 1) - 1
-        buffer = layer.weight_codes if bits == 8 else layer.weight_packed
-        assert buffer.dtype == (torch.int8 if bits == 8 else torch.uint8)
-        assert buffer.numel() == math.ceil(codes.numel() * bits / 8)  # 8/k codes a byte, 3 bits straddle
+        # Stored at the width that gives the fewest bytes with its unpacking ops: `bits`, or wider for a small layer.
+        width = layer.stored_bits
+        assert width == packed_width(bits, codes.numel()) and bits <= width <= 8
+        buffer = layer.weight_codes if width == 8 else layer.weight_packed
+        assert buffer.dtype == (torch.int8 if width == 8 else torch.uint8)
+        assert buffer.numel() == math.ceil(codes.numel() * width / 8)  # 8/k codes a byte, 3 bits straddle
         packed_bytes += buffer.numel()
     float_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
     assert size_bytes(model) == packed_bytes + float_bytes

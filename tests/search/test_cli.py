@@ -110,6 +110,17 @@ def test_profile_counts_quantized_bops_and_times_the_program(capsys) -> None:
     # 4-bit weights (and 4-bit inputs where the layer quantizes them) count 4 x 4 to 4 x 32 bits, not 32 x 32.
     assert report["macs"] * 4 * 4 <= report["bops"] < report["macs"] * 4 * 32
     assert (report["latency_form"], report["latency_threads"]) == ("program", 2)
+    # Every form side by side, each with its file; the headline figures are the program's.
+    assert list(report["forms"]) == ["program", "module", "onnx"]
+    assert all(f["latency_ms"] > 0 and f["artifact_bytes"] > 0 for f in report["forms"].values())
+    assert (report["latency_ms"], report["artifact_bytes"]) == tuple(report["forms"]["program"][k] for k in ("latency_ms", "artifact_bytes"))
+
+
+def test_profile_prints_every_form_side_by_side(capsys) -> None:
+    assert main(["profile", "digits_cnn"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split()[:1] in (["program"], ["module"], ["onnx"])]
+    assert [(row[0], row[1], row[3], row[5]) for row in rows] == [("program", "model.pt2", "ms", "bytes"), ("module", "model.pt", "ms", "bytes"), ("onnx", "model.onnx", "ms", "bytes")]
 
 
 def test_profile_refuses_zero_threads_in_one_line(capsys) -> None:

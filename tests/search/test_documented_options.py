@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy import FORMS
+from deploy import DEFAULT_LATENCY_RUNTIME, FORMS, LATENCY_RUNTIMES
 from search.space.spec import OPTIMIZERS, SAMPLERS, SCHEDULERS
 from tasks import TASK_KINDS, task_kind
 
 #: The searches: what each one chooses, and its space's task, model, methods and objectives.
 SEARCHES = {
     "opt_digits": {
-        "sampler": "nsga2", "scheduler": "asha", "optimizer": "sgd",
+        "sampler": "nsga2", "scheduler": "asha", "optimizer": "sgd", "latency_runtime": "onnxruntime",
         "body": """
 task: digits
 model: digits_cnn
@@ -85,6 +85,10 @@ objectives: {rank1: max, macs: min}
 LATENCY_FORMS = ("program", "module")
 
 
+def _runtime(spec: dict) -> str:
+    return spec.get("latency_runtime", DEFAULT_LATENCY_RUNTIME)
+
+
 def _space(name: str, spec: dict, tmp: Path) -> str:
     import yaml
 
@@ -98,7 +102,7 @@ def _space(name: str, spec: dict, tmp: Path) -> str:
             "baseline": baseline,
             "budget": {"trials": 2, "concurrent": 1, "epochs": 1, "cpus_per_trial": 1, "scheduler": spec["scheduler"], "grace_epochs": 1},
             "sampler": {"name": spec["sampler"], "seed": 0},
-            "measure": {"latency_repeats": 2},
+            "measure": {"latency_repeats": 2, "latency_runtime": _runtime(spec)},
             "output": {"results_dir": str(tmp / "results"), "tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
         },
         sort_keys=False,
@@ -112,6 +116,7 @@ def test_every_documented_value_is_used_by_a_search_here() -> None:
 
     chosen = {key: {spec[key] for spec in SEARCHES.values()} for key in ("sampler", "scheduler", "optimizer")}
     assert chosen == {"sampler": set(SAMPLERS), "scheduler": set(SCHEDULERS), "optimizer": set(OPTIMIZERS)}
+    assert {_runtime(spec) for spec in SEARCHES.values()} == set(LATENCY_RUNTIMES)
     tasks = {spec_task["name"] if isinstance(spec_task, dict) else spec_task for spec_task in (yaml.safe_load(s["body"])["task"] for s in SEARCHES.values())}
     assert {task_kind(t) for t in tasks} == set(TASK_KINDS)
     # Every export form: test_export_writes_and_times_every_form asks for each one of FORMS.
@@ -172,7 +177,12 @@ def test_each_search_completes_both_trials_with_its_choices(searches, name: str)
     assert parent.info.status == "FINISHED" and parent.data.params["sampler"] == spec["sampler"]
     children = client.search_runs([parent.info.experiment_id], filter_string="tags.`slimtune.role` = 'trial'")
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
-    assert {c.data.tags["latency_form"] for c in children} == {"program"}
+    # Timed in the runtime the space names; with onnxruntime the trial wrote model.onnx and timed it.
+    assert record.space.latency_runtime == _runtime(spec)
+    assert {c.data.tags["latency_form"] for c in children} == {LATENCY_RUNTIMES[_runtime(spec)]}
+    for trial in completed_records(record):
+        assert trial.metrics["artifact_bytes"] == trial.metrics[f"artifact_bytes_{LATENCY_RUNTIMES[_runtime(spec)]}"] > 0
+        assert ("artifact_bytes_onnx" in trial.metrics) == (_runtime(spec) == "onnxruntime")
 
 
 @pytest.mark.slow
@@ -230,6 +240,8 @@ def test_export_writes_and_times_every_form(searches) -> None:
     assert {form for form, file in FORMS.items() if (out / file).is_file()} == set(FORMS)
     latency = json.loads((out / "recipe.json").read_text())["export_latency"]["ms"]
     assert set(latency) == set(FORMS) and all(latency[form] > 0 for form in FORMS)
+    # opt_digits times latency_ms in ONNX Runtime: the export says so beside that form.
+    assert "model.onnx" in next(line for line in stdout.getvalue().splitlines() if "what the trial's latency_ms timed" in line)
 
 
 @pytest.mark.parametrize("form", LATENCY_FORMS)

@@ -205,6 +205,18 @@ BAD = [
         ["must be one of tpe, nsga2, gp, random, but got 'nsga'", "Did you mean 'nsga2'"],
     ),
     ("missing task", _delete("task"), "task: ", ["is missing", "every space names a task, a model, methods and objectives"]),
+    (
+        "unknown latency runtime",
+        _set("measure", {"latency_runtime": "onnx"}),
+        "measure.latency_runtime: ",
+        ["must be one of program, onnxruntime, but got 'onnx'", "Did you mean 'onnxruntime'"],
+    ),
+    (
+        "onnxruntime on gpu trials",
+        lambda data: data.update(measure={"latency_runtime": "onnxruntime"}, budget={"gpus_per_trial": 1}),
+        "measure.latency_runtime: ",
+        ["ONNX Runtime's CPU provider, but budget.gpus_per_trial is 1", "measure.latency_runtime: program"],
+    ),
 ]
 
 
@@ -219,6 +231,28 @@ def test_bad_space_names_file_key_and_fix(tmp_path: Path, edit, key_path: str, s
     for part in says:
         assert part in message, f"{part!r} not in {message!r}"
     assert "\n" not in message
+
+
+def test_latency_runtime_defaults_to_the_program_and_reads_onnxruntime(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    assert load_space(path).latency_runtime == "program"
+    path.write_text(yaml.safe_dump({**VALID, "measure": {"latency_runtime": "onnxruntime"}}))
+    assert load_space(path).latency_runtime == "onnxruntime"
+
+
+def test_onnxruntime_refuses_a_method_that_cannot_export_onnx(tmp_path: Path, monkeypatch) -> None:
+    from methods import get_method
+
+    monkeypatch.setattr(get_method("minmax_quant"), "onnx_unsupported", "its packed codes have no ONNX op")
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "measure": {"latency_runtime": "onnxruntime"}}))
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    assert str(info.value) == (
+        f"{path}: measure.latency_runtime: onnxruntime times model.onnx, but method minmax_quant cannot be exported to ONNX "
+        "(its packed codes have no ONNX op); set measure.latency_runtime: program or drop the method."
+    )
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path: Path) -> None:

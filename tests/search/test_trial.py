@@ -111,6 +111,36 @@ def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(spac
     assert [(name.startswith("GraphModule"), shape, threads) for name, shape, threads in timed] == [(True, (3, 1, 8, 8), 2)] * 2
 
 
+def test_onnxruntime_times_the_trials_and_the_baselines_model_onnx_at_their_threads(space, tmp_path: Path, monkeypatch) -> None:
+    """``measure.latency_runtime: onnxruntime``: model.onnx written and timed in ONNX Runtime, the program's file size kept beside it."""
+    import deploy._export
+
+    space = space.with_overrides(budget=dataclasses.replace(space.budget, cpus_per_trial=2.0), latency_runtime="onnxruntime")
+    timed = []
+
+    def spy(model, x, repeats, threads):
+        timed.append((model.session.get_session_options().intra_op_num_threads, tuple(x.shape), threads))
+        return 1.0
+
+    monkeypatch.setattr(deploy._export, "latency_ms", spy)
+    baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
+    metrics = run_pipeline(TrialSpec(space, baseline.state_dict(), baseline_metrics), [], tmp_path, torch.device("cpu"), seed=0)
+    for figures in (baseline_metrics, metrics):
+        assert (figures["latency_form"], figures["latency_threads"]) == ("onnx", 2.0)
+        assert figures["artifact_bytes"] == figures["artifact_bytes_onnx"] != figures["artifact_bytes_program"]
+    assert metrics["artifact_bytes_onnx"] == (tmp_path / "model.onnx").stat().st_size
+    # Both timed an ONNX Runtime session made with the trial's threads, not torch's.
+    assert timed == [(2, (1, 1, 8, 8), 2)] * 2
+
+
+def test_the_program_runtime_writes_no_onnx_file(space, tmp_path: Path) -> None:
+    """The dynamo exporter costs seconds per trial: only a search timed in ONNX Runtime pays it."""
+    baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
+    metrics = run_pipeline(TrialSpec(space, baseline.state_dict(), baseline_metrics), [], tmp_path, torch.device("cpu"), seed=0)
+    assert not (tmp_path / "model.onnx").exists() and "artifact_bytes_onnx" not in metrics
+    assert metrics["artifact_bytes"] == metrics["artifact_bytes_program"] == (tmp_path / "model.pt2").stat().st_size
+
+
 # -- results that cannot be trusted -------------------------------------------------------------
 
 
