@@ -1,7 +1,8 @@
 # slimtune: `make run` from a fresh clone creates .venv, installs, runs the quickstart search.
 #
 #   make venv    create .venv and install slimtune (once; again only when pyproject.toml changes)
-#   make test    run the test suite (the slow end-to-end tests included)
+#   make test    lint and format check (ruff), then the test suite (the slow end-to-end tests included)
+#   make lint    ruff check and ruff format --check (`ruff format .` fixes the format)
 #   make run     search spaces/quickstart.yaml and print its Pareto front
 #   make check   validate the quickstart space and pre-flight its methods (seconds)
 #   make ui      MLflow UI on http://127.0.0.1:5000
@@ -23,7 +24,7 @@ SHELL := /bin/bash
 # keep grep's "no line left" status (1) from failing the recipe while pip's status still counts.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv test run check ui bench clean
+.PHONY: venv test lint run check ui bench clean
 
 venv: $(STAMP)
 
@@ -38,9 +39,14 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 # The two-node cluster tests run in a pytest process of their own: a process that has already
 # started and stopped local Ray instances does not get trials placed on every node of a new cluster.
-test: venv
+test: venv lint
 	$(VENV)/bin/python -m pytest -q --ignore=tests/clusters/test_multinode.py
 	$(VENV)/bin/python -m pytest -q tests/clusters/test_multinode.py
+
+# ruff: the linter (pyproject.toml's [tool.ruff.lint]) and the formatter, checked before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 run: venv
 	$(VENV)/bin/slimtune search $(SPACE)

@@ -34,8 +34,8 @@ from torch import nn
 from torch.export.passes import move_to_device_pass
 
 from deploy._onnx import load_onnx
-from errors import UserError
 from deploy._rewrites import fold_weight_computations
+from errors import UserError
 
 __all__ = [
     "CHECKSUMS",
@@ -167,7 +167,9 @@ def load_compiled(out_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return torch._inductor.aoti_load_package(str(Path(out_dir) / FORMS["compiled"]))
 
 
-def load_form(out_dir: Path, form: str, device: str | torch.device = "cpu", threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_form(
+    out_dir: Path, form: str, device: str | torch.device = "cpu", threads: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """One of :data:`FORMS` from ``out_dir``, ready to call on inputs on ``device``.
 
     ``threads``: the CPU threads of an ONNX Runtime session (``onnx``; None: all cores), set

@@ -45,7 +45,7 @@ def create_torchvision_model(name: str, num_classes: int, in_channels: int = 3, 
 def _replace_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
     # Torchvision registers the stem before anything else, so the first Conv2d in module
     # order is the one that sees the image.
-    for module_name, module in model.named_modules():
+    for module_name, module in model.named_modules():  # noqa: B007  the loop stops at the first Conv2d
         if isinstance(module, nn.Conv2d):
             break
     else:

@@ -8,23 +8,23 @@ Ray or Optuna is outside it (``check_versions``).
 
 from __future__ import annotations
 
+import os
+import signal
+import warnings
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import ray._private.ray_constants as ray_constants
+import ray._private.services as ray_services
+from packaging.requirements import Requirement
+from ray._raylet import AuthenticationTokenLoader
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from errors import UserError
 from search.driver.samplers import QUALITY_CONSTRAINT, ask_distinct
 from search.space.objectives import Constraint, constraint_values
-from packaging.requirements import Requirement
-import ray._private.ray_constants as ray_constants
-import ray._private.services as ray_services
-from ray._raylet import AuthenticationTokenLoader
-import warnings
-import os
-import signal
 
 if TYPE_CHECKING:
     from search.space.spec import SearchSpace

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 __all__ = ["local_cluster", "LocalCluster", "LocalNode"]
 
 
@@ -97,9 +96,9 @@ class LocalCluster:
         """Ray node id -> node name ('head', 'worker1', ...) of the nodes alive now."""
         code = (
             "import json, ray; from search.driver._private import keep_ray_on_loopback; keep_ray_on_loopback(); "
-            "ray.init(address=%r, logging_level='ERROR'); "
+            f"ray.init(address={self.address!r}, logging_level='ERROR'); "
             "print(json.dumps([[n['NodeID'], n['NodeManagerPort']] for n in ray.nodes() if n['Alive']]))"
-        ) % self.address
+        )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=120, check=True)
         by_port = {node.manager_port: node.name for node in self.nodes}
         return {node_id: by_port.get(port, "?") for node_id, port in json.loads(out.stdout.strip().splitlines()[-1])}
@@ -110,7 +109,10 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "search.driver.local_cluster", "start", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     if proc.wait(timeout=180) != 0:
         with contextlib.suppress(ProcessLookupError):
@@ -143,8 +145,15 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
                 manager_port = free_port()
                 role = ["--head", f"--port={gcs_port}", "--include-dashboard=false"] if i == 0 else [f"--address=127.0.0.1:{gcs_port}"]
                 pgid = _ray_start(
-                    [*role, f"--temp-dir={tmp / name}", f"--node-manager-port={manager_port}", f"--object-manager-port={free_port()}", *common],
-                    env, tmp / f"{name}.log",
+                    [
+                        *role,
+                        f"--temp-dir={tmp / name}",
+                        f"--node-manager-port={manager_port}",
+                        f"--object-manager-port={free_port()}",
+                        *common,
+                    ],
+                    env,
+                    tmp / f"{name}.log",
                 )
                 started.append(LocalNode(name, pgid, manager_port))
             cluster = LocalCluster(address=f"127.0.0.1:{gcs_port}", nodes=started, env=env)

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from ray import tune
 from torch import nn
 
 from deploy import (
@@ -36,13 +38,20 @@ from deploy import (
 )
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from search.trial.context import build_context, build_model, first_batch, load_task, run_one_batch, seed_everything, seeded_loader, trial_threads
-from search.trial.recipe import recipe_document, space_from_recipe, state_digest
 from search.space.spec import SearchSpace
-from tasks import Task, task_metrics
-from ray import tune
-import ray
+from search.trial.context import (
+    build_context,
+    build_model,
+    first_batch,
+    load_task,
+    run_one_batch,
+    seed_everything,
+    seeded_loader,
+    trial_threads,
+)
 from search.trial.graceful_stop import wait_if_stopping
+from search.trial.recipe import recipe_document, space_from_recipe, state_digest
+from tasks import Task, task_metrics
 
 __all__ = [
     "TrialSpec",
@@ -133,24 +142,28 @@ def measure(
     example = task.example_input(1).to(device)
     flops = count_flops(model, example)
     metrics: dict[str, Any] = {m: test[m] for m in task.metrics}
-    metrics.update({
-        "test_loss": test["loss"],
-        "macs": float(flops.macs),
-        "flops": float(flops.flops),
-        "bops": float(flops.bops),
-        "params": float(count_params(model)),
-        "size_bytes": float(size_bytes(model)),
-        "uncounted_ops": ",".join(flops.uncounted_ops),
-        # The last bits of training on CPU depend on it; a replay uses it again.
-        "torch_threads": float(torch.get_num_threads()),
-    })
+    metrics.update(
+        {
+            "test_loss": test["loss"],
+            "macs": float(flops.macs),
+            "flops": float(flops.flops),
+            "bops": float(flops.bops),
+            "params": float(count_params(model)),
+            "size_bytes": float(size_bytes(model)),
+            "uncounted_ops": ",".join(flops.uncounted_ops),
+            # The last bits of training on CPU depend on it; a replay uses it again.
+            "torch_threads": float(torch.get_num_threads()),
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(export_dir) if export_dir is not None else Path(tmp)
         form = LATENCY_RUNTIMES[space.latency_runtime]
         sizes = export_model(model, example, out_dir, onnx=form == "onnx")
         metrics.update(artifact_sizes(sizes, form))
         x = task.example_input(space.latency_batch_size).to(device)
-        metrics.update(deployed_latency(out_dir, x, repeats=space.latency_repeats, threads=trial_threads(space), runtime=space.latency_runtime))
+        metrics.update(
+            deployed_latency(out_dir, x, repeats=space.latency_repeats, threads=trial_threads(space), runtime=space.latency_runtime)
+        )
     directions = task_metrics(space.task)
     for m in task.metrics:
         metrics[f"{m}_drop"] = 0.0 if baseline is None else quality_drop(metrics[m], baseline[m], directions[m])
@@ -188,13 +201,20 @@ def projected_cost(spec: TrialSpec, recipe: list[dict[str, Any]]) -> dict[str, f
     baseline.eval()
     model, pipeline, ctx = run_one_batch(recipe, space, task, copy.deepcopy(baseline), baseline, first_batch(space, task))
     flops = count_flops(model, task.example_input(1))
-    measured = {"macs": float(flops.macs), "flops": float(flops.flops), "params": float(count_params(model)), "size_bytes": float(size_bytes(model))}
+    measured = {
+        "macs": float(flops.macs),
+        "flops": float(flops.flops),
+        "params": float(count_params(model)),
+        "size_bytes": float(size_bytes(model)),
+    }
     reported = {k: v for k, v in pipeline.cost(model, ctx).items() if k in measured}
     figures = apply_reported_cost(measured, reported)
     return {k: figures[k] for k in measured}
 
 
-def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
+def train_baseline(
+    space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print
+) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or load from ``baseline.checkpoint``) the uncompressed model and measure it."""
     device = torch.device(device)
     seed_everything(space.seed)
@@ -353,7 +373,9 @@ def run_pipeline(
     train_losses: list[float] = []
     model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
-    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx), export_dir=out_dir)
+    metrics = measure(
+        model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx), export_dir=out_dir
+    )
     metrics.update(pipeline.metrics())
     # The word for the progress line and MLflow's tag; the figures for the study (numbers only).
     metrics["quality"] = trial_quality(metrics, spec.baseline_metrics, train_losses)

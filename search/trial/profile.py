@@ -32,7 +32,9 @@ def _refuse_task_decided(model_options: dict[str, Any], decided: list[str], task
     """Refuse a ``--model-option`` that the task sets itself (its classes, input channels, ...)."""
     clash = sorted(set(model_options) & set(decided))
     if clash:
-        raise UserError(f"--model-option {', '.join(clash)}: task {task} decides {', '.join(sorted(decided))} for the model; drop that option.")
+        raise UserError(
+            f"--model-option {', '.join(clash)}: task {task} decides {', '.join(sorted(decided))} for the model; drop that option."
+        )
 
 
 def profiled_model(
@@ -71,7 +73,9 @@ def profiled_model(
         raise UserError(f"--scale applies to super-resolution models (--task sr), but the task is {task}; drop --scale.")
     if task not in [*shapes, "sr"] or options["task"] or method is not None:
         if scale is not None:
-            raise UserError("--scale sets the shape-only sr profile, but with --task-option or --method the sr task is built; use --task-option scale=N.")
+            raise UserError(
+                "--scale sets the shape-only sr profile, but with --task-option or --method the sr task is built; use --task-option scale=N."
+            )
         return _task_model(model, task, options, method)
     if task != "sr":
         shape, classes = shapes[task]
@@ -87,7 +91,9 @@ def profiled_model(
     return task, shape, create_model(model, num_classes=None, in_channels=3, scale=scale, **model_options).eval()
 
 
-def _task_model(model_name: str, task_name: str, options: dict[str, dict[str, Any]], method_name: str | None) -> tuple[str, tuple[int, ...], nn.Module]:
+def _task_model(
+    model_name: str, task_name: str, options: dict[str, dict[str, Any]], method_name: str | None
+) -> tuple[str, tuple[int, ...], nn.Module]:
     """The task loaded and the model built as a search builds them, then the method prepared and finalized.
 
     The method sees the pre-flight's one-batch context (:func:`search.trial.context.one_batch_context`)
@@ -114,7 +120,9 @@ def _task_model(model_name: str, task_name: str, options: dict[str, dict[str, An
     return task_name, tuple(task.input_shape), model
 
 
-def profile(model_name: str, task: str, shape: tuple[int, ...], model: nn.Module, batch_size: int, threads: int, form: str) -> dict[str, Any]:
+def profile(
+    model_name: str, task: str, shape: tuple[int, ...], model: nn.Module, batch_size: int, threads: int, form: str
+) -> dict[str, Any]:
     """Count and time ``model`` at one sample of ``shape``; latency at ``batch_size`` on ``threads``.
 
     ``form`` ``program`` exports the model (the ONNX form too) and times every form side by side
@@ -139,7 +147,10 @@ def profile(model_name: str, task: str, shape: tuple[int, ...], model: nn.Module
         with tempfile.TemporaryDirectory() as tmp:
             sizes = export_model(model, example, Path(tmp), onnx=True)
             # The runtimes' forms as a trial times them (a form refusing the batch is one error line), the module as it is.
-            timed = {form: deployed_latency(Path(tmp), x, repeats=20, threads=threads, runtime=runtime)["latency_ms"] for runtime, form in LATENCY_RUNTIMES.items()}
+            timed = {
+                form: deployed_latency(Path(tmp), x, repeats=20, threads=threads, runtime=runtime)["latency_ms"]
+                for runtime, form in LATENCY_RUNTIMES.items()
+            }
             timed["module"] = latency_ms(load_form(Path(tmp), "module"), x, repeats=20, threads=threads)
             forms = {name: {"latency_ms": timed[name], "artifact_bytes": sizes[FORMS[name]]} for name in ("program", "module", "onnx")}
     else:

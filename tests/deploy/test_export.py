@@ -28,9 +28,9 @@ from deploy import (
     load_program,
     size_bytes,
 )
+from errors import UserError
 from methods import Phase, Pipeline, train_phase
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
-from errors import UserError
 from search.space.spec import load_space
 from search.trial.context import build_context, build_model, load_task
 
@@ -282,7 +282,16 @@ class _Packed(nn.Module):
 
 
 # What unpacking packed codes runs: casts, shifts, masks, the shift tables and the field sums.
-_UNPACKING = ("aten.to.", "aten._to_copy.", "aten.__rshift__.", "aten.__lshift__.", "aten.__and__.", "aten.bitwise_", "aten.arange.", "aten.sum.")
+_UNPACKING = (
+    "aten.to.",
+    "aten._to_copy.",
+    "aten.__rshift__.",
+    "aten.__lshift__.",
+    "aten.__and__.",
+    "aten.bitwise_",
+    "aten.arange.",
+    "aten.sum.",
+)
 
 
 def _calls(program: nn.Module) -> list[str]:
@@ -413,9 +422,14 @@ def test_a_smaller_bit_width_never_gives_a_larger_file() -> None:
 
     sizes = {}
     for bits in (8, 4, 3, 2):
-        _, shape, model = profiled_model("digits_cnn", None, {"task": {}, "model": {}, "method": {"bits": bits}}, {"digits": ((1, 8, 8), 10)}, method="minmax_quant")
+        _, shape, model = profiled_model(
+            "digits_cnn", None, {"task": {}, "model": {}, "method": {"bits": bits}}, {"digits": ((1, 8, 8), 10)}, method="minmax_quant"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             sizes[bits] = export_model(model, torch.zeros(1, *shape), Path(tmp), onnx=True)
     for name in ("model.pt2", "model.pt", "model.onnx"):
-        assert [sizes[bits][name] for bits in (8, 4, 3, 2)] == sorted((sizes[bits][name] for bits in (8, 4, 3, 2)), reverse=True), (name, sizes)
+        assert [sizes[bits][name] for bits in (8, 4, 3, 2)] == sorted((sizes[bits][name] for bits in (8, 4, 3, 2)), reverse=True), (
+            name,
+            sizes,
+        )
     assert sizes[2]["model.pt2"] < sizes[8]["model.pt2"]
