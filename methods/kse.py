@@ -69,9 +69,7 @@ from torch import nn
 
 from deploy import eval_mode, latency_ms
 from methods._base import Method, MethodContext, NotApplicable
-
-# _Group: models pickled (model.pt) before the clustered convolution had its own module name it here.
-from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401
+from methods._clustered_conv import ClusteredConv2d, cluster_kernels, index_bits
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import first_layers, holds_method_layers
