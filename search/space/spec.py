@@ -20,6 +20,8 @@ import yaml
 
 from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
 from errors import UserError, did_you_mean
+from errors.user_code import IMPORT_PREFIX, absolute_ref, import_name, is_import
+from models import model_factory
 from search.space.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
 from tasks import task_metrics
 from tasks import list_tasks
@@ -296,7 +298,7 @@ def _read_space_text(path: Path) -> str:
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a space file; pass a YAML file such as {path / 'space.yaml'}.")
     if not path.exists():
-        bundled = Path(__file__).resolve().parent.parent / "spaces" / path.name
+        bundled = Path(__file__).resolve().parents[2] / "spaces" / path.name
         hint = f" A space of that name ships with slimtune: {bundled}." if bundled.is_file() else ""
         raise UserError(f"{path}: no such file.{hint}")
     try:
@@ -385,7 +387,10 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
 
     task, task_options = _named(r, top["task"], "task")
 
-    if task not in list_tasks():
+    if is_import(task):
+        # Kind and metric directions come from the user's class: an error names the key.
+        _resolve(r, "task.import", lambda: (task_metrics(task), task_kind(task)))
+    elif task not in list_tasks():
         raise r.error("task", f"unknown task '{task}'.{did_you_mean(task, list_tasks())} Known tasks: {', '.join(list_tasks())}.")
     known_metrics = metrics_of_task(task)
     # Trials run in their own working folders (and on other machines): data folders are made
@@ -394,6 +399,8 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         if (key == "root" or key.endswith("_root")) and isinstance(value, str):
             task_options[key] = str(Path(value).expanduser().resolve())
     model, model_options = _named(r, top["model"], "model")
+    if is_import(model):
+        _resolve(r, "model.import", lambda: model_factory(model))
 
     baseline = r.mapping(top.get("baseline"), "baseline", {"epochs", "checkpoint"})
     checkpoint = baseline.get("checkpoint")
@@ -425,6 +432,9 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     resolved = dict(top)
     if task_options:
         resolved["task"] = {"name": task, "options": task_options}
+    for key, name, options in (("task", task, task_options), ("model", model, model_options)):
+        if is_import(name):
+            resolved[key] = {"import": name.removeprefix(IMPORT_PREFIX), **({"options": options} if options else {})}
     if checkpoint is not None:
         resolved["baseline"] = {**baseline, "checkpoint": checkpoint}
     if output:
@@ -562,19 +572,40 @@ def _tracking_uri(r: _Reader, uri: Any) -> str:
 
 
 def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
-    """``task: digits`` or ``task: {name: cifar10, options: {...}}``."""
+    """``task: digits``, ``task: {name: cifar10, options: {...}}`` or ``task: {import: REF, options: {...}}``.
+
+    An import reference's file is made absolute, relative to the space file's folder; the name
+    returned is then ``import:REF`` (:func:`errors.user_code.import_name`).
+    """
     if isinstance(value, str):
         return value, {}
-    m = r.mapping(value, key, {"name", "options"})
-    if "name" not in m:
-        raise r.error(f"{key}.name", f"is missing; write `{key}: NAME` or `{key}: {{name: NAME, options: {{...}}}}`.")
+    m = r.mapping(value, key, {"name", "options", "import"})
+    if "import" in m:
+        if "name" in m:
+            raise r.error(key, "gives both name and import; a registered name or your own code by import reference, not both.")
+        try:
+            name = import_name(absolute_ref(m["import"], Path(r.path).parent))
+        except UserError as exc:
+            raise r.error(f"{key}.import", str(exc)) from None
+    elif "name" not in m:
+        raise r.error(f"{key}.name", f"is missing; write `{key}: NAME`, `{key}: {{name: NAME, options: {{...}}}}` or `{key}: {{import: REF}}`.")
+    else:
+        name = str(m["name"])
     options = m.get("options")
     if options is not None and not isinstance(options, dict):
         raise r.error(f"{key}.options", f"must be a mapping of option names to values, but got {options!r}.")
     for option in options or {}:
         if not isinstance(option, str):
             raise r.error(f"{key}.options.{option}", f"an option name must be text, but got {option!r}.")
-    return str(m["name"]), dict(options or {})
+    return name, dict(options or {})
+
+
+def _resolve(r: _Reader, key: str, load: Any) -> None:
+    """Import a user's model or task now, so that bad code is one line naming the file and key."""
+    try:
+        load()
+    except UserError as exc:
+        raise r.error(key, str(exc)) from None
 
 
 def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
