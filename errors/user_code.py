@@ -26,7 +26,7 @@ from typing import Any
 
 from errors import UserError, did_you_mean
 
-__all__ = ["IMPORT_PREFIX", "is_import", "import_name", "absolute_ref", "import_ref", "ref_files", "code_digests", "ref_roots"]
+__all__ = ["IMPORT_PREFIX", "is_import", "import_name", "name_from_command_line", "absolute_ref", "import_ref", "ref_files", "code_digests", "ref_roots"]
 
 #: The prefix of a model or task name that is an import reference.
 IMPORT_PREFIX = "import:"
@@ -40,6 +40,14 @@ def is_import(name: str) -> bool:
 def import_name(ref: str) -> str:
     """The model or task name under which ``ref`` (absolute) is known."""
     return IMPORT_PREFIX + ref
+
+
+def name_from_command_line(text: str, base: Path) -> str:
+    """A model or task as a command line gives it: a registered name, ``file.py:attr`` (relative to
+    ``base``) or ``import:REF``; a reference comes back as its ``import:`` name, made absolute."""
+    if is_import(text) or ".py:" in text:
+        return import_name(absolute_ref(text.removeprefix(IMPORT_PREFIX), base))
+    return text
 
 
 def _split(ref: str) -> tuple[str, str]:

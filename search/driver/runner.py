@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from errors import UserError
+from errors.user_code import is_import, ref_roots
 from search.driver.checks import check_before_baseline, check_resources
 from search.results.html_report import REPORT_ARTIFACT, log_report, write_report
 from search.results.ranking import front, pareto_table, rank_records, search_hypervolume
@@ -137,7 +138,7 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
 def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool) -> SearchRecord:
     """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end."""
     try:
-        started = _init_ray(address)
+        started = _init_ray(address, user_code_roots(record.space))
         try:
             check_resources(record.space, ray.cluster_resources())
             # Saved before anything trains: a search stopped during its baseline can be resumed.
@@ -201,8 +202,20 @@ def _baseline(space: SearchSpace, address: str | None, reporter: Reporter) -> tu
 # ----------------------------------------------------------------------------------------------
 
 
-def _init_ray(address: str | None) -> bool:
+def user_code_roots(space: SearchSpace) -> list[Path]:
+    """The folders of the user's own code the space imports (``model: {import: REF}``), each once."""
+    roots: list[Path] = []
+    for name in (space.model, space.task):
+        if is_import(name):
+            roots += [root for root in ref_roots(name) if root not in roots]
+    return roots
+
+
+def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool:
     """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``.
+
+    ``user_roots`` (:func:`user_code_roots`) travel to a cluster's workers beside our packages;
+    a local Ray's workers find them on the ``PYTHONPATH`` they inherit.
 
     Returns:
         Whether this call started (or connected) Ray; False when the process already had a Ray
@@ -224,9 +237,14 @@ def _init_ray(address: str | None) -> bool:
     if address:
         if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
             keep_ray_on_loopback()
-        kwargs["runtime_env"] = {"py_modules": [str(root / package) for package in ("errors", "models", "tasks", "deploy", "methods", "search")]}
+        own = [str(root / package) for package in ("errors", "models", "tasks", "deploy", "methods", "search")]
+        kwargs["runtime_env"] = {"py_modules": own + [str(p) for p in user_roots or []]}
         ray.init(address=address, **kwargs)
     else:
+        # A user package imported by module name: the local workers, started below, inherit the path.
+        parents = [str(p.parent) for p in user_roots or [] if (p / "__init__.py").is_file()]
+        if parents:
+            os.environ["PYTHONPATH"] = os.pathsep.join([*parents, *filter(None, [os.environ.get("PYTHONPATH")])])
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)

@@ -24,7 +24,7 @@ from deploy import apply_reported_cost, count_flops, count_params, deployed_late
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
 from search.trial.context import build_context, build_model, first_batch, load_task, run_one_batch, seed_everything, seeded_loader, trial_threads
-from search.trial.recipe import recipe_document, space_from_recipe, state_digest
+from search.trial.recipe import changed_imports, recipe_document, space_from_recipe, state_digest
 from search.space.spec import SearchSpace
 from tasks import Task, task_metrics
 from ray import tune
@@ -359,6 +359,8 @@ def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = prin
         UserError: The recipe names a CUDA device this machine does not have.
     """
     space = space_from_recipe(doc)
+    for line in changed_imports(doc):
+        log(line)
     device = torch.device(doc["run"]["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("the recipe's trial ran on CUDA, but this machine has no CUDA device; replay it on a machine with a GPU.")
