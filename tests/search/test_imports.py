@@ -30,10 +30,10 @@ class Net(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
         self.bn = nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, num_classes)
+        self.fc = nn.Linear(width * 16, num_classes)
 
     def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+        return self.fc(torch.flatten(nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2), 1))
 
 
 def build(num_classes, hidden=6):
@@ -281,7 +281,9 @@ def test_a_search_of_user_files_exports_and_replays(tmp_path: Path, capsys) -> N
     """Model and task files outside the package: searched with trials in Ray workers, exported, replayed."""
     from search.driver.runner import run_search
 
-    path = _space(tmp_path, name="user_search")
+    path = _space(tmp_path, name="user_search", model_options="{width: 8}")
+    # Enough baseline training for a model that learnt something (a baseline at chance is refused).
+    path.write_text(path.read_text().replace("baseline: {epochs: 1}", "baseline: {epochs: 4}\ntraining: {lr: 0.1, batch_size: 32}"))
     with contextlib.redirect_stdout(io.StringIO()):
         record = run_search(path, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lambda m: None)
     export = tmp_path / "export"
