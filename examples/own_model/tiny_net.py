@@ -5,18 +5,18 @@ from torch import nn
 
 
 class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
             nn.BatchNorm2d(width),
             nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.BatchNorm2d(2 * width),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
+            nn.MaxPool2d(2),
         )
-        self.classifier = nn.Linear(2 * width, num_classes)
+        self.classifier = nn.Linear(width * 4 * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
