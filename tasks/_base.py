@@ -39,7 +39,7 @@ class Task:
 
     Both class attributes are read without building the task (``slimtune check`` and the space's
     ``objectives``/``constraints`` use them); the rest is checked once the task is built.
-    ``examples/digits_task.py`` is a complete one.
+    ``examples/own_model/digits_task.py`` is a complete one.
 
     Attributes:
         name: Registry name of the task, e.g. ``"cifar10"``.

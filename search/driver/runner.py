@@ -9,6 +9,7 @@ second SIGINT stops at once. Either way :class:`SearchInterrupted` says how far 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tempfile
@@ -238,6 +239,8 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
         if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
             keep_ray_on_loopback()
         own = [str(root / package) for package in ("errors", "models", "tasks", "deploy", "methods", "search")]
+        for folder in user_roots or []:
+            _refuse_shadowing(folder)
         kwargs["runtime_env"] = {"py_modules": own + [str(p) for p in user_roots or []]}
         ray.init(address=address, **kwargs)
     else:
@@ -249,6 +252,18 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
         keep_ray_on_loopback()
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     return True
+
+
+def _refuse_shadowing(folder: Path) -> None:
+    """A py_module is imported by its folder's name on the workers: one that names another module would hide it."""
+    spec = importlib.util.find_spec(folder.name) if folder.name.isidentifier() else None
+    found = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    if not folder.name.isidentifier() or (spec is not None and folder.resolve() not in [p.resolve() for p in found]):
+        other = f"it would hide the module '{folder.name}' ({spec.origin or found[0]})" if spec else "it is no Python name"
+        raise UserError(
+            f"{folder}: the folder of your model or task code travels to the cluster's workers as a module named after it, "
+            f"but {other}; move the files into a folder of their own with a distinct name (letters, digits, _)."
+        )
 
 
 def _shutdown_ray() -> None:

@@ -12,6 +12,7 @@ import itertools
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -577,6 +578,8 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
     An import reference's file is made absolute, relative to the space file's folder; the name
     returned is then ``import:REF`` (:func:`errors.user_code.import_name`).
     """
+    if isinstance(value, str) and is_import(value):
+        value = {"import": value.removeprefix(IMPORT_PREFIX)}
     if isinstance(value, str):
         return value, {}
     m = r.mapping(value, key, {"name", "options", "import"})
@@ -587,6 +590,8 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
             name = import_name(absolute_ref(m["import"], Path(r.path).parent))
         except UserError as exc:
             raise r.error(f"{key}.import", str(exc)) from None
+    elif isinstance(m.get("name"), str) and is_import(m["name"]):
+        raise r.error(f"{key}.name", f"names your own code; write `{key}: {{import: {m['name'].removeprefix(IMPORT_PREFIX)!r}}}`.")
     elif "name" not in m:
         raise r.error(f"{key}.name", f"is missing; write `{key}: NAME`, `{key}: {{name: NAME, options: {{...}}}}` or `{key}: {{import: REF}}`.")
     else:
@@ -600,7 +605,7 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
     return name, dict(options or {})
 
 
-def _resolve(r: _Reader, key: str, load: Any) -> None:
+def _resolve(r: _Reader, key: str, load: Callable[[], object]) -> None:
     """Import a user's model or task now, so that bad code is one line naming the file and key."""
     try:
         load()

@@ -114,8 +114,8 @@ def _stem(tmp_path: Path, kind: str) -> str:
 
 
 def _files(tmp_path: Path) -> tuple[str, str]:
-    """Write the model and task files into ``tmp_path/code`` and return their file names."""
-    code = tmp_path / "code"
+    """Write the model and task files into ``tmp_path/user_code`` and return their file names."""
+    code = tmp_path / "user_code"
     code.mkdir(exist_ok=True)
     net, task = _stem(tmp_path, "net") + ".py", _stem(tmp_path, "task") + ".py"
     (code / net).write_text(NET)
@@ -128,8 +128,8 @@ def _space(tmp_path: Path, model: str = "Net", task: str = "Digits", model_optio
     path = tmp_path / "space.yaml"
     path.write_text(SPACE.format(
         name=name,
-        task=f'{{import: "code/{task_file}:{task}", options: {{limit: 300}}}}',
-        model=f'{{import: "code/{net}:{model}", options: {model_options}}}',
+        task=f'{{import: "user_code/{task_file}:{task}", options: {{limit: 300}}}}',
+        model=f'{{import: "user_code/{net}:{model}", options: {model_options}}}',
         objectives=objectives,
     ))  # fmt: skip
     return path
@@ -140,8 +140,8 @@ def test_a_space_names_the_model_and_task_files_relative_to_itself(tmp_path: Pat
     monkeypatch.chdir("/")
     space = load_space(path)
     net, task = _files(tmp_path)
-    assert space.model == f"import:{tmp_path / 'code' / net}:Net" and space.model_options == {"width": 4}
-    assert space.task == f"import:{tmp_path / 'code' / task}:Digits" and space.task_options == {"limit": 300}
+    assert space.model == f"import:{tmp_path / 'user_code' / net}:Net" and space.model_options == {"width": 4}
+    assert space.task == f"import:{tmp_path / 'user_code' / task}:Digits" and space.task_options == {"limit": 300}
     # The stored document names the files absolutely, so the search is read back from anywhere.
     again = load_space(_write(tmp_path / "elsewhere" / "resolved.yaml", space.resolved_source))
     assert (again.model, again.task, again.model_options, again.task_options) == (space.model, space.task, {"width": 4}, {"limit": 300})
@@ -178,19 +178,19 @@ def test_a_user_task_declares_its_metrics_for_objectives_and_its_kind_for_method
 @pytest.mark.parametrize(
     ("key", "ref", "message"),
     [
-        ("model", "code/{net}:Nett", r"code/{net} has no attribute 'Nett'\. Did you mean 'Net'\?$"),
-        ("model", "code/x{net}:Net", r"no such file .*/code/x{net}\. Did you mean '{net}'"),
+        ("model", "user_code/{net}:Nett", r"user_code/{net} has no attribute 'Nett'\. Did you mean 'Net'\?$"),
+        ("model", "user_code/x{net}:Net", r"no such file .*/user_code/x{net}\. Did you mean '{net}'"),
         ("model", "torchvison.models:resnet18", r"no module 'torchvison' \(importing 'torchvison.models'\)\. Did you mean 'torchvision'"),
         ("model", "torchvision.modls:resnet18", r"no module 'torchvision.modls' .*Did you mean 'models'"),
-        ("model", "code/broken.py:Net", r"code/broken\.py: fails to import: NameError: name 'undefined_name' is not defined$"),
+        ("model", "user_code/broken.py:Net", r"user_code/broken\.py: fails to import: NameError: name 'undefined_name' is not defined$"),
         ("model", "no_colon", r"must read 'package.module:attr' or 'path/to/file.py:attr'"),
-        ("task", "code/{task}:NotATask", r"not a subclass of tasks\.Task"),
-        ("task", "code/{task}:BadKind", r"kind must be one of classification, .*but BadKind\.kind is 'detection'\.$"),
+        ("task", "user_code/{task}:NotATask", r"not a subclass of tasks\.Task"),
+        ("task", "user_code/{task}:BadKind", r"kind must be one of classification, .*but BadKind\.kind is 'detection'\.$"),
     ],
 )
 def test_a_bad_reference_is_one_line_naming_the_file_and_key(tmp_path: Path, key: str, ref: str, message: str, capsys) -> None:
     net, task = _files(tmp_path)
-    (tmp_path / "code" / "broken.py").write_text("x = 1\nundefined_name\n")
+    (tmp_path / "user_code" / "broken.py").write_text("x = 1\nundefined_name\n")
     path = _space(tmp_path)
     text = path.read_text()
     old = re.search(rf'^{key}: \{{import: "([^"]+)"', text, re.M).group(1)
@@ -248,20 +248,20 @@ def test_the_baseline_key_and_the_recipe_cover_the_user_files(tmp_path: Path) ->
     net, task = _files(tmp_path)
     before = json.dumps(baseline_key(space), sort_keys=True, default=str)
     imports = imported_code(space)
-    assert imports["model"]["ref"] == f"{tmp_path / 'code' / net}:Net"
-    assert list(imports["model"]["sha256"]) == [str(tmp_path / "code" / net)] and list(imports["task"]["sha256"]) == [str(tmp_path / "code" / task)]
+    assert imports["model"]["ref"] == f"{tmp_path / 'user_code' / net}:Net"
+    assert list(imports["model"]["sha256"]) == [str(tmp_path / "user_code" / net)] and list(imports["task"]["sha256"]) == [str(tmp_path / "user_code" / task)]
     assert changed_imports({"imports": imports}) == []
-    (tmp_path / "code" / net).write_text(NET + "\n# retuned\n")
+    (tmp_path / "user_code" / net).write_text(NET + "\n# retuned\n")
     assert json.dumps(baseline_key(space), sort_keys=True, default=str) != before
     (warning,) = changed_imports({"imports": imports})
-    assert warning.startswith(f"warning: model.import {imports['model']['ref']}: {tmp_path / 'code' / net} changed since the trial ran")
+    assert warning.startswith(f"warning: model.import {imports['model']['ref']}: {tmp_path / 'user_code' / net} changed since the trial ran")
 
 
 def test_the_user_code_travels_to_a_clusters_workers(tmp_path: Path) -> None:
     from search.driver.runner import user_code_roots
 
     space = load_space(_space(tmp_path))
-    assert user_code_roots(space) == [tmp_path / "code"]
+    assert user_code_roots(space) == [tmp_path / "user_code"]
 
 
 def test_a_worker_without_the_path_finds_the_file_in_the_shipped_folder(tmp_path: Path, monkeypatch) -> None:
@@ -290,13 +290,29 @@ def test_a_search_of_user_files_exports_and_replays(tmp_path: Path, capsys) -> N
     assert main(["export", "user_search", "--pick", "max-accuracy", "--out", str(export), "--results-dir", str(tmp_path / "results")]) == 0
     recipe = json.loads((export / "recipe.json").read_text())
     net, _ = _files(tmp_path)
-    assert recipe["model"]["name"] == f"import:{tmp_path / 'code' / net}:Net"
-    assert recipe["imports"]["model"]["sha256"][str(tmp_path / "code" / net)] == __import__("hashlib").sha256(NET.encode()).hexdigest()
+    assert recipe["model"]["name"] == f"import:{tmp_path / 'user_code' / net}:Net"
+    assert recipe["imports"]["model"]["sha256"][str(tmp_path / "user_code" / net)] == __import__("hashlib").sha256(NET.encode()).hexdigest()
     assert recipe["metrics"]["accuracy"] > 0.1
     capsys.readouterr()
     assert main(["replay", str(export / "recipe.json"), "--out", str(tmp_path / "replayed")]) == 0
     printed = capsys.readouterr().out
     assert "metrics equal the recipe's" in printed and "changed since" not in printed
-    (tmp_path / "code" / net).write_text(NET + "\n# edited after the search\n")
+    (tmp_path / "user_code" / net).write_text(NET + "\n# edited after the search\n")
     assert main(["replay", str(export / "recipe.json"), "--out", str(tmp_path / "replayed_again")]) == 0
     assert "changed since the trial ran" in capsys.readouterr().out
+
+
+def test_a_folder_that_would_hide_a_module_on_the_workers_is_refused(tmp_path: Path) -> None:
+    from search.driver.runner import _refuse_shadowing
+
+    with pytest.raises(UserError, match=r"/code: .* it would hide the module 'code' \(.*code\.py\); move the files"):
+        _refuse_shadowing(tmp_path / "code")
+    _refuse_shadowing(tmp_path / "user_code")
+
+
+def test_an_import_name_written_as_text_is_made_absolute_too(tmp_path: Path, monkeypatch) -> None:
+    net, _ = _files(tmp_path)
+    path = _space(tmp_path)
+    path.write_text(re.sub(r"^model: .*$", f"model: import:user_code/{net}:build", path.read_text(), flags=re.M))
+    monkeypatch.chdir("/")
+    assert load_space(path).model == f"import:{tmp_path / 'user_code' / net}:build"
