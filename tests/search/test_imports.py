@@ -316,3 +316,13 @@ def test_an_import_name_written_as_text_is_made_absolute_too(tmp_path: Path, mon
     path.write_text(re.sub(r"^model: .*$", f"model: import:user_code/{net}:build", path.read_text(), flags=re.M))
     monkeypatch.chdir("/")
     assert load_space(path).model == f"import:{tmp_path / 'user_code' / net}:build"
+
+
+def test_profile_builds_the_user_model_on_the_user_task(tmp_path: Path, monkeypatch, capsys) -> None:
+    net, task = _files(tmp_path)
+    monkeypatch.chdir(tmp_path / "user_code")
+    assert main(["profile", f"{net}:Net", "--task", f"{task}:Digits", "--model-option", "width=4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # conv 1->4 channels, 3x3 on 8x8: 4*9*64 = 2304; fc 4*16 -> 10: 640.
+    assert (report["input_shape"], report["macs"]) == ([1, 8, 8], 2304 + 640)
+    assert report["task"] == f"import:{tmp_path / 'user_code' / task}:Digits"
