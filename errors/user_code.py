@@ -187,20 +187,18 @@ def code_digests(ref: str) -> dict[str, str]:
 
 
 def ref_roots(ref: str) -> list[Path]:
-    """The folders that carry ``ref``'s code to another machine (Ray's ``py_modules``).
+    """What carries ``ref``'s code to another machine (Ray's ``py_modules``).
 
-    A file's folder; a module's top-level package folder, unless it is installed in
-    site-packages, where every worker has it already (a module outside a package cannot travel
-    as a py_module: name it by its file instead).
+    A file's folder; a module's top-level package folder, or its file for a module outside a
+    package; nothing for one installed in site-packages, which every worker has already.
     """
     target, _ = _split(ref)
     if _is_file(target):
         return [Path(target).parent]
-    top = target.split(".")[0]
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations or spec.origin in (None, "built-in", "frozen"):
+    spec = importlib.util.find_spec(target.split(".")[0])
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
         return []
-    root = Path(spec.origin).parent
+    root = Path(spec.origin).parent if spec.submodule_search_locations else Path(spec.origin)
     if any(part in ("site-packages", "dist-packages") for part in root.parts):
         return []
     return [root]

@@ -232,20 +232,20 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
         configure_logging=True,
     )
     # The trial code (this repository's packages) travels to every worker of a cluster.
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     # A local Ray and a cluster reached at a loopback address (a multi-node cluster on one
     # machine) must stay on 127.0.0.1.
     if address:
         if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
             keep_ray_on_loopback()
         own = [str(root / package) for package in ("errors", "models", "tasks", "deploy", "methods", "search")]
-        for folder in user_roots or []:
-            _refuse_shadowing(folder)
+        for user_root in user_roots or []:
+            _refuse_shadowing(user_root)
         kwargs["runtime_env"] = {"py_modules": own + [str(p) for p in user_roots or []]}
         ray.init(address=address, **kwargs)
     else:
         # A user package imported by module name: the local workers, started below, inherit the path.
-        parents = [str(p.parent) for p in user_roots or [] if (p / "__init__.py").is_file()]
+        parents = [str(p.parent) for p in user_roots or [] if (p / "__init__.py").is_file() or p.suffix == ".py"]
         if parents:
             os.environ["PYTHONPATH"] = os.pathsep.join([*parents, *filter(None, [os.environ.get("PYTHONPATH")])])
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -254,14 +254,15 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
     return True
 
 
-def _refuse_shadowing(folder: Path) -> None:
-    """A py_module is imported by its folder's name on the workers: one that names another module would hide it."""
-    spec = importlib.util.find_spec(folder.name) if folder.name.isidentifier() else None
-    found = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    if not folder.name.isidentifier() or (spec is not None and folder.resolve() not in [p.resolve() for p in found]):
-        other = f"it would hide the module '{folder.name}' ({spec.origin or found[0]})" if spec else "it is no Python name"
+def _refuse_shadowing(root: Path) -> None:
+    """A py_module is imported by its name on the workers: a folder named like another module would hide it."""
+    name = root.stem if root.suffix == ".py" else root.name
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    here = [Path(p) for p in ([spec.origin] if spec.origin else []) + list(spec.submodule_search_locations or [])] if spec else []
+    if not name.isidentifier() or (spec is not None and root.resolve() not in [p.resolve() for p in here]):
+        other = f"it would hide the module '{name}' ({spec.origin or here[0]})" if spec else "it is no Python name"
         raise UserError(
-            f"{folder}: the folder of your model or task code travels to the cluster's workers as a module named after it, "
+            f"{root}: the folder of your model or task code travels to the cluster's workers as a module named after it, "
             f"but {other}; move the files into a folder of their own with a distinct name (letters, digits, _)."
         )
 

@@ -326,3 +326,22 @@ def test_profile_builds_the_user_model_on_the_user_task(tmp_path: Path, monkeypa
     # conv 1->4 channels, 3x3 on 8x8: 4*9*64 = 2304; fc 4*16 -> 10: 640.
     assert (report["input_shape"], report["macs"]) == ([1, 8, 8], 2304 + 640)
     assert report["task"] == f"import:{tmp_path / 'user_code' / task}:Digits"
+
+
+def test_a_module_reference_travels_as_its_package_or_its_file(tmp_path: Path, monkeypatch) -> None:
+    from errors.user_code import import_ref, ref_roots
+    from search.driver.runner import _refuse_shadowing
+
+    stem = _stem(tmp_path, "pkg")
+    _write(tmp_path / "site" / stem / "__init__.py", "")
+    _write(tmp_path / "site" / stem / "nets.py", NET)
+    _write(tmp_path / "site" / f"{stem}_single.py", NET)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert import_ref(f"{stem}.nets:Net").__name__ == "Net"
+    assert ref_roots(f"{stem}.nets:Net") == [tmp_path / "site" / stem]
+    assert ref_roots(f"{stem}_single:Net") == [tmp_path / "site" / f"{stem}_single.py"]
+    assert ref_roots("torch.nn:Linear") == []  # installed: every worker has it
+    for root in (tmp_path / "site" / stem, tmp_path / "site" / f"{stem}_single.py"):
+        _refuse_shadowing(root)
+    for name in (stem, f"{stem}.nets", f"{stem}_single"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
