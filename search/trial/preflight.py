@@ -122,10 +122,13 @@ def _baseline_on_task_input(space: SearchSpace, task) -> tuple[torch.nn.Module, 
 def _check_output_fits(space: SearchSpace, task, baseline: torch.nn.Module, batch) -> None:
     """The model's output on a batch must be what the task's loss takes (a user's model is not made for it)."""
     inputs, targets = batch
+    if not isinstance(inputs, torch.Tensor):
+        return  # a batch of several inputs (two-view) reaches the model through its task's own code
     with torch.no_grad():
         out = baseline(inputs)
     reason = ""
-    if task_kind(space.task) == "classification" and (out.dim() != 2 or out.shape[1] != task.num_classes):
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__  # two-view models return pairs
+    if task_kind(space.task) == "classification" and isinstance(out, torch.Tensor) and (out.dim() != 2 or out.shape[1] != task.num_classes):
         reason = f"a classifier's output must be (batch, {task.num_classes}), one logit per class"
     else:
         try:
@@ -137,7 +140,7 @@ def _check_output_fits(space: SearchSpace, task, baseline: torch.nn.Module, batc
     if reason:
         options = f" with options {space.model_options}" if space.model_options else ""
         raise UserError(
-            f"{space.path}: model: '{space.model}'{options} outputs shape {tuple(out.shape)}, which does not fit task "
+            f"{space.path}: model: '{space.model}'{options} outputs shape {shape}, which does not fit task "
             f"'{space.task}' ({reason}). Build the model for the task (its num_classes) or fix the task."
         )
 
