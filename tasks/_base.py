@@ -30,10 +30,10 @@ class Task:
       latency and the exported program are traced at it), and ``num_classes``;
     - ``metric_directions`` (class attribute): each metric :meth:`evaluate` returns that the
       search may judge by, headline first, with ``"max"`` or ``"min"``; ``metrics`` must list
-      the same names (the defaults, ``{"accuracy": "max"}`` and ``("accuracy",)``, fit a
-      classifier);
-    - ``kind`` (class attribute): one of :data:`tasks.TASK_KINDS` (default
-      ``"classification"``); methods that apply to some kinds only are refused for others;
+      the same names (a classifier: ``{"accuracy": "max"}``, and ``metrics`` left at its
+      default);
+    - ``kind`` (class attribute): one of :data:`tasks.TASK_KINDS`, e.g. ``"classification"``;
+      methods that apply to some kinds only are refused for others;
     - optionally :meth:`loss` (default cross-entropy on logits) and :meth:`evaluate` (default
       accuracy and loss), overridden together for another kind of output.
 
@@ -57,10 +57,10 @@ class Task:
             ``adding``: predicting the mean); logged beside the baseline. Empty when not known.
     """
 
-    #: A user task's kind and its metrics' directions (above); registered tasks declare theirs
-    #: with :func:`tasks.register_task` instead.
-    kind: ClassVar[str] = "classification"
-    metric_directions: ClassVar[dict[str, str]] = {"accuracy": "max"}
+    #: A user task's kind and its metrics' directions (above), declared by its class; registered
+    #: tasks declare theirs with :func:`tasks.register_task` instead and have neither.
+    kind: ClassVar[str]
+    metric_directions: ClassVar[dict[str, str]]
 
     name: str
     num_classes: int

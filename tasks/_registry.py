@@ -130,6 +130,9 @@ def _imported_class(name: str) -> type[Task]:
             f"task '{name}': names {cls!r}, not a subclass of tasks.Task; write `class MyTask(Task)` "
             "(see the interface in tasks.Task's docstring)."
         )
+    for attribute, example in (("kind", "'classification'"), ("metric_directions", "{'accuracy': 'max'}")):
+        if not hasattr(cls, attribute):
+            raise UserError(f"task '{name}': {cls.__name__} lacks the class attribute {attribute} (e.g. {attribute} = {example}); see tasks.Task's docstring.")
     if cls.kind not in TASK_KINDS:
         raise UserError(f"task '{name}': kind must be one of {', '.join(TASK_KINDS)}, but {cls.__name__}.kind is {cls.kind!r}.")
     directions = cls.metric_directions

@@ -88,6 +88,10 @@ class BadKind(Digits):
     kind = "detection"
 
 
+class NoDirections(Task):
+    kind = "classification"
+
+
 class NotATask:
     pass
 """
@@ -185,6 +189,7 @@ def test_a_user_task_declares_its_metrics_for_objectives_and_its_kind_for_method
         ("model", "user_code/broken.py:Net", r"user_code/broken\.py: fails to import: NameError: name 'undefined_name' is not defined$"),
         ("model", "no_colon", r"must read 'package.module:attr' or 'path/to/file.py:attr'"),
         ("task", "user_code/{task}:NotATask", r"not a subclass of tasks\.Task"),
+        ("task", "user_code/{task}:NoDirections", r"NoDirections lacks the class attribute metric_directions \(e\.g\. metric_directions = \{{'accuracy': 'max'\}}\)"),
         ("task", "user_code/{task}:BadKind", r"kind must be one of classification, .*but BadKind\.kind is 'detection'\.$"),
     ],
 )
