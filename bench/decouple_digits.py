@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    print(f"models {args.models}, seeds {args.seeds}, lambda_s {args.lambda_s}, {args.epochs} epochs, device {device}, torch {torch.__version__}")
+    print(
+        f"models {args.models}, seeds {args.seeds}, lambda_s {args.lambda_s}, {args.epochs} epochs, device {device}, torch {torch.__version__}"
+    )
     rows: list[dict[str, Any]] = []
     for model_name in args.models:
         space = build_space(model_name, args)
@@ -84,7 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         for p in baseline.parameters():
             p.requires_grad_(False)
         print(f"{model_name} baseline: accuracy {base['accuracy']:.4f}, {base['macs']:,.0f} MACs", flush=True)
-        rows.append({"model": model_name, "method": "baseline", "lambda_s": float("nan"), "seed": -1, "accuracy": base["accuracy"], "static": base["macs"], "dynamic": base["macs"]})
+        rows.append(
+            {
+                "model": model_name,
+                "method": "baseline",
+                "lambda_s": float("nan"),
+                "seed": -1,
+                "accuracy": base["accuracy"],
+                "static": base["macs"],
+                "dynamic": base["macs"],
+            }
+        )
 
         def student(seed: int):
             seed_everything(seed)
@@ -109,7 +121,18 @@ def main(argv: list[str] | None = None) -> int:
                 ratio, _ = l1_ratio_for_macs(model, ctx, int(row["static"]))
                 pruned = Pipeline([create_method("l1_filter", {"ratio": ratio})]).run(model, ctx)
                 l1 = measure(pruned, space, task, device, None)
-                rows.append({"model": model_name, "method": "l1_filter", "lambda_s": lambda_s, "seed": seed, "accuracy": l1["accuracy"], "static": l1["macs"], "dynamic": l1["macs"], "ratio": ratio})
+                rows.append(
+                    {
+                        "model": model_name,
+                        "method": "l1_filter",
+                        "lambda_s": lambda_s,
+                        "seed": seed,
+                        "accuracy": l1["accuracy"],
+                        "static": l1["macs"],
+                        "dynamic": l1["macs"],
+                        "ratio": ratio,
+                    }
+                )
                 print(f"  {model_name} lambda_s {lambda_s:g} seed {seed}: decouple {accuracy:.4f} at {row['static']:,.0f} static / {row['dynamic']:,.0f} dynamic MACs, "
                       f"l1_filter {l1['accuracy']:.4f} at {l1['macs']:,.0f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
 
@@ -130,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model_name:<14} {lambda_s:>8g}  {m['accuracy']:>7.4f}±{sd:.3f} {m['static']:>11,.0f} {m['dynamic']:>12,.0f} {m['static'] / m['dynamic']:>10.2f} "
                   f"{m['active']:>6.2f} {m['knn']:>7.3f} {m['auroc']:>6.3f} {l1_acc:>7.4f} {l1_macs:>9,.0f}  "
                   f"{m['lat_static']:>8.3f}/{m['lat_dynamic']:<9.3f}  {m['lat_union']:>12.3f}/{m['lat_per_sample']:<12.3f}")  # fmt: skip
-    print(f"targets: static/dyn >= 1.5 at equal accuracy (both forms compute the same function); AUROC > 0.8. total {time.perf_counter() - started:.0f} s")
+    print(
+        f"targets: static/dyn >= 1.5 at equal accuracy (both forms compute the same function); AUROC > 0.8. total {time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 

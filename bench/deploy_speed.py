@@ -63,10 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every latency (default 2)")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1], help="batch sizes timed (default 64 1)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed passes per latency at the largest batch; 5x as many at batch 1 (default 10)")
-    parser.add_argument("--compile", action="store_true", help="also time the AOTInductor-compiled program (needs a C++ compiler; slow to build)")
     parser.add_argument(
-        "--breakdown", action="store_true",
+        "--repeats", type=int, default=10, help="timed passes per latency at the largest batch; 5x as many at batch 1 (default 10)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the AOTInductor-compiled program (needs a C++ compiler; slow to build)"
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
         help="also split the program's time at the largest batch into convolutions and everything else (torch.profiler; "
         "profiling slows each op, so the milliseconds are larger than the latencies, only the shares compare)",
     )
@@ -126,7 +131,9 @@ def kse(base: nn.Module, levels: int, batch: int) -> nn.Module:
     return method.finalize(method.prepare(copy.deepcopy(base), ctx), ctx)
 
 
-def at_macs_ratio(build: Callable[[nn.Module, float], nn.Module], base: nn.Module, target: float, steps: int = 9) -> tuple[float, nn.Module]:
+def at_macs_ratio(
+    build: Callable[[nn.Module, float], nn.Module], base: nn.Module, target: float, steps: int = 9
+) -> tuple[float, nn.Module]:
     """Bisect the removed fraction until the MACs ratio is within 3% of ``target``."""
     base_macs, low, high = macs(base), 0.0, 0.95
     best: tuple[float, float, nn.Module] | None = None
@@ -258,7 +265,9 @@ def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], thr
                 continue
             conv, other = row["breakdown"]
             rate = row["macs"] * batch / conv / 1e6
-            print(f"{row['method']:<9} {row['setting']:<14} {base['macs'] / row['macs']:>10.2f}  {conv:8.2f} {rate:11.1f} {other:8.2f} {other / (conv + other):11.0%}")
+            print(
+                f"{row['method']:<9} {row['setting']:<14} {base['macs'] / row['macs']:>10.2f}  {conv:8.2f} {rate:11.1f} {other:8.2f} {other / (conv + other):11.0%}"
+            )
     in_range = [r for r in rows[1:] if 2.0 * 0.97 <= base["macs"] / r["macs"] <= 4.0 * 1.03 and ("program", 64) in r["times"]]
     if 64 in batches and in_range:
         shares = [base["times"]["program", 64] / r["times"]["program", 64] / (base["macs"] / r["macs"]) for r in in_range]

@@ -32,14 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEDULERS = ("fifo", "asha", "mo_asha")
 
 
-def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace: int | None, factor: int) -> tuple[list[tuple[float, float]], float]:
+def run(
+    scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace: int | None, factor: int
+) -> tuple[list[tuple[float, float]], float]:
     """One search; returns (cumulative trial CPU seconds, hypervolume) after each trial ended, and for fifo :func:`oracle_cpu`."""
     import optuna
 
-    from search.results.ranking import rank_records, search_hypervolume
-    from search.results.record import completed_records
     from search.driver.runner import run_search
-    from search.results.record import DUPLICATE_OF
+    from search.results.ranking import rank_records, search_hypervolume
+    from search.results.record import DUPLICATE_OF, completed_records
 
     data = yaml.safe_load((ROOT / "spaces" / "quickstart.yaml").read_text())
     data["name"] = f"{scheduler}-s{seed}"
@@ -53,7 +54,9 @@ def run(scheduler: str, seed: int, trials: int, epochs: int, folder: Path, grace
         record = run_search(space, results_dir=folder / "results", tracking_uri=f"sqlite:///{folder}/mlflow.db", log=lambda line: None)
     study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
     # A proposal refused as equal to an earlier trial (``duplicate_of``) was never trained.
-    ended = sorted((t for t in study.trials if t.state.is_finished() and DUPLICATE_OF not in t.user_attrs), key=lambda t: t.datetime_complete)
+    ended = sorted(
+        (t for t in study.trials if t.state.is_finished() and DUPLICATE_OF not in t.user_attrs), key=lambda t: t.datetime_complete
+    )
     completed = {r.number: r for r in completed_records(record)}
     curve, cpu, done = [], 0.0, []
     for t in ended:
@@ -103,7 +106,9 @@ def main() -> None:
     parser.add_argument("--grace", type=int, default=None, help="budget.grace_epochs (default: the space's default)")
     parser.add_argument("--factor", type=int, default=2, help="budget.reduction_factor")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--keep", type=Path, default=None, help="keep each seed's results folder under this folder (default: a temporary one)")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep each seed's results folder under this folder (default: a temporary one)"
+    )
     parser.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS[1:]), choices=SCHEDULERS[1:], help="compared with fifo")
     args = parser.parse_args()
 
@@ -141,7 +146,9 @@ def main() -> None:
         finite = [v for v in values if v != float("inf")]
         mean = f"{statistics.mean(finite):.0%}" if finite else "-"
         shares = ", ".join(f"{v:.0%}" if v != float("inf") else "never" for v in values)
-        print(f"{scheduler}: CPU to reach fifo's final hypervolume, as a share of fifo's, per seed: {shares} (mean of those reached {mean}; target <= 60%)")
+        print(
+            f"{scheduler}: CPU to reach fifo's final hypervolume, as a share of fifo's, per seed: {shares} (mean of those reached {mean}; target <= 60%)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,14 +37,36 @@ import torch
 # What each task runs unless a flag says otherwise.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
-        "model": "digits_cnn", "baseline_epochs": 15, "baseline_lr": 0.05, "batch_size": 64,
-        "lam": 0.1, "mu": 1.0, "mask_step": 1, "mask_lr": 0.01, "lr": 1e-3, "mask_init": "ones", "structure": "auto",
-        "adversarial_epochs": 15, "finetune_epochs": 5, "finetune_lr": 0.05,
+        "model": "digits_cnn",
+        "baseline_epochs": 15,
+        "baseline_lr": 0.05,
+        "batch_size": 64,
+        "lam": 0.1,
+        "mu": 1.0,
+        "mask_step": 1,
+        "mask_lr": 0.01,
+        "lr": 1e-3,
+        "mask_init": "ones",
+        "structure": "auto",
+        "adversarial_epochs": 15,
+        "finetune_epochs": 5,
+        "finetune_lr": 0.05,
     },
     "cifar10": {
-        "model": "resnet56", "baseline_epochs": 160, "baseline_lr": 0.1, "batch_size": 128,
-        "paper_lambda": 0.6, "mu": 1.0, "mask_step": 200, "mask_lr": 0.01, "lr": 1e-3, "mask_init": "normal", "structure": "auto",
-        "adversarial_epochs": 100, "finetune_epochs": 30, "finetune_lr": 0.01,
+        "model": "resnet56",
+        "baseline_epochs": 160,
+        "baseline_lr": 0.1,
+        "batch_size": 128,
+        "paper_lambda": 0.6,
+        "mu": 1.0,
+        "mask_step": 200,
+        "mask_lr": 0.01,
+        "lr": 1e-3,
+        "mask_init": "normal",
+        "structure": "auto",
+        "adversarial_epochs": 100,
+        "finetune_epochs": 30,
+        "finetune_lr": 0.01,
     },
 }
 #: The paper's ResNet-56 rows by their official lambda (baseline 93.26%, 125.49M MACs, 0.85M params).
@@ -67,8 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, typ in (("lam", float), ("mu", float), ("mask-step", int), ("mask-lr", float), ("lr", float),
                       ("mask-init", str), ("structure", str), ("adversarial-epochs", int), ("finetune-epochs", int),
                       ("finetune-lr", float)):  # fmt: skip
-        parser.add_argument(f"--{name}", type=typ, help="gal's hyperparameter" if name not in ("finetune-epochs", "finetune-lr") else "of both methods' fine-tune")
-    parser.add_argument("--paper-lambda", type=float, help="the official code's lambda, the paper's GAL-<lambda> name (0.6, 0.8); sets lam to twice it")
+        parser.add_argument(
+            f"--{name}",
+            type=typ,
+            help="gal's hyperparameter" if name not in ("finetune-epochs", "finetune-lr") else "of both methods' fine-tune",
+        )
+    parser.add_argument(
+        "--paper-lambda", type=float, help="the official code's lambda, the paper's GAL-<lambda> name (0.6, 0.8); sets lam to twice it"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--latency-repeats", type=int, default=50)
     args = parser.parse_args(argv)
@@ -89,7 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_space(args: argparse.Namespace):
     from search.space.spec import parse_space
 
-    task: Any = "digits" if args.task == "digits" else {"name": "cifar10", "options": {"root": str(Path(args.cifar_root).resolve()), "download": False}}
+    task: Any = (
+        "digits"
+        if args.task == "digits"
+        else {"name": "cifar10", "options": {"root": str(Path(args.cifar_root).resolve()), "download": False}}
+    )
     baseline: dict[str, Any] = {"epochs": args.baseline_epochs}
     if args.baseline_checkpoint:
         baseline = {"checkpoint": str(Path(args.baseline_checkpoint).resolve())}
@@ -154,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(f"task {args.task}, model {args.model}, device {device}, seeds {args.seeds}, torch {torch.__version__}")
     print(f"gal {gal_params}; fine-tune of both: {args.finetune_epochs} epochs, SGD lr {args.finetune_lr}, cross-entropy")
-    print(f"baseline: accuracy {base_metrics['accuracy']:.4f}, {base_metrics['macs'] / 1e6:.3f}M MACs, {base_metrics['params'] / 1e3:.1f}k params ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"baseline: accuracy {base_metrics['accuracy']:.4f}, {base_metrics['macs'] / 1e6:.3f}M MACs, {base_metrics['params'] / 1e3:.1f}k params ({time.perf_counter() - started:.0f} s)"
+    )
 
     def student(seed: int):
         seed_everything(seed)
@@ -190,13 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['method']:<10} {r['seed']!s:>4}  {r['setting']:<28} {r['macs']:>10,.0f} {r['params']:>9,.0f} {r['acc_before']:>13.4f} {r['acc_after']:>12.4f} {r['latency_ms']:>10.3f}")
+        print(
+            f"{r['method']:<10} {r['seed']!s:>4}  {r['setting']:<28} {r['macs']:>10,.0f} {r['params']:>9,.0f} {r['acc_before']:>13.4f} {r['acc_after']:>12.4f} {r['latency_ms']:>10.3f}"
+        )
     print("-" * len(header))
     for method in ("gal", "l1_filter"):
         mine = [r for r in rows if r["method"] == method]
         mean = {k: statistics.fmean(r[k] for r in mine) for k in ("macs", "params", "acc_before", "acc_after", "latency_ms")}
         spread = statistics.pstdev(r["acc_after"] for r in mine)
-        print(f"{method:<10} {'mean':>4}  {f'(after FT: sd {spread:.4f})':<28} {mean['macs']:>10,.0f} {mean['params']:>9,.0f} {mean['acc_before']:>13.4f} {mean['acc_after']:>12.4f} {mean['latency_ms']:>10.3f}")
+        print(
+            f"{method:<10} {'mean':>4}  {f'(after FT: sd {spread:.4f})':<28} {mean['macs']:>10,.0f} {mean['params']:>9,.0f} {mean['acc_before']:>13.4f} {mean['acc_after']:>12.4f} {mean['latency_ms']:>10.3f}"
+        )
     if args.task == "cifar10" and args.paper_lambda in PAPER_ROWS:
         print(PAPER_ROWS[args.paper_lambda] + " (baseline 93.26%, 125.49M, 0.85M)")
     print(f"total {time.perf_counter() - started:.0f} s")

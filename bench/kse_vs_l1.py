@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-lr", type=float, default=0.05)
     parser.add_argument("--baseline-checkpoint", help="a state_dict of the model; replaces baseline training (one model only)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="of the baseline and both fine-tunes (the paper's KSE fine-tune: 1e-5)")
+    parser.add_argument(
+        "--weight-decay", type=float, default=5e-4, help="of the baseline and both fine-tunes (the paper's KSE fine-tune: 1e-5)"
+    )
     parser.add_argument("--levels", type=int, default=4, help="kse's G")
     parser.add_argument("--halvings", type=int, default=0, help="kse's T")
     parser.add_argument("--finetune-epochs", type=int, default=5, help="of both methods")
@@ -67,7 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_space(args: argparse.Namespace, model: str):
     from search.space.spec import parse_space
 
-    task: Any = "digits" if args.task == "digits" else {"name": "cifar10", "options": {"root": str(Path(args.cifar_root).resolve()), "download": False}}
+    task: Any = (
+        "digits"
+        if args.task == "digits"
+        else {"name": "cifar10", "options": {"root": str(Path(args.cifar_root).resolve()), "download": False}}
+    )
     baseline: dict[str, Any] = {"epochs": args.baseline_epochs}
     if args.baseline_checkpoint:
         baseline = {"checkpoint": str(Path(args.baseline_checkpoint).resolve())}
@@ -213,7 +219,9 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         print("-" * len(header))
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
-        mean = {k: statistics.fmean(r[k] for r in mine) for k in ("accuracy", "params", "size", "macs_dense", "macs_clustered", "lat1", "lat64")}
+        mean = {
+            k: statistics.fmean(r[k] for r in mine) for k in ("accuracy", "params", "size", "macs_dense", "macs_clustered", "lat1", "lat64")
+        }
         sd = statistics.pstdev(r["accuracy"] for r in mine) if len(mine) > 1 else 0.0
         print(f"{method:<14} {'mean':>4}  {f'(accuracy sd {sd:.4f})':<24} {mean['accuracy']:>8.4f} {mean['params']:>9,.0f} {mean['size']:>9,.0f} "
               f"{mean['macs_dense']:>12,.0f} {mean['macs_clustered']:>12,.0f} {'':>6} {mean['lat1']:>8.3f} {mean['lat64']:>8.2f}")  # fmt: skip
@@ -229,7 +237,16 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> None:
     base = create_model("resnet20", num_classes=10, in_channels=3).to(device).eval()
     shape = (3, 32, 32)
     example = torch.zeros(1, *shape, device=device)
-    ctx = MethodContext(teacher=base, train_loader=[], val_loader=[], task_loss=None, evaluate=None, example_input=example, device=device, log=lambda m: None)
+    ctx = MethodContext(
+        teacher=base,
+        train_loader=[],
+        val_loader=[],
+        task_loss=None,
+        evaluate=None,
+        example_input=example,
+        device=device,
+        log=lambda m: None,
+    )
     rows = []
 
     def row(name: str, model: torch.nn.Module, setting: str, paths: str = "-") -> dict[str, Any]:
@@ -250,7 +267,12 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> None:
         method = create_method("kse", {"levels": args.levels, "halvings": args.halvings, "path": "auto", "timing_batch_size": batch})
         model = method.finalize(method.prepare(copy.deepcopy(base), ctx), ctx).eval()
         m = method.metrics()
-        row(f"kse auto@b{batch}", model, f"G={args.levels} T={args.halvings}", f"{m['clustered_path_layers']:.0f}c/{m['dense_path_layers']:.0f}d")
+        row(
+            f"kse auto@b{batch}",
+            model,
+            f"G={args.levels} T={args.halvings}",
+            f"{m['clustered_path_layers']:.0f}c/{m['dense_path_layers']:.0f}d",
+        )
     ratio, _ = l1_ratio_for_params(base, ctx, forced["dense"]["params"])
     row("l1_filter", create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(base), ctx).eval(), f"ratio={ratio:.3f}")
     print_table(rows, "resnet20, random init, 3x32x32 (speed only; no accuracy)")

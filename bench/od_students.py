@@ -96,7 +96,9 @@ def main() -> None:
     header = f"{'conv':<8} {'mode':<5} {'seed':>4} {'params':>7} {'MACs':>8} {'accuracy':>8} {'latency_ms':>10} {'teacher':>7}"
     print(f"# {args.model} on digits; baseline {args.baseline_epochs} epochs; E = {args.epochs} epochs; od with {args.students} students")
     print(header)
-    print(f"{'none':<8} {'base':<5} {'-':>4} {base['params']:>7} {base['macs']:>8} {base['accuracy']:>8.4f} {base['latency_ms']:>10.3f} {'-':>7}")
+    print(
+        f"{'none':<8} {'base':<5} {'-':>4} {base['params']:>7} {base['macs']:>8} {base['accuracy']:>8.4f} {base['latency_ms']:>10.3f} {'-':>7}"
+    )
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     for conv, groups in CONVS:
         label = conv if conv != "group" else f"group{groups}"

@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         space = load_space(space_path)
         recipe = " > ".join(f"{m.name}({', '.join(f'{k}={v}' for k, v in m.fixed.items())})" for m in space.methods)
         print(f"recipe {recipe}; digits / digits_cnn; baseline {args.baseline_epochs} epochs, {args.epochs} epochs per method phase")
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, driver threads {torch.get_num_threads()}, trial threads {space.budget.cpus_per_trial:g}")
+        print(
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, driver threads {torch.get_num_threads()}, trial threads {space.budget.cpus_per_trial:g}"
+        )
 
         plain_baseline, plain = plain_loop(space, args.trials, tmp)
         search = search_run(space_path, args.trials, tmp)

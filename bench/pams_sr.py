@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4, help="epochs of each quantized run (PAMS: calibration included)")
     p.add_argument("--stats-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--alpha-lr", type=float, default=1.0, help="1e-2 in the paper (30k steps); alpha barely moves in a short run at that rate")
+    p.add_argument(
+        "--alpha-lr", type=float, default=1.0, help="1e-2 in the paper (30k steps); alpha barely moves in a short run at that rate"
+    )
     p.add_argument("--skt-weight", type=float, default=1e3)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     p.add_argument("--random-init", action="store_true", help="add PAMS from a random student at the lowest bit width")
@@ -103,18 +105,28 @@ def make_context(task: SRTask, teacher: nn.Module, args: argparse.Namespace, dev
     )
 
 
-def measure(label: str, model: nn.Module, task: SRTask, device: torch.device, seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def measure(
+    label: str, model: nn.Module, task: SRTask, device: torch.device, seconds: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     model.eval()
     test = task.evaluate(model, DataLoader(task.test_set, batch_size=1), device)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_model(model, task.example_input(1).to(device), Path(tmp), {})["model.pt2"]
     return {
-        "run": label, "psnr": test["psnr"], "ssim": test["ssim"], "params": count_params(model),
-        "size_bytes": size_bytes(model), "artifact_bytes": artifact, "seconds": seconds, **(extra or {}),
+        "run": label,
+        "psnr": test["psnr"],
+        "ssim": test["ssim"],
+        "params": count_params(model),
+        "size_bytes": size_bytes(model),
+        "artifact_bytes": artifact,
+        "seconds": seconds,
+        **(extra or {}),
     }
 
 
-def run_pipeline(label: str, recipe: list[dict[str, Any]], start: nn.Module, teacher: nn.Module, task: SRTask, args, device, epochs: int) -> dict[str, Any]:
+def run_pipeline(
+    label: str, recipe: list[dict[str, Any]], start: nn.Module, teacher: nn.Module, task: SRTask, args, device, epochs: int
+) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = copy.deepcopy(start).train()
     for p in model.parameters():
@@ -134,7 +146,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         size = f"{r['size_bytes']:>9,}" if "size_bytes" in r else f"{'':>9}"
         artifact = f"{r['artifact_bytes']:>11,}" if "artifact_bytes" in r else f"{'':>11}"
         params = f"{r['params']:>9,}" if "params" in r else f"{'':>9}"
-        print(f"{r['run']:<26} {r.get('bits', ''):>4} {r['psnr']:>8.3f} {r['ssim']:>7.4f} {params} {size} {artifact} {alpha:>6} {r.get('seconds', 0):>5.0f}")
+        print(
+            f"{r['run']:<26} {r.get('bits', ''):>4} {r['psnr']:>8.3f} {r['ssim']:>7.4f} {params} {size} {artifact} {alpha:>6} {r.get('seconds', 0):>5.0f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             options[key] = value
     started = time.perf_counter()
     task = create_task("sr", **options)
-    print(f"data: {len(task.train_set.pairs)} training images, {len(task.val_set)} val, {len(task.test_set)} test "
-          f"({time.perf_counter() - started:.0f} s to load); {args.model} x{args.scale}, {args.epochs} epochs per quantized run "
-          f"of {args.patches_per_epoch} patches of {args.patch_size} px", flush=True)
+    print(
+        f"data: {len(task.train_set.pairs)} training images, {len(task.val_set)} val, {len(task.test_set)} test "
+        f"({time.perf_counter() - started:.0f} s to load); {args.model} x{args.scale}, {args.epochs} epochs per quantized run "
+        f"of {args.patches_per_epoch} patches of {args.patch_size} px",
+        flush=True,
+    )
 
     rows = [{"run": "bicubic", **bicubic_baseline(task, "test", device)}]
     fp = create_model(args.model, **task.model_kwargs()).to(device)
@@ -172,7 +189,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def pams(bits: int, skt: float) -> list[dict[str, Any]]:
         qat = args.epochs - args.stats_epochs
-        params = {"bits": bits, "skt_weight": skt, "alpha_lr": args.alpha_lr, "lr": args.lr, "epochs": qat, "stats_epochs": args.stats_epochs}
+        params = {
+            "bits": bits,
+            "skt_weight": skt,
+            "alpha_lr": args.alpha_lr,
+            "lr": args.lr,
+            "epochs": qat,
+            "stats_epochs": args.stats_epochs,
+        }
         return [{"name": "pams", "params": params}]
 
     runs: list[tuple[str, list[dict[str, Any]], nn.Module]] = [("FP32 +ft", [], fp)]

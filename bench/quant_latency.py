@@ -44,9 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deploy import export_model, latency_ms, load_exported, load_form  # noqa: E402
-from search.trial.context import first_batch, run_one_batch  # noqa: E402
 from search.space.spec import load_space  # noqa: E402
-from search.trial.context import build_model, load_task  # noqa: E402
+from search.trial.context import build_model, first_batch, load_task, run_one_batch  # noqa: E402  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Each ``--methods`` choice: the registered method and the parameters it adds to ``bits``.
@@ -96,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = Path(tmp) / f"{label}-{bits}"
             artifacts.append(export_model(model, task.example_input(1), out_dir)["model.pt2"])
             loaded.append(load_forms(out_dir))
-        print(f"{space.model} on {space.task}, input {tuple(x.shape)}, {args.threads} thread(s), "
-              f"median of {args.rounds} rounds x {args.repeats} calls; load average {os.getloadavg()[0]:.2f} at the start")
+        print(
+            f"{space.model} on {space.task}, input {tuple(x.shape)}, {args.threads} thread(s), "
+            f"median of {args.rounds} rounds x {args.repeats} calls; load average {os.getloadavg()[0]:.2f} at the start"
+        )
         times = [{form: [] for form in FORMS} for _ in runs]
         cpu = [{form: [] for form in FORMS} for _ in runs]
         for _ in range(args.rounds):
@@ -107,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
                     measured[form].append(latency_ms(forms[form], x, repeats=args.repeats, warmup=WARMUP, threads=args.threads))
                     used[form].append((time.process_time() - started) * 1000.0 / (WARMUP + args.repeats))
     print(f"{'':<19} {'':>12} {'latency_ms (wall, median)':^32} {'CPU ms per call':^32}")
-    print(f"{'model':<14} {'bits':>4} {'model.pt2 B':>12} " + " ".join(f"{form:>10}" for form in FORMS) + " " + " ".join(f"{form:>10}" for form in FORMS))
+    print(
+        f"{'model':<14} {'bits':>4} {'model.pt2 B':>12} "
+        + " ".join(f"{form:>10}" for form in FORMS)
+        + " "
+        + " ".join(f"{form:>10}" for form in FORMS)
+    )
     for (label, bits, _), artifact, measured, used in zip(runs, artifacts, times, cpu):
         wall = " ".join(f"{statistics.median(measured[form]):>10.2f}" for form in FORMS)
         spent = " ".join(f"{statistics.median(used[form]):>10.2f}" for form in FORMS)

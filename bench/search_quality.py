@@ -53,9 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from search.driver import samplers  # noqa: E402
-from search.results.record import DUPLICATE_OF  # noqa: E402
 from search.driver._tune import SpaceDefinition  # noqa: E402
 from search.results.pareto import hypervolume  # noqa: E402
+from search.results.record import DUPLICATE_OF  # noqa: E402
 from search.space.spec import SAMPLERS, SearchSpace, load_space  # noqa: E402
 from search.trial.body import TrialSpec, recipe_from_config, run_pipeline, train_baseline  # noqa: E402
 
@@ -215,7 +215,9 @@ def numeric_position(space: SearchSpace, recipe: str) -> np.ndarray:
     return np.array(position)
 
 
-def structure_floor(space: SearchSpace, stored: list[list[dict[str, Any]]], normalise, best: float, trials: int, draws: int = 200) -> tuple[str, float, float]:
+def structure_floor(
+    space: SearchSpace, stored: list[list[dict[str, Any]]], normalise, best: float, trials: int, draws: int = 200
+) -> tuple[str, float, float]:
     """The regret of a search that knew the best structure and spread its ``trials`` evenly over it.
 
     The structure (:func:`structure`) is the one whose trials, taken out of the pooled runs,
@@ -234,7 +236,10 @@ def structure_floor(space: SearchSpace, stored: list[list[dict[str, Any]]], norm
     for entry in entries.values():
         groups.setdefault(structure(space, entry["recipe"]), []).append(entry)
     points = {name: [normalise(e["metrics"]) for e in group if feasible(space, e)] for name, group in groups.items()}
-    loss = {name: best - hypervolume([p for other, pts in points.items() if other != name for p in pts], directions, reference) for name in groups}
+    loss = {
+        name: best - hypervolume([p for other, pts in points.items() if other != name for p in pts], directions, reference)
+        for name in groups
+    }
     region = max(loss, key=loss.get)
     group = groups[region]
     positions = np.stack([numeric_position(space, e["recipe"]) for e in group])
@@ -254,7 +259,11 @@ def spread(values: list[float]) -> str:
 
 
 def report(
-    space: SearchSpace, runs: dict[str, list[tuple[int, list[dict[str, Any]]]]], stored: list[list[dict[str, Any]]], baseline: dict[str, float], plot_axes
+    space: SearchSpace,
+    runs: dict[str, list[tuple[int, list[dict[str, Any]]]]],
+    stored: list[list[dict[str, Any]]],
+    baseline: dict[str, float],
+    plot_axes,
 ) -> None:
     """Print the table of one space and draw its curves.
 
@@ -280,15 +289,21 @@ def report(
         cells = [spread(list(hv[name][:, t - 1])) if t <= hv[name].shape[1] else "-" for t in marks]
         print(f"{name:<8}{len(runs[name]):>6}" + "".join(f"{cell:>22}" for cell in cells) + f"{cpu[name][:, -1].mean():>13.0f}")
     # Runs stored before the bench counted refusals have no "refused" field: left out.
-    refused = {name: [sum(e["refused"] for e in run) for _, run in seeds if all("refused" in e for e in run)] for name, seeds in runs.items()}
-    print("proposals equal to a running or finished trial, refused and resampled, mean per run: "
-          + ", ".join(f"{name} {statistics.mean(counts):.1f} (max {max(counts)})" for name, counts in refused.items() if counts))
+    refused = {
+        name: [sum(e["refused"] for e in run) for _, run in seeds if all("refused" in e for e in run)] for name, seeds in runs.items()
+    }
+    print(
+        "proposals equal to a running or finished trial, refused and resampled, mean per run: "
+        + ", ".join(f"{name} {statistics.mean(counts):.1f} (max {max(counts)})" for name, counts in refused.items() if counts)
+    )
     if "random" not in hv:
         return
     random_length = hv["random"].shape[1]
     random_final = hv["random"][:, -1].mean()
-    print(f"regret (best pooled - hypervolume), mean (min-max), its ratio to random's, and when random's "
-          f"{random_length}-trial mean hypervolume {random_final:.4f} is reached by the mean curve:")
+    print(
+        f"regret (best pooled - hypervolume), mean (min-max), its ratio to random's, and when random's "
+        f"{random_length}-trial mean hypervolume {random_final:.4f} is reached by the mean curve:"
+    )
     for name in runs:
         line = f"  {name:<8}"
         for at in (24, 32):
@@ -299,13 +314,16 @@ def report(
         reached = np.nonzero(hv[name].mean(axis=0) >= random_final - 1e-12)[0]
         line += (
             f" reached at trial {reached[0] + 1} ({cpu[name].mean(axis=0)[reached[0]]:.0f} CPU-s)"
-            if len(reached) else f" not reached in {hv[name].shape[1]} trials"
+            if len(reached)
+            else f" not reached in {hv[name].shape[1]} trials"
         )
         print(line)
     at = min(32, random_length)
     region, floor, floor_sd = structure_floor(space, stored, normalise, best, at)
-    print(f"floor: a search that knew the best structure ({region}) and spread {at} trials evenly over its numeric "
-          f"parameters has regret {floor:.3f} (sd {floor_sd:.3f}; x{floor / (best - hv['random'][:, at - 1]).mean():.2f} of random's @{at})")
+    print(
+        f"floor: a search that knew the best structure ({region}) and spread {at} trials evenly over its numeric "
+        f"parameters has regret {floor:.3f} (sd {floor_sd:.3f}; x{floor / (best - hv['random'][:, at - 1]).mean():.2f} of random's @{at})"
+    )
     if plot_axes is not None:
         by_trials, by_cpu = plot_axes
         for name in runs:
@@ -327,11 +345,17 @@ def main() -> None:
     parser.add_argument("--spaces", nargs="+", default=["quickstart", "digits_gal"], help="space names under spaces/, or paths")
     parser.add_argument("--samplers", nargs="+", default=["random", "nsga2", "tpe", "gp"], choices=SAMPLERS)
     parser.add_argument("--seeds", type=int, default=5, help="sampler seeds 0..N-1 (the baseline and training keep the space's seed)")
-    parser.add_argument("--only-seeds", type=int, nargs="+", help="run and tabulate only these of the seeds (to split a bench across processes)")
+    parser.add_argument(
+        "--only-seeds", type=int, nargs="+", help="run and tabulate only these of the seeds (to split a bench across processes)"
+    )
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=None, help="running trials (default: the space's budget.concurrent)")
     parser.add_argument("--out", type=Path, default=Path("slimtune_results/search_quality"))
-    parser.add_argument("--report-only", action="store_true", help="only tabulate the runs stored (of each sampler and seed: the run of --trials trials, else the longest)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only tabulate the runs stored (of each sampler and seed: the run of --trials trials, else the longest)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -372,12 +396,17 @@ def main() -> None:
                     start = time.perf_counter()
                     run = simulate(space, cache, sampler, seed, args.trials, space.budget.concurrent)
                     run_file.write_text(json.dumps(run))
-                    print(f"  {space.name} {sampler} seed {seed}: {len(run)} trials in {time.perf_counter() - start:.0f} s "
-                          f"({len(cache.known)} recipes trained so far)", flush=True)
+                    print(
+                        f"  {space.name} {sampler} seed {seed}: {len(run)} trials in {time.perf_counter() - start:.0f} s "
+                        f"({len(cache.known)} recipes trained so far)",
+                        flush=True,
+                    )
                 runs.setdefault(sampler, []).append((run_length(run_file), json.loads(run_file.read_text())))
         if not runs:
             continue
-        axes = (figure.add_subplot(len(args.spaces), 2, 2 * row + 1), figure.add_subplot(len(args.spaces), 2, 2 * row + 2)) if figure else None
+        axes = (
+            (figure.add_subplot(len(args.spaces), 2, 2 * row + 1), figure.add_subplot(len(args.spaces), 2, 2 * row + 2)) if figure else None
+        )
         stored = [json.loads(path.read_text()) for path in sorted(folder.glob(f"runs/*_c{space.budget.concurrent}.json"))]
         report(space, runs, stored, spec.baseline_metrics, axes)
     if figure is not None:

@@ -176,11 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     gal_params = {"adversarial_epochs": args.gal_epochs, "finetune_epochs": 0}
     ssr_layers = len(find_layers(baseline, task.example_input(1).to(device))) if args.schedule == "layerwise" else 1
     ssr_labelled = args.aulm_epochs * ssr_layers + (args.layer_finetune_epochs * ssr_layers if args.schedule == "layerwise" else 0)
-    finetune_epochs = {"ssr": args.finetune_epochs, "l1_filter": args.finetune_epochs + ssr_labelled, "gal": args.finetune_epochs + ssr_labelled}
+    finetune_epochs = {
+        "ssr": args.finetune_epochs,
+        "l1_filter": args.finetune_epochs + ssr_labelled,
+        "gal": args.finetune_epochs + ssr_labelled,
+    }
     print(f"task {args.task}, model {args.model}, device {device}, seeds {args.seeds}, levels {args.levels}, torch {torch.__version__}")
     print(f"ssr {ssr_params}; gal {gal_params}; fine-tune: SGD lr {args.finetune_lr}, cross-entropy, epochs {finetune_epochs}")
     print(f"labelled epochs in total: {ssr_labelled + args.finetune_epochs} for every method (ssr: {ssr_labelled} in AULM)")
-    print(f"baseline: accuracy {base_metrics['accuracy']:.4f}, {base_metrics['macs'] / 1e3:.1f}K MACs, {base_metrics['params'] / 1e3:.1f}K params ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"baseline: accuracy {base_metrics['accuracy']:.4f}, {base_metrics['macs'] / 1e3:.1f}K MACs, {base_metrics['params'] / 1e3:.1f}K params ({time.perf_counter() - started:.0f} s)"
+    )
 
     def student(seed: int):
         seed_everything(seed)
@@ -235,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         x = base_metrics["macs"] / r["macs"]
         gap = r["macs"] / r["ssr_macs"] - 1
         flag = f"{gap:+.1%}" + ("!" if abs(gap) > MATCH else " ")
-        print(f"{r['method']:<10} {r['level']:>5g} {r['variant']:>4} {r['seed']:>4}  {r['setting']:<12} {r['macs']:>9,.0f} {flag:>7} {x:>5.2f} {r['params']:>8,.0f} {r['ft_epochs']:>5} {r['acc_before']:>13.4f} {r['acc_after']:>12.4f} {r['latency_ms']:>10.3f}")
+        print(
+            f"{r['method']:<10} {r['level']:>5g} {r['variant']:>4} {r['seed']:>4}  {r['setting']:<12} {r['macs']:>9,.0f} {flag:>7} {x:>5.2f} {r['params']:>8,.0f} {r['ft_epochs']:>5} {r['acc_before']:>13.4f} {r['acc_after']:>12.4f} {r['latency_ms']:>10.3f}"
+        )
     print("-" * len(header))
     print("means over seeds (matched against the SSR variant in 'vs'):")
     for level in args.levels:
@@ -247,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                 mean = {k: statistics.fmean(r[k] for r in mine) for k in ("macs", "params", "acc_before", "acc_after", "latency_ms")}
                 spread = statistics.pstdev(r["acc_after"] for r in mine)
                 x = base_metrics["macs"] / mean["macs"]
-                print(f"{method:<10} {level:>5g} {variant:>4} {'mean':>4}  {f'sd {spread:.4f}':<12} {mean['macs']:>9,.0f} {'':>7} {x:>5.2f} {mean['params']:>8,.0f} {'':>5} {mean['acc_before']:>13.4f} {mean['acc_after']:>12.4f} {mean['latency_ms']:>10.3f}")
+                print(
+                    f"{method:<10} {level:>5g} {variant:>4} {'mean':>4}  {f'sd {spread:.4f}':<12} {mean['macs']:>9,.0f} {'':>7} {x:>5.2f} {mean['params']:>8,.0f} {'':>5} {mean['acc_before']:>13.4f} {mean['acc_after']:>12.4f} {mean['latency_ms']:>10.3f}"
+                )
     print("paired differences after fine-tuning, ssr minus l1_filter (same seed, level and matched MACs):")
     for level in args.levels:
         for variant in args.variants:

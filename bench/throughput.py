@@ -48,7 +48,14 @@ def run(nodes: int, trials: int, epochs: int, workdir: Path) -> dict[str, float]
             stamps["finished"] = time.monotonic()
 
     with local_cluster(nodes=nodes, cpus_per_node=1) as cluster:
-        run_search(space, name=f"throughput{nodes}", results_dir=workdir / "results", tracking_uri=f"sqlite:///{workdir}/mlflow{nodes}.db", address=cluster.address, log=log)
+        run_search(
+            space,
+            name=f"throughput{nodes}",
+            results_dir=workdir / "results",
+            tracking_uri=f"sqlite:///{workdir}/mlflow{nodes}.db",
+            address=cluster.address,
+            log=log,
+        )
     seconds = stamps["finished"] - stamps["baseline_done"]
     return {"nodes": nodes, "trials": trials, "seconds": seconds, "per_minute": trials / seconds * 60}
 
@@ -60,7 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    print(f"digits / digits_cnn, l1_filter(0.5) + kd, {args.epochs} epochs per trial; torch {torch.__version__}; 1 CPU per node and per trial")
+    print(
+        f"digits / digits_cnn, l1_filter(0.5) + kd, {args.epochs} epochs per trial; torch {torch.__version__}; 1 CPU per node and per trial"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for nodes in (1, 2):

@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(row)
             print(f"  seed {seed} {name:<14} rank1 {row['rank1']:.4f} mAP {row['mAP']:.4f} val KL {kl:.3f}", flush=True)
     print()
-    print(f"{'setting':<14} {'Rank-1 (mean +- sd)':>20} {'mAP (mean +- sd)':>18} {'val KL(v||z)':>13} {'bottleneck':>10} {'params':>8} {'MACs':>7} {'training params':>15}")
+    print(
+        f"{'setting':<14} {'Rank-1 (mean +- sd)':>20} {'mAP (mean +- sd)':>18} {'val KL(v||z)':>13} {'bottleneck':>10} {'params':>8} {'MACs':>7} {'training params':>15}"
+    )
     for name, rows in results.items():
 
         def stat(key: str) -> str:
@@ -143,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             return f"{100 * statistics.mean(values):.2f} +- {100 * sd:.2f}"
 
         kl = statistics.mean(r["kl"] for r in rows)
-        print(f"{name:<14} {stat('rank1'):>20} {stat('mAP'):>18} {kl:>13.3f} {rows[0]['bottleneck']:>10.0f} {rows[0]['params']:>8.0f} {rows[0]['macs']:>7.0f} {rows[0]['training_params']:>15.0f}")
+        print(
+            f"{name:<14} {stat('rank1'):>20} {stat('mAP'):>18} {kl:>13.3f} {rows[0]['bottleneck']:>10.0f} {rows[0]['params']:>8.0f} {rows[0]['macs']:>7.0f} {rows[0]['training_params']:>15.0f}"
+        )
     base = statistics.mean(r["rank1"] for r in results["CE only"])
     full = statistics.mean(r["rank1"] for r in results["+VSD+VCD+VML"])
     print(f"\nRank-1 +VSD+VCD+VML - CE only: {100 * (full - base):+.2f} points (target: > 0); {time.perf_counter() - started:.0f} s")

@@ -57,13 +57,25 @@ def context(task, batch_size: int, epochs: int, lr: float, seed: int) -> MethodC
     loader = DataLoader(task.train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     val = DataLoader(task.val_set, batch_size=500)
     return MethodContext(
-        teacher=None, train_loader=loader, val_loader=val, task_loss=task.loss,
-        evaluate=lambda model: task.evaluate(model, val, "cpu"), example_input=task.example_input(1),
-        device=torch.device("cpu"), epochs=epochs, lr=lr, optimizer="adam", weight_decay=0.0, seed=seed, log=lambda m: None,
+        teacher=None,
+        train_loader=loader,
+        val_loader=val,
+        task_loss=task.loss,
+        evaluate=lambda model: task.evaluate(model, val, "cpu"),
+        example_input=task.example_input(1),
+        device=torch.device("cpu"),
+        epochs=epochs,
+        lr=lr,
+        optimizer="adam",
+        weight_decay=0.0,
+        seed=seed,
+        log=lambda m: None,
     )
 
 
-def run(task, variant: str, mode: str, hidden: int, levels: int, rank: int, args: argparse.Namespace, seed: int) -> tuple[float, int, float]:
+def run(
+    task, variant: str, mode: str, hidden: int, levels: int, rank: int, args: argparse.Namespace, seed: int
+) -> tuple[float, int, float]:
     """(test metric, params, seconds) of one variant trained from scratch."""
     torch.manual_seed(seed)
     model = create_model("gru", **task.model_kwargs(), hidden_size=hidden)
@@ -102,27 +114,48 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    paper = {mode: count_params(prepared) for mode, prepared in (
-        (m, create_method("wavelet", {"mode": m}).prepare(create_model("gru", num_classes=1, in_channels=2, hidden_size=512), context(create_task("adding", length=2, train_size=2, val_size=2, test_size=2), 2, 1, 1e-3, 0)))
-        for m in ("state", "gates", "full")
-    )}
+    paper = {
+        mode: count_params(prepared)
+        for mode, prepared in (
+            (
+                m,
+                create_method("wavelet", {"mode": m}).prepare(
+                    create_model("gru", num_classes=1, in_channels=2, hidden_size=512),
+                    context(create_task("adding", length=2, train_size=2, val_size=2, test_size=2), 2, 1, 1e-3, 0),
+                ),
+            )
+            for m in ("state", "gates", "full")
+        )
+    }
     dense_512 = count_params(create_model("gru", num_classes=1, in_channels=2, hidden_size=512))
-    print(f"GRU-512 on adding, params: dense {dense_512:,}, " + ", ".join(f"{m} {p:,}" for m, p in paper.items()) + " (paper: 791,553 dense, 530,986 state)")
+    print(
+        f"GRU-512 on adding, params: dense {dense_512:,}, "
+        + ", ".join(f"{m} {p:,}" for m, p in paper.items())
+        + " (paper: 791,553 dense, 530,986 state)"
+    )
 
     rank = matched_rank(args.hidden, args.levels)
-    print(f"hidden {args.hidden}, {args.levels} levels: one wavelet map stores {count_params(WaveletLinear(args.hidden, args.levels))} weights, "
-          f"low rank {rank} stores {2 * args.hidden * rank}, dense {args.hidden ** 2}")
+    print(
+        f"hidden {args.hidden}, {args.levels} levels: one wavelet map stores {count_params(WaveletLinear(args.hidden, args.levels))} weights, "
+        f"low rank {rank} stores {2 * args.hidden * rank}, dense {args.hidden**2}"
+    )
     for name in args.tasks:
         task = create_task("adding", length=args.length, train_size=args.train_size) if name == "adding" else create_task("seq_digits")
-        print(f"\n{name}" + (f" (T={args.length}; predicting the mean scores mse {task.reference['mse']:.3f})" if name == "adding" else "") + f", {task.metric}:")
+        print(
+            f"\n{name}"
+            + (f" (T={args.length}; predicting the mean scores mse {task.reference['mse']:.3f})" if name == "adding" else "")
+            + f", {task.metric}:"
+        )
         variants = [("dense", "state")] + [(v, m) for m in args.modes for v in ("wavelet", "low_rank")]
         for variant, mode in variants:
             results = [run(task, variant, mode, args.hidden, args.levels, rank, args, seed) for seed in args.seeds]
             values = [r[0] for r in results]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             label = variant if variant == "dense" else f"{variant}-{mode}"
-            print(f"  {label:<18} {task.metric} {statistics.mean(values):.4f} +- {spread:.4f}  (seeds: {', '.join(f'{v:.4f}' for v in values)})"
-                  f"  params {results[0][1]:,}  train {statistics.mean(r[2] for r in results):.0f} s")
+            print(
+                f"  {label:<18} {task.metric} {statistics.mean(values):.4f} +- {spread:.4f}  (seeds: {', '.join(f'{v:.4f}' for v in values)})"
+                f"  params {results[0][1]:,}  train {statistics.mean(r[2] for r in results):.0f} s"
+            )
     return 0
 
 

@@ -33,8 +33,8 @@ from deploy._latency import latency_ms, torch_threads
 from deploy._loading import DEFAULT_FORM, FORMS, load_compiled, load_exported, load_form, load_module, load_program, storage_groups_quiet
 from deploy._modes import eval_mode
 from deploy._onnx import OnnxExport, check_onnx, export_onnx, integer_copy, load_onnx, optimized_op_types
-from deploy._rewrites import InferenceRewrites, inference_copy, output_diff
 from deploy._packing import bit_fields, bit_stream, pack_bits, unpack_bits
+from deploy._rewrites import InferenceRewrites, inference_copy, output_diff
 
 __all__ = [
     # counting

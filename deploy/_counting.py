@@ -51,9 +51,7 @@ __all__ = [
 ]
 
 
-def _cpu_flash_attention_flop(
-    query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any, **kwargs: Any
-) -> int:
+def _cpu_flash_attention_flop(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
     # Same attention as the CUDA flash kernel, so the same count (FlopCounterMode passes shapes).
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -247,9 +245,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
         ValueError: The input's batch size is not 1.
     """
     if example_input.dim() == 0 or example_input.shape[0] != 1:
-        raise ValueError(
-            f"count_flops expects one sample (batch size 1), got input shape {tuple(example_input.shape)}."
-        )
+        raise ValueError(f"count_flops expects one sample (batch size 1), got input shape {tuple(example_input.shape)}.")
     recorder = _OpRecorder()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     # The recorder goes in first so that it sits below the flop counter and sees exactly the
@@ -363,9 +359,7 @@ def _storage_bits(module_name: str, module: nn.Module) -> dict[str, int]:
                 f"of its own parameters or buffers ({', '.join(sorted(owned)) or 'none'})."
             )
         if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
-            raise ValueError(
-                f"module '{module_name}' storage_bits['{name}'] must be a positive integer, got {width!r}."
-            )
+            raise ValueError(f"module '{module_name}' storage_bits['{name}'] must be a positive integer, got {width!r}.")
     return bits
 
 

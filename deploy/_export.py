@@ -42,7 +42,7 @@ from deploy._latency import latency_ms
 from deploy._loading import DEFAULT_FORM, FORMS, load_exported, load_form, load_program, storage_groups_quiet
 from deploy._modes import eval_mode
 from deploy._onnx import check_onnx, export_onnx
-from deploy._rewrites import InferenceRewrites, trace_program, inference_copy, output_diff, probe_input
+from deploy._rewrites import InferenceRewrites, inference_copy, output_diff, probe_input, trace_program
 from errors import UserError
 
 __all__ = [
@@ -59,7 +59,9 @@ __all__ = [
 EXPORT_FILES = ("model.pt2", "model.pt", "state_dict.pt", "recipe.json")
 
 
-def export_program(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True) -> tuple[torch.export.ExportedProgram, InferenceRewrites]:
+def export_program(
+    model: nn.Module, example_input: torch.Tensor, channels_last: bool = True
+) -> tuple[torch.export.ExportedProgram, InferenceRewrites]:
     """The default deployable form of ``model``: its :func:`inference_copy`, exported.
 
     The program has a dynamic batch dimension when the model allows it, and the example's fixed
@@ -100,7 +102,13 @@ def export_model(
         layout = ", channels last" if rewrites.channels_last else ""
         try:
             with eval_mode(model), torch.no_grad():
-                output_diff(model, load_program(out_dir), probe_input(example_input), 1e-4, f"the reloaded program (batch norms folded, dropout removed{layout})")
+                output_diff(
+                    model,
+                    load_program(out_dir),
+                    probe_input(example_input),
+                    1e-4,
+                    f"the reloaded program (batch norms folded, dropout removed{layout})",
+                )
             break
         except AssertionError:
             if not rewrites.channels_last:
@@ -134,8 +142,15 @@ def check_round_trip(out_dir: Path, example_input: torch.Tensor, rtol: float = 1
     module = load_form(out_dir, "module", example_input.device)
     with torch.no_grad():
         return max(
-            check_onnx(module, Path(out_dir) / FORMS[form], example_input, rtol) if form == "onnx"
-            else output_diff(module, load_form(out_dir, form, example_input.device), example_input, rtol, f"the exported {form} ({FORMS[form]}) against the saved module")
+            check_onnx(module, Path(out_dir) / FORMS[form], example_input, rtol)
+            if form == "onnx"
+            else output_diff(
+                module,
+                load_form(out_dir, form, example_input.device),
+                example_input,
+                rtol,
+                f"the exported {form} ({FORMS[form]}) against the saved module",
+            )
             for form in forms
         )
 

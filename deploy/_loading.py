@@ -109,7 +109,9 @@ def load_compiled(out_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return torch._inductor.aoti_load_package(str(Path(out_dir) / FORMS["compiled"]))
 
 
-def load_form(out_dir: Path, form: str, device: str | torch.device = "cpu", threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_form(
+    out_dir: Path, form: str, device: str | torch.device = "cpu", threads: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """One of :data:`FORMS` from ``out_dir``, ready to call on inputs on ``device``.
 
     ``threads``: the CPU threads of an ONNX Runtime session (``onnx``; None: all cores), set

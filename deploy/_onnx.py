@@ -283,10 +283,16 @@ def _quantize_layer_outputs(proto) -> int:
         out = node.output[0]
         q, dq = f"{out}__q", f"{out}__dq"
         scale_zero = list(quantizer.input[1:3])
-        added.append((node, [
-            helper.make_node("QuantizeLinear", [out, *scale_zero], [q], name=f"{node.name}_output_quantize"),
-            helper.make_node("DequantizeLinear", [q, *scale_zero], [dq], name=f"{node.name}_output_dequantize"),
-        ], out))
+        added.append(
+            (
+                node,
+                [
+                    helper.make_node("QuantizeLinear", [out, *scale_zero], [q], name=f"{node.name}_output_quantize"),
+                    helper.make_node("DequantizeLinear", [q, *scale_zero], [dq], name=f"{node.name}_output_dequantize"),
+                ],
+                out,
+            )
+        )
     if not added:
         return 0
     for node, pair, out in added:
@@ -353,7 +359,6 @@ def optimized_op_types(path: Path) -> set[str]:
         return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
 
 
-
 def check_onnx(model: nn.Module, path: Path, x: torch.Tensor, rtol: float = 1e-4) -> float:
     """The largest output difference of the ONNX file at ``path`` from ``model`` on ``x``.
 
@@ -368,4 +373,6 @@ def check_onnx(model: nn.Module, path: Path, x: torch.Tensor, rtol: float = 1e-4
         AssertionError: The difference is more than ``rtol * max(1, max |output|)``.
     """
     with eval_mode(model), torch.no_grad():
-        return output_diff(model, load_onnx(path, optimize=False), x, rtol, f"the exported ONNX model ({Path(path).name}) against the module")
+        return output_diff(
+            model, load_onnx(path, optimize=False), x, rtol, f"the exported ONNX model ({Path(path).name}) against the module"
+        )

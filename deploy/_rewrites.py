@@ -19,7 +19,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from deploy._modes import eval_mode
 
-__all__ = ["InferenceRewrites", "inference_copy", "output_diff", "probe_input", "trace_program", "conv_batch_norm_pairs", "fold_weight_computations"]
+__all__ = [
+    "InferenceRewrites",
+    "inference_copy",
+    "output_diff",
+    "probe_input",
+    "trace_program",
+    "conv_batch_norm_pairs",
+    "fold_weight_computations",
+]
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -110,7 +118,9 @@ def inference_copy(
                 channels_last = False
         if not channels_last:
             diff = output_diff(model, rewritten, probe, rtol, what.format(""))
-    return rewritten, InferenceRewrites(folded_batch_norms=len(pairs), removed_dropouts=removed, channels_last=channels_last, max_abs_diff=diff)
+    return rewritten, InferenceRewrites(
+        folded_batch_norms=len(pairs), removed_dropouts=removed, channels_last=channels_last, max_abs_diff=diff
+    )
 
 
 def _channels_last(model: nn.Module, on: bool) -> int:
@@ -141,7 +151,9 @@ def _module_path(node: torch.fx.Node) -> tuple[str, str] | None:
     return tuple(list(stack.values())[-1]) if stack else None
 
 
-def conv_batch_norm_pairs(model: nn.Module, program: torch.export.ExportedProgram, convs: tuple[type, ...] = _CONVS) -> list[tuple[str, str]]:
+def conv_batch_norm_pairs(
+    model: nn.Module, program: torch.export.ExportedProgram, convs: tuple[type, ...] = _CONVS
+) -> list[tuple[str, str]]:
     """``(conv, batch norm)`` module paths of ``model`` that fold exactly (see :func:`inference_copy`).
 
     ``convs``: the module types (exactly) that a batch norm may fold into.
@@ -159,7 +171,11 @@ def conv_batch_norm_pairs(model: nn.Module, program: torch.export.ExportedProgra
         if node.op != "call_function" or getattr(node.target, "overloadpacket", None) not in _BATCH_NORM_OPS:
             continue
         source = node.args[0]
-        if not isinstance(source, torch.fx.Node) or getattr(source.target, "overloadpacket", None) not in _CONV_OPS or len(source.users) != 1:
+        if (
+            not isinstance(source, torch.fx.Node)
+            or getattr(source.target, "overloadpacket", None) not in _CONV_OPS
+            or len(source.users) != 1
+        ):
             continue
         conv_at, bn_at = _module_path(source), _module_path(node)
         if conv_at is None or bn_at is None or calls[conv_at[0]] != 1 or calls[bn_at[0]] != 1:
@@ -181,7 +197,13 @@ def probe_input(example_input: torch.Tensor) -> torch.Tensor:
     return torch.randn(example_input.shape, generator=generator, device=example_input.device, dtype=example_input.dtype)
 
 
-def output_diff(reference: Callable[[torch.Tensor], torch.Tensor], other: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rtol: float, what: str) -> float:
+def output_diff(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    other: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    rtol: float,
+    what: str,
+) -> float:
     """The largest output difference of ``other`` from ``reference`` on ``x``.
 
     Raises:
@@ -228,7 +250,8 @@ def fold_weight_computations(module: torch.fx.GraphModule) -> int:
         node.target
         for node in graph.find_nodes(op="get_attr")
         for user in node.users
-        if user.op == "call_module" or (user.op == "call_function" and user.target is not check_metadata and user.is_impure(impure_random=False))
+        if user.op == "call_module"
+        or (user.op == "call_function" and user.target is not check_metadata and user.is_impure(impure_random=False))
     }
     values: dict[torch.fx.Node, Any] = {}
     checks = []

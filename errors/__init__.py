@@ -24,9 +24,7 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
     """Build the error for an unknown registry name, listing what exists and the closest matches."""
     known = sorted(known)
-    return UserError(
-        f"unknown {kind} '{name}'.{did_you_mean(name, known)} Known {kind}s: {', '.join(known)}."
-    )
+    return UserError(f"unknown {kind} '{name}'.{did_you_mean(name, known)} Known {kind}s: {', '.join(known)}.")
 
 
 def plural(count: float, noun: str, plural_form: str | None = None) -> str:

@@ -26,7 +26,17 @@ from typing import Any
 
 from errors import UserError, did_you_mean
 
-__all__ = ["IMPORT_PREFIX", "is_import", "import_name", "name_from_command_line", "absolute_ref", "import_ref", "ref_files", "code_digests", "ref_roots"]
+__all__ = [
+    "IMPORT_PREFIX",
+    "is_import",
+    "import_name",
+    "name_from_command_line",
+    "absolute_ref",
+    "import_ref",
+    "ref_files",
+    "code_digests",
+    "ref_roots",
+]
 
 #: The prefix of a model or task name that is an import reference.
 IMPORT_PREFIX = "import:"
@@ -56,8 +66,7 @@ def _split(ref: str) -> tuple[str, str]:
     target, colon, attr = ref.rpartition(":")
     if not colon or not target or not attr.isidentifier():
         raise UserError(
-            f"import reference {ref!r} must read 'package.module:attr' or 'path/to/file.py:attr' "
-            "(a class or a function of that module)."
+            f"import reference {ref!r} must read 'package.module:attr' or 'path/to/file.py:attr' (a class or a function of that module)."
         )
     return target, attr
 
@@ -131,7 +140,9 @@ def _module(target: str) -> Any:
         if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
             parent, _, last = exc.name.rpartition(".")
             known = _submodules(parent)
-            raise UserError(f"no module '{exc.name}' (importing '{target}').{did_you_mean(last, known)} Is its package installed or on PYTHONPATH?") from None
+            raise UserError(
+                f"no module '{exc.name}' (importing '{target}').{did_you_mean(last, known)} Is its package installed or on PYTHONPATH?"
+            ) from None
         raise UserError(f"module '{target}' fails to import: {_last_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001  the user's own code fails in its own way
         raise UserError(f"module '{target}' fails to import: {_last_line(exc)}") from None

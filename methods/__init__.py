@@ -4,11 +4,11 @@ Importing this package registers every method below; adding a method is one new 
 import line here.
 """
 
-from methods._base import LOSS_SCOPES, Method, NotApplicable, MethodContext, Touches
+from methods._base import LOSS_SCOPES, Method, MethodContext, NotApplicable, Touches
 from methods._hyperparameters import Bounds, HyperparameterInfo, Range, check_value_type, hyperparameter, hyperparameters
-from methods._training import Phase, Step, Update
 from methods._pipeline import NonFiniteLossError, Pipeline, TrainingState, check_pipeline, train_phase, training_loss
 from methods._registry import create_method, get_method, list_methods, register_method
+from methods._training import Phase, Step, Update
 
 # Each import registers one method.
 from methods import decouple, gal, kd, kse, l1_filter, minmax_quant, od, pams, ssr, variational, wavelet  # noqa: E402,F401  isort: skip

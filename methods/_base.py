@@ -92,7 +92,6 @@ class MethodContext:
     log: Callable[[str], None] = print
 
 
-
 class NotApplicable(ValueError):
     """Raised by :meth:`Method.prepare` and :meth:`Method.touches` for a model the method cannot compress.
 

@@ -53,9 +53,7 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def shift(
-    x: torch.Tensor, padding: tuple[int, int] = (1, 1), dilation: tuple[int, int] = (1, 1), reverse: bool = False
-) -> torch.Tensor:
+def shift(x: torch.Tensor, padding: tuple[int, int] = (1, 1), dilation: tuple[int, int] = (1, 1), reverse: bool = False) -> torch.Tensor:
     """The 3x3 shift of :class:`Shift`: one zero padding, then windows read from it, no arithmetic.
 
     Args:
@@ -197,8 +195,15 @@ class CheapConv(nn.Module):
         else:
             g = in_channels if kind == "dw" else cheap_groups(in_channels, groups)
             self.spatial = nn.Conv2d(
-                in_channels, in_channels, 3, stride=spatial_stride, padding=padding, dilation=dilation,
-                groups=g, bias=False, padding_mode=padding_mode,
+                in_channels,
+                in_channels,
+                3,
+                stride=spatial_stride,
+                padding=padding,
+                dilation=dilation,
+                groups=g,
+                bias=False,
+                padding_mode=padding_mode,
             )
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, stride=pointwise_stride, bias=bias)
 
@@ -211,8 +216,16 @@ class CheapConv(nn.Module):
         else:
             padding = conv.padding
         cheap = cls(
-            conv.in_channels, conv.out_channels, kind, groups, conv.stride, padding, conv.dilation,
-            conv.bias is not None, conv.padding_mode, stride_on,
+            conv.in_channels,
+            conv.out_channels,
+            kind,
+            groups,
+            conv.stride,
+            padding,
+            conv.dilation,
+            conv.bias is not None,
+            conv.padding_mode,
+            stride_on,
         )
         return cheap.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
@@ -228,9 +241,7 @@ def _is_replaceable(module: nn.Module) -> bool:
     )
 
 
-def replace_3x3_convs(
-    model: nn.Module, kind: str, groups: int = 2, skip: Iterable[str] = (), stride_on: str = "spatial"
-) -> list[str]:
+def replace_3x3_convs(model: nn.Module, kind: str, groups: int = 2, skip: Iterable[str] = (), stride_on: str = "spatial") -> list[str]:
     """Replace, in place, every 3x3 ``nn.Conv2d`` with ``groups=1`` by a :class:`CheapConv`.
 
     Args:
@@ -249,4 +260,3 @@ def replace_3x3_convs(
     for name in names:
         model.set_submodule(name, CheapConv.like(model.get_submodule(name), kind, groups, stride_on))
     return names
-

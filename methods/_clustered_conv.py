@@ -126,7 +126,9 @@ class ClusteredConv2d(nn.Module):
         self.path = "dense"
         self._cache: dict[str, tuple[tuple[tuple[int, int], ...], Any]] = {}
         if len(kept) != full_channels + sum(g.channels for g in self.channel_groups):
-            raise ValueError(f"`kept` names {len(kept)} channels, but the full channels and the groups hold {full_channels + sum(g.channels for g in self.channel_groups)}.")
+            raise ValueError(
+                f"`kept` names {len(kept)} channels, but the full channels and the groups hold {full_channels + sum(g.channels for g in self.channel_groups)}."
+            )
         self.register_buffer("kept", kept.to(device=device, dtype=torch.int32))
         # Reading the input as it is when every channel is kept in order saves a copy.
         self.reads_input_as_is = len(kept) == in_channels and bool((kept.cpu() == torch.arange(in_channels)).all())
@@ -149,7 +151,9 @@ class ClusteredConv2d(nn.Module):
                 channel, a count is outside ``0..N``, or every channel is removed.
         """
         if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"ClusteredConv2d replaces convolutions with groups=1 and zero padding, but got groups={conv.groups}, padding_mode={conv.padding_mode!r}.")
+            raise ValueError(
+                f"ClusteredConv2d replaces convolutions with groups=1 and zero padding, but got groups={conv.groups}, padding_mode={conv.padding_mode!r}."
+            )
         n, c = conv.out_channels, conv.in_channels
         if len(clusters) != c:
             raise ValueError(f"`clusters` needs one entry per input channel ({c}), but got {len(clusters)}.")
@@ -165,8 +169,18 @@ class ClusteredConv2d(nn.Module):
         kept = torch.tensor(full + [ch for q in counts for ch in members[q]], dtype=torch.int64)
         weight = conv.weight.detach()
         layer = cls(
-            c, n, conv.kernel_size, kept, len(full), groups, conv.stride, conv.padding, conv.dilation, conv.bias is not None,
-            device=weight.device, dtype=weight.dtype,
+            c,
+            n,
+            conv.kernel_size,
+            kept,
+            len(full),
+            groups,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         if full:
             layer.weight_full.copy_(weight[:, full])
@@ -273,10 +287,17 @@ class ClusteredConv2d(nn.Module):
         if self.channel_groups:
             maps, start = [], self.full_channels
             for i, group in enumerate(self.channel_groups):
-                maps.append(F.conv2d(
-                    x.narrow(1, start, group.channels), getattr(self, f"centroids_{i}"), None,
-                    self.stride, self.padding, self.dilation, group.channels,
-                ))  # (B, C_i * q, H, W): every (channel, centroid) map once
+                maps.append(
+                    F.conv2d(
+                        x.narrow(1, start, group.channels),
+                        getattr(self, f"centroids_{i}"),
+                        None,
+                        self.stride,
+                        self.padding,
+                        self.dilation,
+                        group.channels,
+                    )
+                )  # (B, C_i * q, H, W): every (channel, centroid) map once
                 start += group.channels
             table = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
             batch, rows, height, width = table.shape

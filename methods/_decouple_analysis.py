@@ -159,7 +159,12 @@ def fgsm_path_distances(
     Returns ``(clean distances, adversarial distances, which FGSM examples change the prediction)``.
     """
     num_classes = int(reference.targets.max()) + 1
-    means = torch.stack([reference.paths[reference.targets == c].mean(0) if (reference.targets == c).any() else reference.paths.mean(0) for c in range(num_classes)])
+    means = torch.stack(
+        [
+            reference.paths[reference.targets == c].mean(0) if (reference.targets == c).any() else reference.paths.mean(0)
+            for c in range(num_classes)
+        ]
+    )
     batches = list(_first_examples(loader, limit))
     clean = collect_encodings(model, batches, device)
     with eval_mode(model):
@@ -173,7 +178,9 @@ def fgsm_path_distances(
     return distance(clean), distance(adversarial), adversarial.predictions != clean.predictions
 
 
-def analyse(model: nn.Module, reference_loader: Any, query_loader: Any, device: torch.device | str, epsilon: float, limit: int = 1000) -> Analysis:
+def analyse(
+    model: nn.Module, reference_loader: Any, query_loader: Any, device: torch.device | str, epsilon: float, limit: int = 1000
+) -> Analysis:
     """Paths per class on the reference data; Hamming distances, kNN accuracy and FGSM detection on the queries.
 
     Runs on the gated model in its static form (restored afterwards); at most ``limit``
@@ -224,7 +231,12 @@ def write_report(analysis: Analysis, folder: Path, figures: dict[str, float] | N
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = 30
     ax.hist(analysis.clean_distances.numpy(), bins=bins, alpha=0.6, label="clean")
-    ax.hist(analysis.adversarial_distances[analysis.fgsm_changed].numpy(), bins=bins, alpha=0.6, label=f"successful FGSM (eps {analysis.epsilon:g})")
+    ax.hist(
+        analysis.adversarial_distances[analysis.fgsm_changed].numpy(),
+        bins=bins,
+        alpha=0.6,
+        label=f"successful FGSM (eps {analysis.epsilon:g})",
+    )
     ax.set_xlabel("L1 distance of the path to the predicted class's mean path")
     ax.set_ylabel("inputs")
     ax.legend()

@@ -311,9 +311,7 @@ class Pipeline:
         return out
 
 
-def build_optimizer(
-    groups: list[dict[str, Any]], name: str, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """SGD with momentum 0.9 or Adam over ``groups``; groups may carry their own lr/weight_decay."""
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -423,10 +421,7 @@ def train_phase(
         metrics["train_loss"] = total / max(batches, 1)
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"the mean training loss of '{name}' is {metrics['train_loss']}.")
-        ctx.log(
-            f"  {name} epoch {epoch + 1}/{phase.epochs}: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        )
+        ctx.log(f"  {name} epoch {epoch + 1}/{phase.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if on_epoch_end is not None:
             on_epoch_end(epoch, {key: opt.state_dict() for key, opt in optimizers.items()}, scheduler.state_dict(), metrics)
     if phase.on_end is not None:

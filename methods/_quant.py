@@ -298,9 +298,17 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer: nn.Module, input_quantizer: nn.Module | None) -> QuantConv2d:
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
         )
         layer.load_state_dict(conv.state_dict())
         layer._setup_quant(weight_quantizer, input_quantizer)
@@ -316,8 +324,11 @@ class QuantLinear(QuantMixin, nn.Linear):
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer: nn.Module, input_quantizer: nn.Module | None) -> QuantLinear:
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            device=linear.weight.device, dtype=linear.weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
         )
         layer.load_state_dict(linear.state_dict())
         layer._setup_quant(weight_quantizer, input_quantizer)

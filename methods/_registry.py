@@ -60,7 +60,6 @@ def create_method(name: str, params: dict[str, Any] | None = None) -> Method:
     for key in params:
         if key not in infos:
             raise ValueError(
-                f"method '{name}' has no hyperparameter '{key}'.{did_you_mean(key, infos)} "
-                f"Its hyperparameters: {', '.join(infos)}."
+                f"method '{name}' has no hyperparameter '{key}'.{did_you_mean(key, infos)} Its hyperparameters: {', '.join(infos)}."
             )
     return cls(cls.Config(**{key: infos[key].check(value) for key, value in params.items()}))

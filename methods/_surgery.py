@@ -10,7 +10,16 @@ from torch import nn
 
 from deploy import eval_mode
 
-__all__ = ["output_layers", "first_layers", "dependency_graph", "layer_calls", "shared_layers", "ChannelPlan", "channel_plan", "holds_method_layers"]
+__all__ = [
+    "output_layers",
+    "first_layers",
+    "dependency_graph",
+    "layer_calls",
+    "shared_layers",
+    "ChannelPlan",
+    "channel_plan",
+    "holds_method_layers",
+]
 
 
 def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
@@ -19,9 +28,7 @@ def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(
-                module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, o)))
-            )
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, o))))
     try:
         with eval_mode(model), torch.no_grad():
             model(example_input)
@@ -163,7 +170,9 @@ def channel_plan(model: nn.Module, example_input: torch.Tensor) -> ChannelPlan:
         if trouble:
             left[name] = f"its channels are coupled to '{trouble[0]}', {troubles[trouble[0]]}"
         elif shared:
-            left[name] = f"its channels are coupled to '{shared[0]}', which runs {calls[shared[0]]} times per forward pass (shared weights or a recurrent step)"
+            left[name] = (
+                f"its channels are coupled to '{shared[0]}', which runs {calls[shared[0]]} times per forward pass (shared weights or a recurrent step)"
+            )
         else:
             prunable.append(name)
     return ChannelPlan(tuple(prunable), tuple(left.items()))

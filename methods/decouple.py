@@ -140,15 +140,39 @@ Form = Literal["static", "dynamic"]
 
 @dataclass(frozen=True)
 class DecoupleConfig:
-    lambda_s: float = hyperparameter(1e-3, "weight of the L1 norm of the encodings (open gates per sample)", Range(1e-4, 1e-2, log=True), at_least=0.0, compresses="high")
-    lambda_mi: float = hyperparameter(1.0, "weight of the auxiliary classifier's CE on the encodings (mutual-information bound)", Range(0.1, 1.0), at_least=0.0)
-    acm_reduction: Literal[4, 8, 16] = hyperparameter(4, "ACM hidden width: max(4, C_out // acm_reduction)", Range(choices=(4, 8, 16)), compresses="high")
-    threshold: float = hyperparameter(0.5, "a gate is open where the ACM's sigmoid exceeds this", Range(0.3, 0.7), above=0.0, below=1.0, compresses="high")
-    prune_below: float = hyperparameter(0.0, "filters open on at most this fraction of validation inputs are removed at finalize", Range(0.0, 0.1), at_least=0.0, below=1.0, compresses="high")
-    form: Form = hyperparameter("dynamic", "the trial's model: static (dense, pruned) or dynamic (skips closed filters per input)", Range(choices=("static", "dynamic")), compresses="high")
-    epochs: int | None = hyperparameter(None, "epochs of gated training; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
+    lambda_s: float = hyperparameter(
+        1e-3, "weight of the L1 norm of the encodings (open gates per sample)", Range(1e-4, 1e-2, log=True), at_least=0.0, compresses="high"
+    )
+    lambda_mi: float = hyperparameter(
+        1.0, "weight of the auxiliary classifier's CE on the encodings (mutual-information bound)", Range(0.1, 1.0), at_least=0.0
+    )
+    acm_reduction: Literal[4, 8, 16] = hyperparameter(
+        4, "ACM hidden width: max(4, C_out // acm_reduction)", Range(choices=(4, 8, 16)), compresses="high"
+    )
+    threshold: float = hyperparameter(
+        0.5, "a gate is open where the ACM's sigmoid exceeds this", Range(0.3, 0.7), above=0.0, below=1.0, compresses="high"
+    )
+    prune_below: float = hyperparameter(
+        0.0,
+        "filters open on at most this fraction of validation inputs are removed at finalize",
+        Range(0.0, 0.1),
+        at_least=0.0,
+        below=1.0,
+        compresses="high",
+    )
+    form: Form = hyperparameter(
+        "dynamic",
+        "the trial's model: static (dense, pruned) or dynamic (skips closed filters per input)",
+        Range(choices=("static", "dynamic")),
+        compresses="high",
+    )
+    epochs: int | None = hyperparameter(
+        None, "epochs of gated training; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True
+    )
     lr: float = hyperparameter(1e-3, "learning rate of the network's weights (Adam)", Range(1e-4, 1e-2, log=True), above=0.0)
-    acm_lr: float = hyperparameter(0.01, "learning rate of the ACMs and the auxiliary classifier (Adam)", Range(1e-3, 0.05, log=True), above=0.0)
+    acm_lr: float = hyperparameter(
+        0.01, "learning rate of the ACMs and the auxiliary classifier (Adam)", Range(1e-3, 0.05, log=True), above=0.0
+    )
     fgsm_epsilon: float = hyperparameter(0.25, "FGSM step (input units) of the adversarial-detection figures and report", above=0.0)
 
 
@@ -195,7 +219,11 @@ class Decouple(Method):
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
         epochs = ctx.epochs if self.config.epochs is None else self.config.epochs
-        updates = (Update("auxiliary", self._aux_groups, self.aux_loss, lr=self.config.acm_lr, optimizer="adam", weight_decay=0.0),) if self.aux is not None else ()
+        updates = (
+            (Update("auxiliary", self._aux_groups, self.aux_loss, lr=self.config.acm_lr, optimizer="adam", weight_decay=0.0),)
+            if self.aux is not None
+            else ()
+        )
         return [Phase(name="gated", epochs=epochs, lr=self.config.lr, param_groups=self.param_groups, updates=updates, optimizer="adam")]
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:

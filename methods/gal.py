@@ -125,17 +125,37 @@ MaskInit = Literal["ones", "normal"]
 
 @dataclass(frozen=True)
 class GALConfig:
-    lam: float = hyperparameter(0.1, "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam); twice the official code's lambda (GAL-0.6 is lam 1.2)", Range(1e-3, 10.0, log=True), at_least=0.0, compresses="high")
+    lam: float = hyperparameter(
+        0.1,
+        "lambda: weight of the L1 norm of the masks (FISTA threshold mask_lr * lam); twice the official code's lambda (GAL-0.6 is lam 1.2)",
+        Range(1e-3, 10.0, log=True),
+        at_least=0.0,
+        compresses="high",
+    )
     mu: float = hyperparameter(1.0, "weight of the MSE between baseline and student logits", Range(0.1, 1.0, log=True), at_least=0.0)
     mask_step: int = hyperparameter(1, "iterations between FISTA steps of the masks", Range(1, 200, log=True), at_least=1, compresses="low")
     lr: float = hyperparameter(1e-3, "learning rate of the student's weights (SGD)", Range(1e-4, 1e-2, log=True), above=0.0)
     mask_lr: float = hyperparameter(0.01, "FISTA step size of the masks", Range(1e-3, 0.05, log=True), above=0.0, compresses="high")
     disc_lr: float = hyperparameter(0.01, "learning rate of the discriminator (SGD)", Range(1e-3, 0.1, log=True), above=0.0)
-    adversarial_epochs: int | None = hyperparameter(None, "epochs of the adversarial phase; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
-    finetune_epochs: int = hyperparameter(0, "epochs of the labelled cross-entropy fine-tune after removal; 0 skips it", Range(0, 30), at_least=0, budget=True)
+    adversarial_epochs: int | None = hyperparameter(
+        None, "epochs of the adversarial phase; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True
+    )
+    finetune_epochs: int = hyperparameter(
+        0, "epochs of the labelled cross-entropy fine-tune after removal; 0 skips it", Range(0, 30), at_least=0, budget=True
+    )
     finetune_lr: float = hyperparameter(0.01, "learning rate of the fine-tune (SGD)", Range(1e-4, 0.1, log=True), above=0.0)
-    structure: Structure = hyperparameter("auto", "what a mask scales: block, channel, joint (both) or auto (block for residual models)", Range(choices=("channel", "block", "joint")), compresses="high")
-    mask_init: MaskInit = hyperparameter("ones", "initial masks: ones (student = baseline) or normal (the official code's N(0, 1))", Range(choices=("ones", "normal")), compresses="high")
+    structure: Structure = hyperparameter(
+        "auto",
+        "what a mask scales: block, channel, joint (both) or auto (block for residual models)",
+        Range(choices=("channel", "block", "joint")),
+        compresses="high",
+    )
+    mask_init: MaskInit = hyperparameter(
+        "ones",
+        "initial masks: ones (student = baseline) or normal (the official code's N(0, 1))",
+        Range(choices=("ones", "normal")),
+        compresses="high",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,7 +508,13 @@ class GAL(Method):
         return Touches.split(
             model,
             [block for block, _ in sites.blocks] + [conv for conv, _ in sites.channels],
-            lambda name, m: "the classifier: its outputs are the classes" if name in classifier else coupled if isinstance(m, nn.Conv2d) else "gal prunes Conv2d channels and residual blocks only",
+            lambda name, m: (
+                "the classifier: its outputs are the classes"
+                if name in classifier
+                else coupled
+                if isinstance(m, nn.Conv2d)
+                else "gal prunes Conv2d channels and residual blocks only"
+            ),
         )
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -514,14 +540,18 @@ class GAL(Method):
                 loss=self.adversarial_loss,
                 task_loss=False,
                 param_groups=self.student_weights,
-                updates=(Update("discriminator", self._discriminator_groups, self.discriminator_loss, lr=self.config.disc_lr, optimizer="sgd"),),
+                updates=(
+                    Update("discriminator", self._discriminator_groups, self.discriminator_loss, lr=self.config.disc_lr, optimizer="sgd"),
+                ),
                 on_epoch_start=_freeze_batchnorm_statistics,
                 after_step=self.mask_step,
                 optimizer="sgd",
             )
         ]
         if self.config.finetune_epochs > 0:
-            phases.append(Phase(name="finetune", epochs=self.config.finetune_epochs, lr=self.config.finetune_lr, after_finalize=True, optimizer="sgd"))
+            phases.append(
+                Phase(name="finetune", epochs=self.config.finetune_epochs, lr=self.config.finetune_lr, after_finalize=True, optimizer="sgd")
+            )
         return phases
 
     @staticmethod

@@ -69,9 +69,10 @@ from torch import nn
 
 from deploy import eval_mode, latency_ms
 from methods._base import Method, MethodContext, NotApplicable
-from methods._hyperparameters import Range, hyperparameter
+
 # _Group: models pickled (model.pt) before the clustered convolution had its own module name it here.
 from methods._clustered_conv import ClusteredConv2d, _Group, cluster_kernels, index_bits  # noqa: F401
+from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import first_layers, holds_method_layers
 from methods._training import Phase
@@ -99,13 +100,34 @@ LayerPath = Literal["dense", "clustered"]
 
 @dataclass(frozen=True)
 class KSEConfig:
-    levels: int = hyperparameter(4, "G, levels of the indicator: level 0 removes a channel, G-1 keeps it, the rest cluster it", Range(3, 6), at_least=2, compresses="high")
-    halvings: int = hyperparameter(0, "T: halves the cluster count of every clustered level T more times", Range(0, 1), at_least=0, compresses="high")
-    epochs: int | None = hyperparameter(None, "epochs of the fine-tune of the centroids and the model; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of the fine-tune; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True), above=0.0)
+    levels: int = hyperparameter(
+        4,
+        "G, levels of the indicator: level 0 removes a channel, G-1 keeps it, the rest cluster it",
+        Range(3, 6),
+        at_least=2,
+        compresses="high",
+    )
+    halvings: int = hyperparameter(
+        0, "T: halves the cluster count of every clustered level T more times", Range(0, 1), at_least=0, compresses="high"
+    )
+    epochs: int | None = hyperparameter(
+        None,
+        "epochs of the fine-tune of the centroids and the model; unset (null): the space's budget.epochs",
+        Range(1, 30),
+        at_least=0,
+        budget=True,
+    )
+    lr: float | None = hyperparameter(
+        None, "learning rate of the fine-tune; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True), above=0.0
+    )
     path: Path = hyperparameter("auto", "inference path of each clustered layer: auto (the faster, timed at finalize), dense or clustered")
-    timing_batch_size: int = hyperparameter(1, "batch size at which path auto times both paths (match measure.latency_batch_size)", at_least=1)
-    layer_paths: tuple[LayerPath, ...] | None = hyperparameter(None, "path auto's choice for each clustered layer in module order, recorded in the recipe so a replay reuses it; unset (null): time them")
+    timing_batch_size: int = hyperparameter(
+        1, "batch size at which path auto times both paths (match measure.latency_batch_size)", at_least=1
+    )
+    layer_paths: tuple[LayerPath, ...] | None = hyperparameter(
+        None,
+        "path auto's choice for each clustered layer in module order, recorded in the recipe so a replay reuses it; unset (null): time them",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +287,9 @@ class KSE(Method):
             "channels_removed_fraction": 1.0 - kept / channels if channels else 0.0,
             "layers_removed_upstream": float(len(upstream)),
         }
-        ctx.log(f"[kse] {len(names)} layers clustered, {channels - kept} of {channels} input channels removed ({len(upstream)} layers upstream too)")
+        ctx.log(
+            f"[kse] {len(names)} layers clustered, {channels - kept} of {channels} input channels removed ({len(upstream)} layers upstream too)"
+        )
         return model
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
@@ -279,7 +303,9 @@ class KSE(Method):
         macs = {"dense": 0, "clustered": 0}
         recorded = self.config.layer_paths
         if self.config.path == "auto" and recorded is not None and len(recorded) != len(layers):
-            raise ValueError(f"`layer_paths` must name one path per clustered layer ({len(layers)}), but got {len(recorded)}: {list(recorded)}.")
+            raise ValueError(
+                f"`layer_paths` must name one path per clustered layer ({len(layers)}), but got {len(recorded)}: {list(recorded)}."
+            )
         self.paths = {}
         for name, layer in layers.items():
             x, out_pixels = inputs[name]
@@ -289,7 +315,9 @@ class KSE(Method):
                 layer.path = recorded[len(self.paths)]
             elif self.config.path == "auto":
                 shape = (self.config.timing_batch_size, *x.shape[1:])
-                layer.path = _faster_path(layer, torch.randn(shape, device=x.device, dtype=x.dtype, generator=_generator(ctx.seed, x.device)))
+                layer.path = _faster_path(
+                    layer, torch.randn(shape, device=x.device, dtype=x.dtype, generator=_generator(ctx.seed, x.device))
+                )
             else:
                 layer.path = self.config.path
             self.paths[name] = layer.path

@@ -27,8 +27,12 @@ __all__ = ["L1Filter", "L1FilterConfig"]
 
 @dataclass(frozen=True)
 class L1FilterConfig:
-    ratio: float = hyperparameter(0.5, "fraction of output channels removed from every prunable layer", Range(0.1, 0.8), at_least=0.0, below=1.0, compresses="high")
-    round_to: int = hyperparameter(1, "keep channel counts a multiple of this (hardware-friendly sizes)", Range(choices=(1, 4, 8)), at_least=1, compresses="low")
+    ratio: float = hyperparameter(
+        0.5, "fraction of output channels removed from every prunable layer", Range(0.1, 0.8), at_least=0.0, below=1.0, compresses="high"
+    )
+    round_to: int = hyperparameter(
+        1, "keep channel counts a multiple of this (hardware-friendly sizes)", Range(choices=(1, 4, 8)), at_least=1, compresses="low"
+    )
 
 
 @register_method
@@ -51,7 +55,9 @@ class L1Filter(Method):
         plan = self.touches(model, ctx)
         prunable = set(plan.changed)
         left = {name for name, _ in plan.left_alone}
-        ignored = [m for name, m in model.named_modules() if name in left or (isinstance(m, (nn.Conv2d, nn.Linear)) and name not in prunable)]
+        ignored = [
+            m for name, m in model.named_modules() if name in left or (isinstance(m, (nn.Conv2d, nn.Linear)) and name not in prunable)
+        ]
         with eval_mode(model):  # traced without updating batch-norm statistics
             pruner = tp.pruner.MagnitudePruner(
                 model,

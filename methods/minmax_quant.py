@@ -25,7 +25,9 @@ __all__ = ["MinMaxQuant", "MinMaxQuantConfig"]
 
 @dataclass(frozen=True)
 class MinMaxQuantConfig:
-    bits: int = hyperparameter(8, "bit width of weights and activations", Range(choices=(2, 3, 4, 8)), at_least=2, at_most=8, compresses="low")
+    bits: int = hyperparameter(
+        8, "bit width of weights and activations", Range(choices=(2, 3, 4, 8)), at_least=2, at_most=8, compresses="low"
+    )
     quantize_activations: bool = hyperparameter(True, "also quantize the input of every quantized layer")
     quantize_first_last: bool = hyperparameter(False, "also quantize the first and the last layer")
 
@@ -66,8 +68,11 @@ class MinMaxQuant(Method):
         return Touches.split(
             model,
             super().touches(model, ctx).changed,
-            lambda name, m: "the first layer or the classifier: kept in floating point (set `quantize_first_last: true`)"
-            if name in ends else f"a {type(m).__name__}, not an nn.Conv2d or nn.Linear it swaps",
+            lambda name, m: (
+                "the first layer or the classifier: kept in floating point (set `quantize_first_last: true`)"
+                if name in ends
+                else f"a {type(m).__name__}, not an nn.Conv2d or nn.Linear it swaps"
+            ),
         )
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

@@ -134,11 +134,21 @@ class ODConfig:
     conv: CheapConvKind = hyperparameter(
         "dw", "cheap convolution that replaces every 3x3 one: shift, dw (depthwise) or group", Range(choices=CHEAP_CONVS), compresses="low"
     )
-    groups: int = hyperparameter(2, "groups of the 'group' convolution (reduced to a divisor of the channels)", Range(choices=(2, 4, 8, 16)), at_least=1, compresses="high")
+    groups: int = hyperparameter(
+        2,
+        "groups of the 'group' convolution (reduced to a divisor of the channels)",
+        Range(choices=(2, 4, 8, 16)),
+        at_least=1,
+        compresses="high",
+    )
     students: int = hyperparameter(4, "number of students trained together (2 to 4)", Range(2, 4), at_least=2, at_most=4)
     temperature: float = hyperparameter(4.0, "softmax temperature T of the teacher-to-student KL", Range(1.0, 8.0), above=0.0)
-    epochs: int | None = hyperparameter(None, "epochs of the joint training; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of the joint training; unset (null): the space's training.lr", Range(0.01, 0.2, log=True), above=0.0)
+    epochs: int | None = hyperparameter(
+        None, "epochs of the joint training; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True
+    )
+    lr: float | None = hyperparameter(
+        None, "learning rate of the joint training; unset (null): the space's training.lr", Range(0.01, 0.2, log=True), above=0.0
+    )
     replace_stem: bool = hyperparameter(False, "also make the convolutions that read the raw input cheap (the reference keeps them)")
     from_baseline: bool = hyperparameter(
         True, "students keep the incoming model's weights where their layers are unchanged; false: all weights random"

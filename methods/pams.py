@@ -182,13 +182,16 @@ def pams_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str
     for name, module in model.named_modules():
         if isinstance(module, block_types) and not any(name.startswith(f"{b}.") for b in edsr_blocks):
             convs += [
-                f"{name}.{inner}" for inner, m in module.named_modules()
+                f"{name}.{inner}"
+                for inner, m in module.named_modules()
                 if isinstance(m, nn.Conv2d) and not isinstance(m, QuantMixin) and f"{name}.{inner}" not in convs
             ]
     if edsr_blocks or convs:
         return edsr_blocks, convs
     keep = set(first_layers(model, example_input)) | set(output_layers(model, example_input))
-    return [], [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(m, QuantMixin) and name not in keep]
+    return [], [
+        name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(m, QuantMixin) and name not in keep
+    ]
 
 
 def feature_module_name(model: nn.Module) -> str:
@@ -246,12 +249,37 @@ def skt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PAMSConfig:
-    bits: int = hyperparameter(4, "bit width of the weights and activations inside the residual blocks", Range(choices=(2, 3, 4, 8)), at_least=2, at_most=8, compresses="low")
-    skt_weight: float = hyperparameter(1e3, "weight of the structured knowledge transfer (attention-map MSE to the teacher); 0 turns it off", Range(1.0, 1e4, log=True), at_least=0.0)
-    alpha_lr: float = hyperparameter(1e-2, "learning rate of the activation clipping bounds alpha (1e-2 in the paper's 30k steps; short runs need more)", Range(1e-3, 1.0, log=True), at_least=0.0)
+    bits: int = hyperparameter(
+        4,
+        "bit width of the weights and activations inside the residual blocks",
+        Range(choices=(2, 3, 4, 8)),
+        at_least=2,
+        at_most=8,
+        compresses="low",
+    )
+    skt_weight: float = hyperparameter(
+        1e3,
+        "weight of the structured knowledge transfer (attention-map MSE to the teacher); 0 turns it off",
+        Range(1.0, 1e4, log=True),
+        at_least=0.0,
+    )
+    alpha_lr: float = hyperparameter(
+        1e-2,
+        "learning rate of the activation clipping bounds alpha (1e-2 in the paper's 30k steps; short runs need more)",
+        Range(1e-3, 1.0, log=True),
+        at_least=0.0,
+    )
     lr: float = hyperparameter(1e-4, "learning rate of the weights", Range(1e-5, 1e-3, log=True), above=0.0)
-    epochs: int | None = hyperparameter(None, "epochs of quantization-aware training after calibration; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
-    stats_epochs: int = hyperparameter(1, "first epochs in which alpha follows the activations' max statistic, unclipped (calibration)", at_least=0, budget=True)
+    epochs: int | None = hyperparameter(
+        None,
+        "epochs of quantization-aware training after calibration; unset (null): the space's budget.epochs",
+        Range(1, 30),
+        at_least=0,
+        budget=True,
+    )
+    stats_epochs: int = hyperparameter(
+        1, "first epochs in which alpha follows the activations' max statistic, unclipped (calibration)", at_least=0, budget=True
+    )
     optimizer: Literal["adam", "sgd"] = hyperparameter("adam", "optimizer of both phases: adam (the paper) or sgd")
 
 
@@ -304,7 +332,15 @@ class PAMS(Method):
         phases = []
         if self.config.stats_epochs > 0:
             phases.append(Phase("calibrate", self.config.stats_epochs, param_groups=self._weight_groups, **common))
-        phases.append(Phase("qat", ctx.epochs if self.config.epochs is None else self.config.epochs, on_start=self._end_calibration, param_groups=self._qat_groups, **common))
+        phases.append(
+            Phase(
+                "qat",
+                ctx.epochs if self.config.epochs is None else self.config.epochs,
+                on_start=self._end_calibration,
+                param_groups=self._qat_groups,
+                **common,
+            )
+        )
         return phases
 
     def _weight_groups(self, model: nn.Module) -> list[dict[str, Any]]:

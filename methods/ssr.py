@@ -102,16 +102,53 @@ Schedule = Literal["global", "layerwise"]
 
 @dataclass(frozen=True)
 class SSRConfig:
-    lam: float = hyperparameter(0.2, "regularisation weight lambda, times each layer's mean filter norm s (l21) or s^2 (l20): one value, scaled per layer", Range(0.05, 1.0, log=True), at_least=0.0, compresses="high")
-    rho: float = hyperparameter(1.0, "AULM penalty rho: W-step term (rho/2)||W - F + Y/rho||^2, F-step threshold lam/rho", Range(0.5, 5.0, log=True), above=0.0, compresses="low")
-    update_period: int = hyperparameter(20, "K: iterations between F- and Y-steps (much shorter periods oscillate)", Range(10, 200, log=True), at_least=1, compresses="low")
-    variant: Variant = hyperparameter("l21", "regulariser: l21 (group lasso, soft threshold) or l20 (group count, hard threshold)", Range(choices=("l21", "l20")))
-    schedule: Schedule = hyperparameter("global", "global (all layers in one AULM phase) or layerwise (one layer at a time, each followed by a fine-tune)", Range(choices=("global", "layerwise")))
-    aulm_epochs: int | None = hyperparameter(None, "epochs of each AULM phase; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
-    layer_finetune_epochs: int = hyperparameter(1, "layerwise: epochs of the fine-tune after each layer's AULM, its mask fixed", Range(0, 10), at_least=0, budget=True)
-    finetune_epochs: int | None = hyperparameter(None, "epochs of the labelled fine-tune after removal; unset (null): the space's budget.epochs", Range(0, 30), at_least=0, budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of the AULM phases and layer fine-tunes; unset (null): the space's training.lr", Range(1e-3, 0.1, log=True), above=0.0)
-    finetune_lr: float | None = hyperparameter(None, "learning rate of the fine-tune after removal; unset (null): the space's training.lr", Range(1e-3, 0.1, log=True), above=0.0)
+    lam: float = hyperparameter(
+        0.2,
+        "regularisation weight lambda, times each layer's mean filter norm s (l21) or s^2 (l20): one value, scaled per layer",
+        Range(0.05, 1.0, log=True),
+        at_least=0.0,
+        compresses="high",
+    )
+    rho: float = hyperparameter(
+        1.0,
+        "AULM penalty rho: W-step term (rho/2)||W - F + Y/rho||^2, F-step threshold lam/rho",
+        Range(0.5, 5.0, log=True),
+        above=0.0,
+        compresses="low",
+    )
+    update_period: int = hyperparameter(
+        20, "K: iterations between F- and Y-steps (much shorter periods oscillate)", Range(10, 200, log=True), at_least=1, compresses="low"
+    )
+    variant: Variant = hyperparameter(
+        "l21", "regulariser: l21 (group lasso, soft threshold) or l20 (group count, hard threshold)", Range(choices=("l21", "l20"))
+    )
+    schedule: Schedule = hyperparameter(
+        "global",
+        "global (all layers in one AULM phase) or layerwise (one layer at a time, each followed by a fine-tune)",
+        Range(choices=("global", "layerwise")),
+    )
+    aulm_epochs: int | None = hyperparameter(
+        None, "epochs of each AULM phase; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True
+    )
+    layer_finetune_epochs: int = hyperparameter(
+        1, "layerwise: epochs of the fine-tune after each layer's AULM, its mask fixed", Range(0, 10), at_least=0, budget=True
+    )
+    finetune_epochs: int | None = hyperparameter(
+        None,
+        "epochs of the labelled fine-tune after removal; unset (null): the space's budget.epochs",
+        Range(0, 30),
+        at_least=0,
+        budget=True,
+    )
+    lr: float | None = hyperparameter(
+        None,
+        "learning rate of the AULM phases and layer fine-tunes; unset (null): the space's training.lr",
+        Range(1e-3, 0.1, log=True),
+        above=0.0,
+    )
+    finetune_lr: float | None = hyperparameter(
+        None, "learning rate of the fine-tune after removal; unset (null): the space's training.lr", Range(1e-3, 0.1, log=True), above=0.0
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +238,11 @@ def find_layers(model: nn.Module, example_input: torch.Tensor) -> list[Layer]:
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             target = dep.target.module
-            if isinstance(target, nn.Module) and not isinstance(target, nn.Parameter) and not any(True for _ in target.parameters(recurse=False)):
+            if (
+                isinstance(target, nn.Module)
+                and not isinstance(target, nn.Parameter)
+                and not any(True for _ in target.parameters(recurse=False))
+            ):
                 continue  # an activation, a pooling, an addition: nothing to group
             target_name = names.get(target) if isinstance(target, nn.Module) else None
             root_idxs = getattr(item, "root_idxs", None)
@@ -286,8 +327,6 @@ def group_prox(
     return out, factor == 0
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Doing: mask, remove.
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +373,9 @@ def remove_zero_groups(model: nn.Module, layers: list[Layer], example_input: tor
     graph = dependency_graph(model, example_input)
     modules = dict(model.named_modules())
     names = {module: name for name, module in modules.items()}
-    alive = {name: list(range(m.weight.shape[0])) for name, m in modules.items() if _groupable(m) and getattr(m, "weight", None) is not None}
+    alive = {
+        name: list(range(m.weight.shape[0])) for name, m in modules.items() if _groupable(m) and getattr(m, "weight", None) is not None
+    }
     # Batch the groups by a representative convolution or linear layer, pruned in one call each.
     batches: dict[str, list[dict[str, list[int]]]] = {}
     for group in groups:
@@ -387,7 +428,11 @@ class SSR(Method):
         return Touches.split(
             model,
             [name for name, m in model.named_modules() if name in grouped and isinstance(m, (nn.Conv2d, nn.Linear))],
-            lambda name, m: "the classifier: its outputs are the classes" if name in classifier else "its channels are coupled to the classifier or to a layer of another kind",
+            lambda name, m: (
+                "the classifier: its outputs are the classes"
+                if name in classifier
+                else "its channels are coupled to the classifier or to a layer of another kind"
+            ),
         )
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -400,7 +445,9 @@ class SSR(Method):
             )
         self.layers = find_layers(model, ctx.example_input)
         if not self.layers:
-            raise NotApplicable(f"ssr found no output channels of {type(model).__name__} to prune outside the classifier; use minmax_quant.")
+            raise NotApplicable(
+                f"ssr found no output channels of {type(model).__name__} to prune outside the classifier; use minmax_quant."
+            )
         ctx.log(f"[ssr] {sum(layer.groups for layer in self.layers)} groups in {len(self.layers)} layers")
         return model
 

@@ -111,7 +111,8 @@ def jensen_shannon(first_logits: torch.Tensor, second_logits: torch.Tensor, temp
     log_q = F.log_softmax(second_logits / temperature, dim=1)
     log_mean = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
     divergence = 0.5 * (
-        F.kl_div(log_mean, log_p, reduction="batchmean", log_target=True) + F.kl_div(log_mean, log_q, reduction="batchmean", log_target=True)
+        F.kl_div(log_mean, log_p, reduction="batchmean", log_target=True)
+        + F.kl_div(log_mean, log_q, reduction="batchmean", log_target=True)
     )
     return divergence * temperature**2
 
@@ -171,7 +172,9 @@ class _VariationalTerm(Method):
     def heads(self, step: Step, view: int = 0) -> torch.Tensor:
         """The model's ``(batch, 4, classes)`` training output on ``view``; NotApplicable for a model without those heads."""
         if len(step.views) <= view:
-            raise ValueError(f"{self.name} compares the two views of each example, but the batch holds {len(step.views)}; use it with a two-view task.")
+            raise ValueError(
+                f"{self.name} compares the two views of each example, but the batch holds {len(step.views)}; use it with a two-view task."
+            )
         out = step.view_outputs(view)
         if out.dim() != 3 or out.shape[1] != len(HEADS):
             raise NotApplicable(
@@ -186,7 +189,11 @@ class VSDConfig:
     weight: float = hyperparameter(2.0, "weight of the self-distillation term next to the task loss", _WEIGHT, at_least=0.0)
     temperature: float = hyperparameter(1.0, "softmax temperature T of KL(p(y|v) || p(y|z))", _TEMPERATURE, above=0.0)
     bottleneck: int | None = hyperparameter(
-        None, "width of every branch's representation z, rebuilt that narrow; unset (null): the model's width", Range(4, 256, log=True), at_least=1, compresses="low"
+        None,
+        "width of every branch's representation z, rebuilt that narrow; unset (null): the model's width",
+        Range(4, 256, log=True),
+        at_least=1,
+        compresses="low",
     )
     epochs: int | None = hyperparameter(None, _EPOCHS_HELP, Range(1, 30), at_least=0, budget=True)
     lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True), above=0.0)
@@ -243,7 +250,9 @@ class VSD(_VariationalTerm):
 class VCDConfig:
     weight: float = hyperparameter(2.0, "weight of the cross-distillation term next to the task loss", _WEIGHT, at_least=0.0)
     temperature: float = hyperparameter(1.0, "softmax temperature T of the cross-view KLs", _TEMPERATURE, above=0.0)
-    epochs: int | None = hyperparameter(None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), at_least=0, budget=True)
+    epochs: int | None = hyperparameter(
+        None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), at_least=0, budget=True
+    )
     lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True), above=0.0)
 
 
@@ -266,7 +275,9 @@ class VCD(_VariationalTerm):
 class VMLConfig:
     weight: float = hyperparameter(2.0, "weight of the mutual-learning (Jensen-Shannon) term next to the task loss", _WEIGHT, at_least=0.0)
     temperature: float = hyperparameter(1.0, "softmax temperature T of the Jensen-Shannon divergence", _TEMPERATURE, above=0.0)
-    epochs: int | None = hyperparameter(None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), at_least=0, budget=True)
+    epochs: int | None = hyperparameter(
+        None, "epochs of its fine-tune when nothing else trains; " + _EPOCHS_HELP.split("; ")[1], Range(1, 30), at_least=0, budget=True
+    )
     lr: float | None = hyperparameter(None, _LR_HELP, Range(1e-4, 0.1, log=True), above=0.0)
 
 

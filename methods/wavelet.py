@@ -130,7 +130,9 @@ def _sign(length: int, like: torch.Tensor | None = None) -> torch.Tensor:
     return sign if like is None else sign.to(like)
 
 
-def wavelet_loss(dec_lo: torch.Tensor, dec_hi: torch.Tensor, rec_lo: torch.Tensor, rec_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def wavelet_loss(
+    dec_lo: torch.Tensor, dec_hi: torch.Tensor, rec_lo: torch.Tensor, rec_hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ACL, PRL)``: the alias-cancellation and perfect-reconstruction squared errors of a filter bank."""
     sign = _sign(len(dec_lo), dec_lo)
     acl = ((rec_lo + sign * dec_hi) ** 2).sum() + ((rec_hi - sign * dec_lo) ** 2).sum()
@@ -195,7 +197,9 @@ class WaveletLinear(nn.Module):
         self.lengths = coefficient_lengths(features, levels, filter_length)
         self.coefficients = self.lengths[-1] + sum(self.lengths[1:])
         generator = torch.Generator().manual_seed(seed)
-        self.dec_lo, self.dec_hi, self.rec_lo, self.rec_hi = (nn.Parameter(f.clone()) for f in initial_filters(init, filter_length, generator))
+        self.dec_lo, self.dec_hi, self.rec_lo, self.rec_hi = (
+            nn.Parameter(f.clone()) for f in initial_filters(init, filter_length, generator)
+        )
         self.scale_in = nn.Parameter(torch.ones(features))
         self.scale_coefficients = nn.Parameter(torch.ones(self.coefficients))
         self.scale_out = nn.Parameter(torch.ones(features))
@@ -285,16 +289,28 @@ class WaveletLinear(nn.Module):
 @dataclass(frozen=True)
 class WaveletConfig:
     mode: Mode = hyperparameter(
-        "state", "which GRU/LSTM hidden-to-hidden gate maps become wavelet layers (square nn.Linear layers always do)",
-        Range(choices=("state", "state_reset", "gates", "full")), compresses="high",
+        "state",
+        "which GRU/LSTM hidden-to-hidden gate maps become wavelet layers (square nn.Linear layers always do)",
+        Range(choices=("state", "state_reset", "gates", "full")),
+        compresses="high",
     )
     levels: int = hyperparameter(4, "levels (scales) of the wavelet transform", Range(1, 6), at_least=1)
     filter_length: int = hyperparameter(6, "taps of each of the four learnt filters (even)", Range(choices=(6, 8, 12)))
-    init: Init = hyperparameter("haar", "filter init: haar or db2..db6 zero-padded to filter_length, or random in [-1, 1]", Range(choices=("haar", "db2", "db3", "random")))
+    init: Init = hyperparameter(
+        "haar",
+        "filter init: haar or db2..db6 zero-padded to filter_length, or random in [-1, 1]",
+        Range(choices=("haar", "db2", "db3", "random")),
+    )
     wave_loss_weight: float = hyperparameter(1.0, "weight of ACL + PRL in the training loss", Range(0.1, 10.0, log=True), at_least=0.0)
-    dropout: float = hyperparameter(0.0, "dropout on the three diagonals while training (the paper: 0 for RNNs)", Range(0.0, 0.3), at_least=0.0, below=1.0)
-    epochs: int | None = hyperparameter(None, "epochs of training the wavelet layers; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True)
-    lr: float | None = hyperparameter(None, "learning rate of that training; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True), above=0.0)
+    dropout: float = hyperparameter(
+        0.0, "dropout on the three diagonals while training (the paper: 0 for RNNs)", Range(0.0, 0.3), at_least=0.0, below=1.0
+    )
+    epochs: int | None = hyperparameter(
+        None, "epochs of training the wavelet layers; unset (null): the space's budget.epochs", Range(1, 30), at_least=0, budget=True
+    )
+    lr: float | None = hyperparameter(
+        None, "learning rate of that training; unset (null): the space's training.lr", Range(1e-4, 0.1, log=True), above=0.0
+    )
 
     def __post_init__(self) -> None:
         # Rules no bound states: an even length, and one that holds the init's taps.
@@ -366,13 +382,20 @@ class Wavelet(Method):
         replaced = stored = 0
         for index, (parent, attribute, linear) in enumerate(wavelet_sites(model, config.mode, ctx.example_input)):
             layer = WaveletLinear(
-                linear.in_features, config.levels, config.filter_length, config.init, config.dropout,
-                bias=linear.bias is not None, seed=ctx.seed + index,
+                linear.in_features,
+                config.levels,
+                config.filter_length,
+                config.init,
+                config.dropout,
+                bias=linear.bias is not None,
+                seed=ctx.seed + index,
             ).to(linear.weight.device)
             setattr(parent, attribute, layer)
             replaced += linear.weight.numel()
             stored += sum(p.numel() for p in layer.parameters()) - (linear.in_features if linear.bias is not None else 0)
-            ctx.log(f"[wavelet] {type(parent).__name__}.{attribute}: {linear.weight.numel()} weights -> {layer.coefficients} coefficients, {stored} stored so far")
+            ctx.log(
+                f"[wavelet] {type(parent).__name__}.{attribute}: {linear.weight.numel()} weights -> {layer.coefficients} coefficients, {stored} stored so far"
+            )
         self.figures = {"layers": float(index + 1), "dense_weights": float(replaced), "wavelet_weights": float(stored)}
         return model
 

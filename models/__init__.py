@@ -13,10 +13,10 @@ from models.digits import DigitsCNN
 from models.edsr import EDSR, ResBlock
 from models.lenet import LeNet
 from models.mnist_cnn import MnistCNN
-from models.recurrent import GRULayer, LSTMLayer, SequenceModel
 from models.rdn import RDB, RDN
-from models.two_branch import TwoBranch
+from models.recurrent import GRULayer, LSTMLayer, SequenceModel
 from models.torchvision_models import torchvision_model_names
+from models.two_branch import TwoBranch
 from models.vgg import VGG
 
 __all__ = [

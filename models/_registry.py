@@ -180,7 +180,4 @@ def _check_options(name: str, factory: ModelFactory, options: dict[str, Any]) ->
     known = [key for key in parameters if key not in ("num_classes", "in_channels")]
     for key in options:
         if key not in known:
-            raise UserError(
-                f"model '{name}' has no option '{key}'.{did_you_mean(key, known)} "
-                f"Its options: {', '.join(known) or 'none'}."
-            )
+            raise UserError(f"model '{name}' has no option '{key}'.{did_you_mean(key, known)} Its options: {', '.join(known) or 'none'}.")

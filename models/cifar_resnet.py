@@ -74,9 +74,7 @@ def _make_shortcut(in_channels: int, out_channels: int, stride: int, kind: str) 
         return nn.Identity()
     if kind == "A":
         if out_channels != 2 * in_channels:
-            raise ValueError(
-                f"option-A shortcut needs out_channels = 2 * in_channels, got {in_channels} -> {out_channels}."
-            )
+            raise ValueError(f"option-A shortcut needs out_channels = 2 * in_channels, got {in_channels} -> {out_channels}.")
         return ZeroPadShortcut(stride)
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),

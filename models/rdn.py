@@ -56,9 +56,7 @@ class RDN(nn.Module):
         channels: ``G0``, channels between blocks.
     """
 
-    def __init__(
-        self, scale: int, in_channels: int = 3, blocks: int = 16, layers: int = 8, growth: int = 64, channels: int = 64
-    ) -> None:
+    def __init__(self, scale: int, in_channels: int = 3, blocks: int = 16, layers: int = 8, growth: int = 64, channels: int = 64) -> None:
         super().__init__()
         self.scale = check_scale(scale)
         self.sfe1 = conv3x3(in_channels, channels)
@@ -68,7 +66,10 @@ class RDN(nn.Module):
         self.body_out = nn.Identity()
         if scale == 4:
             up: list[nn.Module] = [
-                conv3x3(channels, growth * 4), nn.PixelShuffle(2), conv3x3(growth, growth * 4), nn.PixelShuffle(2),
+                conv3x3(channels, growth * 4),
+                nn.PixelShuffle(2),
+                conv3x3(growth, growth * 4),
+                nn.PixelShuffle(2),
             ]
         else:
             up = [conv3x3(channels, growth * scale * scale), nn.PixelShuffle(scale)]
@@ -87,7 +88,12 @@ class RDN(nn.Module):
 
 @register_model("rdn")
 def rdn(
-    scale: int = 2, in_channels: int = 3, blocks: int = 16, layers: int = 8, growth: int = 64, channels: int = 64,
+    scale: int = 2,
+    in_channels: int = 3,
+    blocks: int = 16,
+    layers: int = 8,
+    growth: int = 64,
+    channels: int = 64,
     rgb_range: float = 255.0,
 ) -> RDN:
     """RDN config B: D=16, C=8, G=64 (22.1M parameters at x2). ``rgb_range`` is accepted and unused (no mean shift)."""
@@ -96,7 +102,12 @@ def rdn(
 
 @register_model("rdn_small")
 def rdn_small(
-    scale: int = 2, in_channels: int = 3, blocks: int = 4, layers: int = 4, growth: int = 16, channels: int = 32,
+    scale: int = 2,
+    in_channels: int = 3,
+    blocks: int = 4,
+    layers: int = 4,
+    growth: int = 16,
+    channels: int = 32,
     rgb_range: float = 255.0,
 ) -> RDN:
     """A CPU-sized RDN: D=4, C=4, G=16, G0=32. ``rgb_range`` is accepted and unused (no mean shift)."""

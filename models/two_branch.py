@@ -61,9 +61,7 @@ class Branch(nn.Module):
             raise ValueError(f"`bottleneck >= 1` must hold, but got bottleneck={bottleneck}.")
         hidden = max(bottleneck, self.features // 2)
         device = self.observation_head.weight.device
-        self.bottleneck = nn.Sequential(
-            nn.Linear(self.features, hidden), nn.ReLU(), nn.Linear(hidden, bottleneck)
-        ).to(device)
+        self.bottleneck = nn.Sequential(nn.Linear(self.features, hidden), nn.ReLU(), nn.Linear(hidden, bottleneck)).to(device)
         self.representation_head = nn.Linear(bottleneck, self.num_classes).to(device)
 
     @property

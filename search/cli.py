@@ -36,14 +36,18 @@ PROFILE_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimtune", description="Search pipelines of compression methods for the best accuracy/cost trade-offs.")
+    parser = argparse.ArgumentParser(
+        prog="slimtune", description="Search pipelines of compression methods for the best accuracy/cost trade-offs."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("search", help="run a search described by a space file")
     p.add_argument("space", help="the space YAML file, e.g. spaces/quickstart.yaml")
     _add_space_overrides(p)
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
-    p.add_argument("--warm-start", metavar="NAME", help="run the Pareto recipes of the earlier search NAME (same results folder, task and model) first")
+    p.add_argument(
+        "--warm-start", metavar="NAME", help="run the Pareto recipes of the earlier search NAME (same results folder, task and model) first"
+    )
 
     p = sub.add_parser("resume", help="continue an interrupted search")
     p.add_argument("name")
@@ -67,10 +71,18 @@ def _parser() -> argparse.ArgumentParser:
         help="also register the trial's model in the MLflow Model Registry as a new version of MODEL; "
         "--pick PICK sets the alias PICK on it (models:/MODEL@knee), --run sets none",
     )  # fmt: skip
-    p.add_argument("--compile", action="store_true", help="also compile the program ahead of time with AOTInductor into model_compiled.pt2 (needs a C++ compiler; minutes on CPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also compile the program ahead of time with AOTInductor into model_compiled.pt2 (needs a C++ compiler; minutes on CPU)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for and to time the forms on (default cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size of the latency figures (default: the search's measure.latency_batch_size)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of the latency figures (default: the search's, budget.cpus_per_trial)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="batch size of the latency figures (default: the search's measure.latency_batch_size)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads of the latency figures (default: the search's, budget.cpus_per_trial)"
+    )
     p.add_argument("--results-dir", default="slimtune_results")
 
     p = sub.add_parser("report", help="write an interactive HTML report of a search and log it on its MLflow run")
@@ -83,21 +95,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the replayed model to (new or empty)")
 
     p = sub.add_parser("profile", help="params, MACs, FLOPs and latency of a model")
-    p.add_argument("model", help="a registered model (digits_cnn, resnet56, vgg16, edsr_small, ...) or any torchvision classification model")
     p.add_argument(
-        "--task", default=None,
+        "model", help="a registered model (digits_cnn, resnet56, vgg16, edsr_small, ...) or any torchvision classification model"
+    )
+    p.add_argument(
+        "--task",
+        default=None,
         help=f"the task to measure at: {', '.join(sorted(PROFILE_SHAPES))} by input shape alone; sr: super-resolution at the LR size "
         "of the sr task's default training patch; any other registered task (adding, seq_digits, ...) is built as a search builds it",
     )
-    p.add_argument("--scale", type=int, default=None, help="upscaling factor of a super-resolution model, 2, 3 or 4 (default 2; --task sr only)")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help="a task option, as under the space's task.options (repeatable)")
-    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE", help="a model option, as under the space's model.options (repeatable)")
+    p.add_argument(
+        "--scale", type=int, default=None, help="upscaling factor of a super-resolution model, 2, 3 or 4 (default 2; --task sr only)"
+    )
+    p.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task option, as under the space's task.options (repeatable)",
+    )
+    p.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model option, as under the space's model.options (repeatable)",
+    )
     p.add_argument("--method", default=None, help="profile the model after this method's prepare and finalize (no training)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter of --method (repeatable)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for latency (at least 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for latency (default 1, as a trial with budget.cpus_per_trial: 1)")
     p.add_argument(
-        "--form", choices=["program", "module"], default="program",
+        "--form",
+        choices=["program", "module"],
+        default="program",
         help="what latency times: program (default), the exported model.pt2 as trials time it; module, the nn.Module without exporting "
         "(exporting a long recurrent network takes tens of seconds)",
     )
@@ -124,7 +155,9 @@ def _overridden_space(args: argparse.Namespace) -> SearchSpace:
     """The space of ``args.space`` with the command line's overrides, checked like the YAML."""
     from search.space.spec import load_space
 
-    return load_space(args.space).with_overrides(name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, results_dir=args.results_dir)
+    return load_space(args.space).with_overrides(
+        name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, results_dir=args.results_dir
+    )
 
 
 def _print_warnings(space: SearchSpace) -> None:
@@ -160,7 +193,13 @@ def _search(args: argparse.Namespace) -> int:
         _exit_at_once(130)
     try:
         record = run_search(
-            args.space, name=args.name, trials=args.trials, tracking_uri=args.tracking_uri, address=args.address, results_dir=args.results_dir, warm_start=args.warm_start
+            args.space,
+            name=args.name,
+            trials=args.trials,
+            tracking_uri=args.tracking_uri,
+            address=args.address,
+            results_dir=args.results_dir,
+            warm_start=args.warm_start,
         )
     except SearchInterrupted:
         _exit_at_once(130)
@@ -221,7 +260,10 @@ def _pareto(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {doc['hypervolume']:.4f} ({describe_reference(doc['hypervolume_reference'])}); objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives))
+        print(
+            f"search '{record.name}': {plural(len(records), 'completed trial')}, hypervolume {doc['hypervolume']:.4f} ({describe_reference(doc['hypervolume_reference'])}); objectives "
+            + ", ".join(f"{o.metric} ({o.direction})" for o in record.objectives)
+        )
         for line in unfinished_lines(search_progress(record)):
             print(line)
         print(format_table(record, doc["trials"], record.baseline_metrics))
@@ -315,8 +357,8 @@ _TIMINGS = ("latency_ms", "measured_latency_ms")
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from search.trial.recipe import read_recipe, versions
     from search.trial.body import replay
+    from search.trial.recipe import read_recipe, versions
 
     doc = read_recipe(args.recipe)
     out = Path(args.out)
@@ -325,7 +367,10 @@ def _replay(args: argparse.Namespace) -> int:
     for package, recorded in doc.get("versions", {}).items():
         installed = versions().get(package)
         if installed != recorded:
-            print(f"slimtune: warning: the recipe was made with {package} {recorded}, this is {installed}; metrics may differ.", file=sys.stderr)
+            print(
+                f"slimtune: warning: the recipe was made with {package} {recorded}, this is {installed}; metrics may differ.",
+                file=sys.stderr,
+            )
     steps = " > ".join(step["name"] for step in doc["pipeline"]) or "(no methods)"
     source = f"{doc['trial']} of '{doc['search']}'" if "trial" in doc and "search" in doc else str(args.recipe)
     print(f"replaying {source}: {steps} on {doc['task']['name']} / {doc['model']['name']} ({doc['run']['device']})")
@@ -401,7 +446,9 @@ def _profile(args: argparse.Namespace) -> int:
         if artifact_bytes is not None:
             print(f"  artifact    {artifact_bytes:,} bytes ({FORMS['program']}, the exported program)")
         form = f"{report['latency_form']} ({FORMS[report['latency_form']]})"
-        print(f"  latency     {report['latency_ms']:.3f} ms (median of 20; {form}, batch {args.batch_size}, {plural(args.threads, 'CPU thread')})")
+        print(
+            f"  latency     {report['latency_ms']:.3f} ms (median of 20; {form}, batch {args.batch_size}, {plural(args.threads, 'CPU thread')})"
+        )
         print(f"  not counted {', '.join(report['uncounted_ops']) or '(none)'} (ops without a FLOP formula, e.g. elementwise)")
     return 0
 

@@ -85,9 +85,7 @@ class Task:
         """Return the mean cross-entropy of ``outputs`` (logits) against integer ``targets``."""
         return F.cross_entropy(outputs, targets)
 
-    def evaluate(
-        self, model: nn.Module, loader: DataLoader, device: torch.device | str
-    ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device | str) -> dict[str, float]:
         """Measure top-1 accuracy and mean cross-entropy of ``model`` over ``loader``.
 
         The model runs in eval mode without gradients; its previous train/eval mode is restored
@@ -175,8 +173,7 @@ def check_fraction(name: str, value: float) -> float:
         fraction = float("nan")
     if not 0.0 < fraction < 1.0:
         raise UserError(
-            f"task option {name} must be a number between 0 and 1 (exclusive), got {value!r}. "
-            f"Set task.options.{name} to e.g. 0.1."
+            f"task option {name} must be a number between 0 and 1 (exclusive), got {value!r}. Set task.options.{name} to e.g. 0.1."
         )
     return fraction
 
@@ -196,9 +193,7 @@ def holdout_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list
         UserError: If ``n`` is too small to keep and hold out at least one example each.
     """
     if n < 2:
-        raise UserError(
-            f"cannot hold out a validation split from {n} training example(s); at least 2 are needed."
-        )
+        raise UserError(f"cannot hold out a validation split from {n} training example(s); at least 2 are needed.")
     n_held = min(max(1, round(n * fraction)), n - 1)
     order = np.random.default_rng(seed).permutation(n)
     return sorted(order[n_held:].tolist()), sorted(order[:n_held].tolist())

@@ -132,7 +132,9 @@ def _imported_class(name: str) -> type[Task]:
         )
     for attribute, example in (("kind", "'classification'"), ("metric_directions", "{'accuracy': 'max'}")):
         if not hasattr(cls, attribute):
-            raise UserError(f"task '{name}': {cls.__name__} lacks the class attribute {attribute} (e.g. {attribute} = {example}); see tasks.Task's docstring.")
+            raise UserError(
+                f"task '{name}': {cls.__name__} lacks the class attribute {attribute} (e.g. {attribute} = {example}); see tasks.Task's docstring."
+            )
     if cls.kind not in TASK_KINDS:
         raise UserError(f"task '{name}': kind must be one of {', '.join(TASK_KINDS)}, but {cls.__name__}.kind is {cls.kind!r}.")
     directions = cls.metric_directions
@@ -171,21 +173,11 @@ def _check_options(name: str, factory: TaskFactory, options: dict[str, Any]) -> 
     params = inspect.signature(factory).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
-    accepted = [
-        p.name
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
+    accepted = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     accepted_text = ", ".join(accepted) if accepted else "(none)"
     for option in options:
         if option not in accepted:
-            raise UserError(
-                f"task '{name}' has no option '{option}'.{did_you_mean(option, accepted)} "
-                f"Accepted options: {accepted_text}."
-            )
+            raise UserError(f"task '{name}' has no option '{option}'.{did_you_mean(option, accepted)} Accepted options: {accepted_text}.")
     for p in params:
         if p.name in accepted and p.default is inspect.Parameter.empty and p.name not in options:
-            raise UserError(
-                f"task '{name}' needs option '{p.name}'. Set task.options.{p.name}. "
-                f"Accepted options: {accepted_text}."
-            )
+            raise UserError(f"task '{name}' needs option '{p.name}'. Set task.options.{p.name}. Accepted options: {accepted_text}.")

@@ -34,9 +34,7 @@ def _build(
     normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     eval_transform = transforms.Compose(normalize)
     if augment:
-        train_transform = transforms.Compose(
-            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *normalize]
-        )
+        train_transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *normalize])
     else:
         train_transform = eval_transform
 

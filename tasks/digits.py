@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from tasks._registry import register_task
 _MAX_PIXEL = 16.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def split_indices(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return the train, val and test positions into ``load_digits()``: a stratified 60/20/20 split.
 
@@ -35,7 +35,7 @@ def split_indices(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _arrays(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """Return normalised ``(images, labels)`` for train, val and test, computed once per seed."""
     bunch = load_digits()

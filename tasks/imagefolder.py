@@ -25,8 +25,7 @@ def read_image(path: str):
         return datasets.folder.default_loader(path)
     except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
         raise UserError(
-            f"cannot read the image '{path}' ({type(err).__name__}: {' '.join(str(err).split())}). "
-            "Replace or remove the file."
+            f"cannot read the image '{path}' ({type(err).__name__}: {' '.join(str(err).split())}). Replace or remove the file."
         ) from None
 
 
@@ -79,12 +78,8 @@ def imagefolder(
         )
 
     normalize = [transforms.ToTensor(), transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
-    train_transform = transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]
-    )
-    eval_transform = transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(image_size), *normalize]
-    )
+    train_transform = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize])
+    eval_transform = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *normalize])
 
     if not Path(root).is_dir():
         raise UserError(

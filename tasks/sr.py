@@ -280,7 +280,7 @@ def load_image_folder(root: str, option: str, subfolder: str | None = None, limi
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _embedded_image(name: str) -> Image:
     import skimage.data
 
@@ -346,7 +346,9 @@ class SRTask(Task):
                     lr, hr = lr.to(device), hr.to(device)
                     sr = model(lr)
                     if sr.shape != hr.shape:
-                        raise ValueError(f"the model turned an LR batch {tuple(lr.shape)} into {tuple(sr.shape)}, expected {tuple(hr.shape)}.")
+                        raise ValueError(
+                            f"the model turned an LR batch {tuple(lr.shape)} into {tuple(sr.shape)}, expected {tuple(hr.shape)}."
+                        )
                     losses.append(F.l1_loss(sr, hr, reduction="none").flatten(1).mean(1))
                     sr_8bit = (sr.clamp(0, self.rgb_range) * to_255).round()
                     s = self.scale
@@ -425,7 +427,9 @@ def sr(
         val = load_image_folder(val_root, "val_root", "HR", limit=val_images)
     elif train_root is not None:
         if len(train) < 2:
-            raise UserError(f"task option train_root: '{train_root}' holds {len(train)} image; 2 or more are needed to hold one out for validation, or set val_root.")
+            raise UserError(
+                f"task option train_root: '{train_root}' holds {len(train)} image; 2 or more are needed to hold one out for validation, or set val_root."
+            )
         held = max(1, min(val_images, len(train) // 10))
         train, val = train[:-held], train[-held:]
     else:
@@ -443,7 +447,9 @@ def sr(
     for split, images in (("val", val), ("test", test)):
         too_small = [name for name, img in images if min(img.shape[1:]) < 2 * scale + 11]
         if too_small:
-            raise UserError(f"{split} image(s) {', '.join(too_small)} are too small to evaluate at x{scale} (SSIM needs 11 pixels after the border crop).")
+            raise UserError(
+                f"{split} image(s) {', '.join(too_small)} are too small to evaluate at x{scale} (SSIM needs 11 pixels after the border crop)."
+            )
 
     return SRTask(
         name="sr",

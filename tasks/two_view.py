@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,7 @@ RETRIEVAL_METRICS = {"rank1": "max", "mAP": "max", "rank5": "max", "rank10": "ma
 _RANKS = (1, 5, 10)
 
 
-def retrieval_metrics(
-    query: torch.Tensor, query_ids: torch.Tensor, gallery: torch.Tensor, gallery_ids: torch.Tensor
-) -> dict[str, float]:
+def retrieval_metrics(query: torch.Tensor, query_ids: torch.Tensor, gallery: torch.Tensor, gallery_ids: torch.Tensor) -> dict[str, float]:
     """Rank-1, Rank-5, Rank-10 and mAP of searching ``gallery`` with each ``query`` by cosine distance.
 
     Gallery items at equal distance keep their gallery order. A query without any match in the
@@ -171,7 +169,9 @@ class TwoViewTask(Task):
             raise ValueError(f"cannot evaluate task '{self.name}': the loader yielded no examples.")
         feats, ids, gallery = torch.cat(features), torch.cat(identities), torch.cat(modalities)
         if gallery.all() or not gallery.any():
-            raise ValueError(f"cannot evaluate task '{self.name}': the examples hold only modality {int(gallery[0])}; retrieval needs both.")
+            raise ValueError(
+                f"cannot evaluate task '{self.name}': the examples hold only modality {int(gallery[0])}; retrieval needs both."
+            )
         out = retrieval_metrics(feats[~gallery], ids[~gallery], feats[gallery], ids[gallery])
         out["loss"] = 1.0 - out["mAP"]
         return out
@@ -197,7 +197,7 @@ def edge_modality(images: np.ndarray, noise: float) -> np.ndarray:
     return (1.0 - edges + noise * rng.standard_normal(images.shape)).astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digit_modalities(seed: int, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both modalities ``(N, 1, 8, 8)``, each normalised with its train-split mean and std, and the labels."""
     bunch = load_digits()
@@ -224,9 +224,7 @@ def digits_2view(seed: int = 0, noise: float = 0.3) -> TwoViewTask:
     if not noise >= 0:
         raise UserError(f"task option noise must be a number >= 0, got {noise!r}. Set task.options.noise to e.g. 0.3.")
     first, second, labels = _digit_modalities(int(seed), noise)
-    modalities = [
-        TensorDataset(with_modality(torch.tensor(images), m), torch.tensor(labels)) for m, images in enumerate((first, second))
-    ]
+    modalities = [TensorDataset(with_modality(torch.tensor(images), m), torch.tensor(labels)) for m, images in enumerate((first, second))]
     train, val, test = split_indices(int(seed))
 
     def both(indices: np.ndarray) -> ConcatDataset:
@@ -268,7 +266,9 @@ class _TaggedImages(Dataset):
 def _identity_images(folder: Path, layout: str) -> dict[str, list[Path]]:
     """``{identity: sorted image paths}`` of one modality folder; UserError when there is none."""
     if not folder.is_dir():
-        raise UserError(f"modality folder '{folder}' not found; expected the layout {layout}. Set task.options.modality_a / modality_b to its two modality folders.")
+        raise UserError(
+            f"modality folder '{folder}' not found; expected the layout {layout}. Set task.options.modality_a / modality_b to its two modality folders."
+        )
     found = {
         sub.name: sorted(p for p in sub.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
         for sub in sorted(folder.iterdir())
@@ -311,7 +311,9 @@ def reid_folder(
     val_share = check_fraction("val_fraction", val_fraction)
     height, width = int(height), int(width)
     if height < 1 or width < 1:
-        raise UserError(f"task options height and width must be positive, got height={height}, width={width}. Set e.g. task.options.height: 128.")
+        raise UserError(
+            f"task options height and width must be positive, got height={height}, width={width}. Set e.g. task.options.height: 128."
+        )
     layout = f"'{root}/{modality_a}/<identity>/*.jpg' and '{root}/{modality_b}/<identity>/*.jpg'"
     if not Path(root).is_dir():
         raise UserError(f"re-id folder root '{root}' not found; set task.options.root to a folder laid out as {layout}.")
@@ -325,7 +327,9 @@ def reid_folder(
         )
     identities = sorted(first)
     if len(identities) < 3:
-        raise UserError(f"'{root}' holds {len(identities)} identities; training, val and test take disjoint identities, so at least 3 are needed.")
+        raise UserError(
+            f"'{root}' holds {len(identities)} identities; training, val and test take disjoint identities, so at least 3 are needed."
+        )
     order = [identities[i] for i in np.random.default_rng(int(seed)).permutation(len(identities))]
     n_test = min(max(1, round(len(order) * test_share)), len(order) - 2)
     n_val = min(max(1, round((len(order) - n_test) * val_share)), len(order) - n_test - 1)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,9 @@ def test_private_api_libraries_have_an_upper_bound() -> None:
 
     by_name = {r.name: r for r in REQUIREMENTS}
     for name in CHECKED_PACKAGES:
-        assert any(spec.operator in ("<", "<=", "~=", "==") for spec in by_name[name].specifier), f"{name} needs an upper bound, but is {by_name[name]}"
+        assert any(spec.operator in ("<", "<=", "~=", "==") for spec in by_name[name].specifier), (
+            f"{name} needs an upper bound, but is {by_name[name]}"
+        )
 
 
 def test_import_check_names_the_package_the_version_and_the_range(monkeypatch) -> None:

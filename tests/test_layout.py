@@ -145,7 +145,12 @@ def imported_modules(path: Path, modules: dict[str, Path]) -> set[tuple[str, int
     """
     tree = ast.parse(path.read_text(), filename=str(path))
     # Imports for type hints alone (under ``if TYPE_CHECKING:``) never run, so they make no circle.
-    hints = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    hints = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
     out = set()
     for node in ast.walk(tree):
         if id(node) in hints:
@@ -189,7 +194,7 @@ def test_no_import_circle() -> None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (circle := visit(nxt)):
                 return circle
         stack.pop()
@@ -221,5 +226,10 @@ def function_level_imports_without_reason(path: Path) -> list[str]:
 
 
 def test_function_level_imports_say_why() -> None:
-    found = [line for path in sorted((ROOT / "search").rglob("*.py")) if path.name != "cli.py" for line in function_level_imports_without_reason(path)]
+    found = [
+        line
+        for path in sorted((ROOT / "search").rglob("*.py"))
+        if path.name != "cli.py"
+        for line in function_level_imports_without_reason(path)
+    ]
     assert not found, "a function-level import in search/ carries a comment saying why it is not at the top:\n" + "\n".join(found)

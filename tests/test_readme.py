@@ -27,7 +27,7 @@ def test_methods_section_describes_every_registered_method() -> None:
 
 def test_imagefolder_layout_and_option_defaults_match_the_task() -> None:
     section = _section("Space files")
-    text = section[section.index("`imagefolder` reads"):]
+    text = section[section.index("`imagefolder` reads") :]
     assert "root/train/<class>/" in text and "root/val/<class>/" in text
     defaults = {name: p.default for name, p in inspect.signature(task_factory("imagefolder")).parameters.items()}
     for option in ("train_dir", "val_dir", "image_size", "resize", "val_fraction", "seed"):

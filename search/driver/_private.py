@@ -8,24 +8,32 @@ Ray or Optuna is outside it (``check_versions``).
 
 from __future__ import annotations
 
+import os
+import signal
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import ray._private.ray_constants as ray_constants
+from packaging.requirements import Requirement
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from errors import UserError
 from search.driver.samplers import ask_distinct, tell_metrics
-from packaging.requirements import Requirement
-import ray._private.ray_constants as ray_constants
-import os
-import signal
 
 if TYPE_CHECKING:
     from search.space.spec import SearchSpace
 
-__all__ = ["check_versions", "keep_ray_on_loopback", "stop_tune_run", "fail_open_trials", "prune_trial", "SlimtuneOptunaSearch", "TRIAL_NUMBER"]
+__all__ = [
+    "check_versions",
+    "keep_ray_on_loopback",
+    "stop_tune_run",
+    "fail_open_trials",
+    "prune_trial",
+    "SlimtuneOptunaSearch",
+    "TRIAL_NUMBER",
+]
 
 #: The config key (set by the space definition) that carries the Optuna trial number to Tune.
 TRIAL_NUMBER = "trial_number"

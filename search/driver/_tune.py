@@ -19,13 +19,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from methods import get_method, hyperparameters
 from search.driver import samplers
 from search.driver._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial, stop_tune_run
-from search.trial.graceful_stop import GracefulStop, sigint_stops_gracefully
 from search.driver.halving import Rungs, milestones
-from search.space.objectives import epoch_key
 from search.results.record import SearchRecord, exported_model_dir, search_progress, study_trials, trial_state
 from search.results.report import Reporter
+from search.space.objectives import epoch_key
 from search.space.spec import SearchSpace
 from search.trial.body import TrialSpec, recipe_from_config, run_trial
+from search.trial.graceful_stop import GracefulStop, sigint_stops_gracefully
 from tasks import task_metrics
 
 __all__ = ["SpaceDefinition", "make_sampler", "make_searcher", "make_scheduler", "MultiObjectiveASHA", "ScalarASHA", "TrialTracker", "fit"]
@@ -115,7 +115,12 @@ class StoppedTrials:
         if self._study is None:
             self._study = optuna.load_study(study_name=self.study_name, storage=self.storage_url)
         figures = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        attrs = {"metrics": figures, "recipe": result.get("recipe", "[]"), "tune_trial_id": trial.trial_id, "stopped_at_epoch": int(result["epoch"])}
+        attrs = {
+            "metrics": figures,
+            "recipe": result.get("recipe", "[]"),
+            "tune_trial_id": trial.trial_id,
+            "stopped_at_epoch": int(result["epoch"]),
+        }
         prune_trial(self._study, trial.config[TRIAL_NUMBER], attrs)
         return TrialScheduler.STOP
 

@@ -15,19 +15,21 @@ and ``key.json`` (the key in full, and the search that trained it).
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
 import torch
-import inspect
-from tasks import task_factory
-import ast
-from importlib import metadata
+import torchvision
+
 from models import model_factory
 from models.torchvision_models import create_torchvision_model
-import torchvision
+from tasks import task_factory
 
 if TYPE_CHECKING:
     import torch
@@ -65,11 +67,12 @@ def describe_key(folder: Path) -> str:
     """What the key of the baseline cached in ``folder`` covers, for the line that says it was reused."""
     data = json.loads((Path(folder) / "key.json").read_text())["data"]
     files = sum(listing["files"] for listing in data["paths"].values())
-    covered = [f"{len(data['paths'])} data path(s) with {files} files by relative path, size and modification time"] if data["paths"] else []
+    covered = (
+        [f"{len(data['paths'])} data path(s) with {files} files by relative path, size and modification time"] if data["paths"] else []
+    )
     covered += [f"package versions {', '.join(f'{p} {v}' for p, v in data['packages'].items())}"] if data["packages"] else []
     return (
-        "same task and options, " + ", ".join([*covered, "task and model code"])
-        + ", model options, baseline and training settings, seed"
+        "same task and options, " + ", ".join([*covered, "task and model code"]) + ", model options, baseline and training settings, seed"
     )
 
 

@@ -15,19 +15,20 @@ and leaves nothing behind: folders that do not exist yet are not created, only p
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
+import torch
+
 from errors import UserError, plural
 from search.space.spec import SearchSpace
-import torch
-from search.trial.preflight import preflight
-import numpy as np
 from search.trial.context import build_model, load_task
-import pickle
+from search.trial.preflight import preflight
 
 __all__ = [
     "check_before_baseline",
@@ -112,7 +113,9 @@ def _check_store(uri: str, what: str) -> None:
     if scheme == "sqlite":
         database = uri.split(":///", 1)[1] if ":///" in uri else ""
         if database in ("", ":memory:"):
-            raise UserError(f"{what} {uri}: an in-memory database loses the search when the driver stops. Name a file, e.g. sqlite:///mlflow.db.")
+            raise UserError(
+                f"{what} {uri}: an in-memory database loses the search when the driver stops. Name a file, e.g. sqlite:///mlflow.db."
+            )
         db = Path(database).expanduser()
         check_writable_folder(db.absolute().parent, f"{what} {uri}: the database's folder")
         if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
@@ -208,7 +211,11 @@ def _check_checkpoint(space: SearchSpace, model) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = " ".join(str(exc).split())
-        what = "a pickled object other than tensors (a whole model?)" if "weights_only" in text or "global" in text.lower() else "not a PyTorch checkpoint"
+        what = (
+            "a pickled object other than tensors (a whole model?)"
+            if "weights_only" in text or "global" in text.lower()
+            else "not a PyTorch checkpoint"
+        )
         raise UserError(f"{space.path}: baseline.checkpoint {path}: {what} ({text[:160]}). {fix}.") from None
     except Exception as exc:  # noqa: BLE001  a text file, a truncated file: all unreadable
         raise UserError(
@@ -222,8 +229,11 @@ def _check_checkpoint(space: SearchSpace, model) -> None:
     unexpected = [k for k in state if k not in expected]
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
-        parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+        parts = [
+            f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+            if keys
+        ]
         options = f" with options {space.model_options}" if space.model_options else ""
         raise UserError(
             f"{space.path}: baseline.checkpoint {path}: not a state dict of model '{space.model}'{options} on task "

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from ray._raylet import AuthenticationTokenLoader
 
 __all__ = ["local_cluster", "LocalCluster", "LocalNode"]
@@ -115,7 +116,10 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "search.driver.local_cluster", "start", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     if proc.wait(timeout=180) != 0:
         with contextlib.suppress(ProcessLookupError):
@@ -148,8 +152,15 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[LocalClust
                 manager_port = free_port()
                 role = ["--head", f"--port={gcs_port}", "--include-dashboard=false"] if i == 0 else [f"--address=127.0.0.1:{gcs_port}"]
                 pgid = _ray_start(
-                    [*role, f"--temp-dir={tmp / name}", f"--node-manager-port={manager_port}", f"--object-manager-port={free_port()}", *common],
-                    env, tmp / f"{name}.log",
+                    [
+                        *role,
+                        f"--temp-dir={tmp / name}",
+                        f"--node-manager-port={manager_port}",
+                        f"--object-manager-port={free_port()}",
+                        *common,
+                    ],
+                    env,
+                    tmp / f"{name}.log",
                 )
                 started.append(LocalNode(name, pgid, manager_port))
             cluster = LocalCluster(address=f"127.0.0.1:{gcs_port}", nodes=started, env=env)

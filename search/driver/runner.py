@@ -9,6 +9,8 @@ second SIGINT stops at once. Either way :class:`SearchInterrupted` says how far 
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -16,11 +18,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
 import torch
 
 from errors import UserError
 from errors.user_code import is_import, ref_roots
+from search.driver import _tune
+from search.driver._private import fail_open_trials, keep_ray_on_loopback
+from search.driver.baselines import cached_baseline, describe_key, store_baseline
 from search.driver.checks import check_before_baseline, check_resources
+from search.driver.warm_start import warm_start_points
 from search.results.html_report import REPORT_ARTIFACT, log_report, write_report
 from search.results.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.results.record import (
@@ -36,19 +44,9 @@ from search.results.record import (
 )
 from search.results.registry import log_trial_model, logged_model_ids
 from search.results.report import Reporter, print_now
-from search.space.spec import SearchSpace, load_space
 from search.results.tracking import create_sqlite_aside
-from search.trial.body import refuse_chance_baseline, train_baseline
-import optuna
-from search.driver.warm_start import warm_start_points
-from search.driver import _tune
-import ray
-from search.driver.baselines import cached_baseline, describe_key, store_baseline
-from search.trial.body import train_baseline_task
-from search.driver._private import keep_ray_on_loopback
-import dataclasses
-from search.driver._private import fail_open_trials
-import csv
+from search.space.spec import SearchSpace, load_space
+from search.trial.body import refuse_chance_baseline, train_baseline, train_baseline_task
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
 
@@ -70,7 +68,7 @@ class SearchInterrupted(Exception):
 def default_optuna_storage(tracking_uri: str, results_dir: Path) -> str:
     """A SQLite file beside the MLflow store (or in the results folder for a remote MLflow)."""
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+        db = Path(tracking_uri[len("sqlite:///") :])
         return f"sqlite:///{db.parent / 'optuna.db'}"
     return f"sqlite:///{results_dir / 'optuna.db'}"
 
@@ -106,7 +104,9 @@ def run_search(
     if name is None:
         name = _free_name(space.name, root)
     elif (root / name / "search.json").exists():
-        raise UserError(f"a search named '{name}' already exists in {root}. Continue it with `slimtune resume {name} --results-dir {root}` or choose another --name.")
+        raise UserError(
+            f"a search named '{name}' already exists in {root}. Continue it with `slimtune resume {name} --results-dir {root}` or choose another --name."
+        )
     reporter = Reporter(log, address)
     tracking = _absolute_sqlite(space.tracking_uri)
     folder = root / name
@@ -188,7 +188,6 @@ def _baseline(space: SearchSpace, address: str | None, reporter: Reporter) -> tu
     if address is None:
         model, metrics = train_baseline(space, _driver_device(space), log=reporter.say)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
-
 
     reporter.say(f"training the baseline on the cluster ({space.baseline_epochs} epochs, {space.budget.gpus_per_trial:g} GPU)")
     task = ray.remote(num_cpus=space.budget.cpus_per_trial, num_gpus=space.budget.gpus_per_trial)(train_baseline_task)
@@ -307,7 +306,7 @@ def _free_name(base: str, results_dir: Path) -> str:
 
 def _absolute_sqlite(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
@@ -389,7 +388,12 @@ def finish_search(record: SearchRecord, reporter: Reporter | None = None) -> Sea
         tracker.client.log_artifact(record.parent_run_id, str(csv_path))
         tracker.client.log_artifact(record.parent_run_id, str(png_path))
     log_report(record, write_report(record, record.folder / REPORT_ARTIFACT))
-    tracker.client.log_batch(record.parent_run_id, metrics=tracker._metric_entities({"hypervolume": hv, "front_size": float(len(best)), "completed_trials": float(len(records))}, step=0))
+    tracker.client.log_batch(
+        record.parent_run_id,
+        metrics=tracker._metric_entities(
+            {"hypervolume": hv, "front_size": float(len(best)), "completed_trials": float(len(records))}, step=0
+        ),
+    )
     # A search resumed after it had finished keeps the end time it finished at (MLflow shows the
     # run's duration as end - start).
     ended = tracker.client.get_run(record.parent_run_id).info
@@ -403,8 +407,10 @@ def _log_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, report
     try:
         log_trial_model(record, trial, model_dir)
     except Exception as exc:  # noqa: BLE001  the close-out must still rank, log and print the search
-        reporter.say(f"{trial.name}'s model was not logged as an MLflow model ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
-                     f"`slimtune export {record.name} --run {trial.run_id} --register MODEL` retries it")
+        reporter.say(
+            f"{trial.name}'s model was not logged as an MLflow model ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+            f"`slimtune export {record.name} --run {trial.run_id} --register MODEL` retries it"
+        )
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -432,7 +438,13 @@ def plot_front(record: SearchRecord, records: list[TrialRecord], path: Path) -> 
         front = sorted((r for r in records if r.rank == 0 and r.feasible), key=lambda r: r.metrics[other.metric])
         ax.plot([r.metrics[other.metric] for r in front], [r.metrics[first.metric] for r in front], "o-", c="tab:red", label="Pareto front")
         for r in front:
-            ax.annotate(r.name.replace("trial_", "#"), (r.metrics[other.metric], r.metrics[first.metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r.name.replace("trial_", "#"),
+                (r.metrics[other.metric], r.metrics[first.metric]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         if other.metric in baseline and first.metric in baseline:
             ax.scatter([baseline[other.metric]], [baseline[first.metric]], marker="*", s=200, c="tab:blue", label="baseline")
         ax.set_xlabel(f"{other.metric} ({other.direction})")

@@ -14,8 +14,8 @@ from typing import Any
 
 import optuna
 
-from search.space.objectives import Constraint, constraint_values
 from search.results.record import DUPLICATE_OF, MAX_ASKS
+from search.space.objectives import Constraint, constraint_values
 
 __all__ = [
     "make_sampler",

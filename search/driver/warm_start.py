@@ -16,9 +16,9 @@ from typing import Any
 
 from errors import UserError
 from methods import Range, get_method, hyperparameters
-from search.space.spec import MethodSpace, SearchSpace
 from search.results.ranking import front, rank_records
 from search.results.record import completed_records, load_search
+from search.space.spec import MethodSpace, SearchSpace
 
 __all__ = ["warm_start_points"]
 
@@ -94,10 +94,14 @@ def _params(method: MethodSpace, params: dict[str, Any], where: str) -> dict[str
                 raise UserError(f"{where} has {key} = {value!r}, {outside}.")
             out[f"{method.name}/{pname}"] = value
         else:
-            raise UserError(f"{where} sets {key} = {value!r}, which this space leaves at the method's default; fix or search it under methods.{method.name}.params.")
+            raise UserError(
+                f"{where} sets {key} = {value!r}, which this space leaves at the method's default; fix or search it under methods.{method.name}.params."
+            )
     for pname in set(method.fixed) | set(method.searched):
         if pname not in params:
-            raise UserError(f"{where} has no {method.name}.{pname} (its search left it at the default), which this space sets; remove it from this space or warm-start from another search.")
+            raise UserError(
+                f"{where} has no {method.name}.{pname} (its search left it at the default), which this space sets; remove it from this space or warm-start from another search."
+            )
     return out
 
 

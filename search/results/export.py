@@ -18,7 +18,18 @@ from pathlib import Path
 
 import torch
 
-from deploy import DEFAULT_FORM, FORMS, check_round_trip, compile_program, export_onnx, latency_ms, load_form, load_module, load_program, write_recipe
+from deploy import (
+    DEFAULT_FORM,
+    FORMS,
+    check_round_trip,
+    compile_program,
+    export_onnx,
+    latency_ms,
+    load_form,
+    load_module,
+    load_program,
+    write_recipe,
+)
 from errors import UserError
 from methods import get_method
 from search.results.ranking import pick_record
@@ -36,7 +47,9 @@ def chosen_trial(record: SearchRecord, records: list[TrialRecord], run: str | No
     matches = [r for r in records if r.run_id and r.run_id.startswith(run)]
     if len(matches) != 1:
         known = ", ".join(r.run_id[:12] for r in records if r.run_id)
-        raise UserError(f"--run {run}: {'no' if not matches else 'more than one'} completed trial of '{record.name}' has that run id. Run ids: {known}.")
+        raise UserError(
+            f"--run {run}: {'no' if not matches else 'more than one'} completed trial of '{record.name}' has that run id. Run ids: {known}."
+        )
     return matches[0]
 
 
@@ -60,13 +73,19 @@ def write_export(
     """
     with exported_model_dir(chosen.checkpoint) as source:
         if source is None:
-            raise UserError(f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here.")
+            raise UserError(
+                f"the exported model of {chosen.name} is missing (checkpoint {chosen.checkpoint}); it was deleted or its storage is not reachable from here."
+            )
         shutil.copytree(source, out, dirs_exist_ok=True)
     space = record.space
     task = load_task(space)
     import_user_code(space)
     forms = ["program", "module"]
-    onnx_refused = [f"{step['name']}: {get_method(step['name']).onnx_unsupported}" for step in chosen.recipe if get_method(step["name"]).onnx_unsupported]
+    onnx_refused = [
+        f"{step['name']}: {get_method(step['name']).onnx_unsupported}"
+        for step in chosen.recipe
+        if get_method(step["name"]).onnx_unsupported
+    ]
     if onnx_refused:
         print(f"slimtune: warning: no ONNX form ({'; '.join(onnx_refused)})", file=sys.stderr)
     else:
@@ -86,7 +105,9 @@ def write_export(
     batch = batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
     threads = threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
     x = task.example_input(batch).to(device)
-    latency = {form: latency_ms(load_form(out, form, device, threads=threads), x, repeats=space.latency_repeats, threads=threads) for form in forms}
+    latency = {
+        form: latency_ms(load_form(out, form, device, threads=threads), x, repeats=space.latency_repeats, threads=threads) for form in forms
+    }
     # The trial wrote its own recipe and metrics; say where it came from and what the forms cost.
     recipe = json.loads((out / "recipe.json").read_text())
     recipe.update({
@@ -97,7 +118,9 @@ def write_export(
     log(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
     log("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
     checked = [f for f in forms if f != "module"]
-    log(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})")
+    log(
+        f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})"
+    )
     log(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
     for form in forms:
         note = " (default: what the trial's latency_ms timed)" if form == DEFAULT_FORM else ""
@@ -108,7 +131,15 @@ def write_export(
     return task.example_input(2)
 
 
-def register_export(record: SearchRecord, chosen: TrialRecord, out: Path, name: str, alias: str | None, example: torch.Tensor, log: Callable[[str], None] = print) -> None:
+def register_export(
+    record: SearchRecord,
+    chosen: TrialRecord,
+    out: Path,
+    name: str,
+    alias: str | None,
+    example: torch.Tensor,
+    log: Callable[[str], None] = print,
+) -> None:
     """A new registry version ``name`` of the exported trial (with ``alias``), checked by loading it back."""
     version = register_trial(record, chosen, out, name, alias)
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
@@ -117,4 +148,6 @@ def register_export(record: SearchRecord, chosen: TrialRecord, out: Path, name: 
     if diff > 1e-5:
         raise AssertionError(f"{uri} differs from the exported program by {diff:.3g} (> 1e-5).")
     log(f"registered as {name} version {version.version}" + (f" with alias @{alias}" if alias else " (no alias: picked by --run)"))
-    log(f"  load with: mlflow.pytorch.load_model('{uri}')  (tracking URI {record.tracking_uri}); it matches the export (max diff {diff:.2g})")
+    log(
+        f"  load with: mlflow.pytorch.load_model('{uri}')  (tracking URI {record.tracking_uri}); it matches the export (max diff {diff:.2g})"
+    )

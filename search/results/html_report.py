@@ -19,20 +19,22 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from search.results.ranking import hypervolume_history, pareto_document, pareto_table, rank_records
 from search.results.record import SearchRecord, completed_records
 from search.results.report import mlflow_ui, results_dir_option
-import yaml
-import shutil
 
 __all__ = ["report_data", "write_report", "log_report", "REPORT_ARTIFACT"]
 
 #: Name of the report among the parent run's artifacts.
 REPORT_ARTIFACT = "report.html"
+
 
 def report_data(record: SearchRecord) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (see the module docstring for the keys)."""

@@ -46,9 +46,7 @@ def _to_minimisation(points: Sequence[Sequence[float]], directions: Sequence[str
     for i, point in enumerate(points):
         row = np.asarray(point, dtype=float)
         if row.shape != (d,):
-            raise ValueError(
-                f"point {i} must have {d} objective values (one per direction), got {list(point)}."
-            )
+            raise ValueError(f"point {i} must have {d} objective values (one per direction), got {list(point)}.")
         if not np.all(np.isfinite(row)):
             raise ValueError(f"point {i} has a NaN or infinite value: {list(point)}.")
         rows.append(row * signs)
@@ -63,9 +61,7 @@ def _check_violations(violations: Sequence[float], n: int) -> np.ndarray:
         raise ValueError(f"violations must have one value per point ({n}), got {len(violations)}.")
     for i, v in enumerate(values):
         if not math.isfinite(v) or v < 0:
-            raise ValueError(
-                f"violations[{i}] must be a finite number >= 0 (0 = feasible), got {v}."
-            )
+            raise ValueError(f"violations[{i}] must be a finite number >= 0 (0 = feasible), got {v}.")
     return values
 
 
@@ -280,9 +276,7 @@ def hypervolume(
     values = _to_minimisation(points, directions)
     ref = np.asarray(reference, dtype=float)
     if ref.shape != (len(directions),):
-        raise ValueError(
-            f"reference must have {len(directions)} values (one per direction), got {list(reference)}."
-        )
+        raise ValueError(f"reference must have {len(directions)} values (one per direction), got {list(reference)}.")
     if not np.all(np.isfinite(ref)):
         raise ValueError(f"reference has a NaN or infinite value: {list(reference)}.")
     ref = ref * _signs(directions)
@@ -321,14 +315,10 @@ def normalized_hypervolume(
     _check_directions(directions)
     scale = np.asarray(baseline, dtype=float)
     if scale.shape != (len(directions),):
-        raise ValueError(
-            f"baseline must have {len(directions)} values (one per direction), got {list(baseline)}."
-        )
+        raise ValueError(f"baseline must have {len(directions)} values (one per direction), got {list(baseline)}.")
     for i, value in enumerate(scale):
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(
-                f"baseline[{i}] must be a finite number > 0 to normalise by it, got {value}."
-            )
+            raise ValueError(f"baseline[{i}] must be a finite number > 0 to normalise by it, got {value}.")
     # Validate before dividing so that the error names the raw point.
     values = _to_minimisation(points, directions) * _signs(directions)
     scaled = (values / scale).tolist()

@@ -8,10 +8,19 @@ from typing import Any
 
 from errors import UserError, did_you_mean
 from search.results import pareto
-from search.results.record import SearchRecord, TrialRecord
-from search.results.record import search_progress
+from search.results.record import SearchRecord, TrialRecord, search_progress
 
-__all__ = ["rank_records", "front", "search_hypervolume", "hypervolume_reference", "describe_reference", "hypervolume_history", "pick_record", "pareto_table", "pareto_document"]
+__all__ = [
+    "rank_records",
+    "front",
+    "search_hypervolume",
+    "hypervolume_reference",
+    "describe_reference",
+    "hypervolume_history",
+    "pick_record",
+    "pareto_table",
+    "pareto_document",
+]
 
 
 def rank_records(record: SearchRecord, records: list[TrialRecord]) -> None:

@@ -23,16 +23,17 @@ import collections
 import contextlib
 import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from errors import UserError, did_you_mean
-from search.space.objectives import Constraint, Objective
-from search.results.tracking import SearchTracker
 import optuna
-import tempfile
 import yaml
+
+from errors import UserError, did_you_mean
+from search.results.tracking import SearchTracker
+from search.space.objectives import Constraint, Objective
 
 if TYPE_CHECKING:
     from search.space.spec import SearchSpace
@@ -52,7 +53,9 @@ __all__ = [
 ]
 
 #: Why a trial is FAILED when the driver died while it ran and Tune's saved state lacked it.
-INTERRUPTED = "interrupted: the driver stopped while the trial ran and Tune's saved state did not include it; its slot was given to a new trial"
+INTERRUPTED = (
+    "interrupted: the driver stopped while the trial ran and Tune's saved state did not include it; its slot was given to a new trial"
+)
 
 
 @dataclass
@@ -164,7 +167,9 @@ def load_search(name: str, results_dir: str | Path = "slimtune_results") -> Sear
     if not manifest.is_file():
         existing = sorted(p.parent.name for p in Path(results_dir).glob("*/search.json")) if Path(results_dir).is_dir() else []
         known = f" Searches in {results_dir}: {', '.join(existing)}." if existing else f" There are no searches in {results_dir!s}."
-        raise UserError(f"no search named '{name}' ({manifest} does not exist).{did_you_mean(name, existing)}{known} Use --results-dir to look elsewhere.")
+        raise UserError(
+            f"no search named '{name}' ({manifest} does not exist).{did_you_mean(name, existing)}{known} Use --results-dir to look elsewhere."
+        )
     data = json.loads(manifest.read_text())
     record = SearchRecord(
         name=data["name"],
@@ -318,7 +323,9 @@ def search_progress(record: SearchRecord) -> Progress:
     failed = [
         t
         for t in trials
-        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("failure_reason") != INTERRUPTED and DUPLICATE_OF not in t.user_attrs
+        if t.state == optuna.trial.TrialState.FAIL
+        and t.user_attrs.get("failure_reason") != INTERRUPTED
+        and DUPLICATE_OF not in t.user_attrs
     ]
     numbers = {t.number for t in failed}
     reasons = collections.Counter(
@@ -327,14 +334,21 @@ def search_progress(record: SearchRecord) -> Progress:
         if run.get("status") == "FAILED" and run.get("reason") != INTERRUPTED and trial_number(run.get("name")) in numbers
     )
     reasons.pop("", None)
-    return Progress(budget=record.trials, completed=completed, failed=len(failed), reasons=dict(reasons), stopped=stopped, exhausted=space_exhausted(trials))
+    return Progress(
+        budget=record.trials,
+        completed=completed,
+        failed=len(failed),
+        reasons=dict(reasons),
+        stopped=stopped,
+        exhausted=space_exhausted(trials),
+    )
 
 
 def trial_number(trial_name: str | None) -> int | None:
     """``trial_007`` -> 7."""
     if not trial_name or not trial_name.startswith("trial_"):
         return None
-    return int(trial_name[len("trial_"):])
+    return int(trial_name[len("trial_") :])
 
 
 @contextlib.contextmanager
@@ -383,6 +397,7 @@ DUPLICATE_OF = "duplicate_of"
 
 #: Asks per new trial before the search counts the space as exhausted.
 MAX_ASKS = 20
+
 
 def space_exhausted(trials: list[optuna.trial.FrozenTrial], max_asks: int = MAX_ASKS) -> bool:
     """Whether the last :func:`ask_distinct` on a study found the space exhausted.

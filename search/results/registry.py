@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from errors import UserError
 import mlflow
 import torch
-from mlflow.models import infer_signature
-from deploy import load_exported, storage_groups_quiet
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from deploy import load_exported, storage_groups_quiet
+from errors import UserError
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -126,7 +127,9 @@ def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, na
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                client.create_registered_model(name, description=f"Compressed models picked from slimtune searches (first: '{record.name}').")
+                client.create_registered_model(
+                    name, description=f"Compressed models picked from slimtune searches (first: '{record.name}')."
+                )
             version = client.create_model_version(
                 name,
                 source=f"models:/{model_id}",

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from errors import plural
-from search.space.objectives import COST_METRICS
 from search.results.ranking import describe_reference, front, hypervolume_reference, pareto_table, rank_records, search_hypervolume
 from search.results.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
+from search.space.objectives import COST_METRICS
 
 __all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option", "unfinished_lines", "mlflow_ui", "UI_PORT"]
 
@@ -72,7 +72,9 @@ def format_table(record: SearchRecord, rows: list[dict[str, Any]], baseline: dic
     header = ["trial", "rank"] + metrics + ["run_id", "pipeline"]
     lines = []
     if baseline:
-        lines.append(["baseline", "-"] + [format_metric(m, baseline[m]) if m in baseline else "-" for m in metrics] + ["-", "(uncompressed)"])
+        lines.append(
+            ["baseline", "-"] + [format_metric(m, baseline[m]) if m in baseline else "-" for m in metrics] + ["-", "(uncompressed)"]
+        )
     for row in rows:
         lines.append(
             [row["trial"], str(row["rank"]) + ("" if row["feasible"] else "*")]
@@ -102,7 +104,9 @@ def unfinished_lines(progress: Progress) -> list[str]:
             parts.append(f"no reason recorded ({progress.failed - told}; see the trials' error.txt under tune/)")
         lines.append(f"{plural(progress.failed, 'failed trial')}: " + "; ".join(parts))
     if progress.stopped:
-        lines.append(f"{plural(progress.stopped, 'trial')} stopped early by the scheduler (budget.scheduler): counted in the budget, never on the front")
+        lines.append(
+            f"{plural(progress.stopped, 'trial')} stopped early by the scheduler (budget.scheduler): counted in the budget, never on the front"
+        )
     return lines
 
 
@@ -157,13 +161,17 @@ class Reporter:
         shown = "  ".join(f"{m} {format_metric(m, result[m])}" for m in record.metric_names if m in result)
         quality = result.get("quality", "ok")
         mark = "" if quality == "ok" else f", {quality}: never on the front"
-        self.say(f"{name} done ({progress.done}/{record.trials}{mark})  {pipeline}  |  {shown}  |  front {len(front(records))}, hypervolume {hv:.4f}")
+        self.say(
+            f"{name} done ({progress.done}/{record.trials}{mark})  {pipeline}  |  {shown}  |  front {len(front(records))}, hypervolume {hv:.4f}"
+        )
 
     def trial_failed(self, record: SearchRecord, name: str, reason: str, progress: Progress) -> None:
         self.say(f"{name} FAILED ({progress.done}/{record.trials} done): {reason}")
 
     def trial_stopped(self, record: SearchRecord, name: str, epoch: int, progress: Progress) -> None:
-        self.say(f"{name} stopped early after {plural(epoch, 'epoch')} ({progress.done}/{record.trials} done): the scheduler ranked it below the trials it kept")
+        self.say(
+            f"{name} stopped early after {plural(epoch, 'epoch')} ({progress.done}/{record.trials} done): the scheduler ranked it below the trials it kept"
+        )
 
     def trial_retried(self, name: str, reason: str) -> None:
         self.say(f"{name} failed ({reason}); retrying from its last checkpoint")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def create_sqlite_aside(url: str, create: Callable[[str], None]) -> None:
     """
     if not url.startswith("sqlite:///"):
         return
-    db = Path(url[len("sqlite:///"):])
+    db = Path(url[len("sqlite:///") :])
     if db.exists():
         return
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ class SearchTracker:
     def _artifact_location(self) -> str | None:
         """Beside a SQLite store (``mlruns/`` next to ``mlflow.db``); a server decides its own."""
         if self.tracking_uri.startswith("sqlite:///"):
-            return str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlruns")
+            return str(Path(self.tracking_uri[len("sqlite:///") :]).parent / "mlruns")
         return None
 
     # -- trial map ------------------------------------------------------------------------------

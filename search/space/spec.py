@@ -19,14 +19,12 @@ from typing import Any
 
 import yaml
 
-from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
 from errors import UserError, did_you_mean
 from errors.user_code import IMPORT_PREFIX, absolute_ref, import_name, is_import
+from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
 from models import model_factory
 from search.space.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
-from tasks import task_metrics
-from tasks import list_tasks
-from tasks import task_kind
+from tasks import list_tasks, task_kind, task_metrics
 
 __all__ = [
     "SearchSpace",
@@ -79,6 +77,8 @@ def metrics_of_task(task: str) -> dict[str, str]:
         out[f"{metric}_drop"] = "min"
     out.update(COST_METRICS)
     return out
+
+
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -220,8 +220,18 @@ _BUDGET_NUMBERS: dict[str, tuple[type, float]] = {
 _NULLABLE = ("time_limit_s", "grace_epochs")
 
 _TOP_KEYS = {
-    "name", "task", "model", "baseline", "training", "methods", "objectives", "constraints",
-    "budget", "sampler", "measure", "output",
+    "name",
+    "task",
+    "model",
+    "baseline",
+    "training",
+    "methods",
+    "objectives",
+    "constraints",
+    "budget",
+    "sampler",
+    "measure",
+    "output",
 }
 
 
@@ -316,14 +326,18 @@ def _read_space_text(path: Path) -> str:
     except OSError as exc:
         raise UserError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
     if len(data) > MAX_SPACE_BYTES:  # a device or a file that grew while read
-        raise UserError(f"{path}: holds more than {MAX_SPACE_BYTES / 1e6:g} MB, but a space file is a small YAML file; is this the right file?")
+        raise UserError(
+            f"{path}: holds more than {MAX_SPACE_BYTES / 1e6:g} MB, but a space file is a small YAML file; is this the right file?"
+        )
     nul = data.find(b"\0")
     if nul >= 0:
         raise UserError(f"{path}: is a binary file (a NUL byte at offset {nul}), not a YAML space.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the space as UTF-8.") from None
+        raise UserError(
+            f"{path}: is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the space as UTF-8."
+        ) from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -370,10 +384,12 @@ def _refuse_duplicate_keys(node: yaml.Node, path: str, key_path: str) -> None:
         line = key_node.start_mark.line + 1
         if key in lines and key_node.tag != "tag:yaml.org,2002:merge":
             rule = "a method may be listed once" if key_path == "methods" else "a key may appear once in a mapping"
-            raise UserError(_one_line(
-                f"{path}: {child}: given twice (lines {lines[key]} and {line}); {rule}, and YAML would "
-                "silently keep only the last one. Merge the two entries into one."
-            ))
+            raise UserError(
+                _one_line(
+                    f"{path}: {child}: given twice (lines {lines[key]} and {line}); {rule}, and YAML would "
+                    "silently keep only the last one. Merge the two entries into one."
+                )
+            )
         lines[key] = line
         _refuse_duplicate_keys(value_node, path, child)
 
@@ -410,7 +426,10 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         candidates = [Path(str(checkpoint)).expanduser(), Path(path).parent / str(checkpoint)]
         found = next((c.resolve() for c in candidates if c.is_file()), None)
         if found is None:
-            raise r.error("baseline.checkpoint", f"file {checkpoint!r} does not exist (looked in the working folder and beside the space); train one with `baseline.epochs` or fix the path.")
+            raise r.error(
+                "baseline.checkpoint",
+                f"file {checkpoint!r} does not exist (looked in the working folder and beside the space); train one with `baseline.epochs` or fix the path.",
+            )
         checkpoint = str(found)
 
     training = r.mapping(top.get("training"), "training", {"batch_size", "lr", "optimizer", "weight_decay"})
@@ -487,7 +506,7 @@ def _storage(r: _Reader, output: dict[str, Any]) -> dict[str, str | None]:
         value = output.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise r.error(f"output.{key}", f"must be a URI or a path, but got {value!r}.")
-        database = value[len("sqlite:///"):] if value and value.startswith("sqlite:///") else None
+        database = value[len("sqlite:///") :] if value and value.startswith("sqlite:///") else None
         if key == "optuna_storage" and database and database != ":memory:":
             value = f"sqlite:///{Path(database).expanduser().resolve()}"
         elif key == "checkpoint_storage" and value and "://" not in value:
@@ -593,7 +612,9 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
     elif isinstance(m.get("name"), str) and is_import(m["name"]):
         raise r.error(f"{key}.name", f"names your own code; write `{key}: {{import: {m['name'].removeprefix(IMPORT_PREFIX)!r}}}`.")
     elif "name" not in m:
-        raise r.error(f"{key}.name", f"is missing; write `{key}: NAME`, `{key}: {{name: NAME, options: {{...}}}}` or `{key}: {{import: REF}}`.")
+        raise r.error(
+            f"{key}.name", f"is missing; write `{key}: NAME`, `{key}: {{name: NAME, options: {{...}}}}` or `{key}: {{import: REF}}`."
+        )
     else:
         name = str(m["name"])
     options = m.get("options")
@@ -644,8 +665,11 @@ def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:
                 spec = r.mapping(spec, pkey, {"low", "high", "log", "step", "choices"})
                 try:
                     rng = Range(
-                        low=spec.get("low"), high=spec.get("high"), log=bool(spec.get("log", False)),
-                        step=spec.get("step"), choices=tuple(spec["choices"]) if "choices" in spec else None,
+                        low=spec.get("low"),
+                        high=spec.get("high"),
+                        log=bool(spec.get("log", False)),
+                        step=spec.get("step"),
+                        choices=tuple(spec["choices"]) if "choices" in spec else None,
                     )
                 except (ValueError, TypeError) as exc:
                     raise r.error(pkey, str(exc)) from None
@@ -720,7 +744,7 @@ def _constraints(r: _Reader, value: Any, known: dict[str, str]) -> tuple[Constra
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise r.error("constraints", "must be a list such as `[\"accuracy_drop <= 0.02\"]`.")
+        raise r.error("constraints", 'must be a list such as `["accuracy_drop <= 0.02"]`.')
     out = []
     for i, text in enumerate(value):
         key = f"constraints[{i}]"
@@ -748,11 +772,13 @@ def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[
         natural = known[o.metric]
         if o.direction != natural:
             nature = "higher is better" if natural == "max" else "lower is better"
-            out.append(r.message(
-                f"objectives.{o.metric}",
-                f"{o.direction} {'minimises' if o.direction == 'min' else 'maximises'} {o.metric}, for which {nature}; "
-                f"the search will favour the worst models. Did you mean `{o.metric}: {natural}`?",
-            ))
+            out.append(
+                r.message(
+                    f"objectives.{o.metric}",
+                    f"{o.direction} {'minimises' if o.direction == 'min' else 'maximises'} {o.metric}, for which {nature}; "
+                    f"the search will favour the worst models. Did you mean `{o.metric}: {natural}`?",
+                )
+            )
     for i, c in enumerate(constraints):
         if c.metric not in METRIC_RANGES:
             continue
@@ -760,8 +786,14 @@ def _warnings(r: _Reader, objectives: tuple[Objective, ...], constraints: tuple[
         never = c.bound > high if c.op == ">=" else c.bound < low
         always = c.bound <= low if c.op == ">=" else c.bound >= high
         if never or always:
-            effect = "never holds: no trial could be feasible and the Pareto front would be empty" if never else "always holds: it constrains nothing"
-            text = f"'{c}' {effect}, since {c.metric} lies within [{low:g}, {high:g}]" + (" (a fraction: write 0.9 for 90%)." if high == 1.0 else ".")
+            effect = (
+                "never holds: no trial could be feasible and the Pareto front would be empty"
+                if never
+                else "always holds: it constrains nothing"
+            )
+            text = f"'{c}' {effect}, since {c.metric} lies within [{low:g}, {high:g}]" + (
+                " (a fraction: write 0.9 for 90%)." if high == 1.0 else "."
+            )
             if never:
                 # The whole budget would be spent on trials that cannot count: refused up front.
                 raise r.error(f"constraints[{i}]", text)

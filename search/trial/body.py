@@ -17,19 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from ray import tune
 from torch import nn
 
 from deploy import apply_reported_cost, count_flops, count_params, deployed_latency, export_model, size_bytes, torch_threads, write_recipe
 from errors import UserError, plural
 from methods import MethodContext, Phase, Pipeline, TrainingState, train_phase
-from search.trial.context import build_context, build_model, first_batch, load_task, run_one_batch, seed_everything, seeded_loader, trial_threads
-from search.trial.recipe import changed_imports, recipe_document, space_from_recipe, state_digest
 from search.space.spec import SearchSpace
-from tasks import Task, task_metrics
-from ray import tune
-import ray
+from search.trial.context import (
+    build_context,
+    build_model,
+    first_batch,
+    load_task,
+    run_one_batch,
+    seed_everything,
+    seeded_loader,
+    trial_threads,
+)
 from search.trial.graceful_stop import wait_if_stopping
+from search.trial.recipe import changed_imports, recipe_document, space_from_recipe, state_digest
+from tasks import Task, task_metrics
 
 __all__ = [
     "TrialSpec",
@@ -118,17 +127,19 @@ def measure(
     example = task.example_input(1).to(device)
     flops = count_flops(model, example)
     metrics: dict[str, Any] = {m: test[m] for m in task.metrics}
-    metrics.update({
-        "test_loss": test["loss"],
-        "macs": float(flops.macs),
-        "flops": float(flops.flops),
-        "bops": float(flops.bops),
-        "params": float(count_params(model)),
-        "size_bytes": float(size_bytes(model)),
-        "uncounted_ops": ",".join(flops.uncounted_ops),
-        # The last bits of training on CPU depend on it; a replay uses it again.
-        "torch_threads": float(torch.get_num_threads()),
-    })
+    metrics.update(
+        {
+            "test_loss": test["loss"],
+            "macs": float(flops.macs),
+            "flops": float(flops.flops),
+            "bops": float(flops.bops),
+            "params": float(count_params(model)),
+            "size_bytes": float(size_bytes(model)),
+            "uncounted_ops": ",".join(flops.uncounted_ops),
+            # The last bits of training on CPU depend on it; a replay uses it again.
+            "torch_threads": float(torch.get_num_threads()),
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(export_dir) if export_dir is not None else Path(tmp)
         metrics["artifact_bytes"] = float(export_model(model, example, out_dir)["model.pt2"])
@@ -162,13 +173,20 @@ def projected_cost(spec: TrialSpec, recipe: list[dict[str, Any]]) -> dict[str, f
     baseline.eval()
     model, pipeline, ctx = run_one_batch(recipe, space, task, copy.deepcopy(baseline), baseline, first_batch(space, task))
     flops = count_flops(model, task.example_input(1))
-    measured = {"macs": float(flops.macs), "flops": float(flops.flops), "params": float(count_params(model)), "size_bytes": float(size_bytes(model))}
+    measured = {
+        "macs": float(flops.macs),
+        "flops": float(flops.flops),
+        "params": float(count_params(model)),
+        "size_bytes": float(size_bytes(model)),
+    }
     reported = {k: v for k, v in pipeline.cost(model, ctx).items() if k in measured}
     figures = apply_reported_cost(measured, reported)
     return {k: figures[k] for k in measured}
 
 
-def train_baseline(space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
+def train_baseline(
+    space: SearchSpace, device: torch.device | str = "cpu", log: Callable[[str], None] = print
+) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or load from ``baseline.checkpoint``) the uncompressed model and measure it."""
     device = torch.device(device)
     seed_everything(space.seed)
@@ -327,7 +345,9 @@ def run_pipeline(
     train_losses: list[float] = []
     model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
-    metrics = measure(model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx), export_dir=out_dir)
+    metrics = measure(
+        model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx), export_dir=out_dir
+    )
     metrics.update(pipeline.metrics())
     # The word for the progress line and MLflow's tag; the figures for the study (numbers only).
     metrics["quality"] = trial_quality(metrics, spec.baseline_metrics, train_losses)
@@ -404,8 +424,6 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             state_file = Path(directory) / "state.pt"
             if state_file.is_file():
                 resume = torch.load(state_file, map_location=device, weights_only=False)
-
-
 
     wait_if_stopping()  # started just after a Ctrl-C: do not train
     # Which node ran each epoch: a trial retried after a node failure shows both.

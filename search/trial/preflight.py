@@ -9,6 +9,7 @@ architectures).
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
 import tempfile
@@ -26,7 +27,6 @@ from methods import HyperparameterInfo, Range, check_value_type, get_method, hyp
 from search.space.spec import MethodSpace, SearchSpace
 from search.trial.context import build_model, first_batch, load_task, run_one_batch
 from tasks import task_kind
-import copy
 
 __all__ = ["preflight", "PreflightResult", "aggressive_params"]
 
@@ -84,9 +84,7 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
     baseline, expected_shape = _baseline_on_task_input(space, task)
     batch = first_batch(space, task)
     _check_output_fits(space, task, baseline, batch)
-    recipes: list[tuple[str, list[dict[str, Any]]]] = [
-        (m.name, [{"name": m.name, "params": aggressive_params(m)}]) for m in space.methods
-    ]
+    recipes: list[tuple[str, list[dict[str, Any]]]] = [(m.name, [{"name": m.name, "params": aggressive_params(m)}]) for m in space.methods]
     if len(space.methods) > 1:
         recipes.append(("pipeline " + " > ".join(m.name for m in space.methods), [r[1][0] for r in recipes]))
     results = []
@@ -171,8 +169,8 @@ def _check_one(label, recipe, space, task, baseline, batch, expected_shape) -> P
             check_round_trip(Path(tmp), task.example_input(2))
     except Exception as exc:  # noqa: BLE001  every failure is reported, none stops the others
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        return PreflightResult(label, False, f"{type(exc).__name__}: {_one_line(exc)} (at {Path(where.filename).name}:{where.lineno})", before)
+        return PreflightResult(
+            label, False, f"{type(exc).__name__}: {_one_line(exc)} (at {Path(where.filename).name}:{where.lineno})", before
+        )
     after = count_params(model)
     return PreflightResult(label, True, "", before, after)
-
-

@@ -33,7 +33,9 @@ def _refuse_task_decided(model_options: dict[str, Any], decided: list[str], task
     """Refuse a ``--model-option`` that the task sets itself (its classes, input channels, ...)."""
     clash = sorted(set(model_options) & set(decided))
     if clash:
-        raise UserError(f"--model-option {', '.join(clash)}: task {task} decides {', '.join(sorted(decided))} for the model; drop that option.")
+        raise UserError(
+            f"--model-option {', '.join(clash)}: task {task} decides {', '.join(sorted(decided))} for the model; drop that option."
+        )
 
 
 def profiled_model(
@@ -75,7 +77,9 @@ def profiled_model(
         raise UserError(f"--scale applies to super-resolution models (--task sr), but the task is {task}; drop --scale.")
     if task not in [*shapes, "sr"] or options["task"] or method is not None:
         if scale is not None:
-            raise UserError("--scale sets the shape-only sr profile, but with --task-option or --method the sr task is built; use --task-option scale=N.")
+            raise UserError(
+                "--scale sets the shape-only sr profile, but with --task-option or --method the sr task is built; use --task-option scale=N."
+            )
         return _task_model(model, task, options, method)
     if task != "sr":
         shape, classes = shapes[task]
@@ -91,7 +95,9 @@ def profiled_model(
     return task, shape, create_model(model, num_classes=None, in_channels=3, scale=scale, **model_options).eval()
 
 
-def _task_model(model_name: str, task_name: str, options: dict[str, dict[str, Any]], method_name: str | None) -> tuple[str, tuple[int, ...], nn.Module]:
+def _task_model(
+    model_name: str, task_name: str, options: dict[str, dict[str, Any]], method_name: str | None
+) -> tuple[str, tuple[int, ...], nn.Module]:
     """The task loaded and the model built as a search builds them, then the method prepared and finalized.
 
     The method sees the pre-flight's one-batch context (:func:`search.trial.context.one_batch_context`)
@@ -118,7 +124,9 @@ def _task_model(model_name: str, task_name: str, options: dict[str, dict[str, An
     return task_name, tuple(task.input_shape), model
 
 
-def profile(model_name: str, task: str, shape: tuple[int, ...], model: nn.Module, batch_size: int, threads: int, form: str) -> dict[str, Any]:
+def profile(
+    model_name: str, task: str, shape: tuple[int, ...], model: nn.Module, batch_size: int, threads: int, form: str
+) -> dict[str, Any]:
     """Count and time ``model`` at one sample of ``shape``; latency at ``batch_size`` on ``threads``.
 
     ``form`` ``program`` exports the model and times the program, as a trial does; ``module``

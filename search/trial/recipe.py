@@ -39,16 +39,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 
 from errors import UserError
 from errors.user_code import IMPORT_PREFIX, code_digests, is_import
-from search.space.spec import Budget, SearchSpace
-from tasks import Task
-import torchvision
 from models import model_factory
-from tasks import task_factory
+from search.space.spec import Budget, SearchSpace
+from tasks import Task, task_factory
 
-__all__ = ["RECIPE_FORMAT", "recipe_document", "read_recipe", "space_from_recipe", "state_digest", "versions", "imported_code", "changed_imports"]
+__all__ = [
+    "RECIPE_FORMAT",
+    "recipe_document",
+    "read_recipe",
+    "space_from_recipe",
+    "state_digest",
+    "versions",
+    "imported_code",
+    "changed_imports",
+]
 
 RECIPE_FORMAT = 1
 
@@ -214,7 +222,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "recipe.json"
     if not path.is_file():
-        raise UserError(f"{path}: no such file; give the recipe.json of an export (`slimtune export NAME ... --out DIR` writes DIR/recipe.json).")
+        raise UserError(
+            f"{path}: no such file; give the recipe.json of an export (`slimtune export NAME ... --out DIR` writes DIR/recipe.json)."
+        )
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -60,7 +60,11 @@ def _cpu_held_on(cluster: LocalCluster, node_name: str) -> Iterator[HeldCPU]:
     node_id = next(node for node, name in cluster.node_ids().items() if name == node_name)
     process = subprocess.Popen(
         [sys.executable, "-c", _HOLD, cluster.address, node_id],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=cluster.env, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=cluster.env,
+        text=True,
     )
     held = HeldCPU(process)
     try:

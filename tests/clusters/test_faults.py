@@ -32,7 +32,10 @@ def test_driver_dies_and_resume_finishes_without_loss_or_duplicates(tmp_path):
     import optuna
     from mlflow.tracking import MlflowClient
 
-    space = _space(tmp_path, "crash", """
+    space = _space(
+        tmp_path,
+        "crash",
+        """
 baseline: {epochs: 2}
 training: {batch_size: 32}
 methods:
@@ -40,11 +43,18 @@ methods:
 objectives: {accuracy: max, macs: min}
 budget: {trials: 5, concurrent: 1, epochs: 3}
 sampler: {name: random, seed: 2}
-""")
+""",
+    )
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--results-dir", str(tmp_path / "results")]
     log = (tmp_path / "search.log").open("w")
-    driver = subprocess.Popen([*SLIMTUNE, "search", str(space), "--tracking-uri", tracking, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    driver = subprocess.Popen(
+        [*SLIMTUNE, "search", str(space), "--tracking-uri", tracking, *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 600
         while (tmp_path / "search.log").read_text().count(" done (") < 2:
@@ -84,7 +94,10 @@ sampler: {name: random, seed: 2}
 
 def _limits_space(tmp: Path, budget: str) -> Path:
     # resnet20 on large batches: many slow epochs on a CPU.
-    return _space(tmp, "limits", f"""
+    return _space(
+        tmp,
+        "limits",
+        f"""
 baseline: {{epochs: 0}}
 training: {{batch_size: 512}}
 methods:
@@ -92,7 +105,9 @@ methods:
 objectives: {{accuracy: max, macs: min}}
 budget: {{trials: 2, concurrent: 1, epochs: 40, max_failures: 0, {budget}}}
 sampler: {{name: random, seed: 0}}
-""", model="resnet20")
+""",
+        model="resnet20",
+    )
 
 
 def _check_failed(tmp: Path, record, expected: str, count: int) -> None:
@@ -152,7 +167,13 @@ def test_a_trial_killed_like_by_the_oom_killer_fails_and_the_search_goes_on(tmp_
     killer.start()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        record = run_search(space.with_suffix(".yaml"), results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", trials=1, log=print)
+        record = run_search(
+            space.with_suffix(".yaml"),
+            results_dir=tmp_path / "results",
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+            trials=1,
+            log=print,
+        )
     killer.join(timeout=5)
     assert killed
     _check_failed(tmp_path, record, "died", 1)

@@ -138,7 +138,13 @@ def check_nothing_lost(search: Search) -> None:
 
     printed = search.printed()
     done = set(re.findall(r"(trial_\d{3}) done \(", printed))
-    pareto = subprocess.run([*SLIMTUNE, "pareto", "intr", "--all", "--json", "--results-dir", str(search.results)], capture_output=True, text=True, cwd=ROOT, check=True)
+    pareto = subprocess.run(
+        [*SLIMTUNE, "pareto", "intr", "--all", "--json", "--results-dir", str(search.results)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     rows = json.loads(pareto.stdout)["trials"]
     listed = [row["trial"] for row in rows]
     assert len(listed) == len(set(listed)), listed  # no trial twice
@@ -149,14 +155,22 @@ def check_nothing_lost(search: Search) -> None:
     complete = {f"trial_{n:03d}" for n, s in states.items() if s == optuna.trial.TrialState.COMPLETE}
     assert set(listed) == complete
     assert optuna.trial.TrialState.RUNNING not in states.values()
-    lost = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("failure_reason", "").startswith("interrupted")]
+    lost = [
+        t
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("failure_reason", "").startswith("interrupted")
+    ]
     refused = [t for t in study.trials if DUPLICATE_OF in t.user_attrs]  # proposals refused before they ran
     assert len(study.trials) - len(lost) - len(refused) == BUDGET, states  # the budget is met, once
     front = sorted(int(row["trial"][-3:]) for row in rows if row["rank"] == 0 and row["feasible"])
     assert front == sorted(t.number for t in study.best_trials)
 
     client = MlflowClient(tracking_uri=search.results.tracking)
-    children = [r for r in client.search_runs([client.get_experiment_by_name("intr").experiment_id], max_results=100) if r.data.tags.get("slimtune.role") == "trial"]
+    children = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("intr").experiment_id], max_results=100)
+        if r.data.tags.get("slimtune.role") == "trial"
+    ]
     assert len({c.data.tags["slimtune.trial_id"] for c in children}) == len(children)  # one run per trial
     finished = {c.info.run_name for c in children if c.info.status == "FINISHED"}
     assert finished == complete, (finished, complete)  # MLflow agrees with the study

@@ -22,7 +22,13 @@ def test_user_files_reach_the_workers_and_the_pick_exports_and_replays(two_node_
     path.write_text(path.read_text().replace("baseline: {epochs: 1}", "baseline: {epochs: 4}\ntraining: {lr: 0.1, batch_size: 32}"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        run_search(path, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", address=two_node_cluster.address, log=print)
+        run_search(
+            path,
+            results_dir=tmp_path / "results",
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+            address=two_node_cluster.address,
+            log=print,
+        )
     printed = out.getvalue()
     assert "2 completed trials" in printed and "training the baseline on the cluster" in printed, printed
     export = tmp_path / "export"

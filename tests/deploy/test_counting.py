@@ -176,7 +176,16 @@ class _UnrolledCell(nn.Module):
         (nn.GRUCell(5, 7), None, 3, 3 * 252),
         (nn.RNNCell(5, 7), None, 5, 5 * 84),
     ],
-    ids=["lstm-2-layers", "gru-bidirectional", "rnn-time-major", "lstm-proj", "lstm-proj-bidirectional", "lstm-cell", "gru-cell", "rnn-cell"],
+    ids=[
+        "lstm-2-layers",
+        "gru-bidirectional",
+        "rnn-time-major",
+        "lstm-proj",
+        "lstm-proj-bidirectional",
+        "lstm-cell",
+        "gru-cell",
+        "rnn-cell",
+    ],
 )
 def test_recurrent_layers_are_counted_by_formula(layer: nn.Module, time_major: bool | None, steps: int, macs: int) -> None:
     model = _UnrolledCell(layer) if time_major is None else _FirstOutput(layer, time_major)
@@ -222,7 +231,10 @@ def test_reported_flops_set_macs_and_nothing_reported_changes_nothing() -> None:
     assert apply_reported_cost(_MEASURED, {}) == _MEASURED
 
 
-@pytest.mark.parametrize(("reported", "message"), [({"accuracy": 1.0}, "reported 'accuracy'"), ({"macs": -1.0}, "macs=-1.0"), ({"macs": float("nan")}, "macs=nan")])
+@pytest.mark.parametrize(
+    ("reported", "message"),
+    [({"accuracy": 1.0}, "reported 'accuracy'"), ({"macs": -1.0}, "macs=-1.0"), ({"macs": float("nan")}, "macs=nan")],
+)
 def test_reported_cost_is_checked(reported: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         apply_reported_cost(_MEASURED, reported)

@@ -28,9 +28,9 @@ from deploy import (
     load_program,
     size_bytes,
 )
+from errors import UserError
 from methods import Phase, Pipeline, train_phase
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
-from errors import UserError
 from search.space.spec import load_space
 from search.trial.context import build_context, build_model, load_task
 
@@ -282,7 +282,16 @@ class _Packed(nn.Module):
 
 
 # What unpacking packed codes runs: casts, shifts, masks, the shift tables and the field sums.
-_UNPACKING = ("aten.to.", "aten._to_copy.", "aten.__rshift__.", "aten.__lshift__.", "aten.__and__.", "aten.bitwise_", "aten.arange.", "aten.sum.")
+_UNPACKING = (
+    "aten.to.",
+    "aten._to_copy.",
+    "aten.__rshift__.",
+    "aten.__lshift__.",
+    "aten.__and__.",
+    "aten.bitwise_",
+    "aten.arange.",
+    "aten.sum.",
+)
 
 
 def _calls(program: nn.Module) -> list[str]:

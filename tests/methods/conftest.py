@@ -120,7 +120,10 @@ def random_context(task: Task, model_name: str, **options) -> ContextFactory:
     torch.manual_seed(0)
     teacher = frozen(create_model(model_name, **task.model_kwargs(), **options))
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, *task.input_shape, generator=generator), torch.randint(0, task.num_classes, (8,), generator=generator)) for _ in range(2)]
+    batches = [
+        (torch.randn(8, *task.input_shape, generator=generator), torch.randint(0, task.num_classes, (8,), generator=generator))
+        for _ in range(2)
+    ]
     data = TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
     val_batches = batches[:1]
 

@@ -27,9 +27,8 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 import methods._registry
 from deploy import check_round_trip, count_flops, count_params, export_model, size_bytes
@@ -50,8 +49,8 @@ from methods import (
     register_method,
 )
 from models import list_models
-from search.trial.preflight import aggressive_params
 from search.space.spec import MethodSpace
+from search.trial.preflight import aggressive_params
 
 METHODS = list_methods()
 KINDS = {"pruning", "quantization", "distillation", "reparameterisation"}
@@ -231,7 +230,9 @@ def test_method_names_example_models_the_suite_runs_it_on(example_models, name: 
             f"ExampleModels in tests/methods/conftest.py (it builds {sorted(example_models.factories)})"
         )
         kind = example_models.task_kind(model_name)
-        assert cls.task_kinds is None or kind in cls.task_kinds, f"{name} applies to {cls.task_kinds} tasks, but its example '{model_name}' runs on a {kind} task"
+        assert cls.task_kinds is None or kind in cls.task_kinds, (
+            f"{name} applies to {cls.task_kinds} tasks, but its example '{model_name}' runs on a {kind} task"
+        )
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -301,7 +302,9 @@ def test_field_types_are_read_from_the_annotations() -> None:
 
 
 def test_typed_fields_coerce_what_json_and_yaml_give(typed_toy: str) -> None:
-    config = create_method(typed_toy, {"steps": 4.0, "scale": 1, "kernel": [5, 3.0, 1], "pair": [2, "b"], "pool": "avg", "width": 16}).config
+    config = create_method(
+        typed_toy, {"steps": 4.0, "scale": 1, "kernel": [5, 3.0, 1], "pair": [2, "b"], "pool": "avg", "width": 16}
+    ).config
     assert config == TypedConfig(steps=4, scale=1.0, kernel=(5, 3, 1), pair=(2.0, "b"), pool=Pool.AVG, width=16)
     assert (type(config.steps), type(config.scale), type(config.pair[0]), config.pool) == (int, float, float, Pool.AVG)
     assert create_method(typed_toy, {"steps": None, "scale": None, "width": None}).config == TypedConfig()
@@ -401,7 +404,9 @@ OUT_OF_BOUNDS = [
 ]
 
 
-@pytest.mark.parametrize(("params", "message"), OUT_OF_BOUNDS, ids=[next(iter(p)) + "=" + repr(next(iter(p.values()))) for p, _ in OUT_OF_BOUNDS])
+@pytest.mark.parametrize(
+    ("params", "message"), OUT_OF_BOUNDS, ids=[next(iter(p)) + "=" + repr(next(iter(p.values()))) for p, _ in OUT_OF_BOUNDS]
+)
 def test_declared_bounds_give_the_rule_in_the_message(bounded_toy: str, params: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as raised:
         create_method(bounded_toy, params)
@@ -676,9 +681,7 @@ def test_ordered_pair_that_cannot_work_is_refused_with_a_reason_naming_both(firs
     assert str(built.value) == reason
 
 
-@pytest.mark.parametrize(
-    ("first", "second", "model_name"), RUNNABLE_PAIRS, ids=[f"{a}-then-{b}-{model}" for a, b, model in RUNNABLE_PAIRS]
-)
+@pytest.mark.parametrize(("first", "second", "model_name"), RUNNABLE_PAIRS, ids=[f"{a}-then-{b}-{model}" for a, b, model in RUNNABLE_PAIRS])
 def test_ordered_pair_runs_a_step_and_exports(example_models, tmp_path, first: str, second: str, model_name: str) -> None:
     model, ctx = _one_step(example_models, model_name)
     torch.manual_seed(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from deploy import apply_reported_cost, check_round_trip, count_flops, count_par
 from methods import Pipeline, create_method
 from methods.decouple import (
     ArchitectureControl,
-    GatedConv,
     auroc,
     collect_encodings,
     detection_auroc,
@@ -26,8 +24,6 @@ from methods.decouple import (
     remove_inactive_filters,
     set_dynamic,
     static_macs,
-    write_report,
-    analyse,
 )
 
 

@@ -190,7 +190,9 @@ REGISTERED_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "model_name", "task_name", "words"), REGISTERED_REFUSALS, ids=[f"{r[0]}-{r[1]}" for r in REGISTERED_REFUSALS])
+@pytest.mark.parametrize(
+    ("name", "model_name", "task_name", "words"), REGISTERED_REFUSALS, ids=[f"{r[0]}-{r[1]}" for r in REGISTERED_REFUSALS]
+)
 def test_method_refuses_a_registered_model_it_cannot_compress(name: str, model_name: str, task_name: str, words: str) -> None:
     model, ctx = registered(model_name, task_name)
     with pytest.raises(NotApplicable) as refused:

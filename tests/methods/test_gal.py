@@ -69,7 +69,13 @@ def test_discriminator_returns_one_raw_logit_and_the_loss_applies_one_sigmoid(di
     d = Discriminator(10)
     assert d(torch.randn(6, 10)).shape == (6,)
     assert [type(m) for m in d.layers] == [nn.Linear] * 4
-    assert (d.layers[0].in_features, d.layers[0].out_features, d.layers[1].out_features, d.layers[2].out_features, d.layers[3].out_features) == (10, 128, 256, 128, 1)
+    assert (
+        d.layers[0].in_features,
+        d.layers[0].out_features,
+        d.layers[1].out_features,
+        d.layers[2].out_features,
+        d.layers[3].out_features,
+    ) == (10, 128, 256, 128, 1)
 
     method = create_method("gal", {"disc_lr": 1e-12})  # D barely moves during its update
     model = method.prepare(model, ctx)
@@ -144,7 +150,10 @@ def _random_context(model_name: str, shape: tuple[int, ...], batches: int = 2, b
     torch.manual_seed(0)
     teacher = create_model(model_name, num_classes=10, in_channels=shape[0])
     generator = torch.Generator().manual_seed(0)
-    data = [(torch.randn(batch_size, *shape, generator=generator), torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(batches)]
+    data = [
+        (torch.randn(batch_size, *shape, generator=generator), torch.randint(0, 10, (batch_size,), generator=generator))
+        for _ in range(batches)
+    ]
     for module in teacher.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = None  # a plain average over the calibration batches
@@ -316,9 +325,7 @@ def test_gal_trial_of_the_bundled_space(tmp_path) -> None:
     baseline, baseline_metrics = train_baseline(space, "cpu", log=lambda message: None)
     spec = TrialSpec(space, {k: v.clone() for k, v in baseline.state_dict().items()}, baseline_metrics)
     # What Optuna could sample: gal then kd (its term shapes gal's fine-tune), no quantization.
-    recipe = recipe_from_config(
-        space, {"gal": {"lam": 0.3, "structure": "joint"}, "kd": {"use": True}, "minmax_quant": {"use": False}}
-    )
+    recipe = recipe_from_config(space, {"gal": {"lam": 0.3, "structure": "joint"}, "kd": {"use": True}, "minmax_quant": {"use": False}})
     # Two short epochs: N(0, 1) masks make sure something is removed in that time.
     recipe[0]["params"].update(adversarial_epochs=2, finetune_epochs=1, mask_init="normal")
     metrics = run_pipeline(spec, recipe, tmp_path / "model", torch.device("cpu"), seed=0)

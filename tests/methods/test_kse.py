@@ -24,7 +24,6 @@ from methods.kse import (
     kernel_sparsity,
     kse_indicator,
 )
-from models import create_model
 
 # --- the indicator ------------------------------------------------------------------------------
 
@@ -307,7 +306,10 @@ def test_composes_with_kd(digits_context, tmp_path) -> None:
 def test_nothing_may_change_the_architecture_after_kse_and_the_refusal_says_why() -> None:
     # Quantization after kse would leave the centroids (the clustered layers' weights) in float.
     for later in ("l1_filter", "gal", "od", "minmax_quant", "pams"):
-        with pytest.raises(ValueError, match=f"after method 'kse' no method may change the architecture \\(its clustered convolutions .* centroids in float\\), but '{later}'"):
+        with pytest.raises(
+            ValueError,
+            match=f"after method 'kse' no method may change the architecture \\(its clustered convolutions .* centroids in float\\), but '{later}'",
+        ):
             check_pipeline([get_method("kse"), get_method(later)])
     with pytest.raises(ValueError, match=r"follows it in \['kse', 'kd', 'minmax_quant'\]\. Leave it out\."):
         check_pipeline([get_method("kse"), get_method("kd"), get_method("minmax_quant")])

@@ -197,11 +197,12 @@ def test_2_bit_weights_keep_every_channel_when_one_weight_dominates_the_tensor()
 @pytest.mark.slow
 def test_2_bit_quickstart_trial_that_ended_in_nan_trains_to_finite_loss() -> None:
     """The quickstart's baseline and 2-bit trial (seed 3): NaN in epoch 2 in a search, at chance here, before the fix."""
+    from pathlib import Path
+
+    from methods import Phase, Pipeline, train_phase
     from search.space.spec import load_space
     from search.trial.body import trainable_student
     from search.trial.context import build_context, build_model, load_task, seed_everything
-    from methods import Phase, Pipeline, train_phase
-    from pathlib import Path
 
     space = load_space(Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml")
     task = load_task(space)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -246,7 +246,10 @@ def test_resnet56_shift_student_exact_count() -> None:
 
 # digits_cnn students (the 1->16 stem stays): params and MACs by hand at 1x8x8.
 DIGITS_STUDENTS = {
-    "dw": (144 + 32 + (16 * 9 + 16 * 32) + 64 + (32 * 9 + 32 * 64) + 128 + 650, 9216 + 16 * 9 * 64 + 16 * 32 * 64 + 32 * 9 * 16 + 32 * 64 * 16 + 640),
+    "dw": (
+        144 + 32 + (16 * 9 + 16 * 32) + 64 + (32 * 9 + 32 * 64) + 128 + 650,
+        9216 + 16 * 9 * 64 + 16 * 32 * 64 + 32 * 9 * 16 + 32 * 64 * 16 + 640,
+    ),
     "shift": (144 + 32 + 16 * 32 + 64 + 32 * 64 + 128 + 650, 9216 + 16 * 32 * 64 + 32 * 64 * 16 + 640),
     "group": (144 + 32 + (16 * 8 * 9 + 16 * 32) + 64 + (32 * 16 * 9 + 32 * 64) + 128 + 650, None),
 }
@@ -390,9 +393,7 @@ def test_finalize_picks_the_student_by_the_tasks_metric_and_direction(digits_con
     od = create_method("od", {"students": 3})
     ensemble = od.prepare(model, ctx)
     bpc = {id(s): value for s, value in zip(ensemble.students, (2.0, 0.5, 3.0))}
-    ctx = dataclasses.replace(
-        ctx, metric="bpc", metric_direction=direction, evaluate=lambda m: {"bpc": bpc.get(id(m), 1.0), "loss": 0.0}
-    )
+    ctx = dataclasses.replace(ctx, metric="bpc", metric_direction=direction, evaluate=lambda m: {"bpc": bpc.get(id(m), 1.0), "loss": 0.0})
     assert od.finalize(ensemble, ctx) is ensemble.students[best]
     assert od.metrics()["best_student_bpc"] == (0.5, 3.0)[best - 1] and od.metrics()["teacher_bpc"] == 1.0
 

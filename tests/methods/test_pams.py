@@ -122,7 +122,9 @@ def test_edsr_blocks_get_the_papers_three_quantizers_and_the_rest_stays_float() 
     x = torch.randn(2, 32, 6, 6) * 5
     with torch.no_grad():
         xq = block.quant_in(x)
-        body = nn.functional.conv2d(block.conv2.input_quantizer(torch.relu(block.conv1(xq))), block.conv2.quantized_weight(), block.conv2.bias, padding=1)
+        body = nn.functional.conv2d(
+            block.conv2.input_quantizer(torch.relu(block.conv1(xq))), block.conv2.quantized_weight(), block.conv2.bias, padding=1
+        )
         torch.testing.assert_close(block(x), block.quant_out(body) + xq)
     assert method.metrics() == {"bits": 4.0, "quantized_layers": 8.0}
     # Both convs of a block multiply 4-bit weights by 4-bit inputs; bops count the rest at 32 x 32.

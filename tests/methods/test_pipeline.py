@@ -38,9 +38,7 @@ def _run(digits_context, resume: bytes | None = None):
         history.append(metrics)
 
     torch.manual_seed(0)
-    final = Pipeline.from_recipe(RECIPE).run(
-        model, ctx, on_epoch_end=on_epoch_end, resume=_loaded(resume) if resume is not None else None
-    )
+    final = Pipeline.from_recipe(RECIPE).run(model, ctx, on_epoch_end=on_epoch_end, resume=_loaded(resume) if resume is not None else None)
     final.eval()
     with torch.no_grad():
         outputs = final(ctx.val_loader[0][0])
@@ -176,7 +174,10 @@ def test_loss_only_term_that_reaches_no_phase_is_refused_naming_both_methods() -
     l1 = get_method("l1_filter")
     later = _probe("later", loss_only=True)
     check_pipeline([later, l1])  # before the trainer: its term shapes l1_filter's fine-tune
-    with pytest.raises(ValueError, match=r"'probe' adds its loss term to the phases of the methods after it, but 'l1_filter' trains before it.*Move 'probe' before 'l1_filter'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'probe' adds its loss term to the phases of the methods after it, but 'l1_filter' trains before it.*Move 'probe' before 'l1_filter'",
+    ):
         check_pipeline([l1, later])
     with pytest.raises(ValueError, match=r"'probe' only adds a loss term to its own phases, which do not run beside 'l1_filter'"):
         check_pipeline([l1, _probe("own", loss_only=True)])
@@ -250,8 +251,14 @@ def test_hooks_are_called_in_order_and_a_resumed_run_skips_on_start(digits_conte
     events, states = run()
     assert events == [
         "start",
-        "epoch_start 0", "step 0.0", "step 0.1", "epoch_end 0",
-        "epoch_start 1", "step 1.2", "step 1.3", "epoch_end 1",
+        "epoch_start 0",
+        "step 0.0",
+        "step 0.1",
+        "epoch_end 0",
+        "epoch_start 1",
+        "step 1.2",
+        "step 1.3",
+        "epoch_end 1",
         "end",
     ]
     # The checkpoint holds the method's state dict, not the method.
@@ -371,5 +378,7 @@ def test_space_that_can_sample_a_refused_pipeline_is_rejected_when_loaded(monkey
     assert [m.name for m in parse_space(data, "ok.yaml").methods] == ["probe", "l1_filter"]
     # Reversed, the trials that use both would distil nothing: refused before any trial runs.
     data["methods"] = {"l1_filter": {"optional": True}, "probe": {"optional": True}}
-    with pytest.raises(UserError, match=r"^bad.yaml: methods: the pipeline l1_filter > probe cannot run: method 'probe' adds its loss term"):
+    with pytest.raises(
+        UserError, match=r"^bad.yaml: methods: the pipeline l1_filter > probe cannot run: method 'probe' adds its loss term"
+    ):
         parse_space(data, "bad.yaml")

@@ -235,7 +235,11 @@ def test_removal_gives_the_masked_models_outputs(model_name, shape) -> None:
     model = method.prepare(model, ctx)
     generator = torch.Generator().manual_seed(3)
     for layer in method.layers:  # every group of a layer zero in one layer: a module keeps one channel
-        layer.zero = torch.ones(layer.groups, dtype=torch.bool) if layer is method.layers[-1] else torch.rand(layer.groups, generator=generator) < 0.5
+        layer.zero = (
+            torch.ones(layer.groups, dtype=torch.bool)
+            if layer is method.layers[-1]
+            else torch.rand(layer.groups, generator=generator) < 0.5
+        )
         apply_mask(model, layer)
     zero = _zero_groups(method)
     masked = copy.deepcopy(model).eval()
@@ -244,7 +248,10 @@ def test_removal_gives_the_masked_models_outputs(model_name, shape) -> None:
     with torch.no_grad():
         reference, got = masked(x), final(x)
     assert (got - reference).abs().max().item() <= 1e-5 * max(1.0, reference.abs().max().item())
-    assert count_params(final) < count_params(ctx.teacher) and count_flops(final, ctx.example_input).macs < count_flops(ctx.teacher, ctx.example_input).macs
+    assert (
+        count_params(final) < count_params(ctx.teacher)
+        and count_flops(final, ctx.example_input).macs < count_flops(ctx.teacher, ctx.example_input).macs
+    )
     metrics = method.metrics()
     assert metrics["zero_groups"] == zero and 0 < metrics["groups_removed"] < zero
     assert metrics["removal_error"] <= 1e-5 * max(1.0, reference.abs().max().item())
@@ -258,7 +265,9 @@ def test_removal_gives_the_masked_models_outputs(model_name, shape) -> None:
 
 def test_layerwise_trains_one_layer_at_a_time_with_earlier_masks_fixed(lenet) -> None:
     model, ctx = lenet(examples=128)
-    method = create_method("ssr", {"lam": 0.4, "variant": "l20", "schedule": "layerwise", "update_period": 8, "aulm_epochs": 2, "layer_finetune_epochs": 1})
+    method = create_method(
+        "ssr", {"lam": 0.4, "variant": "l20", "schedule": "layerwise", "update_period": 8, "aulm_epochs": 2, "layer_finetune_epochs": 1}
+    )
     model = method.prepare(model, ctx)
     phases = method.phases(ctx)
     assert [(p.name, p.after_finalize) for p in phases] == [
@@ -288,7 +297,15 @@ def _saved(state: TrainingState) -> bytes:
 @pytest.mark.parametrize("schedule", ["global", "layerwise"])
 def test_resume_inside_aulm_gives_the_same_model(lenet, schedule: str) -> None:
     # 3 steps an epoch and K = 4: F- and Y-steps at iterations 3 and 7, then at the phase's end.
-    params = {"lam": 0.4, "variant": "l20", "update_period": 4, "aulm_epochs": 3, "finetune_epochs": 1, "schedule": schedule, "layer_finetune_epochs": 1}
+    params = {
+        "lam": 0.4,
+        "variant": "l20",
+        "update_period": 4,
+        "aulm_epochs": 3,
+        "finetune_epochs": 1,
+        "schedule": schedule,
+        "layer_finetune_epochs": 1,
+    }
     recipe = [{"name": "ssr", "params": params}]
 
     def run(resume=None):

@@ -118,7 +118,11 @@ def test_vsd_bottleneck_shrinks_params_and_macs_and_the_three_share_one_fine_tun
     out = pipeline.run(model, ctx).eval()
     training = {"training_params": float(count_params(out)), "training_size_bytes": float(size_bytes(out))}
     assert out.bottleneck_width == 4
-    assert pipeline.metrics() == {"vsd.bottleneck_before": 16.0, "vsd.bottleneck": 4.0, **{f"{m}.{k}": v for m in ("vsd", "vcd", "vml") for k, v in training.items()}}
+    assert pipeline.metrics() == {
+        "vsd.bottleneck_before": 16.0,
+        "vsd.bottleneck": 4.0,
+        **{f"{m}.{k}": v for m in ("vsd", "vcd", "vml") for k, v in training.items()},
+    }
     assert count_params(out) < params and count_flops(out, example).macs < macs
     assert phases == ["[vsd] phase 'distill': 1 epoch"]
     assert out(example).shape == (1, 10)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from deploy import check_round_trip, count_params, export_model, size_bytes
 from methods import MethodContext, NotApplicable, Pipeline, create_method, train_phase
@@ -92,9 +92,18 @@ def test_size_counts_the_permutation_stored_as_int16() -> None:
 
 def _context(loader, task_loss, epochs: int = 1, lr: float = 0.01, optimizer: str = "sgd") -> MethodContext:
     return MethodContext(
-        teacher=None, train_loader=loader, val_loader=loader[:1], task_loss=task_loss,
-        evaluate=lambda model: {}, example_input=loader[0][0][:1], device=torch.device("cpu"),
-        epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=0.0, log=lambda message: None,
+        teacher=None,
+        train_loader=loader,
+        val_loader=loader[:1],
+        task_loss=task_loss,
+        evaluate=lambda model: {},
+        example_input=loader[0][0][:1],
+        device=torch.device("cpu"),
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=0.0,
+        log=lambda message: None,
     )
 
 

@@ -49,7 +49,9 @@ def test_a_cached_baseline_is_reused_only_for_the_same_data(tmp_path: Path) -> N
     folder = store_baseline(results, _space(root), {"w": torch.ones(2)}, {"accuracy": 0.9}, "shapes")
     # Unchanged: reused, and the line says what the key covered.
     assert cached_baseline(results, _space(root))[3] == "shapes"
-    assert describe_key(folder).startswith("same task and options, 1 data path(s) with 12 files by relative path, size and modification time")
+    assert describe_key(folder).startswith(
+        "same task and options, 1 data path(s) with 12 files by relative path, size and modification time"
+    )
     # Two class folders swapped: the labels differ, so the baseline is not reused.
     train = root / "train"
     (train / "circle").rename(train / "tmp")

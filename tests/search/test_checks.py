@@ -58,11 +58,15 @@ def test_more_gpus_per_trial_than_the_cluster_has_are_refused(space) -> None:
 
 
 def test_more_cpus_per_trial_than_the_cluster_has_are_refused(space) -> None:
-    with pytest.raises(UserError, match=r"budget.cpus_per_trial: each trial asks for 4 CPUs, but the cluster has 2 CPUs and 0 GPUs;.*at most 2,"):
+    with pytest.raises(
+        UserError, match=r"budget.cpus_per_trial: each trial asks for 4 CPUs, but the cluster has 2 CPUs and 0 GPUs;.*at most 2,"
+    ):
         check_resources(_with_budget(space, cpus_per_trial=4), {"CPU": 2.0})
 
 
-@pytest.mark.parametrize(("cpus", "gpus", "cluster"), [(1, 0, {"CPU": 1.0}), (2, 0.5, {"CPU": 2.0, "GPU": 1.0}), (0.5, 1, {"CPU": 16.0, "GPU": 1.0})])
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "cluster"), [(1, 0, {"CPU": 1.0}), (2, 0.5, {"CPU": 2.0, "GPU": 1.0}), (0.5, 1, {"CPU": 16.0, "GPU": 1.0})]
+)
 def test_trials_that_fit_pass(space, cpus: float, gpus: float, cluster: dict[str, float]) -> None:
     assert check_resources(_with_budget(space, cpus_per_trial=cpus, gpus_per_trial=gpus), cluster) is None
 
@@ -79,13 +83,18 @@ def test_a_folder_under_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError) as info:
         check_writable_folder(tmp_path / "file" / "sub", "--out")
-    assert str(info.value) == f"--out {tmp_path / 'file' / 'sub'}: cannot be a folder, since {tmp_path / 'file'} is a file. Choose another path."
+    assert (
+        str(info.value)
+        == f"--out {tmp_path / 'file' / 'sub'}: cannot be a folder, since {tmp_path / 'file'} is a file. Choose another path."
+    )
 
 
 def test_a_folder_where_even_root_cannot_write_is_refused() -> None:
     with pytest.raises(UserError) as info:
         check_writable_folder("/proc/slimtune-results", "--results-dir")
-    assert str(info.value).startswith("--results-dir /proc/slimtune-results: cannot write there (inside /proc, the nearest existing folder): ")
+    assert str(info.value).startswith(
+        "--results-dir /proc/slimtune-results: cannot write there (inside /proc, the nearest existing folder): "
+    )
     assert not Path("/proc/slimtune-results").exists()
 
 
@@ -204,7 +213,9 @@ def test_a_text_file_as_baseline_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_a_whole_pickled_model_as_baseline_checkpoint_is_refused(tmp_path: Path) -> None:
     checkpoint = tmp_path / "model.pt"
     torch.save(torch.nn.Linear(2, 2), checkpoint)
-    assert f"baseline.checkpoint {checkpoint}: a pickled object other than tensors (a whole model?)" in _refused(_file_space(tmp_path, checkpoint))
+    assert f"baseline.checkpoint {checkpoint}: a pickled object other than tensors (a whole model?)" in _refused(
+        _file_space(tmp_path, checkpoint)
+    )
 
 
 def test_a_state_dict_of_another_model_is_refused_with_its_keys(tmp_path: Path) -> None:

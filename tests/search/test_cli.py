@@ -70,7 +70,11 @@ def test_methods_summary_is_the_first_line_of_each_class_docstring(capsys) -> No
 def test_methods_say_which_task_kinds_and_layers_each_method_applies_to(capsys) -> None:
     assert main(["methods", "--json"]) == 0
     listing = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
-    assert (listing["kd"]["task_kinds"], listing["vcd"]["task_kinds"], listing["l1_filter"]["task_kinds"]) == (["classification"], ["two_view"], None)
+    assert (listing["kd"]["task_kinds"], listing["vcd"]["task_kinds"], listing["l1_filter"]["task_kinds"]) == (
+        ["classification"],
+        ["two_view"],
+        None,
+    )
     default = Method.applies_to
     assert {name for name, entry in listing.items() if entry["applies_to"] == default} == {"kd", "vcd", "vml"}  # the loss-only methods
     assert main(["methods"]) == 0
@@ -157,7 +161,9 @@ def test_profile_bad_method_option_is_one_error_line(capsys, extra: list[str], m
 def test_profile_method_that_does_not_apply_is_one_error_line(capsys) -> None:
     assert main(["profile", "digits_cnn", "--method", "wavelet"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("slimtune: error: --method wavelet does not apply to digits_cnn on digits: wavelet found no")
+    assert err.count("\n") == 1 and err.startswith(
+        "slimtune: error: --method wavelet does not apply to digits_cnn on digits: wavelet found no"
+    )
 
 
 def test_check_quickstart_passes(capsys) -> None:
@@ -209,14 +215,19 @@ def _one_error_line(capsys) -> str:
 BAD_OVERRIDES = [
     (["--trials", "0"], f"overrides of {QUICKSTART}: budget.trials: must be >= 1, but got 0."),
     (["--trials", "-2"], f"overrides of {QUICKSTART}: budget.trials: must be >= 1, but got -2."),
-    (["--tracking-uri", "mlruns"], f"overrides of {QUICKSTART}: output.tracking_uri: MLflow's file store (a folder path) is in maintenance mode"),
+    (
+        ["--tracking-uri", "mlruns"],
+        f"overrides of {QUICKSTART}: output.tracking_uri: MLflow's file store (a folder path) is in maintenance mode",
+    ),
     (["--name", "a/b"], f"overrides of {QUICKSTART}: name: may hold letters, digits"),
 ]
 CASES = [(command, *case) for command in ("check", "search") for case in BAD_OVERRIDES]
 
 
 @pytest.mark.parametrize(("command", "options", "says"), CASES)
-def test_bad_overrides_are_one_line_and_leave_nothing(capsys, monkeypatch, tmp_path: Path, command: str, options: list[str], says: str) -> None:
+def test_bad_overrides_are_one_line_and_leave_nothing(
+    capsys, monkeypatch, tmp_path: Path, command: str, options: list[str], says: str
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main([command, str(QUICKSTART), *options]) == 2
     assert _one_error_line(capsys).startswith(says)
@@ -239,12 +250,18 @@ def test_check_refuses_gpu_trials_without_a_gpu(capsys, monkeypatch, tmp_path: P
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["check", str(path)]) == 2
-    assert _one_error_line(capsys).startswith(f"{path}: budget.gpus_per_trial: each trial asks for 1 GPU, but the cluster has 2 CPUs and 0 GPUs;")
+    assert _one_error_line(capsys).startswith(
+        f"{path}: budget.gpus_per_trial: each trial asks for 1 GPU, but the cluster has 2 CPUs and 0 GPUs;"
+    )
 
 
 def test_check_refuses_a_model_that_rejects_the_task_input(capsys, tmp_path: Path) -> None:
     path = tmp_path / "vit.yaml"
-    path.write_text(yaml.safe_dump({"task": "digits", "model": "vit_b_16", "methods": {"l1_filter": {}}, "objectives": {"accuracy": "max", "macs": "min"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"task": "digits", "model": "vit_b_16", "methods": {"l1_filter": {}}, "objectives": {"accuracy": "max", "macs": "min"}}
+        )
+    )
     assert main(["check", str(path)]) == 2
     message = _one_error_line(capsys)
     assert message.startswith(f"{path}: model: 'vit_b_16' does not accept task 'digits' input of shape (2, 1, 8, 8)")
@@ -273,14 +290,18 @@ def test_check_prints_warnings_and_plurals(capsys, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["check", "search"])
 @pytest.mark.parametrize("constraint", ["accuracy >= 2.0", "macs <= -5"])
-def test_an_impossible_constraint_is_one_line_and_leaves_nothing(capsys, monkeypatch, tmp_path: Path, command: str, constraint: str) -> None:
+def test_an_impossible_constraint_is_one_line_and_leaves_nothing(
+    capsys, monkeypatch, tmp_path: Path, command: str, constraint: str
+) -> None:
     monkeypatch.chdir(tmp_path)
     data = yaml.safe_load(QUICKSTART.read_text())
     data["constraints"] = [constraint]
     path = tmp_path / "impossible.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main([command, str(path)]) == 2
-    assert _one_error_line(capsys).startswith(f"{path}: constraints[0]: '{constraint.replace('2.0', '2')}' never holds: no trial could be feasible")
+    assert _one_error_line(capsys).startswith(
+        f"{path}: constraints[0]: '{constraint.replace('2.0', '2')}' never holds: no trial could be feasible"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["impossible.yaml"]
 
 
@@ -294,9 +315,13 @@ def test_export_into_an_unwritable_folder_is_one_line(capsys, tmp_path: Path) ->
 def test_search_refuses_a_method_that_fails_on_the_model_before_training(capsys, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "sr.yaml"
-    path.write_text(yaml.safe_dump({"task": "sr", "model": "edsr_small", "methods": {"l1_filter": {}}, "objectives": {"psnr": "max", "macs": "min"}}))
+    path.write_text(
+        yaml.safe_dump({"task": "sr", "model": "edsr_small", "methods": {"l1_filter": {}}, "objectives": {"psnr": "max", "macs": "min"}})
+    )
     assert main(["search", str(path)]) == 2
-    assert _one_error_line(capsys).startswith(f"{path}: 1 of 1 pre-flight check failed, so the trials that use it would fail too: l1_filter: ")
+    assert _one_error_line(capsys).startswith(
+        f"{path}: 1 of 1 pre-flight check failed, so the trials that use it would fail too: l1_filter: "
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["sr.yaml"]
 
 
@@ -347,7 +372,11 @@ def test_a_method_without_parameters_shows_no_empty_brackets(capsys, tmp_path: P
     path.write_text(yaml.safe_dump(data))
     assert main(["check", str(path), "--results-dir", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
     checks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")]
-    assert [line.split(":")[0] for line in checks] == ["  [ok  ] kd", "  [ok  ] minmax_quant (bits=8)", "  [ok  ] pipeline kd > minmax_quant"]
+    assert [line.split(":")[0] for line in checks] == [
+        "  [ok  ] kd",
+        "  [ok  ] minmax_quant (bits=8)",
+        "  [ok  ] pipeline kd > minmax_quant",
+    ]
 
 
 @pytest.mark.parametrize(("command", "interrupted"), [
@@ -379,7 +408,9 @@ def test_pareto_json_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
 
     _stored_search(tmp_path, completed=True)
     command = [sys.executable, "-m", "search.cli", "pareto", "broken", "--json", "--results-dir", str(tmp_path / "results")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     process.stdout.close()  # the reader is gone before the command writes (`| head` that has read enough)
     _, err = process.communicate(timeout=120)
     assert err.decode() == ""

@@ -23,7 +23,9 @@ from tasks import TASK_KINDS, task_kind
 #: The searches: what each one chooses, and its space's task, model, methods and objectives.
 SEARCHES = {
     "opt_digits": {
-        "sampler": "nsga2", "scheduler": "asha", "optimizer": "sgd",
+        "sampler": "nsga2",
+        "scheduler": "asha",
+        "optimizer": "sgd",
         "body": """
 task: digits
 model: digits_cnn
@@ -34,7 +36,9 @@ objectives: {accuracy: max, macs: min}
 """,
     },
     "opt_sr": {
-        "sampler": "gp", "scheduler": "fifo", "optimizer": "adam",
+        "sampler": "gp",
+        "scheduler": "fifo",
+        "optimizer": "adam",
         "body": """
 task: {name: sr, options: {scale: 2, patch_size: 16, patches_per_epoch: 32}}
 model: edsr_small
@@ -45,7 +49,9 @@ objectives: {psnr: max, size_bytes: min}
 """,
     },
     "opt_adding": {
-        "sampler": "random", "scheduler": "mo_asha", "optimizer": "adam",
+        "sampler": "random",
+        "scheduler": "mo_asha",
+        "optimizer": "adam",
         "body": """
 task: {name: adding, options: {length: 8, train_size: 1024, val_size: 64, test_size: 64}}
 model: {name: gru, options: {hidden_size: 8}}
@@ -56,7 +62,9 @@ objectives: {mse: min, size_bytes: min}
 """,
     },
     "opt_copy": {
-        "sampler": "tpe", "scheduler": "fifo", "optimizer": "adam",
+        "sampler": "tpe",
+        "scheduler": "fifo",
+        "optimizer": "adam",
         "body": """
 task: {name: copy_memory, options: {delay: 2, length: 3, train_size: 1024, val_size: 64, test_size: 256}}
 model: {name: lstm, options: {hidden_size: 32}}
@@ -68,7 +76,9 @@ objectives: {accuracy: max, size_bytes: min}
 """,
     },
     "opt_2view": {
-        "sampler": "tpe", "scheduler": "fifo", "optimizer": "sgd",
+        "sampler": "tpe",
+        "scheduler": "fifo",
+        "optimizer": "sgd",
         "body": """
 task: digits_2view
 model: {name: two_branch_digits, options: {width: 32, bottleneck: 8}}
@@ -112,7 +122,10 @@ def test_every_documented_value_is_used_by_a_search_here() -> None:
 
     chosen = {key: {spec[key] for spec in SEARCHES.values()} for key in ("sampler", "scheduler", "optimizer")}
     assert chosen == {"sampler": set(SAMPLERS), "scheduler": set(SCHEDULERS), "optimizer": set(OPTIMIZERS)}
-    tasks = {spec_task["name"] if isinstance(spec_task, dict) else spec_task for spec_task in (yaml.safe_load(s["body"])["task"] for s in SEARCHES.values())}
+    tasks = {
+        spec_task["name"] if isinstance(spec_task, dict) else spec_task
+        for spec_task in (yaml.safe_load(s["body"])["task"] for s in SEARCHES.values())
+    }
     assert {task_kind(t) for t in tasks} == set(TASK_KINDS)
     # Every export form: test_export_writes_and_times_every_form asks for each one of FORMS.
     profile = next(a for a in _parser()._subparsers._group_actions[0].choices["profile"]._actions if a.dest == "form")
@@ -161,7 +174,11 @@ def test_each_search_completes_both_trials_with_its_choices(searches, name: str)
     spec = SEARCHES[name]
     record = load_search(name, tmp / "results")
     assert record.parent_run_id == done[name].parent_run_id
-    assert (record.space.sampler, record.space.budget.scheduler, record.space.optimizer) == (spec["sampler"], spec["scheduler"], spec["optimizer"])
+    assert (record.space.sampler, record.space.budget.scheduler, record.space.optimizer) == (
+        spec["sampler"],
+        spec["scheduler"],
+        spec["optimizer"],
+    )
     progress = search_progress(record)
     assert (progress.completed, progress.budget) == (2, 2)
     for trial in completed_records(record):
@@ -211,7 +228,23 @@ def test_report_register_and_resume_keep_the_search_run_s_end_time(searches) -> 
     results = str(tmp / "results")
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["report", "opt_2view", "--results-dir", results]) == 0
-        assert main(["export", "opt_2view", "--pick", "max-rank1", "--register", "two-view", "--out", str(tmp / "reg"), "--results-dir", results]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    "opt_2view",
+                    "--pick",
+                    "max-rank1",
+                    "--register",
+                    "two-view",
+                    "--out",
+                    str(tmp / "reg"),
+                    "--results-dir",
+                    results,
+                ]
+            )
+            == 0
+        )
         resume_search("opt_2view", results_dir=results, log=lambda line: None)
     after = client.get_run(record.parent_run_id).info
     assert (after.status, after.start_time, after.end_time) == ("FINISHED", ended.start_time, ended.end_time)

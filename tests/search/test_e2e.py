@@ -194,5 +194,8 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch
         assert "NonFiniteLossError" in child.data.tags["failure_reason"]
         assert "loss became inf" in child.data.tags["failure_reason"]
     assert any("0 completed trials, 2 failed" in line for line in lines), lines
-    assert any("every trial failed; the most common reason: NonFiniteLossError: the loss became inf" in line and "of 2 failed trials)" in line for line in lines), lines
+    assert any(
+        "every trial failed; the most common reason: NonFiniteLossError: the loss became inf" in line and "of 2 failed trials)" in line
+        for line in lines
+    ), lines
     assert not any(line.startswith("Export:") for line in lines)

@@ -61,7 +61,13 @@ def test_wait_if_stopping_returns_at_once_without_a_request(local_ray) -> None:
     assert time.monotonic() - started < 5.0
 
 
-@pytest.mark.parametrize(("running", "says"), [(1, "1 running trial finishes the epoch in progress and saves a checkpoint"), (2, "2 running trials finish the epoch in progress and save a checkpoint")])
+@pytest.mark.parametrize(
+    ("running", "says"),
+    [
+        (1, "1 running trial finishes the epoch in progress and saves a checkpoint"),
+        (2, "2 running trials finish the epoch in progress and save a checkpoint"),
+    ],
+)
 def test_the_stopping_line_agrees_with_the_number_of_trials(local_ray, running: int, says: str) -> None:
     import ray
 

@@ -127,7 +127,14 @@ def _files(tmp_path: Path) -> tuple[str, str]:
     return net, task
 
 
-def _space(tmp_path: Path, model: str = "Net", task: str = "Digits", model_options: str = "{width: 4}", objectives: str = "{accuracy: max, macs: min}", name: str = "mine") -> Path:
+def _space(
+    tmp_path: Path,
+    model: str = "Net",
+    task: str = "Digits",
+    model_options: str = "{width: 4}",
+    objectives: str = "{accuracy: max, macs: min}",
+    name: str = "mine",
+) -> Path:
     net, task_file = _files(tmp_path)
     path = tmp_path / "space.yaml"
     path.write_text(SPACE.format(
@@ -189,7 +196,11 @@ def test_a_user_task_declares_its_metrics_for_objectives_and_its_kind_for_method
         ("model", "user_code/broken.py:Net", r"user_code/broken\.py: fails to import: NameError: name 'undefined_name' is not defined$"),
         ("model", "no_colon", r"must read 'package.module:attr' or 'path/to/file.py:attr'"),
         ("task", "user_code/{task}:NotATask", r"not a subclass of tasks\.Task"),
-        ("task", "user_code/{task}:NoDirections", r"NoDirections lacks the class attribute metric_directions \(e\.g\. metric_directions = \{{'accuracy': 'max'\}}\)"),
+        (
+            "task",
+            "user_code/{task}:NoDirections",
+            r"NoDirections lacks the class attribute metric_directions \(e\.g\. metric_directions = \{{'accuracy': 'max'\}}\)",
+        ),
         ("task", "user_code/{task}:BadKind", r"kind must be one of classification, .*but BadKind\.kind is 'detection'\.$"),
     ],
 )
@@ -211,8 +222,16 @@ def test_a_bad_reference_is_one_line_naming_the_file_and_key(tmp_path: Path, key
     ("model", "task", "message"),
     [
         ("not_a_module", "Digits", r"space\.yaml: model\.import: model 'import:.*:not_a_module': returned str, not an nn\.Module"),
-        ("five_classes", "Digits", r"model: 'import:.*:five_classes' outputs shape \(\d+, 5\), which does not fit task .*one logit per class"),
-        ("Net", "NoTrainSet", r"space\.yaml: task\.import: task 'import:.*:NoTrainSet': train_set must be a map-style dataset .*, but got NoneType\.$"),
+        (
+            "five_classes",
+            "Digits",
+            r"model: 'import:.*:five_classes' outputs shape \(\d+, 5\), which does not fit task .*one logit per class",
+        ),
+        (
+            "Net",
+            "NoTrainSet",
+            r"space\.yaml: task\.import: task 'import:.*:NoTrainSet': train_set must be a map-style dataset .*, but got NoneType\.$",
+        ),
     ],
 )
 def test_a_model_or_task_that_does_not_fit_is_one_line_at_check(tmp_path: Path, model: str, task: str, message: str, capsys) -> None:
@@ -254,12 +273,16 @@ def test_the_baseline_key_and_the_recipe_cover_the_user_files(tmp_path: Path) ->
     before = json.dumps(baseline_key(space), sort_keys=True, default=str)
     imports = imported_code(space)
     assert imports["model"]["ref"] == f"{tmp_path / 'user_code' / net}:Net"
-    assert list(imports["model"]["sha256"]) == [str(tmp_path / "user_code" / net)] and list(imports["task"]["sha256"]) == [str(tmp_path / "user_code" / task)]
+    assert list(imports["model"]["sha256"]) == [str(tmp_path / "user_code" / net)] and list(imports["task"]["sha256"]) == [
+        str(tmp_path / "user_code" / task)
+    ]
     assert changed_imports({"imports": imports}) == []
     (tmp_path / "user_code" / net).write_text(NET + "\n# retuned\n")
     assert json.dumps(baseline_key(space), sort_keys=True, default=str) != before
     (warning,) = changed_imports({"imports": imports})
-    assert warning.startswith(f"warning: model.import {imports['model']['ref']}: {tmp_path / 'user_code' / net} changed since the trial ran")
+    assert warning.startswith(
+        f"warning: model.import {imports['model']['ref']}: {tmp_path / 'user_code' / net} changed since the trial ran"
+    )
 
 
 def test_the_user_code_travels_to_a_clusters_workers(tmp_path: Path) -> None:

@@ -107,9 +107,7 @@ def test_constrained_nothing_feasible() -> None:
     assert pareto_front(points, ["min", "min"], violations) == []
 
 
-def _optuna_front(
-    values: np.ndarray, directions: list[str], constraints: np.ndarray | None = None
-) -> list[int]:
+def _optuna_front(values: np.ndarray, directions: list[str], constraints: np.ndarray | None = None) -> list[int]:
     study = optuna.create_study(directions=[_OPTUNA_DIRECTION[d] for d in directions])
     for i, row in enumerate(values):
         study.add_trial(

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from methods import Range
-from search.trial.preflight import aggressive_params
-from search.trial.context import _short_training
 from search.space.spec import MethodSpace
+from search.trial.context import _short_training
+from search.trial.preflight import aggressive_params
 
 
 def most_aggressive(name: str, **searched: Range) -> dict[str, Any]:
@@ -19,9 +19,7 @@ def most_aggressive(name: str, **searched: Range) -> dict[str, Any]:
 
 def test_numbers_take_the_declared_end_and_the_low_end_otherwise() -> None:
     # lam and mask_lr compress at the high end, mask_step at the low end, mu declares nothing.
-    params = most_aggressive(
-        "gal", lam=Range(0.01, 2.0), mask_lr=Range(0.001, 0.02), mask_step=Range(5, 50), mu=Range(0.2, 0.9)
-    )
+    params = most_aggressive("gal", lam=Range(0.01, 2.0), mask_lr=Range(0.001, 0.02), mask_step=Range(5, 50), mu=Range(0.2, 0.9))
     assert params == {"lam": 2.0, "mask_lr": 0.02, "mask_step": 5, "mu": 0.2}
     assert most_aggressive("minmax_quant", bits=Range(choices=(8, 2, 4))) == {"bits": 2}
     assert most_aggressive("od", groups=Range(choices=(4, 16, 2))) == {"groups": 16}

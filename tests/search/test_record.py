@@ -12,8 +12,8 @@ import optuna
 import pytest
 import yaml
 
-from search.space.objectives import Constraint, Objective
 from search.results.record import INTERRUPTED, SearchRecord, completed_records, load_search, search_progress
+from search.space.objectives import Constraint, Objective
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,11 @@ def stored_search(tmp_path: Path) -> SearchRecord:
     for number, metrics in enumerate(TRIALS):
         trial = optuna.trial.create_trial(
             values=[metrics["accuracy"], metrics["macs"]],
-            user_attrs={"metrics": metrics, "recipe": json.dumps([{"name": "kd", "params": {"weight": number}}]), "tune_trial_id": f"t{number}"},
+            user_attrs={
+                "metrics": metrics,
+                "recipe": json.dumps([{"name": "kd", "params": {"weight": number}}]),
+                "tune_trial_id": f"t{number}",
+            },
             constraints={"accuracy_drop <= 0.1": metrics["accuracy_drop"] - 0.1},
         )
         study.add_trial(trial)
@@ -91,7 +95,10 @@ def test_pareto_imports_neither_torch_nor_ray_and_matches_optuna(stored_search: 
     assert status == {"code": 0, "heavy": []}, status
     rows = json.loads(table_text)["trials"]
     assert [(row["trial"], row["rank"], row["feasible"]) for row in rows] == [
-        ("trial_000", 0, True), ("trial_001", 0, True), ("trial_002", 1, True), ("trial_003", 2, False),
+        ("trial_000", 0, True),
+        ("trial_001", 0, True),
+        ("trial_002", 1, True),
+        ("trial_003", 2, False),
     ]
     study = optuna.load_study(study_name="light", storage=stored_search.optuna_storage)
     assert sorted(t.number for t in study.best_trials) == [int(row["trial"][-3:]) for row in rows if row["rank"] == 0]
@@ -144,7 +151,10 @@ def test_a_front_that_beats_the_baseline_somewhere_never_has_hypervolume_0(tmp_p
     assert reference == pytest.approx({"psnr": 0.0, "size_bytes": 110_000.0, "latency_ms": 5.2})
     # Normalised by the baseline: psnr 30.5/30 over 0, size 0.3 under 1.1, latency 2.5 under 2.6.
     assert search_hypervolume(record, records) == pytest.approx((30.5 / 30) * (1.1 - 0.3) * (2.6 - 2.5))
-    assert describe_reference(reference) == "reference point psnr 0, size_bytes 1.1e+05, latency_ms 5.2, each objective divided by the baseline's"
+    assert (
+        describe_reference(reference)
+        == "reference point psnr 0, size_bytes 1.1e+05, latency_ms 5.2, each objective divided by the baseline's"
+    )
     # A front inside the baseline's box keeps the baseline's reference point.
     fast = TrialRecord(1, "t1", None, [], {"psnr": 29.0, "size_bytes": 50_000.0, "latency_ms": 1.0}, None, completed_at=2.0)
     rank_records(record, [fast])

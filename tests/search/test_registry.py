@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from deploy import export_model, load_program
-from search.space.objectives import Objective
 from search.results.ranking import hypervolume_history, rank_records, search_hypervolume
 from search.results.record import SearchRecord, TrialRecord, completed_records
+from search.space.objectives import Objective
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE = {"accuracy": 0.97, "macs": 600.0, "params": 24000.0}
@@ -41,8 +41,8 @@ def _tiny(width: int, seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """The search's record, its three models and the folder it lives in, after ``finish_search``."""
-    from search.results.report import Reporter
     from search.driver.runner import finish_search
+    from search.results.report import Reporter
 
     tmp = tmp_path_factory.mktemp("registry")
     space_yaml = (ROOT / "spaces" / "quickstart.yaml").read_text().replace("  size_bytes: min\n", "")  # objectives: accuracy, macs
@@ -128,7 +128,10 @@ def test_export_register_sets_the_pick_alias_and_the_registered_model_matches_th
     assert sum(_logged_models(record).values()) == 2
     # By run id: trial 2 is not on the front, so its model is logged now; no alias is set.
     run_2 = next(r.run_id for r in completed_records(record) if r.number == 2)
-    assert main(["export", "handoff", "--run", run_2[:8], "--register", "digits-small", "--out", str(tmp / "run"), "--results-dir", results]) == 0
+    assert (
+        main(["export", "handoff", "--run", run_2[:8], "--register", "digits-small", "--out", str(tmp / "run"), "--results-dir", results])
+        == 0
+    )
     assert "version 2 (no alias: picked by --run)" in capsys.readouterr().out
     assert _logged_models(record)[run_2] == 1 and sum(_logged_models(record).values()) == 3
     assert {k: str(v) for k, v in client.get_registered_model("digits-small").aliases.items()} == {"knee": "1"}
@@ -145,10 +148,25 @@ def test_a_store_that_refuses_the_registry_is_one_error_line(finished, capsys, m
     record, _, tmp = finished
 
     def refuse(self, name):  # what a tracking server without a registry answers
-        raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/get failed with error code 404", error_code=ENDPOINT_NOT_FOUND)
+        raise MlflowException(
+            "API request to endpoint /api/2.0/mlflow/registered-models/get failed with error code 404", error_code=ENDPOINT_NOT_FOUND
+        )
 
     monkeypatch.setattr(MlflowClient, "get_registered_model", refuse)
-    code = main(["export", "handoff", "--pick", "min-macs", "--register", "m", "--out", str(tmp / "refused"), "--results-dir", str(record.folder.parent)])
+    code = main(
+        [
+            "export",
+            "handoff",
+            "--pick",
+            "min-macs",
+            "--register",
+            "m",
+            "--out",
+            str(tmp / "refused"),
+            "--results-dir",
+            str(record.folder.parent),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "--register m: the MLflow store sqlite:///" in err and "ENDPOINT_NOT_FOUND" in err and "Traceback" not in err

@@ -50,7 +50,11 @@ def test_recipe_holds_everything_in_effect(exported) -> None:
     assert recipe["task"]["name"] == "digits" and recipe["task"]["options"] == {"seed": 0}
     assert recipe["task"]["input_shape"] == [1, 8, 8]
     assert "train-split mean and std" in recipe["task"]["preprocessing"]["description"]
-    assert recipe["model"] == {"name": "digits_cnn", "options": recipe["model"]["options"], "task_arguments": {"num_classes": 10, "in_channels": 1}}
+    assert recipe["model"] == {
+        "name": "digits_cnn",
+        "options": recipe["model"]["options"],
+        "task_arguments": {"num_classes": 10, "in_channels": 1},
+    }
     assert recipe["measure"] == {"latency_batch_size": 1, "latency_repeats": 2}
     assert recipe["run"]["device"] == "cpu" and recipe["run"]["torch_threads"] == torch.get_num_threads()
     assert recipe["versions"]["torch"] == torch.__version__ and recipe["versions"]["slimtune"]
@@ -69,7 +73,11 @@ def test_replay_gets_the_same_metrics_and_weights(exported, tmp_path: Path, caps
     again = json.loads((replayed / "recipe.json").read_text())
     for key, value in metrics.items():
         if key not in TIMINGS:
-            assert again["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6) if isinstance(value, float) else again["metrics"][key] == value, key
+            assert (
+                again["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6)
+                if isinstance(value, float)
+                else again["metrics"][key] == value
+            ), key
     assert again["metrics"]["accuracy"] == metrics["accuracy"]
     first = torch.load(out / "state_dict.pt", weights_only=True)
     second = torch.load(replayed / "state_dict.pt", weights_only=True)
@@ -155,8 +163,8 @@ def test_a_searched_and_exported_trial_replays_to_its_metrics(tmp_path: Path, ca
 
 
 def test_recipe_model_options_include_the_factorys_defaults_but_not_what_the_task_supplies() -> None:
-    from search.trial.recipe import recipe_document
     from search.trial.context import load_task
+    from search.trial.recipe import recipe_document
 
     space = load_space(ROOT / "spaces" / "quickstart.yaml").with_overrides(model="digits_resnet")
     task = load_task(space)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from errors import UserError
-from search.space.objectives import Objective
 from search.results.ranking import pick_record, rank_records
 from search.results.record import SearchRecord, TrialRecord, completed_records, search_progress
 from search.results.report import UI_PORT, Reporter, mlflow_ui
+from search.space.objectives import Objective
 from tests.search.test_unfinished_trials import _stored_search
 
 

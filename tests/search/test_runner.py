@@ -22,7 +22,7 @@ def test_optuna_storage_is_created_whole_and_existing_files_are_kept(tmp_path: P
 
 def test_an_interrupted_creation_leaves_no_database(tmp_path: Path) -> None:
     def interrupted(url: str) -> None:
-        Path(url[len("sqlite:///"):]).write_bytes(b"half")
+        Path(url[len("sqlite:///") :]).write_bytes(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

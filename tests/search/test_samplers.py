@@ -8,9 +8,9 @@ import optuna
 import pytest
 
 from search.driver import samplers
-from search.space.objectives import Constraint
 from search.driver.samplers import ask_distinct, make_sampler, tell_metrics
 from search.results.record import DUPLICATE_OF, space_exhausted
+from search.space.objectives import Constraint
 from search.space.spec import parse_space
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -21,8 +21,8 @@ import yaml
 
 from errors import UserError
 from search.driver.halving import Rungs, milestones
-from search.space.objectives import Constraint, Objective
 from search.results.pareto import best_first, crowding_distances
+from search.space.objectives import Constraint, Objective
 from search.space.spec import parse_space
 
 SPACE = {
@@ -123,7 +123,11 @@ def _earlier_search(root: Path, ratios: list[float], accuracies: list[float]) ->
     for ratio, accuracy in zip(ratios, accuracies):
         metrics = {"accuracy": accuracy, "size_bytes": 1000 * (1 - ratio), "accuracy_drop": -0.2}
         recipe = [{"name": "l1_filter", "params": {"ratio": ratio}}]
-        study.add_trial(optuna.trial.create_trial(values=[accuracy, metrics["size_bytes"]], user_attrs={"metrics": metrics, "recipe": json.dumps(recipe)}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[accuracy, metrics["size_bytes"]], user_attrs={"metrics": metrics, "recipe": json.dumps(recipe)}
+            )
+        )
 
 
 def test_warm_start_enqueues_the_pareto_recipes_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
@@ -142,7 +146,9 @@ def test_warm_start_enqueues_the_pareto_recipes_and_refuses_what_does_not_fit(tm
         warm_start_points(_space(), "nope", tmp_path)
     narrow = copy.deepcopy(SPACE)
     narrow["methods"]["l1_filter"]["params"]["ratio"] = {"low": 0.4, "high": 0.7}
-    with pytest.raises(UserError, match=r"^--warm-start first: trial_000's recipe has l1_filter.ratio = 0.3, outside this space's range \[0.4, 0.7\]\.$"):
+    with pytest.raises(
+        UserError, match=r"^--warm-start first: trial_000's recipe has l1_filter.ratio = 0.3, outside this space's range \[0.4, 0.7\]\.$"
+    ):
         warm_start_points(parse_space(narrow, "narrow.yaml"), "first", tmp_path)
     other = copy.deepcopy(SPACE)
     other["methods"] = {"minmax_quant": {"optional": False}}
@@ -150,7 +156,9 @@ def test_warm_start_enqueues_the_pareto_recipes_and_refuses_what_does_not_fit(tm
         warm_start_points(parse_space(other, "other.yaml"), "first", tmp_path)
     other = copy.deepcopy(SPACE)
     other["task"] = {"name": "digits", "options": {"val_fraction": 0.2}}
-    with pytest.raises(UserError, match=r"that search ran task 'digits', this space runs task 'digits' with options \{'val_fraction': 0.2\}"):
+    with pytest.raises(
+        UserError, match=r"that search ran task 'digits', this space runs task 'digits' with options \{'val_fraction': 0.2\}"
+    ):
         warm_start_points(parse_space(other, "other.yaml"), "first", tmp_path)
 
 
@@ -165,9 +173,9 @@ class _Tracker:
 
 
 def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, monkeypatch) -> None:
-    import search.driver.runner
     from importlib import metadata
 
+    import search.driver.runner
     from search.driver.baselines import cached_baseline
     from search.results.record import SearchRecord
     from search.results.report import Reporter
@@ -192,7 +200,11 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
     assert trained == [0.05, 0.01]
     assert torch.load(tmp_path / "b" / "baseline.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
     assert torch.load(tmp_path / "c" / "baseline.pt", weights_only=True)["w"].tolist() == [2.0, 2.0]
-    assert (records["a"].baseline_metrics, records["b"].baseline_metrics, records["c"].baseline_metrics) == ({"accuracy": 0.6}, {"accuracy": 0.6}, {"accuracy": 0.7})
+    assert (records["a"].baseline_metrics, records["b"].baseline_metrics, records["c"].baseline_metrics) == (
+        {"accuracy": 0.6},
+        {"accuracy": 0.6},
+        {"accuracy": 0.7},
+    )
     folder = cached_baseline(tmp_path, spaces["a"])[2]
     assert [line for line in lines if "reused" in line] == [
         f"[slimtune] reused the baseline trained by search 'a' from {folder} (same task and options, package versions "
@@ -210,8 +222,8 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
 def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from search.results.record import completed_records, search_progress
     from search.driver.runner import run_search
+    from search.results.record import completed_records, search_progress
 
     space = tmp_path / "early.yaml"
     space.write_text(yaml.safe_dump(SPACE))
@@ -231,10 +243,14 @@ def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> N
         assert 0 < metrics["val_accuracy"] <= 1
     progress = search_progress(record)
     assert (progress.done, progress.completed, progress.stopped, progress.finished) == (2, 1, 1, True)
-    assert sorted(r.number for r in completed_records(record)) == [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(r.number for r in completed_records(record)) == [
+        t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+    ]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    children = [r for r in client.search_runs([client.get_experiment_by_name("early").experiment_id]) if r.data.tags.get("slimtune.role") == "trial"]
+    children = [
+        r for r in client.search_runs([client.get_experiment_by_name("early").experiment_id]) if r.data.tags.get("slimtune.role") == "trial"
+    ]
     stopped = {r.info.run_name for r in children if r.info.status == "KILLED" and r.data.tags.get("stopped_early") == "true"}
     assert stopped == {f"trial_{t.number:03d}" for t in pruned}
     assert all("is_pareto" not in r.data.tags for r in children if r.info.run_name in stopped)
@@ -253,7 +269,13 @@ def test_asha_lets_a_trial_at_the_longest_pipeline_s_last_epoch_reach_its_final_
     from search.driver._tune import ScalarASHA, StoppedTrials
 
     scheduler = ScalarASHA(
-        StoppedTrials("unused", "sqlite://"), time_attr="epoch", metric="val_accuracy", mode="max", max_t=2, grace_period=1, reduction_factor=2
+        StoppedTrials("unused", "sqlite://"),
+        time_attr="epoch",
+        metric="val_accuracy",
+        mode="max",
+        max_t=2,
+        grace_period=1,
+        reduction_factor=2,
     )
     trials = [SimpleNamespace(trial_id=name, config={TRIAL_NUMBER: n}) for n, name in enumerate(("good", "worse"))]
     for trial in trials:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from methods import list_methods
 from errors import UserError
+from methods import list_methods
 from search.space.spec import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -373,8 +373,18 @@ OVERRIDES = [
     ("name with a slash", _set("name", "a/b"), {"name": "a/b"}, "name: may hold letters, digits, '_', '.' and '-' only"),
     ("name ..", _set("name", ".."), {"name": ".."}, "name: may hold letters, digits"),
     ("file store", _set("output", {"tracking_uri": "mlruns"}), {"tracking_uri": "mlruns"}, "output.tracking_uri: MLflow's file store"),
-    ("file:// store", _set("output", {"tracking_uri": "file:///tmp/mlruns"}), {"tracking_uri": "file:///tmp/mlruns"}, "output.tracking_uri: MLflow's file store"),
-    ("unknown scheme", _set("output", {"tracking_uri": "sqlit:///x.db"}), {"tracking_uri": "sqlit:///x.db"}, "output.tracking_uri: unknown URI scheme 'sqlit'"),
+    (
+        "file:// store",
+        _set("output", {"tracking_uri": "file:///tmp/mlruns"}),
+        {"tracking_uri": "file:///tmp/mlruns"},
+        "output.tracking_uri: MLflow's file store",
+    ),
+    (
+        "unknown scheme",
+        _set("output", {"tracking_uri": "sqlit:///x.db"}),
+        {"tracking_uri": "sqlit:///x.db"},
+        "output.tracking_uri: unknown URI scheme 'sqlit'",
+    ),
     ("empty results dir", _set("output", {"results_dir": " "}), {"results_dir": " "}, "output.results_dir: must be a folder path"),
 ]
 
@@ -394,9 +404,7 @@ def test_valid_overrides_apply(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(VALID, sort_keys=False))
     space = load_space(path)
-    changed = space.with_overrides(
-        name="run-2", trials=3, tracking_uri="postgresql+psycopg2://db:5432/mlflow", results_dir=tmp_path / "r"
-    )
+    changed = space.with_overrides(name="run-2", trials=3, tracking_uri="postgresql+psycopg2://db:5432/mlflow", results_dir=tmp_path / "r")
     assert (changed.name, changed.budget.trials, changed.tracking_uri, changed.results_dir) == (
         "run-2", 3, "postgresql+psycopg2://db:5432/mlflow", str(tmp_path / "r"),
     )  # fmt: skip

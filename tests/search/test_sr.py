@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -256,7 +256,10 @@ def test_check_refuses_a_classification_method_on_sr_in_one_line(tmp_path: Path,
     path.write_text(yaml.safe_dump(_space({method: {}})))
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"slimtune: error: {path}: methods.{method}: applies to classification tasks only, but task 'sr' is a super_resolution task. Remove it from methods.\n"
+    assert (
+        err
+        == f"slimtune: error: {path}: methods.{method}: applies to classification tasks only, but task 'sr' is a super_resolution task. Remove it from methods.\n"
+    )
 
 
 def test_sr_quickstart_space_parses() -> None:
@@ -267,8 +270,8 @@ def test_sr_quickstart_space_parses() -> None:
 
 
 def test_an_sr_trial_reports_psnr_ssim_and_a_packed_size(tmp_path: Path) -> None:
-    from search.trial.preflight import preflight
     from search.trial.body import TrialSpec, run_pipeline, train_baseline
+    from search.trial.preflight import preflight
 
     space = parse_space(_space({"pams": {"optional": False, "params": {"bits": 4, "stats_epochs": 1}}}), "sr.yaml")
     assert all(r.ok for r in preflight(space, log=lambda m: None))

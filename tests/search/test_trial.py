@@ -105,7 +105,12 @@ def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(spac
     baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
     metrics = run_pipeline(TrialSpec(space, baseline.state_dict(), baseline_metrics), [], tmp_path, torch.device("cpu"), seed=0)
     for figures in (baseline_metrics, metrics):
-        assert (figures["latency_threads"], figures["latency_batch_size"], figures["latency_form"], figures["latency_device"]) == (2.0, 3.0, "program", "cpu")
+        assert (figures["latency_threads"], figures["latency_batch_size"], figures["latency_form"], figures["latency_device"]) == (
+            2.0,
+            3.0,
+            "program",
+            "cpu",
+        )
         assert latency_note(figures) == "program, batch 3, 2 CPU threads, cpu"  # printed with the baseline and the table
     # Both timed the exported program (a torch.export graph module), never the eager model.
     assert [(name.startswith("GraphModule"), shape, threads) for name, shape, threads in timed] == [(True, (3, 1, 8, 8), 2)] * 2
@@ -130,7 +135,10 @@ def test_a_baseline_at_chance_is_refused_with_what_chance_is_and_what_to_change(
     chance = chance_accuracy(task)
     margin = chance_margin(chance, len(labels))
     assert margin == pytest.approx(2 * (chance * (1 - chance) / len(labels)) ** 0.5)
-    with pytest.raises(UserError, match=r"scores accuracy 0\.1000 on digits: at chance .*train it longer \(baseline\.epochs, now 15\), change training\.lr \(now 0\.05\)"):
+    with pytest.raises(
+        UserError,
+        match=r"scores accuracy 0\.1000 on digits: at chance .*train it longer \(baseline\.epochs, now 15\), change training\.lr \(now 0\.05\)",
+    ):
         refuse_chance_baseline(space, {"accuracy": 0.1, "chance_accuracy": chance, "chance_margin": margin})
     refuse_chance_baseline(space, {"accuracy": chance + margin + 0.01, "chance_accuracy": chance, "chance_margin": margin})
     # A task without accuracy (super-resolution) has no chance level: nothing is refused.
@@ -138,9 +146,9 @@ def test_a_baseline_at_chance_is_refused_with_what_chance_is_and_what_to_change(
 
 
 def test_a_diverged_trial_or_one_at_chance_is_marked_and_never_on_the_front() -> None:
-    from search.space.objectives import Objective
     from search.results.ranking import front, pareto_table, rank_records
     from search.results.record import SearchRecord, TrialRecord
+    from search.space.objectives import Objective
     from search.trial.body import trial_quality
 
     baseline = {"accuracy": 0.97, "chance_accuracy": 0.1, "chance_margin": 0.03}
@@ -160,4 +168,7 @@ def test_a_diverged_trial_or_one_at_chance_is_marked_and_never_on_the_front() ->
     rank_records(record, records)
     assert front(records) == [good]
     assert {row["trial"]: row.get("quality") for row in pareto_table(record, records, only_front=False)} == {
-        "trial_000": None, "trial_001": "at chance", "trial_002": "diverged"}
+        "trial_000": None,
+        "trial_001": "at chance",
+        "trial_002": "diverged",
+    }

@@ -10,8 +10,8 @@ import optuna
 import pytest
 
 from search.cli import main
-from search.space.objectives import Constraint, Objective
 from search.results.record import SearchRecord
+from search.space.objectives import Constraint, Objective
 
 REASONS = ["NonFiniteLossError: the loss became inf", "NonFiniteLossError: the loss became inf", "TrialTimeLimitError: over 60 s"]
 
@@ -43,7 +43,9 @@ def _stored_search(tmp_path: Path, completed: bool) -> SearchRecord:
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"metrics": metrics, "stopped_at_epoch": 1}))
     runs["t3"] = {"run_id": "run3", "status": "KILLED", "name": "trial_003"}
     if completed:
-        study.add_trial(optuna.trial.create_trial(values=[0.95, 500.0], user_attrs={"metrics": metrics, "recipe": "[]", "tune_trial_id": "t4"}))
+        study.add_trial(
+            optuna.trial.create_trial(values=[0.95, 500.0], user_attrs={"metrics": metrics, "recipe": "[]", "tune_trial_id": "t4"})
+        )
         runs["t4"] = {"run_id": "run4", "status": "FINISHED", "name": "trial_004"}
     (record.folder / "runs.json").write_text(json.dumps(runs))
     return record
@@ -71,7 +73,11 @@ def test_the_report_holds_failed_and_stopped_trials_with_their_reasons(capsys, t
     out = tmp_path / "report.html"
     assert main(["report", "broken", "--out", str(out), "--results-dir", str(tmp_path / "results")]) == 0
     page = out.read_text()
-    data = json.loads(re.search(r'<script type="application/json" id="slimtune-data">(.*?)</script>', page, flags=re.DOTALL).group(1).replace("<\\/", "</"))
+    data = json.loads(
+        re.search(r'<script type="application/json" id="slimtune-data">(.*?)</script>', page, flags=re.DOTALL)
+        .group(1)
+        .replace("<\\/", "</")
+    )
     assert data["trials"] == []
     assert data["pareto"]["unfinished"] == {
         "failed": 3,

@@ -38,7 +38,11 @@ def test_metric_directions_are_declared_by_each_task() -> None:
     assert task_metrics("sr") == {"psnr": "max", "ssim": "max"}
     known = metrics_of_task("adding")
     assert (known["mse"], known["mse_drop"], known["macs"]) == ("min", "min", "min")
-    assert (task_kind("adding"), task_kind("copy_memory"), task_kind("seq_digits")) == ("regression", "sequence_labelling", "classification")
+    assert (task_kind("adding"), task_kind("copy_memory"), task_kind("seq_digits")) == (
+        "regression",
+        "sequence_labelling",
+        "classification",
+    )
 
 
 def test_adding_targets_are_the_sum_of_the_two_marked_values_and_the_mean_scores_the_variance() -> None:
