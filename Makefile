@@ -37,11 +37,13 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -e '.[test]' $(QUIET_PIP)
 	touch $@
 
-# The two-node cluster tests run in a pytest process of their own: a process that has already
-# started and stopped local Ray instances does not get trials placed on every node of a new cluster.
+# Each two-node cluster test file runs in a pytest process of its own: a process that has already
+# started and stopped local Ray instances does not get trials placed on every node of a new
+# cluster, and Ray reads its auth mode (the cluster's token) once, when first imported.
+TWO_NODE_TESTS := tests/clusters/test_multinode.py tests/clusters/test_user_code.py
 test: venv lint
-	$(VENV)/bin/python -m pytest -q --ignore=tests/clusters/test_multinode.py
-	$(VENV)/bin/python -m pytest -q tests/clusters/test_multinode.py
+	$(VENV)/bin/python -m pytest -q $(addprefix --ignore=,$(TWO_NODE_TESTS))
+	for file in $(TWO_NODE_TESTS); do $(VENV)/bin/python -m pytest -q $$file; done
 
 # ruff: the linter (pyproject.toml's [tool.ruff.lint]) and the formatter, checked before the tests.
 lint: venv

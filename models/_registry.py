@@ -3,7 +3,9 @@
 Names not registered here fall through to torchvision's classification models, so
 ``create_model("resnet50", ...)`` works without a wrapper; a ``torchvision:`` prefix
 forces torchvision even where a registered model has the same name (``torchvision:vgg16``
-is the ImageNet VGG-16, ``vgg16`` the CIFAR one).
+is the ImageNet VGG-16, ``vgg16`` the CIFAR one). A name ``import:REF`` is a user's own model:
+REF (``package.module:attr`` or ``/abs/file.py:attr``, see :mod:`errors.user_code`) names an
+``nn.Module`` subclass or a function returning a module.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from errors import UserError, did_you_mean
+from errors.user_code import import_ref, is_import
 from models.torchvision_models import create_torchvision_model, torchvision_model_names
 
 __all__ = ["register_model", "create_model", "list_models", "model_factory"]
@@ -57,7 +60,10 @@ def list_models() -> list[str]:
 
 def model_factory(name: str) -> ModelFactory | None:
     """The factory registered as ``name`` (its signature lists the options and their defaults);
-    None for a torchvision model, whose options are ``torchvision.models.get_model``'s."""
+    None for a torchvision model, whose options are ``torchvision.models.get_model``'s. For
+    ``import:REF``, the user's class or function (imported on first use)."""
+    if is_import(name):
+        return _imported_factory(name)
     return None if name.startswith(TORCHVISION_PREFIX) else _FACTORIES.get(name)
 
 
@@ -78,8 +84,10 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int = 3
     Raises:
         UserError: ``name`` is neither registered nor a torchvision classification model, a
             registered factory has no option of that name, or the model and the task disagree
-            on whether there are classes.
+            on whether there are classes; an imported factory returns no ``nn.Module``.
     """
+    if is_import(name):
+        return _create_imported(name, num_classes, in_channels, options)
     if not name.startswith(TORCHVISION_PREFIX) and name in _FACTORIES:
         factory = _FACTORIES[name]
         _check_classes(name, factory, num_classes)
@@ -94,6 +102,36 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int = 3
             raise UserError(f"model '{name}' is a classifier and needs num_classes; its task has no classes. Choose a model for that task.")
         return create_torchvision_model(tv_name, num_classes=num_classes, in_channels=in_channels, **options)
     raise _unknown_model(name)
+
+
+def _imported_factory(name: str) -> ModelFactory:
+    factory = import_ref(name)
+    if not callable(factory):
+        raise UserError(f"model '{name}': names a {type(factory).__name__}, not an nn.Module subclass or a function returning a module.")
+    return factory
+
+
+def _create_imported(name: str, num_classes: int | None, in_channels: int, options: dict[str, Any]) -> nn.Module:
+    """Build a user's model: ``num_classes`` and ``in_channels`` where its signature takes them, ``options`` always."""
+    factory = _imported_factory(name)
+    _check_options(name, factory, options)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None and ("num_classes" in parameters or takes_any):
+        kwargs["num_classes"] = num_classes
+    if "in_channels" in parameters or takes_any:
+        kwargs["in_channels"] = in_channels
+    model = factory(**kwargs, **options)
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"model '{name}': returned {type(model).__name__}, not an nn.Module; model.import must name an "
+            "nn.Module subclass or a function that returns one."
+        )
+    return model
 
 
 def _unknown_model(name: str) -> UserError:

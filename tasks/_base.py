@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -18,6 +18,28 @@ from errors import UserError
 @dataclass
 class Task:
     """A data set split three ways plus the metric used to judge a model on it.
+
+    **Your own task.** A space names it as ``task: {import: "my_task.py:MyTask", options: {...}}``:
+    a subclass of ``Task`` whose constructor takes the ``options`` as keyword arguments and
+    calls ``super().__init__`` with the fields below. What a user provides:
+
+    - ``train_set``, ``val_set``, ``test_set``: map-style datasets (``__len__`` and
+      ``__getitem__``) of ``(input, target)`` pairs of tensors; trials train on the first, select
+      on the second and report on the third;
+    - ``input_shape``: one input's shape without the batch, ``(C, H, W)`` for images (FLOPs,
+      latency and the exported program are traced at it), and ``num_classes``;
+    - ``metric_directions`` (class attribute): each metric :meth:`evaluate` returns that the
+      search may judge by, headline first, with ``"max"`` or ``"min"``; ``metrics`` must list
+      the same names (a classifier: ``{"accuracy": "max"}``, and ``metrics`` left at its
+      default);
+    - ``kind`` (class attribute): one of :data:`tasks.TASK_KINDS`, e.g. ``"classification"``;
+      methods that apply to some kinds only are refused for others;
+    - optionally :meth:`loss` (default cross-entropy on logits) and :meth:`evaluate` (default
+      accuracy and loss), overridden together for another kind of output.
+
+    Both class attributes are read without building the task (``slimtune check`` and the space's
+    ``objectives``/``constraints`` use them); the rest is checked once the task is built.
+    ``examples/own_model/digits_task.py`` is a complete one.
 
     Attributes:
         name: Registry name of the task, e.g. ``"cifar10"``.
@@ -34,6 +56,11 @@ class Task:
         reference: What a model that learns nothing scores, by metric (``{"mse": 0.167}`` on
             ``adding``: predicting the mean); logged beside the baseline. Empty when not known.
     """
+
+    #: A user task's kind and its metrics' directions (above), declared by its class; registered
+    #: tasks declare theirs with :func:`tasks.register_task` instead and have neither.
+    kind: ClassVar[str]
+    metric_directions: ClassVar[dict[str, str]]
 
     name: str
     num_classes: int

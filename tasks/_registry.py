@@ -1,4 +1,9 @@
-"""Registry of task factories, looked up by name from the search configuration."""
+"""Registry of task factories, looked up by name from the search configuration.
+
+A name ``import:REF`` is a user's own task: REF (:mod:`errors.user_code`) names a subclass of
+:class:`tasks.Task` that declares its ``kind`` and ``metric_directions`` (see its docstring);
+every function here resolves it the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from errors import UserError, did_you_mean, unknown_name
+from errors.user_code import import_ref, is_import
 from tasks._base import Task
 
 TaskFactory = Callable[..., Task]
@@ -64,6 +70,8 @@ def task_metrics(name: str) -> dict[str, str]:
 
     Known without loading the task's data.
     """
+    if is_import(name):
+        return dict(_imported_class(name).metric_directions)
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
     return dict(_METRICS[name])
@@ -71,6 +79,8 @@ def task_metrics(name: str) -> dict[str, str]:
 
 def task_kind(name: str) -> str:
     """The kind of task ``name`` (``"classification"``, ``"super_resolution"``), known without loading its data."""
+    if is_import(name):
+        return _imported_class(name).kind
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
     return _KINDS[name]
@@ -78,6 +88,8 @@ def task_kind(name: str) -> str:
 
 def task_factory(name: str) -> TaskFactory:
     """The factory registered as ``name``; its signature lists the task's options and their defaults."""
+    if is_import(name):
+        return _imported_class(name)
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
     return _FACTORIES[name]
@@ -97,13 +109,63 @@ def create_task(name: str, **options: Any) -> Task:
 
     Raises:
         UserError: If the name is unknown, an option is not accepted by the factory, or a required
-            option is missing.
+            option is missing; an imported task lacks part of :class:`Task`'s interface.
     """
+    if is_import(name):
+        cls = _imported_class(name)
+        _check_options(name, cls, options)
+        return _check_built(name, cls, cls(**options))
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
     factory = _FACTORIES[name]
     _check_options(name, factory, options)
     return factory(**options)
+
+
+def _imported_class(name: str) -> type[Task]:
+    """A user's task class, its declared kind and metric directions checked."""
+    cls = import_ref(name)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise UserError(
+            f"task '{name}': names {cls!r}, not a subclass of tasks.Task; write `class MyTask(Task)` "
+            "(see the interface in tasks.Task's docstring)."
+        )
+    for attribute, example in (("kind", "'classification'"), ("metric_directions", "{'accuracy': 'max'}")):
+        if not hasattr(cls, attribute):
+            raise UserError(
+                f"task '{name}': {cls.__name__} lacks the class attribute {attribute} (e.g. {attribute} = {example}); see tasks.Task's docstring."
+            )
+    if cls.kind not in TASK_KINDS:
+        raise UserError(f"task '{name}': kind must be one of {', '.join(TASK_KINDS)}, but {cls.__name__}.kind is {cls.kind!r}.")
+    directions = cls.metric_directions
+    if not isinstance(directions, Mapping) or not directions or any(d not in METRIC_DIRECTIONS for d in directions.values()):
+        raise UserError(
+            f"task '{name}': {cls.__name__}.metric_directions must map each metric, headline first, to 'max' or 'min' "
+            f"(e.g. {{'accuracy': 'max'}}), but got {directions!r}."
+        )
+    return cls
+
+
+def _check_built(name: str, cls: type[Task], task: Any) -> Task:
+    """A built user task, checked against the interface before anything trains on it."""
+    where = f"task '{name}'"
+    if not isinstance(task, Task):
+        raise UserError(f"{where}: building it gave {type(task).__name__}, not a tasks.Task.")
+    for split in ("train_set", "val_set", "test_set"):
+        dataset = getattr(task, split, None)
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise UserError(f"{where}: {split} must be a map-style dataset (__len__ and __getitem__), but got {type(dataset).__name__}.")
+        if len(dataset) == 0:
+            raise UserError(f"{where}: {split} is empty; every split needs examples.")
+    shape = task.input_shape
+    if not isinstance(shape, (tuple, list)) or not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise UserError(f"{where}: input_shape must be one input's shape without the batch, e.g. (1, 8, 8), but got {shape!r}.")
+    if tuple(task.metrics) != tuple(cls.metric_directions):
+        raise UserError(
+            f"{where}: metrics {tuple(task.metrics)} must list the metrics of {cls.__name__}.metric_directions "
+            f"{tuple(cls.metric_directions)} in the same order (headline first)."
+        )
+    return task
 
 
 def _check_options(name: str, factory: TaskFactory, options: dict[str, Any]) -> None:

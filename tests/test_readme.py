@@ -6,6 +6,8 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
+
 from methods import list_methods
 from tasks import task_factory
 
@@ -52,3 +54,33 @@ def test_layout_names_every_package_and_module_group() -> None:
             if module.name != "__init__.py" and named and module.name not in text:
                 missing.append(f"module {package}/{module.name}")
     assert not missing, "README's Layout does not name:\n" + "\n".join(missing)
+
+
+OWN_MODEL = Path(__file__).resolve().parents[1] / "examples" / "own_model"
+
+
+def test_own_model_section_shows_the_example_files_as_they_are() -> None:
+    section = _section("Compress your own model")
+    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", section, flags=re.S)
+    assert blocks == [(OWN_MODEL / name).read_text() for name in ("tiny_net.py", "digits_task.py", "space.yaml")]
+
+
+@pytest.mark.slow
+def test_own_model_commands_run_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The section's commands, from a folder holding a copy of examples/own_model: check, search, export, replay."""
+    import json
+    import shlex
+    import shutil
+
+    from search.cli import main
+
+    shutil.copytree(OWN_MODEL, tmp_path / "examples" / "own_model")
+    monkeypatch.chdir(tmp_path)
+    block = re.search(r"```bash\n(.*?)```", _section("Compress your own model"), flags=re.S).group(1)
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["slimtune", "check"], ["slimtune", "search"], ["slimtune", "export"], ["slimtune", "replay"]]
+    for command in commands:
+        assert main(command[1:]) == 0, command
+    recipe = json.loads((tmp_path / "own_export" / "recipe.json").read_text())
+    assert recipe["imports"]["model"]["ref"] == f"{tmp_path / 'examples' / 'own_model' / 'tiny_net.py'}:TinyNet"
+    assert "metrics equal the recipe's" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import logging
 import os
 import tempfile
@@ -22,6 +23,7 @@ import ray
 import torch
 
 from errors import UserError
+from errors.user_code import is_import, ref_roots
 from search.driver import _tune
 from search.driver._private import fail_open_trials, keep_ray_on_loopback
 from search.driver.baselines import cached_baseline, describe_key, store_baseline
@@ -137,7 +139,7 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
 def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool) -> SearchRecord:
     """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end."""
     try:
-        started = _init_ray(address)
+        started = _init_ray(address, user_code_roots(record.space))
         try:
             check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
@@ -200,8 +202,20 @@ def _baseline(space: SearchSpace, address: str | None, reporter: Reporter) -> tu
 # ----------------------------------------------------------------------------------------------
 
 
-def _init_ray(address: str | None) -> bool:
+def user_code_roots(space: SearchSpace) -> list[Path]:
+    """The folders of the user's own code the space imports (``model: {import: REF}``), each once."""
+    roots: list[Path] = []
+    for name in (space.model, space.task):
+        if is_import(name):
+            roots += [root for root in ref_roots(name) if root not in roots]
+    return roots
+
+
+def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool:
     """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``.
+
+    ``user_roots`` (:func:`user_code_roots`) travel to a cluster's workers beside our packages;
+    a local Ray's workers find them on the ``PYTHONPATH`` they inherit.
 
     Returns:
         Whether this call started (or connected) Ray; False when the process already had a Ray
@@ -223,15 +237,33 @@ def _init_ray(address: str | None) -> bool:
     if address:
         if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
             keep_ray_on_loopback()
-        kwargs["runtime_env"] = {
-            "py_modules": [str(root / package) for package in ("errors", "models", "tasks", "deploy", "methods", "search")]
-        }
+        own = [str(root / package) for package in ("errors", "models", "tasks", "deploy", "methods", "search")]
+        for user_root in user_roots or []:
+            _refuse_shadowing(user_root)
+        kwargs["runtime_env"] = {"py_modules": own + [str(p) for p in user_roots or []]}
         ray.init(address=address, **kwargs)
     else:
+        # A user package imported by module name: the local workers, started below, inherit the path.
+        parents = [str(p.parent) for p in user_roots or [] if (p / "__init__.py").is_file() or p.suffix == ".py"]
+        if parents:
+            os.environ["PYTHONPATH"] = os.pathsep.join([*parents, *filter(None, [os.environ.get("PYTHONPATH")])])
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     return True
+
+
+def _refuse_shadowing(root: Path) -> None:
+    """A py_module is imported by its name on the workers: a folder named like another module would hide it."""
+    name = root.stem if root.suffix == ".py" else root.name
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    here = [Path(p) for p in ([spec.origin] if spec.origin else []) + list(spec.submodule_search_locations or [])] if spec else []
+    if not name.isidentifier() or (spec is not None and root.resolve() not in [p.resolve() for p in here]):
+        other = f"it would hide the module '{name}' ({spec.origin or here[0]})" if spec else "it is no Python name"
+        raise UserError(
+            f"{root}: the folder of your model or task code travels to the cluster's workers as a module named after it, "
+            f"but {other}; move the files into a folder of their own with a distinct name (letters, digits, _)."
+        )
 
 
 def _shutdown_ray() -> None:

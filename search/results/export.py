@@ -36,7 +36,7 @@ from methods import get_method
 from search.results.ranking import pick_record
 from search.results.record import SearchRecord, TrialRecord, exported_model_dir
 from search.results.registry import load_registered, register_trial
-from search.trial.context import load_task, trial_threads
+from search.trial.context import import_user_code, load_task, trial_threads
 
 __all__ = ["chosen_trial", "write_export", "register_export"]
 
@@ -80,6 +80,7 @@ def write_export(
         shutil.copytree(source, out, dirs_exist_ok=True)
     space = record.space
     task = load_task(space)
+    import_user_code(space)
     forms = ["program", "module"]
     onnx_refused = [
         f"{step['name']}: {get_method(step['name']).onnx_unsupported}"

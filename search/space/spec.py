@@ -12,6 +12,7 @@ import itertools
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import yaml
 
 from deploy import DEFAULT_LATENCY_RUNTIME, LATENCY_RUNTIMES
 from errors import UserError, did_you_mean
+from errors.user_code import IMPORT_PREFIX, absolute_ref, import_name, is_import
 from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
+from models import model_factory
 from search.space.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
 from tasks import list_tasks, task_kind, task_metrics
 
@@ -403,7 +406,10 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
 
     task, task_options = _named(r, top["task"], "task")
 
-    if task not in list_tasks():
+    if is_import(task):
+        # Kind and metric directions come from the user's class: an error names the key.
+        _resolve(r, "task.import", lambda: (task_metrics(task), task_kind(task)))
+    elif task not in list_tasks():
         raise r.error("task", f"unknown task '{task}'.{did_you_mean(task, list_tasks())} Known tasks: {', '.join(list_tasks())}.")
     known_metrics = metrics_of_task(task)
     # Trials run in their own working folders (and on other machines): data folders are made
@@ -412,6 +418,8 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         if (key == "root" or key.endswith("_root")) and isinstance(value, str):
             task_options[key] = str(Path(value).expanduser().resolve())
     model, model_options = _named(r, top["model"], "model")
+    if is_import(model):
+        _resolve(r, "model.import", lambda: model_factory(model))
 
     baseline = r.mapping(top.get("baseline"), "baseline", {"epochs", "checkpoint"})
     checkpoint = baseline.get("checkpoint")
@@ -446,6 +454,9 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     resolved = dict(top)
     if task_options:
         resolved["task"] = {"name": task, "options": task_options}
+    for key, name, options in (("task", task, task_options), ("model", model, model_options)):
+        if is_import(name):
+            resolved[key] = {"import": name.removeprefix(IMPORT_PREFIX), **({"options": options} if options else {})}
     if checkpoint is not None:
         resolved["baseline"] = {**baseline, "checkpoint": checkpoint}
     if output:
@@ -611,19 +622,46 @@ def _tracking_uri(r: _Reader, uri: Any) -> str:
 
 
 def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
-    """``task: digits`` or ``task: {name: cifar10, options: {...}}``."""
+    """``task: digits``, ``task: {name: cifar10, options: {...}}`` or ``task: {import: REF, options: {...}}``.
+
+    An import reference's file is made absolute, relative to the space file's folder; the name
+    returned is then ``import:REF`` (:func:`errors.user_code.import_name`).
+    """
+    if isinstance(value, str) and is_import(value):
+        value = {"import": value.removeprefix(IMPORT_PREFIX)}
     if isinstance(value, str):
         return value, {}
-    m = r.mapping(value, key, {"name", "options"})
-    if "name" not in m:
-        raise r.error(f"{key}.name", f"is missing; write `{key}: NAME` or `{key}: {{name: NAME, options: {{...}}}}`.")
+    m = r.mapping(value, key, {"name", "options", "import"})
+    if "import" in m:
+        if "name" in m:
+            raise r.error(key, "gives both name and import; a registered name or your own code by import reference, not both.")
+        try:
+            name = import_name(absolute_ref(m["import"], Path(r.path).parent))
+        except UserError as exc:
+            raise r.error(f"{key}.import", str(exc)) from None
+    elif isinstance(m.get("name"), str) and is_import(m["name"]):
+        raise r.error(f"{key}.name", f"names your own code; write `{key}: {{import: {m['name'].removeprefix(IMPORT_PREFIX)!r}}}`.")
+    elif "name" not in m:
+        raise r.error(
+            f"{key}.name", f"is missing; write `{key}: NAME`, `{key}: {{name: NAME, options: {{...}}}}` or `{key}: {{import: REF}}`."
+        )
+    else:
+        name = str(m["name"])
     options = m.get("options")
     if options is not None and not isinstance(options, dict):
         raise r.error(f"{key}.options", f"must be a mapping of option names to values, but got {options!r}.")
     for option in options or {}:
         if not isinstance(option, str):
             raise r.error(f"{key}.options.{option}", f"an option name must be text, but got {option!r}.")
-    return str(m["name"]), dict(options or {})
+    return name, dict(options or {})
+
+
+def _resolve(r: _Reader, key: str, load: Callable[[], object]) -> None:
+    """Import a user's model or task now, so that bad code is one line naming the file and key."""
+    try:
+        load()
+    except UserError as exc:
+        raise r.error(key, str(exc)) from None
 
 
 def _methods(r: _Reader, value: Any) -> tuple[MethodSpace, ...]:

@@ -50,7 +50,7 @@ from search.trial.context import (
     trial_threads,
 )
 from search.trial.graceful_stop import wait_if_stopping
-from search.trial.recipe import recipe_document, space_from_recipe, state_digest
+from search.trial.recipe import changed_imports, recipe_document, space_from_recipe, state_digest
 from tasks import Task, task_metrics
 
 __all__ = [
@@ -407,6 +407,8 @@ def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = prin
         UserError: The recipe names a CUDA device this machine does not have.
     """
     space = space_from_recipe(doc)
+    for line in changed_imports(doc):
+        log(line)
     device = torch.device(doc["run"]["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("the recipe's trial ran on CUDA, but this machine has no CUDA device; replay it on a machine with a GPU.")

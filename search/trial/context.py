@@ -8,10 +8,11 @@ cost).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from errors import UserError
+from errors.user_code import is_import
 from methods import MethodContext, Pipeline, create_method, get_method, hyperparameters
-from models import create_model
+from models import create_model, model_factory
 from search.space.spec import SearchSpace
 from tasks import Task, create_task, task_metrics
 
@@ -28,6 +31,7 @@ __all__ = [
     "seed_everything",
     "load_task",
     "build_model",
+    "import_user_code",
     "build_context",
     "trial_threads",
     "seeded_loader",
@@ -50,11 +54,33 @@ def _cached_task(name: str, options_json: str) -> Task:
 
 def load_task(space: SearchSpace) -> Task:
     """The space's task, built once per process (reused Ray actors skip reloading the data)."""
-    return _cached_task(space.task, json.dumps(space.task_options, sort_keys=True))
+    with _user_code(space, "task", space.task):
+        return _cached_task(space.task, json.dumps(space.task_options, sort_keys=True))
 
 
 def build_model(space: SearchSpace, task: Task) -> nn.Module:
-    return create_model(space.model, **task.model_kwargs(), **space.model_options)
+    with _user_code(space, "model", space.model):
+        return create_model(space.model, **task.model_kwargs(), **space.model_options)
+
+
+@contextlib.contextmanager
+def _user_code(space: SearchSpace, key: str, name: str) -> Iterator[None]:
+    """A user's model or task that fails to build: its error names the space file and the key."""
+    try:
+        yield
+    except UserError as exc:
+        if not is_import(name) or not space.path or str(exc).startswith(space.path):
+            raise
+        raise UserError(f"{space.path}: {key}.import: {exc}") from None
+
+
+def import_user_code(space: SearchSpace) -> None:
+    """Import the user's model code (``model: {import: REF}``) in this process, as a trial does.
+
+    Called before a pickled module (an export's ``model.pt``) is loaded: pickle finds a class by
+    its module's name, which is importable once the reference has been resolved.
+    """
+    model_factory(space.model)
 
 
 def seeded_loader(dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:

@@ -26,6 +26,7 @@ from errors import UserError
 from methods import HyperparameterInfo, Range, check_value_type, get_method, hyperparameters
 from search.space.spec import MethodSpace, SearchSpace
 from search.trial.context import build_model, first_batch, load_task, run_one_batch
+from tasks import task_kind
 
 __all__ = ["preflight", "PreflightResult", "aggressive_params"]
 
@@ -82,6 +83,7 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
     task = load_task(space)
     baseline, expected_shape = _baseline_on_task_input(space, task)
     batch = first_batch(space, task)
+    _check_output_fits(space, task, baseline, batch)
     recipes: list[tuple[str, list[dict[str, Any]]]] = [(m.name, [{"name": m.name, "params": aggressive_params(m)}]) for m in space.methods]
     if len(space.methods) > 1:
         recipes.append(("pipeline " + " > ".join(m.name for m in space.methods), [r[1][0] for r in recipes]))
@@ -113,6 +115,32 @@ def _baseline_on_task_input(space: SearchSpace, task) -> tuple[torch.nn.Module, 
             f"{tuple(example.shape)} ({type(exc).__name__}: {_one_line(exc)}). Choose a model made for this input "
             f"(see `slimtune profile MODEL --task ...`) or task options that resize the images."
         ) from None
+
+
+def _check_output_fits(space: SearchSpace, task, baseline: torch.nn.Module, batch) -> None:
+    """The model's output on a batch must be what the task's loss takes (a user's model is not made for it)."""
+    inputs, targets = batch
+    if not isinstance(inputs, torch.Tensor):
+        return  # a batch of several inputs (two-view) reaches the model through its task's own code
+    with torch.no_grad():
+        out = baseline(inputs)
+    reason = ""
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__  # two-view models return pairs
+    if task_kind(space.task) == "classification" and isinstance(out, torch.Tensor) and (out.dim() != 2 or out.shape[1] != task.num_classes):
+        reason = f"a classifier's output must be (batch, {task.num_classes}), one logit per class"
+    else:
+        try:
+            loss = task.loss(out, targets)
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                reason = f"the task's loss must be one number, but is {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}"
+        except Exception as exc:  # noqa: BLE001  any failure of the loss means the output does not fit
+            reason = f"the task's loss fails on it: {type(exc).__name__}: {_one_line(exc)}"
+    if reason:
+        options = f" with options {space.model_options}" if space.model_options else ""
+        raise UserError(
+            f"{space.path}: model: '{space.model}'{options} outputs shape {shape}, which does not fit task "
+            f"'{space.task}' ({reason}). Build the model for the task (its num_classes) or fix the task."
+        )
 
 
 def _one_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from torch import nn
 
 from deploy import FORMS, LATENCY_RUNTIMES, count_flops, count_params, deployed_latency, export_model, latency_ms, load_form, size_bytes
 from errors import UserError
+from errors.user_code import name_from_command_line
 from methods import NotApplicable, create_method
 from models import create_model, list_models
 from search.space.spec import Budget, SearchSpace
@@ -57,6 +58,9 @@ def profiled_model(
     options or a method are given; every other task is built as a search builds it.
     """
     model_options = options["model"]
+    # Your own code as `file.py:attr` or `import:REF`, resolved as a space's `import:` is.
+    model = name_from_command_line(model, Path.cwd())
+    task = None if task is None else name_from_command_line(task, Path.cwd())
     if task is None:
         if model.startswith("digits"):
             task = "digits"

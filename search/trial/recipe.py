@@ -22,6 +22,9 @@ Keys (``format`` 1):
 - ``run``: ``device``, ``cpus_per_trial``, ``gpus_per_trial``, ``torch_threads`` of the trial;
 - ``versions``: ``python``, ``torch``, ``torchvision``, ``slimtune``;
 - ``metrics``: the trial's final metrics as the trial reported them (no Tune bookkeeping);
+- ``imports``: for a model or task of the user's own code (``model: {import: REF}``), per key
+  (``model``, ``task``) the ``ref`` and the ``sha256`` of each of its files by path, so that a
+  replay can say when the code changed (:func:`changed_imports`); empty otherwise;
 - added by ``slimtune export``: ``search``, ``trial``, ``mlflow_run_id``.
 """
 
@@ -39,11 +42,21 @@ import torch
 import torchvision
 
 from errors import UserError
+from errors.user_code import IMPORT_PREFIX, code_digests, is_import
 from models import model_factory
 from search.space.spec import Budget, SearchSpace
 from tasks import Task, task_factory
 
-__all__ = ["RECIPE_FORMAT", "recipe_document", "read_recipe", "space_from_recipe", "state_digest", "versions"]
+__all__ = [
+    "RECIPE_FORMAT",
+    "recipe_document",
+    "read_recipe",
+    "space_from_recipe",
+    "state_digest",
+    "versions",
+    "imported_code",
+    "changed_imports",
+]
 
 RECIPE_FORMAT = 1
 
@@ -158,7 +171,33 @@ def recipe_document(
         },
         "versions": versions(),
         "metrics": metrics,
+        "imports": imported_code(space),
     }
+
+
+def imported_code(space: SearchSpace) -> dict[str, dict[str, Any]]:
+    """What the space imports of the user's own code: per key, the reference and its files' SHA-256."""
+    return {
+        key: {"ref": name.removeprefix(IMPORT_PREFIX), "sha256": code_digests(name)}
+        for key, name in (("model", space.model), ("task", space.task))
+        if is_import(name)
+    }
+
+
+def changed_imports(doc: dict[str, Any]) -> list[str]:
+    """One warning line per user file whose code differs from (or is missing since) the recipe's run."""
+    out = []
+    for key, entry in (doc.get("imports") or {}).items():
+        now = code_digests(entry["ref"]) if all(Path(p).is_file() for p in entry["sha256"]) else {}
+        for path, digest in entry["sha256"].items():
+            if path not in now:
+                out.append(f"warning: {key}.import {entry['ref']}: {path} is missing here; the replay cannot use the code the trial ran.")
+            elif now[path] != digest:
+                out.append(
+                    f"warning: {key}.import {entry['ref']}: {path} changed since the trial ran (SHA-256 {digest[:12]} then, "
+                    f"{now[path][:12]} now); the replay runs the new code, so its metrics may differ."
+                )
+    return out
 
 
 _REQUIRED = {
