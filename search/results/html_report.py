@@ -239,7 +239,9 @@ document.getElementById("title").textContent = `slimtune search '${S.name}'`;
 const completed = DATA.trials.length, onFront = P.trials.length, U = P.unfinished || {};
 document.getElementById("meta").innerHTML = [
   `${esc(S.task)} / ${esc(S.model)}: ${completed} completed trial${completed === 1 ? "" : "s"} of ${S.budget}, ` +
-    `${onFront} on the front, hypervolume <b>${P.hypervolume.toFixed(4)}</b>`,
+    `${onFront} on the front, hypervolume <b>${P.hypervolume.toFixed(4)}</b> (reference point ` +
+    Object.entries(P.hypervolume_reference || {}).map(([m, v]) => `${esc(m)} ${Number(v).toPrecision(4)}`).join(", ") +
+    ", each objective divided by the baseline's)",
   ...(U.failed ? [`<b>${U.failed} failed trial${U.failed === 1 ? "" : "s"}</b>: ` + (Object.entries(U.failure_reasons)
     .sort((a, b) => b[1] - a[1]).map(([reason, n]) => `<code>${esc(reason)}</code> (${n})`).join("; ") || "no reason recorded")] : []),
   ...(U.stopped ? [`${U.stopped} trial${U.stopped === 1 ? "" : "s"} stopped early by the scheduler (budget.scheduler): counted in the budget, never on the front`] : []),

@@ -84,5 +84,7 @@ def test_the_report_holds_failed_and_stopped_trials_with_their_reasons(capsys, t
         "failure_reasons": {"NonFiniteLossError: the loss became inf": 2, "TrialTimeLimitError: over 60 s": 1},
         "stopped": 1,
     }
-    # The page's header draws them from that block.
+    # The page's header draws them from that block, and says what the hypervolume is relative to.
     assert "failed trial${U.failed === 1" in page and "stopped early by the scheduler" in page
+    assert set(data["pareto"]["hypervolume_reference"]) == {"accuracy", "macs"}
+    assert "(reference point ` +" in page and "P.hypervolume_reference" in page
