@@ -22,6 +22,16 @@ __all__ = [
 ]
 
 
+def _one_pass(model: nn.Module, example_input: torch.Tensor, handles: list) -> None:
+    """Run ``model`` once on ``example_input`` in eval mode without gradients, then remove ``handles`` (its hooks)."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """Run ``model`` once and record (name, module, output) of every conv/linear call in order."""
     calls: list[tuple[str, nn.Module, torch.Tensor]] = []
@@ -29,12 +39,7 @@ def _leaf_calls(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, o))))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    _one_pass(model, example_input, handles)
     return calls
 
 
@@ -92,12 +97,7 @@ def layer_calls(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
     for name, module in model.named_modules():
         if name and any(True for _ in module.parameters(recurse=False)):
             handles.append(module.register_forward_pre_hook(lambda m, i, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    _one_pass(model, example_input, handles)
     return counts
 
 
