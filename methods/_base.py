@@ -228,7 +228,7 @@ class Method:
             name for name, m in model.named_modules()
             if _is_layer(m) and (name not in prepared or _layer_signature(prepared[name]) != _layer_signature(m))
         ]  # fmt: skip
-        return Touches.split(model, changed, lambda name, m: f"not a layer {self.name} changes ({self.applies_to})")
+        return Touches.split(model, changed, lambda name, m: f"{self.name} changes only {self.applies_to}")
 
     def phases(self, ctx: MethodContext) -> list[Phase]:
         """This method is called after :meth:`prepare`; it lists the training the method owns.

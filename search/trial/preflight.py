@@ -2,7 +2,10 @@
 
 For every method, alone and then as the whole pipeline in the space's order: compress a
 randomly initialised model at the most aggressive setting the space allows, train one step,
-finalize, run a forward pass and export. What fails here would fail in every trial, so it is
+finalize, run a forward pass and export. For each method alone it also lists the layers the
+method will change on the user's model and those it leaves alone, with the reason
+(:meth:`methods.Method.touches`), so that a user sees before a long search that, say,
+``l1_filter`` leaves the attention projections alone. What fails here would fail in every trial, so it is
 reported before any trial starts (lesson 1 of the field: physical removal fails on real
 architectures).
 """
@@ -23,12 +26,15 @@ import torch
 
 from deploy import check_round_trip, count_params, export_model
 from errors import UserError
-from methods import HyperparameterInfo, Range, check_value_type, get_method, hyperparameters
+from methods import HyperparameterInfo, Method, Range, Touches, check_value_type, create_method, get_method, hyperparameters
 from search.space.spec import MethodSpace, SearchSpace
-from search.trial.context import build_model, first_batch, load_task, run_one_batch
+from search.trial.context import build_model, first_batch, load_task, one_batch_context, run_one_batch
 from tasks import task_kind
 
-__all__ = ["preflight", "PreflightResult", "aggressive_params"]
+__all__ = ["preflight", "PreflightResult", "aggressive_params", "describe_touches"]
+
+#: How many layer names a line of ``slimtune check`` lists before it says how many more there are.
+NAMES_SHOWN = 8
 
 
 @dataclass
@@ -38,6 +44,7 @@ class PreflightResult:
     reason: str = ""
     params_before: int = 0
     params_after: int = 0
+    touches: Touches | None = None
 
 
 def aggressive_params(method: MethodSpace) -> dict[str, Any]:
@@ -94,8 +101,41 @@ def preflight(space: SearchSpace, log: Callable[[str], None] = print) -> list[Pr
         detail = f"params {result.params_before:,} -> {result.params_after:,}" if result.ok else result.reason
         params = json_params(recipe) if len(recipe) == 1 else ""
         log(f"  [{status}] {label}{' ' + params if params else ''}: {detail}")
+        if result.ok and len(recipe) == 1:
+            result.touches = _touches(recipe[0], space, task, baseline, batch)
+            for line in describe_touches(result.touches, get_method(recipe[0]["name"]).applies_to):
+                log(f"         {line}")
         results.append(result)
     return results
+
+
+def _touches(step: dict[str, Any], space: SearchSpace, task, baseline: torch.nn.Module, batch) -> Touches:
+    """The layers of the space's model that ``step`` changes (the model itself is left as it is)."""
+    method = create_method(step["name"], step["params"])
+    return method.touches(baseline, one_batch_context(space, task, baseline, batch))
+
+
+def describe_touches(touches: Touches, applies_to: str) -> list[str]:
+    """What ``slimtune check`` prints under a method: the layers it changes, then those it leaves
+    alone, grouped by the reason (at most :data:`NAMES_SHOWN` names a line). A method that changes
+    no layer (it changes how the model is trained) gets one line saying so."""
+    if not touches.changed and applies_to == Method.applies_to:
+        return [f"changes {applies_to}"]
+    lines = [f"changes {_count(touches.changed, 'layer')}" + (f": {_names(touches.changed)}" if touches.changed else "")]
+    reasons: dict[str, list[str]] = {}
+    for layer, why in touches.left_alone:
+        reasons.setdefault(why, []).append(layer)
+    lines += [f"leaves alone {_names(layers)} ({why})" for why, layers in reasons.items()]
+    return lines
+
+
+def _count(names: tuple[str, ...] | list[str], noun: str) -> str:
+    return f"{len(names)} {noun}{'' if len(names) == 1 else 's'}"
+
+
+def _names(names: tuple[str, ...] | list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown if len(names) <= NAMES_SHOWN else f"{shown} and {len(names) - NAMES_SHOWN} more"
 
 
 def _baseline_on_task_input(space: SearchSpace, task) -> tuple[torch.nn.Module, tuple[int, ...]]:

@@ -50,3 +50,48 @@ def test_budget_fields_are_capped_at_one_epoch() -> None:
     assert _short_training({"name": "od", "params": {}}) == {}
     assert _short_training({"name": "gal", "params": {"finetune_epochs": 0}}) == {"finetune_epochs": 0}
     assert _short_training({"name": "pams", "params": {"stats_epochs": 4, "epochs": 2}}) == {"stats_epochs": 1, "epochs": 1}
+
+
+def test_check_lists_per_method_the_layers_it_changes_on_a_users_model(capsys, tmp_path) -> None:
+    """``slimtune check`` of a space whose model is a user's attention network (by file reference):
+    under each method, the layers it changes and those it leaves alone with the reason."""
+    from pathlib import Path
+
+    from search.cli import main
+
+    models = Path(__file__).resolve().parent.parent / "methods" / "foreign_models.py"
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        f"""
+name: attention_check
+task: digits
+model: {{import: "{models}:TinyAttention"}}
+methods:
+  l1_filter: {{optional: true, params: {{ratio: {{low: 0.2, high: 0.5}}}}}}
+  kd: {{optional: true}}
+objectives: {{accuracy: max, macs: min}}
+budget: {{trials: 2, concurrent: 1, epochs: 1, cpus_per_trial: 1}}
+output: {{results_dir: "{tmp_path / "results"}", tracking_uri: "sqlite:///{tmp_path / "mlflow.db"}"}}
+"""
+    )
+    assert main(["check", str(space)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "[ok  ] l1_filter (ratio=0.5)" in line)
+    assert lines[at + 1].strip() == "changes 1 layer: mlp.0"
+    left = [line.strip() for line in lines[at + 2 : at + 6] if line.strip().startswith("leaves alone")]
+    assert any(line.startswith("leaves alone attention") and "multi-head attention" in line for line in left), left
+    assert any(line.startswith("leaves alone head (the classifier") for line in left), left
+    at_kd = next(i for i, line in enumerate(lines) if "[ok  ] kd" in line)
+    assert lines[at_kd + 1].strip() == "changes no layer (it changes how the model is trained)"
+    assert lines[-1].endswith("valid (all 3 pre-flight checks passed)")
+
+
+def test_describe_touches_groups_by_reason_and_caps_the_names() -> None:
+    from methods import Touches
+    from search.trial.preflight import NAMES_SHOWN, describe_touches
+
+    changed = tuple(f"block{i}.conv" for i in range(NAMES_SHOWN + 3))
+    touches = Touches(changed, (("stem", "the first layer"), ("fc", "the classifier"), ("head", "the classifier")))
+    lines = describe_touches(touches, "Conv2d layers")
+    assert lines[0] == f"changes {NAMES_SHOWN + 3} layers: " + ", ".join(changed[:NAMES_SHOWN]) + " and 3 more"
+    assert lines[1:] == ["leaves alone stem (the first layer)", "leaves alone fc, head (the classifier)"]
