@@ -10,6 +10,15 @@ a module, without slimtune and without unpickling.
 :func:`log_trial_model` is called at the end of a search (and of each resume) for every Pareto
 trial, and by ``slimtune export --register`` for a picked trial that has none yet; a trial is
 logged once: a trial whose run already has a logged model named ``program`` is not logged again.
+
+Where the trial's export folder holds ``model.onnx`` (a search timed on ONNX Runtime,
+``measure.latency_runtime: onnxruntime``, writes it for every trial; ``slimtune export`` writes it
+for the pick), the ONNX model is logged beside the program as a second logged model of the run,
+named ``onnx``, in MLflow's ``onnx`` flavour (``mlflow.onnx``: same input example and signature;
+``mlflow.pyfunc.load_model`` runs it in ONNX Runtime, ``mlflow.onnx.load_model`` gives the
+``onnx.ModelProto``). With the default ``program`` runtime a trial writes no ONNX (the exporter
+takes seconds per model), so a Pareto trial's ONNX is logged when ``slimtune export --register``
+hands it off.
 The name is not ``model``: MLflow 3 resolves ``runs:/RUN/NAME`` to a run's logged model of that
 name, which would shadow the exported files the run keeps under its artifact folder ``model/``.
 """
@@ -17,16 +26,20 @@ name, which would shadow the exported files the run keeps under its artifact fol
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
+import mlflow.onnx
+import onnx
+import onnxruntime
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from deploy import load_exported, storage_groups_quiet
+from deploy import FORMS, load_exported, storage_groups_quiet
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -34,10 +47,12 @@ if TYPE_CHECKING:
 
     from search.results.record import SearchRecord, TrialRecord
 
-__all__ = ["MODEL_NAME", "logged_model_ids", "log_trial_model", "register_trial", "load_registered"]
+__all__ = ["MODEL_NAME", "ONNX_MODEL_NAME", "logged_model_ids", "log_trial_model", "register_trial", "load_registered"]
 
 #: Name of a trial's logged model (one per trial run).
 MODEL_NAME = "program"
+#: Name of a trial's logged ONNX model, beside the program, when its export folder holds one.
+ONNX_MODEL_NAME = "onnx"
 
 
 @contextlib.contextmanager
@@ -51,13 +66,25 @@ def _tracking(tracking_uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
-def logged_model_ids(record: SearchRecord) -> dict[str, str]:
-    """Run id -> id of the logged model named ``program`` of every trial run of the search that has one."""
+@contextlib.contextmanager
+def _logger_at(name: str, level: int) -> Iterator[None]:
+    """The logger ``name`` at ``level`` for the block."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def logged_model_ids(record: SearchRecord, name: str = MODEL_NAME) -> dict[str, str]:
+    """Run id -> id of the logged model called ``name`` of every trial run of the search that has one."""
     tracker = record.tracker()
     ids: dict[str, str] = {}
     token = None
     while True:
-        page = tracker.client.search_logged_models([tracker.experiment_id], filter_string=f"name = '{MODEL_NAME}'", page_token=token)
+        page = tracker.client.search_logged_models([tracker.experiment_id], filter_string=f"name = '{name}'", page_token=token)
         for model in page:
             if model.source_run_id:
                 ids.setdefault(model.source_run_id, model.model_id)
@@ -66,11 +93,14 @@ def logged_model_ids(record: SearchRecord) -> dict[str, str]:
             return ids
 
 
-def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -> str:
-    """Log the exported program in ``model_dir`` as the logged model of ``trial``'s run; return its id.
+def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, with_program: bool = True) -> str | None:
+    """Log the exported program in ``model_dir`` as the logged model of ``trial``'s run, and its
+    ``model.onnx`` beside it when the folder has one; return the program's logged model id.
 
-    Called for each Pareto trial when a search finishes, and by ``export --register``. The run's
-    status and end time are kept as they were (MLflow reopens the run to attach the model).
+    Called for each Pareto trial when a search finishes, and by ``export --register``
+    (``with_program=False`` when the run has its program logged already: then only the ONNX model
+    is logged, and None returned). The run's status and end time are kept as they were (MLflow
+    reopens the run to attach the model).
     """
     if not trial.run_id:
         raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
@@ -81,26 +111,39 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path) -
     module = program.module()
     with torch.no_grad():
         output = module(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    tags = {"slimtune.search": record.name, "slimtune.trial": trial.name, "slimtune.pipeline": trial.pipeline}
+    onnx_file = model_dir / FORMS["onnx"]
     client = record.tracker().client
     ended = client.get_run(trial.run_id).info
+    model_id = None
     # MLflow saves the program (pt2) and loads it back to check it: the same warning as our own save and load.
     with _tracking(record.tracking_uri), mlflow.start_run(run_id=trial.run_id, log_system_metrics=False), storage_groups_quiet():
-        info = mlflow.pytorch.log_model(
-            module,
-            name=MODEL_NAME,
-            serialization_format="pt2",
-            input_example=example,
-            signature=infer_signature(example, output),
-            # The program needs torch alone; inferring requirements would load it in a subprocess.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            tags={"slimtune.search": record.name, "slimtune.trial": trial.name, "slimtune.pipeline": trial.pipeline},
-        )
-        # The ONNX form beside it, as the file itself: mlflow.onnx.log_model would load it with
-        # onnx and pin requirements for a second logged model; the file is what serving stacks take.
-        if (model_dir / "model.onnx").exists():
-            mlflow.log_artifact(str(model_dir / "model.onnx"), artifact_path="onnx")
+        if with_program:
+            model_id = mlflow.pytorch.log_model(
+                module,
+                name=MODEL_NAME,
+                serialization_format="pt2",
+                input_example=example,
+                signature=signature,
+                # The program needs torch alone; inferring requirements would load it in a subprocess.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                tags=tags,
+            ).model_id
+        if onnx_file.exists():
+            # mlflow.onnx declares CUDA then CPU as the execution providers (a GPU server uses
+            # CUDA); checking the input example here on a CPU build warns that CUDA is missing.
+            with _logger_at("mlflow.onnx", logging.ERROR):
+                mlflow.onnx.log_model(
+                    onnx.load(str(onnx_file)),
+                    name=ONNX_MODEL_NAME,
+                    input_example=example,
+                    signature=signature,
+                    pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"onnx=={onnx.__version__}"],
+                    tags=tags,
+                )
     client.set_terminated(trial.run_id, status=ended.status, end_time=ended.end_time)
-    return info.model_id
+    return model_id
 
 
 def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, name: str, alias: str | None) -> ModelVersion:
@@ -117,7 +160,11 @@ def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, na
         UserError: When the tracking store has no model registry or refuses the name or alias.
     """
     client = record.tracker().client
-    model_id = logged_model_ids(record).get(trial.run_id or "") or log_trial_model(record, trial, model_dir)
+    model_id = logged_model_ids(record).get(trial.run_id or "")
+    if model_id is None:
+        model_id = log_trial_model(record, trial, model_dir)
+    elif trial.run_id not in logged_model_ids(record, ONNX_MODEL_NAME) and (model_dir / FORMS["onnx"]).exists():
+        log_trial_model(record, trial, model_dir, with_program=False)  # the program was logged at the end of the search
     metrics = ", ".join(f"{m} {trial.metrics[m]:.6g}" for m in record.metric_names)
     # create_model_version resolves the models:/ source through MLflow's global tracking URI.
     with _tracking(record.tracking_uri):

@@ -201,6 +201,11 @@ def test_each_search_completes_both_trials_with_its_choices(searches, name: str)
     for trial in completed_records(record):
         assert trial.metrics["artifact_bytes"] == trial.metrics[f"artifact_bytes_{LATENCY_RUNTIMES[_runtime(spec)]}"] > 0
         assert ("artifact_bytes_onnx" in trial.metrics) == (_runtime(spec) == "onnxruntime")
+    # The Pareto trials' models are logged in MLflow: the program, and the ONNX model where the trial wrote one.
+    logged = client.search_logged_models([parent.info.experiment_id])
+    programs = {m.source_run_id for m in logged if m.name == "program"}
+    assert programs and programs <= {c.info.run_id for c in children}
+    assert {m.source_run_id for m in logged if m.name == "onnx"} == (programs if _runtime(spec) == "onnxruntime" else set())
 
 
 @pytest.mark.slow

@@ -76,11 +76,11 @@ def finished(tmp_path_factory):
     return record, models, tmp
 
 
-def _logged_models(record: SearchRecord) -> dict[str, int]:
-    """Trial run id -> how many logged models its run has."""
+def _logged_models(record: SearchRecord, name: str = "program") -> dict[str, int]:
+    """Trial run id -> how many logged models called ``name`` its run has."""
     tracker = record.tracker()
     counts: dict[str, int] = {}
-    for model in tracker.client.search_logged_models([tracker.experiment_id]):
+    for model in tracker.client.search_logged_models([tracker.experiment_id], filter_string=f"name = '{name}'"):
         counts[model.source_run_id] = counts.get(model.source_run_id, 0) + 1
     return counts
 
@@ -126,6 +126,19 @@ def test_export_register_sets_the_pick_alias_and_the_registered_model_matches_th
 
     # The knee's model was logged by finish_search and is not logged again (nor by a resumed search's).
     assert sum(_logged_models(record).values()) == 2
+    # Its ONNX model, which the trial did not write (program runtime) and export did, is logged now beside it.
+    knee_run = next(r.run_id for r in completed_records(record) if r.number == 0)
+    assert _logged_models(record, "onnx") == {knee_run: 1}
+    onnx_model = next(
+        m for m in client.search_logged_models([record.tracker().experiment_id], filter_string="name = 'onnx'")
+    )  # fmt: skip
+    mlflow.set_tracking_uri(record.tracking_uri)
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{onnx_model.model_id}")  # runs in ONNX Runtime
+    finally:
+        mlflow.set_tracking_uri(previous)
+    (predicted,) = served.predict(x.numpy()).values()  # one array per output of the ONNX graph
+    assert abs(predicted - load_program(out)(x).detach().numpy()).max() <= 1e-4
     # By run id: trial 2 is not on the front, so its model is logged now; no alias is set.
     run_2 = next(r.run_id for r in completed_records(record) if r.number == 2)
     assert (
@@ -134,6 +147,7 @@ def test_export_register_sets_the_pick_alias_and_the_registered_model_matches_th
     )
     assert "version 2 (no alias: picked by --run)" in capsys.readouterr().out
     assert _logged_models(record)[run_2] == 1 and sum(_logged_models(record).values()) == 3
+    assert _logged_models(record, "onnx")[run_2] == 1  # logged with its program
     assert {k: str(v) for k, v in client.get_registered_model("digits-small").aliases.items()} == {"knee": "1"}
     assert client.get_model_version("digits-small", "2").tags["slimtune.trial"] == "trial_002"
 
