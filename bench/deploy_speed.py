@@ -1,7 +1,8 @@
 """Deployed speed against MACs: does a compressed ResNet-56 run as much faster as its MACs promise?
 
-ResNet-56 at CIFAR-10's shape (3x32x32, 10 classes), random weights and inputs (latency does not
-depend on their values). Each method compresses a copy through slimtune's own ``prepare`` and
+ResNet-56 at CIFAR-10's shape (3x32x32, 10 classes), or with ``--model resnet18`` torchvision's
+ResNet-18 (a wider network: 64 to 512 channels) at ``--size`` (64 for 3x64x64), random weights and
+inputs (latency does not depend on their values). Each method compresses a copy through slimtune's own ``prepare`` and
 ``finalize`` (no training), at settings that cut the MACs about 2x, 3x and 4x:
 
 - ``l1_filter``: ``ratio`` found by bisection;
@@ -22,7 +23,10 @@ Every model, the baseline too, is timed in each form:
 - ``ort`` and ``ort_int8`` (``--onnx``): ``model.onnx`` in ONNX Runtime at ``--threads``, of the
   model as it is and of the model after ``minmax_quant`` at 8 bits (weights per tensor,
   activations at running maxima from one random batch), an integer QDQ model on ONNX Runtime's
-  integer kernels; the int8 speed-up is over the float baseline's ``ort``.
+  integer kernels; the int8 speed-up is over the float baseline's ``ort``;
+- ``ov`` and ``ov_int8`` (``--openvino``): the same two ONNX files compiled by OpenVINO for the CPU
+  at ``--threads`` (``pip install openvino``; it reads the QDQ model's scales and runs it on its
+  integer kernels), to choose between the two runtimes by the figures.
 
 Speed-up = the baseline's latency in the same form / the model's; "of MACs" = speed-up / MACs
 ratio. Target (issue 18): the ``program`` form's speed-up >= 0.9 x the MACs ratio at batch 64 on
@@ -33,6 +37,8 @@ CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads.
     python bench/deploy_speed.py --methods l1_filter --repeats 3      # a quick check
     python bench/deploy_speed.py --onnx --methods l1_filter --repeats 3    # adds ONNX Runtime fp32 and int8
     python bench/deploy_speed.py --breakdown          # adds where the program's time goes (convolutions or other ops)
+    python bench/deploy_speed.py --onnx --openvino    # adds OpenVINO on the same ONNX files
+    python bench/deploy_speed.py --model resnet18 --size 64 --onnx --openvino --batches 64 1   # the wider model
 """
 
 from __future__ import annotations
@@ -58,7 +64,9 @@ from methods import MethodContext, create_method  # noqa: E402
 from methods.gal import soft_masks  # noqa: E402
 from models import create_model  # noqa: E402
 
+#: The input shape of one example; ``--size`` changes its height and width (set once in :func:`main`).
 SHAPE = (3, 32, 32)
+MODELS = ("resnet56", "resnet18")
 TARGETS = (2.0, 3.0, 4.0)
 METHODS = ("l1_filter", "gal", "kse", "ssr")
 
@@ -66,12 +74,19 @@ METHODS = ("l1_filter", "gal", "kse", "ssr")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--model", default="resnet56", choices=MODELS, help="resnet56 (CIFAR) or torchvision's resnet18 (default resnet56)")
+    parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every latency (default 2)")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1], help="batch sizes timed (default 64 1)")
     parser.add_argument(
         "--repeats", type=int, default=10, help="timed passes per latency at the largest batch; 5x as many at batch 1 (default 10)"
     )
     parser.add_argument("--onnx", action="store_true", help="also time model.onnx in ONNX Runtime, float and 8-bit integer (ort, ort_int8)")
+    parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also time the same ONNX files in OpenVINO (ov, ov_int8; implies --onnx; pip install openvino)",
+    )
     parser.add_argument(
         "--compile", action="store_true", help="also time the AOTInductor-compiled program (needs a C++ compiler; slow to build)"
     )
@@ -165,7 +180,22 @@ def int8(model: nn.Module) -> nn.Module:
     return method.finalize(quantized, ctx).eval()
 
 
-def forms(model: nn.Module, workdir: Path, compile_: bool, onnx: bool = False, threads: int | None = None) -> dict[str, Any]:
+def load_openvino(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``path`` (ONNX) compiled by OpenVINO for the CPU at ``threads`` threads, as a tensor-to-tensor callable."""
+    import openvino
+
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(request.infer([x.numpy()])[0])
+
+    return run
+
+
+def forms(
+    model: nn.Module, workdir: Path, compile_: bool, onnx: bool = False, threads: int | None = None, openvino: bool = False
+) -> dict[str, Any]:
     """Each form of ``model`` as a callable (see the module docstring)."""
     model = model.eval()
     out: dict[str, Any] = {"eager": model}
@@ -181,6 +211,8 @@ def forms(model: nn.Module, workdir: Path, compile_: bool, onnx: bool = False, t
         for name, version in (("ort", model), ("ort_int8", int8(model))):
             export_onnx(version, torch.zeros(1, *SHAPE), workdir / f"{name}.onnx")
             out[name] = load_onnx(workdir / f"{name}.onnx", threads)
+            if openvino:
+                out[name.replace("ort", "ov")] = load_openvino(workdir / f"{name}.onnx", threads or torch.get_num_threads())
     return out
 
 
@@ -216,10 +248,13 @@ def time_forms(callables: dict[str, Any], batches: list[int], repeats: int, thre
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SHAPE  # every helper above times and counts at this shape
     args = parse_args(argv)
+    args.onnx = args.onnx or args.openvino
+    SHAPE = (3, args.size, args.size)
     started = time.monotonic()
     torch.manual_seed(0)
-    base = create_model("resnet56", num_classes=10, in_channels=3).eval()
+    base = create_model(args.model, num_classes=10, in_channels=3).eval()
     with torch.no_grad():
         for module in base.modules():  # BN statistics and scales away from 0 and 1, as after training
             if isinstance(module, nn.BatchNorm2d):
@@ -227,16 +262,21 @@ def main(argv: list[str] | None = None) -> int:
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
     base_macs = macs(base)
-    names = ["eager", "unfolded", "program"] + (["compiled"] if args.compile else []) + (["ort", "ort_int8"] if args.onnx else [])
+    names = (
+        ["eager", "unfolded", "program"]
+        + (["compiled"] if args.compile else [])
+        + (["ort", "ort_int8"] if args.onnx else [])
+        + (["ov", "ov_int8"] if args.openvino else [])
+    )
     print(
-        f"resnet56 at {SHAPE}, {base_macs / 1e6:.1f}M MACs; {args.threads} CPU threads, batches {args.batches}, median of {args.repeats} "
+        f"{args.model} at {SHAPE}, {base_macs / 1e6:.1f}M MACs; {args.threads} CPU threads, batches {args.batches}, median of {args.repeats} "
         f"(x5 at batch 1); torch {torch.__version__}; forms: {', '.join(names)} ({FORMS['program']} is the default 'program')"
     )
     rows: list[dict[str, Any]] = []
 
     def add(method: str, setting: str, model: nn.Module, batches: list[int]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            callables = forms(model, Path(tmp), args.compile, args.onnx, args.threads)
+            callables = forms(model, Path(tmp), args.compile, args.onnx, args.threads, args.openvino)
             times = time_forms(callables, batches, args.repeats, args.threads)
             largest = max(args.batches)  # the breakdown table's batch; kse's rows timed at another have none
             split = breakdown(callables["program"], largest, args.threads) if args.breakdown and largest in batches else None
@@ -273,7 +313,7 @@ def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], thr
             cells = []
             for name in names:
                 ms = row["times"][name, batch]
-                speedup = base["times"]["ort" if name == "ort_int8" else name, batch] / ms  # int8 against the float model
+                speedup = base["times"][name.removesuffix("_int8"), batch] / ms  # int8 against the float model in its runtime
                 cells.append(f"{ms:8.2f} ({speedup:4.2f}x; {speedup / ratio:4.2f})")
             print(f"{row['method']:<9} {row['setting']:<14} {ratio:>10.2f}  " + "  ".join(f"{c:>24}" for c in cells))
     if base["breakdown"] is not None:
@@ -288,6 +328,7 @@ def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], thr
             print(
                 f"{row['method']:<9} {row['setting']:<14} {base['macs'] / row['macs']:>10.2f}  {conv:8.2f} {rate:11.1f} {other:8.2f} {other / (conv + other):11.0%}"
             )
+    deploy_targets(rows, names, batches)
     in_range = [r for r in rows[1:] if 2.0 * 0.97 <= base["macs"] / r["macs"] <= 4.0 * 1.03 and ("program", 64) in r["times"]]
     if 64 in batches and in_range:
         shares = [base["times"]["program", 64] / r["times"]["program", 64] / (base["macs"] / r["macs"]) for r in in_range]
@@ -295,6 +336,46 @@ def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], thr
         print(
             f"\ntarget (program form, batch 64, 2x-4x fewer MACs): speed-up >= 0.9 x MACs ratio in {met} of {len(shares)} settings; "
             f"speed-up / MACs ratio min {min(shares):.2f}, median {statistics.median(shares):.2f}"
+        )
+
+
+FLOAT_FORMS = ("eager", "unfolded", "program", "compiled", "ort", "ov")
+
+
+def deploy_targets(rows: list[dict[str, Any]], names: list[str], batches: list[int]) -> None:
+    """Issue 26's targets: the 8-bit baseline against its float model in the same runtime; ~4x fewer
+    MACs and 8 bits against the float baseline's fastest form; batch 1's deployed forms against the program."""
+    base = rows[0]
+    for runtime in ("ort", "ov"):
+        if f"{runtime}_int8" not in names:
+            continue
+        shares = {b: base["times"][f"{runtime}_int8", b] / base["times"][runtime, b] for b in batches}
+        print(
+            f"\ntarget (8-bit baseline in {runtime}: <= 0.45x its float latency at batch 64, faster at batch 1): "
+            + ", ".join(f"batch {b} {share:.2f}x" for b, share in shares.items())
+        )
+    int8_forms = [n for n in names if n.endswith("_int8")]
+    if 64 in batches and int8_forms:
+        fastest_float = min((base["times"][n, 64], n) for n in names if n in FLOAT_FORMS)
+        print(
+            f"target (about 4x fewer MACs + 8 bits: >= 4x faster than the float baseline's fastest form, {fastest_float[1]} {fastest_float[0]:.2f} ms, at batch 64):"
+        )
+        for row in rows[1:]:
+            ratio = base["macs"] / row["macs"]
+            if abs(ratio - 4.0) <= 0.12 * 4.0 and (int8_forms[0], 64) in row["times"]:
+                best = min((row["times"][n, 64], n) for n in int8_forms)
+                print(
+                    f"  {row['method']:<9} {row['setting']:<14} {ratio:.2f}x fewer MACs: {best[1]} {best[0]:.2f} ms, {fastest_float[0] / best[0]:.2f}x faster"
+                )
+    if 1 in batches:
+        deployed = [n for n in names if n not in ("eager", "unfolded", "program")]
+        slower = [
+            f"{row['method']} {row['setting']} {n}" for row in rows for n in deployed
+            if (n, 1) in row["times"] and row["times"][n, 1] > row["times"]["program", 1]
+        ]  # fmt: skip
+        print(
+            f"target (batch 1: every deployed form at most the program's latency): {len(slower)} slower"
+            + (f": {', '.join(slower)}" if slower else "")
         )
 
 
