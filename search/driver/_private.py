@@ -213,7 +213,9 @@ class SlimtuneOptunaSearch(OptunaSearch):
         """
         if trial_id not in self._ot_trials:
             trial = ask_distinct(
-                self._ot_study, lambda t: self._suggest_from_define_by_run_func(self._space, t), key=self._slimtune_trial_key
+                self._ot_study,
+                lambda t: self._suggest_from_define_by_run_func(self._space, t),
+                key=getattr(self, "_slimtune_trial_key", config_key),  # a searcher pickled before the key existed
             )
             if trial is None:
                 return Searcher.FINISHED
