@@ -230,6 +230,34 @@ class Method:
         ]  # fmt: skip
         return Touches.split(model, changed, lambda name, m: f"{self.name} changes only {self.applies_to}")
 
+    @classmethod
+    def model_facts(cls, model: nn.Module, example_input: torch.Tensor) -> Any:
+        """This method is called once per search, before any trial, on a model built as the space's baseline.
+
+        It returns what :meth:`effective_config` needs to know about the model the method will
+        see (the layers it would change and their widths), computed once so that resolving a
+        configuration costs microseconds. Only the structure may matter: ``model``'s weights are
+        a fresh initialisation, not the trained baseline's. ``model`` is left as it is. The
+        default (a method whose configuration resolves without the model, or not at all) is None.
+        """
+        return None
+
+    @classmethod
+    def effective_config(cls, config: Any, facts: Any) -> dict[str, Any]:
+        """This method is called by the search for every proposed trial; it says what ``config`` will build.
+
+        ``facts`` is what :meth:`model_facts` returned for the model the method will see. The
+        result holds the config's values as they decide the model and its training: two configs
+        with equal results must build and train the same model, bit for bit, so that a trial of
+        the second would repeat the first (the search refuses it as a duplicate). A value that
+        rounds to a discrete outcome on the model is replaced by that outcome (a pruning ratio by
+        the channels each layer keeps); a value that acts only through training (a threshold, a
+        learning rate) stays as it is; when unsure, keep the value as it is (a missed duplicate
+        costs a trial's time, a false one loses a recipe). Values are hashable. The default is
+        every field of the config as it is.
+        """
+        return asdict(config)
+
     def phases(self, ctx: MethodContext) -> list[Phase]:
         """This method is called after :meth:`prepare`; it lists the training the method owns.
 

@@ -200,6 +200,19 @@ class Decouple(Method):
         self.aux: nn.Linear | None = None
         self.figures: dict[str, float] = {}
 
+    @classmethod
+    def model_facts(cls, model: nn.Module, example_input: torch.Tensor) -> tuple[int, ...]:
+        """The output width of each convolution that gets a gate (:func:`find_gate_sites`)."""
+        return tuple(model.get_submodule(conv).out_channels for conv, _ in find_gate_sites(model, example_input))
+
+    @classmethod
+    def effective_config(cls, config: DecoupleConfig, facts: tuple[int, ...] | None) -> dict[str, Any]:
+        """``acm_reduction`` becomes each gate's hidden width, ``max(4, C_out // acm_reduction)``: the only use of it."""
+        values = super().effective_config(config, facts)
+        if facts is not None:
+            values["acm_reduction"] = tuple(max(4, width // config.acm_reduction) for width in facts)
+        return values
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         self.sites = find_gate_sites(model, ctx.example_input)
         if not self.sites:

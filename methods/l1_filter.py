@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch_pruning as tp
 from torch import nn
 
@@ -52,12 +53,7 @@ class L1Filter(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         example = ctx.example_input
         before = sum(p.numel() for p in model.parameters())
-        plan = self.touches(model, ctx)
-        prunable = set(plan.changed)
-        left = {name for name, _ in plan.left_alone}
-        ignored = [
-            m for name, m in model.named_modules() if name in left or (isinstance(m, (nn.Conv2d, nn.Linear)) and name not in prunable)
-        ]
+        ignored = _ignored_layers(model, self.touches(model, ctx))
         with eval_mode(model):  # traced without updating batch-norm statistics
             pruner = tp.pruner.MagnitudePruner(
                 model,
@@ -90,6 +86,44 @@ class L1Filter(Method):
             )
         return Touches(plan.prunable, plan.left_alone)
 
+    @classmethod
+    def model_facts(cls, model: nn.Module, example_input: torch.Tensor) -> tuple[int, ...] | None:
+        """The output width of every layer torch-pruning may take as a group's root: each prunable
+        layer, and any other convolution, linear or LSTM layer outside the ignored ones (a
+        ``Conv1d``). None when no layer can be pruned (the trial fails with :meth:`touches`' reason).
+
+        Layers whose channels are coupled share one group and one width; listing each of them, or
+        a layer the pruner then leaves whole, only makes :meth:`effective_config` finer, never coarser.
+        """
+        plan = channel_plan(model, example_input)
+        if not plan.prunable:
+            return None
+        ignored = {id(sub) for m in _ignored_layers(model, Touches(plan.prunable, plan.left_alone)) for sub in m.modules()}
+        widths = []
+        for m in model.modules():
+            if id(m) in ignored:
+                continue
+            if isinstance(m, nn.modules.conv._ConvNd):
+                widths.append(m.out_channels)
+            elif isinstance(m, nn.Linear):
+                widths.append(m.out_features)
+            elif isinstance(m, nn.LSTM):
+                widths.append(m.hidden_size)
+        return tuple(widths)
+
+    @classmethod
+    def effective_config(cls, config: L1FilterConfig, facts: tuple[int, ...] | None) -> dict[str, object]:
+        """``ratio`` becomes the channels each group keeps: ``int(width * (1 - ratio))``, torch-pruning's
+        rounding (local pruning, one step), before ``round_to``, which stays as it is.
+
+        With the same kept counts the same channels go (the lowest L1 norms), so the model is the
+        same; ``round_to`` rounds those counts further, but it also changes how torch-pruning picks
+        the channels (a sort instead of a top-k), so it is kept apart rather than resolved.
+        """
+        if facts is None:
+            return super().effective_config(config, facts)
+        return {"kept": tuple(int(width * (1 - config.ratio)) for width in facts), "round_to": config.round_to}
+
     def metrics(self) -> dict[str, float]:
         return {"params_removed_fraction": self.removed_fraction}
 
@@ -98,3 +132,10 @@ class L1Filter(Method):
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.removed_fraction = state["removed_fraction"]
+
+
+def _ignored_layers(model: nn.Module, plan: Touches) -> list[nn.Module]:
+    """The modules torch-pruning must leave whole: every layer :meth:`L1Filter.touches` leaves alone, and every other Conv2d or Linear."""
+    prunable = set(plan.changed)
+    left = {name for name, _ in plan.left_alone}
+    return [m for name, m in model.named_modules() if name in left or (isinstance(m, (nn.Conv2d, nn.Linear)) and name not in prunable)]

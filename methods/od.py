@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods._base import Method, MethodContext, NotApplicable, Touches
-from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, replace_3x3_convs
+from methods._cheap_conv import CHEAP_CONVS, CheapConvKind, cheap_groups, replace_3x3_convs
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
 from methods._surgery import first_layers, output_layers
@@ -175,6 +176,24 @@ class OD(Method):
         super().__init__(config)
         self.params: tuple[int, int] | None = None  # (incoming model, one student)
         self.scores: dict[str, float] = {}
+
+    @classmethod
+    def model_facts(cls, model: nn.Module, example_input: torch.Tensor) -> tuple[tuple[int, bool], ...]:
+        """``(input channels, reads the raw input)`` of each 3x3 convolution a student may replace."""
+        stem = set(first_layers(model, example_input))
+        return tuple((model.get_submodule(name).in_channels, name in stem) for name in replace_3x3_convs(copy.deepcopy(model), "shift"))
+
+    @classmethod
+    def effective_config(cls, config: ODConfig, facts: tuple[tuple[int, bool], ...] | None) -> dict[str, Any]:
+        """``groups`` becomes the groups of each replaced convolution (a divisor of its input channels,
+        :func:`methods._cheap_conv.cheap_groups`) with the ``group`` kind, and None with the others, which do not read it.
+        """
+        values = super().effective_config(config, facts)
+        if config.conv != "group":
+            values["groups"] = None
+        elif facts is not None:
+            values["groups"] = tuple(cheap_groups(c, config.groups) for c, stem in facts if config.replace_stem or not stem)
+        return values
 
     def touches(self, model: nn.Module, ctx: MethodContext) -> Touches:
         """The 3x3 convolutions each student replaces by cheap ones (the students train from scratch unless ``from_baseline``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import warnings
+from collections.abc import Callable, Hashable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from errors import UserError
-from search.driver.samplers import QUALITY_CONSTRAINT, ask_distinct
+from search.driver.samplers import QUALITY_CONSTRAINT, ask_distinct, config_key
 from search.space.objectives import Constraint, constraint_values
 
 if TYPE_CHECKING:
@@ -180,9 +181,12 @@ class SlimtuneOptunaSearch(OptunaSearch):
     the study has already ended keeps its one record.
     """
 
-    def __init__(self, *args: Any, search_space: SearchSpace, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, search_space: SearchSpace, trial_key: Callable[[dict[str, Any]], Hashable] = config_key, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._slimtune_space = search_space
+        self._slimtune_trial_key = trial_key
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """Called by Tune when a trial ends (finished, errored, or stopped before it ran)."""
@@ -208,7 +212,11 @@ class SlimtuneOptunaSearch(OptunaSearch):
         only tried configurations, as in a small discrete space with more trials than members.
         """
         if trial_id not in self._ot_trials:
-            trial = ask_distinct(self._ot_study, lambda t: self._suggest_from_define_by_run_func(self._space, t))
+            trial = ask_distinct(
+                self._ot_study,
+                lambda t: self._suggest_from_define_by_run_func(self._space, t),
+                key=getattr(self, "_slimtune_trial_key", config_key),  # a searcher pickled before the key existed
+            )
             if trial is None:
                 return Searcher.FINISHED
             self._ot_trials[trial_id] = trial

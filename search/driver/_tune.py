@@ -19,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from methods import get_method, hyperparameters
 from search.driver import samplers
 from search.driver._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial, stop_tune_run
+from search.driver.duplicates import EffectiveRecipes
 from search.driver.halving import Rungs, milestones
 from search.results.record import SearchRecord, exported_model_dir, search_progress, study_trials, trial_state
 from search.results.report import Reporter
@@ -84,6 +85,7 @@ def make_searcher(space: SearchSpace, study_name: str, storage_url: str, first_p
         storage=optuna.storages.RDBStorage(storage_url),
         seed=space.seed,
         search_space=space,
+        trial_key=EffectiveRecipes(space),
         points_to_evaluate=first_points or None,
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import optuna
@@ -147,12 +147,18 @@ def config_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def ask_distinct(
-    study: optuna.Study, define: Callable[[optuna.Trial], Any], max_asks: int = MAX_ASKS, sampler_asks: int = SAMPLER_ASKS
+    study: optuna.Study,
+    define: Callable[[optuna.Trial], Any],
+    max_asks: int = MAX_ASKS,
+    sampler_asks: int = SAMPLER_ASKS,
+    key: Callable[[dict[str, Any]], Hashable] = config_key,
 ) -> optuna.Trial | None:
     """Ask ``study`` for a trial whose configuration no running or finished trial has.
 
     Called whenever a new trial is to start. ``define`` samples the configuration on the asked
-    trial (the space's define-by-run function). A trial found equal to a tried one is refused:
+    trial (the space's define-by-run function). Two trials have the same configuration when
+    ``key`` maps their parameters to equal values: the parameters themselves by default, what
+    they will build in a search (:class:`search.driver.duplicates.EffectiveRecipes`). A trial found equal to a tried one is refused:
     it stays running while the study is asked again, so a sampler that reads running trials
     (TPE's constant liar, GP's pending points) steers away from it, and is then closed as FAIL
     with the user attribute :data:`DUPLICATE_OF` (the tried trial's number); samplers skip
@@ -173,12 +179,12 @@ def ask_distinct(
                 study.sampler = optuna.samplers.RandomSampler(seed=len(study.get_trials(deepcopy=False)))
             trial = study.ask()
             define(trial)
-            key = config_key(trial.params)
+            proposed = key(trial.params)
             twin = next(
                 (
                     other.number
                     for other in study.get_trials(deepcopy=False, states=TRIED)
-                    if other.number != trial.number and DUPLICATE_OF not in other.user_attrs and config_key(other.params) == key
+                    if other.number != trial.number and DUPLICATE_OF not in other.user_attrs and key(other.params) == proposed
                 ),
                 None,
             )

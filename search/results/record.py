@@ -391,8 +391,9 @@ def trial_state(record: SearchRecord, number: int) -> str | None:
 # What the sampler leaves in the study (search.driver.samplers writes it, progress reads it).
 # ----------------------------------------------------------------------------------------------
 
-#: User attribute of a study trial that was asked, found equal to trial ``DUPLICATE_OF`` and
-#: closed as FAIL without being trained (samplers skip failed trials).
+#: User attribute of a study trial that was asked, found to build the same model as trial
+#: ``DUPLICATE_OF`` (:mod:`search.driver.duplicates`) and closed as FAIL without being trained
+#: (samplers skip failed trials).
 DUPLICATE_OF = "duplicate_of"
 
 #: Asks per new trial before the search counts the space as exhausted.

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from deploy import apply_reported_cost, check_round_trip, count_flops, count_params, export_model
@@ -25,6 +26,7 @@ from methods.decouple import (
     set_dynamic,
     static_macs,
 )
+from models import create_model
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +179,31 @@ def test_report_is_written(trained, tmp_path) -> None:
     figures = pipeline.metrics()
     assert 0.0 <= figures["decouple.fgsm_auroc"] <= 1.0 and 0.0 <= figures["decouple.fgsm_auroc_all"] <= 1.0
     assert 0.0 <= figures["decouple.fgsm_success"] <= 1.0
+
+
+def test_acm_reduction_resolves_to_each_gate_s_hidden_width() -> None:
+    decouple = create_method("decouple").__class__
+    model, example = create_model("digits_cnn", num_classes=10, in_channels=1), torch.zeros(1, 1, 8, 8)
+    facts = decouple.model_facts(model, example)
+    assert facts == (16, 32, 64)
+
+    def effective(reduction: int) -> dict:
+        return decouple.effective_config(create_method("decouple", {"acm_reduction": reduction}).config, facts)
+
+    # max(4, C // r): 16 channels get 4 hidden units with any reduction, 64 channels 16, 8 or 4.
+    assert effective(8)["acm_reduction"] == (4, 4, 8) and effective(16)["acm_reduction"] == (4, 4, 4)
+    narrow = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    narrow_facts = decouple.model_facts(narrow, example)
+    assert len(narrow_facts) >= 1 and set(narrow_facts) == {16}
+    configs = [create_method("decouple", {"acm_reduction": r}).config for r in (4, 16)]
+    assert decouple.effective_config(configs[0], narrow_facts) == decouple.effective_config(configs[1], narrow_facts)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import asdict
+
 import pytest
 import torch
 from torch import nn
 
 from deploy import count_flops, count_params
-from methods import create_method
+from methods import create_method, get_method
 
 # digits_cnn at 1x8x8, MACs by hand: conv 1->16 3x3 at 8x8, conv 16->32 at 8x8, max pool,
 # conv 32->64 at 4x4, linear 64->10 (batch norm, ReLU and pooling count no MACs).
@@ -106,3 +109,46 @@ def test_kept_filters_are_those_with_the_largest_l1_norm(digits_context) -> None
     assert model.conv2.weight.shape == (3, 4, 3, 3)
     assert any(torch.equal(model.conv2.weight[0], original_conv2[j][kept]) for j in range(6))
     assert model.fc.out_features == 10
+
+
+def _effective(model: nn.Module, example: torch.Tensor, **params) -> dict:
+    cls = get_method("l1_filter")
+    return cls.effective_config(create_method("l1_filter", params).config, cls.model_facts(model, example))
+
+
+def test_ratios_that_remove_the_same_channels_resolve_alike(digits_context) -> None:
+    """The quickstart's trials 7 and 10 (issue #28): 0.133 and 0.129 keep 13, 27 and 55 of 16, 32 and 64 channels."""
+    model, ctx = digits_context()
+    assert _effective(model, ctx.example_input, ratio=0.133) == _effective(model, ctx.example_input, ratio=0.129)
+    assert _effective(model, ctx.example_input, ratio=0.133)["kept"] == (13, 27, 55)
+    # 0.141 keeps 54 of the 64 channels of the last convolution: one more removed, another model.
+    assert _effective(model, ctx.example_input, ratio=0.141)["kept"] == (13, 27, 54)
+    assert _effective(model, ctx.example_input, ratio=0.141) != _effective(model, ctx.example_input, ratio=0.133)
+    # round_to changes how the channels are picked: kept apart even where it rounds nothing away.
+    assert _effective(model, ctx.example_input, ratio=0.5, round_to=4) != _effective(model, ctx.example_input, ratio=0.5)
+
+
+@pytest.mark.parametrize("context", ["digits_context", "cifar_context"])
+def test_equal_effective_configs_build_equal_models(context: str, request) -> None:
+    """Over a sweep of ratios (and round_to), configs that resolve alike prune to the same weights, and each kept count is real."""
+    model, ctx = request.getfixturevalue(context)()
+    cls = get_method("l1_filter")
+    facts = cls.model_facts(model, ctx.example_input)
+    built: dict[tuple, dict[str, torch.Tensor]] = {}
+    for ratio in [0.1, 0.129, 0.133, 0.14, 0.141, 0.2, 0.25, 0.3, 0.31, 0.5, 0.52, 0.7]:
+        for round_to in (1, 8):
+            method = create_method("l1_filter", {"ratio": ratio, "round_to": round_to})
+            key = tuple(sorted(cls.effective_config(method.config, facts).items()))
+            state = method.prepare(copy.deepcopy(model), ctx).state_dict()
+            if key in built:
+                assert built[key].keys() == state.keys()
+                assert all(torch.equal(built[key][k], state[k]) for k in state), (ratio, round_to)
+            built[key] = state
+    assert len(built) < 24  # some configs did resolve alike
+
+
+def test_a_method_without_the_hook_keeps_its_values_as_they_are() -> None:
+    kd = get_method("kd")
+    config = create_method("kd", {"temperature": 2.5}).config
+    assert kd.model_facts(nn.Linear(2, 2), torch.zeros(1, 2)) is None
+    assert kd.effective_config(config, None) == asdict(config)

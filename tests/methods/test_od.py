@@ -449,3 +449,38 @@ def test_bundled_digits_od_space_loads() -> None:
     od = space.methods[0]
     assert not od.optional and od.searched["conv"].choices == ("shift", "dw", "group")
     assert (od.searched["students"].low, od.searched["students"].high) == (2, 4)
+
+
+def _six_channels() -> nn.Module:
+    """A stem and one 3x3 convolution of 6 input channels: ``group`` with 8 or 16 groups falls back to 6."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 10),
+    )
+
+
+def test_groups_resolve_to_what_each_replaced_convolution_gets() -> None:
+    od = create_method("od").__class__
+    model, example = _six_channels(), torch.zeros(1, 1, 8, 8)
+    facts = od.model_facts(model, example)
+    assert facts == ((1, True), (6, False))
+
+    def effective(**params):
+        return od.effective_config(create_method("od", params).config, facts)
+
+    assert effective(conv="group", groups=8) == effective(conv="group", groups=16) != effective(conv="group", groups=4)
+    assert effective(conv="group", groups=8)["groups"] == (6,)
+    assert effective(conv="group", groups=8, replace_stem=True)["groups"] == (1, 6)
+    assert effective(conv="dw", groups=2) == effective(conv="dw", groups=16)  # dw does not read groups
+    # Resolved alike, built alike: the same students, weight for weight.
+    ctx = SimpleNamespace(example_input=example, log=lambda line: None)
+    states = []
+    for groups in (8, 16):
+        torch.manual_seed(0)
+        states.append(create_method("od", {"conv": "group", "groups": groups}).prepare(copy.deepcopy(model), ctx).state_dict())
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])

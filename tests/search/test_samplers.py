@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import optuna
 import pytest
 
+from methods import create_method
 from search.driver import samplers
 from search.driver._private import tell_metrics
 from search.driver.samplers import ask_distinct, make_sampler
 from search.results.record import DUPLICATE_OF, space_exhausted
 from search.space.objectives import Constraint
-from search.space.spec import parse_space
+from search.space.spec import load_space, parse_space
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml"
 
 
 def bits(trial: optuna.Trial) -> None:
@@ -165,3 +170,44 @@ def test_every_sampler_pickles_and_proposes_after_unpickling(name: str) -> None:
             break
         tell_metrics(study, trial.number, {"accuracy": 0.5, "macs": 1.0 * trial.params["minmax_quant/bits"]}, ["accuracy", "macs"], ())
     assert {t.params["minmax_quant/bits"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE} == {2, 4, 8}
+
+
+QUICKSTART_L1 = {"l1_filter/use": True, "kd/use": False, "minmax_quant/use": False}
+
+
+def test_a_proposal_that_builds_a_tried_model_is_refused_as_its_duplicate() -> None:
+    """Issue #28: the quickstart's ratios 0.133 and 0.129 prune the same channels of digits_cnn; the second is not trained again."""
+    from search.driver._tune import SpaceDefinition
+    from search.driver.duplicates import EffectiveRecipes
+
+    space = load_space(QUICKSTART)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("tpe", seed=0, trials=12))
+    study.enqueue_trial({**QUICKSTART_L1, "l1_filter/ratio": 0.133})
+    study.enqueue_trial({**QUICKSTART_L1, "l1_filter/ratio": 0.129})
+    key = EffectiveRecipes(space)
+    first = ask_distinct(study, SpaceDefinition(space), key=key)
+    tell_metrics(study, first.number, {"accuracy": 0.9, "macs": 10.0}, ["accuracy", "macs"], ())
+    second = ask_distinct(study, SpaceDefinition(space), key=key)
+    refused = study.trials[1]
+    assert (refused.params["l1_filter/ratio"], refused.state, refused.user_attrs[DUPLICATE_OF]) == (
+        0.129,
+        optuna.trial.TrialState.FAIL,
+        first.number,
+    )
+    assert second.number == 2 and key(second.params) != key(first.params)
+
+
+def test_the_effective_recipe_holds_the_enabled_methods_and_resolves_each() -> None:
+    from search.driver.duplicates import EffectiveRecipes
+
+    key = EffectiveRecipes(load_space(QUICKSTART))
+    l1 = {**QUICKSTART_L1, "l1_filter/ratio": 0.133}
+    assert key(l1) == key({**l1, "l1_filter/ratio": 0.129}) != key({**l1, "l1_filter/ratio": 0.141})
+    with_kd = {**l1, "kd/use": True, "kd/temperature": 4.0, "kd/weight": 1.0}
+    assert [name for name, _ in key(with_kd)] == ["l1_filter", "kd"]
+    assert key(with_kd) != key(l1) and key(with_kd) == key({**with_kd, "l1_filter/ratio": 0.129})
+    # kd keeps its values as they are: another temperature is another trial.
+    assert key(with_kd) != key({**with_kd, "kd/temperature": 4.5})
+    # minmax_quant follows l1_filter, which changes the architecture: compared as sampled (its bits are ints anyway).
+    quantized = {**l1, "minmax_quant/use": True, "minmax_quant/bits": 4}
+    assert dict(key(quantized))["minmax_quant"] == tuple(sorted(asdict(create_method("minmax_quant", {"bits": 4}).config).items()))
