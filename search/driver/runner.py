@@ -102,7 +102,9 @@ def run_search(
     """
     _quiet_logging()
     # Command-line options pass the same checks as the YAML's keys.
-    space = (space if isinstance(space, SearchSpace) else load_space(space)).with_overrides(name=name, trials=trials, tracking_uri=tracking_uri, results_dir=results_dir)
+    space = (space if isinstance(space, SearchSpace) else load_space(space)).with_overrides(
+        name=name, trials=trials, tracking_uri=tracking_uri, results_dir=results_dir
+    )
     root = Path(space.results_dir).resolve()
     if name is None:
         name = _free_name(space.name, root)

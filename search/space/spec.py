@@ -649,7 +649,9 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
         if "name" in m or "import" in m:
             raise r.error(key, "gives a Python object and a name or import; one of them, not both.")
         if not isinstance(m["object"], dict):
-            raise r.error(f"{key}.object", "is written by search.api.search for a Python object; pass the object as search(space, model=...) instead.")
+            raise r.error(
+                f"{key}.object", "is written by search.api.search for a Python object; pass the object as search(space, model=...) instead."
+            )
         try:
             name = described_object(m["object"])
         except UserError as exc:

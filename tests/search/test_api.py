@@ -53,9 +53,10 @@ def test_a_dict_with_a_bad_key_reads_as_the_yaml_does(tmp_path: Path) -> None:
         load_space(path)
     with pytest.raises(UserError) as from_dict:
         api.search(bad)
-    assert str(from_file.value) == f"{path}: budgett: unknown key. Did you mean 'budget'? Allowed keys: " + str(from_file.value).split(
-        "Allowed keys: "
-    )[1]
+    assert (
+        str(from_file.value)
+        == f"{path}: budgett: unknown key. Did you mean 'budget'? Allowed keys: " + str(from_file.value).split("Allowed keys: ")[1]
+    )
     assert str(from_dict.value) == str(from_file.value).replace(str(path), api.DICT_SPACE)
 
 
@@ -70,12 +71,17 @@ def test_an_object_that_cannot_be_pickled_is_refused_in_one_line() -> None:
         api.search({**SPACE, "task": "digits"}, model=locked_net)
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("model=tests.search.test_api.test_an_object_that_cannot_be_pickled_is_refused_in_one_line.<locals>.locked_net")
+    assert message.startswith(
+        "model=tests.search.test_api.test_an_object_that_cannot_be_pickled_is_refused_in_one_line.<locals>.locked_net"
+    )
     assert "cannot be sent to Ray workers" in message and "pass it as model={'import': 'file.py:test_an_object" in message
 
 
 def test_a_model_given_twice_is_refused() -> None:
-    with pytest.raises(UserError, match=r"^<space dict>: model: names 'digits_cnn', and search\(\) was given model=examples.own_model.tiny_net.TinyNet; give the model once"):
+    with pytest.raises(
+        UserError,
+        match=r"^<space dict>: model: names 'digits_cnn', and search\(\) was given model=examples.own_model.tiny_net.TinyNet; give the model once",
+    ):
         api.search({**SPACE, "task": "digits", "model": "digits_cnn"}, model=TinyNet)
 
 
