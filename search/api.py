@@ -33,16 +33,20 @@ from torch import nn
 
 from errors import UserError
 from errors.user_code import adopt_object, is_object, python_object, user_object
+
+# Through their modules: what patches runner.run_search or record.load_search (the CLI tests) reaches the API too.
+from search.driver import runner
 from search.driver.checks import check_writable_folder
-from search.driver.runner import SearchInterrupted, resume_search, run_search
+from search.driver.runner import SearchInterrupted
+from search.results import record as stored
 from search.results.export import chosen_trial, register_export, write_export
 from search.results.ranking import front, rank_records, search_hypervolume
-from search.results.record import SearchRecord, TrialRecord, completed_records, load_search
+from search.results.record import SearchRecord, TrialRecord, completed_records
 from search.results.report import print_now
 from search.space.spec import SearchSpace, load_space, parse_space, read_space_document
 from tasks import Task, task_class
 
-__all__ = ["search", "load", "resume", "SearchResult", "SearchInterrupted", "EXPORT_FORMS"]
+__all__ = ["search", "load", "resume", "SearchResult", "SearchInterrupted", "EXPORT_FORMS", "check_export_target"]
 
 #: The forms :meth:`SearchResult.export` checks and times (``compile=True`` adds ``compiled``).
 EXPORT_FORMS = ("program", "module", "onnx")
@@ -82,7 +86,7 @@ def search(
         SearchInterrupted: Ctrl-C stopped the search; :func:`resume` continues it.
     """
     parsed = _parse(space, model, task)
-    record = run_search(
+    record = runner.run_search(
         parsed, name=name, trials=trials, tracking_uri=tracking_uri, address=address, results_dir=results_dir, log=log,
         warm_start=warm_start,
     )  # fmt: skip
@@ -91,7 +95,7 @@ def search(
 
 def load(name: str, results_dir: str | Path = "slimtune_results", *, model: Any = None, task: Any = None) -> SearchResult:
     """A finished search, reopened; ``model``/``task`` give back the objects a search was run with (to export its module form)."""
-    record = load_search(name, results_dir)
+    record = stored.load_search(name, results_dir)
     _adopt(record, model, task)
     return SearchResult.of(record)
 
@@ -106,9 +110,9 @@ def resume(
     log: Callable[[str], None] = print_now,
 ) -> SearchResult:
     """Continue an interrupted search (``slimtune resume``); a search run with Python objects needs them again."""
-    record = load_search(name, results_dir)
-    _adopt(record, model, task)
-    return SearchResult.of(resume_search(name, results_dir=results_dir, address=address, log=log))
+    if model is not None or task is not None:
+        _adopt(stored.load_search(name, results_dir), model, task)
+    return SearchResult.of(runner.resume_search(name, results_dir=results_dir, address=address, log=log))
 
 
 @dataclass
@@ -197,14 +201,7 @@ class SearchResult:
         created = None if out.exists() else next(f for f in (out.absolute(), *out.absolute().parents) if f.parent.exists())
         was_empty = out.is_dir() and not any(out.iterdir())
         try:
-            for flag, value in (("--batch-size", batch_size), ("--threads", threads)):
-                if value is not None and value < 1:
-                    raise UserError(f"{flag} must be at least 1, but got {value}.")
-            if device == "cuda" and not torch.cuda.is_available():
-                raise UserError("--device cuda: this machine has no CUDA device; export on a machine with a GPU, or use --device cpu.")
-            if out.is_dir() and any(out.iterdir()):
-                raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
-            check_writable_folder(out, "--out")
+            check_export_target(out, device, batch_size, threads)
             chosen = self.trial(trial)
             example = write_export(
                 self.record, chosen, out, torch.device(device), batch_size=batch_size, threads=threads, compile=compile,
@@ -225,6 +222,18 @@ class SearchResult:
             picked = trial if isinstance(trial, str) and (trial == "knee" or trial.startswith(("max-", "min-"))) else None
             register_export(self.record, chosen, out, register, alias or picked, example, log=log)
         return out
+
+
+def check_export_target(out: Path, device: str = "cpu", batch_size: int | None = None, threads: int | None = None) -> None:
+    """Refuse, before anything is read or written, an export whose options or folder cannot work (new or empty, writable)."""
+    for flag, value in (("--batch-size", batch_size), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, but got {value}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA device; export on a machine with a GPU, or use --device cpu.")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
+    check_writable_folder(out, "--out")
 
 
 def _row(record: SearchRecord, r: TrialRecord) -> dict[str, Any]:

@@ -276,9 +276,11 @@ def _pareto(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """``export``: :meth:`search.api.SearchResult.export` of the trial ``--run`` or ``--pick`` names."""
-    from search.api import load
+    from search.api import check_export_target, load
     from search.results.export import chosen_trial
 
+    # As before reading the search: a bad option or --out is refused first.
+    check_export_target(Path(args.out), args.device, args.batch_size, args.threads)
     result = load(args.name, args.results_dir)
     # The trial is chosen before anything is written: a bad --run or --pick leaves --out untouched.
     chosen = chosen_trial(result.record, result.trials, args.run, args.pick)

@@ -136,6 +136,9 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
     """
     _quiet_logging()
     record = load_search(name, results_dir)
+    for entry in record.space.objects:
+        # The trials need every Python object the search ran with: one not given again is refused before Ray starts.
+        entry.value()
     reporter = Reporter(log, address)
     reporter.resuming(record, search_progress(record))
     return _drive(record, reporter, address, restore=True)

@@ -101,7 +101,7 @@ def test_the_object_names_differ_when_the_object_does(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_search_of_python_objects_returns_its_front_and_exports_a_pick(tmp_path: Path, local_ray) -> None:
+def test_a_search_of_python_objects_returns_its_front_and_exports_a_pick(tmp_path: Path, local_ray, capsys) -> None:
     results, tracking = tmp_path / "results", f"sqlite:///{tmp_path}/mlflow.db"
     task = DigitsTask(limit=600)
     result = api.search(
@@ -129,6 +129,19 @@ def test_a_search_of_python_objects_returns_its_front_and_exports_a_pick(tmp_pat
     assert recipe["objects"]["model"]["qualname"] == "TinyNet" and recipe["objects"]["task"]["instance"] is True
     program = torch.export.load(out / "model.pt2").module()
     assert program(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # Where the objects are not (the command line, another process): the program exports, the module form says what to do.
+    from errors import user_code
+    from search.cli import main
+
+    user_code._OBJECTS.clear()
+    command = ["export", "api_search", "--pick", "knee", "--results-dir", str(results)]
+    assert main([*command, "--form", "program", "--out", str(tmp_path / "cli_program")]) == 0
+    assert (tmp_path / "cli_program" / "model.pt2").is_file()
+    capsys.readouterr()
+    assert main([*command, "--form", "module", "--out", str(tmp_path / "cli_module")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("slimtune: error: model 'object:examples.own_model.tiny_net.TinyNet@")
+    assert "search.api.load(NAME, model=...)" in error and not (tmp_path / "cli_module").exists()
     # The whole export, module form included, with the objects given again.
     full = api.load("api_search", results, model=TinyNet, task=task).export(best, tmp_path / "full", log=_quiet)
     assert {"model.pt", "model.pt2", "model.onnx"} <= {p.name for p in full.iterdir()}
