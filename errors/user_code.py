@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import keyword
 import os
 import sys
@@ -36,6 +37,14 @@ __all__ = [
     "ref_files",
     "code_digests",
     "ref_roots",
+    "OBJECT_PREFIX",
+    "UserObject",
+    "is_object",
+    "python_object",
+    "described_object",
+    "user_object",
+    "object_value",
+    "adopt_object",
 ]
 
 #: The prefix of a model or task name that is an import reference.
@@ -213,3 +222,169 @@ def ref_roots(ref: str) -> list[Path]:
     if any(part in ("site-packages", "dist-packages") for part in root.parts):
         return []
     return [root]
+
+
+# ----------------------------------------------------------------------------------------------
+# A Python object in place of an import reference (``search.api.search(space, model=Net)``).
+# ----------------------------------------------------------------------------------------------
+
+#: The prefix of a model or task name that is a Python object handed to the Python API.
+OBJECT_PREFIX = "object:"
+
+#: Objects of this process by name: those handed to the API here, those that arrived pickled
+#: inside a space (a Ray worker), and those a stored search only describes (``payload`` None).
+_OBJECTS: dict[str, UserObject] = {}
+
+
+def is_object(name: str) -> bool:
+    """Whether a model or task name is a Python object handed to the API (``object:...``)."""
+    return isinstance(name, str) and name.startswith(OBJECT_PREFIX)
+
+
+class UserObject:
+    """A user's class, function or instance, pickled once (the check that it can travel) and named by its digest.
+
+    The pickle travels inside the space to every Ray worker; unpickling a ``UserObject`` there
+    registers it, so that :func:`object_value` finds it by name in any process that received the
+    space. A stored search keeps only its description (:meth:`describe`): there the object is
+    absent and :func:`object_value` says how to pass it again.
+    """
+
+    def __init__(self, description: dict[str, Any], payload: bytes | None) -> None:
+        self.description = description
+        self.payload = payload
+        self._value: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.description["name"]
+
+    def describe(self) -> dict[str, Any]:
+        """What the object was, for the manifest and ``recipe.json``: name, key, module, qualname, source file and digests."""
+        return dict(self.description)
+
+    def value(self) -> Any:
+        """The object, unpickled on first use in this process; UserError when only its description is here."""
+        if self._value is None:
+            if self.payload is None:
+                raise _absent(self.name, self.description)
+            import ray.cloudpickle  # noqa: PLC0415  errors/ stays free of Ray until an object is used
+
+            self._value = ray.cloudpickle.loads(self.payload)
+            _expose_main(self._value)
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"description": self.description, "payload": self.payload}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["description"], state["payload"])
+        # A worker that receives the space receives the object: known by name from now on.
+        if self.payload is not None or self.name not in _OBJECTS:
+            _OBJECTS[self.name] = self
+
+
+def _expose_main(value: Any) -> None:
+    """A class or function of a notebook (``__main__``) arrives by value: put it where ``pickle`` looks
+    for it, so that the trial's ``model.pt`` (a plain pickle) can be written in this process."""
+    main = sys.modules.get("__main__")
+    for obj in (value, type(value)):
+        qualname = getattr(obj, "__qualname__", "")
+        if getattr(obj, "__module__", None) == "__main__" and qualname.isidentifier() and main is not None:
+            if getattr(main, qualname, None) is None:
+                setattr(main, qualname, obj)
+
+
+def python_object(obj: Any, key: str, facts: dict[str, Any] | None = None) -> str:
+    """Register ``obj`` (given as ``key``, ``model`` or ``task``) and return its name ``object:MODULE.QUALNAME@DIGEST``.
+
+    ``facts`` are what a stored search must know without the object (a task's kind and metric
+    directions). The object is pickled here with Ray's cloudpickle, as Ray sends it to workers.
+
+    Raises:
+        UserError: ``obj`` cannot be pickled; the message names it and says how to pass it instead.
+    """
+    import ray.cloudpickle  # noqa: PLC0415  errors/ stays free of Ray until an object is used
+
+    holder = obj if isinstance(obj, type) or inspect.isroutine(obj) else type(obj)
+    module = getattr(holder, "__module__", None) or "?"
+    qualname = getattr(holder, "__qualname__", type(holder).__name__)
+    shown = f"{module}.{qualname}" + ("" if holder is obj else "()")
+    try:
+        payload = ray.cloudpickle.dumps(obj)
+    except Exception as exc:  # noqa: BLE001  anything a user's object holds may refuse to pickle
+        raise UserError(
+            f"{key}={shown} cannot be sent to Ray workers: pickling it fails ({_last_line(exc)}). Define it at the top "
+            f"level of a .py file and pass it as {key}={{'import': 'file.py:{qualname.split('.')[0]}'}}, or keep "
+            "what does not pickle (locks, open files, connections) out of it."
+        ) from None
+    source = _source_file(holder)
+    digest = hashlib.sha256(payload).hexdigest()
+    description = {
+        "name": f"{OBJECT_PREFIX}{shown}@{digest[:12]}",
+        "key": key,
+        "module": module,
+        "qualname": qualname,
+        "instance": holder is not obj,
+        "source": str(source) if source else None,
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest() if source else None,
+        "pickle_sha256": digest,
+        **(facts or {}),
+    }
+    entry = UserObject(description, payload)
+    entry._value = obj
+    _OBJECTS[entry.name] = entry
+    return entry.name
+
+
+def _source_file(holder: Any) -> Path | None:
+    try:
+        path = inspect.getsourcefile(holder)
+    except (TypeError, OSError):
+        return None
+    return Path(path).resolve() if path and Path(path).is_file() else None
+
+
+def described_object(description: dict[str, Any]) -> str:
+    """The name of an object a stored search describes; registered without its value unless this process has it."""
+    name = description.get("name")
+    if not is_object(name):
+        raise UserError(f"an object's description must carry its name 'object:...', but got {name!r}.")
+    if name not in _OBJECTS:
+        _OBJECTS[name] = UserObject(dict(description), None)
+    return name
+
+
+def user_object(name: str) -> UserObject:
+    """The registered object ``name``; UserError when this process has never seen it."""
+    if name not in _OBJECTS:
+        raise _absent(name, None)
+    return _OBJECTS[name]
+
+
+def _absent(name: str, description: dict[str, Any] | None) -> UserError:
+    """What to do when a search's Python object is needed where only its name or description is."""
+    key = (description or {}).get("key", "model")
+    what = f" ({description['module']}.{description['qualname']})" if description else ""
+    return UserError(
+        f"{key} '{name}' was a Python object{what} handed to search.api.search(), and this process does not have it "
+        f"(the command line and `slimtune replay` cannot rebuild it). Pass it again from Python: "
+        f"search.api.load(NAME, {key}=...) (export, any form) or search.api.resume(NAME, {key}=...)."
+    )
+
+
+def object_value(name: str) -> Any:
+    """The Python object ``name`` stands for (:meth:`UserObject.value`)."""
+    return user_object(name).value()
+
+
+def adopt_object(name: str, obj: Any) -> None:
+    """Give a stored search's object ``name`` its value again (``search.api.load(NAME, model=...)``)."""
+    entry = user_object(name)
+    import ray.cloudpickle  # noqa: PLC0415  errors/ stays free of Ray until an object is used
+
+    try:
+        payload = ray.cloudpickle.dumps(obj)
+    except Exception as exc:  # noqa: BLE001  as in python_object
+        raise UserError(f"{entry.description['key']}: the object cannot be pickled ({_last_line(exc)}).") from None
+    entry.payload, entry._value = payload, obj

@@ -5,11 +5,14 @@ Names not registered here fall through to torchvision's classification models, s
 forces torchvision even where a registered model has the same name (``torchvision:vgg16``
 is the ImageNet VGG-16, ``vgg16`` the CIFAR one). A name ``import:REF`` is a user's own model:
 REF (``package.module:attr`` or ``/abs/file.py:attr``, see :mod:`errors.user_code`) names an
-``nn.Module`` subclass or a function returning a module.
+``nn.Module`` subclass or a function returning a module. A name ``object:...`` is such a class or
+function handed to the Python API as an object, or a trained module instance, which every call
+builds a copy of (weights included).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from errors import UserError, did_you_mean
-from errors.user_code import import_ref, is_import
+from errors.user_code import import_ref, is_import, is_object, object_value
 from models.torchvision_models import create_torchvision_model, torchvision_model_names
 
 __all__ = ["register_model", "create_model", "list_models", "model_factory"]
@@ -61,8 +64,9 @@ def list_models() -> list[str]:
 def model_factory(name: str) -> ModelFactory | None:
     """The factory registered as ``name`` (its signature lists the options and their defaults);
     None for a torchvision model, whose options are ``torchvision.models.get_model``'s. For
-    ``import:REF``, the user's class or function (imported on first use)."""
-    if is_import(name):
+    ``import:REF``, the user's class or function (imported on first use); for ``object:...``, the
+    object handed to the API (a module instance: a function returning a copy of it)."""
+    if is_import(name) or is_object(name):
         return _imported_factory(name)
     return None if name.startswith(TORCHVISION_PREFIX) else _FACTORIES.get(name)
 
@@ -86,7 +90,7 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int = 3
             registered factory has no option of that name, or the model and the task disagree
             on whether there are classes; an imported factory returns no ``nn.Module``.
     """
-    if is_import(name):
+    if is_import(name) or is_object(name):
         return _create_imported(name, num_classes, in_channels, options)
     if not name.startswith(TORCHVISION_PREFIX) and name in _FACTORIES:
         factory = _FACTORIES[name]
@@ -105,10 +109,21 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int = 3
 
 
 def _imported_factory(name: str) -> ModelFactory:
-    factory = import_ref(name)
+    factory = object_value(name) if is_object(name) else import_ref(name)
+    if isinstance(factory, nn.Module):
+        return _copies(factory)
     if not callable(factory):
         raise UserError(f"model '{name}': names a {type(factory).__name__}, not an nn.Module subclass or a function returning a module.")
     return factory
+
+
+def _copies(trained: nn.Module) -> ModelFactory:
+    """A trained instance as a factory: each call a deep copy (the user's module is never changed), in training mode."""
+
+    def trained_copy() -> nn.Module:
+        return copy.deepcopy(trained).train()
+
+    return trained_copy
 
 
 def _create_imported(name: str, num_classes: int | None, in_channels: int, options: dict[str, Any]) -> nn.Module:

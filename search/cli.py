@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from errors import UserError, plural
 
 if TYPE_CHECKING:
-    from search.results.record import SearchRecord, TrialRecord
+    from search.results.record import SearchRecord
     from search.space.spec import SearchSpace
 
 __all__ = ["main"]
@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also compile the program ahead of time with AOTInductor into model_compiled.pt2 (needs a C++ compiler; minutes on CPU)",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for and to time the forms on (default cpu)")
+    p.add_argument(
+        "--form", action="append", choices=("program", "module", "onnx"),
+        help="check and time only this form (repeatable; default all three); program alone needs none of your model's code",
+    )  # fmt: skip
     p.add_argument(
         "--batch-size", type=int, default=None, help="batch size of the latency figures (default: the search's measure.latency_batch_size)"
     )
@@ -187,12 +191,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     try:
-        from search.driver.runner import SearchInterrupted, run_search
+        from search.api import SearchInterrupted, search
     except KeyboardInterrupt:
         print("slimtune: interrupted before the search started; nothing to resume.", file=sys.stderr)
         _exit_at_once(130)
     try:
-        record = run_search(
+        result = search(
             args.space,
             name=args.name,
             trials=args.trials,
@@ -207,20 +211,20 @@ def _search(args: argparse.Namespace) -> int:
         # run_search turns an interrupt into SearchInterrupted once its manifest is written.
         print("slimtune: interrupted before the search started; nothing to resume: run the same command again.", file=sys.stderr)
         _exit_at_once(130)
-    return _exit_code(record)
+    return _exit_code(result.record)
 
 
 def _resume(args: argparse.Namespace) -> int:
     try:
-        from search.driver.runner import SearchInterrupted, resume_search
+        from search.api import SearchInterrupted, resume
     except KeyboardInterrupt:
         print(f"slimtune: interrupted; continue with: slimtune resume {args.name} --results-dir {args.results_dir}", file=sys.stderr)
         _exit_at_once(130)
     try:
-        record = resume_search(args.name, results_dir=args.results_dir, address=args.address)
+        result = resume(args.name, results_dir=args.results_dir, address=args.address)
     except SearchInterrupted:
         _exit_at_once(130)
-    return _exit_code(record)
+    return _exit_code(result.record)
 
 
 def _exit_at_once(code: int) -> None:
@@ -271,65 +275,21 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """``export``: what a failure (or Ctrl-C) leaves in ``--out`` is removed, so the same command can run again."""
-    import shutil
+    """``export``: :meth:`search.api.SearchResult.export` of the trial ``--run`` or ``--pick`` names."""
+    from search.api import check_export_target, load
+    from search.results.export import chosen_trial
 
-    out = Path(args.out)
-    # The topmost folder the export creates; None when --out exists (then, if empty, its contents go).
-    created = None if out.exists() else next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.parent.exists())
-    was_empty = out.is_dir() and not any(out.iterdir())
-    try:
-        record, chosen, example = _write_export(args)
-    except BaseException:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        elif was_empty:
-            for path in out.iterdir():
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        raise
-    if args.register:
-        # The export is written: it stays when the registry refuses the model.
-        _register(args, record, chosen, out, example)
-    return 0
-
-
-def _write_export(args: argparse.Namespace) -> tuple[SearchRecord, TrialRecord, Any]:
-    """Write the export into ``--out`` and print it; return the search, the trial and an example input."""
-    import torch
-
-    from search.driver.checks import check_writable_folder
-    from search.results.export import chosen_trial, write_export
-    from search.results.ranking import rank_records
-    from search.results.record import completed_records, load_search
-
-    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, but got {value}.")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: this machine has no CUDA device; export on a machine with a GPU, or use --device cpu.")
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; choose an empty or new folder.")
-    check_writable_folder(out, "--out")
-    record = load_search(args.name, args.results_dir)
-    records = completed_records(record)
-    rank_records(record, records)
-    chosen = chosen_trial(record, records, args.run, args.pick)
-    example = write_export(
-        record, chosen, out, torch.device(args.device), batch_size=args.batch_size, threads=args.threads, compile=args.compile,
+    # As before reading the search: a bad option or --out is refused first.
+    check_export_target(Path(args.out), args.device, args.batch_size, args.threads)
+    result = load(args.name, args.results_dir)
+    # The trial is chosen before anything is written: a bad --run or --pick leaves --out untouched.
+    chosen = chosen_trial(result.record, result.trials, args.run, args.pick)
+    result.export(
+        chosen, args.out, form=tuple(args.form) if args.form else None, register=args.register, alias=args.pick,
+        compile=args.compile, device=args.device, batch_size=args.batch_size, threads=args.threads,
         log=lambda line: print(line, flush=True),
     )  # fmt: skip
-    return record, chosen, example
-
-
-def _register(args: argparse.Namespace, record: SearchRecord, chosen: TrialRecord, out: Path, example: Any) -> None:
-    """``export --register``: a new registry version of the exported trial, checked by loading it back."""
-    from search.results.export import register_export
-
-    register_export(record, chosen, out, args.register, args.pick, example)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -11,7 +11,17 @@ from __future__ import annotations
 # Imported for their registrations.
 from tasks import cifar, digits, imagefolder, sequence, sr, text, two_view  # noqa: F401
 from tasks._base import Task, TransformedSubset
-from tasks._registry import METRIC_DIRECTIONS, TASK_KINDS, create_task, list_tasks, register_task, task_factory, task_kind, task_metrics
+from tasks._registry import (
+    METRIC_DIRECTIONS,
+    TASK_KINDS,
+    create_task,
+    list_tasks,
+    register_task,
+    task_class,
+    task_factory,
+    task_kind,
+    task_metrics,
+)
 
 __all__ = [
     "Task",
@@ -21,6 +31,7 @@ __all__ = [
     "create_task",
     "list_tasks",
     "register_task",
+    "task_class",
     "task_factory",
     "task_kind",
     "task_metrics",

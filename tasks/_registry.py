@@ -2,7 +2,9 @@
 
 A name ``import:REF`` is a user's own task: REF (:mod:`errors.user_code`) names a subclass of
 :class:`tasks.Task` that declares its ``kind`` and ``metric_directions`` (see its docstring);
-every function here resolves it the same way.
+every function here resolves it the same way. A name ``object:...`` is such a class, or a built
+task instance, handed to the Python API; its kind and metric directions are recorded with it, so
+they are known where only a stored search's description of it is.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from errors import UserError, did_you_mean, unknown_name
-from errors.user_code import import_ref, is_import
+from errors.user_code import import_ref, is_import, is_object, object_value, user_object
 from tasks._base import Task
 
 TaskFactory = Callable[..., Task]
@@ -70,6 +72,8 @@ def task_metrics(name: str) -> dict[str, str]:
 
     Known without loading the task's data.
     """
+    if is_object(name):
+        return dict(user_object(name).description["metric_directions"])
     if is_import(name):
         return dict(_imported_class(name).metric_directions)
     if name not in _FACTORIES:
@@ -79,6 +83,8 @@ def task_metrics(name: str) -> dict[str, str]:
 
 def task_kind(name: str) -> str:
     """The kind of task ``name`` (``"classification"``, ``"super_resolution"``), known without loading its data."""
+    if is_object(name):
+        return user_object(name).description["kind"]
     if is_import(name):
         return _imported_class(name).kind
     if name not in _FACTORIES:
@@ -88,7 +94,9 @@ def task_kind(name: str) -> str:
 
 def task_factory(name: str) -> TaskFactory:
     """The factory registered as ``name``; its signature lists the task's options and their defaults."""
-    if is_import(name):
+    if is_object(name) and isinstance(object_value(name), Task):
+        return _built(name, object_value(name))
+    if is_import(name) or is_object(name):
         return _imported_class(name)
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
@@ -111,10 +119,10 @@ def create_task(name: str, **options: Any) -> Task:
         UserError: If the name is unknown, an option is not accepted by the factory, or a required
             option is missing; an imported task lacks part of :class:`Task`'s interface.
     """
-    if is_import(name):
-        cls = _imported_class(name)
+    if is_import(name) or is_object(name):
+        cls = task_factory(name)
         _check_options(name, cls, options)
-        return _check_built(name, cls, cls(**options))
+        return _check_built(name, task_class(name), cls(**options))
     if name not in _FACTORIES:
         raise unknown_name("task", name, _FACTORIES)
     factory = _FACTORIES[name]
@@ -122,9 +130,28 @@ def create_task(name: str, **options: Any) -> Task:
     return factory(**options)
 
 
-def _imported_class(name: str) -> type[Task]:
+def task_class(name: str) -> type[Task]:
+    """The class of a user's task (``import:REF`` or ``object:...``, a class or an instance), its kind and metric directions checked."""
+    if is_object(name) and isinstance(object_value(name), Task):
+        return _imported_class(name, type(object_value(name)))
+    return _imported_class(name)
+
+
+def _built(name: str, task: Task) -> TaskFactory:
+    """A task instance as a factory of no options: each call gives the instance itself (tasks are read, never changed)."""
+
+    def built_task() -> Task:
+        return task
+
+    built_task.__doc__ = type(task).__doc__
+    built_task.__module__ = type(task).__module__
+    return built_task
+
+
+def _imported_class(name: str, cls: Any = None) -> type[Task]:
     """A user's task class, its declared kind and metric directions checked."""
-    cls = import_ref(name)
+    if cls is None:
+        cls = object_value(name) if is_object(name) else import_ref(name)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise UserError(
             f"task '{name}': names {cls!r}, not a subclass of tasks.Task; write `class MyTask(Task)` "

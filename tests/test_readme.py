@@ -61,7 +61,8 @@ OWN_MODEL = Path(__file__).resolve().parents[1] / "examples" / "own_model"
 
 def test_own_model_section_shows_the_example_files_as_they_are() -> None:
     section = _section("Compress your own model")
-    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", section, flags=re.S)
+    # The files, before the "From Python" part (tested as written below).
+    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", section.split("### From Python")[0], flags=re.S)
     assert blocks == [(OWN_MODEL / name).read_text() for name in ("tiny_net.py", "digits_task.py", "space.yaml")]
 
 
@@ -84,3 +85,19 @@ def test_own_model_commands_run_as_written(tmp_path: Path, monkeypatch, capsys) 
     recipe = json.loads((tmp_path / "own_export" / "recipe.json").read_text())
     assert recipe["imports"]["model"]["ref"] == f"{tmp_path / 'examples' / 'own_model' / 'tiny_net.py'}:TinyNet"
     assert "metrics equal the recipe's" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_own_model_from_python_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The "From Python" block, run as a script would run it: a search of Python objects, its front printed, the knee exported."""
+    import json
+
+    block = re.search(r"### From Python\n.*?```python\n(.*?)```", _section("Compress your own model"), flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    printed = capsys.readouterr().out
+    assert result.front and all(row["mlflow_run_id"] in printed for row in result.front)
+    recipe = json.loads((tmp_path / "own_py_export" / "recipe.json").read_text())
+    assert recipe["objects"]["model"]["qualname"] == "TinyNet" and recipe["trial"] in {row["trial"] for row in result.front}

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torchvision
 
+from errors.user_code import is_object, user_object
 from models import model_factory
 from models.torchvision_models import create_torchvision_model
 from tasks import task_factory
@@ -79,6 +80,9 @@ def describe_key(folder: Path) -> str:
 def _data_key(space: SearchSpace) -> dict[str, Any]:
     """The task's data as far as it can be known cheaply: listings of its paths, its code, its packages."""
 
+    if is_object(space.task):
+        # A task object pickles with its data (an instance) or its code (a class): its digest is the key.
+        return {"paths": {}, "task_code": user_object(space.task).description["pickle_sha256"], "packages": {}}
     factory = task_factory(space.task)
     # The defaults count too: cifar10's root is ./data unless the space names another.
     options = {p.name: p.default for p in inspect.signature(factory).parameters.values() if p.default is not inspect.Parameter.empty}
@@ -128,6 +132,9 @@ def _imported_versions(source: str | None) -> dict[str, str]:
 def _model_code(name: str) -> dict[str, Any]:
     """The model's code: the source file of its factory, or torchvision's version for its models."""
 
+    if is_object(name):
+        # The pickled object: a changed class (or other trained weights) is another baseline.
+        return {"object": user_object(name).description["pickle_sha256"]}
     factory = model_factory(name)
     if factory is None:
         return {"torchvision": torchvision.__version__, "wrapper": _file_digest(inspect.getsourcefile(create_torchvision_model))}

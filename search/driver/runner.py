@@ -23,7 +23,7 @@ import ray
 import torch
 
 from errors import UserError
-from errors.user_code import is_import, ref_roots
+from errors.user_code import is_import, is_object, ref_roots, user_object
 from search.driver import _tune
 from search.driver._private import fail_open_trials, keep_ray_on_loopback
 from search.driver.baselines import cached_baseline, describe_key, store_baseline
@@ -78,7 +78,7 @@ def _create_optuna_tables(url: str) -> None:
 
 
 def run_search(
-    space_path: str | Path,
+    space: SearchSpace | str | Path,
     name: str | None = None,
     trials: int | None = None,
     tracking_uri: str | None = None,
@@ -88,6 +88,9 @@ def run_search(
     warm_start: str | None = None,
 ) -> SearchRecord:
     """Train the baseline, run every trial, write MLflow, print and return the search's record.
+
+    ``space`` is a space file or a parsed space (:func:`search.api.search` parses a dict and puts
+    Python objects in).
 
     ``warm_start`` names an earlier search of the same results folder whose Pareto recipes run
     as the first trials (:func:`search.driver.warm_start.warm_start_points`). A Ray this process has
@@ -99,7 +102,9 @@ def run_search(
     """
     _quiet_logging()
     # Command-line options pass the same checks as the YAML's keys.
-    space = load_space(space_path).with_overrides(name=name, trials=trials, tracking_uri=tracking_uri, results_dir=results_dir)
+    space = (space if isinstance(space, SearchSpace) else load_space(space)).with_overrides(
+        name=name, trials=trials, tracking_uri=tracking_uri, results_dir=results_dir
+    )
     root = Path(space.results_dir).resolve()
     if name is None:
         name = _free_name(space.name, root)
@@ -131,6 +136,9 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
     """
     _quiet_logging()
     record = load_search(name, results_dir)
+    for entry in record.space.objects:
+        # The trials need every Python object the search ran with: one not given again is refused before Ray starts.
+        entry.value()
     reporter = Reporter(log, address)
     reporter.resuming(record, search_progress(record))
     return _drive(record, reporter, address, restore=True)
@@ -203,11 +211,19 @@ def _baseline(space: SearchSpace, address: str | None, reporter: Reporter) -> tu
 
 
 def user_code_roots(space: SearchSpace) -> list[Path]:
-    """The folders of the user's own code the space imports (``model: {import: REF}``), each once."""
+    """The folders of the user's own code the space imports (``model: {import: REF}``), each once.
+
+    A Python object's module counts too (cloudpickle sends a class of an importable module by
+    reference); a notebook's (``__main__``) travels inside the pickle.
+    """
     roots: list[Path] = []
     for name in (space.model, space.task):
-        if is_import(name):
-            roots += [root for root in ref_roots(name) if root not in roots]
+        refs = [name] if is_import(name) else []
+        if is_object(name):
+            module = user_object(name).description["module"]
+            refs = [f"{module}:object"] if module not in ("__main__", "?") else []
+        for ref in refs:
+            roots += [root for root in ref_roots(ref) if root not in roots]
     return roots
 
 

@@ -32,6 +32,7 @@ from deploy import (
     write_recipe,
 )
 from errors import UserError
+from errors.user_code import is_object, user_object
 from methods import get_method
 from search.results.ranking import pick_record
 from search.results.record import SearchRecord, TrialRecord, exported_model_dir
@@ -63,11 +64,15 @@ def write_export(
     threads: int | None = None,
     compile: bool = False,
     log: Callable[[str], None] = print,
+    forms: tuple[str, ...] | None = None,
 ) -> torch.Tensor:
     """Copy ``chosen``'s exported model into ``out``, check and time its forms, and say so through ``log``.
 
     ``batch_size`` and ``threads`` default to those the trial's ``latency_ms`` was timed at;
     ``compile`` adds the ahead-of-time compiled form (a failure to compile is a warning).
+    ``forms`` limits the checked and timed forms to some of ``program``, ``module``, ``onnx``
+    (default: all three); ``program`` alone needs none of the user's code, so it exports a
+    search whose model or task was a Python object that this process does not have.
 
     Returns:
         An example input of the task (batch 2), for checks of the exported model.
@@ -79,20 +84,25 @@ def write_export(
             )
         shutil.copytree(source, out, dirs_exist_ok=True)
     space = record.space
-    task = load_task(space)
-    import_user_code(space)
-    forms = ["program", "module"]
+    wanted = set(forms or ("program", "module", "onnx"))
+    example_input = _example_input(space, out)
+    if "module" in wanted or ("onnx" in wanted and not (out / FORMS["onnx"]).exists()):
+        # The pickled module (model.pt) loads only with the model's code.
+        import_user_code(space)
+    forms = [form for form in ("program", "module") if form in wanted]
     onnx_refused = [
         f"{step['name']}: {get_method(step['name']).onnx_unsupported}"
         for step in chosen.recipe
         if get_method(step["name"]).onnx_unsupported
     ]
-    if onnx_refused:
+    if "onnx" not in wanted:
+        pass
+    elif onnx_refused:
         print(f"slimtune: warning: no ONNX form ({'; '.join(onnx_refused)})", file=sys.stderr)
     else:
         # A trial writes model.onnx only when timed on it (measure.latency_runtime: onnxruntime); else it is written here.
         if not (out / FORMS["onnx"]).exists():
-            export_onnx(load_module(out), task.example_input(1), out / FORMS["onnx"])
+            export_onnx(load_module(out), example_input(1), out / FORMS["onnx"])
         forms.append("onnx")
     if compile:
         log(f"compiling the program ahead of time for {device} (AOTInductor; this takes a while) ...")
@@ -101,11 +111,14 @@ def write_export(
             forms.append("compiled")
         except UserError as exc:
             print(f"slimtune: warning: {exc}", file=sys.stderr)
-    diff = check_round_trip(out, task.example_input(2).to(device), forms=tuple(f for f in forms if f != "module"))
+    # The module (and so the model's code) is loaded only for a form that needs it; the trial
+    # checked its program against the module when it exported it.
+    uses_module = "module" in forms or "onnx" in forms
+    diff = check_round_trip(out, example_input(2).to(device), forms=tuple(f for f in forms if f != "module")) if uses_module else None
     # The same batch and threads as the trial's latency_ms, unless asked otherwise.
     batch = batch_size or int(chosen.metrics.get("latency_batch_size", space.latency_batch_size))
     threads = threads or int(chosen.metrics.get("latency_threads", trial_threads(space)))
-    x = task.example_input(batch).to(device)
+    x = example_input(batch).to(device)
     latency = {
         form: latency_ms(load_form(out, form, device, threads=threads), x, repeats=space.latency_repeats, threads=threads) for form in forms
     }
@@ -120,9 +133,13 @@ def write_export(
     log(f"exported {chosen.name} ({chosen.pipeline}) of '{record.name}' to {out}")
     log("  " + "  ".join(f"{m} {chosen.metrics[m]:.6g}" for m in space.metric_names))
     checked = [f for f in forms if f != "module"]
-    log(
-        f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})"
-    )
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    if diff is None:
+        log(f"  files: {files}; the program was checked against the module when the trial exported it")
+    else:
+        log(
+            f"  files: {files}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})"
+        )
     log(f"  latency, median of {space.latency_repeats} at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
     # The form the trial's latency_ms timed (measure.latency_runtime), at the same batch and threads.
     timed = chosen.metrics.get("latency_form", LATENCY_RUNTIMES[space.latency_runtime])
@@ -132,7 +149,15 @@ def write_export(
     log(f"  run with: torch.export.load('{out / FORMS['program']}').module()(x)  (already in eval mode; it has no .eval())")
     if "compiled" in forms:
         log(f"        or: torch._inductor.aoti_load_package('{out / FORMS['compiled']}')(x)  (compiled for {device.type})")
-    return task.example_input(2)
+    return example_input(2)
+
+
+def _example_input(space, out: Path) -> Callable[[int], torch.Tensor]:
+    """The task's example input by batch size; for a task object this process lacks, zeros of the shape the trial recorded (as ``Task.example_input``)."""
+    if is_object(space.task) and user_object(space.task).payload is None:
+        shape = json.loads((out / "recipe.json").read_text())["task"]["input_shape"]
+        return lambda batch: torch.zeros(batch, *shape)
+    return load_task(space).example_input
 
 
 def register_export(

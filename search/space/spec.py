@@ -21,7 +21,7 @@ import yaml
 
 from deploy import DEFAULT_LATENCY_RUNTIME, LATENCY_RUNTIMES
 from errors import UserError, did_you_mean
-from errors.user_code import IMPORT_PREFIX, absolute_ref, import_name, is_import
+from errors.user_code import IMPORT_PREFIX, UserObject, absolute_ref, described_object, import_name, is_import, is_object, user_object
 from methods import Range, check_pipeline, create_method, get_method, hyperparameters, list_methods
 from models import model_factory
 from search.space.objectives import COST_METRICS, EPOCH_COSTS, Constraint, Objective, epoch_key
@@ -34,6 +34,7 @@ __all__ = [
     "Constraint",
     "Budget",
     "load_space",
+    "read_space_document",
     "parse_space",
     "COST_METRICS",
     "METRIC_RANGES",
@@ -164,6 +165,9 @@ class SearchSpace:
     resolved_source: str = ""  # the YAML document with its paths made absolute, stored with a search
     path: str = ""
     warnings: tuple[str, ...] = ()
+    #: The Python objects named ``object:...`` by ``task`` and ``model`` (``search.api.search``): pickled
+    #: with the space, they reach every Ray worker that receives it (:class:`errors.user_code.UserObject`).
+    objects: tuple[UserObject, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def metric_names(self) -> list[str]:
@@ -294,15 +298,19 @@ MAX_SPACE_BYTES = 1_000_000
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; UserError (file, key path, fix) on bad input."""
-    path = Path(path)
+    data, text = read_space_document(Path(path))
+    return parse_space(data, str(path), text)
+
+
+def read_space_document(path: Path) -> tuple[Any, str]:
+    """A space file's YAML document (not yet validated) and its text; UserError when it is no readable YAML."""
     text = _read_space_text(path)
     try:
-        data = _load_yaml(text, str(path))
+        return _load_yaml(text, str(path)), text
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
         raise UserError(f"{path}: not valid YAML: nested too deeply for a space file.") from None
-    return parse_space(data, str(path), text)
 
 
 def _read_space_text(path: Path) -> str:
@@ -406,9 +414,9 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
 
     task, task_options = _named(r, top["task"], "task")
 
-    if is_import(task):
-        # Kind and metric directions come from the user's class: an error names the key.
-        _resolve(r, "task.import", lambda: (task_metrics(task), task_kind(task)))
+    if is_import(task) or is_object(task):
+        # Kind and metric directions come from the user's class (an object's, from its description): an error names the key.
+        _resolve(r, "task.object" if is_object(task) else "task.import", lambda: (task_metrics(task), task_kind(task)))
     elif task not in list_tasks():
         raise r.error("task", f"unknown task '{task}'.{did_you_mean(task, list_tasks())} Known tasks: {', '.join(list_tasks())}.")
     known_metrics = metrics_of_task(task)
@@ -457,6 +465,8 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
     for key, name, options in (("task", task, task_options), ("model", model, model_options)):
         if is_import(name):
             resolved[key] = {"import": name.removeprefix(IMPORT_PREFIX), **({"options": options} if options else {})}
+        elif is_object(name):
+            resolved[key] = {"object": user_object(name).describe(), **({"options": options} if options else {})}
     if checkpoint is not None:
         resolved["baseline"] = {**baseline, "checkpoint": checkpoint}
     if output:
@@ -495,6 +505,7 @@ def parse_space(data: Any, path: str = "<space>", source: str = "") -> SearchSpa
         resolved_source=yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True),
         path=path,
         warnings=_warnings(r, objectives, constraints, known_metrics),
+        objects=tuple(user_object(name) for name in (task, model) if is_object(name)),
         **settings,
     )
 
@@ -625,14 +636,27 @@ def _named(r: _Reader, value: Any, key: str) -> tuple[str, dict[str, Any]]:
     """``task: digits``, ``task: {name: cifar10, options: {...}}`` or ``task: {import: REF, options: {...}}``.
 
     An import reference's file is made absolute, relative to the space file's folder; the name
-    returned is then ``import:REF`` (:func:`errors.user_code.import_name`).
+    returned is then ``import:REF`` (:func:`errors.user_code.import_name`). ``{object: DESCRIPTION}``
+    is a Python object handed to ``search.api.search`` (written there and kept in the manifest,
+    never by hand); the name returned is its ``object:...`` name.
     """
     if isinstance(value, str) and is_import(value):
         value = {"import": value.removeprefix(IMPORT_PREFIX)}
     if isinstance(value, str):
         return value, {}
-    m = r.mapping(value, key, {"name", "options", "import"})
-    if "import" in m:
+    m = r.mapping(value, key, {"name", "options", "import", "object"})
+    if "object" in m:
+        if "name" in m or "import" in m:
+            raise r.error(key, "gives a Python object and a name or import; one of them, not both.")
+        if not isinstance(m["object"], dict):
+            raise r.error(
+                f"{key}.object", "is written by search.api.search for a Python object; pass the object as search(space, model=...) instead."
+            )
+        try:
+            name = described_object(m["object"])
+        except UserError as exc:
+            raise r.error(f"{key}.object", str(exc)) from None
+    elif "import" in m:
         if "name" in m:
             raise r.error(key, "gives both name and import; a registered name or your own code by import reference, not both.")
         try:

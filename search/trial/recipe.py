@@ -22,6 +22,9 @@ Keys (``format`` 1):
 - ``run``: ``device``, ``cpus_per_trial``, ``gpus_per_trial``, ``torch_threads`` of the trial;
 - ``versions``: ``python``, ``torch``, ``torchvision``, ``slimtune``;
 - ``metrics``: the trial's final metrics as the trial reported them (no Tune bookkeeping);
+- ``objects``: for a model or task handed to ``search.api.search`` as a Python object, per key its
+  description: ``name``, ``module``, ``qualname``, ``instance``, ``source`` (file) and its
+  ``source_sha256`` (null without one), ``pickle_sha256``; such a recipe replays only from Python;
 - ``imports``: for a model or task of the user's own code (``model: {import: REF}``), per key
   (``model``, ``task``) the ``ref`` and the ``sha256`` of each of its files by path, so that a
   replay can say when the code changed (:func:`changed_imports`); empty otherwise;
@@ -42,7 +45,7 @@ import torch
 import torchvision
 
 from errors import UserError
-from errors.user_code import IMPORT_PREFIX, code_digests, is_import
+from errors.user_code import IMPORT_PREFIX, code_digests, is_import, is_object, user_object
 from models import model_factory
 from search.space.spec import Budget, SearchSpace
 from tasks import Task, task_factory
@@ -100,7 +103,8 @@ def _preprocessing(task: Task, factory: Any) -> dict[str, str]:
         return repr(found) if found is not None else "none: the inputs as the task builds them"
 
     return {
-        "data": _summary(inspect.getmodule(factory).__doc__),
+        # A notebook's class arrives by value on a worker: it may have no module there.
+        "data": _summary(getattr(inspect.getmodule(factory), "__doc__", None)),
         "description": _summary(factory.__doc__),
         "train": transform(task.train_set),
         "val": transform(task.val_set),
@@ -172,6 +176,7 @@ def recipe_document(
         "versions": versions(),
         "metrics": metrics,
         "imports": imported_code(space),
+        "objects": {key: user_object(name).describe() for key, name in (("model", space.model), ("task", space.task)) if is_object(name)},
     }
 
 
