@@ -8,6 +8,7 @@
 #   make ui      MLflow UI on http://127.0.0.1:5000
 #   make bench   per-trial overhead of `slimtune search` against a plain loop
 #   make clean   remove search results and tracking stores (keeps .venv)
+#   make lowest  the quick tests in .venv-lowest, every dependency at its declared lower bound
 
 PYTHON ?= python3
 VENV := .venv
@@ -24,7 +25,7 @@ SHELL := /bin/bash
 # keep grep's "no line left" status (1) from failing the recipe while pip's status still counts.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv test lint run check ui bench clean
+.PHONY: venv test lint run check ui bench clean lowest
 
 venv: $(STAMP)
 
@@ -62,6 +63,28 @@ ui: venv
 
 bench: venv
 	$(VENV)/bin/python bench/overhead.py $(BENCH_ARGS)
+
+# The lowest versions pyproject.toml declares (.ci/lowest_constraints.py pins each dependency to
+# its `>=` bound; pip resolves the rest), in a venv of their own, then the quick tests that touch
+# what the bounds are for: export and its program rewrites, the ONNX form, counting, every
+# method's contract, the dependency checks, and a 2-trial search of a user's files that exports
+# and replays its trial (LOWEST_TESTS=... runs others).
+LOWEST := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
+LOWEST_TESTS ?= tests/test_dependencies.py tests/deploy tests/methods/test_contract.py \
+	tests/search/test_imports.py::test_a_search_of_user_files_exports_and_replays
+$(LOWEST)/bin/python:
+	$(PYTHON) -m venv $(LOWEST)
+
+$(LOWEST_STAMP): pyproject.toml .ci/lowest_constraints.py | $(LOWEST)/bin/python
+	$(LOWEST)/bin/pip install -q --upgrade pip $(QUIET_PIP)
+	$(LOWEST)/bin/python .ci/lowest_constraints.py > $(LOWEST)/constraints.txt
+	$(LOWEST)/bin/pip install -q -c $(LOWEST)/constraints.txt -e '.[test]' $(QUIET_PIP)
+	touch $@
+
+lowest: $(LOWEST_STAMP)
+	$(LOWEST)/bin/pip freeze --exclude-editable | grep -iEf <(sed 's/==.*//; s/^/^/; s/$$/==/' $(LOWEST)/constraints.txt)
+	$(LOWEST)/bin/python -m pytest -q $(LOWEST_TESTS)
 
 clean:
 	rm -rf mlflow.db optuna.db slimtune_results exports mlruns mlartifacts

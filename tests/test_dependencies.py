@@ -46,3 +46,33 @@ def test_import_check_names_the_package_the_version_and_the_range(monkeypatch) -
         _private.check_versions()
     monkeypatch.setattr(_private.metadata, "version", lambda name: {"ray": "2.60.0", "optuna": "5.0.0"}[name])
     _private.check_versions()
+
+
+def _lowest_constraints():
+    """``.ci/lowest_constraints.py``, the script ``make lowest`` pins the lower bounds with."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lowest_constraints", ROOT / ".ci" / "lowest_constraints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_lowest_pins_every_declared_lower_bound(capsys) -> None:
+    assert _lowest_constraints().main([str(ROOT / "pyproject.toml")]) == 0
+    pins = capsys.readouterr().out.split()
+    declared = [
+        *REQUIREMENTS,
+        *(Requirement(t) for t in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]),
+    ]
+    expected = [f"{r.name}=={next(s.version for s in r.specifier if s.operator == '>=')}" for r in declared]
+    assert pins == expected
+    assert "torch==2.8" in pins and "ray==2.52" in pins  # extras (ray[tune]) dropped: pip refuses them in constraints
+
+
+def test_a_dependency_without_a_lower_bound_is_refused(tmp_path, capsys) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["torch>=2.6,<3", "pyyaml"]\n')
+    assert _lowest_constraints().main([str(pyproject)]) == 2
+    err = capsys.readouterr().err
+    assert "dependency 'pyyaml' needs exactly one '>=' lower bound" in err and str(pyproject) in err
