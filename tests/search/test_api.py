@@ -142,9 +142,23 @@ def test_a_search_of_python_objects_returns_its_front_and_exports_a_pick(tmp_pat
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("slimtune: error: model 'object:examples.own_model.tiny_net.TinyNet@")
     assert "search.api.load(NAME, model=...)" in error and not (tmp_path / "cli_module").exists()
-    # The whole export, module form included, with the objects given again.
-    full = api.load("api_search", results, model=TinyNet, task=task).export(best, tmp_path / "full", log=_quiet)
+    # Resuming needs the objects too: without them, one line that says how; with them, the search as it was.
+    with pytest.raises(UserError) as refused:
+        api.resume("api_search", results, log=_quiet)
+    assert (
+        "\n" not in str(refused.value)
+        and "Pass it again from Python" in str(refused.value)
+        and "search.api.resume(NAME, " in str(refused.value)
+    )
+    resumed = api.resume("api_search", results, model=TinyNet, task=task, log=_quiet)
+    assert [row["mlflow_run_id"] for row in resumed.rows] == [row["mlflow_run_id"] for row in result.rows]
+    # The whole export, module form included, with the objects given again, registered under a name.
+    full = api.load("api_search", results, model=TinyNet, task=task).export(
+        best, tmp_path / "full", register="api-tiny", alias="best", log=_quiet
+    )
     assert {"model.pt", "model.pt2", "model.onnx"} <= {p.name for p in full.iterdir()}
+    version = client.get_model_version_by_alias("api-tiny", "best")
+    assert version.run_id == best["mlflow_run_id"] and version.tags["slimtune.trial"] == best["trial"]
 
 
 @pytest.mark.slow
