@@ -31,8 +31,8 @@ LATENCY_TOLERANCE = 0.02
 def median_is_stable(times: list[float], min_repeats: int = MIN_LATENCY_REPEATS, tolerance: float = LATENCY_TOLERANCE) -> bool:
     """Whether :func:`latency_ms` may stop after the timed passes ``times``: the rule that sizes the timing to its noise.
 
-    Stable means at least ``min_repeats`` passes, and the median of all of them within
-    ``tolerance`` x that median of the median before the last two passes: two more passes
+    Stable means at least ``min_repeats`` passes, and a median of all of them that differs
+    from the median of all but the last two by at most ``tolerance`` x itself: two more passes
     did not move it. A quiet machine stops at ``min_repeats``; a noisy one times on, up to the
     caller's maximum.
     """
