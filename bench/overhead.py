@@ -88,7 +88,7 @@ class DriverClock:
 
     A wrapped call inside another counts in the inner one only, and a call inside one of its own
     label (MLflow's client calling itself) counts once; ``trial_starts`` holds when Tune started
-    each trial.
+    each trial (when the searcher proposed it).
     """
 
     def __init__(self) -> None:
@@ -128,8 +128,8 @@ class DriverClock:
         from mlflow.tracking import MlflowClient
 
         import deploy
-        import search.driver._tune as tune_part
         import search.driver.runner as runner
+        from search.driver._private import SlimtuneOptunaSearch as searcher
 
         self._wrap(runner, "_init_ray", "Ray start and shutdown")
         self._wrap(runner, "_shutdown_ray", "Ray start and shutdown")
@@ -155,14 +155,18 @@ class DriverClock:
 
         self._undo.append((runner, "_baseline", baseline))
         runner._baseline = timed_baseline
-        on_trial_start = tune_part.TrialTracker.on_trial_start
+        # From the searcher's proposal to run_trial's first line: the worker's start (an actor, a
+        # process, torch's import) as the trial waits for it.
+        self._wrap(searcher, "suggest", "Optuna sampler")
+        suggest = searcher.suggest
 
-        def noted_start(tracker, iteration, trials, trial, **info):
-            self.trial_starts.setdefault(trial.trial_id, time.time())
-            return on_trial_start(tracker, iteration, trials, trial, **info)
+        def noted_suggest(self_, trial_id, *args, **kwargs):
+            try:
+                return suggest(self_, trial_id, *args, **kwargs)
+            finally:
+                self.trial_starts.setdefault(trial_id, time.time())
 
-        self._undo.append((tune_part.TrialTracker, "on_trial_start", on_trial_start))
-        tune_part.TrialTracker.on_trial_start = noted_start
+        searcher.suggest = noted_suggest
         try:
             yield self
         finally:
@@ -185,6 +189,7 @@ def profile_table(wall: float, clock: DriverClock, trial_lines: list[dict]) -> l
     rows.append(("trials: rest of run_trial", sum(line["left"] - line["entered"] - sum(line["phases"].values()) for line in trial_lines)))
     rows.append(("pre-flight checks (driver)", clock.seconds.get("pre-flight checks", 0.0)))
     rows += [("MLflow writes and reads (driver)", clock.seconds.get("MLflow writes and reads", 0.0))]
+    rows += [("Optuna sampler, less storage (driver)", clock.seconds.get("Optuna sampler", 0.0))]
     rows += [("Optuna storage (driver)", clock.seconds.get("Optuna storage", 0.0))]
     rows.append(("final Pareto step and report, less MLflow (driver)", clock.seconds.get("final Pareto step and report", 0.0)))
     rows.append(("driver's own work and waiting (the rest)", wall - sum(v for _, v in rows)))
