@@ -6,7 +6,8 @@ through it, as a trial measures and exports through it, so that both see the sam
 - counting (:mod:`deploy._counting`): :func:`count_flops` (MACs, FLOPs, bit operations),
   :func:`count_params`, :func:`size_bytes`, and :func:`apply_reported_cost` for the costs a
   method reports itself;
-- timing (:mod:`deploy._latency`): :func:`latency_ms`, the one timer, and :func:`torch_threads`;
+- timing (:mod:`deploy._latency`): :func:`latency_ms`, the one timer, :func:`torch_threads`, and
+  :func:`phase` / :func:`recording_phases` (where a trial's wall time goes, ``bench/overhead.py --profile``);
 - modes (:mod:`deploy._modes`): :func:`eval_mode`, a model in eval mode for a ``with`` block;
 - exporting (:mod:`deploy._export`): the export directory (:func:`export_model`), the inference
   rewrites, the round-trip check, the ahead-of-time compiled form and :func:`deployed_latency`;
@@ -27,11 +28,12 @@ from deploy._export import (
     compile_program,
     cpp_compiler,
     deployed_latency,
+    export_and_load,
     export_model,
     export_program,
     write_recipe,
 )
-from deploy._latency import latency_ms, torch_threads
+from deploy._latency import latency_ms, phase, recording_phases, torch_threads
 from deploy._loading import (
     CHECKSUMS,
     DEFAULT_FORM,
@@ -62,6 +64,8 @@ __all__ = [
     # timing
     "latency_ms",
     "torch_threads",
+    "phase",
+    "recording_phases",
     # modes
     "eval_mode",
     # exporting
@@ -70,6 +74,7 @@ __all__ = [
     "inference_copy",
     "export_program",
     "export_model",
+    "export_and_load",
     "write_recipe",
     "output_diff",
     "check_round_trip",

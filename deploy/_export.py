@@ -32,13 +32,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deploy._latency import latency_ms
+from deploy._latency import latency_ms, phase
 from deploy._loading import CHECKSUMS, FORMS, load_exported, load_form, load_program, record_checksum, storage_groups_quiet
 from deploy._modes import eval_mode
 from deploy._onnx import check_onnx, export_onnx
@@ -49,6 +50,7 @@ __all__ = [
     "EXPORT_FILES",
     "export_program",
     "export_model",
+    "export_and_load",
     "write_recipe",
     "check_round_trip",
     "cpp_compiler",
@@ -76,10 +78,19 @@ def export_program(
 def export_model(
     model: nn.Module, example_input: torch.Tensor, out_dir: Path, recipe: dict[str, Any] | None = None, onnx: bool = False
 ) -> dict[str, int]:
-    """Write the export files into ``out_dir`` and return each file's size in bytes.
+    """Write the export files into ``out_dir`` and return each file's size in bytes (:func:`export_and_load`)."""
+    return export_and_load(model, example_input, out_dir, recipe, onnx)[0]
 
-    Called by the trial (and the baseline's measurement) once the model is final. ``model.pt2``
-    is :func:`export_program`'s program, reloaded from the file and checked against ``model``
+
+def export_and_load(
+    model: nn.Module, example_input: torch.Tensor, out_dir: Path, recipe: dict[str, Any] | None = None, onnx: bool = False
+) -> tuple[dict[str, int], nn.Module]:
+    """Write the export files into ``out_dir``; return each file's size in bytes and the program as loaded back.
+
+    Called by the trial (and the baseline's measurement) once the model is final, which times
+    the returned program (:func:`deployed_latency`): the close-out traces the model once, saves
+    the program once and loads it once. ``model.pt2``
+    is :func:`export_program`'s program, reloaded from the file (:func:`load_program`) and checked against ``model``
     as :func:`inference_copy` checks the copy; should the channels-last program fail that check,
     it is exported in the default layout. ``model.pt`` and ``state_dict.pt`` hold ``model`` as it is. ``recipe.json``
     holds ``recipe`` (``{}`` without one); a trial writes its full recipe once its metrics are
@@ -97,16 +108,18 @@ def export_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for channels_last in (True, False):
-        rewritten, rewrites = inference_copy(model, example_input, channels_last=channels_last)
-        program = trace_program(rewritten, example_input)
-        with storage_groups_quiet():
-            torch.export.save(program, out_dir / FORMS["program"])
+        with phase("close-out: export"):
+            rewritten, rewrites = inference_copy(model, example_input, channels_last=channels_last)
+            program = trace_program(rewritten, example_input)
+            with storage_groups_quiet():
+                torch.export.save(program, out_dir / FORMS["program"])
         layout = ", channels last" if rewrites.channels_last else ""
         try:
-            with eval_mode(model), torch.no_grad():
+            with phase("close-out: round-trip check"), eval_mode(model), torch.no_grad():
+                loaded = load_program(out_dir)
                 output_diff(
                     model,
-                    load_program(out_dir),
+                    loaded,
                     probe_input(example_input),
                     1e-4,
                     f"the reloaded program (batch norms folded, dropout removed{layout})",
@@ -117,14 +130,16 @@ def export_model(
                 raise
     files = list(EXPORT_FILES)
     if onnx:
-        export_onnx(model, example_input, out_dir / FORMS["onnx"], rewritten)
-        check_onnx(model, out_dir / FORMS["onnx"], probe_input(example_input))
+        with phase("close-out: onnx"):
+            export_onnx(model, example_input, out_dir / FORMS["onnx"], rewritten)
+            check_onnx(model, out_dir / FORMS["onnx"], probe_input(example_input))
         files.append(FORMS["onnx"])
-    torch.save(model, out_dir / "model.pt")
-    record_checksum(out_dir / "model.pt")
-    torch.save(model.state_dict(), out_dir / "state_dict.pt")
-    write_recipe(out_dir, recipe or {})
-    return {name: (out_dir / name).stat().st_size for name in files}
+    with phase("close-out: files"):
+        torch.save(model, out_dir / "model.pt")
+        record_checksum(out_dir / "model.pt")
+        torch.save(model.state_dict(), out_dir / "state_dict.pt")
+        write_recipe(out_dir, recipe or {})
+    return {name: (out_dir / name).stat().st_size for name in files}, loaded
 
 
 def write_recipe(out_dir: Path, recipe: dict[str, Any]) -> None:
@@ -216,7 +231,12 @@ DEFAULT_LATENCY_RUNTIME = "program"
 
 
 def deployed_latency(
-    out_dir: Path, example_input: torch.Tensor, repeats: int, threads: int, runtime: str = DEFAULT_LATENCY_RUNTIME
+    out_dir: Path,
+    example_input: torch.Tensor,
+    repeats: int,
+    threads: int,
+    runtime: str = DEFAULT_LATENCY_RUNTIME,
+    loaded: Callable[[torch.Tensor], Any] | None = None,
 ) -> dict[str, Any]:
     """``latency_ms`` of the form ``runtime`` runs (:data:`LATENCY_RUNTIMES`) in ``out_dir``, and what it was measured on.
 
@@ -224,7 +244,9 @@ def deployed_latency(
     ``onnx=True`` for ``onnxruntime``), and by ``slimtune profile``. Times the form loaded as a
     deployment loads it, on ``example_input``'s device at ``threads`` CPU threads (torch's, or
     the ONNX Runtime session's). A form is never swapped for another: a baseline and a trial
-    timed on different forms would not compare.
+    timed on different forms would not compare. ``loaded``: that form already loaded from
+    ``out_dir`` (the program :func:`export_and_load` returns), timed instead of loading it again.
+    ``repeats`` is :func:`deploy.latency_ms`'s most timed passes (``measure.latency_repeats``).
 
     Raises:
         UserError: The form refuses the input's batch size (a model with data-dependent shapes
@@ -233,7 +255,7 @@ def deployed_latency(
     if runtime not in LATENCY_RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(LATENCY_RUNTIMES)}, but got {runtime!r}.")
     form = LATENCY_RUNTIMES[runtime]
-    deployed = load_form(out_dir, form, example_input.device, threads=threads)
+    deployed = loaded if loaded is not None else load_form(out_dir, form, example_input.device, threads=threads)
     batch = example_input.shape[0]
     try:
         with torch.no_grad():

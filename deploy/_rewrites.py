@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from deploy._modes import eval_mode
 
@@ -40,6 +42,12 @@ _CONV_OPS = {torch.ops.aten.conv1d, torch.ops.aten.conv2d, torch.ops.aten.conv3d
 
 
 _BATCH_NORM_OPS = {torch.ops.aten.batch_norm, torch.ops.aten._native_batch_norm_legit_no_training}
+
+
+#: The same operations as Python calls, as an eager forward pass makes them (:func:`_eager_ops`).
+_CONV_CALLS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d, torch.nn.functional.conv2d}
+_CONV_CALLS |= {torch.nn.functional.conv3d, torch.convolution}
+_BATCH_NORM_CALLS = {torch.batch_norm, torch.nn.functional.batch_norm}
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,9 @@ def inference_copy(
     - a ``BatchNorm1d/2d/3d`` whose input is the output of a plain ``Conv1d/2d/3d`` and nothing
       else reads that output is folded into the convolution's weight and bias
       (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and becomes ``nn.Identity``. The pairs are
-      read from a ``torch.export`` trace of the model; a convolution or batch norm that runs more
+      read from one eager forward pass of the model on ``example_input``
+      (:func:`conv_batch_norm_pairs`), not a trace: the export's own trace, of the rewritten
+      copy, is then the only one; a convolution or batch norm that runs more
       than once per forward, or whose weight another layer shares, is left alone, as are
       subclasses (quantized or clustered layers compute their own weights);
     - on CPU, every plain ``Conv2d`` keeps its weight channels-last, so that its output, and
@@ -100,9 +110,8 @@ def inference_copy(
             rewritten.set_submodule(name, nn.Identity())
             removed += 1
     types = {type(m) for m in rewritten.modules()}
-    # The trace that finds the pairs costs as much as the export: only when there can be one.
     foldable = types & set(_CONVS) and types & set(_BATCH_NORMS)
-    pairs = conv_batch_norm_pairs(rewritten, trace_program(rewritten, example_input)) if foldable else []
+    pairs = conv_batch_norm_pairs(rewritten, example_input) if foldable else []
     for conv_name, bn_name in pairs:
         rewritten.set_submodule(conv_name, fuse_conv_bn_eval(rewritten.get_submodule(conv_name), rewritten.get_submodule(bn_name)))
         rewritten.set_submodule(bn_name, nn.Identity())
@@ -157,42 +166,119 @@ def _module_path(node: torch.fx.Node) -> tuple[str, str] | None:
     return tuple(list(stack.values())[-1]) if stack else None
 
 
+@dataclass(frozen=True)
+class _Op:
+    """One operation of a forward pass, as :func:`conv_batch_norm_pairs` reads it.
+
+    Attributes:
+        kind: ``"conv"``, ``"bn"`` or ``""`` (any other operation).
+        module: The path of the innermost module whose own forward ran it (None: the top level).
+        first: The value it reads first (its data input), as a key of ``readers``; None: none.
+        output: Its output, as a key of ``readers``.
+    """
+
+    kind: str
+    module: str | None
+    first: object
+    output: object
+
+
 def conv_batch_norm_pairs(
-    model: nn.Module, program: torch.export.ExportedProgram, convs: tuple[type, ...] = _CONVS
+    model: nn.Module, source: torch.export.ExportedProgram | torch.Tensor, convs: tuple[type, ...] = _CONVS
 ) -> list[tuple[str, str]]:
     """``(conv, batch norm)`` module paths of ``model`` that fold exactly (see :func:`inference_copy`).
 
+    ``source``: a ``torch.export`` program of ``model``, or an example input, which one eager
+    forward pass of ``model`` in its mode under ``no_grad`` reads instead (:func:`_eager_ops`:
+    milliseconds, where a trace costs as much as the export); both give the same pairs.
     ``convs``: the module types (exactly) that a batch norm may fold into.
     """
-    calls: Counter[str] = Counter()
-    for node in program.graph.nodes:  # how often each module runs a convolution or batch norm
-        counted = node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _CONV_OPS | _BATCH_NORM_OPS
-        where = _module_path(node) if counted else None
-        if where is not None:
-            calls[where[0]] += 1
+    ops, readers = _program_ops(source) if isinstance(source, torch.export.ExportedProgram) else _eager_ops(model, source)
+    calls = Counter(op.module for op in ops if op.kind and op.module is not None)  # conv or bn ops each module runs
     # A weight shared by two layers would change both when folded into one.
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    made = {op.output: op for op in ops}
     pairs = []
-    for node in program.graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) not in _BATCH_NORM_OPS:
+    for op in ops:
+        conv_op = made.get(op.first) if op.kind == "bn" else None
+        if conv_op is None or conv_op.kind != "conv" or readers[conv_op.output] != 1:
             continue
-        source = node.args[0]
-        if (
-            not isinstance(source, torch.fx.Node)
-            or getattr(source.target, "overloadpacket", None) not in _CONV_OPS
-            or len(source.users) != 1
-        ):
+        if conv_op.module is None or op.module is None or calls[conv_op.module] != 1 or calls[op.module] != 1:
             continue
-        conv_at, bn_at = _module_path(source), _module_path(node)
-        if conv_at is None or bn_at is None or calls[conv_at[0]] != 1 or calls[bn_at[0]] != 1:
-            continue
-        conv, bn = model.get_submodule(conv_at[0]), model.get_submodule(bn_at[0])
+        conv, bn = model.get_submodule(conv_op.module), model.get_submodule(op.module)
         if type(conv) not in convs or type(bn) not in _BATCH_NORMS or bn.running_mean is None:
             continue
         if any(uses[id(p)] > 1 for p in (*conv.parameters(), *bn.parameters())):
             continue
-        pairs.append((conv_at[0], bn_at[0]))
+        pairs.append((conv_op.module, op.module))
     return pairs
+
+
+def _program_ops(program: torch.export.ExportedProgram) -> tuple[list[_Op], Counter]:
+    """The operations of ``program``'s graph and how many nodes read each node."""
+    ops = []
+    readers: Counter = Counter()
+    for node in program.graph.nodes:
+        readers[node] = len(node.users)
+        if node.op != "call_function":
+            continue
+        packet = getattr(node.target, "overloadpacket", None)
+        kind = "conv" if packet in _CONV_OPS else "bn" if packet in _BATCH_NORM_OPS else ""
+        where = _module_path(node)
+        first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        ops.append(_Op(kind, where[0] if where else None, first, node))
+    return ops, readers
+
+
+class _Recorder(TorchFunctionMode):
+    """Records every torch call of an eager forward pass that returns a tensor as an :class:`_Op`, keyed by tensor ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[_Op] = []
+        self.readers: Counter = Counter()
+        self.modules: list[str] = []
+        self.alive: list[Any] = []  # every value seen stays alive, so that no id is reused during the pass
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not any(isinstance(x, torch.Tensor) for x in tree_flatten(out)[0]):
+            # A shape or dtype query (a batch norm's input.dim() check): no node of a static trace.
+            return out
+        inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        for x in {id(x): x for x in inputs}.values():
+            self.readers[id(x)] += 1
+        kind = "conv" if func in _CONV_CALLS else "bn" if func in _BATCH_NORM_CALLS else ""
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.alive += [args, kwargs, out]
+        self.ops.append(_Op(kind, self.modules[-1] if self.modules else None, id(first) if first is not None else None, id(out)))
+        return out
+
+
+def _eager_ops(model: nn.Module, example_input: torch.Tensor) -> tuple[list[_Op], Counter]:
+    """The operations of one forward pass of ``model`` on ``example_input`` and how many read each value."""
+    recorder = _Recorder()
+    names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
+
+    def enter(name: str) -> Callable[..., None]:
+        return lambda module, args: recorder.modules.append(name)
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:  # returns None: a hook's return value replaces the output
+        recorder.modules.pop()
+
+    hooks = []
+    for module, name in names.items():
+        hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        with torch.no_grad(), recorder:
+            out = model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for x in {id(x): x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)}.values():
+        recorder.readers[id(x)] += 1  # the program's output node reads what the model returns
+    return recorder.ops, recorder.readers
 
 
 def probe_input(example_input: torch.Tensor) -> torch.Tensor:

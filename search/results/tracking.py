@@ -7,19 +7,26 @@ reason; KILLED with the tag ``stopped_early`` when the scheduler stopped it) and
 ``pareto_rank`` / ``is_pareto``. A map from Tune trial id to MLflow run id is
 kept in the search's results folder so a resumed search (or a retried trial) writes to the same
 child run: one child run per trial, never two.
+
+Writes never hold a trial up: a trial's per-epoch metrics go to MLflow asynchronously (one batch
+per epoch; the driver goes on while MLflow commits it, and waits for them only when the trial's
+run ends), its final metrics and text figures in one batch, and both SQLite stores (MLflow's and
+Optuna's) run in WAL mode, where a reader (``slimtune pareto``, the UI) never blocks the writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SearchTracker", "EXPERIMENT_KIND_TAG", "flatten"]
+__all__ = ["SearchTracker", "EXPERIMENT_KIND_TAG", "flatten", "create_sqlite_aside", "sqlite_journal_mode"]
 
 # MLflow 3 opens an experiment on its GenAI overview unless it is marked as model training.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
@@ -62,7 +69,9 @@ def create_sqlite_aside(url: str, create: Callable[[str], None]) -> None:
     MLflow and Optuna create their tables one by one (MLflow by running migrations); a driver
     interrupted among them would leave a file that no later run can open ("table
     _alembic_tmp_... already exists"). Built under a temporary name, an interrupt leaves only
-    that file, and the next run starts over. Other URLs and existing files are left alone.
+    that file, and the next run starts over. Other URLs are left alone. The database, new or
+    existing, is put in WAL mode (:func:`sqlite_journal_mode`): called for MLflow's store when
+    the tracker first connects and for Optuna's before the trials start.
 
     Args:
         url: ``sqlite:///path`` (anything else is left to its library).
@@ -71,19 +80,44 @@ def create_sqlite_aside(url: str, create: Callable[[str], None]) -> None:
     if not url.startswith("sqlite:///"):
         return
     db = Path(url[len("sqlite:///") :])
-    if db.exists():
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
-    tmp.unlink(missing_ok=True)
-    create(f"sqlite:///{tmp}")
-    os.replace(tmp, db)
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+        tmp.unlink(missing_ok=True)
+        create(f"sqlite:///{tmp}")
+        os.replace(tmp, db)
+    if db.resolve() not in _WAL and sqlite_journal_mode(db, "wal") == "wal":
+        _WAL.add(db.resolve())
+
+
+def sqlite_journal_mode(db: Path, mode: str | None = None) -> str:
+    """The journal mode of the SQLite file ``db``, after setting it to ``mode`` (None: as it is).
+
+    WAL is kept in the file, so every later connection (MLflow's, Optuna's, a reader's) uses it:
+    readers no longer block the writer, and a commit costs one append instead of a rollback
+    journal written and deleted. A database another process holds locked keeps its mode.
+    """
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as connection:
+        try:
+            if mode is not None:
+                connection.execute(f"PRAGMA journal_mode={mode}")
+        except sqlite3.OperationalError:  # locked by another process for longer than the timeout: its mode stays
+            pass
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
 
 
 def _create_mlflow_tables(url: str) -> None:
     from mlflow.tracking import MlflowClient  # MLflow takes 1.5 s to import; pareto and report read runs.json without it
 
     MlflowClient(tracking_uri=url).search_experiments(max_results=1)
+
+
+#: Run id -> MLflow's handles of the run's asynchronous writes not yet waited for, in this process
+#: (the driver makes a tracker per callback: ``SearchRecord.tracker``).
+_PENDING: dict[str, list[Any]] = {}
+
+#: SQLite files this process has put in WAL mode already.
+_WAL: set[Path] = set()
 
 
 class SearchTracker:
@@ -189,17 +223,30 @@ class SearchTracker:
         """Log one epoch of a trial; an epoch replayed after a restore is not logged twice."""
         if step <= self.runs().get(trial_id, {}).get("last_epoch", 0):
             return
-        self.client.log_batch(run_id, metrics=self._metric_entities(_own_metrics(metrics), step=step))
+        # Asynchronous: Tune's loop, and with it the trial's next report, does not wait for the commit.
+        pending = self.client.log_batch(run_id, metrics=self._metric_entities(_own_metrics(metrics), step=step), synchronous=False)
+        _PENDING.setdefault(run_id, []).append(pending)
         self._update_run_record(trial_id, last_epoch=step)
 
+    def settle(self, run_id: str | None = None) -> None:
+        """Wait until MLflow holds every asynchronous write of ``run_id`` (None: of every run).
+
+        Called before a trial's run ends (finished, stopped or failed), so that its epochs are in
+        MLflow before its status says it ended.
+        """
+        for key in [run_id] if run_id is not None else list(_PENDING):
+            for pending in _PENDING.pop(key, []):
+                pending.wait()
+
     def finish_trial(self, trial_id: str, run_id: str, metrics: dict[str, Any], checkpoint: str | None) -> None:
+        from mlflow.entities import RunTag  # MLflow takes 1.5 s to import; pareto and report read runs.json without it
+
         if self.runs().get(trial_id, {}).get("status") == "FINISHED":
             return  # a resumed search replayed the end of a trial that was already recorded
+        self.settle(run_id)
         final = {k: v for k, v in _own_metrics(metrics).items() if k not in ("epoch", "stage")}
-        self.client.log_batch(run_id, metrics=self._metric_entities(final, step=0))
-        for key in _TEXT_METRICS:
-            if metrics.get(key) is not None:
-                self.client.set_tag(run_id, key, metrics[key] or "(none)")
+        tags = [RunTag(key, str(metrics[key] or "(none)")) for key in _TEXT_METRICS if metrics.get(key) is not None]
+        self.client.log_batch(run_id, metrics=self._metric_entities(final, step=0), tags=tags)
         self.client.set_terminated(run_id, status="FINISHED")
         self._update_run_record(trial_id, status="FINISHED", checkpoint=checkpoint, metrics=final)
 
@@ -234,12 +281,14 @@ class SearchTracker:
         """
         if self.runs().get(trial_id, {}).get("status") == "STOPPED_EARLY":
             return
+        self.settle(run_id)
         self.client.set_tag(run_id, "stopped_early", "true")
         self.client.set_tag(run_id, "stopped_at_epoch", str(epoch))
         self.client.set_terminated(run_id, status="KILLED")
         self._update_run_record(trial_id, status="STOPPED_EARLY", stopped_at_epoch=epoch)
 
     def fail_trial(self, trial_id: str, run_id: str, reason: str) -> None:
+        self.settle(run_id)
         self.client.set_tag(run_id, "failure_reason", reason[:4000])
         self.client.set_terminated(run_id, status="FAILED")
         self._update_run_record(trial_id, status="FAILED", reason=reason)

@@ -155,7 +155,7 @@ class SearchSpace:
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     latency_batch_size: int = 1
-    latency_repeats: int = 20
+    latency_repeats: int = 20  # the most timed passes: deploy.latency_ms stops from 5 on once the median is stable
     latency_runtime: str = DEFAULT_LATENCY_RUNTIME  # one of deploy.LATENCY_RUNTIMES
     results_dir: str = "slimtune_results"
     tracking_uri: str = "sqlite:///mlflow.db"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,8 +30,10 @@ from deploy import (
     count_flops,
     count_params,
     deployed_latency,
-    export_model,
+    export_and_load,
+    phase,
     record_checksum,
+    recording_phases,
     size_bytes,
     torch_threads,
     verify_checksum,
@@ -138,32 +141,41 @@ def measure(
     as ``measured_<metric>`` (:func:`deploy.apply_reported_cost`).
     """
     model.eval()
-    test = task.evaluate(model, seeded_loader(task.test_set, task.eval_batch_size, False, 0), device)
-    example = task.example_input(1).to(device)
-    flops = count_flops(model, example)
-    metrics: dict[str, Any] = {m: test[m] for m in task.metrics}
-    metrics.update(
-        {
-            "test_loss": test["loss"],
-            "macs": float(flops.macs),
-            "flops": float(flops.flops),
-            "bops": float(flops.bops),
-            "params": float(count_params(model)),
-            "size_bytes": float(size_bytes(model)),
-            "uncounted_ops": ",".join(flops.uncounted_ops),
-            # The last bits of training on CPU depend on it; a replay uses it again.
-            "torch_threads": float(torch.get_num_threads()),
-        }
-    )
+    with phase("close-out: measuring"):
+        test = task.evaluate(model, seeded_loader(task.test_set, task.eval_batch_size, False, 0), device)
+        example = task.example_input(1).to(device)
+        flops = count_flops(model, example)
+        metrics: dict[str, Any] = {m: test[m] for m in task.metrics}
+        metrics.update(
+            {
+                "test_loss": test["loss"],
+                "macs": float(flops.macs),
+                "flops": float(flops.flops),
+                "bops": float(flops.bops),
+                "params": float(count_params(model)),
+                "size_bytes": float(size_bytes(model)),
+                "uncounted_ops": ",".join(flops.uncounted_ops),
+                # The last bits of training on CPU depend on it; a replay uses it again.
+                "torch_threads": float(torch.get_num_threads()),
+            }
+        )
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(export_dir) if export_dir is not None else Path(tmp)
         form = LATENCY_RUNTIMES[space.latency_runtime]
-        sizes = export_model(model, example, out_dir, onnx=form == "onnx")
+        sizes, program = export_and_load(model, example, out_dir, onnx=form == "onnx")
         metrics.update(artifact_sizes(sizes, form))
         x = task.example_input(space.latency_batch_size).to(device)
-        metrics.update(
-            deployed_latency(out_dir, x, repeats=space.latency_repeats, threads=trial_threads(space), runtime=space.latency_runtime)
-        )
+        with phase("close-out: latency"):
+            metrics.update(
+                deployed_latency(
+                    out_dir,
+                    x,
+                    repeats=space.latency_repeats,
+                    threads=trial_threads(space),
+                    runtime=space.latency_runtime,
+                    loaded=program if form == "program" else None,
+                )
+            )
     directions = task_metrics(space.task)
     for m in task.metrics:
         metrics[f"{m}_drop"] = 0.0 if baseline is None else quality_drop(metrics[m], baseline[m], directions[m])
@@ -349,15 +361,16 @@ def run_pipeline(
         The final metrics (objectives, cost figures and each method's own figures).
     """
     space = spec.space
-    seed_everything(seed)
-    task = load_task(space)
-    baseline = build_model(space, task)
-    baseline.load_state_dict(spec.baseline_state)
-    baseline.to(device).eval()
-    for p in baseline.parameters():
-        p.requires_grad_(False)
-    model, ctx = trainable_student(space, task, baseline, device, seed, log)
-    pipeline = Pipeline.from_recipe(recipe)
+    with phase("data loading and setup"):
+        seed_everything(seed)
+        task = load_task(space)
+        baseline = build_model(space, task)
+        baseline.load_state_dict(spec.baseline_state)
+        baseline.to(device).eval()
+        for p in baseline.parameters():
+            p.requires_grad_(False)
+        model, ctx = trainable_student(space, task, baseline, device, seed, log)
+        pipeline = Pipeline.from_recipe(recipe)
     started = time.monotonic()
 
     def epoch_end(state: TrainingState, metrics: dict[str, float]) -> None:
@@ -371,7 +384,8 @@ def run_pipeline(
             on_epoch_end(state, metrics)
 
     train_losses: list[float] = []
-    model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
+    with phase("training"):
+        model = pipeline.run(model, ctx, on_epoch_end=epoch_end, resume=resume)
     model.eval()
     metrics = measure(
         model, space, task, device, baseline=spec.baseline_metrics, reported_cost=pipeline.cost(model, ctx), export_dir=out_dir
@@ -381,9 +395,10 @@ def run_pipeline(
     metrics["quality"] = trial_quality(metrics, spec.baseline_metrics, train_losses)
     metrics["diverged"] = float(metrics["quality"] == "diverged")
     metrics["at_chance"] = float(metrics["quality"] == "at chance")
-    # Reports and plots of the methods (Method.artifacts) travel with the exported model.
-    pipeline.artifacts(model, ctx, out_dir / "artifacts")
-    write_recipe(out_dir, recipe_document(space, task, pipeline.recipe(), device, spec.baseline_state, spec.baseline_metrics, metrics))
+    with phase("close-out: files"):
+        # Reports and plots of the methods (Method.artifacts) travel with the exported model.
+        pipeline.artifacts(model, ctx, out_dir / "artifacts")
+        write_recipe(out_dir, recipe_document(space, task, pipeline.recipe(), device, spec.baseline_state, spec.baseline_metrics, metrics))
     return metrics
 
 
@@ -430,13 +445,40 @@ def replay(doc: dict[str, Any], out_dir: Path, log: Callable[[str], None] = prin
 #: Beside ``state.pt`` in each epoch's checkpoint: the trial's CPU seconds so far, which a retry continues.
 CPU_FILE = "cpu.json"
 
+#: An environment variable naming a file: each trial appends to it one JSON line with the wall
+#: seconds of its phases (:func:`deploy.phase`), the Tune trial id and when it entered and left
+#: :func:`run_trial` (``time.time()``). Read by ``bench/overhead.py --profile``; unset, nothing is timed.
+PROFILE_ENV = "SLIMTUNE_PROFILE"
+
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """Tune's function trainable: one trial, with a checkpoint every epoch.
 
     A retried trial continues from its last checkpoint (the model, every method's state and the
-    optimizer's) instead of starting over.
+    optimizer's) instead of starting over. With :data:`PROFILE_ENV` set, the trial's phases are
+    timed and appended to the file it names.
     """
+    target = os.environ.get(PROFILE_ENV)
+    if not target:
+        _run_trial(config, spec)
+        return
+    entered = time.time()
+    with recording_phases() as phases:
+        try:
+            _run_trial(config, spec)
+        finally:
+            line = {
+                "trial_id": tune.get_context().get_trial_id(),
+                "pid": os.getpid(),
+                "entered": entered,
+                "left": time.time(),
+                "phases": phases,
+            }
+            with open(target, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+
+def _run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     space = spec.space
     recipe = recipe_from_config(space, config)
     device = torch.device("cuda" if space.budget.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
@@ -483,7 +525,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             if f"val_{m}" in metrics and m in spec.baseline_metrics
         }
         epoch = {**metrics, **drops, **epoch_cost, "cpu_s": cpu_s()}
-        with tempfile.TemporaryDirectory() as tmp:
+        with phase("epoch reports and checkpoints"), tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "state.pt")
             record_checksum(Path(tmp) / "state.pt")
             (Path(tmp) / CPU_FILE).write_text(json.dumps({"cpu_s": epoch["cpu_s"]}))
@@ -506,5 +548,6 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         metrics["recipe"] = json.dumps(recipe)
         metrics["node_id"] = node_id
         metrics["final"] = True
-        (Path(tmp) / "final.json").write_text(json.dumps(metrics))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        with phase("final report"):
+            (Path(tmp) / "final.json").write_text(json.dumps(metrics))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

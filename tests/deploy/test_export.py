@@ -27,10 +27,13 @@ from deploy import (
     load_module,
     load_program,
     size_bytes,
+    storage_groups_quiet,
 )
+from deploy._rewrites import conv_batch_norm_pairs, trace_program
 from errors import UserError
 from methods import Phase, Pipeline, train_phase
 from methods._quant import MaxAbsWeightQuantizer, QuantConv2d, QuantLinear, RunningMaxActivationQuantizer
+from models import create_model
 from search.space.spec import load_space
 from search.trial.context import build_context, build_model, load_task
 
@@ -206,6 +209,59 @@ def test_inference_copy_folds_batch_norm_and_keeps_the_outputs() -> None:
     with torch.no_grad():
         torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=0)
     assert rewrites.max_abs_diff <= 1e-5
+
+
+class _SharedBlock(nn.Module):
+    """The same conv -> bn block run twice, and a conv -> bn pair whose convolution shares its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2))
+        self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.conv.weight = self.block[0].weight
+        self.last, self.last_bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_bn(self.last(self.bn(self.conv(self.block(self.block(x))))))
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("digits_cnn", (1, 8, 8)), ("digits_resnet", (1, 8, 8)), ("resnet20", (3, 32, 32)), ("vgg16", (3, 32, 32))]
+)
+def test_an_eager_pass_finds_the_batch_norm_pairs_a_trace_finds(name: str, shape: tuple[int, ...]) -> None:
+    """What lets the export trace once: the pairs to fold come from one eager forward pass, the same as from a trace."""
+    model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
+    x = torch.randn(1, *shape)
+    found = conv_batch_norm_pairs(model, x)
+    assert found == conv_batch_norm_pairs(model, trace_program(model, x))
+    assert len(found) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # these models fold every batch norm
+
+
+@pytest.mark.parametrize("model", [_Residual(), _SharedBlock()], ids=["residual", "shared"])
+def test_an_eager_pass_leaves_what_a_trace_leaves(model: nn.Module) -> None:
+    """A convolution read twice, a block run twice and a shared weight do not fold, found either way."""
+    x = torch.randn(1, 2, 5, 5)
+    found = conv_batch_norm_pairs(model.eval(), x)
+    assert found == conv_batch_norm_pairs(model, trace_program(model, x))
+    assert found == ([("conv1", "bn1")] if isinstance(model, _Residual) else [("last", "last_bn")])
+
+
+def test_the_export_traces_the_model_once_and_writes_the_same_program(tmp_path: Path, monkeypatch) -> None:
+    """One ``torch.export.export`` per export (there were two: one more to find the batch norms to fold)."""
+    model = create_model("digits_resnet", num_classes=10, in_channels=1).eval()
+    x = torch.randn(1, 1, 8, 8)
+    # The program the export wrote when a trace found the pairs: the folded copy, traced.
+    rewritten, _ = inference_copy(model, x)
+    expected = trace_program(rewritten, x)
+    traces = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: traces.append(1) or real(*a, **k))
+    export_model(model, x, tmp_path / "export")
+    assert len(traces) == 1
+    (tmp_path / "before").mkdir()
+    with storage_groups_quiet():
+        torch.export.save(expected, tmp_path / "before" / "model.pt2")
+    assert (tmp_path / "export" / "model.pt2").read_bytes() == (tmp_path / "before" / "model.pt2").read_bytes()
 
 
 class _LayoutSensitive(nn.Module):

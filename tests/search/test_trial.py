@@ -116,6 +116,35 @@ def test_baseline_and_trial_latency_are_timed_alike_on_the_exported_program(spac
     assert [(name.startswith("GraphModule"), shape, threads) for name, shape, threads in timed] == [(True, (3, 1, 8, 8), 2)] * 2
 
 
+def test_the_close_out_traces_saves_and_loads_the_program_once_and_times_the_checked_program(space, tmp_path: Path, monkeypatch) -> None:
+    """One ``torch.export.export``, one save, one load per close-out (it was two traces and two loads).
+
+    The batch norms to fold are found by an eager pass, not a second trace, and the program
+    loaded for the round-trip check is the one timed.
+    """
+    import deploy._export
+    import deploy._loading
+
+    baseline, baseline_metrics = train_baseline(space, log=lambda m: None)
+    calls = {"export": 0, "save": 0, "load": 0}
+    for name in calls:
+        real = getattr(torch.export, name)
+
+        def counted(*args, real=real, name=name, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.export, name, counted)
+    loaded, timed = [], []
+    real_load_program = deploy._export.load_program
+    monkeypatch.setattr(deploy._export, "load_program", lambda *a, **k: loaded.append(real_load_program(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(deploy._export, "latency_ms", lambda model, x, repeats, threads: timed.append(model) or 1.0)
+    spec = TrialSpec(space, baseline.state_dict(), baseline_metrics)
+    run_pipeline(spec, [{"name": "l1_filter", "params": {"ratio": 0.5}}], tmp_path, torch.device("cpu"), seed=0)
+    assert calls == {"export": 1, "save": 1, "load": 1}
+    assert len(loaded) == 1 and timed == loaded
+
+
 def test_onnxruntime_times_the_trials_and_the_baselines_model_onnx_at_their_threads(space, tmp_path: Path, monkeypatch) -> None:
     """``measure.latency_runtime: onnxruntime``: model.onnx written and timed in ONNX Runtime, the program's file size kept beside it."""
     import deploy._export
