@@ -405,7 +405,9 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"  FLOPs       {report['flops']:,} (= 2 x MACs)")
         print(f"  BOPs        {report['bops']:,} (MACs x weight bits x input bits)")
         print(f"  size        {report['size_bytes']:,} bytes (parameters and buffers at their stored bits)")
-        print(f"  latency     median of up to 20 (until stable) at batch {args.batch_size}, {plural(args.threads, 'CPU thread')}; file size:")
+        print(
+            f"  latency     median of up to 20 (until stable) at batch {args.batch_size}, {plural(args.threads, 'CPU thread')}; file size:"
+        )
         for form, figures in report["forms"].items():
             size = f"{figures['artifact_bytes']:>12,} bytes" if figures["artifact_bytes"] is not None else "   (not exported)"
             note = " (what a trial times by default)" if form == "program" else ""

@@ -140,7 +140,9 @@ def write_export(
         log(
             f"  files: {files}; reloaded {' and '.join(checked)} {'matches' if len(checked) == 1 else 'match'} the module (max diff {diff:.2g})"
         )
-    log(f"  latency, median of up to {space.latency_repeats} (until stable) at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:")
+    log(
+        f"  latency, median of up to {space.latency_repeats} (until stable) at batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}, {device.type}:"
+    )
     # The form the trial's latency_ms timed (measure.latency_runtime), at the same batch and threads.
     timed = chosen.metrics.get("latency_form", LATENCY_RUNTIMES[space.latency_runtime])
     for form in forms:
