@@ -306,11 +306,16 @@ class ClusteredConv2d(nn.Module):
         bias = (self.bias - bn.running_mean) * scale if self.bias is not None else -bn.running_mean * scale
         return scale, bias if bn.bias is None else bias + bn.bias
 
-    def folded_dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The dense path's ``(weight, bias)`` with the batch norm folded in (:meth:`dense_weight` scaled per filter)."""
+    def folded_dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The dense path's ``(channels, weight, bias)`` in eval mode: the kept channels in ascending order, the weight on them.
+
+        The weight is :meth:`dense_weight` scaled per filter by the folded batch norm, its columns
+        in the order of ``channels``: a layer that keeps every channel reads its input as it is.
+        """
         scale, bias = self.folded_affine()
-        weight = self.dense_weight()
-        return (weight if scale is None else weight * scale.view(-1, 1, 1, 1)), bias
+        channels, order = torch.sort(self.kept)
+        weight = self.dense_weight().index_select(1, order)
+        return channels, (weight if scale is None else weight * scale.view(-1, 1, 1, 1)), bias
 
     def _folded_clustered(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The clustered path's full kernels (scaled), :meth:`flat_index`, the weight of each picked map and the bias."""
@@ -327,16 +332,29 @@ class ClusteredConv2d(nn.Module):
     # --- computing --------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.reads_input_as_is:
-            x = x.index_select(1, self.kept)
         bn = self.batch_norm
         if self.training or (bn is not None and bn.training):  # the batch norm on batch statistics: not foldable
+            x = x if self.reads_input_as_is else self._channels(x, self.kept)
             out = F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
             return out if bn is None else bn(out)
         if self.path == "dense":
-            weight, bias = self._unpacked("dense", self.folded_dense)
+            channels, weight, bias = self._unpacked("dense", self.folded_dense)
+            x = x if len(self.kept) == self.in_channels else self._channels(x, channels)
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
-        return self._clustered(x)
+        return self._clustered(x if self.reads_input_as_is else self._channels(x, self.kept))
+
+    @staticmethod
+    def _channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """``x``'s ``channels``, in its memory layout.
+
+        ``index_select`` on the channels of a channels-last activation (the inference copy's
+        layout on CPU, :func:`deploy.inference_copy`) returns a contiguous one, and oneDNN would
+        then reorder at this layer and every layer after it; selecting on the last dimension of
+        the channels-last view keeps the layout.
+        """
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return x.permute(0, 2, 3, 1).index_select(3, channels).permute(0, 3, 1, 2)
+        return x.index_select(1, channels)
 
     def _unpacked(self, kind: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, kept between inference calls until a stored tensor changes.

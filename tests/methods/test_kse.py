@@ -214,6 +214,46 @@ def test_an_absorbed_batch_norm_is_folded_on_both_paths_in_eval_mode_and_runs_as
         plain.absorb_batch_norm(nn.BatchNorm2d(7))
 
 
+def _ops(layer: ClusteredConv2d, x: torch.Tensor) -> list[str]:
+    """The aten ops one eval-mode call runs once the unpacked weights are cached."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        layer(x)
+        with Recorder() as recorder:
+            layer(x)
+    return recorder.ops
+
+
+def test_the_dense_path_reads_a_fully_kept_input_as_it_is_and_keeps_a_channels_last_one_channels_last() -> None:
+    """Kept channels stored out of order (full first, then by group) cost no copy of the input on the dense path;
+    removed ones are selected without leaving the channels-last layout of the inference copy."""
+    conv = _conv()
+    x = X.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(x)
+    every = ClusteredConv2d.from_conv(conv, [None, 8, 8, None, 8, 8], seed=0).eval()
+    assert every.kept.tolist() == [0, 3, 1, 2, 4, 5]
+    torch.testing.assert_close(every(x), expected, rtol=0, atol=1e-5)
+    assert "index_select" not in _ops(every, x)
+    some = ClusteredConv2d.from_conv(conv, [None, 0, 8, None, 8, 8], seed=0).eval()
+    out = some(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    reference = copy.deepcopy(conv)
+    with torch.no_grad():
+        reference.weight[:, 1] = 0
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-5)
+
+
 def test_kse_folds_resnet20s_batch_norms_and_its_exported_program_runs_none(cifar_context, tmp_path) -> None:
     """The deployed program equals the unfolded model within 1e-5, and ``macs``/``params`` are the folded model's."""
     model, ctx = cifar_context()
