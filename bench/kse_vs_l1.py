@@ -119,8 +119,9 @@ def l1_ratio_for(baseline: torch.nn.Module, ctx, figure: str, target: float) -> 
 
 
 def matched(ratio: float, got: float, target: float) -> str:
-    """The ``setting`` of a matched l1_filter row: its ratio and how far the matched figure is from the target."""
-    return f"ratio={ratio:.3f} ({got / target - 1:+.1%})"
+    """The ``setting`` of a matched l1_filter row: its ratio and how far the matched figure is from the target (``*``: more than 2%)."""
+    off = got / target - 1
+    return f"ratio={ratio:.4f} ({off:+.1%}){' *' if abs(off) > 0.02 else ''}"
 
 
 def set_path(model: torch.nn.Module, path: str) -> None:
@@ -228,6 +229,8 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     for r in rows:
         print(f"{r['method']:<18} {r['seed']!s:>4}  {r['setting']:<24} {r['accuracy']:>8.4f} {r['params']:>9,.0f} {r['size']:>9,.0f} "
               f"{r['macs']:>12,.0f} {r['macs_dense']:>12,.0f} {r['macs_clustered']:>12,.0f} {r['paths']:>6} {r['lat1']:>8.3f} {r['lat64']:>8.2f}")  # fmt: skip
+    if any(r["setting"].endswith(" *") for r in rows):
+        print("* matched figure more than 2% from KSE's: no l1_filter ratio comes closer (it removes whole filters per layer)")
     methods = list(dict.fromkeys(r["method"] for r in rows if r["seed"] != "-")) if len(rows) > len({r["method"] for r in rows}) else []
     if methods:
         print("-" * len(header))
