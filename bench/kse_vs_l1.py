@@ -1,16 +1,22 @@
-"""KSE against L1-norm filter pruning at matched parameters: accuracy, size, MACs of both KSE paths, CPU latency.
+"""KSE against L1-norm filter pruning at matched parameters and at matched MACs: accuracy, size, MACs, CPU latency.
 
 Part 1, accuracy (digits, for each model and seed, on one baseline trained once per model):
 
 1. ``kse`` (``levels`` G, ``halvings`` T) compresses a copy of the baseline and fine-tunes it; its
-   ``params`` (centroids, full kernels and one weight per packed index) set the target.
-2. ``l1_filter`` prunes another copy at the ratio whose ``params`` come closest to KSE's
-   (bisection), then fine-tunes the same way (cross-entropy, SGD, same epochs and learning rate).
+   ``params`` (centroids, full kernels and one weight per packed index) and its ``macs`` (what its
+   deployed model runs: each layer on the path ``auto`` chose, as a trial measures them) set
+   the targets.
+2. ``l1_filter =params`` prunes another copy at the ratio whose ``params`` come closest to KSE's,
+   and ``l1_filter =MACs`` another at the ratio whose ``macs`` do (bisection; the ``setting``
+   column gives the ratio and how far the matched figure is from KSE's); each then fine-tunes the
+   same way (cross-entropy, SGD, same epochs and learning rate). KSE keeps every filter and
+   clusters kernels, so at equal params it runs more MACs than filter pruning: the first row
+   compares storage, the second compute.
 
 Part 2, speed (random-init ``resnet20`` at 3x32x32, as the issue asks): the baseline, KSE at the
 same G and T with each layer forced to the dense and to the clustered path, and with the path
-``auto`` picks at the timing batch, and l1_filter at matched params; median CPU latency (one
-thread) at batch 1 and 64 and the MACs each path runs.
+``auto`` picks at the timing batch, and l1_filter at matched params and at the MACs of KSE's dense
+path; median CPU latency (one thread) at batch 1 and 64 and the MACs each path runs.
 
     python bench/kse_vs_l1.py                                   # digits_resnet and resnet20, 3 seeds
     python bench/kse_vs_l1.py --models resnet20 --seeds 0 --finetune-epochs 2
@@ -91,24 +97,31 @@ def build_space(args: argparse.Namespace, model: str):
     )
 
 
-def l1_ratio_for_params(baseline: torch.nn.Module, ctx, target: int) -> tuple[float, int]:
-    """The l1_filter ratio whose pruned ``params`` come closest to ``target`` (bisection, then the closer end)."""
-    from deploy import count_params
+def l1_ratio_for(baseline: torch.nn.Module, ctx, figure: str, target: float) -> tuple[float, int]:
+    """The l1_filter ratio whose pruned ``figure`` (``"params"`` or ``"macs"``) comes closest to ``target`` (bisection, then the closer end)."""
+    from deploy import count_flops, count_params
     from methods import create_method
 
-    def params_at(ratio: float) -> int:
-        return count_params(create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(baseline), ctx))
+    def figure_at(ratio: float) -> int:
+        model = create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(baseline), ctx)
+        return count_params(model) if figure == "params" else count_flops(model, ctx.example_input).macs
 
-    low, high = 0.0, 0.95  # params fall as the ratio grows
-    params_low, params_high = params_at(low), params_at(high)
+    low, high = 0.0, 0.95  # both fall as the ratio grows
+    at_low, at_high = figure_at(low), figure_at(high)
     for _ in range(12):
         mid = (low + high) / 2
-        params_mid = params_at(mid)
-        if params_mid > target:
-            low, params_low = mid, params_mid
+        at_mid = figure_at(mid)
+        if at_mid > target:
+            low, at_low = mid, at_mid
         else:
-            high, params_high = mid, params_mid
-    return (low, params_low) if abs(params_low - target) <= abs(params_high - target) else (high, params_high)
+            high, at_high = mid, at_mid
+    return (low, at_low) if abs(at_low - target) <= abs(at_high - target) else (high, at_high)
+
+
+def matched(ratio: float, got: float, target: float) -> str:
+    """The ``setting`` of a matched l1_filter row: its ratio and how far the matched figure is from the target (``*``: more than 2%)."""
+    off = got / target - 1
+    return f"ratio={ratio:.4f} ({off:+.1%}){' *' if abs(off) > 0.02 else ''}"
 
 
 def set_path(model: torch.nn.Module, path: str) -> None:
@@ -142,7 +155,7 @@ def latencies(model: torch.nn.Module, shape: tuple[int, ...], repeats: int, devi
 
 
 def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.device) -> list[dict[str, Any]]:
-    from deploy import count_params, size_bytes
+    from deploy import count_flops, count_params, size_bytes
     from methods import Phase, Pipeline, create_method, train_phase
     from search.trial.body import train_baseline, trainable_student
     from search.trial.context import load_task, seed_everything
@@ -170,7 +183,8 @@ def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.devic
     lat = latencies(baseline, shape, args.latency_repeats, device)
     macs = base_metrics["macs"]
     rows = [{"method": "baseline", "seed": "-", "setting": "-", "accuracy": base_metrics["accuracy"], "params": base_metrics["params"],
-             "size": size_bytes(baseline), "macs_dense": macs, "macs_clustered": macs, "paths": "-", "lat1": lat[1], "lat64": lat[64]}]  # fmt: skip
+             "size": size_bytes(baseline), "macs": macs, "macs_dense": macs, "macs_clustered": macs, "paths": "-", "lat1": lat[1],
+             "lat64": lat[64]}]  # fmt: skip
     kse_params = {"levels": args.levels, "halvings": args.halvings, "epochs": args.finetune_epochs, "lr": args.finetune_lr, "path": "auto"}
     for seed in args.seeds:
         t0 = time.perf_counter()
@@ -180,23 +194,24 @@ def accuracy_part(args: argparse.Namespace, model_name: str, device: torch.devic
         m = pipeline.metrics()
         both = path_macs(model, example)
         lat = latencies(model, shape, args.latency_repeats, device)
-        params = count_params(model)
+        target = {"params": count_params(model), "macs": count_flops(model, example).macs}
         rows.append({"method": "kse", "seed": seed, "setting": f"G={args.levels} T={args.halvings}, -{m['kse.channels_removed_fraction']:.0%} ch",
-                     "accuracy": evaluate(model, ctx), "params": params, "size": size_bytes(model), "macs_dense": both["dense"],
-                     "macs_clustered": both["clustered"], "paths": f"{m['kse.clustered_path_layers']:.0f}c/{m['kse.dense_path_layers']:.0f}d",
-                     "lat1": lat[1], "lat64": lat[64]})  # fmt: skip
+                     "accuracy": evaluate(model, ctx), "params": target["params"], "size": size_bytes(model), "macs": target["macs"],
+                     "macs_dense": both["dense"], "macs_clustered": both["clustered"],
+                     "paths": f"{m['kse.clustered_path_layers']:.0f}c/{m['kse.dense_path_layers']:.0f}d", "lat1": lat[1], "lat64": lat[64]})  # fmt: skip
         t1 = time.perf_counter()
-        model, ctx = student(seed)
-        ratio, _ = l1_ratio_for_params(model, ctx, params)
-        model = create_method("l1_filter", {"ratio": ratio}).prepare(model, ctx)
-        train_phase(model, Phase("finetune", args.finetune_epochs, lr=args.finetune_lr, optimizer="sgd"), ctx, loss_terms=[])
-        model.eval()
-        both = path_macs(model, example)
-        lat = latencies(model, shape, args.latency_repeats, device)
-        rows.append({"method": "l1_filter", "seed": seed, "setting": f"ratio={ratio:.3f}", "accuracy": evaluate(model, ctx),
-                     "params": count_params(model), "size": size_bytes(model), "macs_dense": both["dense"], "macs_clustered": both["clustered"],
-                     "paths": "-", "lat1": lat[1], "lat64": lat[64]})  # fmt: skip
-        print(f"seed {seed}: kse {t1 - t0:.0f} s, l1_filter {time.perf_counter() - t1:.0f} s", flush=True)
+        for figure, label in (("params", "=params"), ("macs", "=MACs")):
+            model, ctx = student(seed)
+            ratio, got = l1_ratio_for(model, ctx, figure, target[figure])
+            model = create_method("l1_filter", {"ratio": ratio}).prepare(model, ctx)
+            train_phase(model, Phase("finetune", args.finetune_epochs, lr=args.finetune_lr, optimizer="sgd"), ctx, loss_terms=[])
+            model.eval()
+            lat = latencies(model, shape, args.latency_repeats, device)
+            macs = count_flops(model, example).macs
+            rows.append({"method": f"l1_filter {label}", "seed": seed, "setting": matched(ratio, got, target[figure]),
+                         "accuracy": evaluate(model, ctx), "params": count_params(model), "size": size_bytes(model), "macs": macs,
+                         "macs_dense": macs, "macs_clustered": macs, "paths": "-", "lat1": lat[1], "lat64": lat[64]})  # fmt: skip
+        print(f"seed {seed}: kse {t1 - t0:.0f} s, l1_filter (both) {time.perf_counter() - t1:.0f} s", flush=True)
     print_table(rows, f"{model_name} ({args.task} test accuracy; latency at {'x'.join(map(str, shape))})")
     return rows
 
@@ -208,28 +223,32 @@ def _loader(task, space):
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    header = (f"{'method':<14} {'seed':>4}  {'setting':<24} {'accuracy':>8} {'params':>9} {'size B':>9} {'MACs dense':>12} "
+    header = (f"{'method':<18} {'seed':>4}  {'setting':<24} {'accuracy':>8} {'params':>9} {'size B':>9} {'MACs run':>12} {'MACs dense':>12} "
               f"{'MACs clust.':>12} {'paths':>6} {'ms b=1':>8} {'ms b=64':>8}")  # fmt: skip
     print(f"\n{title}\n{header}\n{'-' * len(header)}")
     for r in rows:
-        print(f"{r['method']:<14} {r['seed']!s:>4}  {r['setting']:<24} {r['accuracy']:>8.4f} {r['params']:>9,.0f} {r['size']:>9,.0f} "
-              f"{r['macs_dense']:>12,.0f} {r['macs_clustered']:>12,.0f} {r['paths']:>6} {r['lat1']:>8.3f} {r['lat64']:>8.2f}")  # fmt: skip
-    methods = sorted({r["method"] for r in rows if r["seed"] != "-"}) if len(rows) > len({r["method"] for r in rows}) else []
+        print(f"{r['method']:<18} {r['seed']!s:>4}  {r['setting']:<24} {r['accuracy']:>8.4f} {r['params']:>9,.0f} {r['size']:>9,.0f} "
+              f"{r['macs']:>12,.0f} {r['macs_dense']:>12,.0f} {r['macs_clustered']:>12,.0f} {r['paths']:>6} {r['lat1']:>8.3f} {r['lat64']:>8.2f}")  # fmt: skip
+    if any(r["setting"].endswith(" *") for r in rows):
+        print("* matched figure more than 2% from KSE's: no l1_filter ratio comes closer (it removes whole filters per layer)")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["seed"] != "-")) if len(rows) > len({r["method"] for r in rows}) else []
     if methods:
         print("-" * len(header))
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         mean = {
-            k: statistics.fmean(r[k] for r in mine) for k in ("accuracy", "params", "size", "macs_dense", "macs_clustered", "lat1", "lat64")
+            k: statistics.fmean(r[k] for r in mine)
+            for k in ("accuracy", "params", "size", "macs", "macs_dense", "macs_clustered", "lat1", "lat64")
         }
         sd = statistics.pstdev(r["accuracy"] for r in mine) if len(mine) > 1 else 0.0
-        print(f"{method:<14} {'mean':>4}  {f'(accuracy sd {sd:.4f})':<24} {mean['accuracy']:>8.4f} {mean['params']:>9,.0f} {mean['size']:>9,.0f} "
-              f"{mean['macs_dense']:>12,.0f} {mean['macs_clustered']:>12,.0f} {'':>6} {mean['lat1']:>8.3f} {mean['lat64']:>8.2f}")  # fmt: skip
+        print(f"{method:<18} {'mean':>4}  {f'(accuracy sd {sd:.4f})':<24} {mean['accuracy']:>8.4f} {mean['params']:>9,.0f} {mean['size']:>9,.0f} "
+              f"{mean['macs']:>12,.0f} {mean['macs_dense']:>12,.0f} {mean['macs_clustered']:>12,.0f} {'':>6} {mean['lat1']:>8.3f} "
+              f"{mean['lat64']:>8.2f}")  # fmt: skip
 
 
 def speed_part(args: argparse.Namespace, device: torch.device) -> None:
     """Random-init resnet20 at 3x32x32: what each KSE path really costs against the dense model."""
-    from deploy import count_params, size_bytes
+    from deploy import count_flops, count_params, size_bytes
     from methods import MethodContext, create_method
     from models import create_model
 
@@ -253,7 +272,8 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> None:
         both = path_macs(model, example)
         lat = latencies(model, shape, args.latency_repeats, device)
         rows.append({"method": name, "seed": 0, "setting": setting, "accuracy": float("nan"), "params": count_params(model), "size": size_bytes(model),
-                     "macs_dense": both["dense"], "macs_clustered": both["clustered"], "paths": paths, "lat1": lat[1], "lat64": lat[64]})  # fmt: skip
+                     "macs": count_flops(model, example).macs, "macs_dense": both["dense"], "macs_clustered": both["clustered"], "paths": paths,
+                     "lat1": lat[1], "lat64": lat[64]})  # fmt: skip
         return rows[-1]
 
     base_row = row("baseline", base, "random init")
@@ -273,8 +293,10 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> None:
             f"G={args.levels} T={args.halvings}",
             f"{m['clustered_path_layers']:.0f}c/{m['dense_path_layers']:.0f}d",
         )
-    ratio, _ = l1_ratio_for_params(base, ctx, forced["dense"]["params"])
-    row("l1_filter", create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(base), ctx).eval(), f"ratio={ratio:.3f}")
+    for figure, label in (("params", "=params"), ("macs", "=MACs")):
+        ratio, got = l1_ratio_for(base, ctx, figure, forced["dense"][figure])
+        pruned = create_method("l1_filter", {"ratio": ratio}).prepare(copy.deepcopy(base), ctx).eval()
+        row(f"l1_filter {label}", pruned, matched(ratio, got, forced["dense"][figure]))
     print_table(rows, "resnet20, random init, 3x32x32 (speed only; no accuracy)")
     clustered = forced["clustered"]
     print(

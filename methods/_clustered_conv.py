@@ -17,6 +17,22 @@ It has two inference paths that compute the same function:
   convolution runs on the kept channels.
 
 Training always uses the dense path; ``path`` picks the inference one.
+
+A batch norm that reads only the layer's output can be taken into the layer
+(:meth:`ClusteredConv2d.absorb_batch_norm`, called by KSE's finalize). In training mode it runs
+after the convolution as before (batch statistics, running averages updated), so a fine-tune
+after the fold trains what it trained before. In eval mode it is folded: its per-filter scale
+``gamma_n / sqrt(var_n + eps)`` and shift go into the weight and the bias, as for a plain
+convolution. The scale cannot go into the centroids themselves: a channel's centroids are
+shared by all ``N`` filters, each with its own scale, so folding them there would need one
+centroid table per filter, that is the dense weight. Hence:
+
+* dense path: the weight is materialised anyway; the scale multiplies it, filter by filter, and
+  the shift joins the bias: one convolution, no batch norm (in an exported program this is a
+  weight computation, which :func:`deploy.load_program` runs once at load time);
+* clustered path: the centroids stay as they are; the full channels' kernels are scaled, and the
+  scale weights each filter's sum of picked maps (``F.embedding_bag``'s ``per_sample_weights``,
+  no extra pass over the output).
 """
 
 from __future__ import annotations
@@ -93,6 +109,9 @@ class ClusteredConv2d(nn.Module):
     channels. The forward unpacks all groups' indices with one chain of shifts and picks every
     clustered kernel with one gather (few ops: each is a node of the exported program).
 
+    ``batch_norm``: the batch norm that :meth:`absorb_batch_norm` took in (None until then),
+    folded in eval mode (module docstring).
+
     ``params`` counts the centroids, the full kernels, the bias and one weight per index;
     ``size_bytes`` the float tensors at their size, the packed indices byte for byte and ``kept``
     at 32 bits (the convention of ``deploy.size_bytes`` and ``methods._quant``).
@@ -140,6 +159,7 @@ class ClusteredConv2d(nn.Module):
         self.index_bytes = [math.ceil(out_channels * g.channels * g.bits / 8) for g in self.channel_groups]
         self.register_buffer("indices", torch.zeros(sum(self.index_bytes), dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+        self.register_module("batch_norm", None)  # set by absorb_batch_norm
 
     @classmethod
     @torch.no_grad()
@@ -251,14 +271,90 @@ class ClusteredConv2d(nn.Module):
         clustered = sum(g.channels * g.q for g in self.channel_groups)
         return out_pixels * kernel * (self.out_channels * self.full_channels + clustered)
 
+    def absorb_batch_norm(self, bn: nn.BatchNorm2d) -> None:
+        """Take ``bn``, which reads this layer's output and nothing else, into the layer (module docstring).
+
+        Called by :meth:`methods.kse.KSE.finalize`, which puts ``nn.Identity`` in ``bn``'s place.
+        The layer then computes ``bn(conv(x))``: unfolded in training mode, folded in eval mode.
+
+        Raises:
+            ValueError: ``bn`` has no running statistics (it normalises by the batch in eval
+                mode too, so nothing can be folded), its size is not the layer's filter count, or
+                the layer holds a batch norm already.
+        """
+        if self.batch_norm is not None:
+            raise ValueError("this clustered convolution holds a batch norm already; a second one cannot be folded into it.")
+        if bn.running_mean is None or bn.num_features != self.out_channels:
+            raise ValueError(
+                f"a batch norm folds into a clustered convolution of {self.out_channels} filters when it has running statistics "
+                f"and {self.out_channels} features, but got num_features={bn.num_features}, "
+                f"track_running_stats={bn.running_mean is not None}."
+            )
+        self.batch_norm = bn
+
+    def folded_affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(scale, bias)`` per filter with the batch norm (eval mode) folded in; ``(None, self.bias)`` without one.
+
+        ``conv(x) * scale + bias`` equals ``batch_norm(conv(x) + self.bias)`` in eval mode.
+        """
+        bn = self.batch_norm
+        if bn is None:
+            return None, self.bias
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = (self.bias - bn.running_mean) * scale if self.bias is not None else -bn.running_mean * scale
+        return scale, bias if bn.bias is None else bias + bn.bias
+
+    def folded_dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The dense path's ``(channels, weight, bias)`` in eval mode: the kept channels in ascending order, the weight on them.
+
+        The weight is :meth:`dense_weight` scaled per filter by the folded batch norm, its columns
+        in the order of ``channels``: a layer that keeps every channel reads its input as it is.
+        """
+        scale, bias = self.folded_affine()
+        channels, order = torch.sort(self.kept)
+        weight = self.dense_weight().index_select(1, order)
+        return channels, (weight if scale is None else weight * scale.view(-1, 1, 1, 1)), bias
+
+    def _folded_clustered(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The clustered path's full kernels (scaled), :meth:`flat_index`, the weight of each picked map and the bias."""
+        scale, bias = self.folded_affine()
+        index = self.flat_index() if self.channel_groups else None
+        full = self.weight_full
+        if scale is None:
+            return full, index, None, bias
+        if full is not None:
+            full = full * scale.view(-1, 1, 1, 1)
+        weights = scale.view(-1, 1).expand(index.shape).contiguous() if index is not None else None
+        return full, index, weights, bias
+
     # --- computing --------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.reads_input_as_is:
-            x = x.index_select(1, self.kept)
-        if self.training or self.path == "dense":
-            return F.conv2d(x, self._unpacked("dense", self.dense_weight), self.bias, self.stride, self.padding, self.dilation)
-        return self._clustered(x)
+        bn = self.batch_norm
+        if self.training or (bn is not None and bn.training):  # the batch norm on batch statistics: not foldable
+            x = x if self.reads_input_as_is else self._channels(x, self.kept)
+            out = F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+            return out if bn is None else bn(out)
+        if self.path == "dense":
+            channels, weight, bias = self._unpacked("dense", self.folded_dense)
+            x = x if len(self.kept) == self.in_channels else self._channels(x, channels)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return self._clustered(x if self.reads_input_as_is else self._channels(x, self.kept))
+
+    @staticmethod
+    def _channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """``x``'s ``channels``, in its memory layout.
+
+        ``index_select`` on the channels of a channels-last activation (the inference copy's
+        layout on CPU, :func:`deploy.inference_copy`) returns a contiguous one, and oneDNN would
+        then reorder at this layer and every layer after it; selecting on the last dimension of
+        the channels-last view keeps the layout.
+        """
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return x.permute(0, 2, 3, 1).index_select(3, channels).permute(0, 3, 1, 2)
+        return x.index_select(1, channels)
 
     def _unpacked(self, kind: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, kept between inference calls until a stored tensor changes.
@@ -269,7 +365,7 @@ class ClusteredConv2d(nn.Module):
         """
         if self.training or torch.is_grad_enabled() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return compute()
-        key = tuple((t.data_ptr(), t._version) for t in (*self._parameters.values(), *self._buffers.values()) if t is not None)
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))  # the batch norm's too
         cached = self._cache.get(kind)
         if cached is None or cached[0] != key:
             cached = self._cache[kind] = (key, compute())
@@ -280,10 +376,15 @@ class ClusteredConv2d(nn.Module):
         state["_cache"] = {}  # derived; pickled models (model.pt) hold the packed form only
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._modules.setdefault("batch_norm", None)  # pickled before batch norms were folded
+
     def _clustered(self, x: torch.Tensor) -> torch.Tensor:
+        full, index, weights, bias = self._unpacked("clustered", self._folded_clustered)
         out = None
-        if self.weight_full is not None:
-            out = F.conv2d(x.narrow(1, 0, self.full_channels), self.weight_full, None, self.stride, self.padding, self.dilation)
+        if full is not None:
+            out = F.conv2d(x.narrow(1, 0, self.full_channels), full, None, self.stride, self.padding, self.dilation)
         if self.channel_groups:
             maps, start = [], self.full_channels
             for i, group in enumerate(self.channel_groups):
@@ -302,11 +403,11 @@ class ClusteredConv2d(nn.Module):
             table = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
             batch, rows, height, width = table.shape
             table = table.transpose(0, 1).reshape(rows, batch * height * width)
-            summed = F.embedding_bag(self._unpacked("index", self.flat_index), table, mode="sum")  # (N, B*H*W)
+            summed = F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)  # (N, B*H*W)
             summed = summed.view(self.out_channels, batch, height, width).transpose(0, 1)
             out = summed if out is None else out + summed
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1)
         return out
 
     def extra_repr(self) -> str:
@@ -314,4 +415,5 @@ class ClusteredConv2d(nn.Module):
         return (
             f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, kept={len(self.kept)}, "
             f"full={self.full_channels}, clustered=[{groups}], path={self.path}"
+            + (", batch norm folded in eval mode" if self.batch_norm is not None else "")
         )

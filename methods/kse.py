@@ -29,6 +29,17 @@ the same function: ``"clustered"`` (one grouped convolution per group of channel
 (channel, centroid) map once, then each filter sums its channels' maps picked by index) and
 ``"dense"`` (the weight rebuilt from the centroids, one convolution).
 
+A batch norm that reads a clustered layer's output and nothing else is folded into the layer at
+finalize (:meth:`ClusteredConv2d.absorb_batch_norm`; it becomes ``nn.Identity`` where it was).
+A channel's centroids are shared by all the filters, each with its own batch-norm scale, so the
+scale cannot go into the centroids without one table per filter: on the dense path it multiplies
+the materialised weight (one convolution, no batch norm, in the exported program computed once
+at load), on the clustered path it weights each filter's sum of picked maps. A fine-tune after
+finalize (``kd``) still trains with the batch norm on batch statistics, as before; the measured
+``macs``, ``params`` and latency are those of the folded layer in eval mode. The batch norm's
+``gamma`` and ``beta`` stay counted in ``params`` (as the baseline's, whose batch norms are
+folded only in its exported copy).
+
 Training always uses the dense path. Finalize times both paths of each layer on its own input
 shape (``timing_batch_size``) with the trial's timer (``deploy.latency_ms``) and keeps the faster
 (``path: auto``), unless ``path`` forces one; the method's metrics say how many layers took which.
@@ -72,7 +83,7 @@ from methods._base import Method, MethodContext, NotApplicable
 from methods._clustered_conv import ClusteredConv2d, cluster_kernels, index_bits
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
-from methods._surgery import first_layers, holds_method_layers
+from methods._surgery import dependency_graph, first_layers, holds_method_layers
 from methods._training import Phase
 
 __all__ = [
@@ -207,6 +218,27 @@ def eligible_convs(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     ]
 
 
+def batch_norms_after(model: nn.Module, example_input: torch.Tensor, names: list[str]) -> dict[str, str]:
+    """``{layer: batch norm}`` for each layer of ``names`` whose output only a ``BatchNorm2d`` with running statistics reads.
+
+    A layer whose output is read elsewhere too (a pre-activation block's shortcut), that runs
+    twice, or whose batch norm also reads another layer's output, is left out: folding would
+    change what the other reader sees.
+    """
+    graph = dependency_graph(model, example_input)
+    paths = {m: name for name, m in model.named_modules()}
+    found = {}
+    for name in names:
+        node = graph.module2node.get(model.get_submodule(name))
+        if node is None or len(node.outputs) != 1:
+            continue
+        following = node.outputs[0]
+        bn = following.module
+        if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and len(following.inputs) == 1 and bn in paths:
+            found[name] = paths[bn]
+    return found
+
+
 def _remove_upstream(model: nn.Module, example_input: torch.Tensor, removed: dict[str, list[int]]) -> set[str]:
     """Remove each layer's removed input channels from the layers that produce them, where only that layer reads them.
 
@@ -257,6 +289,7 @@ class KSE(Method):
         super().__init__(config)
         self.figures: dict[str, float] = {}
         self.paths: dict[str, str] = {}
+        self.batch_norms: dict[str, str] = {}
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         """Decide every eligible layer's levels from its weights, remove channels, cluster the rest."""
@@ -269,6 +302,7 @@ class KSE(Method):
             )
         levels = {name: indicator_levels(kse_indicator(model.get_submodule(name).weight), self.config.levels) for name in names}
         removed = {name: [c for c, g in enumerate(lv) if g == 0] for name, lv in levels.items()}
+        self.batch_norms = batch_norms_after(model, example, names)  # before the removal: names stay, the graph would not
         upstream = _remove_upstream(model, example, removed)
         channels = kept = 0
         for name in names:
@@ -295,7 +329,14 @@ class KSE(Method):
         return [Phase(name="finetune", epochs=epochs, lr=self.config.lr)]
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        """Pick each clustered layer's inference path (timed when ``path`` is auto) and record both paths' MACs."""
+        """Fold the batch norms after the clustered layers into them, pick each layer's inference path (timed when ``path`` is auto), record both paths' MACs."""
+        folded = 0
+        for layer_name, bn_name in self.batch_norms.items():
+            layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+            if isinstance(layer, ClusteredConv2d) and isinstance(bn, nn.BatchNorm2d):
+                layer.absorb_batch_norm(bn)
+                model.set_submodule(bn_name, nn.Identity())
+                folded += 1
         layers = {name: m for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
         inputs = _layer_inputs(model, ctx.example_input, layers)
         macs = {"dense": 0, "clustered": 0}
@@ -321,6 +362,7 @@ class KSE(Method):
             self.paths[name] = layer.path
         self.figures.update(
             {
+                "batch_norms_folded": float(folded),
                 "clustered_path_layers": float(sum(p == "clustered" for p in self.paths.values())),
                 "dense_path_layers": float(sum(p == "dense" for p in self.paths.values())),
                 "layer_macs_dense": float(macs["dense"]),
@@ -340,11 +382,12 @@ class KSE(Method):
         return params
 
     def state_dict(self) -> dict[str, Any]:
-        return {"figures": dict(self.figures), "paths": dict(self.paths)}
+        return {"figures": dict(self.figures), "paths": dict(self.paths), "batch_norms": dict(self.batch_norms)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.figures = dict(state["figures"])
         self.paths = dict(state["paths"])
+        self.batch_norms = dict(state.get("batch_norms", {}))  # absent from checkpoints written before the fold
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploy import check_round_trip, count_flops, count_params, export_model, size_bytes
+from deploy import check_round_trip, count_flops, count_params, export_model, export_program, load_program, size_bytes
 from methods import Pipeline, TrainingState, check_pipeline, create_method, get_method
 from methods.kse import (
     ClusteredConv2d,
@@ -163,6 +163,134 @@ def test_clustered_conv_exports_on_both_paths(tmp_path) -> None:
         layer.path = path
         export_model(layer, X[:1], tmp_path / path)
         assert check_round_trip(tmp_path / path, X) <= 1e-5
+
+
+def _batch_norm(features: int, seed: int = 3) -> nn.BatchNorm2d:
+    """A batch norm with statistics and affine weights far from the identity, so that a missing fold shows."""
+    generator = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(features)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(features, generator=generator))
+        bn.running_var.copy_(torch.rand(features, generator=generator) * 3 + 0.2)
+        bn.weight.copy_(torch.randn(features, generator=generator))  # negative scales too
+        bn.bias.copy_(torch.randn(features, generator=generator))
+    return bn
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_absorbed_batch_norm_is_folded_on_both_paths_in_eval_mode_and_runs_as_before_in_training(bias: bool) -> None:
+    conv = _conv(bias=bias)
+    clusters = [0, None, 2, 2, 1, 4]
+    plain, bn = ClusteredConv2d.from_conv(conv, clusters, seed=0), _batch_norm(8)
+    layer = copy.deepcopy(plain)
+    layer.absorb_batch_norm(copy.deepcopy(bn))
+    with torch.no_grad():
+        expected = bn.eval()(plain.eval()(X))
+    for path, got in _outputs(layer, X).items():
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=path)
+    # Folded: the layer's eval-mode computation calls no batch norm.
+    ran: list[str] = []
+    layer.batch_norm.register_forward_pre_hook(lambda m, i: ran.append("bn"))
+    with torch.no_grad():
+        layer(X)
+    assert not ran
+    # Training mode: batch statistics and running averages, as the separate batch norm would.
+    layer.train()
+    plain.train()
+    bn.train()
+    torch.testing.assert_close(layer(X), bn(plain(X)), rtol=0, atol=1e-6)
+    assert ran == ["bn"]
+    torch.testing.assert_close(layer.batch_norm.running_mean, bn.running_mean)
+    torch.testing.assert_close(layer.batch_norm.running_var, bn.running_var)
+    # The eval-mode fold follows the new statistics (the unpacked weights are not stale).
+    layer.eval()
+    bn.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(X), bn(plain(X)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="holds a batch norm already"):
+        layer.absorb_batch_norm(_batch_norm(8))
+    with pytest.raises(ValueError, match="num_features=7, track_running_stats=True"):
+        plain.absorb_batch_norm(nn.BatchNorm2d(7))
+
+
+def _ops(layer: ClusteredConv2d, x: torch.Tensor) -> list[str]:
+    """The aten ops one eval-mode call runs once the unpacked weights are cached."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        layer(x)
+        with Recorder() as recorder:
+            layer(x)
+    return recorder.ops
+
+
+def test_the_dense_path_reads_a_fully_kept_input_as_it_is_and_keeps_a_channels_last_one_channels_last() -> None:
+    """Kept channels stored out of order (full first, then by group) cost no copy of the input on the dense path;
+    removed ones are selected without leaving the channels-last layout of the inference copy."""
+    conv = _conv()
+    x = X.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(x)
+    every = ClusteredConv2d.from_conv(conv, [None, 8, 8, None, 8, 8], seed=0).eval()
+    assert every.kept.tolist() == [0, 3, 1, 2, 4, 5]
+    torch.testing.assert_close(every(x), expected, rtol=0, atol=1e-5)
+    assert "index_select" not in _ops(every, x)
+    some = ClusteredConv2d.from_conv(conv, [None, 0, 8, None, 8, 8], seed=0).eval()
+    out = some(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    reference = copy.deepcopy(conv)
+    with torch.no_grad():
+        reference.weight[:, 1] = 0
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-5)
+
+
+def test_kse_folds_resnet20s_batch_norms_and_its_exported_program_runs_none(cifar_context, tmp_path) -> None:
+    """The deployed program equals the unfolded model within 1e-5, and ``macs``/``params`` are the folded model's."""
+    model, ctx = cifar_context()
+    with torch.no_grad():  # statistics a trained network has, not a fresh batch norm's identity
+        for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            fresh = _batch_norm(bn.num_features, seed=i)
+            bn.load_state_dict(fresh.state_dict())
+            bn.running_var.abs_().add_(0.5)
+    method = create_method("kse", {"path": "dense"})
+    unfolded = method.prepare(model, ctx).eval()
+    reference = copy.deepcopy(unfolded)
+    folded = method.finalize(unfolded, ctx).eval()
+    # Only the stem's batch norm is left where it was (after a plain convolution).
+    called = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d) and ".batch_norm" not in name]
+    assert called == ["bn1"]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    program, rewrites = export_program(folded, ctx.example_input)
+    assert rewrites.folded_batch_norms == 1  # the stem's, by the inference rewrite
+    batch_norms = [n for n in program.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+    assert batch_norms == []
+    assert method.metrics()["batch_norms_folded"] == 18.0  # both batch norms of each of the 9 blocks
+    with torch.no_grad():
+        expected = reference(x)
+        for path in ("dense", "clustered"):
+            for m in folded.modules():
+                if isinstance(m, ClusteredConv2d):
+                    m.path = path
+            torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-5, msg=path)
+    for m in folded.modules():
+        if isinstance(m, ClusteredConv2d):
+            m.path = "dense"
+    export_model(folded, ctx.example_input, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_program(tmp_path)(x), expected, rtol=0, atol=1e-5)
+    # The measured figures: of the folded layers (gamma and beta still stored), the same MACs (a batch norm counts none).
+    assert count_params(folded) == count_params(reference)
+    assert count_flops(folded, ctx.example_input).macs == count_flops(reference, ctx.example_input).macs
 
 
 def test_kmeans_restarts_reach_the_best_clustering_one_start_misses() -> None:
