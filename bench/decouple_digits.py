@@ -17,7 +17,8 @@ each ``lambda_s`` of the sweep:
    MACs (``bench/gal_vs_l1.py``'s bisection) and fine-tunes for the same number of epochs.
 
 Targets (issue 16): dynamic MACs at least 1.5x below static MACs at equal accuracy; AUROC > 0.8.
-The table prints, per setting, the mean over seeds and the ratio static / dynamic MACs.
+The table prints, per setting, the mean over seeds and the ratio static / dynamic MACs. The last
+run, every ``lambda_s`` row, is in the README's ``decouple`` entry.
 
     python bench/decouple_digits.py                       # both models, 3 seeds, 4 lambda_s values
     python bench/decouple_digits.py --models digits_cnn --seeds 0 --lambda-s 0.001

@@ -5,8 +5,9 @@ divided by ``--levels``):
 
 1. ``l1_filter`` prunes a copy of the baseline at the ratio whose MACs come closest to the level
    (bisection on the ratio). Its one ratio for every layer reaches the coarsest set of MACs (on
-   ``digits_lenet`` its steps near 5x are 5-14% apart), so its MACs are the point that the others
-   match: matching it to SSR instead left it 5-9% off at 5x.
+   ``digits_lenet`` one filter fewer in either convolution moves it by several percent near 5x),
+   so its MACs are the point that the others match: matching it to SSR instead left it 5-9% off
+   at 5x.
 2. ``ssr`` prunes a copy for each variant (AULM, removal, no fine-tune of its own), and ``gal``
    (label-free, adversarial) another; each one's ``lam`` is bisected (log scale) until its MACs
    are within ``--level-tolerance`` (2%) of the point, or the closest run is kept.
@@ -216,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for level in args.levels:
             t0 = time.perf_counter()
-            # l1_filter's one ratio for every layer reaches the coarsest set of MACs (on digits_lenet
-            # its steps near 5x are 5-14% apart), so it sets the point and the others match it.
+            # l1_filter's one ratio for every layer reaches the coarsest set of MACs (several percent
+            # apart near 5x on digits_lenet), so it sets the point and the others match it.
             ratio, point, result = match_macs(
                 lambda ratio: pruned(seed, "l1_filter", {"ratio": ratio}),  # noqa: B023  called within this iteration
                 0.0, 0.95, base_metrics["macs"] / level, MATCH, 16, log=False,
