@@ -10,9 +10,6 @@ width, parameters and MACs of the deployed model (the shared branch, all that ev
 ``training params`` counts every branch). Also the val KL(p(y|v) || p(y|z)) summed over the
 specific and shared branches (in eval mode), the gap VSD closes.
 
-The ``--bottleneck 4`` table below was measured before two corrections (issue 29): its
-``params`` counted every branch (now ``training params``) and its val KL ran in training mode.
-
 Target (issue 15): VCD+VML improves cross-modal Rank-1 over CE only. Measured with the default
 command below (3 seeds, 15 epochs, 1 thread; 59 s of CPU, 5m48s on the shared 2-core machine):
 
@@ -23,15 +20,16 @@ command below (3 seeds, 15 epochs, 1 thread; 59 s of CPU, 5m48s on the shared 2-
     +VSD+VCD+VML          90.37 +- 0.42      75.21 +- 0.55         0.024         16    20004   19744           60012
 
 (rerun after the issue-29 corrections: ``params`` is the deployed shared branch, the KL in eval
-mode; 65 s.) +VSD+VCD+VML - CE only: +13.5 Rank-1 points (before the corrections: +13.4; every
-seed: +13.3, +10.3, +16.7). VCD brings most of it; VML adds nothing measurable on top (-0.7
-Rank-1, +0.02 mAP, within the seeds' spread). With ``--bottleneck 4`` (58,464 training params,
-19,240 MACs; 45 s of CPU; not rerun):
+mode; 65 s; rerun again, the same table, 387 s under load.) +VSD+VCD+VML - CE only: +13.5
+Rank-1 points (before the corrections: +13.4; every seed: +13.3, +10.3, +16.7). VCD brings most
+of it; VML adds nothing measurable on top (-0.7 Rank-1, +0.02 mAP, within the seeds' spread).
+With ``--bottleneck 4`` (19,488 deployed params, 58,464 training params, 19,240 MACs; rerun
+after the corrections, 622 s on the shared 2-core machine under heavy load):
 
-    CE only               70.56 +- 0.83      56.33 +- 0.29         0.468          4    58464   19240
-    +VSD                  79.35 +- 3.94      67.04 +- 1.23         0.104          4    58464   19240
-    +VSD+VCD              86.30 +- 0.58      74.60 +- 1.76         0.112          4    58464   19240
-    +VSD+VCD+VML          86.57 +- 0.16      74.60 +- 1.00         0.109          4    58464   19240
+    CE only               70.56 +- 0.83      56.33 +- 0.29         0.468          4    19488   19240           58464
+    +VSD                  78.89 +- 4.15      67.06 +- 1.17         0.104          4    19488   19240           58464
+    +VSD+VCD              86.30 +- 0.42      74.61 +- 1.76         0.112          4    19488   19240           58464
+    +VSD+VCD+VML          86.57 +- 0.16      74.60 +- 1.00         0.109          4    19488   19240           58464
 
 (+16.0 points): the narrower model with all three terms beats the wider one trained on CE alone.
 
