@@ -67,12 +67,13 @@ bench: venv
 # The lowest versions pyproject.toml declares (.ci/lowest_constraints.py pins each dependency to
 # its `>=` bound; pip resolves the rest), in a venv of their own, then the quick tests that touch
 # what the bounds are for: export and its program rewrites, the ONNX form, counting, every
-# method's contract, the dependency checks, and a 2-trial search of a user's files that exports
-# and replays its trial (LOWEST_TESTS=... runs others).
+# method's contract, the dependency checks, a 2-trial search of a user's files that exports
+# and replays its trial, and the Pareto models logged in MLflow's pt2 format (test_registry: the
+# search logs them but reports a failure rather than raising it) (LOWEST_TESTS=... runs others).
 LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 LOWEST_TESTS ?= tests/test_dependencies.py tests/deploy tests/methods/test_contract.py \
-	tests/search/test_imports.py::test_a_search_of_user_files_exports_and_replays
+	tests/search/test_imports.py::test_a_search_of_user_files_exports_and_replays tests/search/test_registry.py
 $(LOWEST)/bin/python:
 	$(PYTHON) -m venv $(LOWEST)
 
