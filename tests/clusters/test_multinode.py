@@ -6,13 +6,21 @@ import contextlib
 import io
 import itertools
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SPACE = """
 name: {name}
@@ -123,3 +131,105 @@ def test_worker_node_dies_and_its_trials_continue_on_the_other(two_node_cluster,
 
     study = optuna.load_study(study_name="failover", storage=record.optuna_storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+NODE_KILLS = int(os.environ.get("SLIMTUNE_NODE_KILL_LOOP", "0"))
+NODE_KILL_TRIALS, NODE_KILL_EPOCHS = 3, 4
+
+
+def _check_each_trial_once(tmp: Path, name: str, trials: int, epochs: int) -> list[str]:
+    """What is wrong with a finished search's stores (empty: nothing): every trial done once.
+
+    The Optuna study, MLflow's child runs and runs.json must name the same trials, each COMPLETE
+    or FINISHED once, with every epoch in its MLflow history once and none missing.
+    """
+    import optuna
+
+    problems = []
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
+    complete = {f"trial_{t.number:03d}" for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    if len(study.trials) != trials or len(complete) != trials:
+        problems.append(f"study: {[(t.number, t.state.name) for t in study.trials]}, not {trials} COMPLETE trials")
+    client, children = _children(f"sqlite:///{tmp}/mlflow.db", name)
+    per_trial = Counter(c.data.tags["slimtune.trial_id"] for c in children)
+    problems += [f"{trial_id}: {n} MLflow runs" for trial_id, n in per_trial.items() if n > 1]
+    finished = {c.info.run_name for c in children if c.info.status == "FINISHED"}
+    if finished != complete:
+        problems.append(f"MLflow FINISHED {sorted(finished)} != study COMPLETE {sorted(complete)}")
+    runs = json.loads((tmp / "results" / name / "runs.json").read_text())
+    mapped = Counter(r["name"] for r in runs.values() if r["status"] == "FINISHED")
+    if set(mapped) != complete or any(n > 1 for n in mapped.values()):
+        problems.append(f"runs.json FINISHED {dict(mapped)} != study COMPLETE {sorted(complete)}")
+    for child in children:
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy"))
+        if steps != list(range(1, epochs + 1)):
+            problems.append(f"{child.info.run_name}: val_accuracy at epochs {steps}, not 1..{epochs} once each")
+    return problems
+
+
+@pytest.mark.skipif(NODE_KILLS <= 0, reason="set SLIMTUNE_NODE_KILL_LOOP=N to kill the worker node at N seeded random moments")
+def test_worker_node_killed_at_random_moments(tmp_path, cpu_held_on):
+    """The worker node dies at a seeded random moment of a search, N times (a fresh two-node
+    cluster each time): the search finishes on the head, and every trial is done once.
+
+    The head's CPU is held until the kill, so that until then the baseline and the trials run on
+    the worker; the moment is drawn from 1 s after the driver starts to 1.2 times the search's
+    undisturbed time on the worker alone, measured first in the same run (a moment past the end
+    kills nothing and is reported as such). Prints one line per kill.
+    """
+    from search.driver.local_cluster import local_cluster
+
+    rng = random.Random(int(os.environ.get("SLIMTUNE_KILL_SEED", "0")))
+    undisturbed_s = 0.0
+    rows, problems = [], []
+    for number in range(NODE_KILLS + 1):
+        tmp = tmp_path / f"run{number}"
+        tmp.mkdir()
+        name = f"nodekill{number}"
+        space = tmp / f"{name}.yaml"
+        space.write_text(SPACE.format(name=name, batch_size=16, trials=NODE_KILL_TRIALS, epochs=NODE_KILL_EPOCHS))
+        log = tmp / "driver.log"
+        with local_cluster(nodes=2, cpus_per_node=1) as cluster, cpu_held_on(cluster, "head") as held:
+            command = [sys.executable, "-m", "search.cli", "search", str(space), "--address", cluster.address]
+            command += ["--results-dir", str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+            killed: dict[str, float] = {}
+            moment = rng.uniform(1.0, 1.2 * undisturbed_s) if number else None
+
+            def kill_worker(driver: subprocess.Popen, cluster=cluster, held=held, killed=killed) -> None:
+                if driver.poll() is None:
+                    cluster.nodes[1].kill()
+                    killed["at"] = time.monotonic()
+                held.release()
+
+            with log.open("w") as out:
+                driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=cluster.env, start_new_session=True)
+            started = time.monotonic()
+            killer = threading.Timer(moment, kill_worker, args=(driver,)) if moment else None
+            try:
+                if killer:
+                    killer.start()
+                code = driver.wait(timeout=max(900, 3 * undisturbed_s))
+                wall = time.monotonic() - started
+            finally:
+                if killer:
+                    killer.cancel()
+                    killer.join()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(driver.pid, signal.SIGKILL)
+        printed = log.read_text()
+        assert code == 0, printed
+        if moment is None:
+            undisturbed_s = wall
+        found = _check_each_trial_once(tmp, name, NODE_KILL_TRIALS, NODE_KILL_EPOCHS)
+        problems += [f"run {number}: {p}" for p in found]
+        if moment is not None and wall > 2 * undisturbed_s:
+            problems.append(f"run {number}: hang, the search took {wall:.0f} s, over twice the undisturbed {undisturbed_s:.0f} s")
+        retried = printed.count("retrying from its last checkpoint")
+        what = (
+            "undisturbed"
+            if moment is None
+            else (f"worker killed at {moment:.1f} s" if killed else f"no kill (moment {moment:.1f} s after the end)")
+        )
+        rows.append(f"run {number}: {what}, {retried} trial retries, {len(found)} problems, search {wall:.0f} s")
+    print("\n" + "\n".join(rows + problems))
+    assert not problems, problems
