@@ -83,3 +83,25 @@ def test_the_stopping_line_agrees_with_the_number_of_trials(local_ray, running: 
         if callback.flag is not None:
             ray.kill(callback.flag)
     assert lines[0].startswith(f"stopping: {says} first"), lines
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigint_python_swallows_in_a_weakref_callback_is_raised_at_the_next_check() -> None:
+    """A Ctrl-C that lands in a weakref callback (Python prints "Exception ignored" and goes on)
+    still stops the search: the latch remembers it and the driver's next check raises it."""
+    import signal
+    import weakref
+
+    from search.trial.graceful_stop import raise_if_interrupted, sigint_is_latched
+
+    class Held:
+        pass
+
+    with sigint_is_latched():
+        held = Held()
+        weakref.finalize(held, lambda: signal.getsignal(signal.SIGINT)(signal.SIGINT, None))
+        del held  # the handler raises inside the finalizer, where Python can only report it: we go on
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+    raise_if_interrupted()  # the latch ends with its block: a later search starts clean
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
