@@ -47,6 +47,7 @@ from search.results.report import Reporter, print_now
 from search.results.tracking import create_sqlite_aside
 from search.space.spec import SearchSpace, load_space
 from search.trial.body import refuse_chance_baseline, train_baseline, train_baseline_task
+from search.trial.graceful_stop import raise_if_interrupted, sigint_is_latched
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
 
@@ -123,9 +124,11 @@ def run_search(
         reporter.say(f"warm start: the first {len(record.warm_start_points)} trials are the Pareto recipes of '{warm_start}'")
     for warning in space.warnings:
         reporter.say(f"warning: {warning}")
-    # What can be known before the baseline trains is refused now, before anything is written.
-    check_before_baseline(space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
-    return _drive(record, reporter, address, restore=False)
+    with sigint_is_latched():
+        # What can be known before the baseline trains is refused now, before anything is written.
+        check_before_baseline(space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
+        raise_if_interrupted()
+        return _drive(record, reporter, address, restore=False)
 
 
 def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print_now) -> SearchRecord:
@@ -141,20 +144,27 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
         entry.value()
     reporter = Reporter(log, address)
     reporter.resuming(record, search_progress(record))
-    return _drive(record, reporter, address, restore=True)
+    with sigint_is_latched():
+        return _drive(record, reporter, address, restore=True)
 
 
 def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool) -> SearchRecord:
-    """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end."""
+    """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end.
+
+    A Ctrl-C that Python swallowed where it landed (Ray's start, the baseline) is raised between
+    the stages (:func:`search.trial.graceful_stop.raise_if_interrupted`).
+    """
     try:
         started = _init_ray(address, user_code_roots(record.space))
         try:
+            raise_if_interrupted()
             check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
             record.save()
             if not record.has_baseline:
                 _prepare_baseline(record, address, reporter)
             create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
+            raise_if_interrupted()
             _tune.fit(record, reporter, restore=restore)
         finally:
             if started:

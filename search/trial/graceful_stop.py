@@ -9,6 +9,12 @@ Tune's own Ctrl-C handler does, which saves the experiment state once more, so `
 resume`` continues each trial from the epoch it had just finished. A second SIGINT stops at once
 (``KeyboardInterrupt``): the trials then continue from their previous checkpoint.
 
+Outside Tune (Ray's start, the pre-flight, the baseline) a SIGINT raises ``KeyboardInterrupt`` as
+Python's own handler does, but Python cannot raise it where it lands in a weakref callback, a
+fork hook or a ``__del__`` (it prints "Exception ignored" and goes on), and the search would run to
+its end. :func:`sigint_is_latched` also remembers the SIGINT, and the driver's
+:func:`raise_if_interrupted` between its stages raises it then.
+
 The request travels to the trials through a small named Ray actor (:class:`StopFlag`), so it
 reaches trials on every node of a cluster. A trial that waits also tells the actor so: its last
 report may have reached the driver just before the request, and the driver would otherwise wait
@@ -28,7 +34,15 @@ from typing import Any
 import ray
 from ray import tune
 
-__all__ = ["STOP_FLAG_NAME", "GracefulStop", "sigint_stops_gracefully", "stop_requested", "wait_if_stopping"]
+__all__ = [
+    "STOP_FLAG_NAME",
+    "GracefulStop",
+    "sigint_stops_gracefully",
+    "stop_requested",
+    "wait_if_stopping",
+    "sigint_is_latched",
+    "raise_if_interrupted",
+]
 
 #: Name of the actor whose existence asks trials to stop; in the driver's namespace (each
 #: driver job has its own, so two searches on one cluster do not see each other's).
@@ -39,6 +53,9 @@ _WAIT_POLL_S = 5.0
 
 #: Set by the first SIGINT while :func:`sigint_stops_gracefully` is active.
 _stop_requested = threading.Event()
+
+#: Set by a SIGINT while :func:`sigint_is_latched` is active (cleared when it starts and ends).
+_sigint_arrived = threading.Event()
 
 
 @ray.remote(num_cpus=0)
@@ -153,6 +170,38 @@ def sigint_stops_gracefully() -> Iterator[None]:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
+
+
+@contextmanager
+def sigint_is_latched() -> Iterator[None]:
+    """While a search runs outside Tune: SIGINT raises ``KeyboardInterrupt`` and is remembered for :func:`raise_if_interrupted`.
+
+    Installed only in the main thread (the only one Python lets set a signal handler); the
+    previous handler is restored on exit. :func:`sigint_stops_gracefully` replaces it while Tune
+    runs and puts it back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    def latch(signum: int, frame: Any) -> None:
+        _sigint_arrived.set()
+        raise KeyboardInterrupt
+
+    _sigint_arrived.clear()
+    signal.signal(signal.SIGINT, latch)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        _sigint_arrived.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` when a SIGINT arrived under :func:`sigint_is_latched` and was swallowed where it landed."""
+    if _sigint_arrived.is_set():
+        raise KeyboardInterrupt
 
 
 def stop_requested() -> bool:

@@ -83,3 +83,55 @@ def test_the_stopping_line_agrees_with_the_number_of_trials(local_ray, running: 
         if callback.flag is not None:
             ray.kill(callback.flag)
     assert lines[0].startswith(f"stopping: {says} first"), lines
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigint_python_swallows_in_a_weakref_callback_is_raised_at_the_next_check() -> None:
+    """A Ctrl-C that lands in a weakref callback (Python prints "Exception ignored" and goes on)
+    still stops the search: the latch remembers it and the driver's next check raises it."""
+    import signal
+    import weakref
+
+    from search.trial.graceful_stop import raise_if_interrupted, sigint_is_latched
+
+    class Held:
+        pass
+
+    with sigint_is_latched():
+        held = Held()
+        weakref.finalize(held, lambda: signal.getsignal(signal.SIGINT)(signal.SIGINT, None))
+        del held  # the handler raises inside the finalizer, where Python can only report it: we go on
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+    raise_if_interrupted()  # the latch ends with its block: a later search starts clean
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_search_whose_ctrl_c_python_swallowed_in_the_pre_flight_stops_before_ray(monkeypatch, tmp_path) -> None:
+    """Seen in the kill loop: a Ctrl-C in a weakref callback during the pre-flight was printed as
+    "Exception ignored" and the search ran to its end. Now it stops before Ray starts, nothing written."""
+    import signal
+    import weakref
+    from pathlib import Path
+
+    from search.driver import runner
+
+    def pre_flight_whose_sigint_is_swallowed(*args, **kwargs) -> None:
+        class Held:
+            pass
+
+        held = Held()
+        weakref.finalize(held, lambda: signal.getsignal(signal.SIGINT)(signal.SIGINT, None))
+        del held
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started after the Ctrl-C")
+
+    monkeypatch.setattr(runner, "check_before_baseline", pre_flight_whose_sigint_is_swallowed)
+    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    space = Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lambda line: None)
+    assert not list((tmp_path / "results").rglob("search.json"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
