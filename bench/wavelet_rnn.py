@@ -16,12 +16,12 @@ test accuracy. The paper-size parameter counts (GRU-512 on adding) are printed f
 
     python bench/wavelet_rnn.py                              # adding T=30, seq_digits; hidden 64; 3 seeds
     python bench/wavelet_rnn.py --length 60 --hidden 128 --modes state gates
+    python bench/wavelet_rnn.py --length 30 60 --hidden 64 128 --modes state full   # one table for the grid
 
-Measured with the defaults (2 shared CPU cores, 2026-11-30; mean +- stdev over seeds 0, 1, 2):
-adding T=30 mse: dense 0.0087 +- 0.0037 (12,929 params), wavelet-state 0.0124 +- 0.0081 (9,062),
-low_rank-state 0.1000 +- 0.0670 (9,089); seq_digits accuracy: dense 0.9463 +- 0.0042 (14,666),
-wavelet-state 0.9306 +- 0.0147 (10,799), low_rank-state 0.8583 +- 0.0173 (10,826). Training a
-wavelet GRU took about 4x the dense one's time here (56 s against 13 s on adding).
+At hidden 64 and 128 (3 levels) a wavelet map stores 229 and 421 weights, so the matched rank is
+2 (256 and 512 weights). Measured figures, with their commands, are in the README's ``wavelet``
+entry (Methods). A wavelet GRU trains several times slower than the dense one on CPU, more so
+with more maps.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy import count_params  # noqa: E402
 from methods import MethodContext, Phase, create_method, train_phase  # noqa: E402
-from methods.wavelet import WaveletLinear, wavelet_sites  # noqa: E402
+from methods.wavelet import GRU_MODES, WaveletLinear, wavelet_sites  # noqa: E402
 from models import create_model  # noqa: E402
 from tasks import create_task  # noqa: E402
 
@@ -102,11 +102,11 @@ def matched_rank(hidden: int, levels: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["adding", "seq_digits"], choices=["adding", "seq_digits"])
-    parser.add_argument("--length", type=int, default=30, help="T of the adding problem")
+    parser.add_argument("--length", type=int, nargs="+", default=[30], help="T of the adding problem (several: one row each)")
     parser.add_argument("--train-size", type=int, default=2000, help="adding sequences per epoch")
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64], help="GRU width (several: one row each)")
     parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=["state"])
+    parser.add_argument("--modes", nargs="+", default=["state"], choices=list(GRU_MODES))
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -131,31 +131,48 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"GRU-512 on adding, params: dense {dense_512:,}, "
         + ", ".join(f"{m} {p:,}" for m, p in paper.items())
-        + " (paper: 791,553 dense, 530,986 state)"
+        + " (paper: 791,553 dense, 530,986 state)",
+        flush=True,
     )
 
-    rank = matched_rank(args.hidden, args.levels)
-    print(
-        f"hidden {args.hidden}, {args.levels} levels: one wavelet map stores {count_params(WaveletLinear(args.hidden, args.levels))} weights, "
-        f"low rank {rank} stores {2 * args.hidden * rank}, dense {args.hidden**2}"
-    )
-    for name in args.tasks:
-        task = create_task("adding", length=args.length, train_size=args.train_size) if name == "adding" else create_task("seq_digits")
+    variants = [("dense", "state")] + [(v, m) for m in args.modes for v in ("wavelet", "low_rank")]
+    table = []  # (task, T or "-", hidden, label, mean, stdev, params, seconds)
+    for hidden in args.hidden:
+        rank = matched_rank(hidden, args.levels)
         print(
-            f"\n{name}"
-            + (f" (T={args.length}; predicting the mean scores mse {task.reference['mse']:.3f})" if name == "adding" else "")
-            + f", {task.metric}:"
+            f"\nhidden {hidden}, {args.levels} levels: one wavelet map stores {count_params(WaveletLinear(hidden, args.levels))} weights, "
+            f"low rank {rank} stores {2 * hidden * rank}, dense {hidden**2}",
+            flush=True,
         )
-        variants = [("dense", "state")] + [(v, m) for m in args.modes for v in ("wavelet", "low_rank")]
-        for variant, mode in variants:
-            results = [run(task, variant, mode, args.hidden, args.levels, rank, args, seed) for seed in args.seeds]
-            values = [r[0] for r in results]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            label = variant if variant == "dense" else f"{variant}-{mode}"
+        cells = [(name, length) for name in args.tasks for length in (args.length if name == "adding" else [None])]
+        for name, length in cells:
+            task = create_task("adding", length=length, train_size=args.train_size) if name == "adding" else create_task("seq_digits")
             print(
-                f"  {label:<18} {task.metric} {statistics.mean(values):.4f} +- {spread:.4f}  (seeds: {', '.join(f'{v:.4f}' for v in values)})"
-                f"  params {results[0][1]:,}  train {statistics.mean(r[2] for r in results):.0f} s"
+                f"\n{name}"
+                + (f" (T={length}; predicting the mean scores mse {task.reference['mse']:.3f})" if name == "adding" else "")
+                + f", hidden {hidden}, {task.metric}:",
+                flush=True,
             )
+            for variant, mode in variants:
+                results = [run(task, variant, mode, hidden, args.levels, rank, args, seed) for seed in args.seeds]
+                values = [r[0] for r in results]
+                mean, spread = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+                seconds = statistics.mean(r[2] for r in results)
+                label = variant if variant == "dense" else f"{variant}-{mode}"
+                print(
+                    f"  {label:<22} {task.metric} {mean:.4f} +- {spread:.4f}  (seeds: {', '.join(f'{v:.4f}' for v in values)})"
+                    f"  params {results[0][1]:,}  train {seconds:.0f} s",
+                    flush=True,
+                )
+                table.append(
+                    (f"{name} ({task.metric})", "-" if length is None else str(length), hidden, label, mean, spread, results[0][1], seconds)
+                )
+
+    print(f"\nmean +- stdev over seeds {', '.join(map(str, args.seeds))}; train: seconds per model")
+    print("| task | T | hidden | variant | metric | params | train s |")
+    print("|---|---|---|---|---|---|---|")
+    for task_name, length, hidden, label, mean, spread, params, seconds in table:
+        print(f"| {task_name} | {length} | {hidden} | {label} | {mean:.4f} +- {spread:.4f} | {params:,} | {seconds:.0f} |")
     return 0
 
 
