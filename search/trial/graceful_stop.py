@@ -176,14 +176,15 @@ def sigint_stops_gracefully() -> Iterator[None]:
 def sigint_is_latched() -> Iterator[None]:
     """While a search runs outside Tune: SIGINT raises ``KeyboardInterrupt`` and is remembered for :func:`raise_if_interrupted`.
 
-    Installed only in the main thread (the only one Python lets set a signal handler); the
-    previous handler is restored on exit. :func:`sigint_stops_gracefully` replaces it while Tune
-    runs and puts it back afterwards.
+    Installed only in the main thread (the only one Python lets set a signal handler) and where
+    SIGINT is not ignored (a job a script started in the background); the previous handler is
+    restored on exit. :func:`sigint_stops_gracefully` replaces it while Tune runs and puts it back
+    afterwards.
     """
-    if threading.current_thread() is not threading.main_thread():
+    previous_handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous_handler is None or previous_handler == signal.SIG_IGN:
         yield
         return
-    previous_handler = signal.getsignal(signal.SIGINT)
 
     def latch(signum: int, frame: Any) -> None:
         _sigint_arrived.set()

@@ -86,7 +86,7 @@ def test_the_stopping_line_agrees_with_the_number_of_trials(local_ray, running: 
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_sigint_python_swallows_in_a_weakref_callback_is_raised_at_the_next_check() -> None:
+def test_a_sigint_python_swallows_in_a_weakref_callback_is_raised_at_the_next_check(request) -> None:
     """A Ctrl-C that lands in a weakref callback (Python prints "Exception ignored" and goes on)
     still stops the search: the latch remembers it and the driver's next check raises it."""
     import signal
@@ -97,6 +97,8 @@ def test_a_sigint_python_swallows_in_a_weakref_callback_is_raised_at_the_next_ch
     class Held:
         pass
 
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # an earlier test may have left it ignored
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     with sigint_is_latched():
         held = Held()
         weakref.finalize(held, lambda: signal.getsignal(signal.SIGINT)(signal.SIGINT, None))
@@ -108,7 +110,7 @@ def test_a_sigint_python_swallows_in_a_weakref_callback_is_raised_at_the_next_ch
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_search_whose_ctrl_c_python_swallowed_in_the_pre_flight_stops_before_ray(monkeypatch, tmp_path) -> None:
+def test_a_search_whose_ctrl_c_python_swallowed_in_the_pre_flight_stops_before_ray(monkeypatch, request, tmp_path) -> None:
     """Seen in the kill loop: a Ctrl-C in a weakref callback during the pre-flight was printed as
     "Exception ignored" and the search ran to its end. Now it stops before Ray starts, nothing written."""
     import signal
@@ -131,7 +133,21 @@ def test_a_search_whose_ctrl_c_python_swallowed_in_the_pre_flight_stops_before_r
     monkeypatch.setattr(runner, "check_before_baseline", pre_flight_whose_sigint_is_swallowed)
     monkeypatch.setattr(runner, "_init_ray", no_ray)
     space = Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml"
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # an earlier test may have left it ignored
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     with pytest.raises(KeyboardInterrupt):
         runner.run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lambda line: None)
     assert not list((tmp_path / "results").rglob("search.json"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_latch_leaves_an_ignored_sigint_ignored(request) -> None:
+    """A search started as a background job (SIGINT ignored) is not made interruptible by the latch."""
+    import signal
+
+    from search.trial.graceful_stop import sigint_is_latched
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
+    with sigint_is_latched():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
