@@ -112,7 +112,7 @@ def _create_mlflow_tables(url: str) -> None:
     MlflowClient(tracking_uri=url).search_experiments(max_results=1)
 
 
-#: Run id -> MLflow's handles of the run's asynchronous writes not yet waited for, in this process
+#: Run id -> (epoch, MLflow's handle) of the run's asynchronous writes not yet waited for, in this process
 #: (the driver makes a tracker per callback: ``SearchRecord.tracker``).
 _PENDING: dict[str, list[Any]] = {}
 
@@ -220,30 +220,48 @@ class SearchTracker:
         return run.info.run_id
 
     def log_epoch(self, trial_id: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
-        """Log one epoch of a trial; an epoch replayed after a restore is not logged twice."""
+        """Log one epoch of a trial; an epoch replayed after a restore is not logged twice.
+
+        The epoch's figures also stay in the run map until the run ends (``unsettled``): a driver
+        killed before MLflow committed the asynchronous write leaves them there, and the process
+        that ends the run writes whichever of them MLflow lacks (:meth:`settle`).
+        """
         if step <= self.runs().get(trial_id, {}).get("last_epoch", 0):
             return
+        figures = _own_metrics(metrics)
         # Asynchronous: Tune's loop, and with it the trial's next report, does not wait for the commit.
-        pending = self.client.log_batch(run_id, metrics=self._metric_entities(_own_metrics(metrics), step=step), synchronous=False)
-        _PENDING.setdefault(run_id, []).append(pending)
-        self._update_run_record(trial_id, last_epoch=step)
+        pending = self.client.log_batch(run_id, metrics=self._metric_entities(figures, step=step), synchronous=False)
+        _PENDING.setdefault(run_id, []).append((step, pending))
+        unsettled = {**self.runs().get(trial_id, {}).get("unsettled", {}), str(step): figures}
+        self._update_run_record(trial_id, last_epoch=step, unsettled=unsettled)
 
-    def settle(self, run_id: str | None = None) -> None:
-        """Wait until MLflow holds every asynchronous write of ``run_id`` (None: of every run).
+    def settle(self, trial_id: str, run_id: str) -> None:
+        """Make MLflow hold every epoch of ``trial_id`` logged so far, each once.
 
         Called before a trial's run ends (finished, stopped or failed), so that its epochs are in
-        MLflow before its status says it ended.
+        MLflow before its status says it ended. This process's asynchronous writes are waited for;
+        epochs an earlier (killed) driver queued are looked up in MLflow and written if missing.
         """
-        for key in [run_id] if run_id is not None else list(_PENDING):
-            for pending in _PENDING.pop(key, []):
-                pending.wait()
+        queued_here = set()
+        for step, pending in _PENDING.pop(run_id, []):
+            pending.wait()
+            queued_here.add(step)
+        unsettled = self.runs().get(trial_id, {}).get("unsettled", {})
+        orphans = {int(step): figures for step, figures in unsettled.items() if int(step) not in queued_here and figures}
+        if orphans:
+            key = next(iter(next(iter(orphans.values()))))  # every epoch's batch holds the same keys, committed together
+            committed = {m.step for m in self.client.get_metric_history(run_id, key)}
+            for step in sorted(set(orphans) - committed):
+                self.client.log_batch(run_id, metrics=self._metric_entities(orphans[step], step=step))
+        if unsettled:
+            self._update_run_record(trial_id, unsettled={})
 
     def finish_trial(self, trial_id: str, run_id: str, metrics: dict[str, Any], checkpoint: str | None) -> None:
         from mlflow.entities import RunTag  # MLflow takes 1.5 s to import; pareto and report read runs.json without it
 
         if self.runs().get(trial_id, {}).get("status") == "FINISHED":
             return  # a resumed search replayed the end of a trial that was already recorded
-        self.settle(run_id)
+        self.settle(trial_id, run_id)
         final = {k: v for k, v in _own_metrics(metrics).items() if k not in ("epoch", "stage")}
         tags = [RunTag(key, str(metrics[key] or "(none)")) for key in _TEXT_METRICS if metrics.get(key) is not None]
         self.client.log_batch(run_id, metrics=self._metric_entities(final, step=0), tags=tags)
@@ -281,14 +299,14 @@ class SearchTracker:
         """
         if self.runs().get(trial_id, {}).get("status") == "STOPPED_EARLY":
             return
-        self.settle(run_id)
+        self.settle(trial_id, run_id)
         self.client.set_tag(run_id, "stopped_early", "true")
         self.client.set_tag(run_id, "stopped_at_epoch", str(epoch))
         self.client.set_terminated(run_id, status="KILLED")
         self._update_run_record(trial_id, status="STOPPED_EARLY", stopped_at_epoch=epoch)
 
     def fail_trial(self, trial_id: str, run_id: str, reason: str) -> None:
-        self.settle(run_id)
+        self.settle(trial_id, run_id)
         self.client.set_tag(run_id, "failure_reason", reason[:4000])
         self.client.set_terminated(run_id, status="FAILED")
         self._update_run_record(trial_id, status="FAILED", reason=reason)

@@ -40,3 +40,38 @@ def test_epochs_are_logged_asynchronously_and_in_mlflow_before_the_run_ends(tmp_
     assert run.info.status == "FINISHED"
     assert [(m.step, round(m.value, 6)) for m in client.get_metric_history(run_id, "val_accuracy")] == [(1, 0.6), (2, 0.7), (3, 0.8)]
     assert (run.data.tags["uncounted_ops"], run.data.tags["latency_form"], run.data.metrics["accuracy"]) == ("add", "program", 0.8)
+
+
+class _LostWrite:
+    """An asynchronous write the driver queued and died before MLflow committed."""
+
+    def wait(self) -> None:
+        pass
+
+
+def test_an_epoch_a_killed_driver_queued_reaches_mlflow_once_when_the_run_ends(tmp_path: Path, monkeypatch) -> None:
+    """Epoch 3 was queued but never committed (SIGKILL), epoch 2 committed but never waited for: the
+    resumed driver that ends the run writes epoch 3 and leaves epoch 2 alone."""
+    import mlflow
+
+    from search.results import tracking
+
+    killed = SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking", tmp_path)
+    parent = killed.start_parent("name: tracking\n", "tracking", {"accuracy": 0.9}, {"space": "tracking.yaml"})
+    run_id = killed.child_run(parent, "t0", [{"name": "kd", "params": {"temperature": 4}}], "trial_000")
+    for epoch in (1, 2):
+        killed.log_epoch("t0", run_id, {"val_accuracy": 0.5 + epoch / 10, "train_loss": 1.0 / epoch}, step=epoch)
+    real = killed.client.log_batch
+    monkeypatch.setattr(killed.client, "log_batch", lambda *a, **k: _LostWrite())
+    killed.log_epoch("t0", run_id, {"val_accuracy": 0.8, "train_loss": 1.0 / 3}, step=3)
+    monkeypatch.setattr(killed.client, "log_batch", real)
+    mlflow.flush_async_logging()  # epoch 2 is committed ...
+    tracking._PENDING.clear()  # ... and the driver dies: its handles go with it
+
+    resumed = SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking", tmp_path)
+    resumed.log_epoch("t0", run_id, {"val_accuracy": 0.8, "train_loss": 1.0 / 3}, step=3)  # Tune replays it: skipped as logged
+    resumed.finish_trial("t0", run_id, {"accuracy": 0.8}, None)
+    history = resumed.client.get_metric_history(run_id, "val_accuracy")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert sorted(m.step for m in resumed.client.get_metric_history(run_id, "train_loss")) == [1, 2, 3]
+    assert resumed.runs()["t0"]["unsettled"] == {}
