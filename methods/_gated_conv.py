@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy import count_flops, eval_mode, latency_ms
+from methods._surgery import loose_parameters, pruning_axes
 from methods.gal import find_mask_sites
 
 __all__ = [
@@ -187,8 +188,9 @@ def remove_inactive_filters(
         if bn_name is not None:
             model.set_submodule(bn_name, gated[conv_name].bn)
     conv_of = {id(model.get_submodule(name)): name for name, _ in sites}
+    axes = pruning_axes(loose_parameters(model, example_input))
     with eval_mode(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, unwrapped_parameters=axes, verbose=False)
     removed = 0
     for conv_name, _ in sites:
         conv = model.get_submodule(conv_name)

@@ -14,6 +14,10 @@ __all__ = [
     "output_layers",
     "first_layers",
     "dependency_graph",
+    "LooseParameter",
+    "loose_parameters",
+    "pruning_axes",
+    "untold_in",
     "layer_calls",
     "shared_layers",
     "ChannelPlan",
@@ -60,20 +64,116 @@ def first_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     return [calls[0][0]] if calls else []
 
 
-def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's graph of coupled channels, traced in eval mode (BN statistics untouched).
+def _traced(model: nn.Module, example_input: torch.Tensor, unwrapped: list[tuple[nn.Parameter, int]] | None) -> tp.DependencyGraph:
+    """torch-pruning's graph of ``model`` traced in eval mode, the loose parameters' axes given by ``unwrapped``.
 
-    torch-pruning traces the autograd graph, so frozen parameters are unfrozen while it traces.
+    torch-pruning traces the autograd graph, so frozen parameters are unfrozen while it traces. It
+    is told to be quiet about loose parameters: :func:`loose_parameters` gives every one it would
+    name an axis, except those whose every dimension has size 1, which it leaves out of the graph
+    (they broadcast over any channel count).
     """
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
     try:
         with eval_mode(model):
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, unwrapped_parameters=unwrapped, verbose=False)
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+@dataclass(frozen=True, eq=False)
+class LooseParameter:
+    """A parameter held outside every layer torch-pruning knows (a learnt position table, a gate), and the axis its channels lie on.
+
+    torch-pruning removes a coupled channel's entries from such a parameter along one axis, the
+    last of size above 1 unless told: wrong for a ``(channels, length)`` table added to a
+    ``(batch, channels, length)`` activation.
+
+    Attributes:
+        name: Its name in the model (``position``).
+        parameter: The parameter.
+        axis: The one dimension whose size is the width of the layers torch-pruning ties it to; None
+            when no single dimension is (then what it is tied to must be left alone), or when nothing
+            ties it to a layer (one forward pass does not read it, so no channel removal reaches it).
+        why: Why ``axis`` is None, for what ``slimtune check`` prints; empty otherwise.
+        pruning_dim: What torch-pruning is told: ``axis``, or where that is None its own default,
+            which then removes nothing (the groups it is in are left alone).
+    """
+
+    name: str
+    parameter: nn.Parameter
+    axis: int | None
+    why: str
+    pruning_dim: int
+
+
+def _tied_width(graph: tp.DependencyGraph, parameter: nn.Parameter) -> int | None:
+    """The channel count of the layers whose channels the graph couples to ``parameter``'s, or None (none, or several)."""
+    group = graph.get_pruning_group(parameter, tp.prune_parameter_out_channels, idxs=[0])
+    produced, read = set(), set()
+    for dep, _ in group:
+        target = dep.target.module
+        if isinstance(target, nn.Parameter) or not isinstance(target, nn.Module):
+            continue
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            produced.add(graph.get_out_channels(target))
+        elif graph.is_in_channel_pruning_fn(dep.handler):
+            read.add(graph.get_in_channels(target))
+    # What a layer writes is the channel count; what one reads may be flattened (channels x positions).
+    widths = (produced or read) - {None}
+    return next(iter(widths)) if len(widths) == 1 else None
+
+
+def _loose_in(model: nn.Module, graph: tp.DependencyGraph) -> tuple[LooseParameter, ...]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    loose = []
+    for parameter, default in graph.unwrapped_parameters:
+        name, shape = names[id(parameter)], tuple(parameter.shape)
+        if parameter not in graph.module2node:
+            loose.append(LooseParameter(name, parameter, None, "one forward pass does not read it", default))
+            continue
+        width = _tied_width(graph, parameter)
+        axes = [d for d, size in enumerate(shape) if size == width]
+        if len(axes) == 1:
+            loose.append(LooseParameter(name, parameter, axes[0], "", axes[0]))
+        elif width is None:
+            loose.append(LooseParameter(name, parameter, None, "the layers tied to it do not share one width", default))
+        else:
+            which = "none of its axes has" if not axes else f"{len(axes)} of its axes have"
+            loose.append(LooseParameter(name, parameter, None, f"{which} the width of the layers tied to it, {width}", default))
+    return tuple(loose)
+
+
+def loose_parameters(model: nn.Module, example_input: torch.Tensor) -> tuple[LooseParameter, ...]:
+    """The parameters of ``model`` outside torch-pruning's layers (with a dimension above 1), each with its channel axis."""
+    return _loose_in(model, _traced(model, example_input, None))
+
+
+def pruning_axes(loose: tuple[LooseParameter, ...]) -> list[tuple[nn.Parameter, int]]:
+    """torch-pruning's ``unwrapped_parameters`` (a pruner's or a graph's) for the parameters ``loose``."""
+    return [(lp.parameter, lp.pruning_dim) for lp in loose]
+
+
+def untold_in(group: tp.Group, loose: tuple[LooseParameter, ...]) -> LooseParameter | None:
+    """The first parameter of ``loose`` in ``group`` whose channel axis is unknown: removing the group's channels would cut it wrongly."""
+    unknown = {id(lp.parameter): lp for lp in loose if lp.axis is None}
+    return next((unknown[id(dep.target.module)] for dep, _ in group if id(dep.target.module) in unknown), None)
+
+
+def _graph_and_loose(model: nn.Module, example_input: torch.Tensor) -> tuple[tp.DependencyGraph, tuple[LooseParameter, ...]]:
+    graph = _traced(model, example_input, None)
+    loose = _loose_in(model, graph)
+    if any(lp.axis is not None and lp.axis != default for lp, (_, default) in zip(loose, graph.unwrapped_parameters)):
+        graph = _traced(model, example_input, pruning_axes(loose))  # traced again: a parameter's axis sets its width in the graph
+    return graph, loose
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's graph of coupled channels, traced in eval mode (BN statistics untouched), with the
+    channel axis of every loose parameter (:class:`LooseParameter`) given."""
+    return _graph_and_loose(model, example_input)[0]
 
 
 def holds_method_layers(model: nn.Module) -> bool:
@@ -155,7 +255,7 @@ def channel_plan(model: nn.Module, example_input: torch.Tensor) -> ChannelPlan:
     for name in output_layers(model, example_input):
         left[name] = "the classifier: its outputs are the classes"
     names = {m: n for n, m in model.named_modules()}
-    graph = dependency_graph(model, example_input)
+    graph, loose = _graph_and_loose(model, example_input)
     prunable = []
     for name, layer in layers.items():
         if name in left:
@@ -164,11 +264,18 @@ def channel_plan(model: nn.Module, example_input: torch.Tensor) -> ChannelPlan:
             left[name] = "not in torch-pruning's traced graph"
             continue
         prune = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
-        coupled = [names[dep.target.module] for dep, _ in graph.get_pruning_group(layer, prune, idxs=[0]) if dep.target.module in names]
+        group = graph.get_pruning_group(layer, prune, idxs=[0])
+        coupled = [names[dep.target.module] for dep, _ in group if dep.target.module in names]
         shared = [n for n in coupled if calls.get(n, 0) > 1]
         trouble = [n for n in coupled if n in troubles]
+        untold = untold_in(group, loose)
         if trouble:
             left[name] = f"its channels are coupled to '{trouble[0]}', {troubles[trouble[0]]}"
+        elif untold is not None:
+            shape = tuple(untold.parameter.shape)
+            left[name] = (
+                f"its channels are coupled to the parameter '{untold.name}' {shape}, whose channel axis cannot be told: {untold.why}"
+            )
         elif shared:
             left[name] = (
                 f"its channels are coupled to '{shared[0]}', which runs {calls[shared[0]]} times per forward pass (shared weights or a recurrent step)"

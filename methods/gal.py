@@ -307,13 +307,16 @@ def _independent_channel_units(model: nn.Module, example_input: torch.Tensor) ->
         following = [n.module for n in node.outputs]
         bn = following[0] if len(following) == 1 and isinstance(following[0], nn.BatchNorm2d) and following[0].affine else None
         group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
-        # Any other module with weights whose outputs are in the group couples these channels to it.
+        # Any other module with weights whose outputs are in the group couples these channels to it, and so
+        # does a parameter outside the layers (a table added to them): a masked channel would still carry it.
         coupled = {
             dep.target.module
             for dep, _ in group
             if graph.is_out_channel_pruning_fn(dep.handler)
-            and isinstance(dep.target.module, nn.Module)
-            and any(True for _ in dep.target.module.parameters(recurse=False))
+            and (
+                isinstance(dep.target.module, nn.Parameter)
+                or (isinstance(dep.target.module, nn.Module) and any(True for _ in dep.target.module.parameters(recurse=False)))
+            )
         }
         if coupled <= {conv, bn}:
             units.append((name, names[bn] if bn is not None else name))

@@ -83,7 +83,7 @@ from methods._base import Method, MethodContext, NotApplicable
 from methods._clustered_conv import ClusteredConv2d, cluster_kernels, index_bits
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
-from methods._surgery import dependency_graph, first_layers, holds_method_layers
+from methods._surgery import dependency_graph, first_layers, holds_method_layers, loose_parameters, pruning_axes, untold_in
 from methods._training import Phase
 
 __all__ = [
@@ -245,7 +245,10 @@ def _remove_upstream(model: nn.Module, example_input: torch.Tensor, removed: dic
     Returns:
         The names of the layers whose removed channels are gone from the network.
     """
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    loose = loose_parameters(model, example_input)
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example_input, unwrapped_parameters=pruning_axes(loose), verbose=False
+    )
     names = {m: name for name, m in model.named_modules()}
     readers = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
     done = set()
@@ -256,7 +259,7 @@ def _remove_upstream(model: nn.Module, example_input: torch.Tensor, removed: dic
         group = graph.get_pruning_group(conv, tp.prune_conv_in_channels, idxs=list(channels))
         others_read = any(dep.handler in readers and dep.target.module is not conv for dep, _ in group)
         produced = any(dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels) for dep, _ in group)
-        if others_read or not produced or not graph.check_pruning_group(group):
+        if others_read or not produced or untold_in(group, loose) is not None or not graph.check_pruning_group(group):
             continue
         group.prune()
         done.add(names[conv])

@@ -11,6 +11,7 @@ weights (:func:`methods._surgery.channel_plan` says why for each). One-shot, the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from deploy import eval_mode
 from methods._base import Method, MethodContext, NotApplicable, Touches
 from methods._hyperparameters import Range, hyperparameter
 from methods._registry import register_method
-from methods._surgery import channel_plan
+from methods._surgery import channel_plan, loose_parameters, pruning_axes
 
 __all__ = ["L1Filter", "L1FilterConfig"]
 
@@ -54,7 +55,11 @@ class L1Filter(Method):
         example = ctx.example_input
         before = sum(p.numel() for p in model.parameters())
         ignored = _ignored_layers(model, self.touches(model, ctx))
-        with eval_mode(model):  # traced without updating batch-norm statistics
+        axes = pruning_axes(loose_parameters(model, example))
+        with eval_mode(model), warnings.catch_warnings():  # traced without updating batch-norm statistics
+            # Every loose parameter it would warn about has its axis in `axes`, but those of size 1 in
+            # every dimension, which it leaves out of the graph (they broadcast): nothing to warn about.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
             pruner = tp.pruner.MagnitudePruner(
                 model,
                 example,
@@ -62,6 +67,7 @@ class L1Filter(Method):
                 pruning_ratio=self.config.ratio,
                 ignored_layers=ignored,
                 round_to=self.config.round_to if self.config.round_to > 1 else None,
+                unwrapped_parameters=axes,
             )
             pruner.step()
         after = sum(p.numel() for p in model.parameters())

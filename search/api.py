@@ -40,7 +40,7 @@ from search.driver.checks import check_writable_folder
 from search.driver.runner import SearchInterrupted
 from search.results import record as stored
 from search.results.export import chosen_trial, register_export, write_export
-from search.results.ranking import front, rank_records, search_hypervolume
+from search.results.ranking import front, pareto_table, rank_records, search_hypervolume
 from search.results.record import SearchRecord, TrialRecord, completed_records
 from search.results.report import print_now
 from search.space.spec import SearchSpace, load_space, parse_space, read_space_document
@@ -122,9 +122,11 @@ class SearchResult:
     Attributes:
         name: The search's name (its MLflow experiment).
         folder: Its results folder (``<results_dir>/<name>``).
-        rows: Every completed trial, best rank first: ``trial``, ``rank``, ``feasible``,
-            ``pipeline``, ``recipe`` (the methods with their hyperparameters), each objective's
-            value, ``metrics`` (everything the trial reported) and ``mlflow_run_id``.
+        rows: Every completed trial, best rank first: the row ``slimtune pareto --all --json``
+            prints (``trial``, ``run_id``, ``rank``, ``feasible``, ``pipeline``, ``quality`` where
+            the result cannot be trusted, each task metric the trial reported), each objective's
+            value, ``recipe`` (the methods with their hyperparameters), ``metrics`` (everything
+            the trial reported) and ``mlflow_run_id``.
         front: The rows of the feasible Pareto front.
         baseline: The uncompressed model's metrics.
         hypervolume: The front's hypervolume (as ``slimtune pareto`` prints it).
@@ -144,9 +146,10 @@ class SearchResult:
     def of(cls, record: SearchRecord) -> SearchResult:
         records = completed_records(record)
         rank_records(record, records)
-        ordered = sorted(records, key=lambda r: (r.rank, r.number))
+        by_name = {r.name: r for r in records}
+        # The rows of `slimtune pareto --all --json`, in its order, with what the API adds.
+        rows = [_row(record, row, by_name[row["trial"]]) for row in pareto_table(record, records, only_front=False)]
         best = {r.name for r in front(records)}
-        rows = [_row(record, r) for r in ordered]
         return cls(
             name=record.name,
             folder=record.folder,
@@ -155,7 +158,7 @@ class SearchResult:
             baseline=dict(record.baseline_metrics),
             hypervolume=search_hypervolume(record, records),
             record=record,
-            trials=ordered,
+            trials=[by_name[row["trial"]] for row in rows],
         )
 
     def trial(self, which: str | dict[str, Any] | TrialRecord) -> TrialRecord:
@@ -236,17 +239,13 @@ def check_export_target(out: Path, device: str = "cpu", batch_size: int | None =
     check_writable_folder(out, "--out")
 
 
-def _row(record: SearchRecord, r: TrialRecord) -> dict[str, Any]:
-    return {
-        "trial": r.name,
-        "rank": r.rank,
-        "feasible": r.feasible,
-        "pipeline": r.pipeline,
-        "recipe": r.recipe,
-        **{metric: r.metrics.get(metric) for metric in record.metric_names},
-        "metrics": dict(r.metrics),
-        "mlflow_run_id": r.run_id,
-    }
+def _row(record: SearchRecord, table_row: dict[str, Any], r: TrialRecord) -> dict[str, Any]:
+    """``table_row`` (a row of :func:`search.results.ranking.pareto_table`) with the recipe, every reported
+    metric, the MLflow run id, and each objective (None where the trial did not report it)."""
+    row = dict(table_row)
+    for metric in record.metric_names:
+        row.setdefault(metric, r.metrics.get(metric))
+    return {**row, "recipe": r.recipe, "metrics": dict(r.metrics), "mlflow_run_id": r.run_id}
 
 
 # ----------------------------------------------------------------------------------------------

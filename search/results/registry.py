@@ -93,6 +93,20 @@ def logged_model_ids(record: SearchRecord, name: str = MODEL_NAME) -> dict[str, 
             return ids
 
 
+def _run_logged_models(record: SearchRecord, run_id: str) -> dict[str, str]:
+    """Name -> id of the logged models of the run ``run_id`` (its program, its ONNX model), in one search."""
+    tracker = record.tracker()
+    found: dict[str, str] = {}
+    token = None
+    while True:
+        page = tracker.client.search_logged_models([tracker.experiment_id], filter_string=f"source_run_id = '{run_id}'", page_token=token)
+        for model in page:
+            found.setdefault(model.name, model.model_id)
+        token = page.token
+        if not token:
+            return found
+
+
 def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, with_program: bool = True) -> str | None:
     """Log the exported program in ``model_dir`` as the logged model of ``trial``'s run, and its
     ``model.onnx`` beside it when the folder has one; return the program's logged model id.
@@ -160,10 +174,11 @@ def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, na
         UserError: When the tracking store has no model registry or refuses the name or alias.
     """
     client = record.tracker().client
-    model_id = logged_model_ids(record).get(trial.run_id or "")
+    logged = _run_logged_models(record, trial.run_id) if trial.run_id else {}
+    model_id = logged.get(MODEL_NAME)
     if model_id is None:
         model_id = log_trial_model(record, trial, model_dir)
-    elif trial.run_id not in logged_model_ids(record, ONNX_MODEL_NAME) and (model_dir / FORMS["onnx"]).exists():
+    elif ONNX_MODEL_NAME not in logged and (model_dir / FORMS["onnx"]).exists():
         log_trial_model(record, trial, model_dir, with_program=False)  # the program was logged at the end of the search
     metrics = ", ".join(f"{m} {trial.metrics[m]:.6g}" for m in record.metric_names)
     # create_model_version resolves the models:/ source through MLflow's global tracking URI.

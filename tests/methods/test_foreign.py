@@ -11,11 +11,15 @@ a model fails here until the table says so.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from deploy import check_round_trip, count_flops, count_params, export_model
@@ -169,6 +173,59 @@ def test_default_touches_lists_the_layers_prepare_swaps(foreign) -> None:
     assert type(model.shared_conv).__name__ == "Conv2d"  # the model itself is left as it was
 
 
+class PositionTable(nn.Module):
+    """A learnt ``(channels, length)`` table added to a ``(batch, channels, length)`` activation: its channel
+    axis is its first, not its last (torch-pruning's guess for a parameter outside its layers)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, channels, 2, stride=2)  # (batch, channels, 4, 4)
+        self.table = nn.Parameter(torch.randn(channels, 16))
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = F.relu(self.patch(x).flatten(2) + self.table)  # (batch, channels, 16)
+        return self.head(tokens.mean(dim=2))
+
+
+def test_l1_filter_prunes_a_loose_parameter_along_its_channel_axis(digits, tmp_path) -> None:
+    task, batches = digits
+    torch.manual_seed(0)
+    teacher = frozen(PositionTable(6))
+    model, ctx = trainable_copy(teacher), make_context(teacher, batches, batches, task, task.example_input(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch-pruning is told the table's axis: it has nothing to warn about
+        assert create_method("l1_filter").touches(model, ctx).changed == ("patch",)
+        out = create_method("l1_filter", {"ratio": 0.5}).prepare(model, ctx).eval()
+    assert (out.patch.out_channels, tuple(out.table.shape), out.head.in_features) == (3, (3, 16), 3)
+    kept = [next(i for i in range(6) if torch.equal(w, teacher.patch.weight[i])) for w in out.patch.weight]
+    assert torch.equal(out.table, teacher.table[kept])  # each kept channel's own row
+    masked = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for i in set(range(6)) - set(kept):
+            masked.patch.weight[i] = 0.0
+            masked.patch.bias[i] = 0.0
+            masked.table[i] = -1.0  # its channel reads 0 after the ReLU
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (out(x) - masked(x)).abs().max().item() <= 1e-5
+    export_model(out, ctx.example_input, tmp_path, {"recipe": []})
+    check_round_trip(tmp_path, x, rtol=1e-5)
+
+
+def test_l1_filter_leaves_alone_what_a_loose_parameter_of_unknown_axis_is_tied_to(digits) -> None:
+    task, batches = digits
+    torch.manual_seed(0)
+    teacher = frozen(PositionTable(16))  # a (16, 16) table: either axis could hold the 16 channels
+    model, ctx = trainable_copy(teacher), make_context(teacher, batches, batches, task, task.example_input(1))
+    with pytest.raises(NotApplicable) as refused:
+        create_method("l1_filter").touches(model, ctx)
+    assert (
+        "'patch' is left alone (its channels are coupled to the parameter 'table' (16, 16), whose channel axis cannot be "
+        "told: 2 of its axes have the width of the layers tied to it, 16)"
+    ) in str(refused.value)
+
+
 # --- registered models that crashed before (a plain exception instead of a refusal) ------------
 
 
@@ -199,3 +256,13 @@ def test_method_refuses_a_registered_model_it_cannot_compress(name: str, model_n
         create_method(name).prepare(model, ctx)
     reason = str(refused.value)
     assert reason.startswith(f"{name} ") and "\n" not in reason and words in reason, reason
+
+
+def test_gal_does_not_mask_channels_a_loose_parameter_is_added_to(digits) -> None:
+    """A masked channel would still carry the table's entry, so removing it would change the outputs."""
+    task, batches = digits
+    torch.manual_seed(0)
+    teacher = frozen(PositionTable(6))
+    model, ctx = trainable_copy(teacher), make_context(teacher, batches, batches, task, task.example_input(1))
+    with pytest.raises(NotApplicable, match="gal found no Conv2d of PositionTable"):
+        create_method("gal", {"structure": "channel"}).touches(model, ctx)

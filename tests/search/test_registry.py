@@ -152,6 +152,26 @@ def test_export_register_sets_the_pick_alias_and_the_registered_model_matches_th
     assert client.get_model_version("digits-small", "2").tags["slimtune.trial"] == "trial_002"
 
 
+def test_register_trial_searches_the_run_s_logged_models_once(finished, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from search.results.registry import register_trial
+
+    record, _, tmp = finished
+    trial = next(r for r in completed_records(record) if r.number == 1)  # a front trial: its program is logged already
+    searches = []
+    search = MlflowClient.search_logged_models
+
+    def counted(self, *args, **kwargs):
+        searches.append(kwargs.get("filter_string"))
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "search_logged_models", counted)
+    version = register_trial(record, trial, tmp / "checkpoint_1" / "model", "searched-once", None)
+    assert len(searches) == 1, searches
+    assert version.run_id == trial.run_id and version.tags["slimtune.trial"] == "trial_001"
+
+
 def test_a_store_that_refuses_the_registry_is_one_error_line(finished, capsys, monkeypatch) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND
