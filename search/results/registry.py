@@ -78,33 +78,33 @@ def _logger_at(name: str, level: int) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def logged_model_ids(record: SearchRecord, name: str = MODEL_NAME) -> dict[str, str]:
-    """Run id -> id of the logged model called ``name`` of every trial run of the search that has one."""
+def _logged_models(record: SearchRecord, filter_string: str):
+    """Every logged model of the search's experiment that ``filter_string`` selects, page by page."""
     tracker = record.tracker()
-    ids: dict[str, str] = {}
     token = None
     while True:
-        page = tracker.client.search_logged_models([tracker.experiment_id], filter_string=f"name = '{name}'", page_token=token)
-        for model in page:
-            if model.source_run_id:
-                ids.setdefault(model.source_run_id, model.model_id)
+        page = tracker.client.search_logged_models([tracker.experiment_id], filter_string=filter_string, page_token=token)
+        yield from page
         token = page.token
         if not token:
-            return ids
+            return
+
+
+def logged_model_ids(record: SearchRecord, name: str = MODEL_NAME) -> dict[str, str]:
+    """Run id -> id of the logged model called ``name`` of every trial run of the search that has one."""
+    ids: dict[str, str] = {}
+    for model in _logged_models(record, f"name = '{name}'"):
+        if model.source_run_id:
+            ids.setdefault(model.source_run_id, model.model_id)
+    return ids
 
 
 def _run_logged_models(record: SearchRecord, run_id: str) -> dict[str, str]:
     """Name -> id of the logged models of the run ``run_id`` (its program, its ONNX model), in one search."""
-    tracker = record.tracker()
     found: dict[str, str] = {}
-    token = None
-    while True:
-        page = tracker.client.search_logged_models([tracker.experiment_id], filter_string=f"source_run_id = '{run_id}'", page_token=token)
-        for model in page:
-            found.setdefault(model.name, model.model_id)
-        token = page.token
-        if not token:
-            return found
+    for model in _logged_models(record, f"source_run_id = '{run_id}'"):
+        found.setdefault(model.name, model.model_id)
+    return found
 
 
 def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, with_program: bool = True) -> str | None:
