@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -540,8 +541,8 @@ def load_onnx(path: Path | bytes, threads: int | None = None, optimize: bool = T
     return run
 
 
-def optimized_op_types(path: Path) -> set[str]:
-    """The op types of ``path`` after ONNX Runtime's graph optimisation (which kernels run)."""
+def optimized_op_types(path: Path) -> Counter[str]:
+    """How many nodes of each op type ``path`` has after ONNX Runtime's graph optimisation (which kernels run)."""
     import tempfile
 
     import onnx
@@ -553,30 +554,32 @@ def optimized_op_types(path: Path) -> set[str]:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+        return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def check_onnx(model: nn.Module, path: Path, x: torch.Tensor, rtol: float = 1e-4) -> float:
     """The largest output difference of the ONNX file at ``path`` from ``model`` on ``x``.
 
     The file runs in ONNX Runtime with its graph optimisation off: each node as written, in
-    float where the file says float. An integer model is checked twice. With the rounding
-    :func:`_integer_graph` added undone (the file records it), it must equal ``model`` within
-    ``rtol``: the file carries exactly the model's codes, scales and bounds. As written, it may
-    differ by that added rounding (module docstring), at most twice as much as the model's own
-    activation rounding moves its outputs (``model`` against a copy with every activation
-    quantizer removed): each added rounding moves a tensor by at most a step of its trained grid,
-    twice the half step of training's rounding. Optimised, ONNX Runtime fuses the Q/DQ groups into
-    integer kernels, which store each bias as ``int32`` on the accumulator's grid (step
-    ``input scale * weight scale``); at 8 bits that moves outputs by rounding noise, below 8
-    bits some activations cross a grid boundary (the digits test bounds the accuracy change).
+    float where the file says float. A float model must equal ``model`` within ``rtol``. An
+    integer model is measured against the model's own activation rounding, ``own``: how far
+    ``model``'s outputs move when every activation quantizer is removed. With the rounding
+    :func:`_integer_graph` added undone (the file records it), the file must be within ``own``:
+    it carries the model's codes, scales and bounds, and only a value that float summation
+    order puts at a rounding tie may take the neighbouring code (in a deep network such a
+    flip propagates, so exact equality holds only for shallow ones). As written, within
+    ``3 * own``: per residual block the added rounding moves values by at most 2.25 steps of
+    the trained grids (module docstring) where training's moves them by at most 1. Optimised,
+    ONNX Runtime fuses the Q/DQ groups into integer kernels, which store each bias as ``int32``
+    on the accumulator's grid (step ``input scale * weight scale``); at 8 bits that moves
+    outputs by rounding noise, below 8 bits some activations cross a grid boundary (the
+    digits tests bound the accuracy change).
 
     Returns:
         The difference of the file as written.
 
     Raises:
-        AssertionError: A difference is more than its bound (``rtol * max(1, max |output|)``,
-            plus twice the model's own activation rounding for the file as written).
+        AssertionError: A difference is more than its bound plus ``rtol * max(1, max |output|)``.
     """
     import onnx
 
@@ -585,17 +588,17 @@ def check_onnx(model: nn.Module, path: Path, x: torch.Tensor, rtol: float = 1e-4
     with eval_mode(model), torch.no_grad():
         if trained is None:
             return output_diff(model, load_onnx(path, optimize=False), x, rtol, f"the exported ONNX model ({name}) against the module")
-        what = f"the exported ONNX model ({name}) with its deployment rounding undone against the module"
-        output_diff(model, load_onnx(trained.SerializeToString(), optimize=False), x, rtol, what)
         expected = model(x)
         own = float((_without_activation_rounding(model)(x) - expected).abs().max())
-        diff = float((load_onnx(path, optimize=False)(x) - expected).abs().max())
-        bound = 2 * own + rtol * max(1.0, float(expected.abs().max()))
-        if not diff <= bound:
-            raise AssertionError(
-                f"the exported ONNX model ({name}) changed the outputs by {diff:.3g}, more than twice the model's own "
-                f"activation rounding ({own:.3g}) plus rtol {rtol} x max(1, max |output|): {bound:.3g}."
-            )
+        floor = rtol * max(1.0, float(expected.abs().max()))
+        checks = ((trained.SerializeToString(), 1, " with its deployment rounding undone"), (str(path), 3, ""))
+        for source, times, what in checks:
+            diff = float((load_onnx(source, optimize=False)(x) - expected).abs().max())
+            if not diff <= times * own + floor:
+                raise AssertionError(
+                    f"the exported ONNX model ({name}){what} changed the outputs by {diff:.3g}, more than {times} x the "
+                    f"model's own activation rounding ({own:.3g}) plus rtol {rtol} x max(1, max |output|) ({floor:.3g})."
+                )
         return diff
 
 
