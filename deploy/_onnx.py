@@ -30,15 +30,35 @@ CPU kernels have no narrower integer convolution, and it fuses no ``Clip`` place
 saturates at -128, one step below training's -127, which only an activation more than half a step
 below ``-bound`` reaches.
 
-ONNX Runtime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` only where
-the convolution's output is quantized; training never quantizes it (the next layer quantizes what
-reaches it). :func:`_quantize_layer_outputs` adds that ``QuantizeLinear``/``DequantizeLinear``
-pair at the scale of the quantizer the output reaches: exactly where the path between them is a
-ReLU, a clip to the quantizer's bound, a max pool or a reshape (each commutes with rounding to
-the grid), and with one rounding of
-at most half a step that training did not have where the output is added to another path (a
-residual block's sum) first. A layer whose output reaches no quantizer keeps a float convolution
-of its dequantized codes.
+ONNX Runtime runs a layer on an integer kernel (``QLinearConv``, ``QLinearAdd``) only where every
+input and the output are quantized, and keeps the NCHW/NHWC ``Transpose`` pairs of the float
+islands between. Training quantizes only each layer's input, so :func:`_integer_graph` quantizes
+the tensors in between, and records what it changed (in ``metadata_props``) so that
+:func:`check_onnx` can undo it:
+
+- a value training quantized for one reader and left in float for another (a residual block's
+  output, read by the next block's first convolution and by its shortcut) is read quantized by
+  both: the shortcut gets the codes of the next convolution's input, rounding training did not
+  have (at most half a step of that grid) and its clip to the quantizer's bound (an activation
+  above the running maximum or learned bound is cut there);
+- at 8 bits a quantizer of a ReLU's output becomes ``uint8`` with zero point 0 and step
+  ``bound / 255`` (same bound, so the same clip): ONNX Runtime then drops the ReLU before it.
+  The grid is twice as fine as training's (``bound / 127``), so a value's rounding differs from
+  training's by at most 3/4 of a trained step. Below 8 bits the trained codes are kept
+  (``int8``, with the clip before each ``QuantizeLinear``), and so are those ReLUs and clips;
+- each ``Add`` whose output reaches a quantizer (a residual sum followed by its ReLU) gets its
+  float inputs (the second convolution's output, a zero-padded shortcut) quantized on an 8-bit
+  grid of that quantizer's bound, step ``bound / 127`` (as ``uint8`` with zero point 128 where
+  the quantizer is ``uint8``: ONNX Runtime fuses an ``Add`` or ``Conv`` only with one activation
+  type), rounding training did not have of at most half that step, and a clip of the input at
+  ``-bound`` (exact where the other input is at most ``bound``, since a ReLU follows);
+- a quantized layer's output, and such a sum's, gets ``QuantizeLinear``/``DequantizeLinear`` at
+  the scale of the quantizer it reaches where ops ONNX Runtime does not fuse stand between:
+  exactly, since that path is a ReLU, a clip to the quantizer's bound, a max pool or a reshape
+  (each commutes with rounding to the grid).
+
+A value that reaches no quantizer (the last block's sum, which feeds the float classifier) stays
+float, and so do the convolution and the sum that write it.
 """
 
 from __future__ import annotations
