@@ -112,3 +112,33 @@ def test_narrow_widths_run_int8_kernels_exactly_as_written(digits, exported, bit
     assert "QLinearConv" in optimized_op_types(out / "model.onnx")
     x = digits[0].test_set.tensors[0][:64]
     assert check_round_trip(out, x, forms=("onnx",)) <= 1e-4 * max(1.0, float(model(x).abs().max()))
+
+
+@pytest.fixture(scope="module")
+def residual(digits, tmp_path_factory):
+    """A ``resnet20`` trained 2 epochs on digits, fine-tuned one epoch by ``minmax_quant`` at 8 bits, exported with ONNX."""
+    task, _, loader = digits
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    val = list(DataLoader(task.val_set, batch_size=256))
+    ctx = make_context(model, loader, val, task, task.example_input(1), lr=0.05)
+    train_phase(model, Phase("baseline", 2), ctx, loss_terms=[])
+    ctx = make_context(frozen(model), loader, val, task, task.example_input(1), epochs=1, lr=0.01)
+    quantized = Pipeline([create_method("minmax_quant", {"bits": 8})]).run(trainable_copy(frozen(model)), ctx).eval()
+    out = tmp_path_factory.mktemp("resnet20_int8")
+    export_model(quantized, task.example_input(1), out, onnx=True)
+    return quantized, out
+
+
+def test_residual_int8_model_runs_integer_sums_at_the_trials_accuracy(digits, residual) -> None:
+    import onnx
+
+    task = digits[0]
+    model, out = residual
+    ops = [node.op_type for node in onnx.load(out / "model.onnx").graph.node]
+    optimized = optimized_op_types(out / "model.onnx")
+    # Every quantized convolution and every residual sum but the last (whose output reaches no quantizer) is integer.
+    assert optimized["QLinearConv"] == ops.count("Conv") - 2 and optimized["QLinearAdd"] == ops.count("Add") - 1
+    assert optimized["Relu"] == 1  # each ReLU before a uint8 quantizer is dropped; the last block's stays
+    deployed = accuracy(task, _Runner(load_form(out, "onnx", threads=1)))
+    assert abs(deployed - accuracy(task, model)) <= 0.003
