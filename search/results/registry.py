@@ -91,20 +91,35 @@ def _logged_models(record: SearchRecord, filter_string: str):
 
 
 def logged_model_ids(record: SearchRecord, name: str = MODEL_NAME) -> dict[str, str]:
-    """Run id -> id of the logged model called ``name`` of every trial run of the search that has one."""
+    """Run id -> id of the logged model called ``name`` of every trial run of the search that has one.
+
+    Only models MLflow finished writing count (``READY``): one a killed driver left half written
+    (``PENDING``) is deleted, so that the close-out logs the model again.
+    """
     ids: dict[str, str] = {}
     for model in _logged_models(record, f"name = '{name}'"):
-        if model.source_run_id:
+        if model.source_run_id and _ready(record, model):
             ids.setdefault(model.source_run_id, model.model_id)
     return ids
 
 
 def _run_logged_models(record: SearchRecord, run_id: str) -> dict[str, str]:
-    """Name -> id of the logged models of the run ``run_id`` (its program, its ONNX model), in one search."""
+    """Name -> id of the logged models of the run ``run_id`` (its program, its ONNX model), in one search; ``READY`` ones only."""
     found: dict[str, str] = {}
     for model in _logged_models(record, f"source_run_id = '{run_id}'"):
-        found.setdefault(model.name, model.model_id)
+        if _ready(record, model):
+            found.setdefault(model.name, model.model_id)
     return found
+
+
+def _ready(record: SearchRecord, model) -> bool:
+    """Whether MLflow finished writing ``model``; one it did not (its writer was killed) is deleted."""
+    from mlflow.entities import LoggedModelStatus  # MLflow takes 1.5 s to import; pareto and report read runs.json without it
+
+    if model.status == LoggedModelStatus.READY:
+        return True
+    record.tracker().client.delete_logged_model(model.model_id)
+    return False
 
 
 def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, with_program: bool = True) -> str | None:

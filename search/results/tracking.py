@@ -280,6 +280,20 @@ class SearchTracker:
             self.client.set_tag(run_id, "nodes", ",".join(nodes))
         self._update_run_record(trial_id, nodes=nodes, pid=pid)
 
+    def end_reopened_runs(self) -> list[str]:
+        """End again each trial run that MLflow holds RUNNING though the run map has it ended; return their ids.
+
+        Logging a trial's model reopens its run (``mlflow.start_run``) and ends it again after; a
+        driver killed in between leaves the run RUNNING. Its status comes back from the run map
+        (FINISHED, FAILED; KILLED for a trial stopped early).
+        """
+        ended = {record["run_id"]: record["status"] for record in self.runs().values() if record.get("run_id")}
+        statuses = {"FINISHED": "FINISHED", "FAILED": "FAILED", "STOPPED_EARLY": "KILLED"}
+        reopened = [run_id for run_id, _, _ in self.open_trial_runs() if ended.get(run_id) in statuses]
+        for run_id in reopened:
+            self.client.set_terminated(run_id, status=statuses[ended[run_id]])
+        return reopened
+
     def open_trial_runs(self) -> list[tuple[str, str, str]]:
         """``(run id, Tune trial id, trial name)`` of every trial run MLflow still holds as RUNNING.
 

@@ -41,10 +41,16 @@ def _tiny(width: int, seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """The search's record, its three models and the folder it lives in, after ``finish_search``."""
+    tmp = tmp_path_factory.mktemp("registry")
+    record, models = _stored_search(tmp)
+    return record, models, tmp
+
+
+def _stored_search(tmp: Path) -> tuple[SearchRecord, list[nn.Module]]:
+    """A search of three stored trials in ``tmp``, closed out by ``finish_search``."""
     from search.driver.runner import finish_search
     from search.results.report import Reporter
 
-    tmp = tmp_path_factory.mktemp("registry")
     space_yaml = (ROOT / "spaces" / "quickstart.yaml").read_text().replace("  size_bytes: min\n", "")  # objectives: accuracy, macs
     record = SearchRecord(
         name="handoff", folder=tmp / "results" / "handoff", space_yaml=space_yaml, space_path="quickstart.yaml", trials=3,
@@ -73,7 +79,7 @@ def finished(tmp_path_factory):
         trial.datetime_complete = datetime.datetime.fromtimestamp(1.7e9 + COMPLETED_AT[number])
         study.add_trial(trial)
     finish_search(record, Reporter(log=lambda line: None))
-    return record, models, tmp
+    return record, models
 
 
 def _logged_models(record: SearchRecord, name: str = "program") -> dict[str, int]:
@@ -256,3 +262,26 @@ def test_report_holds_what_pareto_json_prints_and_is_logged_on_the_search_run(fi
     client = record.tracker().client
     assert "report.html" in {a.path for a in client.list_artifacts(record.parent_run_id)}
     assert (record.folder / "report.html").is_file()  # written by finish_search
+
+
+def test_a_driver_killed_while_logging_a_model_leaves_no_open_run_and_no_half_model(tmp_path: Path) -> None:
+    """Logging a Pareto model reopens the trial's run; a driver killed in between left the run
+    RUNNING and a PENDING logged model. The next close-out (a resume's) ends the run as the run
+    map has it and logs the model again, once."""
+    from search.driver.runner import finish_search
+    from search.results.report import Reporter
+
+    record, _ = _stored_search(tmp_path)
+    tracker = record.tracker()
+    client = tracker.client
+    run_id = {r.name: r.run_id for r in completed_records(record)}["trial_000"]
+    for model in client.search_logged_models([tracker.experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        client.delete_logged_model(model.model_id)
+    half = client.create_logged_model(tracker.experiment_id, name="program", source_run_id=run_id)  # PENDING
+    client.update_run(run_id, status="RUNNING")
+
+    finish_search(record, Reporter(log=lambda line: None))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    models = client.search_logged_models([tracker.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert [(m.name, m.status.name) for m in models] == [("program", "READY")]
+    assert half.model_id not in {m.model_id for m in models}
