@@ -14,7 +14,9 @@ Hypervolume is ``slimtune pareto``'s, over the trials completed so far.
 
 Target: a scheduler reaches FIFO's final hypervolume in <= 60% of FIFO's CPU time.
 
-    python bench/early_stopping.py --seeds 3 --trials 12 --epochs 6 --more 2
+    python bench/early_stopping.py --seeds 3 --trials 12 --epochs 6 --more 2 --schedulers mo_asha
+
+The README's "Early stopping" section holds the latest figures and what they say.
 """
 
 from __future__ import annotations

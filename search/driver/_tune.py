@@ -245,7 +245,7 @@ class TrialTracker(tune.Callback):
         if state == "PRUNED":
             epoch = int(result.get("epoch", 0))
             tracker.stop_trial_early(trial.trial_id, run_id, epoch)
-            self.reporter.trial_stopped(self.record, trial_name(trial), epoch, search_progress(self.record))
+            self.reporter.trial_stopped(self.record, trial_name(trial), result, search_progress(self.record))
             return
         if state != "COMPLETE":
             reason = "the trial ended without a final result" if not result.get("final") else f"the study recorded the trial as {state}"

@@ -15,7 +15,7 @@ from typing import Any
 from errors import plural
 from search.results.ranking import describe_reference, front, hypervolume_reference, pareto_table, rank_records, search_hypervolume
 from search.results.record import Progress, SearchRecord, TrialRecord, completed_records, pipeline_text
-from search.space.objectives import COST_METRICS
+from search.space.objectives import COST_METRICS, epoch_key
 
 __all__ = ["Reporter", "format_table", "format_metric", "latency_note", "results_dir_option", "unfinished_lines", "mlflow_ui", "UI_PORT"]
 
@@ -55,6 +55,11 @@ def format_metric(metric: str, value: float) -> str:
     if abs(value) <= 1.0:
         return f"{value:.4f}"
     return f"{value:.3f}"
+
+
+def _figures_text(metrics: dict[str, Any], names: list[str]) -> str:
+    """``accuracy 0.9639  macs 47.9k``: those of ``names`` that ``metrics`` holds, as :func:`format_metric` writes them."""
+    return "  ".join(f"{m} {format_metric(m, metrics[m])}" for m in names if isinstance(metrics.get(m), (int, float)))
 
 
 def latency_note(metrics: dict[str, Any]) -> str:
@@ -158,7 +163,7 @@ class Reporter:
         rank_records(record, records)
         hv = search_hypervolume(record, records)
         pipeline = pipeline_text(json.loads(result.get("recipe", "[]")))
-        shown = "  ".join(f"{m} {format_metric(m, result[m])}" for m in record.metric_names if m in result)
+        shown = _figures_text(result, record.metric_names)
         quality = result.get("quality", "ok")
         mark = "" if quality == "ok" else f", {quality}: never on the front"
         self.say(
@@ -168,9 +173,14 @@ class Reporter:
     def trial_failed(self, record: SearchRecord, name: str, reason: str, progress: Progress) -> None:
         self.say(f"{name} FAILED ({progress.done}/{record.trials} done): {reason}")
 
-    def trial_stopped(self, record: SearchRecord, name: str, epoch: int, progress: Progress) -> None:
+    def trial_stopped(self, record: SearchRecord, name: str, result: dict[str, Any], progress: Progress) -> None:
+        """One line per trial a scheduler stopped: its pipeline and the figures it was judged on (``result``, its last epoch's)."""
+        epoch = int(result.get("epoch", 0))
+        pipeline = pipeline_text(json.loads(result.get("recipe", "[]")))
+        shown = _figures_text(result, [epoch_key(m, record.task_metrics) or m for m in record.metric_names])
         self.say(
-            f"{name} stopped early after {plural(epoch, 'epoch')} ({progress.done}/{record.trials} done): the scheduler ranked it below the trials it kept"
+            f"{name} stopped early after {plural(epoch, 'epoch')} ({progress.done}/{record.trials} done)  {pipeline}  |  {shown}  |  "
+            "the scheduler ranked it below the trials it kept"
         )
 
     def trial_retried(self, name: str, reason: str) -> None:

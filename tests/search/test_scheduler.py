@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from errors import UserError
-from search.driver.halving import Rungs, milestones
+from search.driver.halving import Rungs, milestones, near
 from search.results.pareto import best_first, crowding_distances
 from search.space.objectives import Constraint, Objective
 from search.space.spec import parse_space
@@ -32,10 +32,11 @@ SPACE = {
     "baseline": {"epochs": 1},
     "methods": {"l1_filter": {"optional": False, "params": {"ratio": {"low": 0.2, "high": 0.7}}}},
     "objectives": {"accuracy": "max", "size_bytes": "min"},
-    # The baseline trains 1 epoch (test accuracy 0.61): a trial must beat it by 8 points.
-    "constraints": ["accuracy_drop <= -0.08"],
+    # The baseline trains 1 epoch (test accuracy 0.61): a trial must beat it by 8 points (held on
+    # the final result only), and its model must fit in 50 kB (held at every rung too).
+    "constraints": ["accuracy_drop <= -0.08", "size_bytes <= 50000"],
     "budget": {"trials": 2, "concurrent": 1, "epochs": 2, "scheduler": "mo_asha", "grace_epochs": 1, "reduction_factor": 2},
-    "sampler": {"name": "random", "seed": 1},
+    "sampler": {"name": "random", "seed": 2},
     "measure": {"latency_repeats": 1},
 }
 
@@ -55,25 +56,27 @@ def test_crowding_distance_and_best_first_order() -> None:
     assert best_first(points, ["max", "min"], [0.5, 0.0, 0.0, 0.0]) == [1, 2, 3, 0]
 
 
+def _result(accuracy: float, size: float, drop: float = 0.0, macs: float | None = None) -> dict:
+    return {"val_accuracy": accuracy, "size_bytes": size, "val_accuracy_drop": drop, "macs": macs}
+
+
 def test_rungs_keep_the_best_of_each_rung_by_rank_feasibility_and_arrival() -> None:
     rungs = Rungs(
         objectives=(Objective("accuracy", "max"), Objective("size_bytes", "min")),
-        constraints=(Constraint("accuracy_drop", "<=", 0.1),),
+        constraints=(Constraint("accuracy_drop", "<=", 0.1), Constraint("size_bytes", "<=", 150.0)),
         quality=("accuracy",),
         milestones=milestones(1, 2, 4),
         reduction_factor=2,
     )
     assert rungs.milestones == (1, 2) and milestones(2, 2, 12) == (2, 4, 8) and milestones(1, 3, 18) == (1, 3, 9)
 
-    def result(accuracy: float, size: float, drop: float = 0.0) -> dict:
-        return {"val_accuracy": accuracy, "size_bytes": size, "val_accuracy_drop": drop}
-
+    result = _result
     assert rungs.goes_on("t0", 1, result(0.80, 100.0))  # alone at the rung
     assert not rungs.goes_on("t1", 1, result(0.70, 120.0))  # dominated by t0: 1 of 2 goes on
     assert rungs.goes_on("t2", 1, result(0.90, 90.0))  # dominates both: 2 of 3 go on
-    assert not rungs.goes_on("t3", 1, result(0.95, 10.0, drop=0.3))  # best objectives, but infeasible
+    assert not rungs.goes_on("t3", 1, result(0.99, 160.0))  # best accuracy, but breaks the size constraint
     assert not rungs.goes_on("t4", 1, result(0.69, 130.0))  # dominated by t0, t1 and t2: 3 of 5 go on
-    assert rungs.goes_on("t5", 1, result(0.50, 5.0))  # a new extreme of the front: 3 of 6 go on
+    assert rungs.goes_on("t5", 1, result(0.50, 50.0))  # a new extreme of the front: 3 of 6 go on
     assert rungs.goes_on("t1", 1, result(0.70, 120.0))  # an epoch replayed after a restore changes nothing
     assert rungs.goes_on("t1", 3, result(0.70, 120.0))  # between rungs
     assert rungs.goes_on("t6", 2, {"val_accuracy": 0.5})  # no size: not compared
@@ -84,7 +87,65 @@ def test_rungs_keep_the_best_of_each_rung_by_rank_feasibility_and_arrival() -> N
     assert rungs.goes_on("t0", 1, result(0.80, 100.0))
     assert rungs.goes_on("t1", 1, result(0.70, 50.0))  # 1 of 2 by the quota (t0, the earlier), but on the front
     assert not rungs.goes_on("t2", 1, result(0.60, 60.0))  # dominated by t1
-    assert not rungs.goes_on("t3", 1, result(0.90, 40.0, drop=0.2))  # dominates every other, but infeasible
+    # The validation drop breaks accuracy_drop <= 0.1, but a quality constraint waits for the end.
+    assert rungs.goes_on("t3", 1, result(0.90, 40.0, drop=0.2))
+    # A cost constraint is held at once (the final model's size is known): even alone at a rung.
+    assert not Rungs(rungs.objectives, rungs.constraints, ("accuracy",), (1,), 2).goes_on("t0", 1, result(0.99, 151.0))
+
+
+def test_a_freshly_pruned_trial_is_not_stopped_by_its_mid_phase_accuracy_drop() -> None:
+    """The quickstart with mo_asha and 4 trials: the one trial that compressed stopped after 1 epoch."""
+    rungs = Rungs(
+        objectives=(Objective("accuracy", "max"), Objective("macs", "min"), Objective("size_bytes", "min")),
+        constraints=(Constraint("accuracy_drop", "<=", 0.1),),
+        quality=("accuracy",),
+        milestones=(1, 2, 4, 8),
+        reduction_factor=2,
+    )
+    # kd(temperature=3.97, weight=0.692) after 1 epoch, then l1_filter(ratio=0.575) > minmax_quant(bits=8).
+    assert rungs.goes_on("kd", 1, _result(0.9722, 97128.0, drop=0.0222, macs=599680.0))
+    assert rungs.goes_on("pruned", 1, _result(0.7056, 5949.0, drop=0.2889, macs=99198.0))
+
+
+def test_a_trial_alone_in_its_region_of_the_known_cost_goes_on() -> None:
+    rungs = Rungs(
+        objectives=(Objective("accuracy", "max"), Objective("macs", "min"), Objective("size_bytes", "min")),
+        constraints=(),
+        quality=("accuracy",),
+        milestones=(2,),
+        reduction_factor=2,
+    )
+    assert near([100.0, 10.0], [200.0, 5.0]) and not near([100.0, 10.0], [201.0, 10.0]) and not near([0.0], [1.0])
+    assert rungs.goes_on("small", 2, _result(0.95, 1000.0, macs=50000.0))
+    assert rungs.goes_on("smaller", 2, _result(0.96, 400.0, macs=20000.0))
+    # Dominated by "smaller" (cheaper on both costs, more accurate), but no trial at the rung has
+    # a cost near its own (both costs at least twice as high): it goes on.
+    assert rungs.goes_on("large", 2, _result(0.90, 4000.0, macs=200000.0))
+    # Near "large" on both costs and dominated by it: past the quota (2 of 4), it stops.
+    assert not rungs.goes_on("large2", 2, _result(0.89, 4100.0, macs=210000.0))
+    # Near "small" on MACs only (its size is more than twice): alone, so it goes on, though dominated.
+    assert rungs.goes_on("wide", 2, _result(0.80, 2500.0, macs=60000.0))
+
+    # Without a cost objective every trial is in the same region: the quota and dominance decide.
+    alone = Rungs((Objective("accuracy", "max"), Objective("accuracy_drop", "min")), (), ("accuracy",), (2,), 2)
+    assert alone.goes_on("a", 2, {"val_accuracy": 0.9, "val_accuracy_drop": 0.0})
+    assert not alone.goes_on("b", 2, {"val_accuracy": 0.8, "val_accuracy_drop": 0.1})
+
+
+def test_the_stopped_early_line_names_the_recipe_and_the_figures_it_was_judged_on(tmp_path: Path) -> None:
+    from search.results.record import Progress, SearchRecord
+    from search.results.report import Reporter
+
+    space = _space()
+    record = SearchRecord.from_space("early", tmp_path / "early", space, "sqlite:///unused.db", "sqlite:///unused-optuna.db")
+    recipe = [{"name": "l1_filter", "params": {"ratio": 0.5750350228495987}}, {"name": "minmax_quant", "params": {"bits": 8}}]
+    result = {"epoch": 1, "recipe": json.dumps(recipe), "val_accuracy": 0.7056, "size_bytes": 5949.0, "macs": 99198.0, "cpu_s": 1.5}
+    lines: list[str] = []
+    Reporter(lines.append).trial_stopped(record, "trial_001", result, Progress(budget=2, completed=0, failed=0, reasons={}, stopped=1))
+    assert lines == [
+        "[slimtune] trial_001 stopped early after 1 epoch (1/2 done)  l1_filter(ratio=0.575) > minmax_quant(bits=8)  |  "
+        "val_accuracy 0.7056  size_bytes 5.9k  |  the scheduler ranked it below the trials it kept"
+    ]
 
 
 def test_budget_scheduler_is_validated() -> None:
@@ -232,14 +293,14 @@ def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> N
         record = run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lines.append)
     study = optuna.load_study(study_name="early", storage=record.optuna_storage)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    # The first trial is alone at the rung (epoch 1) and goes on. The second (l1_filter ratio 0.56
-    # against 0.41) validates at 0.65 after 1 epoch, 0.03 above the baseline: infeasible, it stops.
+    # The first trial (l1_filter ratio 0.418) is alone at the rung (epoch 1) and goes on. The
+    # second (ratio 0.213) keeps more than 50 kB, which its first epoch already reports: it stops.
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     for t in pruned:
         assert t.user_attrs["stopped_at_epoch"] == 1
         metrics = t.user_attrs["metrics"]
         # The cost the final model will have, known from the first epoch, and the trial's CPU time.
-        assert metrics["size_bytes"] < record.baseline_metrics["size_bytes"] and metrics["cpu_s"] > 0
+        assert 50000 < metrics["size_bytes"] < record.baseline_metrics["size_bytes"] and metrics["cpu_s"] > 0
         assert 0 < metrics["val_accuracy"] <= 1
     progress = search_progress(record)
     assert (progress.done, progress.completed, progress.stopped, progress.finished) == (2, 1, 1, True)
@@ -256,7 +317,9 @@ def test_stopped_trials_end_pruned_killed_and_off_the_front(tmp_path: Path) -> N
     assert all("is_pareto" not in r.data.tags for r in children if r.info.run_name in stopped)
     runs = json.loads((record.folder / "runs.json").read_text())
     assert {r["name"] for r in runs.values() if r["status"] == "STOPPED_EARLY"} == stopped
-    assert sum("stopped early after 1 epoch" in line for line in lines) == len(pruned), lines
+    stopped_lines = [line for line in lines if "stopped early after 1 epoch" in line]
+    assert len(stopped_lines) == len(pruned) and "trial_001 stopped early" in stopped_lines[0], lines
+    assert "  l1_filter(ratio=0.213)  |  val_accuracy " in stopped_lines[0], lines
 
 
 def test_asha_lets_a_trial_at_the_longest_pipeline_s_last_epoch_reach_its_final_result() -> None:
