@@ -209,16 +209,25 @@ def code_digests(ref: str) -> dict[str, str]:
 def ref_roots(ref: str) -> list[Path]:
     """What carries ``ref``'s code to another machine (Ray's ``py_modules``).
 
-    A file's folder; a module's top-level package folder, or its file for a module outside a
-    package; nothing for one installed in site-packages, which every worker has already.
+    A file's folder; a module's top-level package folder (a namespace package's too: a folder
+    without ``__init__.py``), or its file for a module outside a package; nothing for one
+    installed in site-packages, which every worker has already.
     """
     target, _ = _split(ref)
     if _is_file(target):
         return [Path(target).parent]
     spec = importlib.util.find_spec(target.split(".")[0])
-    if spec is None or spec.origin in (None, "built-in", "frozen"):
+    if spec is None or spec.origin in ("built-in", "frozen"):
         return []
-    root = Path(spec.origin).parent if spec.submodule_search_locations else Path(spec.origin)
+    if spec.origin is None:  # a namespace package: its folders, of which the module's holds it
+        module = importlib.util.find_spec(target)
+        folders = [Path(f) for f in spec.submodule_search_locations or []]
+        held = [f for f in folders if module is not None and module.origin and Path(module.origin).is_relative_to(f)]
+        root = (held or folders or [None])[0]
+        if root is None:
+            return []
+    else:
+        root = Path(spec.origin).parent if spec.submodule_search_locations else Path(spec.origin)
     if any(part in ("site-packages", "dist-packages") for part in root.parts):
         return []
     return [root]

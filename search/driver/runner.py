@@ -270,13 +270,32 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
         ray.init(address=address, **kwargs)
     else:
         # A user package imported by module name: the local workers, started below, inherit the path.
-        parents = [str(p.parent) for p in user_roots or [] if (p / "__init__.py").is_file() or p.suffix == ".py"]
+        parents = local_import_paths(user_roots or [])
         if parents:
             os.environ["PYTHONPATH"] = os.pathsep.join([*parents, *filter(None, [os.environ.get("PYTHONPATH")])])
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     return True
+
+
+def local_import_paths(user_roots: list[Path]) -> list[str]:
+    """The folders a local Ray's workers need on their ``PYTHONPATH`` to import ``user_roots`` by name.
+
+    A package's parent (a regular package, or a namespace package: a folder without
+    ``__init__.py`` that imports by its name) and a single module's folder; not the folder of a
+    file reference, which is loaded from its path.
+    """
+    return [str(root.parent) for root in user_roots if root.suffix == ".py" or _imports_as_package(root)]
+
+
+def _imports_as_package(folder: Path) -> bool:
+    if (folder / "__init__.py").is_file():
+        return True
+    spec = importlib.util.find_spec(folder.name) if folder.name.isidentifier() else None
+    return (
+        spec is not None and spec.origin is None and folder.resolve() in [Path(f).resolve() for f in spec.submodule_search_locations or []]
+    )
 
 
 def _refuse_shadowing(root: Path) -> None:

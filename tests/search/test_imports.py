@@ -360,7 +360,7 @@ def test_profile_builds_the_user_model_on_the_user_task(tmp_path: Path, monkeypa
 
 def test_a_module_reference_travels_as_its_package_or_its_file(tmp_path: Path, monkeypatch) -> None:
     from errors.user_code import import_ref, ref_roots
-    from search.driver.runner import _refuse_shadowing
+    from search.driver.runner import _refuse_shadowing, local_import_paths
 
     stem = _stem(tmp_path, "pkg")
     _write(tmp_path / "site" / stem / "__init__.py", "")
@@ -371,7 +371,13 @@ def test_a_module_reference_travels_as_its_package_or_its_file(tmp_path: Path, m
     assert ref_roots(f"{stem}.nets:Net") == [tmp_path / "site" / stem]
     assert ref_roots(f"{stem}_single:Net") == [tmp_path / "site" / f"{stem}_single.py"]
     assert ref_roots("torch.nn:Linear") == []  # installed: every worker has it
+    # A namespace package (no __init__.py, as this repository's examples/): its folder, whose parent
+    # a local Ray's workers get on their path, whatever the driver's current folder.
+    _write(tmp_path / "site" / f"{stem}_ns" / "nets.py", NET)
+    assert ref_roots(f"{stem}_ns.nets:Net") == [tmp_path / "site" / f"{stem}_ns"]
+    assert local_import_paths([tmp_path / "site" / f"{stem}_ns", tmp_path / "site" / stem]) == [str(tmp_path / "site")] * 2
+    assert local_import_paths([tmp_path / "user_code"]) == []  # a file reference's folder: loaded from its path
     for root in (tmp_path / "site" / stem, tmp_path / "site" / f"{stem}_single.py"):
         _refuse_shadowing(root)
-    for name in (stem, f"{stem}.nets", f"{stem}_single"):
+    for name in (stem, f"{stem}.nets", f"{stem}_single", f"{stem}_ns", f"{stem}_ns.nets"):
         monkeypatch.delitem(sys.modules, name, raising=False)
