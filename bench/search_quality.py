@@ -2,10 +2,10 @@
 
 For every space, sampler and seed, one search of ``--trials`` trials is simulated in this
 process: the study is asked through :func:`search.driver.samplers.ask_distinct` with the search's own
-define-by-run space (:class:`search.driver._tune.SpaceDefinition`) and sampler
+duplicate check (:class:`search.driver.duplicates.EffectiveRecipes`) and define-by-run space (:class:`search.driver._tune.SpaceDefinition`) and sampler
 (:func:`search.driver.samplers.make_sampler`), every trial is trained and measured for real by
 :func:`search.trial.body.run_pipeline` (the code a Ray trial runs, one torch thread), and results are
-told through :func:`search.driver.samplers.tell_metrics`. It is not a Ray search: ``--concurrent``
+told through :func:`search.driver._private.tell_metrics`. It is not a Ray search: ``--concurrent``
 trials are kept running by asking that many up front and telling each when its simulated
 finish time comes (start + its measured CPU-seconds), so a sampler proposes while other trials
 are still unknown to it, as in ``slimtune search``. Ray, MLflow and checkpoints are left out.
@@ -53,7 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from search.driver import samplers  # noqa: E402
+from search.driver._private import tell_metrics  # noqa: E402
 from search.driver._tune import SpaceDefinition  # noqa: E402
+from search.driver.duplicates import EffectiveRecipes  # noqa: E402
 from search.results.pareto import hypervolume  # noqa: E402
 from search.results.record import DUPLICATE_OF  # noqa: E402
 from search.space.spec import SAMPLERS, SearchSpace, load_space  # noqa: E402
@@ -128,13 +130,14 @@ def simulate(space: SearchSpace, cache: TrialCache, sampler: str, seed: int, tri
         sampler=samplers.make_sampler(sampler, seed, trials),
     )
     define = SpaceDefinition(space)
+    effective = EffectiveRecipes(space)  # the search's own duplicate check: what each proposal will build
     running: list[tuple[float, int, dict[str, Any]]] = []  # (finish time, number, cache entry)
     finished: list[dict[str, Any]] = []
     clock, started, exhausted, refused_before = 0.0, 0, False, 0
     while running or (started < trials and not exhausted):
         while len(running) < concurrent and started < trials and not exhausted:
             ask_start = time.process_time()
-            trial = samplers.ask_distinct(study, define)
+            trial = samplers.ask_distinct(study, define, key=effective)
             ask_s = time.process_time() - ask_start
             refused = sum(DUPLICATE_OF in t.user_attrs for t in study.get_trials(deepcopy=False)) - refused_before
             refused_before += refused
@@ -148,7 +151,7 @@ def simulate(space: SearchSpace, cache: TrialCache, sampler: str, seed: int, tri
             break
         running.sort(key=lambda item: item[0])
         clock, number, entry = running.pop(0)
-        complete = samplers.tell_metrics(study, number, entry["metrics"], space.metric_names, space.constraints)
+        complete = tell_metrics(study, number, entry["metrics"], space.metric_names, space.constraints)
         finished.append({"number": number, "complete": complete, **entry})
     return finished
 
