@@ -23,6 +23,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,14 @@ def _create_mlflow_tables(url: str) -> None:
     MlflowClient(tracking_uri=url).search_experiments(max_results=1)
 
 
-#: Run id -> (epoch, MLflow's handle) of the run's asynchronous writes not yet waited for, in this process
+#: Run id -> (epoch, future) of the run's epoch writes not yet waited for, in this process
 #: (the driver makes a tracker per callback: ``SearchRecord.tracker``).
 _PENDING: dict[str, list[Any]] = {}
+
+#: The one thread that writes epochs, in order. Not MLflow's own asynchronous logging: ending a
+#: run (``set_terminated``) shuts MLflow's queue down and starts it again, 0.3 s on the driver's
+#: loop per trial.
+_EPOCH_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimtune-mlflow-epochs")
 
 #: SQLite files this process has put in WAL mode already.
 _WAL: set[Path] = set()
@@ -230,7 +236,7 @@ class SearchTracker:
             return
         figures = _own_metrics(metrics)
         # Asynchronous: Tune's loop, and with it the trial's next report, does not wait for the commit.
-        pending = self.client.log_batch(run_id, metrics=self._metric_entities(figures, step=step), synchronous=False)
+        pending = _EPOCH_WRITER.submit(self.client.log_batch, run_id, metrics=self._metric_entities(figures, step=step))
         _PENDING.setdefault(run_id, []).append((step, pending))
         unsettled = {**self.runs().get(trial_id, {}).get("unsettled", {}), str(step): figures}
         self._update_run_record(trial_id, last_epoch=step, unsettled=unsettled)
@@ -244,7 +250,7 @@ class SearchTracker:
         """
         queued_here = set()
         for step, pending in _PENDING.pop(run_id, []):
-            pending.wait()
+            pending.result()
             queued_here.add(step)
         unsettled = self.runs().get(trial_id, {}).get("unsettled", {})
         orphans = {int(step): figures for step, figures in unsettled.items() if int(step) not in queued_here and figures}

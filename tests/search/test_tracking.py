@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 from search.results.tracking import SearchTracker, _create_mlflow_tables, create_sqlite_aside, sqlite_journal_mode
@@ -30,12 +31,15 @@ def test_epochs_are_logged_asynchronously_and_in_mlflow_before_the_run_ends(tmp_
     calls = []
     for name in ("log_batch", "set_tag"):
         real = getattr(client, name)
-        monkeypatch.setattr(client, name, lambda *a, real=real, name=name, **k: calls.append((name, k.get("synchronous"))) or real(*a, **k))
+        monkeypatch.setattr(
+            client, name, lambda *a, real=real, name=name, **k: calls.append((name, threading.current_thread())) or real(*a, **k)
+        )
     for epoch in (1, 2, 3):
         tracker.log_epoch("t0", run_id, {"val_accuracy": 0.5 + epoch / 10, "train_loss": 1.0 / epoch, "cpu_s": epoch}, step=epoch)
     tracker.finish_trial("t0", run_id, {"accuracy": 0.8, "macs": 100.0, "uncounted_ops": "add", "latency_form": "program"}, None)
-    # Three asynchronous epoch batches, then the final figures and text tags in one synchronous batch.
-    assert calls == [("log_batch", False)] * 3 + [("log_batch", None)]
+    # Three epoch batches written off the caller's thread, then the final figures and text tags in one batch on it.
+    assert [name for name, _ in calls] == ["log_batch"] * 4
+    assert all(thread is not threading.current_thread() for _, thread in calls[:3]) and calls[3][1] is threading.current_thread()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert [(m.step, round(m.value, 6)) for m in client.get_metric_history(run_id, "val_accuracy")] == [(1, 0.6), (2, 0.7), (3, 0.8)]
@@ -52,8 +56,6 @@ class _LostWrite:
 def test_an_epoch_a_killed_driver_queued_reaches_mlflow_once_when_the_run_ends(tmp_path: Path, monkeypatch) -> None:
     """Epoch 3 was queued but never committed (SIGKILL), epoch 2 committed but never waited for: the
     resumed driver that ends the run writes epoch 3 and leaves epoch 2 alone."""
-    import mlflow
-
     from search.results import tracking
 
     killed = SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking", tmp_path)
@@ -65,7 +67,7 @@ def test_an_epoch_a_killed_driver_queued_reaches_mlflow_once_when_the_run_ends(t
     monkeypatch.setattr(killed.client, "log_batch", lambda *a, **k: _LostWrite())
     killed.log_epoch("t0", run_id, {"val_accuracy": 0.8, "train_loss": 1.0 / 3}, step=3)
     monkeypatch.setattr(killed.client, "log_batch", real)
-    mlflow.flush_async_logging()  # epoch 2 is committed ...
+    tracking._EPOCH_WRITER.submit(lambda: None).result()  # epochs 1 and 2 are committed (one writer, in order) ...
     tracking._PENDING.clear()  # ... and the driver dies: its handles go with it
 
     resumed = SearchTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking", tmp_path)
