@@ -388,12 +388,11 @@ def deploy_targets(rows: list[dict[str, Any]], names: list[str], batches: list[i
     rounds = len(base["rounds"][names[0], batches[0]])
     for form in (n for n in names if "_int8" in n):
         runtime = float_form(form)
-        shares = {
-            b: statistics.median(q / f for q, f in zip(base["rounds"][form, b], base["rounds"][runtime, b], strict=True)) for b in batches
-        }
+        shares = {b: [q / f for q, f in zip(base["rounds"][form, b], base["rounds"][runtime, b], strict=True)] for b in batches}
         print(
             f"\ntarget (8-bit baseline {form}: <= 0.45x its float latency in {runtime} at batch 64, faster at batch 1; "
-            f"median of {rounds} round(s)): " + ", ".join(f"batch {b} {share:.2f}x" for b, share in shares.items())
+            f"median of {rounds} round(s), their range): "
+            + ", ".join(f"batch {b} {statistics.median(s):.2f}x ({min(s):.2f}-{max(s):.2f})" for b, s in shares.items())
         )
     int8_forms = [n for n in names if "_int8" in n]
     if 64 in batches and int8_forms:

@@ -92,10 +92,11 @@ ONNX_FILE = "model.onnx"
 #: Ops through which a layer's output may reach the next quantizer and be rounded to its grid
 #: before them without changing a value: each commutes with rounding to a grid through zero.
 _EXACT_PATH_OPS = {"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
-#: Ops whose output lies on the grid their data inputs share: they select or move values, or add
-#: zeros, and zero is on every grid (its code is the zero point). ``Mul`` only by a constant zero
-#: (the option-A shortcut's zero channels, ``x * 0``), ``Pad`` only with zeros.
-_GRID_KEEPING_OPS = {"Slice", "Concat", "Mul", "Pad"}
+#: Ops whose output lies on the grid their data inputs share (they select values, or add zeros:
+#: zero is on every grid, its code the zero point) and that ONNX Runtime runs on codes. ``Mul``
+#: only by a scalar constant zero (the option-A shortcut's zero channels, ``x * 0``). Not ``Pad``:
+#: exact too, but ONNX Runtime (1.32) runs ``DequantizeLinear -> Pad -> QuantizeLinear`` in float.
+_GRID_KEEPING_OPS = {"Slice", "Concat", "Mul"}
 #: Ops after which a ReLU's output is still non-negative.
 _SIGN_KEEPING_OPS = {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
@@ -408,13 +409,8 @@ def _grid_inputs(graph: _Graph, node) -> list[str] | None:
         return list(node.input[:1] if node.op_type == "Slice" else node.input)
     if node.op_type == "Mul" and len(node.input) == 2:
         constant = [name for name in node.input if name in graph.values]
-        if len(constant) == 1 and not graph.values[constant[0]].any():
+        if len(constant) == 1 and graph.values[constant[0]].size == 1 and not graph.values[constant[0]].any():
             return [name for name in node.input if name not in graph.values]
-    if node.op_type == "Pad":
-        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
-        fill = node.input[2] if len(node.input) > 2 else ""
-        if mode == b"constant" and (not fill or (fill in graph.values and not graph.values[fill].any())):
-            return [node.input[0]]
     return None
 
 
@@ -429,8 +425,8 @@ def _grid_of(graph: _Graph, value: str) -> tuple[str, str] | None:
     if node is None or value in graph.values:
         return None
     if node.op_type == "DequantizeLinear":
-        one_scale = node.input[0] not in graph.values and len(node.input) == 3 and graph.values.get(node.input[1], np.zeros(2)).size == 1
-        return (node.input[1], node.input[2]) if one_scale and node.input[2] in graph.values else None
+        activation = node.input[0] not in graph.values and len(node.input) == 3 and all(name in graph.values for name in node.input[1:])
+        return (node.input[1], node.input[2]) if activation and graph.values[node.input[1]].size == 1 else None
     if node.op_type not in _GRID_KEEPING_OPS or (data := _grid_inputs(graph, node)) is None:
         return None
     grids = [_grid_of(graph, name) for name in data]
