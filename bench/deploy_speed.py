@@ -34,7 +34,7 @@ Every model, the baseline too, is timed in each form:
 Speed-up = the baseline's latency in the same form / the model's; "of MACs" = speed-up / MACs
 ratio. Target (issue 18): the ``program`` form's speed-up >= 0.9 x the MACs ratio at batch 64 on
 CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads. With ``--rounds R``
-each model's forms are timed in R rounds of interleaved passes (:func:`time_forms`), so that a
+each model's forms are timed in R alternating rounds (every form once per round), so that a
 load that comes and goes weighs on them alike: each latency is the median of its rounds, and
 each 8-bit/float ratio the median of the rounds' ratios.
 
@@ -66,17 +66,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy import (  # noqa: E402
-    FORMS,
-    compile_program,
-    count_flops,
-    export_model,
-    export_onnx,
-    latency_ms,
-    load_form,
-    load_onnx,
-    torch_threads,
-)
+from deploy import FORMS, compile_program, count_flops, export_model, export_onnx, latency_ms, load_form, load_onnx  # noqa: E402
 from methods import MethodContext, create_method  # noqa: E402
 from methods.gal import soft_masks  # noqa: E402
 from models import create_model  # noqa: E402
@@ -256,6 +246,8 @@ def forms(
 
 def breakdown(program: Any, batch: int, threads: int, repeats: int = 5) -> tuple[float, float]:
     """Milliseconds per pass of ``program`` in convolution ops and in all other ops, under torch.profiler."""
+    from deploy import torch_threads
+
     x = torch.randn(batch, *SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch_threads(threads):
         for _ in range(3):
@@ -276,36 +268,15 @@ def breakdown(program: Any, batch: int, threads: int, repeats: int = 5) -> tuple
 def time_forms(
     callables: dict[str, Any], batches: list[int], repeats: int, threads: int, rounds: int = 1
 ) -> dict[tuple[str, int], list[float]]:
-    """Each form's latency at each batch, one per round.
-
-    One round: each form's :func:`~deploy.latency_ms` (median of ``repeats`` passes, x5 at batch 1),
-    one form after another. More: in each round every form runs one pass in turn, ``repeats``
-    times (x5 at batch 1), so that a load that comes and goes within seconds weighs on all forms
-    alike; a round's latency is the median of its passes.
-    """
+    """Each form's latency at each batch in each of ``rounds`` rounds (every form once per round, in turn)."""
     generator = torch.Generator().manual_seed(0)
     inputs = {batch: torch.randn(batch, *SHAPE, generator=generator) for batch in batches}
     times: dict[tuple[str, int], list[float]] = {}
-    if rounds == 1:
+    for _ in range(rounds):
         for batch, x in inputs.items():
             for form, call in callables.items():
-                times[form, batch] = [latency_ms(call, x, repeats=repeats * (5 if batch == 1 else 1), warmup=3, threads=threads)]
-        return times
-    with torch.no_grad(), torch_threads(threads):
-        for x in inputs.values():
-            for call in callables.values():
-                for _ in range(3):
-                    call(x)
-        for _ in range(rounds):
-            for batch, x in inputs.items():
-                passes: dict[str, list[float]] = {form: [] for form in callables}
-                for _ in range(repeats * (5 if batch == 1 else 1)):
-                    for form, call in callables.items():
-                        start = time.perf_counter()
-                        call(x)
-                        passes[form].append((time.perf_counter() - start) * 1000)
-                for form, ms in passes.items():
-                    times.setdefault((form, batch), []).append(statistics.median(ms))
+                ms = latency_ms(call, x, repeats=repeats * (5 if batch == 1 else 1), warmup=3, threads=threads)
+                times.setdefault((form, batch), []).append(ms)
     return times
 
 
