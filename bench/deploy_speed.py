@@ -268,7 +268,12 @@ def breakdown(program: Any, batch: int, threads: int, repeats: int = 5) -> tuple
 def time_forms(
     callables: dict[str, Any], batches: list[int], repeats: int, threads: int, rounds: int = 1
 ) -> dict[tuple[str, int], list[float]]:
-    """Each form's latency at each batch in each of ``rounds`` rounds (every form once per round, in turn)."""
+    """Each form's latency at each batch in each of ``rounds`` rounds (every form once per round, in turn).
+
+    A form's passes run together, after 3 untimed ones: passes of different forms interleaved one
+    by one time each other's thread pools (ONNX Runtime's, OpenVINO's and OpenMP's threads spin a
+    while after a pass), which made every form 1.5x-3x slower.
+    """
     generator = torch.Generator().manual_seed(0)
     inputs = {batch: torch.randn(batch, *SHAPE, generator=generator) for batch in batches}
     times: dict[tuple[str, int], list[float]] = {}
