@@ -26,11 +26,17 @@ Every model, the baseline too, is timed in each form:
   integer kernels; the int8 speed-up is over the float baseline's ``ort``;
 - ``ov`` and ``ov_int8`` (``--openvino``): the same two ONNX files compiled by OpenVINO for the CPU
   at ``--threads`` (``pip install openvino``; it reads the QDQ model's scales and runs it on its
-  integer kernels), to choose between the two runtimes by the figures.
+  integer kernels), to choose between the two runtimes by the figures;
+- ``ort_int8fl`` and ``ov_int8fl`` (``--first-last``, with ``--onnx``/``--openvino``): as the
+  ``*_int8`` forms, with ``minmax_quant``'s ``quantize_first_last`` (the stem and the classifier
+  quantized too, so that the integer kernels run in NHWC from the stem on).
 
 Speed-up = the baseline's latency in the same form / the model's; "of MACs" = speed-up / MACs
 ratio. Target (issue 18): the ``program`` form's speed-up >= 0.9 x the MACs ratio at batch 64 on
-CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads.
+CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads. With ``--rounds R``
+each model's forms are timed in R alternating rounds (every form once per round), so that a
+load that comes and goes weighs on them alike: each latency is the median of its rounds, and
+each 8-bit/float ratio the median of the rounds' ratios.
 
     python bench/deploy_speed.py                      # 2 threads, batch 64 and 1 (a few minutes on a quiet machine)
     python bench/deploy_speed.py --compile            # adds AOTInductor (tens of seconds to minutes per model)
@@ -38,6 +44,7 @@ CPU for the 2x-4x settings. Latencies are medians at ``--threads`` CPU threads.
     python bench/deploy_speed.py --onnx --methods l1_filter --repeats 3    # adds ONNX Runtime fp32 and int8
     python bench/deploy_speed.py --breakdown          # adds where the program's time goes (convolutions or other ops)
     python bench/deploy_speed.py --onnx --openvino    # adds OpenVINO on the same ONNX files
+    python bench/deploy_speed.py --openvino --first-last --methods l1_filter --targets 4 --rounds 5   # 8-bit both ways, interleaved
     python bench/deploy_speed.py --model resnet18 --size 64 --onnx --openvino --batches 64 1   # the wider model
 """
 
@@ -74,6 +81,9 @@ METHODS = ("l1_filter", "gal", "kse", "ssr")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--targets", type=float, nargs="+", default=list(TARGETS), help="MACs ratios of the pruned settings (default 2 3 4)"
+    )
     parser.add_argument("--model", default="resnet56", choices=MODELS, help="resnet56 (CIFAR) or torchvision's resnet18 (default resnet56)")
     parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every latency (default 2)")
@@ -86,6 +96,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--openvino",
         action="store_true",
         help="also time the same ONNX files in OpenVINO (ov, ov_int8; implies --onnx; pip install openvino)",
+    )
+    parser.add_argument(
+        "--first-last",
+        action="store_true",
+        help="with --onnx/--openvino, also time the 8-bit model with minmax_quant's quantize_first_last (ort_int8fl, ov_int8fl)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time each model's forms in this many alternating rounds; latencies and 8-bit/float ratios are medians over them (default 1)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="also time the AOTInductor-compiled program (needs a C++ compiler; slow to build)"
@@ -170,9 +191,9 @@ def at_macs_ratio(
     return best[0], best[2]
 
 
-def int8(model: nn.Module) -> nn.Module:
-    """``model`` after ``minmax_quant`` at 8 bits, its activations' running maxima from one random batch."""
-    method = create_method("minmax_quant", {"bits": 8})
+def int8(model: nn.Module, first_last: bool = False) -> nn.Module:
+    """``model`` after ``minmax_quant`` at 8 bits (``quantize_first_last`` as given), its activations' running maxima from one random batch."""
+    method = create_method("minmax_quant", {"bits": 8, "quantize_first_last": first_last})
     ctx = context(model)
     quantized = method.prepare(copy.deepcopy(model), ctx)
     with torch.no_grad():
@@ -194,7 +215,13 @@ def load_openvino(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Te
 
 
 def forms(
-    model: nn.Module, workdir: Path, compile_: bool, onnx: bool = False, threads: int | None = None, openvino: bool = False
+    model: nn.Module,
+    workdir: Path,
+    compile_: bool,
+    onnx: bool = False,
+    threads: int | None = None,
+    openvino: bool = False,
+    first_last: bool = False,
 ) -> dict[str, Any]:
     """Each form of ``model`` as a callable (see the module docstring)."""
     model = model.eval()
@@ -208,7 +235,8 @@ def forms(
         compile_program(workdir)
         out["compiled"] = load_form(workdir, "compiled")
     if onnx:
-        for name, version in (("ort", model), ("ort_int8", int8(model))):
+        versions = [("ort", model), ("ort_int8", int8(model))] + ([("ort_int8fl", int8(model, first_last=True))] if first_last else [])
+        for name, version in versions:
             export_onnx(version, torch.zeros(1, *SHAPE), workdir / f"{name}.onnx")
             out[name] = load_onnx(workdir / f"{name}.onnx", threads)
             if openvino:
@@ -237,14 +265,30 @@ def breakdown(program: Any, batch: int, threads: int, repeats: int = 5) -> tuple
     return conv, other
 
 
-def time_forms(callables: dict[str, Any], batches: list[int], repeats: int, threads: int) -> dict[tuple[str, int], float]:
+def time_forms(
+    callables: dict[str, Any], batches: list[int], repeats: int, threads: int, rounds: int = 1
+) -> dict[tuple[str, int], list[float]]:
+    """Each form's latency at each batch in each of ``rounds`` rounds (every form once per round, in turn).
+
+    A form's passes run together, after 3 untimed ones: passes of different forms interleaved one
+    by one time each other's thread pools (ONNX Runtime's, OpenVINO's and OpenMP's threads spin a
+    while after a pass): tried once, OpenVINO's float ResNet-56 at batch 64 took 64 ms, against
+    21-36 ms timed apart.
+    """
     generator = torch.Generator().manual_seed(0)
-    times = {}
-    for batch in batches:
-        x = torch.randn(batch, *SHAPE, generator=generator)
-        for form, call in callables.items():
-            times[form, batch] = latency_ms(call, x, repeats=repeats * (5 if batch == 1 else 1), warmup=3, threads=threads)
+    inputs = {batch: torch.randn(batch, *SHAPE, generator=generator) for batch in batches}
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for batch, x in inputs.items():
+            for form, call in callables.items():
+                ms = latency_ms(call, x, repeats=repeats * (5 if batch == 1 else 1), warmup=3, threads=threads)
+                times.setdefault((form, batch), []).append(ms)
     return times
+
+
+def float_form(name: str) -> str:
+    """The float form an 8-bit form is compared with: ``ort`` for ``ort_int8`` and ``ort_int8fl``."""
+    return name.split("_int8")[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,22 +309,23 @@ def main(argv: list[str] | None = None) -> int:
     names = (
         ["eager", "unfolded", "program"]
         + (["compiled"] if args.compile else [])
-        + (["ort", "ort_int8"] if args.onnx else [])
-        + (["ov", "ov_int8"] if args.openvino else [])
+        + (["ort", "ort_int8"] + (["ort_int8fl"] if args.first_last else []) if args.onnx else [])
+        + (["ov", "ov_int8"] + (["ov_int8fl"] if args.first_last else []) if args.openvino else [])
     )
     print(
         f"{args.model} at {SHAPE}, {base_macs / 1e6:.1f}M MACs; {args.threads} CPU threads, batches {args.batches}, median of {args.repeats} "
-        f"(x5 at batch 1); torch {torch.__version__}; forms: {', '.join(names)} ({FORMS['program']} is the default 'program')"
+        f"(x5 at batch 1), {args.rounds} round(s); torch {torch.__version__}; forms: {', '.join(names)} ({FORMS['program']} is the default 'program')"
     )
     rows: list[dict[str, Any]] = []
 
     def add(method: str, setting: str, model: nn.Module, batches: list[int]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            callables = forms(model, Path(tmp), args.compile, args.onnx, args.threads, args.openvino)
-            times = time_forms(callables, batches, args.repeats, args.threads)
+            callables = forms(model, Path(tmp), args.compile, args.onnx, args.threads, args.openvino, args.first_last)
+            rounds = time_forms(callables, batches, args.repeats, args.threads, args.rounds)
+            times = {key: statistics.median(ms) for key, ms in rounds.items()}
             largest = max(args.batches)  # the breakdown table's batch; kse's rows timed at another have none
             split = breakdown(callables["program"], largest, args.threads) if args.breakdown and largest in batches else None
-        rows.append({"method": method, "setting": setting, "macs": macs(model), "times": times, "breakdown": split})
+        rows.append({"method": method, "setting": setting, "macs": macs(model), "times": times, "rounds": rounds, "breakdown": split})
         print(f"  {method:<9} {setting:<14} {base_macs / rows[-1]['macs']:5.2f}x fewer MACs  " + "  ".join(
             f"b{b} {form} {times[form, b]:.2f} ms" for b in batches for form in names if (form, b) in times
         ), flush=True)  # fmt: skip
@@ -293,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in args.batches:  # path auto picks each layer's faster path at the timing batch
                     add("kse", f"G={levels} @b{batch}", kse(base, levels, batch), [batch])
             continue
-        for target in TARGETS:
+        for target in args.targets:
             fraction, model = at_macs_ratio(builders[method], base, target)
             add(method, f"{fraction:.3f} removed", model, args.batches)
     report(rows, names, args.batches, args.threads)
@@ -313,7 +358,7 @@ def report(rows: list[dict[str, Any]], names: list[str], batches: list[int], thr
             cells = []
             for name in names:
                 ms = row["times"][name, batch]
-                speedup = base["times"][name.removesuffix("_int8"), batch] / ms  # int8 against the float model in its runtime
+                speedup = base["times"][float_form(name), batch] / ms  # int8 against the float model in its runtime
                 cells.append(f"{ms:8.2f} ({speedup:4.2f}x; {speedup / ratio:4.2f})")
             print(f"{row['method']:<9} {row['setting']:<14} {ratio:>10.2f}  " + "  ".join(f"{c:>24}" for c in cells))
     if base["breakdown"] is not None:
@@ -346,15 +391,16 @@ def deploy_targets(rows: list[dict[str, Any]], names: list[str], batches: list[i
     """Issue 26's targets: the 8-bit baseline against its float model in the same runtime; ~4x fewer
     MACs and 8 bits against the float baseline's fastest form; batch 1's deployed forms against the program."""
     base = rows[0]
-    for runtime in ("ort", "ov"):
-        if f"{runtime}_int8" not in names:
-            continue
-        shares = {b: base["times"][f"{runtime}_int8", b] / base["times"][runtime, b] for b in batches}
+    rounds = len(base["rounds"][names[0], batches[0]])
+    for form in (n for n in names if "_int8" in n):
+        runtime = float_form(form)
+        shares = {b: [q / f for q, f in zip(base["rounds"][form, b], base["rounds"][runtime, b], strict=True)] for b in batches}
         print(
-            f"\ntarget (8-bit baseline in {runtime}: <= 0.45x its float latency at batch 64, faster at batch 1): "
-            + ", ".join(f"batch {b} {share:.2f}x" for b, share in shares.items())
+            f"\ntarget (8-bit baseline {form}: <= 0.45x its float latency in {runtime} at batch 64, faster at batch 1; "
+            f"median of {rounds} round(s), their range): "
+            + ", ".join(f"batch {b} {statistics.median(s):.2f}x ({min(s):.2f}-{max(s):.2f})" for b, s in shares.items())
         )
-    int8_forms = [n for n in names if n.endswith("_int8")]
+    int8_forms = [n for n in names if "_int8" in n]
     if 64 in batches and int8_forms:
         fastest_float = min((base["times"][n, 64], n) for n in names if n in FLOAT_FORMS)
         print(

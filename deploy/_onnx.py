@@ -52,6 +52,12 @@ the tensors in between, and records what it changed (in ``metadata_props``) so t
   the quantizer is ``uint8``: ONNX Runtime fuses an ``Add`` or ``Conv`` only with one activation
   type), rounding training did not have of at most half that step, and a clip of the input at
   ``-bound`` (exact where the other input is at most ``bound``, since a ReLU follows);
+- such a float input that lies on one activation grid already (a zero-padded shortcut: a slice of
+  a quantized value, concatenated with that slice times zero; zero is on every grid, its code the
+  zero point) is quantized at that grid instead, and so is each op's output on its way from the
+  ``DequantizeLinear`` (the constant zero as ``DequantizeLinear`` of the zero point's code):
+  exactly, and ONNX Runtime runs the shortcut on codes (``Slice`` on ``uint8``, ``QLinearMul``,
+  ``QLinearConcat``). Where the grid's type differs from the sum's, the rule before holds;
 - a quantized layer's output, and such a sum's, gets ``QuantizeLinear``/``DequantizeLinear`` at
   the scale of the quantizer it reaches where ops ONNX Runtime does not fuse stand between:
   exactly, since that path is a ReLU, a clip to the quantizer's bound, a max pool or a reshape
@@ -86,6 +92,11 @@ ONNX_FILE = "model.onnx"
 #: Ops through which a layer's output may reach the next quantizer and be rounded to its grid
 #: before them without changing a value: each commutes with rounding to a grid through zero.
 _EXACT_PATH_OPS = {"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+#: Ops whose output lies on the grid their data inputs share (they select values, or add zeros:
+#: zero is on every grid, its code the zero point) and that ONNX Runtime runs on codes. ``Mul``
+#: only by a scalar constant zero (the option-A shortcut's zero channels, ``x * 0``). Not ``Pad``:
+#: exact too, but ONNX Runtime (1.32) runs ``DequantizeLinear -> Pad -> QuantizeLinear`` in float.
+_GRID_KEEPING_OPS = {"Slice", "Concat", "Mul"}
 #: Ops after which a ReLU's output is still non-negative.
 _SIGN_KEEPING_OPS = {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
@@ -272,7 +283,7 @@ class _Graph:
         self.outputs = {out.name for out in self.graph.output}
         self.added: list[tuple[str, list]] = []  # (value after which, nodes) to insert
         #: What was changed from the trained model, to undo (:func:`_as_trained`).
-        self.trained: dict = {"pairs": [], "regrid": {}, "shared": []}
+        self.trained: dict = {"pairs": [], "regrid": {}, "shared": [], "zeros": []}
         self.index()
 
     def index(self) -> None:
@@ -314,6 +325,17 @@ class _Graph:
         ]
         self.added.append((value, pair))
         self.trained["pairs"].append(dq)
+
+    def dequantized_zero(self, reader, i: int, scale_zero: tuple[str, str]) -> None:
+        """Make ``reader``'s input ``i`` (a constant zero) ``DequantizeLinear`` of the zero point's code at ``scale_zero``: the same zero."""
+        from onnx import helper
+
+        zero = scale_zero[1]
+        dq = f"{zero}__deploy_zero"
+        if dq not in {name for _, pair in self.added for node in pair for name in node.output}:
+            self.added.append((zero, [helper.make_node("DequantizeLinear", [zero, *scale_zero], [dq], name=dq)]))
+        self.trained["zeros"].append([reader.name, i, reader.input[i]])
+        reader.input[i] = dq
 
     def sorted_nodes(self) -> None:
         """Write the added nodes into the graph, every node after what it reads (original order kept otherwise)."""
@@ -381,6 +403,65 @@ def _nonnegative(graph: _Graph, value: str) -> bool:
     return node is not None and node.op_type == "Relu"
 
 
+def _grid_inputs(graph: _Graph, node) -> list[str] | None:
+    """The data inputs of a :data:`_GRID_KEEPING_OPS` node whose output lies on their grid, else None."""
+    if node.op_type in ("Slice", "Concat"):
+        return list(node.input[:1] if node.op_type == "Slice" else node.input)
+    if node.op_type == "Mul" and len(node.input) == 2:
+        constant = [name for name in node.input if name in graph.values]
+        if len(constant) == 1 and graph.values[constant[0]].size == 1 and not graph.values[constant[0]].any():
+            return [name for name in node.input if name not in graph.values]
+    return None
+
+
+def _grid_of(graph: _Graph, value: str) -> tuple[str, str] | None:
+    """The ``(scale, zero point)`` of the grid ``value`` lies on exactly, else None.
+
+    ``value`` is on a grid where it is an activation's ``DequantizeLinear`` (one scale) or the
+    output of :data:`_GRID_KEEPING_OPS` whose data inputs all lie on one grid (same scale, zero
+    point and type).
+    """
+    node = graph.producers.get(value)
+    if node is None or value in graph.values:
+        return None
+    if node.op_type == "DequantizeLinear":
+        activation = node.input[0] not in graph.values and len(node.input) == 3 and all(name in graph.values for name in node.input[1:])
+        return (node.input[1], node.input[2]) if activation and graph.values[node.input[1]].size == 1 else None
+    if node.op_type not in _GRID_KEEPING_OPS or (data := _grid_inputs(graph, node)) is None:
+        return None
+    grids = [_grid_of(graph, name) for name in data]
+    if not grids or None in grids:
+        return None
+    kinds = {(float(graph.values[s]), int(graph.values[z]), graph.values[z].dtype.str) for s, z in grids}
+    return grids[0] if len(kinds) == 1 else None
+
+
+def _keep_on_grid(graph: _Graph, value: str, scale_zero: tuple[str, str]) -> int:
+    """Quantize each op's output on the way from the ``DequantizeLinear`` to ``value`` (on that grid: :func:`_grid_of`) at ``scale_zero``.
+
+    Exact (the values are codes of that grid already); ONNX Runtime then runs the ops on the codes
+    (a multiplication by zero as ``QLinearMul``, a ``Concat`` as ``QLinearConcat``). Each constant
+    zero multiplied becomes ``DequantizeLinear`` of the zero point's code. Returns how many outputs
+    got a ``QuantizeLinear``.
+    """
+    path: list = []
+
+    def walk(name: str) -> None:
+        node = graph.producers[name]
+        if node.op_type == "DequantizeLinear" or node in path:
+            return
+        for data in _grid_inputs(graph, node):
+            walk(data)
+        path.append(node)
+
+    walk(value)
+    for node in path:
+        if node.op_type == "Mul":
+            graph.dequantized_zero(node, next(i for i, name in enumerate(node.input) if name in graph.values), scale_zero)
+        graph.quantize(node.output[0], scale_zero)
+    return len(path)
+
+
 def _integer_graph(proto) -> tuple[int, int]:
     """Quantize the tensors between an integer model's quantizers, so that ONNX Runtime runs integer kernels throughout.
 
@@ -389,7 +470,8 @@ def _integer_graph(proto) -> tuple[int, int]:
     (a residual block's shortcut) read the quantized value; at 8 bits a quantizer of a ReLU's
     output becomes ``uint8`` (zero point 0, step ``bound / 255``); each ``Add`` whose output
     reaches a quantizer gets its float inputs quantized on ``int8``'s grid of that bound (step
-    ``bound / 127``, as ``uint8`` with zero point 128 where the quantizer is ``uint8``), and its
+    ``bound / 127``, as ``uint8`` with zero point 128 where the quantizer is ``uint8``; at the grid
+    they lie on where they lie on one: :func:`_grid_of`), and its
     output where ops ONNX Runtime does not fuse stand between; each quantized layer's output
     likewise where it reaches a quantizer through ops of :data:`_EXACT_PATH_OPS`.
 
@@ -462,7 +544,12 @@ def _integer_graph(proto) -> tuple[int, int]:
         scale_zero = graph.grid(quantizer.bound / 127, 128 if unsigned else 0, np.uint8 if unsigned else np.int8)
         for value in node.input:
             producer = graph.producers.get(value)
-            if value not in graph.values and (producer is None or producer.op_type != "DequantizeLinear"):
+            if value in graph.values or (producer is not None and producer.op_type == "DequantizeLinear"):
+                continue
+            grid = _grid_of(graph, value)
+            if grid is not None and graph.values[grid[1]].dtype == graph.values[scale_zero[1]].dtype:
+                outputs += _keep_on_grid(graph, value, grid)
+            else:
                 graph.quantize(value, scale_zero, [node])
                 outputs += 1
         quantize_output(node.output[0])
@@ -503,10 +590,13 @@ def _as_trained(proto):
     nodes = {node.name: node for node in graph.node}
     for name, i, source in changes["shared"]:
         nodes[name].input[i] = source
+    for name, i, constant in changes.get("zeros", []):
+        nodes[name].input[i] = constant
+    zeros = {dq for dq in (node.output[0] for node in graph.node) if dq.endswith("__deploy_zero")}
     pairs = set(changes["pairs"])
     producers = {out: node for node in graph.node for out in node.output}
     bypass = {dq: producers[producers[dq].input[0]].input[0] for dq in pairs}  # the value each pair quantized
-    dropped = pairs | {producers[dq].input[0] for dq in pairs}
+    dropped = pairs | zeros | {producers[dq].input[0] for dq in pairs}
     kept = [node for node in graph.node if node.output[0] not in dropped]
     for node in kept:
         node.input[:] = [bypass.get(name, name) for name in node.input]
@@ -561,8 +651,14 @@ def load_onnx(path: Path | bytes, threads: int | None = None, optimize: bool = T
     return run
 
 
-def optimized_op_types(path: Path) -> Counter[str]:
-    """How many nodes of each op type ``path`` has after ONNX Runtime's graph optimisation (which kernels run)."""
+def optimized_op_types(path: Path, layout: bool = False) -> Counter[str]:
+    """How many nodes of each op type ``path`` has after ONNX Runtime's graph optimisation (which kernels run).
+
+    Args:
+        path: The ONNX file.
+        layout: Also its layout optimisation (``ORT_ENABLE_ALL``, as :func:`load_onnx` runs it), which
+            runs the integer kernels in NHWC and puts a ``Transpose`` at each edge to a float (NCHW) op.
+    """
     import tempfile
 
     import onnx
@@ -571,7 +667,8 @@ def optimized_op_types(path: Path) -> Counter[str]:
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        level = ort.GraphOptimizationLevel
+        options.graph_optimization_level = level.ORT_ENABLE_ALL if layout else level.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)

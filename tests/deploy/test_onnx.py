@@ -115,30 +115,63 @@ def test_narrow_widths_run_int8_kernels_exactly_as_written(digits, exported, bit
 
 
 @pytest.fixture(scope="module")
-def residual(digits, tmp_path_factory):
-    """A ``resnet20`` trained 2 epochs on digits, fine-tuned one epoch by ``minmax_quant`` at 8 bits, exported with ONNX."""
+def residuals(digits, tmp_path_factory):
+    """``residuals(first_last) -> (model, export dir)``: a ``resnet20`` trained 2 epochs on digits, fine-tuned one
+    epoch by ``minmax_quant`` at 8 bits (``quantize_first_last`` as given), exported with ONNX."""
     task, _, loader = digits
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_channels=1)
     val = list(DataLoader(task.val_set, batch_size=256))
     ctx = make_context(model, loader, val, task, task.example_input(1), lr=0.05)
     train_phase(model, Phase("baseline", 2), ctx, loss_terms=[])
-    ctx = make_context(frozen(model), loader, val, task, task.example_input(1), epochs=1, lr=0.01)
-    quantized = Pipeline([create_method("minmax_quant", {"bits": 8})]).run(trainable_copy(frozen(model)), ctx).eval()
-    out = tmp_path_factory.mktemp("resnet20_int8")
-    export_model(quantized, task.example_input(1), out, onnx=True)
-    return quantized, out
+    baseline = frozen(model)
+    cache: dict[bool, tuple[nn.Module, Path]] = {}
+
+    def get(first_last: bool) -> tuple[nn.Module, Path]:
+        if first_last not in cache:
+            torch.manual_seed(0)
+            ctx = make_context(baseline, loader, val, task, task.example_input(1), epochs=1, lr=0.01)
+            method = create_method("minmax_quant", {"bits": 8, "quantize_first_last": first_last})
+            quantized = Pipeline([method]).run(trainable_copy(baseline), ctx).eval()
+            out = tmp_path_factory.mktemp(f"resnet20_int8_{first_last}")
+            export_model(quantized, task.example_input(1), out, onnx=True)
+            cache[first_last] = quantized, out
+        return cache[first_last]
+
+    return get
 
 
-def test_residual_int8_model_runs_integer_sums_at_the_trials_accuracy(digits, residual) -> None:
+def test_residual_int8_model_runs_integer_sums_at_the_trials_accuracy(digits, residuals) -> None:
     import onnx
 
     task = digits[0]
-    model, out = residual
+    model, out = residuals(False)
     ops = [node.op_type for node in onnx.load(out / "model.onnx").graph.node]
     optimized = optimized_op_types(out / "model.onnx")
     # Every quantized convolution and every residual sum but the last (whose output reaches no quantizer) is integer.
     assert optimized["QLinearConv"] == ops.count("Conv") - 2 and optimized["QLinearAdd"] == ops.count("Add") - 1
     assert optimized["Relu"] == 1  # each ReLU before a uint8 quantizer is dropped; the last block's stays
+    deployed = accuracy(task, _Runner(load_form(out, "onnx", threads=1)))
+    assert abs(deployed - accuracy(task, model)) <= 0.003
+
+
+def test_int8_model_with_first_and_last_quantized_runs_integer_throughout(digits, residuals) -> None:
+    import onnx
+
+    task = digits[0]
+    model, out = residuals(True)
+    ops = [node.op_type for node in onnx.load(out / "model.onnx").graph.node]
+    optimized = optimized_op_types(out / "model.onnx", layout=True)
+    # Only the last block's second convolution and sum stay float: their output reaches the classifier through the
+    # average pool, which does not commute with rounding. The downsampling shortcuts' slices, zero channels and
+    # concatenations run on codes.
+    assert optimized["QLinearConv"] == ops.count("Conv") - 1 and optimized["QLinearAdd"] == ops.count("Add") - 1
+    assert optimized["QLinearConcat"] == ops.count("Concat") == 2 and optimized["QLinearMul"] == 2
+    assert optimized["Concat"] == optimized["Mul"] == 0
+    # NHWC throughout: one Transpose into the stem, a pair around the last (float) block (3 measured).
+    assert optimized["Transpose"] <= 3
+    # With what the export added undone (the zero channels' codes too), it is the trial's model (check_onnx).
+    x = task.test_set.tensors[0][:64]
+    assert check_round_trip(out, x, forms=("onnx",)) <= 0.05 * max(1.0, float(model(x).abs().max()))
     deployed = accuracy(task, _Runner(load_form(out, "onnx", threads=1)))
     assert abs(deployed - accuracy(task, model)) <= 0.003
