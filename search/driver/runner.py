@@ -373,15 +373,16 @@ def reconcile(record: SearchRecord) -> None:
     its trial's state from the study: COMPLETE -> FINISHED with the study's metrics (the driver
     may have died between telling the study and writing MLflow), PRUNED (stopped by the
     early-stopping scheduler) -> KILLED and tagged ``stopped_early``, anything else -> FAILED.
-    A run the map has ended that MLflow holds open (a driver killed while it logged the run's
-    model) is ended again first (:meth:`~search.results.tracking.SearchTracker.end_reopened_runs`).
+    A run the map has ended whose MLflow status differs (a driver killed or stopped while it
+    logged the run's model) gets the map's status back first
+    (:meth:`~search.results.tracking.SearchTracker.restore_ended_runs`).
     """
 
     study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
     fail_open_trials(study, INTERRUPTED)
     trials = study.get_trials(deepcopy=False)
     tracker = record.tracker()
-    tracker.end_reopened_runs()
+    tracker.restore_ended_runs()
     # run id -> (Tune trial id, trial name, status): the run map, and the runs MLflow holds open.
     runs = {run["run_id"]: (trial_id, run.get("name"), run.get("status")) for trial_id, run in tracker.runs().items() if run.get("run_id")}
     for run_id, trial_id, name in tracker.open_trial_runs():

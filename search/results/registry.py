@@ -146,32 +146,36 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, w
     client = record.tracker().client
     ended = client.get_run(trial.run_id).info
     model_id = None
-    # MLflow saves the program (pt2) and loads it back to check it: the same warning as our own save and load.
-    with _tracking(record.tracking_uri), mlflow.start_run(run_id=trial.run_id, log_system_metrics=False), storage_groups_quiet():
-        if with_program:
-            model_id = mlflow.pytorch.log_model(
-                module,
-                name=MODEL_NAME,
-                serialization_format="pt2",
-                input_example=example,
-                signature=signature,
-                # The program needs torch alone; inferring requirements would load it in a subprocess.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                tags=tags,
-            ).model_id
-        if onnx_file.exists():
-            # mlflow.onnx declares CUDA then CPU as the execution providers (a GPU server uses
-            # CUDA); checking the input example here on a CPU build warns that CUDA is missing.
-            with _logger_at("mlflow.onnx", logging.ERROR):
-                mlflow.onnx.log_model(
-                    onnx.load(str(onnx_file)),
-                    name=ONNX_MODEL_NAME,
+    # Logging reopens the run; it ends as it was, also when the logging fails or is interrupted
+    # (MLflow's block would end it FAILED). MLflow saves the program (pt2) and loads it back to
+    # check it: the same warning as our own save and load.
+    try:
+        with _tracking(record.tracking_uri), mlflow.start_run(run_id=trial.run_id, log_system_metrics=False), storage_groups_quiet():
+            if with_program:
+                model_id = mlflow.pytorch.log_model(
+                    module,
+                    name=MODEL_NAME,
+                    serialization_format="pt2",
                     input_example=example,
                     signature=signature,
-                    pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"onnx=={onnx.__version__}"],
+                    # The program needs torch alone; inferring requirements would load it in a subprocess.
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                     tags=tags,
-                )
-    client.set_terminated(trial.run_id, status=ended.status, end_time=ended.end_time)
+                ).model_id
+            if onnx_file.exists():
+                # mlflow.onnx declares CUDA then CPU as the execution providers (a GPU server uses
+                # CUDA); checking the input example here on a CPU build warns that CUDA is missing.
+                with _logger_at("mlflow.onnx", logging.ERROR):
+                    mlflow.onnx.log_model(
+                        onnx.load(str(onnx_file)),
+                        name=ONNX_MODEL_NAME,
+                        input_example=example,
+                        signature=signature,
+                        pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"onnx=={onnx.__version__}"],
+                        tags=tags,
+                    )
+    finally:
+        client.set_terminated(trial.run_id, status=ended.status, end_time=ended.end_time)
     return model_id
 
 

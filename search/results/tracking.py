@@ -286,19 +286,24 @@ class SearchTracker:
             self.client.set_tag(run_id, "nodes", ",".join(nodes))
         self._update_run_record(trial_id, nodes=nodes, pid=pid)
 
-    def end_reopened_runs(self) -> list[str]:
-        """End again each trial run that MLflow holds RUNNING though the run map has it ended; return their ids.
+    def restore_ended_runs(self) -> list[str]:
+        """Give each trial run the run map has ended its status back where MLflow holds another; return their ids.
 
         Logging a trial's model reopens its run (``mlflow.start_run``) and ends it again after; a
-        driver killed in between leaves the run RUNNING. Its status comes back from the run map
-        (FINISHED, FAILED; KILLED for a trial stopped early).
+        driver killed in between leaves the run RUNNING, and one stopped by Ctrl-C there leaves it
+        FAILED (MLflow's ``start_run`` block ends a run on an exception as failed). The run map's
+        ended statuses are final (each is written after MLflow's, once the study has the trial's
+        outcome): FINISHED, FAILED, and KILLED for a trial stopped early.
         """
-        ended = {record["run_id"]: record["status"] for record in self.runs().values() if record.get("run_id")}
         statuses = {"FINISHED": "FINISHED", "FAILED": "FAILED", "STOPPED_EARLY": "KILLED"}
-        reopened = [run_id for run_id, _, _ in self.open_trial_runs() if ended.get(run_id) in statuses]
-        for run_id in reopened:
-            self.client.set_terminated(run_id, status=statuses[ended[run_id]])
-        return reopened
+        ended = {record["run_id"]: statuses[record["status"]] for record in self.runs().values() if record.get("status") in statuses}
+        if not ended:
+            return []
+        runs = self.client.search_runs([self.experiment_id], filter_string="tags.`slimtune.role` = 'trial'", max_results=50000)
+        changed = [run.info.run_id for run in runs if run.info.run_id in ended and run.info.status != ended[run.info.run_id]]
+        for run_id in changed:
+            self.client.set_terminated(run_id, status=ended[run_id])
+        return changed
 
     def open_trial_runs(self) -> list[tuple[str, str, str]]:
         """``(run id, Tune trial id, trial name)`` of every trial run MLflow still holds as RUNNING.

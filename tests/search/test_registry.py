@@ -18,7 +18,7 @@ from torch import nn
 
 from deploy import export_model, load_program
 from search.results.ranking import hypervolume_history, rank_records, search_hypervolume
-from search.results.record import SearchRecord, TrialRecord, completed_records
+from search.results.record import SearchRecord, TrialRecord, completed_records, exported_model_dir
 from search.space.objectives import Objective
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,9 +279,30 @@ def test_a_driver_killed_while_logging_a_model_leaves_no_open_run_and_no_half_mo
         client.delete_logged_model(model.model_id)
     half = client.create_logged_model(tracker.experiment_id, name="program", source_run_id=run_id)  # PENDING
     client.update_run(run_id, status="RUNNING")
+    # A Ctrl-C there left the other front trial's run FAILED (MLflow's start_run block on an exception).
+    other = {r.name: r.run_id for r in completed_records(record)}["trial_001"]
+    client.set_terminated(other, status="FAILED")
 
     finish_search(record, Reporter(log=lambda line: None))
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).info.status == "FINISHED" and client.get_run(other).info.status == "FINISHED"
     models = client.search_logged_models([tracker.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     assert [(m.name, m.status.name) for m in models] == [("program", "READY")]
     assert half.model_id not in {m.model_id for m in models}
+
+
+def test_an_interrupted_model_logging_leaves_the_run_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """A Ctrl-C while MLflow logs a trial's model: the run it reopened ends as it was (FINISHED), not FAILED."""
+    import mlflow
+
+    from search.results.registry import log_trial_model
+
+    record, _ = _stored_search(tmp_path)
+    trial = next(r for r in completed_records(record) if r.name == "trial_002")  # not on the front: no model yet
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.pytorch, "log_model", interrupted)
+    with pytest.raises(KeyboardInterrupt), exported_model_dir(trial.checkpoint) as model_dir:
+        log_trial_model(record, trial, model_dir)
+    assert record.tracker().client.get_run(trial.run_id).info.status == "FINISHED"
