@@ -98,6 +98,7 @@ class GracefulStop(tune.Callback):
         self.triggered = False
         self.running: set[str] = set()
         self.ready: set[str] = set()
+        self.saved_since: set[str] = set()  # trials that reported an epoch (or started) after the request
 
     def __getstate__(self) -> dict[str, Any]:
         return {"say": self.say, "stop_tune": self.stop_tune}
@@ -110,11 +111,13 @@ class GracefulStop(tune.Callback):
         self.running.add(trial.trial_id)
         if self.flag is not None:
             self.ready.add(trial.trial_id)  # it waits before it trains (``wait_if_stopping``)
+            self.saved_since.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         # The epoch's checkpoint came with this result; a final result is left to complete.
         if self.flag is not None and not result.get("final"):
             self.ready.add(trial.trial_id)
+            self.saved_since.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)
@@ -139,6 +142,14 @@ class GracefulStop(tune.Callback):
             self.ready.update(ray.get(self.flag.waiting_trials.remote()))
         if self.running <= self.ready:
             self.triggered = True
+            # A trial whose report reached us just before the request had not started its next
+            # epoch when it saw the flag: its last checkpoint is current, nothing was in progress.
+            current = len(self.running - self.saved_since)
+            if current:
+                self.say(
+                    f"{current} running trial{' has' if current == 1 else 's have'} its last checkpoint from the epoch "
+                    "it finished just before the Ctrl-C: no epoch was in progress"
+                )
             self.stop_tune()
 
 

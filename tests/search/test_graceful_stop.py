@@ -35,7 +35,8 @@ def test_a_trial_whose_last_report_came_before_the_request_still_lets_the_driver
     import ray
 
     stopped: list[bool] = []
-    callback = GracefulStop(say=lambda line: None, stop_tune=lambda: stopped.append(True))
+    lines: list[str] = []
+    callback = GracefulStop(say=lines.append, stop_tune=lambda: stopped.append(True))
     trial = SimpleNamespace(trial_id="trial_a")
     callback.on_trial_start(0, [], trial)
     callback.on_trial_result(0, [], trial, {"val_accuracy": 0.5})  # before the Ctrl-C
@@ -49,6 +50,11 @@ def test_a_trial_whose_last_report_came_before_the_request_still_lets_the_driver
         threading.Thread(target=wait_if_stopping, args=("trial_a",), daemon=True).start()
         _step_until_stopped(callback, stopped, timeout_s=30.0)
         assert stopped == [True]
+        # The driver says why no epoch was saved after the Ctrl-C: none was in progress.
+        assert (
+            lines[-1]
+            == "1 running trial has its last checkpoint from the epoch it finished just before the Ctrl-C: no epoch was in progress"
+        )
     finally:
         graceful_stop._stop_requested.clear()
         if callback.flag is not None:
