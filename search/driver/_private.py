@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "check_versions",
     "keep_ray_on_loopback",
+    "preload_in_workers",
     "answer_loopback_as_node_address",
     "forget_cached_ray_token",
     "stop_tune_run",
@@ -85,6 +86,16 @@ def keep_ray_on_loopback() -> None:
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does the same for the processes Ray starts).
     """
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def preload_in_workers(modules: list[str]) -> dict[str, Any]:
+    """``ray.init`` arguments that make each worker of the Ray it starts import ``modules`` as it starts.
+
+    Ray starts a worker per CPU as the driver connects, before any task asks for one; Ray's
+    ``preload_python_modules`` setting has them import ``modules`` then. A setting of the Ray
+    being started: a cluster that is reached keeps its own.
+    """
+    return {"_system_config": {"preload_python_modules": list(modules)}}
 
 
 def answer_loopback_as_node_address() -> None:

@@ -15,6 +15,8 @@ import importlib.util
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import torch
 from errors import UserError
 from errors.user_code import is_import, is_object, ref_roots, user_object
 from search.driver import _tune
-from search.driver._private import fail_open_trials, keep_ray_on_loopback
+from search.driver._private import fail_open_trials, keep_ray_on_loopback, preload_in_workers
 from search.driver.baselines import cached_baseline, describe_key, store_baseline
 from search.driver.checks import check_before_baseline, check_resources, node_resources
 from search.driver.warm_start import warm_start_points
@@ -46,7 +48,7 @@ from search.results.registry import log_trial_model, logged_model_ids
 from search.results.report import Reporter, print_now
 from search.results.tracking import create_sqlite_aside
 from search.space.spec import SearchSpace, load_space
-from search.trial.body import refuse_chance_baseline, train_baseline, train_baseline_task
+from search.trial.body import refuse_chance_baseline, run_trial, train_baseline, train_baseline_task
 from search.trial.graceful_stop import raise_if_interrupted, sigint_is_latched
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
@@ -125,10 +127,12 @@ def run_search(
     for warning in space.warnings:
         reporter.say(f"warning: {warning}")
     with sigint_is_latched():
-        # What can be known before the baseline trains is refused now, before anything is written.
-        check_before_baseline(space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
-        raise_if_interrupted()
-        return _drive(record, reporter, address, restore=False)
+        # What can be known before the baseline trains is refused before anything is written; the
+        # checks run while Ray starts (ray.init stays on the main thread: it sets a SIGTERM handler).
+        preflight = InThread(
+            check_before_baseline, space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}")
+        )
+        return _drive(record, reporter, address, restore=False, preflight=preflight)
 
 
 def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print_now) -> SearchRecord:
@@ -148,25 +152,39 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
         return _drive(record, reporter, address, restore=True)
 
 
-def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool) -> SearchRecord:
+def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool, preflight: InThread | None = None) -> SearchRecord:
     """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end.
 
-    A Ctrl-C that Python swallowed where it landed (Ray's start, the baseline) is raised between
-    the stages (:func:`search.trial.graceful_stop.raise_if_interrupted`).
+    ``preflight``: the pre-flight checks, running while Ray starts; their error comes first, as
+    when they ran before it. A Ctrl-C that Python swallowed where it landed (Ray's start, the
+    baseline) is raised between the stages (:func:`search.trial.graceful_stop.raise_if_interrupted`).
     """
     try:
-        started = _init_ray(address, user_code_roots(record.space))
+        try:
+            started = _init_ray(address, user_code_roots(record.space))
+        except BaseException as exc:
+            if preflight is not None:
+                preflight.close(raise_error=not isinstance(exc, KeyboardInterrupt))
+            raise
+        stores: InThread | None = None
         try:
             raise_if_interrupted()
+            if preflight is not None:
+                preflight.result()
             check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
             record.save()
+            # MLflow's store (created on first use; 1.5 s to import MLflow) and Optuna's are made while the baseline trains.
+            stores = InThread(_create_stores, record)
             if not record.has_baseline:
-                _prepare_baseline(record, address, reporter)
-            create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
+                _prepare_baseline(record, address, reporter, stores)
+            stores.result()
             raise_if_interrupted()
             _tune.fit(record, reporter, restore=restore)
         finally:
+            for pending in (preflight, stores):
+                if pending is not None:
+                    pending.close()
             if started:
                 _shutdown_ray()
         if not search_progress(record).finished:
@@ -182,7 +200,65 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
         raise SearchInterrupted(record, progress) from None
 
 
-def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter) -> None:
+def _create_stores(record: SearchRecord) -> None:
+    """Create the search's MLflow store (importing MLflow) and Optuna's, each whole or not at all."""
+    _ = record.tracker().client  # made on first use: imports MLflow and creates the store
+    create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
+
+
+class InThread:
+    """A call run in a thread of its own while the caller goes on (the pre-flight while Ray starts).
+
+    :meth:`result` waits for it and returns its value or raises its exception; :meth:`close`
+    (after an error or a Ctrl-C) silences it, so that nothing it logs follows the caller's
+    message, and waits for it. Its ``log`` argument, if given, is wrapped for that.
+    """
+
+    def __init__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._closed = threading.Event()
+        self._outcome: tuple[bool, Any] | None = None
+        if "log" in kwargs:
+            kwargs["log"] = self._silenced(kwargs["log"])
+        self._thread = threading.Thread(target=self._run, args=(function, args, kwargs), name=f"slimtune-{function.__name__}")
+        self._thread.start()
+
+    def _silenced(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        def say(line: str) -> None:
+            if self._closed.is_set():
+                raise _Closed
+            log(line)
+
+        return say
+
+    def _run(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        try:
+            self._outcome = (True, function(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001  handed to the caller by result()
+            self._outcome = (False, exc)
+
+    def result(self) -> Any:
+        """Wait for the call; its value, or its exception raised here."""
+        self._thread.join()
+        assert self._outcome is not None
+        done, value = self._outcome
+        if not done:
+            raise value
+        return value
+
+    def close(self, raise_error: bool = False) -> None:
+        """Silence the call and wait for it; with ``raise_error``, raise its exception (if it ended with one)."""
+        if not raise_error:
+            self._closed.set()
+        self._thread.join()
+        if raise_error:
+            self.result()
+
+
+class _Closed(Exception):
+    """Raised in a closed :class:`InThread`'s call when it logs: it stops there, unheard."""
+
+
+def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter, stores: InThread | None = None) -> None:
     """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest."""
     space = record.space
     cached = cached_baseline(record.folder.parent, space)
@@ -196,6 +272,8 @@ def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Repor
     torch.save(baseline_state, record.folder / "baseline.pt")
     record.baseline_metrics = baseline_metrics
     reporter.baseline(record, baseline_metrics)
+    if stores is not None:
+        stores.result()
     params = {"space": space.path, "task": space.task, "model": space.model, "trials": str(record.trials), "sampler": space.sampler}
     record.parent_run_id = record.tracker().start_parent(space.source, space.name, baseline_metrics, params)
     record.save()
@@ -275,7 +353,9 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
             os.environ["PYTHONPATH"] = os.pathsep.join([*parents, *filter(None, [os.environ.get("PYTHONPATH")])])
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
-        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+        # The workers Ray starts now import torch and the trial's code while the driver checks the
+        # space and trains the baseline: the first trials start in them warm.
+        ray.init(address="local", _node_ip_address="127.0.0.1", **preload_in_workers([run_trial.__module__]), **kwargs)
     return True
 
 
