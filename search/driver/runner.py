@@ -27,7 +27,7 @@ import torch
 from errors import UserError
 from errors.user_code import is_import, is_object, ref_roots, user_object
 from search.driver import _tune
-from search.driver._private import fail_open_trials, keep_ray_on_loopback, preload_in_workers
+from search.driver._private import fail_open_trials, keep_ray_on_loopback, preload_in_workers, trial_actors_in_started_workers
 from search.driver.baselines import cached_baseline, describe_key, store_baseline
 from search.driver.checks import check_before_baseline, check_resources, node_resources
 from search.driver.warm_start import warm_start_points
@@ -345,6 +345,7 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
         for user_root in user_roots or []:
             _refuse_shadowing(user_root)
         kwargs["runtime_env"] = {"py_modules": own + [str(p) for p in user_roots or []]}
+        trial_actors_in_started_workers(local=False)
         ray.init(address=address, **kwargs)
     else:
         # A user package imported by module name: the local workers, started below, inherit the path.
@@ -353,6 +354,7 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
             os.environ["PYTHONPATH"] = os.pathsep.join([*parents, *filter(None, [os.environ.get("PYTHONPATH")])])
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
+        trial_actors_in_started_workers(local=True)
         # The workers Ray starts now import torch and the trial's code while the driver checks the
         # space and trains the baseline: the first trials start in them warm.
         ray.init(address="local", _node_ip_address="127.0.0.1", **preload_in_workers([run_trial.__module__]), **kwargs)

@@ -111,3 +111,20 @@ def test_the_workers_of_a_started_ray_import_the_trial_code_as_they_start(starte
 
     argv = ray.get(command_line.remote())
     assert "--worker-preload-modules=search.trial.body" in argv, argv
+
+
+class _Trainable:
+    pass
+
+
+def test_tune_trial_actors_share_the_environment_of_a_local_rays_workers(started_ray, monkeypatch) -> None:
+    """Without a runtime env of its own a trial actor can take a worker Ray started ahead (Ray runs
+    an actor with another runtime env in a new worker only); Tune's stays where the workers' differs."""
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    def runtime_env(cls) -> dict | None:
+        return _ActorClassCache().get(cls)._default_options.get("runtime_env")
+
+    assert runtime_env(_Trainable) is None
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "set-after-ray-started")
+    assert runtime_env(type("Other", (_Trainable,), {}))["env_vars"]["AWS_ACCESS_KEY_ID"] == "set-after-ray-started"
