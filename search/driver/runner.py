@@ -396,6 +396,8 @@ def _refuse_shadowing(root: Path) -> None:
 def _shutdown_ray() -> None:
     """Stop the local Ray, or disconnect from the cluster (which keeps running)."""
     ray.shutdown()
+    # A Ray reached next (a user's, a cluster) is not known to share this process's environment.
+    trial_actors_in_started_workers(local=False)
 
 
 def _quiet_logging() -> None:
