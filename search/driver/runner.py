@@ -168,9 +168,9 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             raise
         stores: InThread | None = None
         try:
-            raise_if_interrupted()
             if preflight is not None:
                 preflight.result()
+            raise_if_interrupted()
             check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
             record.save()
