@@ -28,7 +28,7 @@ from errors import UserError
 from errors.user_code import is_import, is_object, ref_roots, user_object
 from search.driver import _tune
 from search.driver._private import fail_open_trials, keep_ray_on_loopback, preload_in_workers, trial_actors_in_started_workers
-from search.driver.baselines import cached_baseline, describe_key, store_baseline
+from search.driver.baselines import baseline_key, cached_baseline, describe_key, store_baseline
 from search.driver.checks import check_before_baseline, check_resources, node_resources
 from search.driver.warm_start import warm_start_points
 from search.results.html_report import REPORT_ARTIFACT, log_report, write_report
@@ -41,6 +41,7 @@ from search.results.record import (
     completed_records,
     exported_model_dir,
     load_search,
+    open_optuna_storage,
     search_progress,
     trial_number,
 )
@@ -77,7 +78,7 @@ def default_optuna_storage(tracking_uri: str, results_dir: Path) -> str:
 
 
 def _create_optuna_tables(url: str) -> None:
-    optuna.storages.RDBStorage(url).engine.dispose()
+    open_optuna_storage(url).engine.dispose()
 
 
 def run_search(
@@ -129,9 +130,7 @@ def run_search(
     with sigint_is_latched():
         # What can be known before the baseline trains is refused before anything is written; the
         # checks run while Ray starts (ray.init stays on the main thread: it sets a SIGTERM handler).
-        preflight = InThread(
-            check_before_baseline, space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}")
-        )
+        preflight = InThread(_pre_flight, space, root, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
         return _drive(record, reporter, address, restore=False, preflight=preflight)
 
 
@@ -155,8 +154,8 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
 def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool, preflight: InThread | None = None) -> SearchRecord:
     """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end.
 
-    ``preflight``: the pre-flight checks, running while Ray starts; their error comes first, as
-    when they ran before it. A Ctrl-C that Python swallowed where it landed (Ray's start, the
+    ``preflight``: the pre-flight checks and the baseline's cache key (:func:`_pre_flight`),
+    running while Ray starts; their error comes first, as when they ran before it. A Ctrl-C that Python swallowed where it landed (Ray's start, the
     baseline) is raised between the stages (:func:`search.trial.graceful_stop.raise_if_interrupted`).
     """
     try:
@@ -168,8 +167,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             raise
         stores: InThread | None = None
         try:
-            if preflight is not None:
-                preflight.result()
+            key = preflight.result() if preflight is not None else None
             raise_if_interrupted()
             check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
@@ -177,7 +175,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             # MLflow's store (created on first use; 1.5 s to import MLflow) and Optuna's are made while the baseline trains.
             stores = InThread(_create_stores, record)
             if not record.has_baseline:
-                _prepare_baseline(record, address, reporter, stores)
+                _prepare_baseline(record, address, reporter, stores, key)
             stores.result()
             raise_if_interrupted()
             _tune.fit(record, reporter, restore=restore)
@@ -258,17 +256,38 @@ class _Closed(Exception):
     """Raised in a closed :class:`InThread`'s call when it logs: it stops there, unheard."""
 
 
-def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter, stores: InThread | None = None) -> None:
-    """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest."""
+def _pre_flight(space: SearchSpace, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The checks that refuse a space before anything is written, then the key of its baseline in the cache.
+
+    Run while Ray starts: the key lists the task's data and reads the installed packages'
+    metadata for the versions its code imports (1 s or more).
+    """
+    check_before_baseline(space, root, space.tracking_uri, log=log)
+    key = baseline_key(space)
+    # MLflow's store is made once Ray is up and the resources are checked (nothing is written
+    # before): MLflow, 0.7 s to import, is imported now.
+    import mlflow.tracking  # noqa: F401
+
+    return key
+
+
+def _prepare_baseline(
+    record: SearchRecord, address: str | None, reporter: Reporter, stores: InThread | None = None, key: dict[str, Any] | None = None
+) -> None:
+    """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest.
+
+    ``key``: the baseline's cache key, when the pre-flight made it.
+    """
     space = record.space
-    cached = cached_baseline(record.folder.parent, space)
+    key = baseline_key(space) if key is None else key
+    cached = cached_baseline(record.folder.parent, key)
     if cached is not None:
         baseline_state, baseline_metrics, folder, trained_by = cached
         reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} ({describe_key(folder)})")
     else:
         baseline_state, baseline_metrics = _baseline(space, address, reporter)
         refuse_chance_baseline(space, baseline_metrics)
-        store_baseline(record.folder.parent, space, baseline_state, baseline_metrics, record.name)
+        store_baseline(record.folder.parent, key, baseline_state, baseline_metrics, record.name)
     torch.save(baseline_state, record.folder / "baseline.pt")
     record.baseline_metrics = baseline_metrics
     reporter.baseline(record, baseline_metrics)
@@ -462,7 +481,7 @@ def reconcile(record: SearchRecord) -> None:
     (:meth:`~search.results.tracking.SearchTracker.restore_ended_runs`).
     """
 
-    study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
+    study = optuna.load_study(study_name=record.name, storage=open_optuna_storage(record.optuna_storage))
     fail_open_trials(study, INTERRUPTED)
     trials = study.get_trials(deepcopy=False)
     tracker = record.tracker()
