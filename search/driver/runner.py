@@ -110,14 +110,21 @@ def run_search(
         name=name, trials=trials, tracking_uri=tracking_uri, results_dir=results_dir
     )
     root = Path(space.results_dir).resolve()
+    tracking = _absolute_sqlite(space.tracking_uri)
+    study_store, taken = _shared_study_names(space, tracking)
     if name is None:
-        name = _free_name(space.name, root)
+        name = _free_name(space.name, root, taken)
     elif (root / name / "search.json").exists():
         raise UserError(
             f"a search named '{name}' already exists in {root}. Continue it with `slimtune resume {name} --results-dir {root}` or choose another --name."
         )
+    elif name in taken:
+        raise UserError(
+            f"a search named '{name}' is already recorded in the Optuna store {study_store}, by a results folder other than "
+            f"{root} (or by a search whose folder was removed): a new search of that name would take its trials for its own. "
+            "Choose another --name, or give this results folder its own store with --tracking-uri."
+        )
     reporter = Reporter(log, address)
-    tracking = _absolute_sqlite(space.tracking_uri)
     folder = root / name
     record = SearchRecord.from_space(name, folder, space, tracking, space.optuna_storage or default_optuna_storage(tracking, folder))
     if warm_start is not None:
@@ -443,13 +450,33 @@ def _budget_with_trials(space: SearchSpace, trials: int):
     return dataclasses.replace(space.budget, trials=trials)
 
 
-def _free_name(base: str, results_dir: Path) -> str:
-    if not (results_dir / base / "search.json").exists():
-        return base
-    n = 2
-    while (results_dir / f"{base}-{n}" / "search.json").exists():
+def _free_name(base: str, results_dir: Path, taken: set[str]) -> str:
+    """``base``, or ``base-2``, ``base-3``...: the first name of no search in ``results_dir`` and not in ``taken``."""
+    name, n = base, 1
+    while (results_dir / name / "search.json").exists() or name in taken:
         n += 1
-    return f"{base}-{n}"
+        name = f"{base}-{n}"
+    return name
+
+
+def _shared_study_names(space: SearchSpace, tracking_uri: str) -> tuple[str | None, set[str]]:
+    """The Optuna store this search shares with other results folders, and the names of its studies.
+
+    A study is named after its search: a new search whose name a study of the store already
+    has would continue that study's trials. The store is shared when the space names one
+    (``output.optuna_storage``) or it is the default beside a SQLite MLflow store; otherwise
+    each search keeps its own in its folder (``(None, set())``). Read only from a SQLite file
+    that exists: a server is reached (with a timeout) by the pre-flight, not here.
+    """
+    if space.optuna_storage:
+        url = space.optuna_storage
+    elif tracking_uri.startswith("sqlite:///"):
+        url = default_optuna_storage(tracking_uri, Path(space.results_dir))  # beside the MLflow store, whatever the folder
+    else:
+        return None, set()  # each search keeps its own, in its folder
+    if not url.startswith("sqlite:///") or not Path(url[len("sqlite:///") :]).is_file():
+        return url, set()
+    return url, set(optuna.get_all_study_names(open_optuna_storage(url)))
 
 
 def _absolute_sqlite(uri: str) -> str:
