@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,15 +89,24 @@ class DriverClock:
 
     A wrapped call inside another counts in the inner one only, and a call inside one of its own
     label (MLflow's client calling itself) counts once; ``trial_starts`` holds when Tune started
-    each trial (when the searcher proposed it).
+    each trial (when the searcher proposed it). Calls made in the driver's other threads (the
+    pre-flight while Ray starts, the stores while the baseline trains) overlap the main thread's
+    and count in ``beside`` instead.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.beside: dict[str, float] = {}
         self.trial_starts: dict[str, float] = {}
         self.baseline_phases: dict[str, float] = {}
-        self._open: list[list] = []  # [label, seconds of the wrapped calls inside it]
+        self._stacks = threading.local()  # each thread's open calls: [label, seconds of the wrapped calls inside it]
         self._undo: list[tuple[object, str, object]] = []
+
+    @property
+    def _open(self) -> list[list]:
+        if not hasattr(self._stacks, "open"):
+            self._stacks.open = []
+        return self._stacks.open
 
     def _wrap(self, owner: object, name: str, label: str) -> None:
         original = inspect.getattr_static(owner, name)
@@ -117,7 +127,8 @@ class DriverClock:
                 inner = self._open.pop()[1]
                 if self._open:
                     self._open[-1][1] += elapsed
-                self.seconds[label] = self.seconds.get(label, 0.0) + elapsed - inner
+                seconds = self.seconds if threading.current_thread() is threading.main_thread() else self.beside
+                seconds[label] = seconds.get(label, 0.0) + elapsed - inner
 
         self._undo.append((owner, name, original))
         setattr(owner, name, timed)
@@ -196,6 +207,11 @@ def profile_table(wall: float, clock: DriverClock, trial_lines: list[dict]) -> l
     return rows
 
 
+def beside_table(clock: DriverClock) -> list[tuple[str, float]]:
+    """Rows ``(phase, seconds)`` of the driver's calls in its other threads, which overlap the rows of :func:`profile_table`."""
+    return sorted(clock.beside.items())
+
+
 _ORDER = ("data loading", "training", "epoch reports", "close-out: measuring", "close-out: export", "close-out: round-trip")
 _ORDER += ("close-out: onnx", "close-out: latency", "close-out: files", "final report")
 
@@ -251,6 +267,7 @@ def search_run(space_path: Path, trials: int, tmp: Path, profile: bool = False) 
     if profile:
         lines = [json.loads(line) for line in phases_file.read_text().splitlines()]
         figures["profile"] = profile_table(end - start, clock, lines)
+        figures["beside"] = beside_table(clock)
         figures["trial_wall"] = [line["left"] - line["entered"] for line in lines]
         figures["trial_close_out"] = [sum(v for k, v in line["phases"].items() if k.startswith("close-out")) for line in lines]
     return figures
@@ -309,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         width = max(len(label) for label, _ in search["profile"])
         for label, value in search["profile"]:
             print(f"  {label:<{width}}  {value:>7.2f} s  {100 * value / search['total']:>5.1f}%")
+        if search["beside"]:
+            print("overlapping those, in the driver's other threads (not in the sum):")
+            for label, value in search["beside"]:
+                print(f"  {label:<{width}}  {value:>7.2f} s")
         shares = [c / w for c, w in zip(search["trial_close_out"], search["trial_wall"])]
         print(
             f"close-out per trial: mean {statistics.fmean(search['trial_close_out']):.2f} s, "

@@ -16,8 +16,10 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import ray
 import ray._private.ray_constants as ray_constants
 import ray._private.services as ray_services
+import ray.tune.execution.class_cache as tune_class_cache
 from packaging.requirements import Requirement
 from ray._raylet import AuthenticationTokenLoader
 from ray.tune.search import Searcher
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = [
     "check_versions",
     "keep_ray_on_loopback",
+    "preload_in_workers",
+    "trial_actors_in_started_workers",
     "answer_loopback_as_node_address",
     "forget_cached_ray_token",
     "stop_tune_run",
@@ -85,6 +89,57 @@ def keep_ray_on_loopback() -> None:
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does the same for the processes Ray starts).
     """
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def preload_in_workers(modules: list[str]) -> dict[str, Any]:
+    """``ray.init`` arguments that make each worker of the Ray it starts import ``modules`` as it starts.
+
+    Ray starts a worker per CPU as the driver connects, before any task asks for one; Ray's
+    ``preload_python_modules`` setting has them import ``modules`` then. A setting of the Ray
+    being started: a cluster that is reached keeps its own.
+    """
+    return {"_system_config": {"preload_python_modules": list(modules)}}
+
+
+#: The environment the workers of the local Ray this process started inherited; None: Ray is a cluster's.
+_WORKERS_ENVIRONMENT: dict[str, str] | None = None
+
+
+def trial_actors_in_started_workers(local: bool) -> None:
+    """Let Tune's trial actors take the workers a local Ray started ahead (:func:`preload_in_workers`).
+
+    Called by the driver just before it starts (``local``) or reaches Ray. Tune gives each trial
+    actor a runtime env of environment variables (``PL_DISABLE_FORK=1``, and the driver's own
+    AWS and Ray Train variables); Ray runs an actor whose runtime env is not the job's in a new
+    worker only, which imports torch again (20-30 s on a loaded 2-core machine). A local Ray's
+    workers inherit the driver's environment: once it holds those variables, with the same
+    values when Tune creates the actors, the actors need no runtime env and take a started
+    worker. On a cluster, or when a value differs, Tune's runtime env stays.
+    """
+    global _WORKERS_ENVIRONMENT
+    if local:
+        for name, value in tune_class_cache.DEFAULT_ENV_VARS.items():
+            os.environ.setdefault(name, value)
+        _WORKERS_ENVIRONMENT = dict(os.environ)
+    else:
+        _WORKERS_ENVIRONMENT = None
+    cache = tune_class_cache._ActorClassCache
+    if getattr(cache.get, "_slimtune", False):
+        return
+    tune_get = cache.get
+
+    def get(self, trainable_cls):
+        wanted = dict(tune_class_cache.DEFAULT_ENV_VARS)
+        wanted.update({name: os.environ[name] for name in tune_class_cache.ENV_VARS_TO_PROPAGATE if name in os.environ})
+        inherited = _WORKERS_ENVIRONMENT
+        if inherited is None or any(inherited.get(name) != value for name, value in wanted.items()):
+            return tune_get(self, trainable_cls)
+        if trainable_cls not in self._cache:
+            self._cache[trainable_cls] = ray.remote(trainable_cls)
+        return self._cache[trainable_cls]
+
+    get._slimtune = True
+    cache.get = get
 
 
 def answer_loopback_as_node_address() -> None:

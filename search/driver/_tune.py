@@ -22,7 +22,7 @@ from search.driver import samplers
 from search.driver._private import TRIAL_NUMBER, SlimtuneOptunaSearch, prune_trial, stop_tune_run
 from search.driver.duplicates import EffectiveRecipes
 from search.driver.halving import Rungs, milestones
-from search.results.record import SearchRecord, exported_model_dir, search_progress, study_trials, trial_state
+from search.results.record import SearchRecord, exported_model_dir, open_optuna_storage, search_progress, study_trials, trial_state
 from search.results.report import Reporter
 from search.space.objectives import epoch_key
 from search.space.spec import SearchSpace
@@ -93,7 +93,7 @@ def make_searcher(space: SearchSpace, study_name: str, storage_url: str, first_p
         mode=space.modes,
         sampler=make_sampler(space),
         study_name=study_name,
-        storage=optuna.storages.RDBStorage(storage_url),
+        storage=open_optuna_storage(storage_url),
         seed=space.seed,
         search_space=space,
         trial_key=EffectiveRecipes(space),
@@ -126,7 +126,7 @@ class StoppedTrials:
         if goes_on or result.get("final"):
             return TrialScheduler.CONTINUE
         if self._study is None:
-            self._study = optuna.load_study(study_name=self.study_name, storage=self.storage_url)
+            self._study = optuna.load_study(study_name=self.study_name, storage=open_optuna_storage(self.storage_url))
         figures = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         attrs = {
             "metrics": figures,

@@ -146,8 +146,8 @@ def _folder(results_dir: Path, key: dict[str, Any]) -> Path:
     return Path(results_dir) / "baselines" / digest
 
 
-def cached_baseline(results_dir: Path, space: SearchSpace) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path, str] | None:
-    """The baseline an earlier search of ``results_dir`` trained with this space's key, if any.
+def cached_baseline(results_dir: Path, key: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path, str] | None:
+    """The baseline an earlier search of ``results_dir`` trained with ``key`` (:func:`baseline_key`), if any.
 
     Called by the driver before it trains a search's baseline.
 
@@ -155,7 +155,7 @@ def cached_baseline(results_dir: Path, space: SearchSpace) -> tuple[dict[str, to
         The weights, the metrics, the cache folder and the name of the search that trained it;
         None when no baseline with this key is stored.
     """
-    folder = _folder(results_dir, baseline_key(space))
+    folder = _folder(results_dir, key)
     if not (folder / "key.json").is_file():
         return None
     state = torch.load(folder / "baseline.pt", weights_only=True)
@@ -163,12 +163,11 @@ def cached_baseline(results_dir: Path, space: SearchSpace) -> tuple[dict[str, to
     return state, metrics, folder, json.loads((folder / "key.json").read_text())["trained_by"]
 
 
-def store_baseline(results_dir: Path, space: SearchSpace, state: dict[str, torch.Tensor], metrics: dict[str, Any], search: str) -> Path:
-    """Keep a freshly trained baseline for the next searches with the same key; returns its folder.
+def store_baseline(results_dir: Path, key: dict[str, Any], state: dict[str, torch.Tensor], metrics: dict[str, Any], search: str) -> Path:
+    """Keep a freshly trained baseline for the next searches with the same ``key`` (:func:`baseline_key`); returns its folder.
 
     ``key.json`` is written last (and atomically): a folder without it is not a cached baseline.
     """
-    key = baseline_key(space)
     folder = _folder(results_dir, key)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "baseline.pt")

@@ -15,6 +15,8 @@ import importlib.util
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ import torch
 from errors import UserError
 from errors.user_code import is_import, is_object, ref_roots, user_object
 from search.driver import _tune
-from search.driver._private import fail_open_trials, keep_ray_on_loopback
-from search.driver.baselines import cached_baseline, describe_key, store_baseline
+from search.driver._private import fail_open_trials, keep_ray_on_loopback, preload_in_workers, trial_actors_in_started_workers
+from search.driver.baselines import baseline_key, cached_baseline, describe_key, store_baseline
 from search.driver.checks import check_before_baseline, check_resources, node_resources
 from search.driver.warm_start import warm_start_points
 from search.results.html_report import REPORT_ARTIFACT, log_report, write_report
@@ -39,6 +41,7 @@ from search.results.record import (
     completed_records,
     exported_model_dir,
     load_search,
+    open_optuna_storage,
     search_progress,
     trial_number,
 )
@@ -46,7 +49,7 @@ from search.results.registry import log_trial_model, logged_model_ids
 from search.results.report import Reporter, print_now
 from search.results.tracking import create_sqlite_aside
 from search.space.spec import SearchSpace, load_space
-from search.trial.body import refuse_chance_baseline, train_baseline, train_baseline_task
+from search.trial.body import refuse_chance_baseline, run_trial, train_baseline, train_baseline_task
 from search.trial.graceful_stop import raise_if_interrupted, sigint_is_latched
 
 __all__ = ["run_search", "resume_search", "finish_search", "SearchInterrupted"]
@@ -75,7 +78,7 @@ def default_optuna_storage(tracking_uri: str, results_dir: Path) -> str:
 
 
 def _create_optuna_tables(url: str) -> None:
-    optuna.storages.RDBStorage(url).engine.dispose()
+    open_optuna_storage(url).engine.dispose()
 
 
 def run_search(
@@ -107,14 +110,21 @@ def run_search(
         name=name, trials=trials, tracking_uri=tracking_uri, results_dir=results_dir
     )
     root = Path(space.results_dir).resolve()
+    tracking = _absolute_sqlite(space.tracking_uri)
+    study_store, taken = _shared_study_names(space, tracking)
     if name is None:
-        name = _free_name(space.name, root)
+        name = _free_name(space.name, root, taken)
     elif (root / name / "search.json").exists():
         raise UserError(
             f"a search named '{name}' already exists in {root}. Continue it with `slimtune resume {name} --results-dir {root}` or choose another --name."
         )
+    elif name in taken:
+        raise UserError(
+            f"a search named '{name}' is already recorded in the Optuna store {study_store}, by a results folder other than "
+            f"{root} (or by a search whose folder was removed): a new search of that name would take its trials for its own. "
+            "Choose another --name, or give this results folder its own store with --tracking-uri."
+        )
     reporter = Reporter(log, address)
-    tracking = _absolute_sqlite(space.tracking_uri)
     folder = root / name
     record = SearchRecord.from_space(name, folder, space, tracking, space.optuna_storage or default_optuna_storage(tracking, folder))
     if warm_start is not None:
@@ -125,10 +135,10 @@ def run_search(
     for warning in space.warnings:
         reporter.say(f"warning: {warning}")
     with sigint_is_latched():
-        # What can be known before the baseline trains is refused now, before anything is written.
-        check_before_baseline(space, root, space.tracking_uri, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
-        raise_if_interrupted()
-        return _drive(record, reporter, address, restore=False)
+        # What can be known before the baseline trains is refused before anything is written; the
+        # checks run while Ray starts (ray.init stays on the main thread: it sets a SIGTERM handler).
+        preflight = InThread(_pre_flight, space, root, log=lambda line: reporter.say(f"pre-flight {line.strip()}"))
+        return _drive(record, reporter, address, restore=False, preflight=preflight)
 
 
 def resume_search(name: str, results_dir: str | Path = "slimtune_results", address: str | None = None, log=print_now) -> SearchRecord:
@@ -148,25 +158,38 @@ def resume_search(name: str, results_dir: str | Path = "slimtune_results", addre
         return _drive(record, reporter, address, restore=True)
 
 
-def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool) -> SearchRecord:
+def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restore: bool, preflight: InThread | None = None) -> SearchRecord:
     """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end.
 
-    A Ctrl-C that Python swallowed where it landed (Ray's start, the baseline) is raised between
-    the stages (:func:`search.trial.graceful_stop.raise_if_interrupted`).
+    ``preflight``: the pre-flight checks and the baseline's cache key (:func:`_pre_flight`),
+    running while Ray starts; their error comes first, as when they ran before it. A Ctrl-C that Python swallowed where it landed (Ray's start, the
+    baseline) is raised between the stages (:func:`search.trial.graceful_stop.raise_if_interrupted`).
     """
     try:
-        started = _init_ray(address, user_code_roots(record.space))
         try:
+            started = _init_ray(address, user_code_roots(record.space))
+        except BaseException as exc:
+            if preflight is not None:
+                preflight.close(raise_error=not isinstance(exc, KeyboardInterrupt))
+            raise
+        stores: InThread | None = None
+        try:
+            key = preflight.result() if preflight is not None else None
             raise_if_interrupted()
             check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
             record.save()
+            # MLflow's store (created on first use; 1.5 s to import MLflow) and Optuna's are made while the baseline trains.
+            stores = InThread(_create_stores, record)
             if not record.has_baseline:
-                _prepare_baseline(record, address, reporter)
-            create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
+                _prepare_baseline(record, address, reporter, stores, key)
+            stores.result()
             raise_if_interrupted()
             _tune.fit(record, reporter, restore=restore)
         finally:
+            for pending in (preflight, stores):
+                if pending is not None:
+                    pending.close()
             if started:
                 _shutdown_ray()
         if not search_progress(record).finished:
@@ -182,20 +205,101 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
         raise SearchInterrupted(record, progress) from None
 
 
-def _prepare_baseline(record: SearchRecord, address: str | None, reporter: Reporter) -> None:
-    """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest."""
+def _create_stores(record: SearchRecord) -> None:
+    """Create the search's MLflow store (importing MLflow) and Optuna's, each whole or not at all."""
+    _ = record.tracker().client  # made on first use: imports MLflow and creates the store
+    create_sqlite_aside(record.optuna_storage, _create_optuna_tables)
+
+
+class InThread:
+    """A call run in a thread of its own while the caller goes on (the pre-flight while Ray starts).
+
+    :meth:`result` waits for it and returns its value or raises its exception; :meth:`close`
+    (after an error or a Ctrl-C) silences it, so that nothing it logs follows the caller's
+    message, and waits for it. Its ``log`` argument, if given, is wrapped for that.
+    """
+
+    def __init__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._closed = threading.Event()
+        self._outcome: tuple[bool, Any] | None = None
+        if "log" in kwargs:
+            kwargs["log"] = self._silenced(kwargs["log"])
+        self._thread = threading.Thread(target=self._run, args=(function, args, kwargs), name=f"slimtune-{function.__name__}")
+        self._thread.start()
+
+    def _silenced(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        def say(line: str) -> None:
+            if self._closed.is_set():
+                raise _Closed
+            log(line)
+
+        return say
+
+    def _run(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        try:
+            self._outcome = (True, function(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001  handed to the caller by result()
+            self._outcome = (False, exc)
+
+    def result(self) -> Any:
+        """Wait for the call; its value, or its exception raised here."""
+        self._thread.join()
+        assert self._outcome is not None
+        done, value = self._outcome
+        if not done:
+            raise value
+        return value
+
+    def close(self, raise_error: bool = False) -> None:
+        """Silence the call and wait for it; with ``raise_error``, raise its exception (if it ended with one)."""
+        if not raise_error:
+            self._closed.set()
+        self._thread.join()
+        if raise_error:
+            self.result()
+
+
+class _Closed(Exception):
+    """Raised in a closed :class:`InThread`'s call when it logs: it stops there, unheard."""
+
+
+def _pre_flight(space: SearchSpace, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The checks that refuse a space before anything is written, then the key of its baseline in the cache.
+
+    Run while Ray starts: the key lists the task's data and reads the installed packages'
+    metadata for the versions its code imports (1 s or more).
+    """
+    check_before_baseline(space, root, space.tracking_uri, log=log)
+    key = baseline_key(space)
+    # MLflow's store is made once Ray is up and the resources are checked (nothing is written
+    # before): MLflow, 0.7 s to import, is imported now.
+    import mlflow.tracking  # noqa: F401
+
+    return key
+
+
+def _prepare_baseline(
+    record: SearchRecord, address: str | None, reporter: Reporter, stores: InThread | None = None, key: dict[str, Any] | None = None
+) -> None:
+    """Train (or reuse from the results folder's cache) and save the baseline, open the search's parent run, save the manifest.
+
+    ``key``: the baseline's cache key, when the pre-flight made it.
+    """
     space = record.space
-    cached = cached_baseline(record.folder.parent, space)
+    key = baseline_key(space) if key is None else key
+    cached = cached_baseline(record.folder.parent, key)
     if cached is not None:
         baseline_state, baseline_metrics, folder, trained_by = cached
         reporter.say(f"reused the baseline trained by search '{trained_by}' from {folder} ({describe_key(folder)})")
     else:
         baseline_state, baseline_metrics = _baseline(space, address, reporter)
         refuse_chance_baseline(space, baseline_metrics)
-        store_baseline(record.folder.parent, space, baseline_state, baseline_metrics, record.name)
+        store_baseline(record.folder.parent, key, baseline_state, baseline_metrics, record.name)
     torch.save(baseline_state, record.folder / "baseline.pt")
     record.baseline_metrics = baseline_metrics
     reporter.baseline(record, baseline_metrics)
+    if stores is not None:
+        stores.result()
     params = {"space": space.path, "task": space.task, "model": space.model, "trials": str(record.trials), "sampler": space.sampler}
     record.parent_run_id = record.tracker().start_parent(space.source, space.name, baseline_metrics, params)
     record.save()
@@ -267,6 +371,7 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
         for user_root in user_roots or []:
             _refuse_shadowing(user_root)
         kwargs["runtime_env"] = {"py_modules": own + [str(p) for p in user_roots or []]}
+        trial_actors_in_started_workers(local=False)
         ray.init(address=address, **kwargs)
     else:
         # A user package imported by module name: the local workers, started below, inherit the path.
@@ -275,7 +380,10 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
             os.environ["PYTHONPATH"] = os.pathsep.join([*parents, *filter(None, [os.environ.get("PYTHONPATH")])])
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
-        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+        trial_actors_in_started_workers(local=True)
+        # The workers Ray starts now import torch and the trial's code while the driver checks the
+        # space and trains the baseline: the first trials start in them warm.
+        ray.init(address="local", _node_ip_address="127.0.0.1", **preload_in_workers([run_trial.__module__]), **kwargs)
     return True
 
 
@@ -314,6 +422,8 @@ def _refuse_shadowing(root: Path) -> None:
 def _shutdown_ray() -> None:
     """Stop the local Ray, or disconnect from the cluster (which keeps running)."""
     ray.shutdown()
+    # A Ray reached next (a user's, a cluster) is not known to share this process's environment.
+    trial_actors_in_started_workers(local=False)
 
 
 def _quiet_logging() -> None:
@@ -340,13 +450,33 @@ def _budget_with_trials(space: SearchSpace, trials: int):
     return dataclasses.replace(space.budget, trials=trials)
 
 
-def _free_name(base: str, results_dir: Path) -> str:
-    if not (results_dir / base / "search.json").exists():
-        return base
-    n = 2
-    while (results_dir / f"{base}-{n}" / "search.json").exists():
+def _free_name(base: str, results_dir: Path, taken: set[str]) -> str:
+    """``base``, or ``base-2``, ``base-3``...: the first name of no search in ``results_dir`` and not in ``taken``."""
+    name, n = base, 1
+    while (results_dir / name / "search.json").exists() or name in taken:
         n += 1
-    return f"{base}-{n}"
+        name = f"{base}-{n}"
+    return name
+
+
+def _shared_study_names(space: SearchSpace, tracking_uri: str) -> tuple[str | None, set[str]]:
+    """The Optuna store this search shares with other results folders, and the names of its studies.
+
+    A study is named after its search: a new search whose name a study of the store already
+    has would continue that study's trials. The store is shared when the space names one
+    (``output.optuna_storage``) or it is the default beside a SQLite MLflow store; otherwise
+    each search keeps its own in its folder (``(None, set())``). Read only from a SQLite file
+    that exists: a server is reached (with a timeout) by the pre-flight, not here.
+    """
+    if space.optuna_storage:
+        url = space.optuna_storage
+    elif tracking_uri.startswith("sqlite:///"):
+        url = default_optuna_storage(tracking_uri, Path(space.results_dir))  # beside the MLflow store, whatever the folder
+    else:
+        return None, set()  # each search keeps its own, in its folder
+    if not url.startswith("sqlite:///") or not Path(url[len("sqlite:///") :]).is_file():
+        return url, set()
+    return url, set(optuna.get_all_study_names(open_optuna_storage(url)))
 
 
 def _absolute_sqlite(uri: str) -> str:
@@ -378,7 +508,7 @@ def reconcile(record: SearchRecord) -> None:
     (:meth:`~search.results.tracking.SearchTracker.restore_ended_runs`).
     """
 
-    study = optuna.load_study(study_name=record.name, storage=record.optuna_storage)
+    study = optuna.load_study(study_name=record.name, storage=open_optuna_storage(record.optuna_storage))
     fail_open_trials(study, INTERRUPTED)
     trials = study.get_trials(deepcopy=False)
     tracker = record.tracker()

@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from search.driver.baselines import cached_baseline, describe_key, store_baseline
+from search.driver.baselines import baseline_key, cached_baseline, describe_key, store_baseline
 from search.space.spec import parse_space
 
 SPACE = {
@@ -46,9 +46,9 @@ def test_a_cached_baseline_is_reused_only_for_the_same_data(tmp_path: Path) -> N
     root = tmp_path / "shapes"
     _image_tree(root)
     results = tmp_path / "results"
-    folder = store_baseline(results, _space(root), {"w": torch.ones(2)}, {"accuracy": 0.9}, "shapes")
+    folder = store_baseline(results, baseline_key(_space(root)), {"w": torch.ones(2)}, {"accuracy": 0.9}, "shapes")
     # Unchanged: reused, and the line says what the key covered.
-    assert cached_baseline(results, _space(root))[3] == "shapes"
+    assert cached_baseline(results, baseline_key(_space(root)))[3] == "shapes"
     assert describe_key(folder).startswith(
         "same task and options, 1 data path(s) with 12 files by relative path, size and modification time"
     )
@@ -57,17 +57,17 @@ def test_a_cached_baseline_is_reused_only_for_the_same_data(tmp_path: Path) -> N
     (train / "circle").rename(train / "tmp")
     (train / "square").rename(train / "circle")
     (train / "tmp").rename(train / "square")
-    assert cached_baseline(results, _space(root)) is None
+    assert cached_baseline(results, baseline_key(_space(root))) is None
 
 
 def test_a_cached_baseline_is_not_reused_once_the_model_code_changes(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "shapes"
     _image_tree(root)
-    store_baseline(tmp_path, _space(root), {"w": torch.ones(2)}, {"accuracy": 0.9}, "shapes")
-    assert cached_baseline(tmp_path, _space(root)) is not None
+    store_baseline(tmp_path, baseline_key(_space(root)), {"w": torch.ones(2)}, {"accuracy": 0.9}, "shapes")
+    assert cached_baseline(tmp_path, baseline_key(_space(root))) is not None
     edited = tmp_path / "digits.py"
     edited.write_text(Path(__file__).resolve().parents[2].joinpath("models", "digits.py").read_text() + "\n# edited\n")
     real = inspect.getsourcefile
     # Only the model factory's source file reads differently.
     monkeypatch.setattr(inspect, "getsourcefile", lambda obj: str(edited) if getattr(obj, "__name__", "") == "digits_cnn" else real(obj))
-    assert cached_baseline(tmp_path, _space(root)) is None
+    assert cached_baseline(tmp_path, baseline_key(_space(root))) is None

@@ -116,9 +116,10 @@ def test_a_sigint_python_swallows_in_a_weakref_callback_is_raised_at_the_next_ch
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_search_whose_ctrl_c_python_swallowed_in_the_pre_flight_stops_before_ray(monkeypatch, request, tmp_path) -> None:
+def test_a_search_whose_ctrl_c_python_swallowed_in_the_pre_flight_stops_before_the_baseline(monkeypatch, request, tmp_path) -> None:
     """Seen in the kill loop: a Ctrl-C in a weakref callback during the pre-flight was printed as
-    "Exception ignored" and the search ran to its end. Now it stops before Ray starts, nothing written."""
+    "Exception ignored" and the search ran to its end. The pre-flight runs while Ray starts: now
+    the search stops once both are done, stops the Ray it started and writes nothing."""
     import signal
     import weakref
     from pathlib import Path
@@ -133,16 +134,21 @@ def test_a_search_whose_ctrl_c_python_swallowed_in_the_pre_flight_stops_before_r
         weakref.finalize(held, lambda: signal.getsignal(signal.SIGINT)(signal.SIGINT, None))
         del held
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started after the Ctrl-C")
+    events = []
+
+    def went_on(*args, **kwargs):
+        raise AssertionError("the search went on after the Ctrl-C")
 
     monkeypatch.setattr(runner, "check_before_baseline", pre_flight_whose_sigint_is_swallowed)
-    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    monkeypatch.setattr(runner, "_init_ray", lambda *args, **kwargs: events.append("Ray started") or True)
+    monkeypatch.setattr(runner, "_shutdown_ray", lambda: events.append("Ray stopped"))
+    monkeypatch.setattr(runner, "check_resources", went_on)
     space = Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml"
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # an earlier test may have left it ignored
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     with pytest.raises(KeyboardInterrupt):
         runner.run_search(space, results_dir=tmp_path / "results", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log=lambda line: None)
+    assert events == ["Ray started", "Ray stopped"]
     assert not list((tmp_path / "results").rglob("search.json"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

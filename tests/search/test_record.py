@@ -164,3 +164,21 @@ def test_a_front_that_beats_the_baseline_somewhere_never_has_hypervolume_0(tmp_p
     history = [h["hypervolume"] for h in hypervolume_history(record, both)]
     rank_records(record, both)
     assert 0 < history[0] <= history[1] == pytest.approx(search_hypervolume(record, both))
+
+
+def test_the_optuna_storage_schema_is_checked_once_per_url_and_process(tmp_path: Path) -> None:
+    """Optuna checks a storage's schema with alembic each time one is made (0.35 s); a search opens its
+    study many times: the first storage of a URL checks it, later ones do not."""
+    import shutil
+    import sqlite3
+
+    from search.results.record import open_optuna_storage
+
+    url = f"sqlite:///{tmp_path}/checked.db"
+    open_optuna_storage(url).engine.dispose()
+    with sqlite3.connect(tmp_path / "checked.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = 'from-another-optuna'")
+    shutil.copy(tmp_path / "checked.db", tmp_path / "unchecked.db")
+    open_optuna_storage(url).engine.dispose()  # checked already in this process
+    with pytest.raises(RuntimeError, match="no longer compatible with the table schema"):
+        open_optuna_storage(f"sqlite:///{tmp_path}/unchecked.db")

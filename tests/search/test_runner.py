@@ -33,3 +33,33 @@ def test_an_interrupted_creation_leaves_no_database(tmp_path: Path) -> None:
 def test_other_storages_are_left_to_their_library(tmp_path: Path) -> None:
     create_sqlite_aside("postgresql://user@127.0.0.1/optuna", _create_optuna_tables)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_search_does_not_take_the_study_of_another_results_folder(tmp_path, monkeypatch) -> None:
+    """Two results folders share one MLflow store, and so the Optuna store beside it. Seen while
+    timing the quickstart: a search named as one of the other folder's "finished" at once, with
+    that search's trials and no MLflow run of its own. An explicit name is refused; a default
+    name moves on to the next free one."""
+    import optuna
+
+    from errors import UserError
+    from search.driver import runner
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    optuna.create_study(study_name="quickstart", storage=f"sqlite:///{tmp_path}/optuna.db")
+    space = Path(__file__).resolve().parents[2] / "spaces" / "quickstart.yaml"
+    started = []
+
+    def drive(record, reporter, address, restore, preflight) -> None:
+        preflight.close()
+        started.append(record.name)
+
+    monkeypatch.setattr(runner, "_drive", drive)
+    with pytest.raises(
+        UserError,
+        match=r"^a search named 'quickstart' is already recorded in the Optuna store sqlite:///.*optuna.db, by a results folder other than",
+    ):
+        runner.run_search(space, name="quickstart", results_dir=tmp_path / "other", tracking_uri=tracking, log=lambda line: None)
+    assert started == []
+    runner.run_search(space, results_dir=tmp_path / "other", tracking_uri=tracking, log=lambda line: None)
+    assert started == ["quickstart-2"]

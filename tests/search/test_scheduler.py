@@ -237,7 +237,7 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
     from importlib import metadata
 
     import search.driver.runner
-    from search.driver.baselines import cached_baseline
+    from search.driver.baselines import baseline_key, cached_baseline
     from search.results.record import SearchRecord
     from search.results.report import Reporter
 
@@ -266,7 +266,7 @@ def test_a_second_search_with_the_same_key_reuses_the_baseline(tmp_path: Path, m
         {"accuracy": 0.6},
         {"accuracy": 0.7},
     )
-    folder = cached_baseline(tmp_path, spaces["a"])[2]
+    folder = cached_baseline(tmp_path, baseline_key(spaces["a"]))[2]
     assert [line for line in lines if "reused" in line] == [
         f"[slimtune] reused the baseline trained by search 'a' from {folder} (same task and options, package versions "
         f"numpy {metadata.version('numpy')}, scikit-learn {metadata.version('scikit-learn')}, torch {metadata.version('torch')}, task and model code, model options, "
