@@ -189,6 +189,10 @@ class SearchTracker:
     def _update_run_record(self, trial_id: str, **fields: Any) -> None:
         runs = self.runs()
         runs.setdefault(trial_id, {}).update(fields)
+        self._write_runs(runs)
+
+    def _write_runs(self, runs: dict[str, dict[str, Any]]) -> None:
+        """Replace the run map with ``runs`` in one rename: a reader sees the old map or the new one."""
         tmp = self.runs_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(runs, indent=1))
         tmp.replace(self.runs_file)
@@ -232,14 +236,16 @@ class SearchTracker:
         killed before MLflow committed the asynchronous write leaves them there, and the process
         that ends the run writes whichever of them MLflow lacks (:meth:`settle`).
         """
-        if step <= self.runs().get(trial_id, {}).get("last_epoch", 0):
+        runs = self.runs()
+        record = runs.setdefault(trial_id, {})
+        if step <= record.get("last_epoch", 0):
             return
         figures = _own_metrics(metrics)
         # Asynchronous: Tune's loop, and with it the trial's next report, does not wait for the commit.
         pending = _EPOCH_WRITER.submit(self.client.log_batch, run_id, metrics=self._metric_entities(figures, step=step))
         _PENDING.setdefault(run_id, []).append((step, pending))
-        unsettled = {**self.runs().get(trial_id, {}).get("unsettled", {}), str(step): figures}
-        self._update_run_record(trial_id, last_epoch=step, unsettled=unsettled)
+        record.update(last_epoch=step, unsettled={**record.get("unsettled", {}), str(step): figures})
+        self._write_runs(runs)
 
     def settle(self, trial_id: str, run_id: str) -> None:
         """Make MLflow hold every epoch of ``trial_id`` logged so far, each once.
