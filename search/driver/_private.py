@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "check_versions",
     "keep_ray_on_loopback",
-    "preload_in_workers",
+    "init_local_ray_with_workers",
     "trial_actors_in_started_workers",
     "answer_loopback_as_node_address",
     "forget_cached_ray_token",
@@ -91,14 +91,28 @@ def keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def preload_in_workers(modules: list[str]) -> dict[str, Any]:
-    """``ray.init`` arguments that make each worker of the Ray it starts import ``modules`` as it starts.
+def init_local_ray_with_workers(modules: list[str], workers: int, **kwargs: Any) -> None:
+    """``ray.init`` a local Ray whose workers import ``modules`` as they start, about ``workers`` of them started now.
 
-    Ray starts a worker per CPU as the driver connects, before any task asks for one; Ray's
-    ``preload_python_modules`` setting has them import ``modules`` then. A setting of the Ray
-    being started: a cluster that is reached keeps its own.
+    Ray's ``preload_python_modules`` setting has a worker import ``modules`` before it takes its
+    first task (900 MB of memory and seconds of CPU each with torch and the trial's code). Ray
+    starts one worker per CPU as the driver connects; on a machine with more CPUs than
+    ``workers`` + 1 that start is turned off, and ``workers`` tasks that need no CPU ask for
+    workers instead (Ray 2.60 starts one more with the first request), which then wait idle for
+    the job's first tasks and actors (Tune's trial actors: :func:`trial_actors_in_started_workers`).
+    ``kwargs`` go to ``ray.init``.
     """
-    return {"_system_config": {"preload_python_modules": list(modules)}}
+    one_per_cpu = (os.cpu_count() or 1) <= workers + 1
+    system_config = {"preload_python_modules": list(modules), "prestart_worker_first_driver": one_per_cpu}
+    ray.init(address="local", _node_ip_address="127.0.0.1", _system_config=system_config, **kwargs)
+    if not one_per_cpu:
+        for _ in range(workers):
+            _worker_pid.remote()  # runs though its result is dropped
+
+
+@ray.remote(num_cpus=0)
+def _worker_pid() -> int:
+    return os.getpid()
 
 
 #: The environment the workers of the local Ray this process started inherited; None: Ray is a cluster's.
@@ -106,7 +120,7 @@ _WORKERS_ENVIRONMENT: dict[str, str] | None = None
 
 
 def trial_actors_in_started_workers(local: bool) -> None:
-    """Let Tune's trial actors take the workers a local Ray started ahead (:func:`preload_in_workers`).
+    """Let Tune's trial actors take the workers a local Ray started ahead (:func:`init_local_ray_with_workers`).
 
     Called by the driver just before it starts (``local``) or reaches Ray. Tune gives each trial
     actor a runtime env of environment variables (``PL_DISABLE_FORK=1``, and the driver's own

@@ -27,7 +27,7 @@ import torch
 from errors import UserError
 from errors.user_code import is_import, is_object, ref_roots, user_object
 from search.driver import _tune
-from search.driver._private import fail_open_trials, keep_ray_on_loopback, preload_in_workers, trial_actors_in_started_workers
+from search.driver._private import fail_open_trials, init_local_ray_with_workers, keep_ray_on_loopback, trial_actors_in_started_workers
 from search.driver.baselines import baseline_key, cached_baseline, describe_key, store_baseline
 from search.driver.checks import check_before_baseline, check_resources, node_resources
 from search.driver.warm_start import warm_start_points
@@ -167,7 +167,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
     """
     try:
         try:
-            started = _init_ray(address, user_code_roots(record.space))
+            started = _init_ray(address, user_code_roots(record.space), workers=min(record.space.budget.concurrent, os.cpu_count() or 1))
         except BaseException as exc:
             if preflight is not None:
                 preflight.close(raise_error=not isinstance(exc, KeyboardInterrupt))
@@ -341,11 +341,12 @@ def user_code_roots(space: SearchSpace) -> list[Path]:
     return roots
 
 
-def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool:
+def _init_ray(address: str | None, user_roots: list[Path] | None = None, workers: int = 1) -> bool:
     """Start a local Ray on 127.0.0.1, or connect to the cluster at ``address``.
 
     ``user_roots`` (:func:`user_code_roots`) travel to a cluster's workers beside our packages;
-    a local Ray's workers find them on the ``PYTHONPATH`` they inherit.
+    a local Ray's workers find them on the ``PYTHONPATH`` they inherit. A local Ray starts
+    ``workers`` workers at once (the trials that run at once), which import the trial's code.
 
     Returns:
         Whether this call started (or connected) Ray; False when the process already had a Ray
@@ -381,9 +382,9 @@ def _init_ray(address: str | None, user_roots: list[Path] | None = None) -> bool
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         keep_ray_on_loopback()
         trial_actors_in_started_workers(local=True)
-        # The workers Ray starts now import torch and the trial's code while the driver checks the
+        # The workers started now import torch and the trial's code while the driver checks the
         # space and trains the baseline: the first trials start in them warm.
-        ray.init(address="local", _node_ip_address="127.0.0.1", **preload_in_workers([run_trial.__module__]), **kwargs)
+        init_local_ray_with_workers([run_trial.__module__], workers, **kwargs)
     return True
 
 

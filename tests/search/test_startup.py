@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,7 +54,9 @@ def test_a_closed_call_logs_nothing_more_and_has_ended() -> None:
 
 
 def _record(tmp_path: Path) -> SimpleNamespace:
-    return SimpleNamespace(space=SimpleNamespace(model="digits_cnn", task="digits"), manifest=tmp_path / "search.json")
+    return SimpleNamespace(
+        space=SimpleNamespace(model="digits_cnn", task="digits", budget=SimpleNamespace(concurrent=1)), manifest=tmp_path / "search.json"
+    )
 
 
 def test_the_preflight_error_comes_first_when_ray_fails_to_start(monkeypatch, tmp_path: Path) -> None:
@@ -95,9 +98,53 @@ def started_ray():
     import ray
 
     assert not ray.is_initialized(), "another test left Ray running"
-    assert runner._init_ray(None)
+    assert runner._init_ray(None, workers=0)
     yield
     ray.shutdown()
+
+
+def _ray_workers() -> list[int]:
+    """Pids of the Ray workers under this process (its raylet's children but Ray's agents)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    below, changed = {os.getpid()}, True
+    while changed:
+        grown = below | {pid for pid, parent in parents.items() if parent in below}
+        changed, below = grown != below, grown
+    workers = []
+    for pid in below - {os.getpid()}:
+        try:
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        name = command.split()[0] if command.strip() else ""
+        # A worker is called ray::IDLE (ray::<its task>) once started, python ... default_worker.py before.
+        started = name.startswith("ray::") and not name.endswith("Agent")
+        starting = "default_worker.py" in command and not name.endswith("raylet")
+        if started or starting:
+            workers.append(pid)
+    return workers
+
+
+def test_a_started_ray_starts_the_workers_asked_for_not_one_per_cpu(started_ray) -> None:
+    """Ray would start one worker per CPU as the driver connects, each importing torch with the
+    trial's code (900 MB each): on a machine with more CPUs than trials at once, gigabytes
+    unused. There the search asks for its trials at once (none in this Ray, on a machine of 2
+    CPUs or more); a worker asked for later starts as usual."""
+    import ray
+
+    from search.driver._private import _worker_pid
+
+    assert (os.cpu_count() or 1) >= 2
+    event = threading.Event()
+    event.wait(3.0)  # a worker per CPU would have started by now
+    assert _ray_workers() == []
+    assert ray.get(_worker_pid.options(num_cpus=0).remote()) in _ray_workers()
 
 
 def test_the_workers_of_a_started_ray_import_the_trial_code_as_they_start(started_ray) -> None:
