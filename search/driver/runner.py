@@ -162,8 +162,9 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
     """Baseline (unless saved), trials, close-out; SearchInterrupted when stopped before the end.
 
     ``preflight``: the pre-flight checks and the baseline's cache key (:func:`_pre_flight`),
-    running while Ray starts; their error comes first, as when they ran before it. A Ctrl-C that Python swallowed where it landed (Ray's start, the
-    baseline) is raised between the stages (:func:`search.trial.graceful_stop.raise_if_interrupted`).
+    running while Ray starts; their error comes first, as when they ran before it. A Ctrl-C that
+    Python swallowed where it landed (Ray's start, the baseline) is raised between the stages
+    (:func:`search.trial.graceful_stop.raise_if_interrupted`).
     """
     try:
         try:
@@ -179,7 +180,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
             check_resources(record.space, node_resources(ray.nodes()))
             # Saved before anything trains: a search stopped during its baseline can be resumed.
             record.save()
-            # MLflow's store (created on first use; 1.5 s to import MLflow) and Optuna's are made while the baseline trains.
+            # MLflow's store and Optuna's (each a SQLite file made whole, with its tables) are made while the baseline trains.
             stores = InThread(_create_stores, record)
             if not record.has_baseline:
                 _prepare_baseline(record, address, reporter, stores, key)
