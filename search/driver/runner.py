@@ -168,7 +168,7 @@ def _drive(record: SearchRecord, reporter: Reporter, address: str | None, restor
     """
     try:
         try:
-            started = _init_ray(address, user_code_roots(record.space), workers=min(record.space.budget.concurrent, os.cpu_count() or 1))
+            started = _init_ray(address, user_code_roots(record.space), workers=record.space.budget.concurrent)
         except BaseException as exc:
             if preflight is not None:
                 preflight.close(raise_error=not isinstance(exc, KeyboardInterrupt))

@@ -21,6 +21,10 @@ takes seconds per model), so a Pareto trial's ONNX is logged when ``slimtune exp
 hands it off.
 The name is not ``model``: MLflow 3 resolves ``runs:/RUN/NAME`` to a run's logged model of that
 name, which would shadow the exported files the run keeps under its artifact folder ``model/``.
+
+MLflow and ONNX are imported inside the functions that use them: 0.7 s for MLflow and 0.5 s more
+for ONNX, which every search's driver would pay as it starts (it imports this module) for models
+it logs only at its end.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ ONNX_MODEL_NAME = "onnx"
 @contextlib.contextmanager
 def _tracking(tracking_uri: str) -> Iterator[None]:
     """MLflow's fluent API (``log_model``, ``load_model``) pointed at ``tracking_uri`` for the block."""
-    # MLflow takes 0.7 s to import (ONNX 0.5 s more): a search's driver imports this module as it starts, and logs models at its end
+    # MLflow and ONNX are imported where used (module docstring)
     import mlflow
 
     previous = mlflow.get_tracking_uri()
@@ -128,12 +132,12 @@ def log_trial_model(record: SearchRecord, trial: TrialRecord, model_dir: Path, w
     is logged, and None returned). The run's status and end time are kept as they were (MLflow
     reopens the run to attach the model).
     """
-    # MLflow takes 0.7 s to import (ONNX 0.5 s more): a search's driver imports this module as it starts, and logs models at its end
+    # MLflow and ONNX are imported where used (module docstring)
     import mlflow
-    import mlflow.onnx  # as mlflow, above
-    import onnx  # as mlflow, above
-    import onnxruntime  # as mlflow, above
-    from mlflow.models import infer_signature  # as mlflow, above
+    import mlflow.onnx  # as mlflow
+    import onnx  # as mlflow
+    import onnxruntime  # as mlflow
+    from mlflow.models import infer_signature  # as mlflow
 
     if not trial.run_id:
         raise UserError(f"{trial.name} of '{record.name}' has no MLflow run in {record.folder / 'runs.json'}; its model cannot be logged.")
@@ -196,7 +200,7 @@ def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, na
     Raises:
         UserError: When the tracking store has no model registry or refuses the name or alias.
     """
-    # MLflow takes 0.7 s to import (ONNX 0.5 s more): a search's driver imports this module as it starts, and logs models at its end
+    # MLflow and ONNX are imported where used (module docstring)
     from mlflow.exceptions import MlflowException
 
     client = record.tracker().client
@@ -239,7 +243,7 @@ def register_trial(record: SearchRecord, trial: TrialRecord, model_dir: Path, na
 
 def load_registered(tracking_uri: str, uri: str):
     """``mlflow.pytorch.load_model(uri)`` against ``tracking_uri`` (``models:/NAME@alias``)."""
-    # MLflow takes 0.7 s to import (ONNX 0.5 s more): a search's driver imports this module as it starts, and logs models at its end
+    # MLflow and ONNX are imported where used (module docstring)
     import mlflow
 
     with _tracking(tracking_uri):
